@@ -1,0 +1,93 @@
+//! Encoding and decoding of jobs and events, chosen by AMQP content type.
+//!
+//! Jobs are msgpack **as a map** (named fields), so any field order and
+//! optional fields work and unknown fields are rejected; a body with content
+//! type `application/json` is read as JSON, so any language can publish a job.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{error::CodecError, job::JobSpec};
+
+/// Content type of msgpack bodies.
+pub const MSGPACK: &str = "application/msgpack";
+/// Content type of JSON bodies.
+pub const JSON: &str = "application/json";
+/// Default limit on a job message body.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Encodes `value` as msgpack with named fields.
+pub fn to_msgpack<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    rmp_serde::to_vec_named(value).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Encodes `value` as JSON.
+pub fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    serde_json::to_vec(value).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decodes a body by content type (`None` or empty means msgpack).
+pub fn decode<T: DeserializeOwned>(content_type: Option<&str>, body: &[u8]) -> Result<T, CodecError> {
+    // Parameters such as "; charset=utf-8" are allowed.
+    let ct = content_type.unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match ct.as_str() {
+        "" | MSGPACK | "application/x-msgpack" => rmp_serde::from_slice(body).map_err(|e| CodecError::Msgpack(e.to_string())),
+        JSON => serde_json::from_slice(body).map_err(|e| CodecError::Json(e.to_string())),
+        other => Err(CodecError::ContentType(other.to_string())),
+    }
+}
+
+/// Decodes and validates a job body, enforcing the size limit first.
+pub fn decode_job(content_type: Option<&str>, body: &[u8], max_bytes: usize) -> Result<JobSpec, CodecError> {
+    if body.len() > max_bytes {
+        return Err(CodecError::TooLarge { size: body.len(), limit: max_bytes });
+    }
+    let spec: JobSpec = decode(content_type, body)?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Trigger;
+
+    fn spec() -> JobSpec {
+        JobSpec::new("noop", "bot-1", serde_json::json!({"sleep_ms": 5}), Trigger::manual("me"))
+    }
+
+    #[test]
+    fn msgpack_round_trip_is_a_map() {
+        let s = spec();
+        let bytes = to_msgpack(&s).unwrap();
+        // A fixmap/map16 marker, not an array: fields travel by name.
+        assert!(matches!(bytes[0], 0x80..=0x8f | 0xde | 0xdf), "not a map: {:#x}", bytes[0]);
+        assert_eq!(decode_job(Some(MSGPACK), &bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap(), s);
+        assert_eq!(decode_job(None, &bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap(), s);
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let s = spec();
+        let bytes = to_json(&s).unwrap();
+        assert_eq!(decode_job(Some("application/json; charset=utf-8"), &bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap(), s);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_reason() {
+        let mut v = serde_json::to_value(spec()).unwrap();
+        v["colour"] = "blue".into();
+        let err = decode_job(Some(JSON), &serde_json::to_vec(&v).unwrap(), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = decode_job(Some(MSGPACK), &rmp_serde::to_vec_named(&v).unwrap(), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn rejects_oversized_garbage_and_foreign_content_types() {
+        let bytes = to_msgpack(&spec()).unwrap();
+        assert!(matches!(decode_job(None, &bytes, 10), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(decode_job(None, b"\xc1\xff garbage", 1 << 20), Err(CodecError::Msgpack(_))));
+        assert!(matches!(decode_job(Some("text/plain"), b"{}", 1 << 20), Err(CodecError::ContentType(_))));
+        assert!(matches!(decode_job(Some(JSON), b"{\"job_id\":1}", 1 << 20), Err(CodecError::Json(_))));
+    }
+}

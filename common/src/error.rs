@@ -1,0 +1,102 @@
+//! Errors of the common layer.
+
+use thiserror::Error;
+
+/// Why a message body could not be turned into a job or event.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    /// Larger than the configured limit.
+    #[error("message of {size} bytes is over the {limit}-byte limit")]
+    TooLarge {
+        /// Body size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// A content type this build does not read.
+    #[error("unsupported content type {0:?} (expected application/msgpack or application/json)")]
+    ContentType(String),
+    /// Bytes that are not valid msgpack for the schema.
+    #[error("failed to decode msgpack body: {0}")]
+    Msgpack(String),
+    /// Bytes that are not valid JSON for the schema.
+    #[error("failed to decode JSON body: {0}")]
+    Json(String),
+    /// Well-formed but violating the schema.
+    #[error("invalid field `{field}`: {reason}")]
+    Invalid {
+        /// The field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Failed to encode (should not happen for our own types).
+    #[error("failed to encode message: {0}")]
+    Encode(String),
+}
+
+/// Errors of broker and store plumbing shared by producer and worker.
+#[derive(Debug, Error)]
+pub enum CommonError {
+    /// Connecting to the broker failed. The URL is redacted.
+    #[error("failed to connect to the broker at {url}: {source}")]
+    Connect {
+        /// The broker URL, credentials redacted.
+        url: String,
+        /// The cause.
+        source: lapin::Error,
+    },
+    /// A broker operation failed.
+    #[error("failed to {what}: {source}")]
+    Amqp {
+        /// What we were doing.
+        what: String,
+        /// The cause.
+        source: lapin::Error,
+    },
+    /// The broker refused (nacked) a publish.
+    #[error("the broker refused the message published to {exchange:?} with routing key {routing_key:?}")]
+    Nacked {
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+    },
+    /// A mandatory publish had no queue to go to.
+    #[error("no queue is bound for routing key {routing_key:?} on {exchange:?} (unknown job type? start a worker for it or declare it)")]
+    Unroutable {
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+    },
+    /// Encoding or decoding failed.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The artifact store failed.
+    #[error("artifact store: failed to {what} {path:?}: {source}")]
+    Artifacts {
+        /// What we were doing.
+        what: &'static str,
+        /// The object path.
+        path: String,
+        /// The cause.
+        source: object_store::Error,
+    },
+    /// A setting is wrong.
+    #[error("invalid setting {name}: {reason}")]
+    Config {
+        /// The setting (environment variable or flag).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl CommonError {
+    /// Wraps a broker error with what we were doing.
+    pub fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> CommonError {
+        let what = what.into();
+        move |source| CommonError::Amqp { what, source }
+    }
+}

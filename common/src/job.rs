@@ -1,0 +1,220 @@
+//! The job wire contract: [`JobSpec`].
+//!
+//! A job is published to `trainyard.jobs` with its job type as routing key.
+//! Its body is a `JobSpec`, msgpack (as a map, named fields) or JSON. Unknown
+//! top-level fields are rejected; `params` is validated by the job type's handler.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::CodecError;
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Default number of attempts (first run plus retries).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Default job timeout. Stays below the broker's `consumer_timeout`.
+pub const DEFAULT_TIMEOUT_S: u64 = 3600;
+/// Longest allowed job timeout: the broker's `consumer_timeout` must be above it.
+pub const MAX_TIMEOUT_S: u64 = 6 * 3600;
+/// Upper bound on `max_attempts`, below the quorum queue's delivery limit.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
+
+/// What started a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerKind {
+    /// A person, through the CLI.
+    Manual,
+    /// A cron schedule of the control plane.
+    Schedule,
+    /// An event published by another system.
+    Event,
+    /// The HTTP API.
+    Api,
+}
+
+impl std::fmt::Display for TriggerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TriggerKind::Manual => "manual",
+            TriggerKind::Schedule => "schedule",
+            TriggerKind::Event => "event",
+            TriggerKind::Api => "api",
+        })
+    }
+}
+
+/// Who or what triggered a job, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// The kind of trigger.
+    pub kind: TriggerKind,
+    /// Its source: a user or token name, a schedule name, an event routing key.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl Trigger {
+    /// A manual trigger by `who`.
+    pub fn manual(who: impl Into<String>) -> Self {
+        Self { kind: TriggerKind::Manual, source: who.into() }
+    }
+}
+
+/// A training (or any other) job, as it travels on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Schema version; omitted means 1.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// A UUID string (v7 when trainyard makes it). Also the AMQP `message_id`.
+    pub job_id: String,
+    /// The job type, also the routing key and the queue suffix.
+    pub job_type: String,
+    /// The bot this job is for.
+    pub bot: String,
+    /// Per-type parameters, validated by the job type's handler.
+    #[serde(default = "empty_params")]
+    pub params: serde_json::Value,
+    /// Who or what triggered the job.
+    pub trigger: Trigger,
+    /// When it was submitted.
+    pub submitted_at: DateTime<Utc>,
+    /// Attempts allowed in total (first run plus retries).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Wall-clock limit of one attempt, in seconds.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    /// Optional key that makes two submissions the same job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+fn default_version() -> u32 {
+    SCHEMA_VERSION
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+fn default_timeout_s() -> u64 {
+    DEFAULT_TIMEOUT_S
+}
+fn empty_params() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+/// A new time-ordered job id (UUID v7).
+pub fn new_job_id() -> String {
+    Uuid::now_v7().to_string()
+}
+
+/// Is `name` usable as a job type (and so in queue names and routing keys)?
+pub fn valid_job_type(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// Is `name` usable as a bot name (it becomes a path segment of the artifact store)?
+pub fn valid_bot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl JobSpec {
+    /// A new job with a fresh v7 id, default attempts and timeout, submitted now.
+    pub fn new(job_type: impl Into<String>, bot: impl Into<String>, params: serde_json::Value, trigger: Trigger) -> Self {
+        Self {
+            version: SCHEMA_VERSION,
+            job_id: new_job_id(),
+            job_type: job_type.into(),
+            bot: bot.into(),
+            params,
+            trigger,
+            submitted_at: Utc::now(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            timeout_s: DEFAULT_TIMEOUT_S,
+            idempotency_key: None,
+        }
+    }
+
+    /// Checks what serde cannot: version, id, names, bounds.
+    pub fn validate(&self) -> Result<(), CodecError> {
+        let bad = |field: &'static str, reason: String| Err(CodecError::Invalid { field, reason });
+        if self.version != SCHEMA_VERSION {
+            return bad("version", format!("unsupported schema version {} (this build reads {SCHEMA_VERSION})", self.version));
+        }
+        if Uuid::parse_str(&self.job_id).is_err() {
+            return bad("job_id", format!("{:?} is not a UUID", truncate(&self.job_id)));
+        }
+        if !valid_job_type(&self.job_type) {
+            return bad("job_type", format!("{:?} is not a job type name ([a-z0-9_-], 1..64)", truncate(&self.job_type)));
+        }
+        if !valid_bot_name(&self.bot) {
+            return bad("bot", format!("{:?} is not a bot name ([A-Za-z0-9._-], 1..128, no leading dot)", truncate(&self.bot)));
+        }
+        if !self.params.is_object() {
+            return bad("params", "must be an object".into());
+        }
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS_LIMIT {
+            return bad("max_attempts", format!("{} is outside 1..={MAX_ATTEMPTS_LIMIT}", self.max_attempts));
+        }
+        if self.timeout_s == 0 || self.timeout_s > MAX_TIMEOUT_S {
+            return bad("timeout_s", format!("{} is outside 1..={MAX_TIMEOUT_S}", self.timeout_s));
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_example_parses_and_validates() {
+        let json = r#"{"version": 1,
+ "job_id": "01936f5e-8c4a-7b2e-9d1f-3a5b7c9e1f20",
+ "job_type": "intent-train", "bot": "banking",
+ "params": {"dataset": "clinc150/data_full.json", "epochs": 20, "seed": 7},
+ "trigger": {"kind": "event", "source": "bot.dataset_updated"},
+ "submitted_at": "2026-11-24T12:00:00Z", "max_attempts": 3, "timeout_s": 3600}"#;
+        let spec: JobSpec = serde_json::from_str(json).unwrap();
+        spec.validate().unwrap();
+        assert_eq!(spec.trigger.kind, TriggerKind::Event);
+        assert_eq!(spec.params["epochs"], 20);
+    }
+
+    #[test]
+    fn version_and_defaults_may_be_omitted() {
+        let json = r#"{"job_id":"01936f5e-8c4a-7b2e-9d1f-3a5b7c9e1f20","job_type":"noop","bot":"b",
+            "trigger":{"kind":"manual"},"submitted_at":"2026-11-24T12:00:00Z"}"#;
+        let spec: JobSpec = serde_json::from_str(json).unwrap();
+        spec.validate().unwrap();
+        assert_eq!((spec.version, spec.max_attempts, spec.timeout_s), (1, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S));
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let mut spec = JobSpec::new("noop", "b", serde_json::json!({}), Trigger::manual("t"));
+        spec.validate().unwrap();
+        spec.max_attempts = 0;
+        assert!(spec.validate().unwrap_err().to_string().contains("max_attempts"));
+        spec.max_attempts = 3;
+        spec.bot = "../etc".into();
+        assert!(spec.validate().unwrap_err().to_string().contains("bot"));
+        spec.bot = "b".into();
+        spec.job_type = "No Such".into();
+        assert!(spec.validate().is_err());
+    }
+}

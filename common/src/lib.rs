@@ -1,0 +1,30 @@
+//! # trainyard-common
+//!
+//! What the producer (`trainyard`) and the worker (`trainyard-worker`) share:
+//!
+//! - [`job`]: the [`JobSpec`](job::JobSpec) wire contract and its validation;
+//! - [`event`]: [`JobEvent`](event::JobEvent), one per state change of a job;
+//! - [`codec`]: msgpack (as a map) / JSON encoding chosen by content type;
+//! - [`topology`]: every exchange and queue name, declared idempotently;
+//! - [`amqp`]: connecting (with credentials redacted) and confirmed publishing;
+//! - [`config`]: environment settings with laptop defaults;
+//! - [`artifacts`]: the artifact store (object_store, local directory by default);
+//! - [`metrics`]: every Prometheus metric name and label, defined once;
+//! - [`error`]: the error types of this layer.
+#![deny(missing_docs)]
+
+pub mod amqp;
+pub mod artifacts;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod headers;
+pub mod job;
+pub mod metrics;
+pub mod paths;
+pub mod topology;
+
+pub use error::{CodecError, CommonError};
+pub use event::{ErrorInfo, ErrorKind, JobEvent, JobStatus, WorkerInfo};
+pub use job::{JobSpec, Trigger, TriggerKind};

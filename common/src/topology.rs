@@ -1,0 +1,179 @@
+//! The RabbitMQ topology, declared idempotently by whoever starts first.
+//!
+//! | name | kind | purpose |
+//! |---|---|---|
+//! | `P.jobs` | direct exchange | routing key = job type |
+//! | `P.jobs.<type>` | quorum queue | work queue; delivery limit as crash-loop backstop, DLX `P.dead` |
+//! | `P.retry` + `P.retry.<type>.<ms>` | direct exchange + TTL queues | delayed retries back to `P.jobs` |
+//! | `P.dead` + `P.dead.<type>` + `P.dead.recorder` | topic exchange + quorum queues | dead letters per type, and a copy for the recorder |
+//! | `P.events` | topic exchange | routing key `<type>.<status>` |
+//! | `P.events.log` | stream | durable audit log |
+//! | `P.recorder` | quorum queue | feeds the job store |
+//! | `P.control` | fanout exchange | cancel requests to workers |
+//! | `P.triggers` | topic exchange | events from other systems that trigger jobs |
+//!
+//! `P` is the prefix, `trainyard` unless `TRAINYARD_PREFIX` says otherwise
+//! (tests use a unique prefix each, so they run in parallel on one broker).
+
+use lapin::{
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Channel, ExchangeKind,
+};
+
+use crate::error::CommonError;
+
+/// Broker-side redelivery backstop. On RabbitMQ 3.10 every return of a
+/// delivery (crash, SIGTERM requeue, lost connection, broker restart) counts,
+/// so it is far above `max_attempts`; real attempts are counted in a header.
+pub const DELIVERY_LIMIT: i64 = 20;
+/// How long the audit stream keeps events.
+pub const EVENTS_LOG_MAX_AGE: &str = "90D";
+
+/// All names of one trainyard installation, derived from a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new("trainyard")
+    }
+}
+
+impl Topology {
+    /// Names under `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// Work exchange (direct, key = job type).
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    /// Work queue of a job type.
+    pub fn jobs_queue(&self, job_type: &str) -> String {
+        format!("{}.jobs.{job_type}", self.prefix)
+    }
+    /// Retry exchange (direct, key = `<type>.<delay_ms>`).
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+    /// Retry TTL queue of a job type and delay.
+    pub fn retry_queue(&self, job_type: &str, delay_ms: u64) -> String {
+        format!("{}.retry.{job_type}.{delay_ms}", self.prefix)
+    }
+    /// Dead-letter exchange (topic, key = job type).
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    /// Dead-letter queue of a job type.
+    pub fn dead_queue(&self, job_type: &str) -> String {
+        format!("{}.dead.{job_type}", self.prefix)
+    }
+    /// Copy of every dead letter, for the recorder.
+    pub fn dead_recorder_queue(&self) -> String {
+        format!("{}.dead.recorder", self.prefix)
+    }
+    /// Event exchange (topic, key = `<type>.<status>`).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    /// The audit stream.
+    pub fn events_log(&self) -> String {
+        format!("{}.events.log", self.prefix)
+    }
+    /// The recorder's queue.
+    pub fn recorder_queue(&self) -> String {
+        format!("{}.recorder", self.prefix)
+    }
+    /// Control exchange (fanout): cancel requests.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+    /// Trigger exchange (topic): events from other systems.
+    pub fn triggers_exchange(&self) -> String {
+        format!("{}.triggers", self.prefix)
+    }
+
+    /// Declares the shared part: exchanges, the audit stream, the recorder queues.
+    pub async fn declare_shared(&self, ch: &Channel) -> Result<(), CommonError> {
+        for (name, kind) in [
+            (self.jobs_exchange(), ExchangeKind::Direct),
+            (self.retry_exchange(), ExchangeKind::Direct),
+            (self.dead_exchange(), ExchangeKind::Topic),
+            (self.events_exchange(), ExchangeKind::Topic),
+            (self.control_exchange(), ExchangeKind::Fanout),
+            (self.triggers_exchange(), ExchangeKind::Topic),
+        ] {
+            ch.exchange_declare(name.as_str().into(), kind, durable_exchange(), FieldTable::default())
+                .await
+                .map_err(CommonError::amqp(format!("declare exchange {name}")))?;
+        }
+        let mut stream = FieldTable::default();
+        stream.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        stream.insert("x-max-age".into(), AMQPValue::LongString(EVENTS_LOG_MAX_AGE.into()));
+        stream.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(50_000_000));
+        self.declare_bound(ch, &self.events_log(), stream, &self.events_exchange(), "#").await?;
+        self.declare_bound(ch, &self.recorder_queue(), quorum_args(), &self.events_exchange(), "#").await?;
+        self.declare_bound(ch, &self.dead_recorder_queue(), quorum_args(), &self.dead_exchange(), "#").await?;
+        Ok(())
+    }
+
+    /// Declares the queues of one job type (and the shared part).
+    pub async fn declare_job_type(&self, ch: &Channel, job_type: &str) -> Result<(), CommonError> {
+        self.declare_shared(ch).await?;
+        let mut work = quorum_args();
+        work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        work.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+        work.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        work.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        self.declare_bound(ch, &self.jobs_queue(job_type), work, &self.jobs_exchange(), job_type).await?;
+        self.declare_bound(ch, &self.dead_queue(job_type), quorum_args(), &self.dead_exchange(), job_type).await?;
+        Ok(())
+    }
+
+    /// Declares the retry queue for `delay_ms`: messages wait there, then go
+    /// back to the work exchange with the job type as routing key.
+    pub async fn declare_retry_queue(&self, ch: &Channel, job_type: &str, delay_ms: u64) -> Result<String, CommonError> {
+        let mut args = quorum_args();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms as i64));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.jobs_exchange().into()));
+        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(job_type.into()));
+        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        let queue = self.retry_queue(job_type, delay_ms);
+        let key = retry_routing_key(job_type, delay_ms);
+        self.declare_bound(ch, &queue, args, &self.retry_exchange(), &key).await?;
+        Ok(key)
+    }
+
+    async fn declare_bound(&self, ch: &Channel, queue: &str, args: FieldTable, exchange: &str, key: &str) -> Result<(), CommonError> {
+        ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .await
+            .map_err(CommonError::amqp(format!("declare queue {queue}")))?;
+        ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("bind queue {queue} to {exchange} with key {key}")))?;
+        Ok(())
+    }
+}
+
+/// The routing key on the retry exchange.
+pub fn retry_routing_key(job_type: &str, delay_ms: u64) -> String {
+    format!("{job_type}.{delay_ms}")
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions { durable: true, ..Default::default() }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
+}
