@@ -1,1 +1,2 @@
-fn main(){}
+//! `trainyard-worker`: see the crate docs.
+fn main() {}

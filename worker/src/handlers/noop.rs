@@ -1,0 +1,66 @@
+//! `noop`: sleeps `sleep_ms` (default 0) and succeeds. Used by tests,
+//! benchmarks and chaos runs. `fail` makes it fail on purpose:
+//! `"transient"` (until attempt `fail_until`, default forever), `"permanent"`.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::handler::{JobContext, JobError, JobHandler};
+
+/// The `noop` job type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Noop;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    #[serde(default)]
+    sleep_ms: u64,
+    #[serde(default)]
+    fail: Option<Fail>,
+    /// With `fail = "transient"`: succeed from this attempt on.
+    #[serde(default)]
+    fail_until: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Fail {
+    Transient,
+    Permanent,
+}
+
+/// Longest allowed sleep (1 hour).
+const MAX_SLEEP_MS: u64 = 3_600_000;
+
+fn parse(params: &serde_json::Value) -> Result<Params, JobError> {
+    let p: Params = serde_json::from_value(params.clone()).map_err(|e| JobError::permanent(format!("invalid noop params: {e}")))?;
+    if p.sleep_ms > MAX_SLEEP_MS {
+        return Err(JobError::permanent(format!("invalid noop params: sleep_ms {} is over {MAX_SLEEP_MS}", p.sleep_ms)));
+    }
+    Ok(p)
+}
+
+#[async_trait]
+impl JobHandler for Noop {
+    fn validate(&self, params: &serde_json::Value) -> Result<(), JobError> {
+        parse(params).map(|_| ())
+    }
+
+    async fn run(&self, ctx: JobContext) -> Result<serde_json::Value, JobError> {
+        let p = parse(&ctx.spec.params)?;
+        if p.sleep_ms > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(p.sleep_ms)) => {}
+                _ = ctx.cancel.cancelled() => return Err(JobError::cancelled("noop stopped while sleeping")),
+            }
+        }
+        match p.fail {
+            Some(Fail::Permanent) => Err(JobError::permanent("noop failed on purpose (permanent)")),
+            Some(Fail::Transient) if p.fail_until.is_none_or(|until| ctx.attempt < until) => {
+                Err(JobError::transient(format!("noop failed on purpose (transient, attempt {})", ctx.attempt)))
+            }
+            _ => Ok(serde_json::json!({"slept_ms": p.sleep_ms, "attempt": ctx.attempt})),
+        }
+    }
+}
