@@ -28,9 +28,7 @@ pub fn redact_url(raw: &str) -> String {
 /// Opens a connection named `name` (shown in the management UI).
 pub async fn connect(url: &str, name: &str) -> Result<Connection, CommonError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props)
-        .await
-        .map_err(|source| CommonError::Connect { url: redact_url(url), source })
+    Connection::connect(url, props).await.map_err(|source| CommonError::Connect { url: redact_url(url), source })
 }
 
 /// Opens a channel with publisher confirms enabled.

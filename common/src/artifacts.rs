@@ -86,11 +86,11 @@ impl ArtifactStore {
 
     /// Writes `bytes` at `key`, atomically.
     pub async fn put(&self, key: &str, bytes: impl Into<Bytes>) -> Result<(), CommonError> {
-        self.inner
-            .put(&Path::from(key), PutPayload::from(bytes.into()))
-            .await
-            .map(|_| ())
-            .map_err(|source| CommonError::Artifacts { what: "write", path: key.into(), source })
+        self.inner.put(&Path::from(key), PutPayload::from(bytes.into())).await.map(|_| ()).map_err(|source| CommonError::Artifacts {
+            what: "write",
+            path: key.into(),
+            source,
+        })
     }
 
     /// Reads `key`; `None` when absent.
@@ -114,13 +114,12 @@ impl ArtifactStore {
     /// Lists the keys under `prefix`, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, CommonError> {
         let p = Path::from(prefix);
-        let mut keys: Vec<String> = self
-            .inner
-            .list(Some(&p))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .map_err(|source| CommonError::Artifacts { what: "list", path: prefix.into(), source })?;
+        let mut keys: Vec<String> =
+            self.inner.list(Some(&p)).map_ok(|m| m.location.to_string()).try_collect().await.map_err(|source| CommonError::Artifacts {
+                what: "list",
+                path: prefix.into(),
+                source,
+            })?;
         keys.sort();
         Ok(keys)
     }

@@ -115,9 +115,7 @@ pub fn new_job_id() -> String {
 
 /// Is `name` usable as a job type (and so in queue names and routing keys)?
 pub fn valid_job_type(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
 /// Is `name` usable as a bot name (it becomes a path segment of the artifact store)?

@@ -96,7 +96,8 @@ impl WorkerMetrics {
             retries_total: IntCounterVec::new(Opts::new(RETRIES_TOTAL, "Retries scheduled."), &[L_JOB_TYPE])?,
             reconnects_total: prometheus::IntCounter::new(RECONNECTS_TOTAL, "Reconnects to the broker.")?,
             epoch_seconds: HistogramVec::new(
-                HistogramOpts::new(TRAINING_EPOCH_SECONDS, "Seconds per training epoch.").buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                HistogramOpts::new(TRAINING_EPOCH_SECONDS, "Seconds per training epoch.")
+                    .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
                 &["device"],
             )?,
         };

@@ -1,2 +1,26 @@
-//! `trainyard-worker`: see the crate docs.
-fn main() {}
+//! `trainyard-worker`: consumes training jobs from RabbitMQ and runs them.
+//!
+//! Subcommands: `run` (the worker), `train --job-file` (one job locally, no
+//! broker), `predict` (query a trained model).
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "trainyard-worker", version, about = "trainyard worker: runs jobs from RabbitMQ")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Consume and run jobs of the given types.
+    Run(trainyard_worker::runtime::cli::RunArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => trainyard_worker::runtime::cli::run(args),
+    }
+}
