@@ -64,3 +64,10 @@ pub fn set_str(table: &mut FieldTable, name: &str, value: impl Into<String>) {
 pub fn set_int(table: &mut FieldTable, name: &str, value: i64) {
     table.insert(name.into(), AMQPValue::LongLongInt(value));
 }
+
+/// A W3C `traceparent` for a new trace (version 00, sampled).
+pub fn new_traceparent() -> String {
+    let trace: u128 = rand::random::<u128>().max(1);
+    let span: u64 = rand::random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-01")
+}

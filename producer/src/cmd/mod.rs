@@ -1,0 +1,62 @@
+//! Subcommands of the `trainyard` binary.
+
+mod submit;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use trainyard_common::{config, topology::Topology};
+
+/// Command line of `trainyard`.
+#[derive(Debug, Parser)]
+#[command(name = "trainyard", version, about = "trainyard: submit and manage training jobs")]
+pub struct Cli {
+    /// Broker URL.
+    #[arg(long, global = true, env = "TRAINYARD_AMQP_URL", default_value = config::DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+    /// Prefix of exchange and queue names.
+    #[arg(long, global = true, env = "TRAINYARD_PREFIX", default_value = "trainyard")]
+    pub prefix: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Submit a job.
+    Submit(submit::SubmitArgs),
+    /// Declare the RabbitMQ topology (shared part, and the given job types).
+    Topology {
+        /// Job types whose queues to declare (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+    },
+}
+
+/// Runs a subcommand; the exit code says how it went.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let topology = Topology::new(cli.prefix.clone());
+    match cli.command {
+        Command::Submit(args) => submit::run(&cli.amqp_url, topology, args).await,
+        Command::Topology { types } => {
+            let s = trainyard::submit::Submitter::new(&cli.amqp_url, topology)?;
+            s.declare_shared().await?;
+            for t in &types {
+                s.declare_job_type(t).await?;
+            }
+            eprintln!("declared shared topology and {} job type(s)", types.len());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Logs to stderr (stdout is for results): `RUST_LOG` filters, `TRAINYARD_LOG_FORMAT=json` for JSON.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("TRAINYARD_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,140 @@
+//! `trainyard submit`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use trainyard::submit::Submitter;
+use trainyard_common::{topology::Topology, JobSpec, JobStatus, Trigger, TriggerKind};
+
+/// Arguments of `trainyard submit`.
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The job type (routing key), e.g. `intent-train` or `noop`.
+    job_type: String,
+    /// The bot the job is for.
+    #[arg(long)]
+    bot: String,
+    /// A parameter `key=value`; the value is read as JSON when it parses, else as a string. Repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    /// A JSON file with an object of parameters (`--param` overrides its keys).
+    #[arg(long)]
+    params_file: Option<PathBuf>,
+    /// Attempts allowed in total.
+    #[arg(long, default_value_t = trainyard_common::job::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+    /// Time limit of one attempt, in seconds.
+    #[arg(long = "timeout", default_value_t = trainyard_common::job::DEFAULT_TIMEOUT_S)]
+    timeout_s: u64,
+    /// Makes resubmissions with the same key the same job.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Follow the job and exit 0 on `succeeded`, 1 on `failed`/`dead`/`cancelled`.
+    #[arg(long)]
+    wait: bool,
+    /// With `--wait`: give up after this many seconds (exit 3).
+    #[arg(long, default_value_t = 24 * 3600)]
+    wait_timeout: u64,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `--param` and `--params-file` into one JSON object.
+pub fn build_params(file: Option<&PathBuf>, pairs: &[String]) -> anyhow::Result<serde_json::Value> {
+    let mut params = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("failed to read params file {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("params file {} is not JSON", path.display()))?;
+            anyhow::ensure!(v.is_object(), "params file {} must hold a JSON object", path.display());
+            v
+        }
+        None => serde_json::json!({}),
+    };
+    for pair in pairs {
+        let (k, v) = pair.split_once('=').with_context(|| format!("--param {pair:?} is not KEY=VALUE"))?;
+        anyhow::ensure!(!k.is_empty(), "--param {pair:?} has an empty key");
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        params[k] = value;
+    }
+    Ok(params)
+}
+
+/// A stable job id for an idempotency key: the same key gives the same job.
+fn idempotent_job_id(key: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("trainyard:{key}").as_bytes()).to_string()
+}
+
+pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let params = build_params(args.params_file.as_ref(), &args.params)?;
+    let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let mut spec = JobSpec::new(&args.job_type, &args.bot, params, Trigger { kind: TriggerKind::Manual, source: who });
+    spec.max_attempts = args.max_attempts;
+    spec.timeout_s = args.timeout_s;
+    if let Some(key) = &args.idempotency_key {
+        spec.job_id = idempotent_job_id(key);
+        spec.idempotency_key = Some(key.clone());
+    }
+    spec.validate()?;
+    let submitter = Submitter::new(url, topology)?;
+    // Subscribe before publishing so no event is missed.
+    let mut watch = if args.wait { Some(submitter.watch(&spec).await?) } else { None };
+    submitter.submit(&spec).await.with_context(|| format!("failed to submit {} job for bot {}", spec.job_type, spec.bot))?;
+    let Some(watch) = watch.as_mut() else {
+        if args.json {
+            println!("{}", serde_json::json!({"job_id": spec.job_id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued"}));
+        } else {
+            println!("{}", spec.job_id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !args.json {
+        eprintln!("submitted {} ({} for bot {}), waiting…", spec.job_id, spec.job_type, spec.bot);
+    }
+    let quiet = args.json;
+    let outcome = watch
+        .until_terminal(Duration::from_secs(args.wait_timeout), |ev| {
+            if !quiet {
+                print_event(ev);
+            }
+        })
+        .await;
+    let final_event = match outcome {
+        Ok(ev) => ev,
+        Err(e @ trainyard::submit::WaitError::Timeout(_)) => {
+            if args.json {
+                println!("{}", serde_json::json!({"job_id": spec.job_id, "status": "unknown", "error": e.to_string()}));
+            } else {
+                eprintln!("error: job {}: {e}", spec.job_id);
+            }
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if args.json {
+        let mut out = serde_json::json!({
+            "job_id": spec.job_id, "job_type": spec.job_type, "bot": spec.bot,
+            "status": final_event.status, "attempts": final_event.attempt,
+        });
+        if let Some(r) = &final_event.result {
+            out["result"] = r.clone();
+        }
+        if let Some(e) = &final_event.error {
+            out["error"] = serde_json::to_value(e)?;
+        }
+        println!("{out}");
+    } else {
+        println!("{} {}", spec.job_id, final_event.status);
+    }
+    Ok(if final_event.status == JobStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn print_event(ev: &trainyard_common::JobEvent) {
+    let worker = ev.worker.as_ref().map(|w| format!(" on {}", w.id)).unwrap_or_default();
+    let detail = match (&ev.progress, &ev.error) {
+        (Some(p), _) => format!(" {p}"),
+        (_, Some(e)) => format!(" {:?}: {}", e.kind, e.message),
+        _ => String::new(),
+    };
+    eprintln!("  {} attempt {}{worker}{detail}", ev.status, ev.attempt);
+}

@@ -1,0 +1,76 @@
+//! Connection and channel pools for publishing.
+//!
+//! Connections come from `deadpool-lapin`; on top of them a `deadpool` pool of
+//! **confirm-mode channels**, so a publish never pays for opening a channel and
+//! a broken channel (closed by the broker, lost connection) is dropped on
+//! recycle instead of being handed out again.
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use lapin::{options::ConfirmSelectOptions, Channel};
+use trainyard_common::{amqp::redact_url, CommonError};
+
+/// Pool of confirm-mode channels.
+pub type ChannelPool = managed::Pool<ChannelManager>;
+
+/// Creates confirm-mode channels on pooled connections.
+pub struct ChannelManager {
+    connections: deadpool_lapin::Pool,
+    url: String,
+}
+
+impl std::fmt::Debug for ChannelManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelManager").field("url", &redact_url(&self.url)).finish_non_exhaustive()
+    }
+}
+
+impl managed::Manager for ChannelManager {
+    type Type = Channel;
+    type Error = CommonError;
+
+    async fn create(&self) -> Result<Channel, CommonError> {
+        let conn = self.connections.get().await.map_err(|e| CommonError::Config {
+            name: "TRAINYARD_AMQP_URL".into(),
+            reason: format!("failed to connect to the broker at {}: {e}", redact_url(&self.url)),
+        })?;
+        let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(CommonError::amqp("enable publisher confirms"))?;
+        Ok(ch)
+    }
+
+    async fn recycle(&self, ch: &mut Channel, _: &Metrics) -> RecycleResult<CommonError> {
+        if ch.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message("channel is closed"))
+        }
+    }
+}
+
+/// Builds a channel pool of at most `max` channels over at most `max` connections.
+pub fn channel_pool(url: &str, name: &str, max: usize) -> Result<ChannelPool, CommonError> {
+    let name = name.to_string();
+    let cfg = deadpool_lapin::Config {
+        url: Some(url.to_string()),
+        pool: Some(deadpool_lapin::PoolConfig::new(max.clamp(1, 4))),
+    };
+    let connections = cfg
+        .create_pool(
+            move || lapin::ConnectionProperties::default().with_connection_name(name.clone().into()),
+            deadpool_lapin::Runtime::Tokio1,
+        )
+        .map_err(|e| CommonError::Config { name: "TRAINYARD_AMQP_URL".into(), reason: e.to_string() })?;
+    managed::Pool::builder(ChannelManager { connections, url: url.to_string() })
+        .max_size(max.max(1))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| CommonError::Config { name: "pool".into(), reason: e.to_string() })
+}
+
+/// Takes a channel from the pool, with the pool's error made readable.
+pub async fn get(pool: &ChannelPool) -> Result<managed::Object<ChannelManager>, CommonError> {
+    pool.get().await.map_err(|e| match e {
+        managed::PoolError::Backend(inner) => inner,
+        other => CommonError::Config { name: "pool".into(), reason: other.to_string() },
+    })
+}
