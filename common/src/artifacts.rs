@@ -30,6 +30,10 @@ pub mod keys {
     pub fn attempt_log(job_id: &str, attempt: u32) -> String {
         format!("jobs/{job_id}/logs/attempt-{attempt}.log")
     }
+    /// Present when a job was asked to be cancelled (JSON [`CancelRequest`](crate::control::CancelRequest)).
+    pub fn cancel_marker(job_id: &str) -> String {
+        format!("jobs/{job_id}/cancel.json")
+    }
     /// The production pointer of a bot.
     pub fn production(bot: &str) -> String {
         format!("bots/{bot}/production.json")

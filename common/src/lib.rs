@@ -7,6 +7,7 @@
 //! - [`codec`]: msgpack (as a map) / JSON encoding chosen by content type;
 //! - [`topology`]: every exchange and queue name, declared idempotently;
 //! - [`amqp`]: connecting (with credentials redacted) and confirmed publishing;
+//! - [`control`]: cancel requests to workers;
 //! - [`config`]: environment settings with laptop defaults;
 //! - [`artifacts`]: the artifact store (object_store, local directory by default);
 //! - [`metrics`]: every Prometheus metric name and label, defined once;
@@ -17,6 +18,7 @@ pub mod amqp;
 pub mod artifacts;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod event;
 pub mod headers;
