@@ -6,7 +6,7 @@ use lapin::{
 };
 use url::Url;
 
-use crate::error::CommonError;
+use crate::{codec, error::CommonError, event::JobEvent, topology::Topology};
 
 /// Replaces the password (and user) of a URL with `***`, for logs and errors.
 pub fn redact_url(raw: &str) -> String {
@@ -59,6 +59,17 @@ pub async fn publish_confirmed(
         Confirmation::Ack(Some(_)) => Err(CommonError::Unroutable { exchange: exchange.into(), routing_key: routing_key.into() }),
         Confirmation::Nack(_) => Err(CommonError::Nacked { exchange: exchange.into(), routing_key: routing_key.into() }),
     }
+}
+
+/// Publishes an event (JSON, persistent) to `<prefix>.events` with routing key
+/// `<job_type>.<status>`, and waits for the broker's confirm.
+pub async fn publish_event(ch: &Channel, topology: &Topology, event: &JobEvent) -> Result<(), CommonError> {
+    let body = codec::to_json(event)?;
+    let props = BasicProperties::default()
+        .with_content_type(codec::JSON.into())
+        .with_delivery_mode(2)
+        .with_message_id(format!("{}/{}", event.job_id, event.seq).into());
+    publish_confirmed(ch, &topology.events_exchange(), &event.routing_key(), &body, props, false).await
 }
 
 #[cfg(test)]

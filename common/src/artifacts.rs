@@ -11,7 +11,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{local::LocalFileSystem, memory::InMemory, path::Path, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{local::LocalFileSystem, memory::InMemory, path::Path, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::error::CommonError;
@@ -97,6 +97,17 @@ impl ArtifactStore {
         })
     }
 
+    /// Writes `bytes` at `key` only if nothing is there yet; `false` when
+    /// something already was. This is how a job's outcome is recorded once.
+    pub async fn put_if_absent(&self, key: &str, bytes: impl Into<Bytes>) -> Result<bool, CommonError> {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.inner.put_opts(&Path::from(key), PutPayload::from(bytes.into()), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(source) => Err(CommonError::Artifacts { what: "create", path: key.into(), source }),
+        }
+    }
+
     /// Reads `key`; `None` when absent.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, CommonError> {
         match self.inner.get(&Path::from(key)).await {
@@ -168,5 +179,8 @@ mod tests {
         assert_eq!(store.list("jobs/x").await.unwrap(), vec!["jobs/x/logs/attempt-1.log", "jobs/x/outcome.json"]);
         assert!(dir.path().join("jobs/x/outcome.json").is_file());
         assert!(ArtifactStore::open("s3://bucket").is_err());
+        assert!(store.put_if_absent("jobs/y/outcome.json", "1").await.unwrap());
+        assert!(!store.put_if_absent("jobs/y/outcome.json", "2").await.unwrap());
+        assert_eq!(store.get("jobs/y/outcome.json").await.unwrap().unwrap(), "1");
     }
 }

@@ -85,15 +85,7 @@ pub fn job_properties(spec: &JobSpec, hdrs: FieldTable) -> BasicProperties {
         .with_headers(hdrs)
 }
 
-/// Publishes an event (JSON, persistent) to `<prefix>.events`, confirmed.
-pub async fn publish_event(ch: &Channel, topology: &Topology, event: &JobEvent) -> Result<(), CommonError> {
-    let body = codec::to_json(event)?;
-    let props = BasicProperties::default()
-        .with_content_type(codec::JSON.into())
-        .with_delivery_mode(2)
-        .with_message_id(format!("{}/{}", event.job_id, event.seq).into());
-    publish_confirmed(ch, &topology.events_exchange(), &event.routing_key(), &body, props, false).await
-}
+pub use trainyard_common::amqp::publish_event;
 
 /// A live subscription to one job's events (and to its dead letter, in case
 /// the broker dead-letters it without a worker event).

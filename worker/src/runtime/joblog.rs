@@ -1,0 +1,167 @@
+//! Captures every log line of a job attempt, so the runtime can save it in the
+//! artifact store (`jobs/<id>/logs/attempt-<n>.log`) and `jobs logs` works
+//! after the pod is gone.
+//!
+//! The runtime runs each attempt inside a span named `job` with fields
+//! `job_id`, `job_type`, `bot` and `attempt`; [`JobLogLayer`] appends every
+//! event inside such a span to that attempt's buffer. Code on other threads
+//! (training) enters the span it was given to be captured too.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+};
+
+use tracing::{
+    field::{Field, Visit},
+    span, Event, Subscriber,
+};
+use tracing_subscriber::{layer::Context, registry::LookupSpan, Layer};
+
+/// Most bytes kept per attempt; older lines beyond it are dropped with a note.
+const MAX_LOG_BYTES: usize = 4 * 1024 * 1024;
+
+/// Shared buffers of running attempts, keyed by `job_id/attempt`.
+#[derive(Debug, Clone, Default)]
+pub struct JobLogs {
+    buffers: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl JobLogs {
+    /// The key of an attempt.
+    pub fn key(job_id: &str, attempt: u32) -> String {
+        format!("{job_id}/{attempt}")
+    }
+
+    /// Removes and returns what was captured for an attempt.
+    pub fn take(&self, key: &str) -> String {
+        self.buffers.lock().map(|mut b| b.remove(key)).ok().flatten().unwrap_or_default()
+    }
+
+    fn append(&self, key: &str, line: &str) {
+        if let Ok(mut b) = self.buffers.lock() {
+            let buf = b.entry(key.to_string()).or_default();
+            if buf.len() + line.len() <= MAX_LOG_BYTES {
+                buf.push_str(line);
+            }
+        }
+    }
+
+    /// The layer that feeds these buffers.
+    pub fn layer(&self) -> JobLogLayer {
+        JobLogLayer { logs: self.clone() }
+    }
+}
+
+/// A `tracing` layer writing events inside `job` spans to [`JobLogs`].
+#[derive(Debug, Clone)]
+pub struct JobLogLayer {
+    logs: JobLogs,
+}
+
+struct JobKey(String);
+
+#[derive(Default)]
+struct KeyVisitor {
+    job_id: Option<String>,
+    attempt: Option<u64>,
+}
+
+impl Visit for KeyVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "job_id" {
+            self.job_id = Some(value.to_string());
+        }
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "attempt" {
+            self.attempt = Some(value);
+        }
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if field.name() == "attempt" {
+            self.attempt = u64::try_from(value).ok();
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "job_id" {
+            self.job_id = Some(format!("{value:?}").trim_matches('"').to_string());
+        }
+    }
+}
+
+struct LineVisitor(String);
+
+impl Visit for LineVisitor {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, " {value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            let _ = write!(self.0, " {value}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl<S> Layer<S> for JobLogLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        if attrs.metadata().name() != "job" {
+            return;
+        }
+        let mut v = KeyVisitor::default();
+        attrs.record(&mut v);
+        if let (Some(job_id), Some(attempt), Some(span)) = (v.job_id, v.attempt, ctx.span(id)) {
+            span.extensions_mut().insert(JobKey(JobLogs::key(&job_id, attempt as u32)));
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let Some(scope) = ctx.event_scope(event) else { return };
+        for span in scope {
+            if let Some(JobKey(key)) = span.extensions().get::<JobKey>() {
+                let meta = event.metadata();
+                let mut line = LineVisitor(format!("{} {:>5} {}:", chrono::Utc::now().to_rfc3339(), meta.level(), meta.target()));
+                event.record(&mut line);
+                line.0.push('\n');
+                self.logs.append(key, &line.0);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::prelude::*;
+
+    #[test]
+    fn captures_events_inside_job_spans_only() {
+        let logs = JobLogs::default();
+        let subscriber = tracing_subscriber::registry().with(logs.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("job", job_id = "j1", job_type = "noop", bot = "b", attempt = 2u32);
+            let _g = span.enter();
+            tracing::info!(epoch = 3, "trained");
+            let inner = tracing::info_span!("inner");
+            let _i = inner.enter();
+            tracing::warn!("nested");
+        });
+        let text = logs.take(&JobLogs::key("j1", 2));
+        assert!(text.contains("trained") && text.contains("epoch=3"), "{text}");
+        assert!(text.contains("nested"), "{text}");
+        assert!(!text.contains("outside"), "{text}");
+        assert_eq!(logs.take(&JobLogs::key("j1", 2)), "");
+    }
+}

@@ -1,0 +1,242 @@
+//! The consumer runtime.
+//!
+//! One [`Worker`] holds one broker connection at a time ([`session`]) and
+//! reconnects with backoff when it is lost. Per job type it has a channel
+//! whose prefetch equals that type's free slots, so no job waits parked
+//! behind a busy one. Each delivery is handled by [`process`]: decode, run
+//! with a timeout and cancellation, then make the outcome durable (event,
+//! retry copy or dead letter confirmed by the broker) **before** the ack.
+
+pub mod cli;
+pub mod disposition;
+pub mod http;
+pub mod joblog;
+pub mod process;
+pub mod session;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use trainyard_common::{artifacts::ArtifactStore, codec, metrics::WorkerMetrics, topology::Topology, CommonError, WorkerInfo};
+
+use crate::handler::Registry;
+pub use disposition::Backoff;
+use joblog::JobLogs;
+
+/// Settings of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Broker URL.
+    pub amqp_url: String,
+    /// Exchange and queue names.
+    pub topology: Topology,
+    /// Concurrent jobs per job type (the prefetch of its channel).
+    pub concurrency: u16,
+    /// On shutdown, how long running jobs may take to finish before they are stopped and requeued.
+    pub grace_period: Duration,
+    /// Larger job messages are dead-lettered unread.
+    pub max_message_bytes: usize,
+    /// Delays of retries.
+    pub backoff: Backoff,
+    /// Where outcomes, logs and models go.
+    pub artifacts: ArtifactStore,
+    /// Root of datasets.
+    pub data_dir: PathBuf,
+    /// This worker's id and attributes, reported in events.
+    pub worker: WorkerInfo,
+    /// Longest wait between reconnect attempts.
+    pub reconnect_max: Duration,
+}
+
+impl WorkerConfig {
+    /// Settings for `amqp_url` and `topology` with laptop defaults for the rest.
+    pub fn new(amqp_url: impl Into<String>, topology: Topology, artifacts: ArtifactStore) -> Self {
+        Self {
+            amqp_url: amqp_url.into(),
+            topology,
+            concurrency: 1,
+            grace_period: Duration::from_secs(25),
+            max_message_bytes: codec::DEFAULT_MAX_MESSAGE_BYTES,
+            backoff: Backoff::default(),
+            artifacts,
+            data_dir: trainyard_common::config::data_dir(),
+            worker: WorkerInfo { id: default_worker_id(), attributes: Default::default() },
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `POD_NAME`, else `<hostname>-<pid>`.
+pub fn default_worker_id() -> String {
+    if let Ok(pod) = std::env::var("POD_NAME") {
+        if !pod.is_empty() {
+            return pod;
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Errors that stop a worker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Bad settings.
+    #[error("invalid worker settings: {0}")]
+    Config(String),
+    /// Broker or store trouble.
+    #[error(transparent)]
+    Common(#[from] CommonError),
+}
+
+/// Cancel handles of running jobs, by job id.
+#[derive(Debug, Default)]
+pub(crate) struct Cancels {
+    running: Mutex<HashMap<String, (CancellationToken, Arc<AtomicBool>)>>,
+}
+
+impl Cancels {
+    fn register(&self, job_id: &str, token: CancellationToken) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        if let Ok(mut r) = self.running.lock() {
+            r.insert(job_id.to_string(), (token, flag.clone()));
+        }
+        flag
+    }
+    fn unregister(&self, job_id: &str) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(job_id);
+        }
+    }
+    /// Cancels a running job; `false` when it does not run here.
+    pub(crate) fn cancel(&self, job_id: &str) -> bool {
+        match self.running.lock().ok().and_then(|r| r.get(job_id).cloned()) {
+            Some((token, flag)) => {
+                flag.store(true, Ordering::SeqCst);
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// State shared by the sessions of a worker and its jobs.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: WorkerConfig,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: WorkerMetrics,
+    pub(crate) logs: JobLogs,
+    pub(crate) cancels: Cancels,
+    pub(crate) running: watch::Sender<usize>,
+    pub(crate) running_count: AtomicUsize,
+    pub(crate) connected: AtomicBool,
+    pub(crate) retry_queues: Mutex<HashSet<(String, u64)>>,
+}
+
+impl Shared {
+    pub(crate) fn job_started(&self, job_type: &str) {
+        let n = self.running_count.fetch_add(1, Ordering::SeqCst) + 1;
+        self.running.send_replace(n);
+        self.metrics.jobs_running.with_label_values(&[job_type]).inc();
+        self.update_free_slots(n);
+    }
+    pub(crate) fn job_finished(&self, job_type: &str) {
+        let n = self.running_count.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        self.running.send_replace(n);
+        self.metrics.jobs_running.with_label_values(&[job_type]).dec();
+        self.update_free_slots(n);
+    }
+    fn update_free_slots(&self, running: usize) {
+        let slots = usize::from(self.config.concurrency) * self.registry.job_types().len();
+        self.metrics.free_slots.set(slots.saturating_sub(running) as i64);
+    }
+}
+
+/// A worker: consumes the queues of its registry's job types until shut down.
+#[derive(Debug)]
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    /// A worker running `registry`'s job types, registering its metrics in `metrics_registry`
+    /// and capturing job logs through `logs` (whose layer must be installed in the subscriber).
+    pub fn new(config: WorkerConfig, registry: Registry, metrics_registry: &prometheus::Registry, logs: JobLogs) -> Result<Self, RuntimeError> {
+        if registry.job_types().is_empty() {
+            return Err(RuntimeError::Config("no job types to consume".into()));
+        }
+        if config.concurrency == 0 {
+            return Err(RuntimeError::Config("concurrency must be at least 1".into()));
+        }
+        let metrics = WorkerMetrics::new(metrics_registry, &registry.job_types()).map_err(|e| RuntimeError::Config(format!("metrics: {e}")))?;
+        let (running, _) = watch::channel(0);
+        let shared = Shared {
+            config,
+            registry,
+            metrics,
+            logs,
+            cancels: Cancels::default(),
+            running,
+            running_count: AtomicUsize::new(0),
+            connected: AtomicBool::new(false),
+            retry_queues: Mutex::new(HashSet::new()),
+        };
+        shared.update_free_slots(0);
+        Ok(Self { shared: Arc::new(shared) })
+    }
+
+    /// The number of running jobs, as it changes (for pod-deletion-cost).
+    pub fn running(&self) -> watch::Receiver<usize> {
+        self.shared.running.subscribe()
+    }
+
+    /// Is the worker connected to the broker now?
+    pub fn connected_flag(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Runs until `shutdown` fires, then stops consuming, gives running jobs
+    /// the grace period, requeues the unfinished ones and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        let shared = self.shared;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            match session::run(shared.clone(), &shutdown).await {
+                Ok(session::End::Shutdown) => return Ok(()),
+                Ok(session::End::Lost(why)) => tracing::warn!(reason = %why, "lost the broker session; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, "broker session failed; reconnecting"),
+            }
+            shared.connected.store(false, Ordering::SeqCst);
+            shared.metrics.reconnects_total.inc();
+            if started.elapsed() > Duration::from_secs(30) {
+                delay = Duration::from_millis(250);
+            }
+            let jitter = Duration::from_millis(rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1));
+            tokio::select! {
+                _ = tokio::time::sleep(delay + jitter) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            delay = (delay * 2).min(shared.config.reconnect_max);
+        }
+    }
+}

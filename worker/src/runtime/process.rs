@@ -1,0 +1,347 @@
+//! Handling one delivery, from bytes to a durable outcome and an ack.
+//!
+//! Order of operations for every outcome: make it durable first (outcome
+//! record, retry copy or dead letter, and the event, each confirmed by the
+//! broker), then ack. If anything on that path fails the delivery is not
+//! acked; the session ends and the broker redelivers it. A redelivered job
+//! whose outcome is already recorded is acked without running again.
+
+use std::{
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+    types::FieldTable,
+    BasicProperties,
+};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use trainyard_common::{
+    amqp::publish_confirmed,
+    artifacts::keys,
+    codec,
+    event::event_seq,
+    headers, CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent, JobSpec, JobStatus,
+};
+
+use super::{
+    disposition::{decide, Disposition},
+    joblog::JobLogs,
+    session::SessionCtx,
+    Shared,
+};
+use crate::handler::{JobContext, JobError, Progress};
+
+/// How long a stopped job may take to unwind after its token fired.
+const UNWIND: Duration = Duration::from_secs(30);
+
+/// What `jobs/<id>/outcome.json` holds: the `succeeded` event, republished
+/// as is when a finished job is delivered again.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The `succeeded` event (with the result).
+    pub event: JobEvent,
+}
+
+/// One attempt of a job, and the sequence of its events.
+struct Attempt {
+    spec: JobSpec,
+    attempt: u32,
+    redelivery: u32,
+    n: AtomicU32,
+}
+
+impl Attempt {
+    fn event(&self, shared: &Shared, status: JobStatus) -> JobEvent {
+        let n = self.n.fetch_add(1, Ordering::SeqCst);
+        let mut ev = JobEvent::new(&self.spec, status, self.attempt, event_seq(self.attempt, self.redelivery, n));
+        ev.worker = Some(shared.config.worker.clone());
+        ev
+    }
+}
+
+/// Handles one delivery from the queue of `job_type`. Never panics the worker:
+/// whatever the bytes, the delivery ends acked with a durable outcome, or
+/// unacked for the broker to redeliver when the session is lost.
+pub(crate) async fn handle(delivery: Delivery, job_type: String, shared: Arc<Shared>, sctx: SessionCtx) {
+    if let Err(e) = handle_inner(&delivery, &job_type, &shared, &sctx).await {
+        tracing::warn!(job_type = %job_type, error = %e, "could not make an outcome durable; leaving the delivery for redelivery");
+        sctx.lost.cancel();
+    }
+}
+
+async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: &SessionCtx) -> Result<(), CommonError> {
+    let hdrs = d.properties.headers().as_ref();
+    let content_type = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
+    let spec = match codec::decode_job(content_type.as_deref(), &d.data, shared.config.max_message_bytes) {
+        Ok(spec) if spec.job_type != job_type => {
+            let reason = format!("job_type {:?} does not match the queue's job type {job_type:?}", spec.job_type);
+            return poison(d, job_type, shared, sctx, "mismatch", &reason, Some(&spec.job_id)).await;
+        }
+        Ok(spec) => spec,
+        Err(e) => {
+            let class = match e {
+                CodecError::TooLarge { .. } => "oversized",
+                CodecError::ContentType(_) => "content_type",
+                CodecError::Invalid { .. } => "invalid",
+                _ => "undecodable",
+            };
+            let job_id = d.properties.message_id().as_ref().map(|s| s.as_str().to_string());
+            return poison(d, job_type, shared, sctx, class, &e.to_string(), job_id.as_deref()).await;
+        }
+    };
+    let attempt = Attempt { attempt: headers::attempt(hdrs), redelivery: headers::delivery_count(hdrs), spec, n: AtomicU32::new(0) };
+    let span = tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
+    run_attempt(d, &attempt, shared, sctx).instrument(span).await
+}
+
+async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &SessionCtx) -> Result<(), CommonError> {
+    let spec = &at.spec;
+    let store = &shared.config.artifacts;
+    // Effectively once: a job whose outcome is recorded is not run again.
+    if let Some(outcome) = store.get_json::<Outcome>(&keys::outcome(&spec.job_id)).await? {
+        tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
+        publish_event(sctx, shared, &outcome.event).await?;
+        return ack(d, sctx).await;
+    }
+    if store.exists(&keys::cancel_marker(&spec.job_id)).await? {
+        let mut ev = at.event(shared, JobStatus::Cancelled);
+        ev.error = Some(ErrorInfo { kind: ErrorKind::Cancelled, message: "cancelled before it started".into() });
+        publish_event(sctx, shared, &ev).await?;
+        return ack(d, sctx).await;
+    }
+    let Some(handler) = shared.registry.get(&spec.job_type) else {
+        return finish_failed(d, at, shared, sctx, JobError::permanent(format!("unknown job type {:?}", spec.job_type))).await;
+    };
+    if let Err(e) = handler.validate(&spec.params) {
+        return finish_failed(d, at, shared, sctx, JobError::permanent(e.message)).await;
+    }
+
+    let token = sctx.stop_jobs.child_token();
+    let user_cancel = shared.cancels.register(&spec.job_id, token.clone());
+    let (progress, mut progress_rx) = Progress::channel();
+    let ctx = JobContext {
+        spec: spec.clone(),
+        attempt: at.attempt,
+        redelivery: at.redelivery,
+        artifacts: store.clone(),
+        data_dir: shared.config.data_dir.clone(),
+        cancel: token.clone(),
+        progress,
+        worker: shared.config.worker.clone(),
+    };
+    let mut started = at.event(shared, JobStatus::Started);
+    if at.redelivery > 0 {
+        started.progress = Some(serde_json::json!({"redelivery": at.redelivery}));
+    }
+    publish_event(sctx, shared, &started).await.inspect_err(|_| shared.cancels.unregister(&spec.job_id))?;
+    tracing::info!(redelivery = at.redelivery, "job started");
+    shared.job_started(&spec.job_type);
+    let t0 = Instant::now();
+
+    // Progress events go out while the job runs, in order, before the final one.
+    let forward = {
+        let (shared, sctx) = (shared.clone(), sctx.clone());
+        let base = at.event(shared.as_ref(), JobStatus::Progress);
+        let first_seq = base.seq;
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while let Some(p) = progress_rx.recv().await {
+                let mut ev = base.clone();
+                // Progress events take seq numbers from a reserved block after `started`.
+                ev.seq = first_seq + i;
+                ev.at = chrono::Utc::now();
+                ev.progress = Some(p);
+                i += 1;
+                if publish_event(&sctx, &shared, &ev).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    // Later events of this attempt sort after every progress event.
+    at.n.store(1 << 20, Ordering::SeqCst);
+
+    let timeout = Duration::from_secs(spec.timeout_s);
+    let run = handler.run(ctx);
+    tokio::pin!(run);
+    let mut timed_out = false;
+    let mut result = tokio::select! {
+        r = &mut run => r,
+        _ = tokio::time::sleep(timeout) => {
+            timed_out = true;
+            token.cancel();
+            let _ = tokio::time::timeout(UNWIND, &mut run).await;
+            Err(JobError::timeout(format!("attempt ran past its timeout of {}s", spec.timeout_s)))
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
+    shared.cancels.unregister(&spec.job_id);
+    shared.job_finished(&spec.job_type);
+    let elapsed = t0.elapsed().as_secs_f64();
+    save_log(shared, at).await;
+
+    let cancelled_by_user = user_cancel.load(Ordering::SeqCst);
+    if cancelled_by_user && result.is_err() {
+        result = Err(JobError::cancelled("cancelled on request"));
+    } else if result.is_err() && !timed_out && sctx.stop_jobs.is_cancelled() {
+        // Stopped by shutdown or a lost session, not by its own failure: requeue.
+        return requeue(d, at, sctx).await;
+    }
+    let status = match &result {
+        Ok(_) => "succeeded",
+        Err(e) if e.kind == ErrorKind::Cancelled => "cancelled",
+        Err(_) => "failed",
+    };
+    shared.metrics.job_duration.with_label_values(&[spec.job_type.as_str(), status]).observe(elapsed);
+    match result {
+        Ok(value) => finish_succeeded(d, at, shared, sctx, value, elapsed).await,
+        Err(e) => finish_failed(d, at, shared, sctx, e).await,
+    }
+}
+
+async fn finish_succeeded(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &SessionCtx, value: serde_json::Value, elapsed: f64) -> Result<(), CommonError> {
+    let mut ev = at.event(shared, JobStatus::Succeeded);
+    let mut value = value;
+    if let Some(obj) = value.as_object_mut() {
+        obj.entry("duration_s").or_insert(elapsed.into());
+    }
+    ev.result = Some(value);
+    let outcome = codec::to_json(&Outcome { event: ev.clone() })?;
+    let first = shared.config.artifacts.put_if_absent(&keys::outcome(&at.spec.job_id), outcome).await?;
+    if first {
+        publish_event(sctx, shared, &ev).await?;
+        shared.metrics.jobs_total.with_label_values(&[at.spec.job_type.as_str(), "succeeded"]).inc();
+        tracing::info!(duration_s = elapsed, "job succeeded");
+    } else {
+        tracing::warn!("another delivery of this job recorded its outcome first; not recording a second result");
+    }
+    ack(d, sctx).await
+}
+
+async fn finish_failed(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &SessionCtx, err: JobError) -> Result<(), CommonError> {
+    let spec = &at.spec;
+    let job_type = spec.job_type.as_str();
+    let info = ErrorInfo { kind: err.kind, message: err.message.clone() };
+    match decide(err.kind, at.attempt, spec.max_attempts, &shared.config.backoff) {
+        Disposition::Retry { delay_ms, next_attempt } => {
+            publish_retry(d, at, shared, sctx, delay_ms, next_attempt).await?;
+            let mut ev = at.event(shared, JobStatus::Retrying);
+            ev.error = Some(info);
+            ev.result = Some(serde_json::json!({"retry_in_ms": delay_ms, "next_attempt": next_attempt}));
+            publish_event(sctx, shared, &ev).await?;
+            shared.metrics.retries_total.with_label_values(&[job_type]).inc();
+            tracing::warn!(error = %err.message, kind = ?err.kind, delay_ms, next_attempt, "attempt failed; retry scheduled");
+        }
+        Disposition::Failed | Disposition::Dead => {
+            let failed = err.kind != ErrorKind::Permanent;
+            let reason = if failed { format!("attempts used up ({}/{}): {}", at.attempt, spec.max_attempts, err.message) } else { err.message.clone() };
+            let kind = format!("{:?}", err.kind).to_lowercase();
+            dead_letter(d, job_type, shared, sctx, &kind, &reason, Some(&spec.job_id)).await?;
+            let mut ev = at.event(shared, if failed { JobStatus::Failed } else { JobStatus::Dead });
+            ev.error = Some(ErrorInfo { kind: err.kind, message: reason.clone() });
+            publish_event(sctx, shared, &ev).await?;
+            shared.metrics.jobs_total.with_label_values(&[job_type, ev.status.as_str()]).inc();
+            tracing::error!(reason = %reason, status = %ev.status, "job dead-lettered");
+        }
+        Disposition::Cancelled => {
+            let mut ev = at.event(shared, JobStatus::Cancelled);
+            ev.error = Some(info);
+            publish_event(sctx, shared, &ev).await?;
+            shared.metrics.jobs_total.with_label_values(&[job_type, "cancelled"]).inc();
+            tracing::info!("job cancelled");
+        }
+    }
+    ack(d, sctx).await
+}
+
+/// Puts a copy with the next attempt number in the retry queue of `delay_ms`.
+async fn publish_retry(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &SessionCtx, delay_ms: u64, next_attempt: u32) -> Result<(), CommonError> {
+    let topo = &shared.config.topology;
+    let job_type = at.spec.job_type.as_str();
+    let key = trainyard_common::topology::retry_routing_key(job_type, delay_ms);
+    let declared = shared.retry_queues.lock().map(|s| s.contains(&(job_type.to_string(), delay_ms))).unwrap_or(false);
+    if !declared {
+        topo.declare_retry_queue(&sctx.publish, job_type, delay_ms).await?;
+        if let Ok(mut s) = shared.retry_queues.lock() {
+            s.insert((job_type.to_string(), delay_ms));
+        }
+    }
+    let mut hdrs = d.properties.headers().clone().unwrap_or_default();
+    headers::set_int(&mut hdrs, headers::ATTEMPT, i64::from(next_attempt));
+    let props = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
+    publish_confirmed(&sctx.publish, &topo.retry_exchange(), &key, &d.data, props, true).await
+}
+
+/// Dead-letters a message the worker cannot run at all (poison). No event
+/// unless the job id is known; the recorder gets the dead letter regardless.
+async fn poison(d: &Delivery, job_type: &str, shared: &Shared, sctx: &SessionCtx, class: &str, reason: &str, job_id: Option<&str>) -> Result<(), CommonError> {
+    tracing::warn!(job_type = %job_type, class, reason, "poison message dead-lettered");
+    shared.metrics.poison_total.with_label_values(&[job_type, class]).inc();
+    dead_letter(d, job_type, shared, sctx, "poison", &format!("{class}: {reason}"), job_id).await?;
+    ack(d, sctx).await
+}
+
+async fn dead_letter(d: &Delivery, job_type: &str, shared: &Shared, sctx: &SessionCtx, kind: &str, reason: &str, job_id: Option<&str>) -> Result<(), CommonError> {
+    let mut hdrs: FieldTable = d.properties.headers().clone().unwrap_or_default();
+    headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(reason, 4000));
+    headers::set_str(&mut hdrs, headers::DEAD_KIND, kind);
+    headers::set_str(&mut hdrs, headers::DEAD_WORKER, shared.config.worker.id.clone());
+    if let Some(id) = job_id {
+        headers::set_str(&mut hdrs, headers::JOB_ID, truncate(id, 200));
+    }
+    let props: BasicProperties = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
+    publish_confirmed(&sctx.publish, &shared.config.topology.dead_exchange(), job_type, &d.data, props, true).await
+}
+
+async fn publish_event(sctx: &SessionCtx, shared: &Shared, ev: &JobEvent) -> Result<(), CommonError> {
+    trainyard_common::amqp::publish_event(&sctx.publish, &shared.config.topology, ev).await
+}
+
+async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonError> {
+    if sctx.lost.is_cancelled() {
+        return Err(CommonError::Config { name: "session".into(), reason: "session lost before the ack".into() });
+    }
+    d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("ack a delivery"))
+}
+
+async fn requeue(d: &Delivery, at: &Attempt, sctx: &SessionCtx) -> Result<(), CommonError> {
+    if sctx.lost.is_cancelled() {
+        tracing::info!("session lost; the broker will redeliver the job");
+        return Ok(());
+    }
+    tracing::info!(attempt = at.attempt, "job stopped by shutdown; requeueing it");
+    d.acker
+        .nack(BasicNackOptions { requeue: true, multiple: false })
+        .await
+        .map(|_| ())
+        .map_err(CommonError::amqp("requeue a delivery"))
+}
+
+async fn save_log(shared: &Shared, at: &Attempt) {
+    let key = JobLogs::key(&at.spec.job_id, at.attempt);
+    let mut text = shared.logs.take(&key);
+    if text.is_empty() {
+        return;
+    }
+    let store_key = keys::attempt_log(&at.spec.job_id, at.attempt);
+    // A redelivered attempt appends to what an earlier run of it wrote.
+    if at.redelivery > 0 {
+        if let Ok(Some(old)) = shared.config.artifacts.get(&store_key).await {
+            text = format!("{}--- redelivery {} ---\n{text}", String::from_utf8_lossy(&old), at.redelivery);
+        }
+    }
+    if let Err(e) = shared.config.artifacts.put(&store_key, text).await {
+        tracing::warn!(error = %e, "failed to save the attempt log");
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}

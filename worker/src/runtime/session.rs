@@ -1,0 +1,187 @@
+//! One broker session: a connection, a confirm channel for publishing, a
+//! consumer channel per job type, and the control consumer for cancels.
+//!
+//! When anything in the session breaks (consumer stream error, failed publish
+//! or ack), the session ends as lost: running jobs are stopped, nothing is
+//! acked any more (the broker requeues their deliveries) and the worker
+//! reconnects. On shutdown it stops consuming, waits for running jobs up to
+//! the grace period, then stops the rest, which requeue themselves.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use lapin::{
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+    Channel, Connection,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use trainyard_common::{amqp, codec, control::CancelRequest, CommonError};
+
+use super::{process, Shared};
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// Shut down on request; running jobs finished or were requeued.
+    Shutdown,
+    /// The connection or a channel broke.
+    Lost(String),
+}
+
+/// Tokens and handles a job needs from its session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionCtx {
+    /// The confirm channel events, retries and dead letters are published on.
+    pub(crate) publish: Channel,
+    /// Fired when the session is lost: stop, do not ack.
+    pub(crate) lost: CancellationToken,
+    /// Fired when running jobs must stop (shutdown grace over, or session lost).
+    pub(crate) stop_jobs: CancellationToken,
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Result<End, CommonError> {
+    let cfg = &shared.config;
+    let conn = amqp::connect(&cfg.amqp_url, &format!("trainyard-worker {}", cfg.worker.id)).await?;
+    let publish = amqp::confirm_channel(&conn).await?;
+    for job_type in shared.registry.job_types() {
+        cfg.topology.declare_job_type(&publish, &job_type).await?;
+    }
+    let lost = CancellationToken::new();
+    let stop_jobs = lost.child_token();
+    let stop_consuming = CancellationToken::new();
+    let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone() };
+    let jobs = TaskTracker::new();
+    let mut consumers = Vec::new();
+
+    for job_type in shared.registry.job_types() {
+        let ch = conn.create_channel().await.map_err(CommonError::amqp("open a consumer channel"))?;
+        ch.basic_qos(cfg.concurrency, BasicQosOptions { global: false })
+            .await
+            .map_err(CommonError::amqp(format!("set prefetch {} for {job_type}", cfg.concurrency)))?;
+        let queue = cfg.topology.jobs_queue(&job_type);
+        let tag = format!("{}/{job_type}", cfg.worker.id);
+        let consumer = ch
+            .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("consume {queue}")))?;
+        let (shared, sctx, jobs2, stop) = (shared.clone(), sctx.clone(), jobs.clone(), stop_consuming.clone());
+        let handle = tokio::spawn(consume_loop(consumer, job_type.clone(), shared, sctx, jobs2, stop));
+        consumers.push((ch, tag, handle));
+    }
+    let control = start_control(&conn, &shared, &lost).await?;
+    shared.connected.store(true, Ordering::SeqCst);
+    tracing::info!(types = ?shared.registry.job_types(), concurrency = cfg.concurrency, "worker consuming");
+
+    let end = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        _ = lost.cancelled() => Some("a consumer, publish or ack failed".to_string()),
+    };
+    stop_consuming.cancel();
+    control.abort();
+    shared.connected.store(false, Ordering::SeqCst);
+
+    if let Some(why) = end {
+        // Lost: stop jobs at once; their deliveries return to the queue with the connection.
+        stop_jobs.cancel();
+        jobs.close();
+        let _ = tokio::time::timeout(Duration::from_secs(30), jobs.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session lost".into())).await;
+        return Ok(End::Lost(why));
+    }
+
+    // Shutdown: no new deliveries, then the grace period for running jobs.
+    for (ch, tag, _) in &consumers {
+        let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    }
+    jobs.close();
+    let running = shared.running_count.load(Ordering::SeqCst);
+    if running > 0 {
+        tracing::info!(running, grace_s = cfg.grace_period.as_secs_f64(), "shutting down: waiting for running jobs");
+    }
+    if tokio::time::timeout(cfg.grace_period, jobs.wait()).await.is_err() {
+        tracing::warn!("grace period over: stopping running jobs and requeueing them");
+        stop_jobs.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), jobs.wait()).await;
+    }
+    for (_, _, handle) in consumers {
+        handle.abort();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "trainyard: worker shutdown".into())).await;
+    tracing::info!("worker stopped");
+    Ok(End::Shutdown)
+}
+
+async fn consume_loop(
+    mut consumer: lapin::Consumer,
+    job_type: String,
+    shared: Arc<Shared>,
+    sctx: SessionCtx,
+    jobs: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            d = consumer.next() => d,
+            _ = stop.cancelled() => return,
+            _ = sctx.lost.cancelled() => return,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                jobs.spawn(process::handle(delivery, job_type.clone(), shared.clone(), sctx.clone()));
+            }
+            Some(Err(e)) => {
+                if !stop.is_cancelled() {
+                    tracing::warn!(job_type = %job_type, error = %e, "consumer failed");
+                    sctx.lost.cancel();
+                }
+                return;
+            }
+            None => {
+                if !stop.is_cancelled() {
+                    tracing::warn!(job_type = %job_type, "consumer closed by the broker");
+                    sctx.lost.cancel();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Consumes cancel requests from the control exchange on an exclusive queue.
+async fn start_control(conn: &Connection, shared: &Arc<Shared>, lost: &CancellationToken) -> Result<tokio::task::JoinHandle<()>, CommonError> {
+    let ch = conn.create_channel().await.map_err(CommonError::amqp("open the control channel"))?;
+    let q = ch
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .await
+        .map_err(CommonError::amqp("declare the control queue"))?;
+    let exchange = shared.config.topology.control_exchange();
+    ch.queue_bind(q.name().clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .map_err(CommonError::amqp(format!("bind the control queue to {exchange}")))?;
+    let mut consumer = ch
+        .basic_consume(q.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .await
+        .map_err(CommonError::amqp("consume the control queue"))?;
+    let (shared, lost) = (shared.clone(), lost.clone());
+    Ok(tokio::spawn(async move {
+        let _ch = ch;
+        while let Some(Ok(d)) = consumer.next().await {
+            let ct = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
+            match codec::decode::<CancelRequest>(ct.as_deref().or(Some(codec::JSON)), &d.data) {
+                Ok(req) => {
+                    let here = shared.cancels.cancel(&req.job_id);
+                    tracing::info!(job_id = %req.job_id, by = %req.by, running_here = here, "cancel requested");
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
+            }
+        }
+        if !lost.is_cancelled() {
+            tracing::warn!("control consumer closed");
+            lost.cancel();
+        }
+    }))
+}
