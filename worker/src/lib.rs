@@ -9,3 +9,4 @@
 
 pub mod handler;
 pub mod handlers;
+pub mod k8s;
