@@ -34,6 +34,25 @@ pub const TRAINING_EPOCH_SECONDS: &str = "trainyard_training_epoch_seconds";
 /// Promotion decisions by outcome (`promoted`, `rejected`, `manual`).
 pub const PROMOTIONS_TOTAL: &str = "trainyard_promotions_total";
 
+/// Jobs whose latest recorded status is `started` or `progress`, by type (control plane).
+pub const JOBS_RUNNING_RECORDED: &str = "trainyard_jobs_running_recorded";
+/// Jobs in the job store by type and current status (control plane).
+pub const JOBS_BY_STATUS: &str = "trainyard_jobs_by_status";
+/// Age in seconds of the oldest job still `queued`, by type; 0 when none (control plane).
+pub const OLDEST_WAITING_SECONDS: &str = "trainyard_oldest_waiting_job_seconds";
+/// Time from submission to final status, by type and final status (control plane).
+pub const JOB_TOTAL_DURATION_SECONDS: &str = "trainyard_job_total_duration_seconds";
+/// Jobs that reached a final status, by type and status, as recorded (control plane).
+pub const JOBS_FINISHED_TOTAL: &str = "trainyard_jobs_finished_total";
+/// Dead letters recorded, by type and kind (control plane).
+pub const DEAD_LETTERS_TOTAL: &str = "trainyard_dead_letters_total";
+/// Schedule fires claimed and published by this replica, by schedule (control plane).
+pub const SCHEDULE_FIRES_TOTAL: &str = "trainyard_schedule_fires_total";
+/// Trigger events received, by rule and outcome (`fired`, `debounced`, `ignored`) (control plane).
+pub const TRIGGER_EVENTS_TOTAL: &str = "trainyard_trigger_events_total";
+/// HTTP requests of the control-plane API, by route and status code.
+pub const HTTP_REQUESTS_TOTAL: &str = "trainyard_http_requests_total";
+
 /// Every metric name above.
 pub const ALL_NAMES: &[&str] = &[
     JOBS_TOTAL,
@@ -50,6 +69,15 @@ pub const ALL_NAMES: &[&str] = &[
     JOBS_SUBMITTED_TOTAL,
     TRAINING_EPOCH_SECONDS,
     PROMOTIONS_TOTAL,
+    JOBS_RUNNING_RECORDED,
+    JOBS_BY_STATUS,
+    OLDEST_WAITING_SECONDS,
+    JOB_TOTAL_DURATION_SECONDS,
+    JOBS_FINISHED_TOTAL,
+    DEAD_LETTERS_TOTAL,
+    SCHEDULE_FIRES_TOTAL,
+    TRIGGER_EVENTS_TOTAL,
+    HTTP_REQUESTS_TOTAL,
 ];
 
 /// Label: job type.
@@ -112,6 +140,107 @@ impl WorkerMetrics {
         for t in job_types {
             m.jobs_running.with_label_values(&[t.as_str()]).set(0);
             m.retries_total.with_label_values(&[t.as_str()]);
+        }
+        Ok(m)
+    }
+}
+
+/// Label: schedule name.
+pub const L_SCHEDULE: &str = "schedule";
+/// Label: trigger rule name.
+pub const L_RULE: &str = "rule";
+/// Label: trigger kind (`manual`, `schedule`, `event`, `api`).
+pub const L_TRIGGER: &str = "trigger";
+
+/// The metrics the control plane (`trainyard serve`) exports.
+#[derive(Debug, Clone)]
+pub struct ControlMetrics {
+    /// See [`JOBS_DEMAND`]: ready + running, the autoscaling signal.
+    pub jobs_demand: IntGaugeVec,
+    /// See [`QUEUE_READY`].
+    pub queue_ready: IntGaugeVec,
+    /// See [`QUEUE_DEAD`].
+    pub queue_dead: IntGaugeVec,
+    /// See [`JOBS_RUNNING_RECORDED`].
+    pub jobs_running: IntGaugeVec,
+    /// See [`JOBS_BY_STATUS`].
+    pub jobs_by_status: IntGaugeVec,
+    /// See [`OLDEST_WAITING_SECONDS`].
+    pub oldest_waiting: prometheus::GaugeVec,
+    /// See [`JOB_TOTAL_DURATION_SECONDS`].
+    pub job_duration: HistogramVec,
+    /// See [`JOBS_FINISHED_TOTAL`].
+    pub jobs_finished: IntCounterVec,
+    /// See [`EVENTS_RECORDED_TOTAL`].
+    pub events_recorded: IntCounterVec,
+    /// See [`DEAD_LETTERS_TOTAL`].
+    pub dead_letters: IntCounterVec,
+    /// See [`JOBS_SUBMITTED_TOTAL`].
+    pub jobs_submitted: IntCounterVec,
+    /// See [`SCHEDULE_FIRES_TOTAL`].
+    pub schedule_fires: IntCounterVec,
+    /// See [`TRIGGER_EVENTS_TOTAL`].
+    pub trigger_events: IntCounterVec,
+    /// See [`HTTP_REQUESTS_TOTAL`].
+    pub http_requests: IntCounterVec,
+}
+
+impl ControlMetrics {
+    /// Creates and registers the control-plane metrics; per-type gauges start at 0 for every known type.
+    pub fn new(registry: &Registry, job_types: &[String]) -> prometheus::Result<Self> {
+        let m = Self {
+            jobs_demand: IntGaugeVec::new(Opts::new(JOBS_DEMAND, "Ready plus running jobs, by type (autoscaling signal)."), &[L_JOB_TYPE])?,
+            queue_ready: IntGaugeVec::new(Opts::new(QUEUE_READY, "Ready messages in the work queue, by type."), &[L_JOB_TYPE])?,
+            queue_dead: IntGaugeVec::new(Opts::new(QUEUE_DEAD, "Messages in the dead-letter queue, by type."), &[L_JOB_TYPE])?,
+            jobs_running: IntGaugeVec::new(Opts::new(JOBS_RUNNING_RECORDED, "Jobs recorded as running, by type."), &[L_JOB_TYPE])?,
+            jobs_by_status: IntGaugeVec::new(
+                Opts::new(JOBS_BY_STATUS, "Jobs in the job store by type and status."),
+                &[L_JOB_TYPE, L_STATUS],
+            )?,
+            oldest_waiting: prometheus::GaugeVec::new(
+                Opts::new(OLDEST_WAITING_SECONDS, "Age of the oldest queued job, by type (0 when none)."),
+                &[L_JOB_TYPE],
+            )?,
+            job_duration: HistogramVec::new(
+                HistogramOpts::new(JOB_TOTAL_DURATION_SECONDS, "Time from submission to final status.")
+                    .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0]),
+                &[L_JOB_TYPE, L_STATUS],
+            )?,
+            jobs_finished: IntCounterVec::new(
+                Opts::new(JOBS_FINISHED_TOTAL, "Jobs that reached a final status."),
+                &[L_JOB_TYPE, L_STATUS],
+            )?,
+            events_recorded: IntCounterVec::new(Opts::new(EVENTS_RECORDED_TOTAL, "Events written to the job store."), &[L_STATUS])?,
+            dead_letters: IntCounterVec::new(Opts::new(DEAD_LETTERS_TOTAL, "Dead letters recorded."), &[L_JOB_TYPE, L_REASON])?,
+            jobs_submitted: IntCounterVec::new(
+                Opts::new(JOBS_SUBMITTED_TOTAL, "Jobs submitted by the control plane."),
+                &[L_JOB_TYPE, L_TRIGGER],
+            )?,
+            schedule_fires: IntCounterVec::new(Opts::new(SCHEDULE_FIRES_TOTAL, "Schedule fires published."), &[L_SCHEDULE])?,
+            trigger_events: IntCounterVec::new(Opts::new(TRIGGER_EVENTS_TOTAL, "Trigger events received."), &[L_RULE, L_STATUS])?,
+            http_requests: IntCounterVec::new(Opts::new(HTTP_REQUESTS_TOTAL, "HTTP API requests."), &["route", "code"])?,
+        };
+        registry.register(Box::new(m.jobs_demand.clone()))?;
+        registry.register(Box::new(m.queue_ready.clone()))?;
+        registry.register(Box::new(m.queue_dead.clone()))?;
+        registry.register(Box::new(m.jobs_running.clone()))?;
+        registry.register(Box::new(m.jobs_by_status.clone()))?;
+        registry.register(Box::new(m.oldest_waiting.clone()))?;
+        registry.register(Box::new(m.job_duration.clone()))?;
+        registry.register(Box::new(m.jobs_finished.clone()))?;
+        registry.register(Box::new(m.events_recorded.clone()))?;
+        registry.register(Box::new(m.dead_letters.clone()))?;
+        registry.register(Box::new(m.jobs_submitted.clone()))?;
+        registry.register(Box::new(m.schedule_fires.clone()))?;
+        registry.register(Box::new(m.trigger_events.clone()))?;
+        registry.register(Box::new(m.http_requests.clone()))?;
+        for t in job_types {
+            let t = t.as_str();
+            m.jobs_demand.with_label_values(&[t]).set(0);
+            m.queue_ready.with_label_values(&[t]).set(0);
+            m.queue_dead.with_label_values(&[t]).set(0);
+            m.jobs_running.with_label_values(&[t]).set(0);
+            m.oldest_waiting.with_label_values(&[t]).set(0.0);
         }
         Ok(m)
     }

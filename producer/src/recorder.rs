@@ -1,0 +1,238 @@
+//! The recorder: feeds the job store from `<prefix>.recorder` (every event)
+//! and `<prefix>.dead.recorder` (a copy of every dead letter).
+//!
+//! A delivery is acked only after the store has it; a store failure nacks it
+//! back to the queue. Duplicates are harmless (the store is idempotent) and
+//! order does not matter (the projection is order-free), so several replicas
+//! may consume the same queues.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use tokio_util::sync::CancellationToken;
+use trainyard_common::{
+    amqp::connect, codec, event::DEAD_LETTER_SEQ, headers, metrics::ControlMetrics, topology::Topology, CommonError, ErrorInfo, ErrorKind,
+    JobEvent, JobSpec, JobStatus, WorkerInfo,
+};
+
+use crate::store::{DeadLetter, Store, StoreError};
+
+/// Reason recorded for a letter the broker dead-lettered by itself.
+pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
+
+/// Errors of the recorder.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    /// Broker trouble.
+    #[error(transparent)]
+    Broker(#[from] CommonError),
+    /// Store trouble.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Consumes the recorder queues into the store.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    store: Store,
+    topology: Topology,
+    url: String,
+    metrics: Option<ControlMetrics>,
+}
+
+impl Recorder {
+    /// A recorder writing to `store`, consuming from the broker at `url`.
+    pub fn new(store: Store, topology: Topology, url: &str, metrics: Option<ControlMetrics>) -> Self {
+        Self { store, topology, url: url.to_string(), metrics }
+    }
+
+    /// Runs until `shutdown`, reconnecting with backoff when the broker goes away.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match self.session(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "recorder session ended; reconnecting in {backoff:?}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), RecorderError> {
+        let conn = connect(&self.url, "trainyard-recorder").await?;
+        let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+        self.topology.declare_shared(&ch).await?;
+        ch.basic_qos(64, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
+        let events = ch
+            .basic_consume(self.topology.recorder_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("consume {}", self.topology.recorder_queue())))?;
+        let dead = ch
+            .basic_consume(self.topology.dead_recorder_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("consume {}", self.topology.dead_recorder_queue())))?;
+        tracing::info!("recorder consuming {} and {}", self.topology.recorder_queue(), self.topology.dead_recorder_queue());
+        let mut merged = futures::stream::select(events.map(|d| (false, d)), dead.map(|d| (true, d)));
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                n = merged.next() => n,
+            };
+            let Some((is_dead, delivery)) = next else {
+                return Err(CommonError::Config { name: "recorder".into(), reason: "consumer stream ended".into() }.into());
+            };
+            let delivery = delivery.map_err(CommonError::amqp("receive a delivery"))?;
+            let outcome = if is_dead { self.handle_dead_letter(&delivery).await } else { self.handle_event(&delivery).await };
+            match outcome {
+                Ok(()) => {
+                    delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to record a delivery; returning it to the queue");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions { requeue: true, multiple: false })
+                        .await
+                        .map_err(CommonError::amqp("nack a delivery"))?;
+                }
+            }
+        }
+    }
+
+    async fn handle_event(&self, d: &Delivery) -> Result<(), StoreError> {
+        let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+        let event: JobEvent = match codec::decode(ct, &d.data) {
+            Ok(e) => e,
+            Err(e) => {
+                // Nothing to record; keeping it would block the queue.
+                tracing::warn!(error = %e, routing_key = %d.routing_key, "dropping an undecodable event");
+                return Ok(());
+            }
+        };
+        self.record(&event).await
+    }
+
+    /// Records one event, updating the metrics.
+    pub async fn record(&self, event: &JobEvent) -> Result<(), StoreError> {
+        let new = self.store.record_event(event).await?;
+        if let (true, Some(m)) = (new, &self.metrics) {
+            m.events_recorded.with_label_values(&[event.status.as_str()]).inc();
+            if event.status.is_terminal() {
+                m.jobs_finished.with_label_values(&[event.job_type.as_str(), event.status.as_str()]).inc();
+                if let Ok(Some(job)) = self.store.job(&event.job_id).await {
+                    let from = job.submitted_at.unwrap_or(job.created_at);
+                    let secs = (event.at - from).num_milliseconds().max(0) as f64 / 1000.0;
+                    m.job_duration.with_label_values(&[event.job_type.as_str(), event.status.as_str()]).observe(secs);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_dead_letter(&self, d: &Delivery) -> Result<(), StoreError> {
+        let (letter, event) = dead_letter(
+            d.properties.content_type().as_ref().map(|s| s.as_str()),
+            d.properties.headers().as_ref(),
+            d.routing_key.as_str(),
+            &d.data,
+        );
+        tracing::warn!(job_id = ?letter.job_id, job_type = %letter.job_type, reason = %letter.reason, "dead letter recorded");
+        self.store.record_dead_letter(&letter).await?;
+        if let Some(m) = &self.metrics {
+            m.dead_letters.with_label_values(&[letter.job_type.as_str(), letter.kind.as_str()]).inc();
+        }
+        if let Some(event) = event {
+            self.record(&event).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a dead letter: what to list, and the final event of its job (when the job is known).
+///
+/// A worker's dead letter carries `x-trainyard-dead-reason`/`-kind`; one the
+/// broker dead-lettered by itself at the delivery limit has only `x-death`.
+/// Kinds `transient` and `timeout` mean the attempts were used up: status
+/// `failed`; anything else is `dead`.
+pub fn dead_letter(
+    content_type: Option<&str>,
+    hdrs: Option<&FieldTable>,
+    routing_key: &str,
+    body: &[u8],
+) -> (DeadLetter, Option<JobEvent>) {
+    let spec: Option<JobSpec> = codec::decode(content_type, body).ok().or_else(|| {
+        // Content type lost or wrong: try the other encoding.
+        codec::decode(Some(codec::JSON), body).ok()
+    });
+    let by_broker = hdrs.is_some_and(|h| h.inner().contains_key(headers::X_DEATH));
+    let worker_reason = headers::string(hdrs, headers::DEAD_REASON);
+    let reason = match (&worker_reason, by_broker) {
+        (Some(r), _) => r.clone(),
+        (None, true) => DELIVERY_LIMIT_REASON.to_string(),
+        (None, false) => "dead-lettered without a reason".to_string(),
+    };
+    let kind =
+        headers::string(hdrs, headers::DEAD_KIND).unwrap_or_else(|| if by_broker { "delivery-limit".into() } else { "unknown".into() });
+    let attempt = headers::attempt(hdrs);
+    let job_id = spec.as_ref().map(|s| s.job_id.clone()).or_else(|| headers::string(hdrs, headers::JOB_ID));
+    let job_type = spec.as_ref().map(|s| s.job_type.clone()).unwrap_or_else(|| {
+        if routing_key.is_empty() {
+            "unknown".into()
+        } else {
+            routing_key.to_string()
+        }
+    });
+    let id = job_id.clone().unwrap_or_else(|| format!("poison-{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, body)));
+    let preview: String =
+        String::from_utf8_lossy(&body[..body.len().min(256)]).chars().map(|c| if c.is_control() { '.' } else { c }).collect();
+    let letter = DeadLetter {
+        id,
+        job_id: job_id.clone(),
+        job_type: job_type.clone(),
+        bot: spec.as_ref().map(|s| s.bot.clone()),
+        reason: reason.clone(),
+        kind: kind.clone(),
+        attempt,
+        broker_dead_lettered: by_broker && worker_reason.is_none(),
+        body_preview: preview,
+        at: chrono::Utc::now(),
+        replayed_at: None,
+    };
+    let event = job_id.map(|job_id| {
+        let (status, error_kind) = match kind.as_str() {
+            "transient" => (JobStatus::Failed, ErrorKind::Transient),
+            "timeout" => (JobStatus::Failed, ErrorKind::Timeout),
+            _ => (JobStatus::Dead, ErrorKind::Permanent),
+        };
+        JobEvent {
+            job_id,
+            seq: DEAD_LETTER_SEQ,
+            job_type,
+            bot: spec.as_ref().map(|s| s.bot.clone()).unwrap_or_default(),
+            status,
+            attempt,
+            worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),
+            at: chrono::Utc::now(),
+            progress: None,
+            result: None,
+            error: Some(ErrorInfo { kind: error_kind, message: reason }),
+            spec: None,
+        }
+    });
+    (letter, event)
+}

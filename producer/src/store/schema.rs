@@ -1,0 +1,74 @@
+//! The job store's schema, embedded, applied in order at start-up.
+//!
+//! Portable SQL (SQLite and PostgreSQL): `TEXT` and `BIGINT` only; times are
+//! microseconds since the Unix epoch; JSON documents are `TEXT`.
+
+/// Migrations: (version, statements). Never edit an applied one; append.
+pub const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    job_type TEXT NOT NULL,
+    bot TEXT NOT NULL,
+    status TEXT NOT NULL,
+    status_seq BIGINT NOT NULL,
+    attempts BIGINT NOT NULL,
+    run BIGINT NOT NULL,
+    run_since BIGINT NOT NULL,
+    trigger_kind TEXT,
+    trigger_source TEXT,
+    spec TEXT,
+    worker TEXT,
+    progress TEXT,
+    result TEXT,
+    error TEXT,
+    submitted_at BIGINT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_type_created ON jobs (job_type, created_at);
+CREATE INDEX IF NOT EXISTS jobs_bot_created ON jobs (bot, created_at);
+CREATE TABLE IF NOT EXISTS job_events (
+    job_id TEXT NOT NULL,
+    run BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    body TEXT NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    PRIMARY KEY (job_id, run, seq)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    job_id TEXT,
+    job_type TEXT NOT NULL,
+    bot TEXT,
+    reason TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    broker_dead_lettered BIGINT NOT NULL,
+    body_preview TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    replayed_at BIGINT
+);
+CREATE INDEX IF NOT EXISTS dead_letters_type ON dead_letters (job_type, at);
+CREATE TABLE IF NOT EXISTS schedule_fires (
+    schedule TEXT NOT NULL,
+    fire_at BIGINT NOT NULL,
+    job_id TEXT NOT NULL,
+    claimed_at BIGINT NOT NULL,
+    published_at BIGINT,
+    PRIMARY KEY (schedule, fire_at)
+)
+"#,
+)];
+
+/// The statements of a migration, split on `;`.
+pub fn statements(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(';').map(str::trim).filter(|s| !s.is_empty())
+}

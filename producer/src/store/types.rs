@@ -1,0 +1,170 @@
+//! Rows of the job store and their JSON shapes.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sqlx::{any::AnyRow, Row};
+use trainyard_common::{ErrorInfo, JobSpec, JobStatus, Trigger, TriggerKind, WorkerInfo};
+
+use super::StoreError;
+
+/// Microseconds since the Unix epoch, as stored.
+pub fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// The time of stored microseconds.
+pub fn from_micros(us: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(us).single().unwrap_or_default()
+}
+
+pub(crate) fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+pub(crate) fn from_json<T: DeserializeOwned>(what: &'static str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Decode { what, reason: e.to_string() })
+}
+
+/// A job as the store knows it (the projection of its events).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRow {
+    /// The job id.
+    pub job_id: String,
+    /// Its type.
+    pub job_type: String,
+    /// Its bot.
+    pub bot: String,
+    /// Current status.
+    pub status: JobStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Dead-letter replays of this job (0: never replayed).
+    pub run: u32,
+    /// Who or what triggered it (known once its `queued` event is recorded).
+    pub trigger: Option<Trigger>,
+    /// When it was submitted.
+    pub submitted_at: Option<DateTime<Utc>>,
+    /// When the store first heard of it.
+    pub created_at: DateTime<Utc>,
+    /// Time of its latest event.
+    pub updated_at: DateTime<Utc>,
+    /// When its first attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached its final status.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The worker of its latest event that had one.
+    pub worker: Option<WorkerInfo>,
+    /// Latest live progress.
+    pub progress: Option<serde_json::Value>,
+    /// Result, once succeeded.
+    pub result: Option<serde_json::Value>,
+    /// Latest error.
+    pub error: Option<ErrorInfo>,
+    /// The exact job, for audit and replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<JobSpec>,
+}
+
+pub(crate) const JOB_COLUMNS: &str = "job_id, job_type, bot, status, attempts, run, trigger_kind, trigger_source, submitted_at, \
+     created_at, updated_at, started_at, finished_at, worker, progress, result, error, spec";
+
+fn opt_json<T: DeserializeOwned>(row: &AnyRow, col: &str, what: &'static str) -> Result<Option<T>, StoreError> {
+    row.try_get::<Option<String>, _>(col)
+        .map_err(|e| StoreError::Decode { what, reason: e.to_string() })?
+        .map(|s| from_json(what, &s))
+        .transpose()
+}
+
+fn col<'r, T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>>(row: &'r AnyRow, name: &'static str) -> Result<T, StoreError> {
+    row.try_get(name).map_err(|e| StoreError::Decode { what: name, reason: e.to_string() })
+}
+
+pub(crate) fn job_row(row: &AnyRow) -> Result<JobRow, StoreError> {
+    let status: String = col(row, "status")?;
+    let trigger_kind: Option<String> = col(row, "trigger_kind")?;
+    let trigger = match trigger_kind {
+        Some(k) => Some(Trigger {
+            kind: serde_json::from_value::<TriggerKind>(serde_json::Value::String(k))
+                .map_err(|e| StoreError::Decode { what: "trigger_kind", reason: e.to_string() })?,
+            source: col::<Option<String>>(row, "trigger_source")?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    Ok(JobRow {
+        job_id: col(row, "job_id")?,
+        job_type: col(row, "job_type")?,
+        bot: col(row, "bot")?,
+        status: status.parse().map_err(|reason| StoreError::Decode { what: "status", reason })?,
+        attempts: col::<i64>(row, "attempts")?.max(0) as u32,
+        run: col::<i64>(row, "run")?.max(0) as u32,
+        trigger,
+        submitted_at: col::<Option<i64>>(row, "submitted_at")?.map(from_micros),
+        created_at: from_micros(col(row, "created_at")?),
+        updated_at: from_micros(col(row, "updated_at")?),
+        started_at: col::<Option<i64>>(row, "started_at")?.map(from_micros),
+        finished_at: col::<Option<i64>>(row, "finished_at")?.map(from_micros),
+        worker: opt_json(row, "worker", "worker")?,
+        progress: opt_json(row, "progress", "progress")?,
+        result: opt_json(row, "result", "result")?,
+        error: opt_json(row, "error", "error")?,
+        spec: opt_json(row, "spec", "spec")?,
+    })
+}
+
+/// Filter of `jobs list`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobFilter {
+    /// Only this status.
+    pub status: Option<JobStatus>,
+    /// Only this job type.
+    pub job_type: Option<String>,
+    /// Only this bot.
+    pub bot: Option<String>,
+    /// Only jobs created at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// At most this many (newest first).
+    pub limit: i64,
+}
+
+/// A dead letter, as recorded from `<prefix>.dead.recorder`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The job id when known, else a hash of the body (`poison-…`).
+    pub id: String,
+    /// The job, when its id is known.
+    pub job_id: Option<String>,
+    /// Its job type (from the body, the routing key, or `unknown`).
+    pub job_type: String,
+    /// Its bot, when known.
+    pub bot: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// `permanent`, `transient`, `timeout`, `poison` or `delivery-limit`.
+    pub kind: String,
+    /// The attempt it died on.
+    pub attempt: u32,
+    /// Dead-lettered by the broker itself (`x-death`, delivery limit), not by a worker.
+    pub broker_dead_lettered: bool,
+    /// The first bytes of the body, for debugging poison messages.
+    pub body_preview: String,
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+    /// When it was replayed (then it no longer lists).
+    pub replayed_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) fn dead_letter(row: &AnyRow) -> DeadLetter {
+    DeadLetter {
+        id: row.get(0),
+        job_id: row.get(1),
+        job_type: row.get(2),
+        bot: row.get(3),
+        reason: row.get(4),
+        kind: row.get(5),
+        attempt: row.get::<i64, _>(6).max(0) as u32,
+        broker_dead_lettered: row.get::<i64, _>(7) != 0,
+        body_preview: row.get(8),
+        at: from_micros(row.get(9)),
+        replayed_at: row.get::<Option<i64>, _>(10).map(from_micros),
+    }
+}

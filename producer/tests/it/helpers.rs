@@ -1,0 +1,114 @@
+//! Shared set-up: unique topologies, stores on SQLite and PostgreSQL, clean-up.
+
+use std::time::Duration;
+
+use lapin::{
+    options::{ExchangeDeleteOptions, QueueDeleteOptions},
+    BasicProperties, Channel, Connection,
+};
+use trainyard::store::Store;
+use trainyard_common::{amqp, codec, topology::Topology, JobEvent, JobSpec, Trigger};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A unique topology for one test.
+pub fn topology() -> Topology {
+    Topology::new(format!("t-{}", uuid::Uuid::new_v4()))
+}
+
+pub async fn channel() -> (Connection, Channel) {
+    let conn = amqp::connect(AMQP_URL, "trainyard-it").await.unwrap();
+    let ch = amqp::confirm_channel(&conn).await.unwrap();
+    (conn, ch)
+}
+
+/// Deletes every queue and exchange of `topo` for `types`.
+pub async fn cleanup(topo: &Topology, types: &[&str]) {
+    let (conn, _) = channel().await;
+    let mut queues =
+        vec![topo.recorder_queue(), topo.dead_recorder_queue(), topo.events_log(), format!("{}.triggers.control-plane", topo.prefix())];
+    for t in types {
+        queues.push(topo.jobs_queue(t));
+        queues.push(topo.dead_queue(t));
+    }
+    for q in queues {
+        // A failed delete closes the channel: one channel per delete.
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+    }
+    for x in [
+        topo.jobs_exchange(),
+        topo.retry_exchange(),
+        topo.dead_exchange(),
+        topo.events_exchange(),
+        topo.control_exchange(),
+        topo.triggers_exchange(),
+    ] {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// A store in a fresh SQLite file; keep the directory alive.
+pub async fn sqlite_store() -> (Store, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/sub/trainyard.db", dir.path().display());
+    (Store::open(&url).await.unwrap(), dir, url)
+}
+
+/// A PostgreSQL schema of its own; drop it with [`PgSchema::drop`].
+pub struct PgSchema {
+    pub url: String,
+    name: String,
+}
+
+impl PgSchema {
+    pub async fn new() -> Self {
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let admin = Store::open(PG_URL).await.unwrap();
+        admin.execute_raw(&format!("CREATE SCHEMA {name}")).await.unwrap();
+        admin.close().await;
+        Self { url: format!("{PG_URL}?options=-c%20search_path%3D{name}"), name }
+    }
+    pub async fn drop(self) {
+        let admin = Store::open(PG_URL).await.unwrap();
+        admin.execute_raw(&format!("DROP SCHEMA {} CASCADE", self.name)).await.unwrap();
+        admin.close().await;
+    }
+}
+
+pub fn spec(job_type: &str, bot: &str) -> JobSpec {
+    JobSpec::new(job_type, bot, serde_json::json!({}), Trigger::manual("it"))
+}
+
+pub async fn publish_event(ch: &Channel, topo: &Topology, ev: &JobEvent) {
+    amqp::publish_event(ch, topo, ev).await.unwrap();
+}
+
+pub async fn publish_raw(ch: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
+    amqp::publish_confirmed(ch, exchange, key, body, props, false).await.unwrap();
+}
+
+pub fn msgpack(spec: &JobSpec) -> Vec<u8> {
+    codec::to_msgpack(spec).unwrap()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `secs`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

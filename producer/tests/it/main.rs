@@ -1,0 +1,6 @@
+//! Integration tests of the control plane against the real RabbitMQ
+//! (localhost, guest/guest) and PostgreSQL (127.0.0.1:5432, database `test`).
+//! Every test uses its own topology prefix and store, and cleans up.
+
+mod helpers;
+mod recorder;

@@ -1,0 +1,150 @@
+//! The recorder: idempotent, order-free, and every dead job recorded.
+
+use lapin::{
+    options::{BasicGetOptions, BasicNackOptions},
+    types::{AMQPValue, FieldArray, FieldTable},
+    BasicProperties,
+};
+use tokio_util::sync::CancellationToken;
+use trainyard::{recorder::Recorder, store::Store};
+use trainyard_common::{
+    codec,
+    event::{event_seq, DEAD_LETTER_SEQ},
+    headers, JobEvent, JobStatus,
+};
+
+use crate::helpers::*;
+
+async fn order_and_duplicates(store: Store) {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { recorder.run(stop).await }
+    });
+    let spec = spec("noop", "bot-a");
+    let queued = JobEvent::queued(&spec);
+    let started = JobEvent::new(&spec, JobStatus::Started, 1, event_seq(1, 0, 0));
+    let mut done = JobEvent::new(&spec, JobStatus::Succeeded, 1, event_seq(1, 0, 2));
+    done.result = Some(serde_json::json!({"slept_ms": 1}));
+    // Succeeded before started, every event twice, queued last.
+    for ev in [&done, &done, &started, &started, &queued, &queued] {
+        publish_event(&ch, &topo, ev).await;
+    }
+    let job = eventually(20, "the queued event recorded", || async {
+        let job = store.job(&spec.job_id).await.unwrap()?;
+        job.spec.is_some().then_some(job)
+    })
+    .await;
+    // A late progress event of the same attempt does not undo the final status.
+    publish_event(&ch, &topo, &JobEvent::new(&spec, JobStatus::Progress, 1, event_seq(1, 0, 1))).await;
+    eventually(20, "4 events", || async { (store.events(&spec.job_id).await.unwrap().len() == 4).then_some(()) }).await;
+    let job2 = store.job(&spec.job_id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(job2.status, JobStatus::Succeeded);
+    assert_eq!(job2.attempts, 1);
+    assert_eq!(job2.result, Some(serde_json::json!({"slept_ms": 1})));
+    assert_eq!(job2.spec.as_ref(), Some(&spec));
+    assert_eq!(job2.trigger.as_ref().map(|t| t.source.as_str()), Some("it"));
+    let seqs: Vec<u64> = store.events(&spec.job_id).await.unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![0, event_seq(1, 0, 0), event_seq(1, 0, 1), event_seq(1, 0, 2)]);
+    stop.cancel();
+    task.await.unwrap();
+    cleanup(&topo, &[]).await;
+}
+
+#[tokio::test]
+async fn recorder_is_idempotent_and_order_free_on_sqlite() {
+    let (store, _dir, _) = sqlite_store().await;
+    order_and_duplicates(store).await;
+}
+
+#[tokio::test]
+async fn recorder_is_idempotent_and_order_free_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    order_and_duplicates(store.clone()).await;
+    store.close().await;
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn dead_letters_become_dead_jobs_with_reason() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { recorder.run(stop).await }
+    });
+
+    // 1. A worker's dead letter: permanent error, with reason headers.
+    let permanent = spec("noop", "bot-a");
+    let mut h = FieldTable::default();
+    headers::set_str(&mut h, headers::DEAD_REASON, "unknown param `colour`");
+    headers::set_str(&mut h, headers::DEAD_KIND, "permanent");
+    headers::set_str(&mut h, headers::JOB_ID, permanent.job_id.clone());
+    headers::set_int(&mut h, headers::ATTEMPT, 1);
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h);
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&permanent), props).await;
+
+    // 2. A letter with only `x-death`, as the broker writes at the delivery limit.
+    let crashed = spec("noop", "bot-b");
+    let mut death = FieldTable::default();
+    death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
+    death.insert("queue".into(), AMQPValue::LongString(topo.jobs_queue("noop").into()));
+    let mut h = FieldTable::default();
+    h.insert(headers::X_DEATH.into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])));
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h);
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&crashed), props).await;
+
+    // 3. The real thing: the broker dead-letters a job returned 21 times (delivery limit 20).
+    let looping = spec("noop", "bot-c");
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_message_id(looping.job_id.as_str().into());
+    publish_raw(&ch, &topo.jobs_exchange(), "noop", &msgpack(&looping), props).await;
+    let mut returns = 0;
+    while returns <= trainyard_common::topology::DELIVERY_LIMIT {
+        if let Some(msg) = ch.basic_get(topo.jobs_queue("noop").into(), BasicGetOptions::default()).await.unwrap() {
+            msg.delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
+            returns += 1;
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    // 4. Garbage: recorded as a poison dead letter, no job.
+    let mut h = FieldTable::default();
+    headers::set_str(&mut h, headers::DEAD_REASON, "undecodable: not msgpack");
+    headers::set_str(&mut h, headers::DEAD_KIND, "poison");
+    publish_raw(&ch, &topo.dead_exchange(), "noop", b"\xc1\xc1 garbage", BasicProperties::default().with_headers(h)).await;
+
+    for (job, reason) in [
+        (&permanent, "unknown param `colour`"),
+        (&crashed, trainyard::recorder::DELIVERY_LIMIT_REASON),
+        (&looping, trainyard::recorder::DELIVERY_LIMIT_REASON),
+    ] {
+        let row =
+            eventually(30, "a dead job", || async { store.job(&job.job_id).await.unwrap().filter(|j| j.status == JobStatus::Dead) }).await;
+        assert_eq!(row.error.as_ref().map(|e| e.message.as_str()), Some(reason), "{}", job.bot);
+        let events = store.events(&job.job_id).await.unwrap();
+        assert_eq!(events.last().unwrap().seq, DEAD_LETTER_SEQ);
+    }
+    let letters = eventually(10, "4 dead letters", || async {
+        let l = store.dead_letters(Some("noop")).await.unwrap();
+        (l.len() == 4).then_some(l)
+    })
+    .await;
+    assert_eq!(letters.iter().filter(|l| l.broker_dead_lettered).count(), 2);
+    let poison = letters.iter().find(|l| l.job_id.is_none()).unwrap();
+    assert_eq!(poison.kind, "poison");
+    assert!(poison.id.starts_with("poison-"));
+    stop.cancel();
+    task.await.unwrap();
+    cleanup(&topo, &["noop"]).await;
+}
