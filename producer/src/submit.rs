@@ -24,12 +24,18 @@ pub struct Submitter {
     pool: ChannelPool,
     topology: Topology,
     url: String,
+    shared_declared: std::sync::Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl Submitter {
     /// A submitter publishing to the broker at `url` (connections are made lazily).
     pub fn new(url: &str, topology: Topology) -> Result<Self, CommonError> {
-        Ok(Self { pool: pool::channel_pool(url, "trainyard-submit", 8)?, topology, url: url.to_string() })
+        Ok(Self {
+            pool: pool::channel_pool(url, "trainyard-submit", 8)?,
+            topology,
+            url: url.to_string(),
+            shared_declared: Default::default(),
+        })
     }
 
     /// The topology names in use.
@@ -58,6 +64,9 @@ impl Submitter {
         headers::set_str(&mut hdrs, headers::TRACEPARENT, headers::new_traceparent());
         let props = job_properties(spec, hdrs);
         let ch = pool::get(&self.pool).await?;
+        // The exchanges must exist for an unknown job type to come back as unroutable
+        // (and for the `queued` event to reach the recorder); declared once per submitter.
+        self.shared_declared.get_or_try_init(|| self.topology.declare_shared(&ch)).await?;
         publish_confirmed(&ch, &self.topology.jobs_exchange(), &spec.job_type, &body, props, true).await?;
         self.publish_event(&ch, &JobEvent::queued(spec)).await
     }
@@ -107,13 +116,23 @@ impl JobWatch {
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         topology.declare_shared(&ch).await?;
         let q = ch
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .map_err(CommonError::amqp("declare a watch queue"))?;
         let qname = q.name().clone();
-        ch.queue_bind(qname.clone(), topology.events_exchange().into(), format!("{job_type}.*").into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .map_err(CommonError::amqp("bind the watch queue to events"))?;
+        ch.queue_bind(
+            qname.clone(),
+            topology.events_exchange().into(),
+            format!("{job_type}.*").into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(CommonError::amqp("bind the watch queue to events"))?;
         ch.queue_bind(qname.clone(), topology.dead_exchange().into(), job_type.into(), QueueBindOptions::default(), FieldTable::default())
             .await
             .map_err(CommonError::amqp("bind the watch queue to dead letters"))?;
@@ -144,12 +163,17 @@ impl JobWatch {
         if let Ok(event) = codec::decode::<JobEvent>(ct, &d.data) {
             return (event.job_id == self.job_id).then_some(event);
         }
-        // A dead letter: the job itself, dead-lettered by a worker or the broker.
+        // A dead letter. A worker's own comes with its reason and is followed
+        // by the worker's event; only one the broker made itself (delivery
+        // limit: a crash loop) stands for the job's final status here.
+        let hdrs = d.properties.headers().as_ref();
+        if headers::string(hdrs, headers::DEAD_REASON).is_some() {
+            return None;
+        }
         let spec: JobSpec = codec::decode(ct, &d.data).ok()?;
         if spec.job_id != self.job_id {
             return None;
         }
-        let hdrs = d.properties.headers().as_ref();
         let reason = headers::string(hdrs, headers::DEAD_REASON).unwrap_or_else(|| "dead-lettered by the broker (delivery limit)".into());
         let mut event = JobEvent::new(&spec, JobStatus::Dead, headers::attempt(hdrs), trainyard_common::event::DEAD_LETTER_SEQ);
         event.error = Some(trainyard_common::ErrorInfo { kind: trainyard_common::ErrorKind::Permanent, message: reason });

@@ -60,8 +60,8 @@ pub fn decide(kind: ErrorKind, attempt: u32, max_attempts: u32, backoff: &Backof
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Disposition::*;
-    use ErrorKind::*;
+    use Disposition::{Dead, Failed, Retry};
+    use ErrorKind::{Permanent, Timeout, Transient};
 
     #[test]
     fn decision_table() {
@@ -77,8 +77,8 @@ mod tests {
             (Transient, 4, 9, Retry { delay_ms: 5000, next_attempt: 5 }),
             (Permanent, 1, 3, Dead),
             (Permanent, 3, 3, Dead),
-            (Cancelled, 1, 3, Cancelled),
-            (Cancelled, 3, 3, Cancelled),
+            (ErrorKind::Cancelled, 1, 3, Disposition::Cancelled),
+            (ErrorKind::Cancelled, 3, 3, Disposition::Cancelled),
             (Transient, 1, 1, Failed),
         ];
         for (kind, attempt, max, want) in table {

@@ -1,0 +1,11 @@
+//! End-to-end tests of the job pipeline against the real RabbitMQ on localhost.
+//!
+//! Every test uses its own topology prefix (`t-<uuid>`), so tests run in
+//! parallel on one broker, and deletes what it declared. Tests under
+//! `disrupt::` close every broker connection; `scripts/test.sh` runs them in
+//! a serial phase of their own, after the others.
+
+mod disrupt;
+mod pipeline;
+mod processes;
+mod support;

@@ -1,0 +1,299 @@
+//! The job pipeline with in-process workers: round trip, retries, dead
+//! letters, poison messages, duplicates, timeouts, cancellation.
+
+use std::time::Duration;
+
+use lapin::{types::FieldTable, BasicProperties};
+use serde_json::json;
+use trainyard_common::{codec, control::CancelRequest, headers, ErrorKind, JobStatus};
+
+use crate::support::{collect_until_terminal, wait_for, Env};
+
+const T: Duration = Duration::from_secs(30);
+
+fn statuses(events: &[trainyard_common::JobEvent]) -> Vec<JobStatus> {
+    events.iter().map(|e| e.status).collect()
+}
+
+#[tokio::test]
+async fn round_trip_submit_to_succeeded() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let spec = env.spec("noop", json!({"sleep_ms": 10}));
+    let events = env.run_job(&spec, T).await;
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Started, JobStatus::Succeeded]);
+    let done = events.last().unwrap();
+    assert_eq!(done.attempt, 1);
+    assert_eq!(done.result.as_ref().unwrap()["slept_ms"], 10);
+    assert!(done.worker.as_ref().is_some_and(|w| !w.id.is_empty()));
+    // Seq numbers order the events.
+    assert!(events.windows(2).all(|p| p[0].seq < p[1].seq), "{events:?}");
+    // The outcome is recorded in the artifact store.
+    assert!(env.artifacts.exists(&format!("jobs/{}/outcome.json", spec.job_id)).await.unwrap());
+    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0);
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn transient_failures_retry_with_delay_until_success() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let mut spec = env.spec("noop", json!({"fail": "transient", "fail_until": 3}));
+    spec.max_attempts = 3;
+    let t0 = std::time::Instant::now();
+    let events = env.run_job(&spec, T).await;
+    let s = statuses(&events);
+    assert_eq!(s.iter().filter(|s| **s == JobStatus::Retrying).count(), 2, "{s:?}");
+    assert_eq!(*s.last().unwrap(), JobStatus::Succeeded);
+    assert_eq!(events.last().unwrap().attempt, 3, "attempts are counted in the header");
+    let retry = events.iter().find(|e| e.status == JobStatus::Retrying).unwrap();
+    assert_eq!(retry.error.as_ref().unwrap().kind, ErrorKind::Transient);
+    assert_eq!(retry.result.as_ref().unwrap()["retry_in_ms"], 100);
+    // Backoff 100 ms then 200 ms: the retries really waited.
+    assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn transient_failures_end_failed_in_the_dead_queue_when_attempts_run_out() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let mut spec = env.spec("noop", json!({"fail": "transient"}));
+    spec.max_attempts = 2;
+    let events = env.run_job(&spec, T).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.status, JobStatus::Failed);
+    assert_eq!(last.attempt, 2);
+    assert!(last.error.as_ref().unwrap().message.contains("attempts used up"), "{last:?}");
+    let dead = env.drain(&env.topo.dead_queue("noop")).await;
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].1.as_deref().unwrap().contains("attempts used up"));
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn permanent_failure_goes_dead_at_once_with_reason() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let spec = env.spec("noop", json!({"fail": "permanent"}));
+    let events = env.run_job(&spec, T).await;
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Started, JobStatus::Dead]);
+    assert_eq!(events.last().unwrap().error.as_ref().unwrap().kind, ErrorKind::Permanent);
+    let dead = env.drain(&env.topo.dead_queue("noop")).await;
+    assert_eq!(dead.len(), 1, "exactly one dead letter, no retry");
+    assert!(dead[0].1.as_deref().unwrap().contains("permanent"));
+    // The recorder's copy of the dead letter.
+    assert_eq!(env.drain(&env.topo.dead_recorder_queue()).await.len(), 1);
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn invalid_params_are_dead_without_running() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let spec = env.spec("noop", json!({"sleep_ms": "soon", "colour": 1}));
+    let events = env.run_job(&spec, T).await;
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Dead]);
+    assert!(events[1].error.as_ref().unwrap().message.contains("invalid noop params"));
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// 100 poison messages of every kind: each ends in the dead queue with a
+/// reason, the worker survives, and a valid job after them succeeds.
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_worker_lives_on() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |c| c.max_message_bytes = 64 * 1024);
+    let good = env.spec("noop", json!({}));
+    let mut sent = 0;
+    for i in 0..100u32 {
+        let (body, ct): (Vec<u8>, Option<&str>) = match i % 10 {
+            0 => ((0..(i * 7 % 50 + 1)).map(|b| (b * 31 + i) as u8).collect(), None),
+            1 => (b"{\"not\": \"a job\"}".to_vec(), Some("application/json")),
+            2 => (codec::to_msgpack(&good).unwrap(), Some("text/plain")),
+            3 => {
+                let mut s = good.clone();
+                s.job_type = "other".into();
+                (codec::to_msgpack(&s).unwrap(), None)
+            }
+            4 => (vec![b'x'; 70 * 1024], Some("application/json")),
+            5 => {
+                let mut v = serde_json::to_value(&good).unwrap();
+                v.as_object_mut().unwrap().remove("bot");
+                (serde_json::to_vec(&v).unwrap(), Some("application/json"))
+            }
+            6 => {
+                let mut v = serde_json::to_value(&good).unwrap();
+                v["unknown_field"] = json!(true);
+                (rmp_serde_bytes(&v), Some("application/msgpack"))
+            }
+            7 => {
+                let mut v = serde_json::to_value(&good).unwrap();
+                v["job_id"] = json!("not-a-uuid");
+                (serde_json::to_vec(&v).unwrap(), Some("application/json"))
+            }
+            8 => (Vec::new(), None),
+            _ => {
+                let mut v = serde_json::to_value(&good).unwrap();
+                v["version"] = json!(99);
+                (serde_json::to_vec(&v).unwrap(), Some("application/json"))
+            }
+        };
+        let mut props = BasicProperties::default();
+        if let Some(ct) = ct {
+            props = props.with_content_type(ct.into());
+        }
+        env.publish_raw("noop", &body, props).await;
+        sent += 1;
+    }
+    let events = env.run_job(&good, T).await;
+    assert_eq!(events.last().unwrap().status, JobStatus::Succeeded, "the worker still runs jobs");
+    let dead = env.drain(&env.topo.dead_queue("noop")).await;
+    assert_eq!(dead.len(), sent, "every poison message is dead-lettered");
+    assert!(dead.iter().all(|(_, reason, _)| reason.as_deref().is_some_and(|r| !r.is_empty())), "each with a reason");
+    assert!(dead.iter().any(|(_, r, _)| r.as_deref().unwrap().contains("oversized")));
+    assert!(dead.iter().any(|(_, r, _)| r.as_deref().unwrap().contains("unknown_field")));
+    assert!(dead.iter().any(|(_, r, _)| r.as_deref().unwrap().contains("does not match")));
+    w.stop().await;
+    env.cleanup().await;
+}
+
+fn rmp_serde_bytes(v: &serde_json::Value) -> Vec<u8> {
+    codec::to_msgpack(v).unwrap()
+}
+
+/// The JSON example of DESIGN.md, published as plain JSON by "another system".
+#[tokio::test]
+async fn plain_json_jobs_are_accepted() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let job_id = uuid::Uuid::now_v7().to_string();
+    let body = format!(
+        r#"{{"version": 1, "job_id": "{job_id}", "job_type": "noop", "bot": "banking",
+ "params": {{"sleep_ms": 5}}, "trigger": {{"kind": "event", "source": "bot.dataset_updated"}},
+ "submitted_at": "2026-11-24T12:00:00Z", "max_attempts": 3, "timeout_s": 3600}}"#
+    );
+    let spec: trainyard_common::JobSpec = serde_json::from_str(&body).unwrap();
+    let mut watch = env.watch(&spec).await;
+    env.publish_raw("noop", body.as_bytes(), BasicProperties::default().with_content_type("application/json".into())).await;
+    let events = collect_until_terminal(&mut watch, T).await;
+    assert_eq!(events.last().unwrap().status, JobStatus::Succeeded);
+    assert_eq!(events.last().unwrap().bot, "banking");
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// A finished job delivered again is acked without running: the stored
+/// `succeeded` event is republished as is (same seq), no new `started`.
+#[tokio::test]
+async fn duplicate_delivery_of_a_finished_job_is_not_rerun() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let spec = env.spec("noop", json!({}));
+    let first = env.run_job(&spec, T).await;
+    let done = first.last().unwrap().clone();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    let mut watch = env.watch(&spec).await;
+    let mut hdrs = FieldTable::default();
+    headers::set_int(&mut hdrs, headers::ATTEMPT, 1);
+    env.publish_raw("noop", &codec::to_msgpack(&spec).unwrap(), BasicProperties::default().with_headers(hdrs)).await;
+    let again = collect_until_terminal(&mut watch, T).await;
+    assert_eq!(statuses(&again), vec![JobStatus::Succeeded], "no second run");
+    assert_eq!(again[0].seq, done.seq, "the same recorded outcome");
+    assert_eq!(again[0].result, done.result);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0, "acked");
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_job_past_its_timeout_is_stopped_and_fails_as_timeout() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let mut spec = env.spec("noop", json!({"sleep_ms": 60_000}));
+    spec.timeout_s = 1;
+    spec.max_attempts = 1;
+    let t0 = std::time::Instant::now();
+    let events = env.run_job(&spec, T).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.status, JobStatus::Failed);
+    assert_eq!(last.error.as_ref().unwrap().kind, ErrorKind::Timeout);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job_and_it_is_never_retried() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let spec = env.spec("noop", json!({"sleep_ms": 60_000}));
+    let sub = env.submitter();
+    let mut watch = sub.watch(&spec).await.unwrap();
+    sub.submit(&spec).await.unwrap();
+    wait_for(&mut watch, JobStatus::Started, T).await;
+    let req = CancelRequest { job_id: spec.job_id.clone(), by: "tests".into(), reason: "changed my mind".into() };
+    trainyard_common::amqp::publish_confirmed(
+        &env.ch,
+        &env.topo.control_exchange(),
+        "",
+        &codec::to_json(&req).unwrap(),
+        BasicProperties::default().with_content_type(codec::JSON.into()),
+        false,
+    )
+    .await
+    .unwrap();
+    let events = collect_until_terminal(&mut watch, T).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.status, JobStatus::Cancelled);
+    assert_eq!(last.error.as_ref().unwrap().kind, ErrorKind::Cancelled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0);
+    assert!(env.drain(&env.topo.dead_queue("noop")).await.is_empty());
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn unroutable_submit_is_an_error() {
+    let env = Env::new(&[]).await;
+    let sub = env.submitter();
+    sub.declare_shared().await.unwrap();
+    let err = sub.submit(&env.spec("no-such-type", json!({}))).await.unwrap_err();
+    assert!(matches!(err, trainyard_common::CommonError::Unroutable { .. }), "{err}");
+    assert!(err.to_string().contains("no-such-type"));
+    env.cleanup().await;
+}
+
+/// Prefetch = free slots: with one slot, a second job is not taken (parked)
+/// while the first runs; a second worker picks it up at once.
+#[tokio::test]
+async fn a_busy_worker_does_not_hold_a_second_job() {
+    let env = Env::new(&["noop"]).await;
+    let w1 = env.spawn_worker(&["noop"], |_| {});
+    let long = env.spec("noop", json!({"sleep_ms": 4000}));
+    let sub = env.submitter();
+    let mut wl = sub.watch(&long).await.unwrap();
+    sub.submit(&long).await.unwrap();
+    wait_for(&mut wl, JobStatus::Started, T).await;
+    let short = env.spec("noop", json!({}));
+    let mut ws = sub.watch(&short).await.unwrap();
+    sub.submit(&short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 1, "the second job waits in the queue, not in the busy worker");
+    let w2 = env.spawn_worker(&["noop"], |c| c.worker.id = "second".into());
+    let t0 = std::time::Instant::now();
+    let events = collect_until_terminal(&mut ws, T).await;
+    assert_eq!(events.last().unwrap().worker.as_ref().unwrap().id, "second");
+    assert!(t0.elapsed() < Duration::from_secs(3), "picked up while the first job still ran");
+    collect_until_terminal(&mut wl, T).await;
+    w1.stop().await;
+    w2.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,118 @@
+//! Worker and CLI processes: SIGKILL and SIGTERM mid-job, `submit --wait --json`,
+//! an unroutable submit's exit code.
+
+use std::{process::Command, time::Duration};
+
+use serde_json::json;
+use trainyard_common::JobStatus;
+
+use crate::support::{bin, collect_until_terminal, wait_for, Env, URL};
+
+const T: Duration = Duration::from_secs(60);
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// A worker killed with SIGKILL mid-job loses nothing: the broker redelivers
+/// the job and a second worker completes it.
+#[tokio::test]
+async fn sigkill_mid_job_is_redelivered_and_completed_by_another_worker() {
+    let env = Env::new(&["noop"]).await;
+    let mut first = env.worker_process("noop", &[]);
+    let spec = env.spec("noop", json!({"sleep_ms": 3000}));
+    let sub = env.submitter();
+    let mut watch = sub.watch(&spec).await.unwrap();
+    sub.submit(&spec).await.unwrap();
+    let started = wait_for(&mut watch, JobStatus::Started, T).await;
+    let first_worker = started.last().unwrap().worker.clone().unwrap().id;
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let mut second = env.worker_process("noop", &[]);
+    let events = collect_until_terminal(&mut watch, T).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert_ne!(done.worker.as_ref().unwrap().id, first_worker, "completed by the second worker");
+    assert_eq!(done.attempt, 1, "a crash is not a failed attempt");
+    let restarted = events.iter().find(|e| e.status == JobStatus::Started).unwrap();
+    assert_eq!(restarted.progress.as_ref().unwrap()["redelivery"], 1);
+    signal(&second, "-TERM");
+    assert!(second.wait().unwrap().success(), "SIGTERM exits 0");
+    env.cleanup().await;
+}
+
+/// SIGTERM mid-job: the worker stops consuming, the job outlives the grace
+/// period, is requeued (not lost, not failed) and the worker exits 0.
+#[tokio::test]
+async fn sigterm_mid_job_requeues_it_and_exits_zero() {
+    let env = Env::new(&["noop"]).await;
+    let mut first = env.worker_process("noop", &["--grace-period", "1"]);
+    let spec = env.spec("noop", json!({"sleep_ms": 5000}));
+    let sub = env.submitter();
+    let mut watch = sub.watch(&spec).await.unwrap();
+    sub.submit(&spec).await.unwrap();
+    wait_for(&mut watch, JobStatus::Started, T).await;
+    signal(&first, "-TERM");
+    let status = tokio::task::spawn_blocking(move || first.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "worker exit status {status:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 1, "the job is back in its queue");
+    let mut second = env.worker_process("noop", &[]);
+    let events = collect_until_terminal(&mut watch, T).await;
+    let done = events.last().unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert_eq!(done.attempt, 1);
+    assert!(!events.iter().any(|e| matches!(e.status, JobStatus::Retrying | JobStatus::Failed)));
+    signal(&second, "-TERM");
+    assert!(second.wait().unwrap().success());
+    env.cleanup().await;
+}
+
+/// `trainyard submit noop --bot x --wait --json` prints the final status as JSON.
+#[tokio::test]
+async fn cli_submit_wait_json_reports_success() {
+    let env = Env::new(&["noop"]).await;
+    let mut worker = env.worker_process("noop", &[]);
+    let prefix = env.topo.prefix().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin("trainyard"))
+            .args(["submit", "noop", "--bot", "x", "--param", "sleep_ms=20", "--wait", "--json", "--wait-timeout", "60"])
+            .env("TRAINYARD_PREFIX", prefix)
+            .env("TRAINYARD_AMQP_URL", URL)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exit {:?}: {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(v["attempts"], 1);
+    assert!(uuid::Uuid::parse_str(v["job_id"].as_str().unwrap()).is_ok());
+    signal(&worker, "-TERM");
+    worker.wait().unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn cli_submit_of_an_unknown_job_type_fails_clearly() {
+    let env = Env::new(&[]).await;
+    let prefix = env.topo.prefix().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin("trainyard"))
+            .args(["submit", "no-such-type", "--bot", "x"])
+            .env("TRAINYARD_PREFIX", prefix)
+            .env("TRAINYARD_AMQP_URL", URL)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no queue is bound") && stderr.contains("no-such-type"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no job id printed for a job that was not queued");
+    env.cleanup().await;
+}

@@ -1,0 +1,218 @@
+//! Test environment: a unique topology prefix, a temporary artifact store,
+//! in-process workers and worker processes.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use lapin::{
+    options::{BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions},
+    types::FieldTable,
+    BasicProperties, Channel, Connection,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trainyard::submit::{JobWatch, Submitter};
+use trainyard_common::{amqp, artifacts::ArtifactStore, headers, topology::Topology, JobEvent, JobSpec, Trigger};
+use trainyard_worker::runtime::{joblog::JobLogs, Backoff, Worker, WorkerConfig};
+
+pub const URL: &str = trainyard_common::config::DEFAULT_AMQP_URL;
+
+pub struct Env {
+    pub topo: Topology,
+    pub artifacts_dir: tempfile::TempDir,
+    pub artifacts: ArtifactStore,
+    pub conn: Connection,
+    pub ch: Channel,
+    pub types: Vec<String>,
+}
+
+pub struct WorkerHandle {
+    pub shutdown: CancellationToken,
+    pub join: JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.join).await.expect("worker did not stop in time").expect("worker task panicked");
+    }
+}
+
+impl Env {
+    /// A fresh prefix with `types` declared.
+    pub async fn new(types: &[&str]) -> Self {
+        let topo = Topology::new(format!("t-{}", uuid::Uuid::new_v4().simple()));
+        let conn = amqp::connect(URL, "trainyard-tests").await.expect("RabbitMQ must run on localhost:5672 (scripts/test.sh starts it)");
+        let ch = amqp::confirm_channel(&conn).await.unwrap();
+        for t in types {
+            topo.declare_job_type(&ch, t).await.unwrap();
+        }
+        let artifacts_dir = tempfile::tempdir().unwrap();
+        let artifacts = ArtifactStore::open(artifacts_dir.path().to_str().unwrap()).unwrap();
+        Self { topo, artifacts_dir, artifacts, conn, ch, types: types.iter().map(|s| s.to_string()).collect() }
+    }
+
+    pub fn config(&self) -> WorkerConfig {
+        let mut cfg = WorkerConfig::new(URL, self.topo.clone(), self.artifacts.clone());
+        cfg.backoff = Backoff { base_ms: 100, max_ms: 400 };
+        cfg.grace_period = Duration::from_secs(2);
+        cfg.reconnect_max = Duration::from_secs(2);
+        cfg
+    }
+
+    /// Starts an in-process worker for `types`.
+    pub fn spawn_worker(&self, types: &[&str], tweak: impl FnOnce(&mut WorkerConfig)) -> WorkerHandle {
+        let mut cfg = self.config();
+        tweak(&mut cfg);
+        let types: Vec<String> = types.iter().map(|s| s.to_string()).collect();
+        let registry = trainyard_worker::handlers::builtin().only(&types).unwrap();
+        let worker = Worker::new(cfg, registry, &prometheus::Registry::new(), JobLogs::default()).unwrap();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let join = tokio::spawn(async move { worker.run(token).await.expect("worker failed") });
+        WorkerHandle { shutdown, join }
+    }
+
+    pub fn submitter(&self) -> Submitter {
+        Submitter::new(URL, self.topo.clone()).unwrap()
+    }
+
+    pub fn spec(&self, job_type: &str, params: serde_json::Value) -> JobSpec {
+        JobSpec::new(job_type, "test-bot", params, Trigger::manual("tests"))
+    }
+
+    /// Submits and follows a job; returns every event up to the terminal one.
+    pub async fn run_job(&self, spec: &JobSpec, within: Duration) -> Vec<JobEvent> {
+        let sub = self.submitter();
+        let mut watch = sub.watch(spec).await.unwrap();
+        sub.submit(spec).await.unwrap();
+        collect_until_terminal(&mut watch, within).await
+    }
+
+    pub async fn watch(&self, spec: &JobSpec) -> JobWatch {
+        self.submitter().watch(spec).await.unwrap()
+    }
+
+    /// Publishes raw bytes to the work exchange (as any client could).
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
+        self.ch
+            .basic_publish(self.topo.jobs_exchange().into(), routing_key.into(), BasicPublishOptions::default(), body, props)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Drains a queue with basic.get: (body, dead reason header, attempt header) per message.
+    pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, Option<String>, u32)> {
+        let mut out = Vec::new();
+        let ch = self.conn.create_channel().await.unwrap();
+        loop {
+            match ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
+                Ok(Some(msg)) => {
+                    let hdrs = msg.delivery.properties.headers().as_ref();
+                    out.push((msg.delivery.data.clone(), headers::string(hdrs, headers::DEAD_REASON), headers::attempt(hdrs)));
+                    msg.delivery.acker.ack(lapin::options::BasicAckOptions::default()).await.unwrap();
+                }
+                Ok(None) => break,
+                Err(e) => panic!("basic.get {queue}: {e}"),
+            }
+        }
+        out
+    }
+
+    /// Number of ready messages in a queue.
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let q = self
+            .ch
+            .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        q.message_count()
+    }
+
+    /// Deletes every queue and exchange of this prefix.
+    pub async fn cleanup(self) {
+        let t = &self.topo;
+        let mut queues = vec![t.events_log(), t.recorder_queue(), t.dead_recorder_queue()];
+        for ty in &self.types {
+            queues.push(t.jobs_queue(ty));
+            queues.push(t.dead_queue(ty));
+            for d in [100u64, 200, 400] {
+                queues.push(t.retry_queue(ty, d));
+            }
+        }
+        // A fresh connection: a test may have had its own closed under it.
+        let conn = amqp::connect(URL, "trainyard-tests-cleanup").await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        for q in queues {
+            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        for x in [t.jobs_exchange(), t.retry_exchange(), t.dead_exchange(), t.events_exchange(), t.control_exchange(), t.triggers_exchange()] {
+            let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+
+    /// Starts a `trainyard-worker run` process for this environment.
+    pub fn worker_process(&self, types: &str, extra: &[&str]) -> Child {
+        Command::new(bin("trainyard-worker"))
+            .args(["run", "--types", types, "--log-format", "text", "--retry-base-ms", "100"])
+            .args(extra)
+            .env("TRAINYARD_PREFIX", self.topo.prefix())
+            .env("TRAINYARD_ARTIFACTS", self.artifacts_dir.path())
+            .env("TRAINYARD_AMQP_URL", URL)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("failed to start trainyard-worker")
+    }
+}
+
+pub async fn collect_until_terminal(watch: &mut JobWatch, within: Duration) -> Vec<JobEvent> {
+    let mut events = Vec::new();
+    let res = tokio::time::timeout(within, async {
+        while let Some(ev) = watch.next().await {
+            let ev = ev.unwrap();
+            let done = ev.status.is_terminal();
+            events.push(ev);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(res.is_ok(), "no terminal event within {within:?}; saw {:?}", events.iter().map(|e| e.status).collect::<Vec<_>>());
+    events
+}
+
+/// Waits for the next event with `status` (other events are returned too).
+pub async fn wait_for(watch: &mut JobWatch, status: trainyard_common::JobStatus, within: Duration) -> Vec<JobEvent> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(within, async {
+        while let Some(ev) = watch.next().await {
+            let ev = ev.unwrap();
+            let hit = ev.status == status;
+            seen.push(ev);
+            if hit {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {status} event within {within:?}"));
+    seen
+}
+
+/// Path of a workspace binary (built by `cargo build --bins`, which scripts/test.sh runs first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|p| p.parent()).unwrap();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
+    path
+}
