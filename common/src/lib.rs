@@ -11,6 +11,7 @@
 //! - [`config`]: environment settings with laptop defaults;
 //! - [`artifacts`]: the artifact store (object_store, local directory by default);
 //! - [`metrics`]: every Prometheus metric name and label, defined once;
+//! - [`models`]: bots' production pointers and promotion history;
 //! - [`error`]: the error types of this layer.
 #![deny(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod event;
 pub mod headers;
 pub mod job;
 pub mod metrics;
+pub mod models;
 pub mod paths;
 pub mod topology;
 

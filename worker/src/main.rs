@@ -16,11 +16,17 @@ struct Cli {
 enum Command {
     /// Consume and run jobs of the given types.
     Run(trainyard_worker::runtime::cli::RunArgs),
+    /// Run one intent-train / intent-eval job locally, without a broker.
+    Train(trainyard_worker::intent::cli::TrainArgs),
+    /// Print the top intents of utterances with a trained model.
+    Predict(trainyard_worker::intent::cli::PredictArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => trainyard_worker::runtime::cli::run(args),
+        Command::Train(args) => trainyard_worker::intent::cli::train(args),
+        Command::Predict(args) => trainyard_worker::intent::cli::predict(args),
     }
 }

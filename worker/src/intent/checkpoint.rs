@@ -1,0 +1,165 @@
+//! Training checkpoints: everything needed to continue a run bit for bit.
+//!
+//! One object per job, `<prefix>/checkpoints/latest.ckpt`, replaced atomically
+//! after every epoch (plus `latest.json`, its metadata, for people): the
+//! embedding table with its Adam moments, the head and its optimizer state (burn
+//! records), the early-stopping state and the epoch log. A run is resumed only
+//! when the checkpoint's fingerprint (data, features, labels, settings) matches.
+//!
+//! Layout: `TYCKPT01`, then sections, each a little-endian `u64` length and its bytes:
+//! meta JSON, table shape + step, weights, first moments, second moments, head
+//! record, optimizer record, best weights (may be empty), best head record (may be empty).
+
+use serde::{Deserialize, Serialize};
+
+use super::sparse::EmbeddingBag;
+
+const MAGIC: &[u8; 8] = b"TYCKPT01";
+
+/// One epoch of training, as reported and logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochLog {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Most epochs of the run.
+    pub epochs: usize,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Validation accuracy after the epoch.
+    pub val_accuracy: f64,
+    /// Training throughput.
+    pub examples_per_s: f64,
+    /// Wall time of the epoch (training and validation).
+    pub seconds: f64,
+}
+
+/// The small part of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// What the run trains on and how; a mismatch means "start afresh".
+    pub fingerprint: String,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Epoch of the best validation accuracy so far (0: none).
+    pub best_epoch: usize,
+    /// Best validation accuracy so far.
+    pub best_val: f64,
+    /// Epochs since the last improvement.
+    pub stale: usize,
+    /// The epochs so far.
+    pub log: Vec<EpochLog>,
+}
+
+/// A decoded checkpoint.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Metadata.
+    pub meta: CheckpointMeta,
+    /// The table and its moments.
+    pub emb: EmbeddingBag,
+    /// The head (burn record bytes).
+    pub head: Vec<u8>,
+    /// The head's optimizer state (burn record bytes).
+    pub optim: Vec<u8>,
+    /// The best weights, when the best epoch is not the last one: table and head record.
+    pub best: Option<(Vec<f32>, Vec<u8>)>,
+}
+
+fn section(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn floats(out: &mut Vec<u8>, v: &[f32]) {
+    out.extend_from_slice(&((v.len() * 4) as u64).to_le_bytes());
+    out.reserve(v.len() * 4);
+    for f in v {
+        out.extend_from_slice(&f.to_le_bytes());
+    }
+}
+
+/// Serialises a checkpoint from borrowed parts.
+pub fn encode(meta: &CheckpointMeta, emb: &EmbeddingBag, head: &[u8], optim: &[u8], best: Option<(&[f32], &[u8])>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(emb.weight.len() * 12 + head.len() + optim.len() + 4096);
+    out.extend_from_slice(MAGIC);
+    section(&mut out, &serde_json::to_vec(meta).expect("checkpoint meta serialises"));
+    let shape: Vec<u8> = [emb.rows as u64, emb.dim as u64, emb.step].iter().flat_map(|v| v.to_le_bytes()).collect();
+    section(&mut out, &shape);
+    floats(&mut out, &emb.weight);
+    floats(&mut out, &emb.m);
+    floats(&mut out, &emb.v);
+    section(&mut out, head);
+    section(&mut out, optim);
+    floats(&mut out, best.map(|b| b.0).unwrap_or(&[]));
+    section(&mut out, best.map(|b| b.1).unwrap_or(&[]));
+    out
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn next(&mut self) -> Result<&'a [u8], String> {
+        if self.bytes.len() < 8 {
+            return Err("truncated checkpoint".into());
+        }
+        let n = u64::from_le_bytes(self.bytes[..8].try_into().expect("8 bytes")) as usize;
+        let rest = &self.bytes[8..];
+        if rest.len() < n {
+            return Err("truncated checkpoint".into());
+        }
+        self.bytes = &rest[n..];
+        Ok(&rest[..n])
+    }
+    fn floats(&mut self) -> Result<Vec<f32>, String> {
+        let b = self.next()?;
+        Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+}
+
+/// Parses a checkpoint written by [`encode`].
+pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
+    if bytes.len() < 8 || &bytes[..8] != MAGIC {
+        return Err("not a trainyard checkpoint".into());
+    }
+    let mut r = Reader { bytes: &bytes[8..] };
+    let meta: CheckpointMeta = serde_json::from_slice(r.next()?).map_err(|e| format!("bad checkpoint metadata: {e}"))?;
+    let shape = r.next()?;
+    if shape.len() != 24 {
+        return Err("bad checkpoint shape".into());
+    }
+    let u = |i: usize| u64::from_le_bytes(shape[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let (rows, dim, step) = (u(0) as usize, u(1) as usize, u(2));
+    let (weight, m, v) = (r.floats()?, r.floats()?, r.floats()?);
+    if weight.len() != rows * dim || m.len() != rows * dim || v.len() != rows * dim {
+        return Err("checkpoint table sizes do not match its shape".into());
+    }
+    let head = r.next()?.to_vec();
+    let optim = r.next()?.to_vec();
+    let best_w = r.floats()?;
+    let best_h = r.next()?.to_vec();
+    let best = (!best_w.is_empty()).then_some((best_w, best_h));
+    Ok(Checkpoint { meta, emb: EmbeddingBag { rows, dim, weight, m, v, step }, head, optim, best })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let meta = CheckpointMeta { fingerprint: "f".into(), epoch: 2, best_epoch: 1, best_val: 0.5, stale: 1, log: vec![] };
+        let emb = EmbeddingBag { rows: 2, dim: 2, weight: vec![1.0, 2.0, 3.0, 4.0], m: vec![0.1; 4], v: vec![0.2; 4], step: 9 };
+        let bytes = encode(&meta, &emb, b"head", b"opt", Some((&[5.0, 6.0, 7.0, 8.0], b"besthead")));
+        let ck = decode(&bytes).unwrap();
+        assert_eq!(ck.meta, meta);
+        assert_eq!(ck.emb, emb);
+        assert_eq!((ck.head.as_slice(), ck.optim.as_slice()), (&b"head"[..], &b"opt"[..]));
+        assert_eq!(ck.best.unwrap().0, vec![5.0, 6.0, 7.0, 8.0]);
+        let none = decode(&encode(&meta, &emb, b"h", b"o", None)).unwrap();
+        assert!(none.best.is_none());
+        assert!(decode(&bytes[..bytes.len() - 3]).is_err());
+        assert!(decode(b"garbage!").is_err());
+    }
+}

@@ -1,0 +1,372 @@
+//! Datasets: where they are, how they are read, how they are split.
+//!
+//! Three formats ([`Format`]): CLINC150-style JSON (named splits of `[text, label]`
+//! pairs; CLINC's `oos_*` splits carry the `oos` label), CSV with a header
+//! (`text,label`, columns mappable) and JSONL (`{"text": …, "intent": …}` per
+//! line). Paths are relative to the data root and may not leave it.
+//!
+//! Training data without a test split gets a stratified holdout (fixed seed);
+//! without a validation split, another one. Every malformed input is a
+//! [`DatasetError`], which the handlers turn into a permanent job error.
+
+mod parse;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use serde::{Deserialize, Serialize};
+use trainyard_common::paths::{resolve_under, PathError};
+
+/// One labelled utterance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    /// The utterance.
+    pub text: String,
+    /// Its intent.
+    pub label: String,
+}
+
+impl Example {
+    /// An example.
+    pub fn new(text: impl Into<String>, label: impl Into<String>) -> Self {
+        Self { text: text.into(), label: label.into() }
+    }
+}
+
+/// A dataset file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// CLINC150 JSON: `{"train": [[text, label], …], "val": …, "test": …, "oos_train": …}`.
+    Clinc,
+    /// CSV with a header row.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// Where the data is and how to read it (part of a job's `params`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DatasetSpec {
+    /// Path relative to the data root (`TRAINYARD_DATA_DIR`), or `file:` + such a path.
+    pub dataset: String,
+    /// Optional separate test set (same rules).
+    #[serde(default)]
+    pub test_dataset: Option<String>,
+    /// `clinc|csv|jsonl`; guessed from the extension, then the content, when absent.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// CSV/JSONL field of the utterance. Default `text`.
+    #[serde(default)]
+    pub text_column: Option<String>,
+    /// CSV/JSONL field of the label. Default `label` (CSV), `intent` then `label` (JSONL).
+    #[serde(default)]
+    pub label_column: Option<String>,
+    /// CLINC splits to train on. Default `["train", "oos_train"]`.
+    #[serde(default)]
+    pub train_splits: Option<Vec<String>>,
+    /// CLINC splits to validate on. Default `["val", "oos_val"]`.
+    #[serde(default)]
+    pub val_splits: Option<Vec<String>>,
+    /// CLINC splits to test on. Default `["test", "oos_test"]`.
+    #[serde(default)]
+    pub test_splits: Option<Vec<String>>,
+}
+
+/// A dataset that cannot be used. Always permanent: retrying will not fix the file.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DatasetError {
+    /// The path is refused.
+    #[error("dataset path refused: {0}")]
+    Path(#[from] PathError),
+    /// No such file.
+    #[error("dataset {0:?} not found under the data root")]
+    NotFound(String),
+    /// Reading failed.
+    #[error("failed to read dataset {file:?}: {reason}")]
+    Io {
+        /// The file.
+        file: String,
+        /// The cause.
+        reason: String,
+    },
+    /// A malformed row or document.
+    #[error("dataset {file:?}, line {line}: {reason}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The format could not be guessed.
+    #[error("cannot tell the format of {0:?}; set `format` to clinc, csv or jsonl")]
+    UnknownFormat(String),
+    /// A required split is missing.
+    #[error("dataset {file:?} has none of the splits {wanted:?} (it has {found:?})")]
+    MissingSplit {
+        /// The file.
+        file: String,
+        /// Splits looked for.
+        wanted: Vec<String>,
+        /// Splits present.
+        found: Vec<String>,
+    },
+    /// No examples.
+    #[error("the {0} set is empty")]
+    Empty(&'static str),
+    /// Fewer than two classes.
+    #[error("the training set has a single class ({0:?}); a classifier needs at least two")]
+    OneClass(String),
+    /// Labels to evaluate that training never saw.
+    #[error("the {split} set has labels that are not in the training set: {labels:?}")]
+    UnknownLabels {
+        /// Which set.
+        split: &'static str,
+        /// Up to 10 such labels.
+        labels: Vec<String>,
+    },
+}
+
+/// The parsed content of one dataset file.
+#[derive(Debug, Clone)]
+pub enum Raw {
+    /// Named splits (CLINC JSON).
+    Named(BTreeMap<String, Vec<Example>>),
+    /// Plain rows (CSV, JSONL).
+    Rows(Vec<Example>),
+}
+
+/// Train/validation/test examples, ready to use.
+#[derive(Debug, Clone, Default)]
+pub struct Splits {
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Validation examples (early stopping, OOS threshold).
+    pub val: Vec<Example>,
+    /// Test examples (metrics, promotion gate).
+    pub test: Vec<Example>,
+    /// How the splits were made, for the log.
+    pub notes: Vec<String>,
+}
+
+impl DatasetSpec {
+    /// The parameter names this struct reads.
+    pub const KEYS: &'static [&'static str] =
+        &["dataset", "test_dataset", "format", "text_column", "label_column", "train_splits", "val_splits", "test_splits"];
+
+    /// A spec for a dataset path with every default.
+    pub fn new(dataset: impl Into<String>) -> Self {
+        Self { dataset: dataset.into(), ..Self::default() }
+    }
+
+    /// Cheap checks (no I/O): the paths are relative and stay under the root.
+    pub fn check(&self) -> Result<(), DatasetError> {
+        let dummy = Path::new("/nonexistent-trainyard-root");
+        resolve_under(dummy, &self.dataset)?;
+        if let Some(t) = &self.test_dataset {
+            resolve_under(dummy, t)?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, root: &Path, rel: &str) -> Result<Raw, DatasetError> {
+        let path = resolve(root, rel)?;
+        let bytes = std::fs::read(&path).map_err(|e| DatasetError::Io { file: rel.into(), reason: e.to_string() })?;
+        let format = match self.format {
+            Some(f) => f,
+            None => guess_format(&path, &bytes).ok_or_else(|| DatasetError::UnknownFormat(rel.into()))?,
+        };
+        match format {
+            Format::Clinc => parse::clinc(rel, &bytes).map(Raw::Named),
+            Format::Csv => parse::csv(rel, &bytes, self.text_column.as_deref(), self.label_column.as_deref()).map(Raw::Rows),
+            Format::Jsonl => parse::jsonl(rel, &bytes, self.text_column.as_deref(), self.label_column.as_deref()).map(Raw::Rows),
+        }
+    }
+
+    /// Loads the training, validation and test sets under `root`.
+    pub fn load_for_training(&self, root: &Path, seed: u64, val_fraction: f64, test_fraction: f64) -> Result<Splits, DatasetError> {
+        let mut s = Splits::default();
+        match self.read(root, &self.dataset)? {
+            Raw::Named(mut named) => {
+                let wanted = self.train_splits.clone().unwrap_or_else(|| vec!["train".into(), "oos_train".into()]);
+                s.train = take_splits(&self.dataset, &mut named, &wanted, true)?;
+                let val = self.val_splits.clone().unwrap_or_else(|| vec!["val".into(), "oos_val".into()]);
+                s.val = take_splits(&self.dataset, &mut named, &val, false)?;
+                let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
+                s.test = take_splits(&self.dataset, &mut named, &test, false)?;
+            }
+            Raw::Rows(rows) => s.train = rows,
+        }
+        if s.train.is_empty() {
+            return Err(DatasetError::Empty("training"));
+        }
+        if let Some(t) = &self.test_dataset {
+            s.test = self.load_eval_set(root, t)?;
+            s.notes.push(format!("test set: {t}"));
+        }
+        if s.test.is_empty() {
+            let (keep, held) = stratified_holdout(std::mem::take(&mut s.train), test_fraction, seed);
+            s.train = keep;
+            s.test = held;
+            s.notes.push(format!("test set: stratified {:.0}% holdout of the training data (seed {seed})", test_fraction * 100.0));
+        }
+        if s.val.is_empty() && val_fraction > 0.0 {
+            let (keep, held) = stratified_holdout(std::mem::take(&mut s.train), val_fraction, seed.wrapping_add(1));
+            s.train = keep;
+            s.val = held;
+            s.notes.push(format!(
+                "validation set: stratified {:.0}% holdout of the training data (seed {})",
+                val_fraction * 100.0,
+                seed + 1
+            ));
+        }
+        validate(&s)?;
+        Ok(s)
+    }
+
+    /// Loads the examples to evaluate on: `test_dataset` when given, else the test
+    /// splits of `dataset`, else all of its rows.
+    pub fn load_for_eval(&self, root: &Path) -> Result<Vec<Example>, DatasetError> {
+        let rel = self.test_dataset.as_deref().unwrap_or(&self.dataset);
+        let v = self.load_eval_set(root, rel)?;
+        if v.is_empty() {
+            return Err(DatasetError::Empty("test"));
+        }
+        Ok(v)
+    }
+
+    fn load_eval_set(&self, root: &Path, rel: &str) -> Result<Vec<Example>, DatasetError> {
+        match self.read(root, rel)? {
+            Raw::Rows(rows) => Ok(rows),
+            Raw::Named(mut named) => {
+                let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
+                let v = take_splits(rel, &mut named, &test, false)?;
+                if v.is_empty() {
+                    Ok(named.into_values().flatten().collect())
+                } else {
+                    Ok(v)
+                }
+            }
+        }
+    }
+}
+
+fn resolve(root: &Path, rel: &str) -> Result<PathBuf, DatasetError> {
+    let path = resolve_under(root, rel)?;
+    if !path.is_file() {
+        return Err(DatasetError::NotFound(rel.into()));
+    }
+    Ok(path)
+}
+
+/// Guesses a format from the extension, then from the first bytes.
+pub fn guess_format(path: &Path, bytes: &[u8]) -> Option<Format> {
+    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        Some("jsonl" | "ndjson") => return Some(Format::Jsonl),
+        Some("csv") => return Some(Format::Csv),
+        Some("json") => return Some(Format::Clinc),
+        _ => {}
+    }
+    let text = std::str::from_utf8(&bytes[..bytes.len().min(64 * 1024)]).ok()?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('{') {
+        let first = trimmed.lines().next().unwrap_or("");
+        if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(first).is_ok() {
+            return Some(Format::Jsonl);
+        }
+        return Some(Format::Clinc);
+    }
+    let header = trimmed.lines().next()?;
+    header.contains(',').then_some(Format::Csv)
+}
+
+fn take_splits(
+    file: &str,
+    named: &mut BTreeMap<String, Vec<Example>>,
+    wanted: &[String],
+    required: bool,
+) -> Result<Vec<Example>, DatasetError> {
+    let mut out = Vec::new();
+    let mut any = false;
+    for w in wanted {
+        if let Some(v) = named.remove(w) {
+            any = true;
+            out.extend(v);
+        }
+    }
+    if required && !any {
+        return Err(DatasetError::MissingSplit { file: file.into(), wanted: wanted.to_vec(), found: named.keys().cloned().collect() });
+    }
+    Ok(out)
+}
+
+/// Splits off about `fraction` of each class (shuffled with `seed`); a class keeps at least one training example.
+pub fn stratified_holdout(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    let mut by_label: BTreeMap<String, Vec<Example>> = BTreeMap::new();
+    for e in examples {
+        by_label.entry(e.label.clone()).or_default().push(e);
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut keep, mut held) = (Vec::new(), Vec::new());
+    for (_, mut group) in by_label {
+        group.shuffle(&mut rng);
+        let n = group.len();
+        let k = ((n as f64 * fraction).round() as usize).min(n.saturating_sub(1));
+        held.extend(group.drain(..k));
+        keep.extend(group);
+    }
+    (keep, held)
+}
+
+fn validate(s: &Splits) -> Result<(), DatasetError> {
+    if s.train.is_empty() {
+        return Err(DatasetError::Empty("training"));
+    }
+    let labels: BTreeSet<&str> = s.train.iter().map(|e| e.label.as_str()).collect();
+    if labels.len() < 2 {
+        return Err(DatasetError::OneClass(s.train[0].label.clone()));
+    }
+    if s.test.is_empty() {
+        return Err(DatasetError::Empty("test"));
+    }
+    for (name, set) in [("validation", &s.val), ("test", &s.test)] {
+        let unknown: BTreeSet<&str> = set.iter().map(|e| e.label.as_str()).filter(|l| !labels.contains(l)).collect();
+        if !unknown.is_empty() {
+            return Err(DatasetError::UnknownLabels { split: name, labels: unknown.into_iter().take(10).map(String::from).collect() });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_is_stratified_and_deterministic() {
+        let ex: Vec<Example> = (0..100).map(|i| Example::new(format!("t{i}"), if i % 4 == 0 { "a" } else { "b" })).collect();
+        let (k1, h1) = stratified_holdout(ex.clone(), 0.2, 7);
+        let (k2, h2) = stratified_holdout(ex, 0.2, 7);
+        assert_eq!(h1, h2);
+        assert_eq!(k1, k2);
+        assert_eq!(h1.iter().filter(|e| e.label == "a").count(), 5);
+        assert_eq!(h1.iter().filter(|e| e.label == "b").count(), 15);
+        assert_eq!(k1.len(), 80);
+    }
+
+    #[test]
+    fn guesses_formats() {
+        assert_eq!(guess_format(Path::new("x.csv"), b""), Some(Format::Csv));
+        assert_eq!(guess_format(Path::new("x.jsonl"), b""), Some(Format::Jsonl));
+        assert_eq!(guess_format(Path::new("x.json"), b""), Some(Format::Clinc));
+        assert_eq!(guess_format(Path::new("x"), b"{\"text\":\"a\",\"intent\":\"b\"}\n{}"), Some(Format::Jsonl));
+        assert_eq!(guess_format(Path::new("x"), b"{\n \"train\": []}"), Some(Format::Clinc));
+        assert_eq!(guess_format(Path::new("x"), b"text,label\na,b"), Some(Format::Csv));
+        assert_eq!(guess_format(Path::new("x"), b"hello"), None);
+    }
+}

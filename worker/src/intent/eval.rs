@@ -1,0 +1,142 @@
+//! Evaluation: the reports every run writes (metrics, confusion matrix JSON and
+//! PNG), loading a stored model, comparing against a bot's production model,
+//! and the `intent-eval` job.
+
+use std::collections::BTreeMap;
+
+use burn::backend::NdArray;
+use serde_json::{json, Value};
+use trainyard_common::{artifacts::ArtifactStore, models};
+
+use super::{
+    env::RunEnv,
+    metrics::{evaluate, Metrics},
+    params::EvalParams,
+    plot::confusion_png,
+    predict::Predictor,
+    promotion::{decide, GateDecision, GateRules},
+};
+use crate::handler::JobError;
+
+/// The inference backend of stored models: the CPU.
+pub type InferenceBackend = NdArray;
+
+/// How many confusions `metrics.json` lists.
+pub const TOP_CONFUSIONS: usize = 20;
+
+/// Computes the metrics and writes `metrics.json`, `confusion_matrix.json` and
+/// `confusion_matrix.png`; returns the metrics and the keys written.
+pub fn write_evaluation(
+    env: &RunEnv,
+    truth: &[String],
+    predicted: &[String],
+    oos_label: Option<&str>,
+) -> Result<(Metrics, BTreeMap<&'static str, String>), JobError> {
+    let (metrics, cm) = evaluate(truth, predicted, oos_label, TOP_CONFUSIONS);
+    let mut keys = BTreeMap::new();
+    keys.insert("metrics", env.put_json("metrics.json", &metrics)?);
+    keys.insert("confusion_matrix", env.put_json("confusion_matrix.json", &cm)?);
+    let png = confusion_png(&cm).map_err(JobError::transient)?;
+    keys.insert("confusion_matrix_png", env.put("confusion_matrix.png", png)?);
+    let mut line = format!("test: accuracy {:.4}, macro-F1 {:.4}", metrics.accuracy, metrics.macro_f1);
+    if let (Some(i), Some(r)) = (metrics.in_scope_accuracy, metrics.oos_recall) {
+        line.push_str(&format!(", in-scope accuracy {i:.4}, OOS recall {r:.4}"));
+    }
+    env.log(line);
+    for c in metrics.top_confusions.iter().take(5) {
+        env.log(format!("  confusion: {} -> {} ({}x)", c.label, c.predicted, c.count));
+    }
+    Ok((metrics, keys))
+}
+
+/// Loads the model stored under `prefix` (`model.bin` + `config.json`) for CPU inference.
+pub fn load_predictor(rt: &tokio::runtime::Handle, store: &ArtifactStore, prefix: &str) -> Result<Predictor<InferenceBackend>, JobError> {
+    let get = |name: &str| {
+        let key = format!("{prefix}/{name}");
+        rt.block_on(store.get(&key))
+            .map_err(|e| JobError::transient(e.to_string()))?
+            .ok_or_else(|| JobError::permanent(format!("no model at {key}")))
+    };
+    let (bin, cfg) = (get("model.bin")?, get("config.json")?);
+    Predictor::from_files(bin.to_vec(), &cfg, &Default::default()).map_err(|e| JobError::permanent(format!("model {prefix}: {e}")))
+}
+
+/// Loads a model from a local directory (`DIR/model.bin` or `DIR/model/model.bin`).
+pub fn load_predictor_dir(dir: &std::path::Path) -> Result<Predictor<InferenceBackend>, String> {
+    let dir = if dir.join("model.bin").is_file() { dir.to_path_buf() } else { dir.join("model") };
+    let read = |n: &str| std::fs::read(dir.join(n)).map_err(|e| format!("failed to read {}: {e}", dir.join(n).display()));
+    Predictor::from_files(read("model.bin")?, &read("config.json")?, &Default::default())
+}
+
+/// Runs the gate: evaluates the bot's production model (if any, and not this job's)
+/// on the same test set and applies the rules.
+pub fn gate_against_production(
+    env: &RunEnv,
+    rules: &GateRules,
+    candidate: &Metrics,
+    texts: &[&str],
+    truth: &[String],
+) -> Result<GateDecision, JobError> {
+    let Some(store) = &env.models else {
+        let mut d = decide(rules, candidate, None);
+        d.reasons.push("no model store to compare against".into());
+        return Ok(d);
+    };
+    let prod = env.rt.block_on(models::production(store, &env.bot)).map_err(|e| JobError::transient(e.to_string()))?;
+    let Some(prod) = prod.filter(|p| p.job_id != env.job_id) else {
+        return Ok(decide(rules, candidate, None));
+    };
+    match load_predictor(&env.rt, store, &prod.model) {
+        Ok(p) => {
+            let predicted = p.predict(texts);
+            let (pm, _) = evaluate(truth, &predicted, p.config.oos_label.as_deref(), TOP_CONFUSIONS);
+            env.log(format!("production model {} on the same test set: accuracy {:.4}", prod.job_id, pm.accuracy));
+            Ok(decide(rules, candidate, Some((&prod.job_id, &pm))))
+        }
+        Err(e) => {
+            env.log(format!("production model {} could not be loaded ({}); gate uses the minimum only", prod.job_id, e.message));
+            let mut d = decide(rules, candidate, None);
+            d.reasons.push(format!("production model {} could not be loaded: {}", prod.job_id, e.message));
+            Ok(d)
+        }
+    }
+}
+
+/// Runs an `intent-eval` job. Call on a dedicated thread.
+pub fn eval_job(env: &RunEnv, params: &EvalParams) -> Result<Value, JobError> {
+    let store = env.models.as_ref().unwrap_or(&env.store);
+    let (job, prefix) = match &params.model {
+        Some(job) => (job.clone(), models::model_prefix(job)),
+        None => {
+            let p = env
+                .rt
+                .block_on(models::production(store, &env.bot))
+                .map_err(|e| JobError::transient(e.to_string()))?
+                .ok_or_else(|| JobError::permanent(format!("bot {:?} has no production model; give `model` (a job id)", env.bot)))?;
+            (p.job_id, p.model)
+        }
+    };
+    env.log(format!("intent-eval job {}: model {prefix} (job {job})", env.job_id));
+    let predictor = load_predictor(&env.rt, store, &prefix)?;
+    let examples = params.data.load_for_eval(&env.data_dir).map_err(|e| JobError::permanent(e.to_string()))?;
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let truth: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
+    let predicted = predictor.predict(&texts);
+    let (metrics, keys) = write_evaluation(env, &truth, &predicted, predictor.config.oos_label.as_deref())?;
+    let unknown: Vec<&String> = truth.iter().filter(|t| !predictor.config.labels.contains(t)).collect();
+    if !unknown.is_empty() {
+        env.log(format!("{} test examples have labels the model does not know (counted as errors)", unknown.len()));
+    }
+    env.put("eval.log", env.log_text())?;
+    Ok(json!({
+        "accuracy": metrics.accuracy,
+        "macro_f1": metrics.macro_f1,
+        "in_scope_accuracy": metrics.in_scope_accuracy,
+        "oos_recall": metrics.oos_recall,
+        "test_examples": metrics.test_examples,
+        "model": prefix,
+        "model_job_id": job,
+        "top_confusions": metrics.top_confusions.iter().take(5).collect::<Vec<_>>(),
+        "artifacts": keys,
+    }))
+}

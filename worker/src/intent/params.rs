@@ -1,0 +1,223 @@
+//! Job parameters of `intent-train` and `intent-eval`, with their documented defaults.
+//!
+//! Unknown parameters are rejected (`deny_unknown_fields`); every range is
+//! checked in [`TrainParams::parse`] / [`EvalParams::parse`] so `validate()`
+//! stays cheap and a bad job dies at once with a clear message.
+
+use serde::{Deserialize, Serialize};
+
+use super::{dataset::DatasetSpec, device::DeviceSpec, promotion::GateRules};
+use crate::handler::JobError;
+
+/// `promote`: may a passing model replace production by itself?
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PromoteMode {
+    /// Promote when the gate passes (default).
+    #[default]
+    Auto,
+    /// Never promote; report what the gate would decide.
+    Manual,
+}
+
+/// Model and optimisation settings (all have defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Hyper {
+    /// Most epochs (early stopping usually ends sooner). Default 12.
+    pub epochs: usize,
+    /// Seed of every random choice (split, init, shuffling, dropout). Default 42.
+    pub seed: u64,
+    /// Examples per step. Default 64.
+    pub batch_size: usize,
+    /// Adam learning rate (linearly decayed to 10% over `epochs`). Default 0.002.
+    pub lr: f64,
+    /// Hidden (embedding bag) width. Default 256.
+    pub hidden: usize,
+    /// Dropout on the hidden layer. Default 0.3.
+    pub dropout: f32,
+    /// Epochs without validation improvement before stopping. Default 3.
+    pub patience: usize,
+    /// Word n-grams up to this order (1 = unigrams). Default 2.
+    pub word_ngrams: usize,
+    /// Smallest character n-gram inside word boundaries (0 disables). Default 2.
+    pub char_ngram_min: usize,
+    /// Largest character n-gram. Default 5.
+    pub char_ngram_max: usize,
+    /// Minimum number of training utterances a feature must occur in. Default 1.
+    pub min_df: usize,
+    /// Share of train held out for validation when the data has no validation split. Default 0.1.
+    pub val_fraction: f64,
+    /// Share held out for test when the data has no test split. Default 0.2.
+    pub test_fraction: f64,
+    /// OOS confidence threshold: a number in 0..1 fixes it; absent = tuned on validation
+    /// (only when the data has an `oos` label).
+    pub oos_threshold: Option<f32>,
+    /// The out-of-scope label. Default `oos`.
+    pub oos_label: String,
+}
+
+impl Default for Hyper {
+    fn default() -> Self {
+        Self {
+            epochs: 12,
+            seed: 42,
+            batch_size: 64,
+            lr: 0.002,
+            hidden: 256,
+            dropout: 0.3,
+            patience: 3,
+            word_ngrams: 2,
+            char_ngram_min: 2,
+            char_ngram_max: 5,
+            min_df: 1,
+            val_fraction: 0.1,
+            test_fraction: 0.2,
+            oos_threshold: None,
+            oos_label: "oos".into(),
+        }
+    }
+}
+
+/// Parameters of an `intent-train` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainParams {
+    /// The dataset (format, columns, splits).
+    #[serde(flatten)]
+    pub data: DatasetSpec,
+    /// `cpu` (default), `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// `auto` (default) or `manual`.
+    #[serde(default)]
+    pub promote: PromoteMode,
+    /// Promotion rules.
+    #[serde(default)]
+    pub gate: GateRules,
+    /// Model and optimisation settings, given flat in `params`.
+    #[serde(flatten)]
+    pub hyper: Hyper,
+}
+
+/// Which model an `intent-eval` job evaluates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalParams {
+    /// The dataset; its test split(s) are used, or every row when it has none.
+    #[serde(flatten)]
+    pub data: DatasetSpec,
+    /// A job id whose model to evaluate; absent = the bot's production model.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+fn bad(what: &str, reason: impl std::fmt::Display) -> JobError {
+    JobError::permanent(format!("invalid {what} params: {reason}"))
+}
+
+/// Keys that `Hyper` (flattened) accepts: serde's `flatten` disables `deny_unknown_fields`, so unknown keys are checked by hand.
+const HYPER_KEYS: &[&str] = &[
+    "epochs",
+    "seed",
+    "batch_size",
+    "lr",
+    "hidden",
+    "dropout",
+    "patience",
+    "word_ngrams",
+    "char_ngram_min",
+    "char_ngram_max",
+    "min_df",
+    "val_fraction",
+    "test_fraction",
+    "oos_threshold",
+    "oos_label",
+];
+
+fn check_keys(what: &str, params: &serde_json::Value, allowed: &[&[&str]]) -> Result<(), JobError> {
+    let obj = params.as_object().ok_or_else(|| bad(what, "params must be a JSON object"))?;
+    for k in obj.keys() {
+        if !allowed.iter().any(|set| set.contains(&k.as_str())) {
+            let mut all: Vec<&str> = allowed.iter().flat_map(|s| s.iter().copied()).collect();
+            all.sort_unstable();
+            return Err(bad(what, format!("unknown parameter `{k}`; known: {}", all.join(", "))));
+        }
+    }
+    Ok(())
+}
+
+impl TrainParams {
+    /// Parses and checks `params` of an `intent-train` job.
+    pub fn parse(params: &serde_json::Value) -> Result<Self, JobError> {
+        check_keys("intent-train", params, &[DatasetSpec::KEYS, HYPER_KEYS, &["device", "promote", "gate"]])?;
+        let p: Self = serde_json::from_value(params.clone()).map_err(|e| bad("intent-train", e))?;
+        p.data.check().map_err(|e| bad("intent-train", e))?;
+        p.device.check().map_err(|e| bad("intent-train", e))?;
+        p.gate.check().map_err(|e| bad("intent-train", e))?;
+        let h = &p.hyper;
+        let checks: [(bool, String); 12] = [
+            (h.epochs >= 1 && h.epochs <= 1000, format!("epochs {} must be in 1..=1000", h.epochs)),
+            (h.batch_size >= 1 && h.batch_size <= 4096, format!("batch_size {} must be in 1..=4096", h.batch_size)),
+            (h.lr > 0.0 && h.lr < 10.0, format!("lr {} must be in (0, 10)", h.lr)),
+            (h.hidden >= 1 && h.hidden <= 4096, format!("hidden {} must be in 1..=4096", h.hidden)),
+            ((0.0..0.95).contains(&h.dropout), format!("dropout {} must be in [0, 0.95)", h.dropout)),
+            (h.patience >= 1, "patience must be at least 1".to_string()),
+            ((1..=4).contains(&h.word_ngrams), format!("word_ngrams {} must be in 1..=4", h.word_ngrams)),
+            (
+                h.char_ngram_min == 0 || (h.char_ngram_min <= h.char_ngram_max && h.char_ngram_max <= 8),
+                format!("char n-gram range {}..={} must satisfy min <= max <= 8 (min 0 disables)", h.char_ngram_min, h.char_ngram_max),
+            ),
+            (h.min_df >= 1, "min_df must be at least 1".to_string()),
+            ((0.0..0.9).contains(&h.val_fraction), format!("val_fraction {} must be in [0, 0.9)", h.val_fraction)),
+            (h.test_fraction > 0.0 && h.test_fraction < 0.9, format!("test_fraction {} must be in (0, 0.9)", h.test_fraction)),
+            (h.oos_threshold.is_none_or(|t| (0.0..=1.0).contains(&t)), "oos_threshold must be in 0..=1".to_string()),
+        ];
+        for (ok, msg) in checks {
+            if !ok {
+                return Err(bad("intent-train", msg));
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl EvalParams {
+    /// Parses and checks `params` of an `intent-eval` job.
+    pub fn parse(params: &serde_json::Value) -> Result<Self, JobError> {
+        check_keys("intent-eval", params, &[DatasetSpec::KEYS, &["model"]])?;
+        let p: Self = serde_json::from_value(params.clone()).map_err(|e| bad("intent-eval", e))?;
+        p.data.check().map_err(|e| bad("intent-eval", e))?;
+        if let Some(m) = &p.model {
+            if m.is_empty() || !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(bad("intent-eval", format!("model {m:?} must be a job id (letters, digits, - and _)")));
+            }
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_and_rejections() {
+        let p = TrainParams::parse(&json!({"dataset": "clinc150/data_small.json", "epochs": 3, "seed": 7})).unwrap();
+        assert_eq!(p.hyper.epochs, 3);
+        assert_eq!(p.hyper.seed, 7);
+        assert_eq!(p.hyper.batch_size, 64);
+        assert_eq!(p.promote, PromoteMode::Auto);
+        assert_eq!(p.device, DeviceSpec::Cpu);
+        let e = TrainParams::parse(&json!({"dataset": "x.csv", "epochz": 3})).unwrap_err();
+        assert!(e.message.contains("unknown parameter `epochz`"), "{}", e.message);
+        assert!(TrainParams::parse(&json!({"epochs": 3})).unwrap_err().message.contains("dataset"));
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "epochs": 0})).is_err());
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "promote": "sometimes"})).is_err());
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "format": "xml"})).is_err());
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "gate": {"min_accuracy": 2.0}})).is_err());
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "gate": {"min_acc": 0.5}})).is_err());
+        assert!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "../x"})).is_err());
+        assert!(EvalParams::parse(&json!({"dataset": "x.csv", "epochs": 3})).is_err());
+        assert_eq!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "j-1"})).unwrap().model.as_deref(), Some("j-1"));
+    }
+}

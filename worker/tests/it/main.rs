@@ -1,0 +1,3 @@
+//! The worker crate's integration tests, one binary.
+
+mod intent;
