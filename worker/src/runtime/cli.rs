@@ -78,13 +78,14 @@ async fn run_async(args: RunArgs, logs: JobLogs) -> anyhow::Result<()> {
     cfg.max_message_bytes = args.max_message_bytes;
     cfg.backoff = Backoff { base_ms: args.retry_base_ms, max_ms: args.retry_max_ms };
     cfg.data_dir = args.data_dir.clone();
-    if let Ok(node) = std::env::var("NODE_NAME") {
-        cfg.worker.attributes.insert("node".into(), node);
-    }
+    // On Kubernetes: node and GPU model from the downward API and the Node's labels.
+    cfg.worker.attributes.extend(crate::k8s::attributes_from_env().await);
     tracing::info!(worker = %cfg.worker.id, broker = %redact_url(&args.amqp_url), types = ?args.types, "starting worker");
 
     let metrics = prometheus::Registry::new();
     let worker = Worker::new(cfg, registry, &metrics, logs)?;
+    // On Kubernetes: busy pods get a high pod-deletion-cost so scale-down removes idle ones first.
+    let _pod_cost = crate::k8s::spawn_from_env(worker.running()).await;
     let shutdown = CancellationToken::new();
     if let Some(addr) = args.metrics_addr {
         let ready = worker.connected_flag();

@@ -1,0 +1,85 @@
+# Shared helpers of the scripts: sourced, not run.
+# shellcheck shell=bash
+
+# Prints a timing line for a phase: phase NAME CMD...
+phase() {
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== ${name}"
+  "$@"
+  local rc=$?
+  echo "=== ${name}: $((SECONDS - t0)) s (exit ${rc})"
+  return $rc
+}
+
+# True when something listens on 127.0.0.1:PORT.
+port_open() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
+}
+
+# Makes sure a RabbitMQ broker answers on localhost:5672: starts the local
+# rabbitmq-server if installed, else installs it with apt-get when root.
+ensure_rabbitmq() {
+  if [[ -n "${TRAINYARD_AMQP_URL:-}" && "${TRAINYARD_AMQP_URL}" != *"127.0.0.1"* && "${TRAINYARD_AMQP_URL}" != *"localhost"* ]]; then
+    return 0 # a remote broker was given: the caller knows where it is
+  fi
+  port_open 5672 && return 0
+  if ! command -v rabbitmq-server >/dev/null; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+      echo "installing rabbitmq-server with apt-get"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+    else
+      echo "error: no RabbitMQ on localhost:5672 and rabbitmq-server is not installed." >&2
+      echo "  install it (Debian/Ubuntu: sudo apt-get install rabbitmq-server) or set TRAINYARD_AMQP_URL." >&2
+      return 1
+    fi
+  fi
+  echo "starting rabbitmq-server"
+  as_root rabbitmq-server -detached >/dev/null 2>&1 || rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 90); do
+    port_open 5672 && { sleep 2; return 0; }
+    sleep 1
+  done
+  echo "error: rabbitmq-server did not start listening on 5672 within 90 s" >&2
+  return 1
+}
+
+# Makes sure PostgreSQL answers on localhost:5432 with a database `test` reachable as
+# postgres://postgres@127.0.0.1:5432/test (trust auth for local TCP).
+ensure_postgres() {
+  if ! port_open 5432; then
+    if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+      if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "installing postgresql with apt-get"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+      else
+        echo "error: no PostgreSQL on localhost:5432; install postgresql or set TRAINYARD_TEST_DATABASE_URL." >&2
+        return 1
+      fi
+    fi
+    local v; v=$(ls /etc/postgresql | head -1)
+    local hba="/etc/postgresql/$v/main/pg_hba.conf"
+    if ! grep -q "trainyard-tests" "$hba" 2>/dev/null; then
+      as_root sh -c "printf 'host all all 127.0.0.1/32 trust # trainyard-tests\n' | cat - '$hba' > '$hba.new' && mv '$hba.new' '$hba' && chown postgres '$hba'" || true
+    fi
+    as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start || as_root pg_ctlcluster "$v" main start || true
+    for _ in $(seq 1 30); do port_open 5432 && break; sleep 1; done
+  fi
+  port_open 5432 || { echo "error: PostgreSQL did not start" >&2; return 1; }
+  if command -v psql >/dev/null; then
+    psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" 2>/dev/null | grep -q 1 \
+      || psql -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE test" >/dev/null 2>&1 || true
+  fi
+}
+
+# Fails with a hint when cargo is missing.
+ensure_cargo() {
+  command -v cargo >/dev/null && return 0
+  [[ -x "$HOME/.cargo/bin/cargo" ]] && { export PATH="$HOME/.cargo/bin:$PATH"; return 0; }
+  echo "error: cargo not found; install Rust with https://rustup.rs (stable toolchain)" >&2
+  return 1
+}

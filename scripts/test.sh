@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs every check and test of trainyard, with a timing line per phase.
+#   scripts/test.sh
+# Starts (or installs, as root on Debian) RabbitMQ and PostgreSQL when they
+# are not running. Tests that disrupt the broker run last, alone.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+export CARGO_TERM_COLOR=never
+T0=$SECONDS
+
+phase "services" bash -c 'source scripts/lib.sh && ensure_cargo && ensure_rabbitmq && ensure_postgres' || exit 1
+
+if cargo nextest --version >/dev/null 2>&1; then
+  run_tests() { cargo nextest run --no-fail-fast "$@"; }
+  FILTER_ALL=(-E 'not test(/^disrupt::/)')
+  FILTER_SERIAL=(-E 'test(/^disrupt::/)' --test-threads 1)
+else
+  echo "cargo-nextest not found: using cargo test (install it with: cargo install cargo-nextest)"
+  run_tests() { cargo test --no-fail-fast "$@"; }
+  FILTER_ALL=(-- --skip disrupt::)
+  FILTER_SERIAL=(-- disrupt:: --test-threads 1)
+fi
+
+failed=()
+step() { local name=$1; shift; phase "$name" "$@" || failed+=("$name"); }
+
+step "format" cargo fmt --all --check
+step "build" cargo build --workspace --bins --tests
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "FAILED: ${failed[*]} (stopping: nothing to test)"; exit 1
+fi
+step "clippy" cargo clippy --workspace --all-targets --no-deps -- -D warnings
+step "tests" run_tests --workspace "${FILTER_ALL[@]}"
+step "tests that disrupt the broker (serial)" run_tests -p trainyard-tests "${FILTER_SERIAL[@]}"
+step "k8s manifests" scripts/validate-k8s.sh
+step "cuda feature compiles" cargo check -p trainyard-worker --features cuda
+
+echo "total: $((SECONDS - T0)) s"
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all checks passed"
