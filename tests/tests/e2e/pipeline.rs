@@ -297,3 +297,39 @@ async fn a_busy_worker_does_not_hold_a_second_job() {
     w2.stop().await;
     env.cleanup().await;
 }
+
+/// A crash loop: the broker itself dead-letters a job returned more than the
+/// delivery limit; it lands in the dead queue and the recorder's copy, and a
+/// watcher sees it as `dead`.
+#[tokio::test]
+async fn the_broker_dead_letters_a_crash_looping_job_at_the_delivery_limit() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+    let env = Env::new(&["noop"]).await;
+    let spec = env.spec("noop", json!({}));
+    let mut watch = env.watch(&spec).await;
+    env.submitter().submit(&spec).await.unwrap();
+    // A "worker" that dies on every delivery: each return counts toward the limit.
+    let ch = env.conn.create_channel().await.unwrap();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(env.topo.jobs_queue("noop").as_str().into(), "crash-loop".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut returns = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+        d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
+        returns += 1;
+        assert!(returns <= trainyard_common::topology::DELIVERY_LIMIT + 1, "never stops looping");
+    }
+    assert_eq!(returns, trainyard_common::topology::DELIVERY_LIMIT + 1);
+    let events = collect_until_terminal(&mut watch, T).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.status, JobStatus::Dead);
+    assert!(last.error.as_ref().unwrap().message.contains("delivery limit"), "{last:?}");
+    let dead = env.drain(&env.topo.dead_queue("noop")).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(codec::decode_job(None, &dead[0].0, 1 << 20).unwrap().job_id, spec.job_id);
+    assert_eq!(env.drain(&env.topo.dead_recorder_queue()).await.len(), 1);
+    env.cleanup().await;
+}
