@@ -50,10 +50,7 @@ impl managed::Manager for ChannelManager {
 /// Builds a channel pool of at most `max` channels over at most `max` connections.
 pub fn channel_pool(url: &str, name: &str, max: usize) -> Result<ChannelPool, CommonError> {
     let name = name.to_string();
-    let cfg = deadpool_lapin::Config {
-        url: Some(url.to_string()),
-        pool: Some(deadpool_lapin::PoolConfig::new(max.clamp(1, 4))),
-    };
+    let cfg = deadpool_lapin::Config { url: Some(url.to_string()), pool: Some(deadpool_lapin::PoolConfig::new(max.clamp(1, 4))) };
     let connections = cfg
         .create_pool(
             move || lapin::ConnectionProperties::default().with_connection_name(name.clone().into()),

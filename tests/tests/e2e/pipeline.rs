@@ -313,7 +313,12 @@ async fn the_broker_dead_letters_a_crash_looping_job_at_the_delivery_limit() {
     let ch = env.conn.create_channel().await.unwrap();
     ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
     let mut consumer = ch
-        .basic_consume(env.topo.jobs_queue("noop").as_str().into(), "crash-loop".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            env.topo.jobs_queue("noop").as_str().into(),
+            "crash-loop".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let mut returns = 0;

@@ -15,6 +15,17 @@ fn signal(child: &std::process::Child, sig: &str) {
     assert!(ok, "kill {sig} failed");
 }
 
+/// Runs the `trainyard` CLI against this environment's topology.
+async fn cli(env: &Env, args: &[&str]) -> std::process::Output {
+    let prefix = env.topo.prefix().to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(bin("trainyard")).args(&args).env("TRAINYARD_PREFIX", prefix).env("TRAINYARD_AMQP_URL", URL).output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// A worker killed with SIGKILL mid-job loses nothing: the broker redelivers
 /// the job and a second worker completes it.
 #[tokio::test]
@@ -74,17 +85,7 @@ async fn sigterm_mid_job_requeues_it_and_exits_zero() {
 async fn cli_submit_wait_json_reports_success() {
     let env = Env::new(&["noop"]).await;
     let mut worker = env.worker_process("noop", &[]);
-    let prefix = env.topo.prefix().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin("trainyard"))
-            .args(["submit", "noop", "--bot", "x", "--param", "sleep_ms=20", "--wait", "--json", "--wait-timeout", "60"])
-            .env("TRAINYARD_PREFIX", prefix)
-            .env("TRAINYARD_AMQP_URL", URL)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = cli(&env, &["submit", "noop", "--bot", "x", "--param", "sleep_ms=20", "--wait", "--json", "--wait-timeout", "60"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "exit {:?}: {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -99,17 +100,7 @@ async fn cli_submit_wait_json_reports_success() {
 #[tokio::test]
 async fn cli_submit_of_an_unknown_job_type_fails_clearly() {
     let env = Env::new(&[]).await;
-    let prefix = env.topo.prefix().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin("trainyard"))
-            .args(["submit", "no-such-type", "--bot", "x"])
-            .env("TRAINYARD_PREFIX", prefix)
-            .env("TRAINYARD_AMQP_URL", URL)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = cli(&env, &["submit", "no-such-type", "--bot", "x"]).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no queue is bound") && stderr.contains("no-such-type"), "{stderr}");

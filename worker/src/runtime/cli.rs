@@ -56,7 +56,13 @@ pub fn init_tracing(format: &str, logs: &JobLogs) {
     let fmt = if format == "text" {
         tracing_subscriber::fmt::layer().with_writer(std::io::stdout).boxed()
     } else {
-        tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).flatten_event(true).with_writer(std::io::stdout).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .flatten_event(true)
+            .with_writer(std::io::stdout)
+            .boxed()
     };
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(logs.layer()).try_init();
 }

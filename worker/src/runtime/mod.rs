@@ -176,14 +176,20 @@ pub struct Worker {
 impl Worker {
     /// A worker running `registry`'s job types, registering its metrics in `metrics_registry`
     /// and capturing job logs through `logs` (whose layer must be installed in the subscriber).
-    pub fn new(config: WorkerConfig, registry: Registry, metrics_registry: &prometheus::Registry, logs: JobLogs) -> Result<Self, RuntimeError> {
+    pub fn new(
+        config: WorkerConfig,
+        registry: Registry,
+        metrics_registry: &prometheus::Registry,
+        logs: JobLogs,
+    ) -> Result<Self, RuntimeError> {
         if registry.job_types().is_empty() {
             return Err(RuntimeError::Config("no job types to consume".into()));
         }
         if config.concurrency == 0 {
             return Err(RuntimeError::Config("concurrency must be at least 1".into()));
         }
-        let metrics = WorkerMetrics::new(metrics_registry, &registry.job_types()).map_err(|e| RuntimeError::Config(format!("metrics: {e}")))?;
+        let metrics =
+            WorkerMetrics::new(metrics_registry, &registry.job_types()).map_err(|e| RuntimeError::Config(format!("metrics: {e}")))?;
         let (running, _) = watch::channel(0);
         let shared = Shared {
             config,

@@ -23,11 +23,8 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use trainyard_common::{
-    amqp::publish_confirmed,
-    artifacts::keys,
-    codec,
-    event::event_seq,
-    headers, CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent, JobSpec, JobStatus,
+    amqp::publish_confirmed, artifacts::keys, codec, event::event_seq, headers, CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent,
+    JobSpec, JobStatus,
 };
 
 use super::{
@@ -97,7 +94,8 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
         }
     };
     let attempt = Attempt { attempt: headers::attempt(hdrs), redelivery: headers::delivery_count(hdrs), spec, n: AtomicU32::new(0) };
-    let span = tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
+    let span =
+        tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
     run_attempt(d, &attempt, shared, sctx).instrument(span).await
 }
 
@@ -206,7 +204,14 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     }
 }
 
-async fn finish_succeeded(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &SessionCtx, value: serde_json::Value, elapsed: f64) -> Result<(), CommonError> {
+async fn finish_succeeded(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    value: serde_json::Value,
+    elapsed: f64,
+) -> Result<(), CommonError> {
     let mut ev = at.event(shared, JobStatus::Succeeded);
     let mut value = value;
     if let Some(obj) = value.as_object_mut() {
@@ -241,7 +246,11 @@ async fn finish_failed(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &Sessi
         }
         Disposition::Failed | Disposition::Dead => {
             let failed = err.kind != ErrorKind::Permanent;
-            let reason = if failed { format!("attempts used up ({}/{}): {}", at.attempt, spec.max_attempts, err.message) } else { err.message.clone() };
+            let reason = if failed {
+                format!("attempts used up ({}/{}): {}", at.attempt, spec.max_attempts, err.message)
+            } else {
+                err.message.clone()
+            };
             let kind = format!("{:?}", err.kind).to_lowercase();
             dead_letter(d, job_type, shared, sctx, &kind, &reason, Some(&spec.job_id)).await?;
             let mut ev = at.event(shared, if failed { JobStatus::Failed } else { JobStatus::Dead });
@@ -262,7 +271,14 @@ async fn finish_failed(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &Sessi
 }
 
 /// Puts a copy with the next attempt number in the retry queue of `delay_ms`.
-async fn publish_retry(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &SessionCtx, delay_ms: u64, next_attempt: u32) -> Result<(), CommonError> {
+async fn publish_retry(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    delay_ms: u64,
+    next_attempt: u32,
+) -> Result<(), CommonError> {
     let topo = &shared.config.topology;
     let job_type = at.spec.job_type.as_str();
     let key = trainyard_common::topology::retry_routing_key(job_type, delay_ms);
@@ -281,14 +297,30 @@ async fn publish_retry(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &Sessi
 
 /// Dead-letters a message the worker cannot run at all (poison). No event
 /// unless the job id is known; the recorder gets the dead letter regardless.
-async fn poison(d: &Delivery, job_type: &str, shared: &Shared, sctx: &SessionCtx, class: &str, reason: &str, job_id: Option<&str>) -> Result<(), CommonError> {
+async fn poison(
+    d: &Delivery,
+    job_type: &str,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    class: &str,
+    reason: &str,
+    job_id: Option<&str>,
+) -> Result<(), CommonError> {
     tracing::warn!(job_type = %job_type, class, reason, "poison message dead-lettered");
     shared.metrics.poison_total.with_label_values(&[job_type, class]).inc();
     dead_letter(d, job_type, shared, sctx, "poison", &format!("{class}: {reason}"), job_id).await?;
     ack(d, sctx).await
 }
 
-async fn dead_letter(d: &Delivery, job_type: &str, shared: &Shared, sctx: &SessionCtx, kind: &str, reason: &str, job_id: Option<&str>) -> Result<(), CommonError> {
+async fn dead_letter(
+    d: &Delivery,
+    job_type: &str,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    kind: &str,
+    reason: &str,
+    job_id: Option<&str>,
+) -> Result<(), CommonError> {
     let mut hdrs: FieldTable = d.properties.headers().clone().unwrap_or_default();
     headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(reason, 4000));
     headers::set_str(&mut hdrs, headers::DEAD_KIND, kind);
@@ -317,11 +349,7 @@ async fn requeue(d: &Delivery, at: &Attempt, sctx: &SessionCtx) -> Result<(), Co
         return Ok(());
     }
     tracing::info!(attempt = at.attempt, "job stopped by shutdown; requeueing it");
-    d.acker
-        .nack(BasicNackOptions { requeue: true, multiple: false })
-        .await
-        .map(|_| ())
-        .map_err(CommonError::amqp("requeue a delivery"))
+    d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.map(|_| ()).map_err(CommonError::amqp("requeue a delivery"))
 }
 
 async fn save_log(shared: &Shared, at: &Attempt) {

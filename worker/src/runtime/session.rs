@@ -152,7 +152,11 @@ async fn consume_loop(
 }
 
 /// Consumes cancel requests from the control exchange on an exclusive queue.
-async fn start_control(conn: &Connection, shared: &Arc<Shared>, lost: &CancellationToken) -> Result<tokio::task::JoinHandle<()>, CommonError> {
+async fn start_control(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    lost: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, CommonError> {
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open the control channel"))?;
     let q = ch
         .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
