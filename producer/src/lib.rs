@@ -5,12 +5,22 @@
 //!
 //! - [`store`]: the job store, a projection of the event stream (SQLite or PostgreSQL);
 //! - [`recorder`]: feeds the store from `recorder` and `dead.recorder`;
+//! - [`scheduler`] and [`triggers`]: cron schedules and event triggers ([`config`]);
+//! - [`ops`]: job management shared by the CLI and the HTTP [`api`];
+//! - [`serve`]: all of it in one process, with the demand metrics loop.
 //!
 //! The command-line interface lives in the binary.
 //! Never links burn: training lives in `trainyard-worker`.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod config;
+pub mod ops;
 pub mod pool;
+pub mod rebuild;
 pub mod recorder;
+pub mod scheduler;
+pub mod serve;
 pub mod store;
 pub mod submit;
+pub mod triggers;

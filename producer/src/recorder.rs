@@ -73,6 +73,7 @@ impl Recorder {
         let conn = connect(&self.url, "trainyard-recorder").await?;
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         self.topology.declare_shared(&ch).await?;
+        let publish = trainyard_common::amqp::confirm_channel(&conn).await?;
         ch.basic_qos(64, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
         let events = ch
             .basic_consume(self.topology.recorder_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -96,7 +97,11 @@ impl Recorder {
                 return Err(CommonError::Config { name: "recorder".into(), reason: "consumer stream ended".into() }.into());
             };
             let delivery = delivery.map_err(CommonError::amqp("receive a delivery"))?;
-            let outcome = if is_dead { self.handle_dead_letter(&delivery).await } else { self.handle_event(&delivery).await };
+            let outcome: Result<(), RecorderError> = if is_dead {
+                self.handle_dead_letter(&delivery, &publish).await
+            } else {
+                self.handle_event(&delivery).await.map_err(Into::into)
+            };
             match outcome {
                 Ok(()) => {
                     delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
@@ -144,7 +149,7 @@ impl Recorder {
         Ok(())
     }
 
-    async fn handle_dead_letter(&self, d: &Delivery) -> Result<(), StoreError> {
+    async fn handle_dead_letter(&self, d: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
         let (letter, event) = dead_letter(
             d.properties.content_type().as_ref().map(|s| s.as_str()),
             d.properties.headers().as_ref(),
@@ -158,6 +163,10 @@ impl Recorder {
         }
         if let Some(event) = event {
             self.record(&event).await?;
+            if letter.broker_dead_lettered {
+                // No worker reported this one: put it in the audit stream too, so a rebuild sees it.
+                trainyard_common::amqp::publish_event(publish, &self.topology, &event).await?;
+            }
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! Subcommands of the `trainyard` binary.
 
+mod manage;
+mod serve;
 mod submit;
 
 use std::process::ExitCode;
@@ -17,6 +19,8 @@ pub struct Cli {
     /// Prefix of exchange and queue names.
     #[arg(long, global = true, env = "TRAINYARD_PREFIX", default_value = "trainyard")]
     pub prefix: String,
+    #[command(flatten)]
+    target: manage::Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +29,20 @@ pub struct Cli {
 enum Command {
     /// Submit a job.
     Submit(submit::SubmitArgs),
+    /// Inspect and manage jobs.
+    #[command(subcommand)]
+    Jobs(manage::JobsCmd),
+    /// Dead-letter queues.
+    #[command(subcommand)]
+    Dlq(manage::DlqCmd),
+    /// Bots' production models.
+    #[command(subcommand)]
+    Models(manage::ModelsCmd),
+    /// Run the control plane: recorder, scheduler, triggers, HTTP API, metrics.
+    Serve(serve::ServeArgs),
+    /// The job store.
+    #[command(subcommand)]
+    Store(serve::StoreCmd),
     /// Declare the RabbitMQ topology (shared part, and the given job types).
     Topology {
         /// Job types whose queues to declare (comma-separated).
@@ -38,6 +56,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let topology = Topology::new(cli.prefix.clone());
     match cli.command {
         Command::Submit(args) => submit::run(&cli.amqp_url, topology, args).await,
+        Command::Jobs(cmd) => manage::jobs(cli.target, &cli.amqp_url, topology, cmd).await,
+        Command::Dlq(cmd) => manage::dlq(cli.target, &cli.amqp_url, topology, cmd).await,
+        Command::Models(cmd) => manage::models(cli.target, &cli.amqp_url, topology, cmd).await,
+        Command::Serve(args) => serve::serve(cli.target, &cli.amqp_url, topology, args).await,
+        Command::Store(cmd) => serve::store(cli.target, &cli.amqp_url, topology, cmd).await,
         Command::Topology { types } => {
             let s = trainyard::submit::Submitter::new(&cli.amqp_url, topology)?;
             s.declare_shared().await?;

@@ -2,5 +2,7 @@
 //! (localhost, guest/guest) and PostgreSQL (127.0.0.1:5432, database `test`).
 //! Every test uses its own topology prefix and store, and cleans up.
 
+mod api;
 mod helpers;
 mod recorder;
+mod schedules;

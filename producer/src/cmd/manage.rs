@@ -1,0 +1,365 @@
+//! `trainyard jobs|dlq|models|store`: job management, through the store and
+//! the broker directly, or through the API with `--server URL --token T`.
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use trainyard::{
+    ops::{Ops, ReplayRequest},
+    store::{JobFilter, Store},
+};
+use trainyard_common::{artifacts::ArtifactStore, topology::Topology, JobStatus, TriggerKind};
+
+/// Where reads and actions go.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// Job store (`sqlite://PATH`, created when missing, or `postgres://…`).
+    #[arg(long, global = true, env = "TRAINYARD_DATABASE_URL", default_value = trainyard::store::DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+    /// Artifact store (directory, `file://DIR` or `memory://`).
+    #[arg(long, global = true, env = "TRAINYARD_ARTIFACTS", default_value = trainyard_common::config::DEFAULT_ARTIFACTS)]
+    pub artifacts: String,
+    /// Talk to a control plane's API instead (e.g. `http://127.0.0.1:8080`).
+    #[arg(long, global = true, env = "TRAINYARD_SERVER")]
+    pub server: Option<String>,
+    /// API token for `--server`.
+    #[arg(long, global = true, env = "TRAINYARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON on stdout (an object, or an array for lists).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCmd {
+    /// List jobs, newest first.
+    List {
+        /// Only this status.
+        #[arg(long)]
+        status: Option<JobStatus>,
+        /// Only this job type.
+        #[arg(long = "type")]
+        job_type: Option<String>,
+        /// Only this bot.
+        #[arg(long)]
+        bot: Option<String>,
+        /// Only jobs created since (RFC 3339, or a duration like `2h`, `30m`, `7d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Everything about one job: status, attempts, events, metrics, confusion matrix.
+    Show { id: String },
+    /// The saved logs of a job's attempts.
+    Logs {
+        id: String,
+        /// One attempt only.
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Keep printing new log output until the job is finished.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a queued or running job.
+    Cancel {
+        id: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Submit a finished job again, as a new job.
+    Retry { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// Dead letters not replayed yet.
+    List {
+        #[arg(long = "type")]
+        job_type: Option<String>,
+    },
+    /// Republish dead letters with a fresh attempt count.
+    Replay {
+        /// The job to replay.
+        id: Option<String>,
+        /// Replay every dead letter of `--type`.
+        #[arg(long, requires = "job_type")]
+        all: bool,
+        #[arg(long = "type")]
+        job_type: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCmd {
+    /// A bot's production model and promotion history.
+    List {
+        #[arg(long)]
+        bot: String,
+    },
+    /// Make the model a job trained its bot's production model.
+    Promote { job_id: String },
+    /// Restore the bot's previous production model.
+    Rollback {
+        #[arg(long)]
+        bot: String,
+    },
+}
+
+enum Conn {
+    Direct(Ops),
+    Remote { base: String, token: String, http: reqwest::Client },
+}
+
+fn who() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "cli".into())
+}
+
+async fn open(t: &Target, url: &str, topology: Topology) -> anyhow::Result<Conn> {
+    if let Some(server) = &t.server {
+        let token = t.token.clone().context("--server needs --token (or TRAINYARD_TOKEN)")?;
+        return Ok(Conn::Remote { base: server.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() });
+    }
+    let store = Store::open(&t.database_url).await?;
+    let artifacts = ArtifactStore::open(&t.artifacts)?;
+    Ok(Conn::Direct(Ops::new(store, artifacts, url, topology)?))
+}
+
+impl Conn {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<reqwest::Response> {
+        let Conn::Remote { base, token, http } = self else { unreachable!("remote call on a direct connection") };
+        let mut req = http.request(method, format!("{base}/v1{path}")).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| format!("failed to reach {base}"))?;
+        if !resp.status().is_success() {
+            let code = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"].as_str().map(String::from)).unwrap_or(text);
+            bail!("{code}: {msg}");
+        }
+        Ok(resp)
+    }
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        Ok(self.call(reqwest::Method::GET, path, None).await?.json().await?)
+    }
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        Ok(self.call(reqwest::Method::POST, path, Some(body)).await?.json().await?)
+    }
+}
+
+/// `--since`: RFC 3339 or a duration back from now.
+fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.into());
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = num.parse().with_context(|| format!("--since {s:?}: expected RFC 3339 or a duration like 30m, 2h, 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("--since {s:?}: unit must be s, m, h or d"),
+    };
+    Ok(chrono::Utc::now() - chrono::TimeDelta::seconds(secs))
+}
+
+fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
+    if json_out {
+        println!("{v}");
+    } else {
+        human(v);
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> anyhow::Result<ExitCode> {
+    let conn = open(&t, url, topology).await?;
+    match cmd {
+        JobsCmd::List { status, job_type, bot, since, limit } => {
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let v = match &conn {
+                Conn::Direct(ops) => serde_json::to_value(ops.list(&JobFilter { status, job_type, bot, since, limit }).await?)?,
+                Conn::Remote { .. } => {
+                    let since = since.map(|x| x.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    let pairs = [("status", status.map(|s| s.to_string())), ("type", job_type), ("bot", bot), ("since", since)];
+                    let mut q = vec![format!("limit={limit}")];
+                    q.extend(pairs.into_iter().filter_map(|(k, v)| Some(format!("{k}={}", v?))));
+                    conn.get(&format!("/jobs?{}", q.join("&"))).await?
+                }
+            };
+            print(t.json, &v, |v| {
+                println!("{:<36}  {:<9}  {:<13}  {:<16}  {:>3}  CREATED", "JOB_ID", "STATUS", "TYPE", "BOT", "ATT");
+                for j in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<36}  {:<9}  {:<13}  {:<16}  {:>3}  {}",
+                        s(&j["job_id"]),
+                        s(&j["status"]),
+                        s(&j["job_type"]),
+                        s(&j["bot"]),
+                        s(&j["attempts"]),
+                        s(&j["created_at"])
+                    );
+                }
+            });
+        }
+        JobsCmd::Show { id } => {
+            let v = match &conn {
+                Conn::Direct(ops) => serde_json::to_value(ops.show(&id).await?)?,
+                Conn::Remote { .. } => conn.get(&format!("/jobs/{id}")).await?,
+            };
+            print(t.json, &v, show_human);
+        }
+        JobsCmd::Logs { id, attempt, follow } => return logs(&conn, &id, attempt, follow).await,
+        JobsCmd::Cancel { id, reason } => {
+            let v = match &conn {
+                Conn::Direct(ops) => serde_json::to_value(ops.cancel(&id, &who(), &reason).await?)?,
+                Conn::Remote { .. } => conn.post(&format!("/jobs/{id}/cancel"), json!({"reason": reason})).await?,
+            };
+            print(t.json, &v, |_| println!("cancel requested for {id}"));
+        }
+        JobsCmd::Retry { id } => {
+            let v = match &conn {
+                Conn::Direct(ops) => {
+                    let spec = ops.retry(&id, &who(), TriggerKind::Manual).await?;
+                    json!({"job_id": spec.job_id, "retry_of": id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued"})
+                }
+                Conn::Remote { .. } => conn.post(&format!("/jobs/{id}/retry"), json!({})).await?,
+            };
+            print(t.json, &v, |v| println!("{}", s(&v["job_id"])));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_human(v: &Value) {
+    println!("job       {}  ({} for bot {})", s(&v["job_id"]), s(&v["job_type"]), s(&v["bot"]));
+    println!("status    {}  attempts {}  run {}", s(&v["status"]), s(&v["attempts"]), s(&v["run"]));
+    println!("trigger   {} {}", s(&v["trigger"]["kind"]), s(&v["trigger"]["source"]));
+    println!("created   {}  started {}  finished {}", s(&v["created_at"]), s(&v["started_at"]), s(&v["finished_at"]));
+    if !v["worker"].is_null() {
+        println!("worker    {} {}", s(&v["worker"]["id"]), v["worker"]["attributes"]);
+    }
+    if !v["progress"].is_null() {
+        println!("progress  {}", v["progress"]);
+    }
+    if !v["error"].is_null() {
+        println!("error     {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
+    }
+    if let Some(m) = v["metrics"].as_object() {
+        println!("metrics   accuracy {}  macro_f1 {}", s(&m["accuracy"].clone()), s(&m["macro_f1"].clone()));
+    }
+    if let Some(p) = v["result"].get("promotion") {
+        println!("promotion {}", p);
+    }
+    println!("events:");
+    for e in v["events"].as_array().into_iter().flatten() {
+        let worker = e["worker"]["id"].as_str().map(|w| format!(" on {w}")).unwrap_or_default();
+        println!("  {}  {:<9} attempt {}{worker}", s(&e["at"]), s(&e["status"]), s(&e["attempt"]));
+    }
+}
+
+async fn logs(conn: &Conn, id: &str, attempt: Option<u32>, follow: bool) -> anyhow::Result<ExitCode> {
+    let fetch = |a: Option<u32>| async move {
+        match conn {
+            Conn::Direct(ops) => Ok::<String, anyhow::Error>(ops.logs(id, a).await?),
+            Conn::Remote { .. } => {
+                let q = a.map(|a| format!("?attempt={a}")).unwrap_or_default();
+                Ok(conn.call(reqwest::Method::GET, &format!("/jobs/{id}/logs{q}"), None).await?.text().await?)
+            }
+        }
+    };
+    let status = || async move {
+        match conn {
+            Conn::Direct(ops) => Ok::<Value, anyhow::Error>(serde_json::to_value(ops.show(id).await?)?["status"].clone()),
+            Conn::Remote { .. } => Ok(conn.get(&format!("/jobs/{id}")).await?["status"].clone()),
+        }
+    };
+    if !follow {
+        print!("{}", fetch(attempt).await?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Logs are saved as attempts go; print what is new until the job is finished.
+    let mut shown = 0usize;
+    loop {
+        let terminal = status().await?.as_str().and_then(|s| s.parse::<JobStatus>().ok()).is_some_and(|s| s.is_terminal());
+        if let Ok(text) = fetch(attempt).await {
+            if text.len() > shown {
+                print!("{}", &text[shown..]);
+                shown = text.len();
+            }
+        }
+        if terminal {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+pub async fn dlq(t: Target, url: &str, topology: Topology, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
+    let conn = open(&t, url, topology).await?;
+    match cmd {
+        DlqCmd::List { job_type } => {
+            let v = match &conn {
+                Conn::Direct(ops) => serde_json::to_value(ops.dead_letters(job_type.as_deref()).await?)?,
+                Conn::Remote { .. } => conn.get(&job_type.map(|t| format!("/dlq?type={t}")).unwrap_or_else(|| "/dlq".into())).await?,
+            };
+            print(t.json, &v, |v| {
+                println!("{:<43}  {:<13}  {:<14}  {:>3}  REASON", "ID", "TYPE", "KIND", "ATT");
+                for d in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<43}  {:<13}  {:<14}  {:>3}  {}",
+                        s(&d["id"]),
+                        s(&d["job_type"]),
+                        s(&d["kind"]),
+                        s(&d["attempt"]),
+                        s(&d["reason"])
+                    );
+                }
+            });
+        }
+        DlqCmd::Replay { id, all, job_type } => {
+            if id.is_none() && !all {
+                bail!("give a job id, or --all --type T");
+            }
+            let req = ReplayRequest { job_id: id, job_type, all };
+            let v = match &conn {
+                Conn::Direct(ops) => json!({"replayed": ops.replay(&req, &who()).await?}),
+                Conn::Remote { .. } => conn.post("/dlq/replay", serde_json::to_value(&req)?).await?,
+            };
+            print(t.json, &v, |v| {
+                for id in v["replayed"].as_array().into_iter().flatten() {
+                    println!("replayed {}", s(id));
+                }
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn models(t: Target, url: &str, topology: Topology, cmd: ModelsCmd) -> anyhow::Result<ExitCode> {
+    let conn = open(&t, url, topology).await?;
+    let v = match (&conn, cmd) {
+        (Conn::Direct(ops), ModelsCmd::List { bot }) => serde_json::to_value(ops.models(&bot).await?)?,
+        (Conn::Direct(ops), ModelsCmd::Promote { job_id }) => serde_json::to_value(ops.promote(&job_id, &who()).await?)?,
+        (Conn::Direct(ops), ModelsCmd::Rollback { bot }) => json!({"bot": bot, "production": ops.rollback(&bot, &who()).await?}),
+        (Conn::Remote { .. }, ModelsCmd::List { bot }) => conn.get(&format!("/models/{bot}")).await?,
+        (Conn::Remote { .. }, ModelsCmd::Promote { job_id }) => conn.post(&format!("/models/promote/{job_id}"), json!({})).await?,
+        (Conn::Remote { .. }, ModelsCmd::Rollback { bot }) => conn.post(&format!("/models/{bot}/rollback"), json!({})).await?,
+    };
+    print(t.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
+    Ok(ExitCode::SUCCESS)
+}

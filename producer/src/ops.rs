@@ -1,0 +1,331 @@
+//! Job-management operations shared by the CLI (talking to the store and the
+//! broker directly) and the HTTP API: submit, show, logs, cancel, retry,
+//! dead-letter list/replay, models.
+
+use chrono::Utc;
+use lapin::{
+    options::{BasicAckOptions, BasicGetOptions},
+    types::FieldTable,
+};
+use serde::{Deserialize, Serialize};
+use trainyard_common::{
+    amqp::{confirm_channel, connect, publish_confirmed},
+    artifacts::{keys, ArtifactStore},
+    codec,
+    control::CancelRequest,
+    headers,
+    models::{self, ProductionEntry, PromotionHistory},
+    topology::Topology,
+    CommonError, JobEvent, JobSpec, Trigger,
+};
+
+use crate::{
+    store::{DeadLetter, JobFilter, JobRow, Store, StoreError},
+    submit::Submitter,
+};
+
+/// Errors of job-management operations, each with its HTTP meaning.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// No such job, bot or letter.
+    #[error("{0}")]
+    NotFound(String),
+    /// Not possible in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// Bad input.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Store trouble.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Broker or artifact trouble.
+    #[error(transparent)]
+    Common(#[from] CommonError),
+}
+
+/// A job as shown by `jobs show` and `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobDetail {
+    /// The job row.
+    #[serde(flatten)]
+    pub job: JobRow,
+    /// Every event, in order.
+    pub events: Vec<JobEvent>,
+    /// Test metrics of a training job (`jobs/<id>/metrics.json`).
+    pub metrics: Option<serde_json::Value>,
+    /// Confusion matrix of a training job (`jobs/<id>/confusion_matrix.json`).
+    pub confusion_matrix: Option<serde_json::Value>,
+    /// The recorded outcome (`jobs/<id>/outcome.json`).
+    pub outcome: Option<serde_json::Value>,
+    /// Attempts whose log is saved.
+    pub logs: Vec<u32>,
+    /// The bot's production model now (to judge the promotion decision).
+    pub production: Option<ProductionEntry>,
+}
+
+/// A bot's models: production and history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BotModels {
+    /// The bot.
+    pub bot: String,
+    /// The model serving it.
+    pub production: Option<ProductionEntry>,
+    /// Every promotion and rollback, oldest first.
+    pub history: PromotionHistory,
+}
+
+/// What to replay from the dead-letter queues.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReplayRequest {
+    /// One job.
+    pub job_id: Option<String>,
+    /// Every replayable dead letter of this job type (with `all`).
+    pub job_type: Option<String>,
+    /// Replay all of `job_type`.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// The operations, over a store, an artifact store and the broker.
+#[derive(Debug, Clone)]
+pub struct Ops {
+    /// The job store.
+    pub store: Store,
+    /// The artifact store.
+    pub artifacts: ArtifactStore,
+    /// Publishes jobs and events.
+    pub submitter: Submitter,
+    url: String,
+}
+
+impl Ops {
+    /// Operations on `store`, `artifacts` and the broker at `url`.
+    pub fn new(store: Store, artifacts: ArtifactStore, url: &str, topology: Topology) -> Result<Self, OpsError> {
+        Ok(Self { store, artifacts, submitter: Submitter::new(url, topology)?, url: url.to_string() })
+    }
+
+    /// The topology in use.
+    pub fn topology(&self) -> &Topology {
+        self.submitter.topology()
+    }
+
+    /// Submits `spec` (validated), returning it.
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobSpec, OpsError> {
+        spec.validate().map_err(|e| OpsError::BadRequest(e.to_string()))?;
+        self.submitter.submit(&spec).await.map_err(|e| match e {
+            CommonError::Unroutable { .. } => OpsError::BadRequest(e.to_string()),
+            other => other.into(),
+        })?;
+        Ok(spec)
+    }
+
+    /// Jobs matching `filter`.
+    pub async fn list(&self, filter: &JobFilter) -> Result<Vec<JobRow>, OpsError> {
+        Ok(self.store.list_jobs(filter).await?)
+    }
+
+    async fn job(&self, job_id: &str) -> Result<JobRow, OpsError> {
+        self.store.job(job_id).await?.ok_or_else(|| OpsError::NotFound(format!("no job {job_id:?} in the job store")))
+    }
+
+    /// Everything about one job.
+    pub async fn show(&self, job_id: &str) -> Result<JobDetail, OpsError> {
+        let job = self.job(job_id).await?;
+        let events = self.store.events(job_id).await?;
+        let json = |key: String| async move { self.artifacts.get_json::<serde_json::Value>(&key).await.ok().flatten() };
+        let logs = self.log_attempts(job_id).await?;
+        Ok(JobDetail {
+            metrics: json(models::metrics_key(job_id)).await,
+            confusion_matrix: json(format!("{}/confusion_matrix.json", keys::job(job_id))).await,
+            outcome: json(keys::outcome(job_id)).await,
+            production: models::production(&self.artifacts, &job.bot).await.ok().flatten(),
+            logs,
+            events,
+            job,
+        })
+    }
+
+    /// The attempts of a job that have a saved log.
+    pub async fn log_attempts(&self, job_id: &str) -> Result<Vec<u32>, OpsError> {
+        let mut attempts: Vec<u32> = self
+            .artifacts
+            .list(&format!("{}/logs", keys::job(job_id)))
+            .await?
+            .iter()
+            .filter_map(|k| k.rsplit('/').next()?.strip_prefix("attempt-")?.strip_suffix(".log")?.parse().ok())
+            .collect();
+        attempts.sort_unstable();
+        Ok(attempts)
+    }
+
+    /// The saved log of one attempt, or of all of them (with a header line each).
+    pub async fn logs(&self, job_id: &str, attempt: Option<u32>) -> Result<String, OpsError> {
+        let attempts = match attempt {
+            Some(a) => vec![a],
+            None => self.log_attempts(job_id).await?,
+        };
+        let mut out = String::new();
+        for a in attempts {
+            let Some(bytes) = self.artifacts.get(&keys::attempt_log(job_id, a)).await? else {
+                return Err(OpsError::NotFound(format!("no saved log for attempt {a} of job {job_id}")));
+            };
+            if attempt.is_none() {
+                out.push_str(&format!("==> attempt {a} <==\n"));
+            }
+            out.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        Ok(out)
+    }
+
+    /// Asks the workers to cancel a job: a cancel marker in the artifact store
+    /// (for a job still queued) and a control message (for a running one).
+    pub async fn cancel(&self, job_id: &str, by: &str, reason: &str) -> Result<CancelRequest, OpsError> {
+        if let Some(job) = self.store.job(job_id).await? {
+            if job.status.is_terminal() {
+                return Err(OpsError::Conflict(format!("job {job_id} is already {}", job.status)));
+            }
+        }
+        let req = CancelRequest { job_id: job_id.to_string(), by: by.to_string(), reason: reason.to_string() };
+        self.artifacts.put_json(&keys::cancel_marker(job_id), &req).await?;
+        let body = codec::to_json(&req).map_err(CommonError::from)?;
+        let conn = connect(&self.url, "trainyard-cancel").await?;
+        let ch = confirm_channel(&conn).await?;
+        let props = lapin::BasicProperties::default().with_content_type(codec::JSON.into()).with_delivery_mode(2);
+        let res = publish_confirmed(&ch, &self.topology().control_exchange(), "", &body, props, false).await;
+        let _ = conn.close(200, "done".into()).await;
+        res?;
+        Ok(req)
+    }
+
+    /// Submits a finished job again as a new job (same type, bot and params).
+    pub async fn retry(&self, job_id: &str, by: &str, kind: trainyard_common::TriggerKind) -> Result<JobSpec, OpsError> {
+        let job = self.job(job_id).await?;
+        if !job.status.is_terminal() {
+            return Err(OpsError::Conflict(format!("job {job_id} is {}; only a finished job can be retried", job.status)));
+        }
+        let Some(old) = job.spec else {
+            return Err(OpsError::Conflict(format!("job {job_id} has no recorded spec (its queued event is missing)")));
+        };
+        let mut spec = JobSpec::new(old.job_type, old.bot, old.params, Trigger { kind, source: format!("{by} (retry of {job_id})") });
+        spec.max_attempts = old.max_attempts;
+        spec.timeout_s = old.timeout_s;
+        self.submit(spec).await
+    }
+
+    /// Dead letters not replayed yet, with the depth of each dead-letter queue.
+    pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, OpsError> {
+        Ok(self.store.dead_letters(job_type).await?)
+    }
+
+    /// Republishes dead letters to the work exchange with a fresh attempt
+    /// count, each acked off its dead queue only after the broker confirmed
+    /// the republish; records a new run of the job and its `queued` event.
+    pub async fn replay(&self, req: &ReplayRequest, by: &str) -> Result<Vec<String>, OpsError> {
+        let job_type = match (&req.job_id, &req.job_type, req.all) {
+            (Some(id), _, _) => match self.store.job(id).await? {
+                Some(j) => j.job_type,
+                None => self
+                    .store
+                    .dead_letters(None)
+                    .await?
+                    .into_iter()
+                    .find(|d| d.job_id.as_deref() == Some(id))
+                    .map(|d| d.job_type)
+                    .ok_or_else(|| OpsError::NotFound(format!("no dead letter of job {id:?}")))?,
+            },
+            (None, Some(t), true) => t.clone(),
+            _ => return Err(OpsError::BadRequest("give a job id, or --all with a job type".into())),
+        };
+        let topo = self.topology().clone();
+        let conn = connect(&self.url, "trainyard-replay").await?;
+        let ch = confirm_channel(&conn).await?;
+        let mut replayed = Vec::new();
+        let result = async {
+            loop {
+                let Some(msg) = ch
+                    .basic_get(topo.dead_queue(&job_type).into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .map_err(CommonError::amqp(format!("get from {}", topo.dead_queue(&job_type))))?
+                else {
+                    break;
+                };
+                let d = msg.delivery;
+                let hdrs = d.properties.headers().as_ref();
+                let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+                let spec: Option<JobSpec> = codec::decode(ct, &d.data).ok();
+                let id = spec.as_ref().map(|s| s.job_id.clone()).or_else(|| headers::string(hdrs, headers::JOB_ID));
+                let wanted = match (&req.job_id, &id) {
+                    (Some(want), Some(id)) => want == id,
+                    (None, Some(_)) => true,
+                    _ => false, // Poison without a job id: left in the queue.
+                };
+                let (true, Some(id), Some(spec)) = (wanted, id, spec) else { continue };
+                let mut fresh = FieldTable::default();
+                for (k, v) in d.properties.headers().clone().unwrap_or_default().inner() {
+                    let k = k.as_str();
+                    if k == headers::X_DEATH
+                        || k.starts_with("x-trainyard-dead")
+                        || k == headers::DELIVERY_COUNT
+                        || k.starts_with("x-first-death")
+                        || k.starts_with("x-last-death")
+                    {
+                        continue;
+                    }
+                    fresh.insert(k.into(), v.clone());
+                }
+                headers::set_int(&mut fresh, headers::ATTEMPT, 1);
+                headers::set_str(&mut fresh, headers::REPLAYED, format!("{} by {by}", Utc::now().to_rfc3339()));
+                let props = d.properties.clone().with_headers(fresh).with_delivery_mode(2);
+                let now = Utc::now();
+                self.store.start_new_run(&id, now).await?;
+                publish_confirmed(&ch, &topo.jobs_exchange(), &spec.job_type, &d.data, props, true).await?;
+                d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
+                self.store.mark_replayed(&id, now).await?;
+                let mut queued = JobEvent::queued(&spec);
+                queued.at = now;
+                self.submitter.publish_event(&ch, &queued).await?;
+                tracing::info!(job_id = %id, by, "dead letter replayed");
+                replayed.push(id.clone());
+                if req.job_id.is_some() {
+                    break;
+                }
+            }
+            Ok::<(), OpsError>(())
+        }
+        .await;
+        // Letters not taken go back to their queue when the channel closes.
+        let _ = conn.close(200, "done".into()).await;
+        result?;
+        if let (Some(id), true) = (&req.job_id, replayed.is_empty()) {
+            return Err(OpsError::NotFound(format!("job {id} is not in {}", topo.dead_queue(&job_type))));
+        }
+        Ok(replayed)
+    }
+
+    /// A bot's production model and history.
+    pub async fn models(&self, bot: &str) -> Result<BotModels, OpsError> {
+        Ok(BotModels {
+            bot: bot.to_string(),
+            production: models::production(&self.artifacts, bot).await?,
+            history: models::history(&self.artifacts, bot).await?,
+        })
+    }
+
+    /// Makes the model job `job_id` trained the production model of its bot.
+    pub async fn promote(&self, job_id: &str, by: &str) -> Result<ProductionEntry, OpsError> {
+        let job = self.job(job_id).await?;
+        models::promote_job(&self.artifacts, &job.bot, job_id, &format!("promoted by hand by {by}")).await.map_err(|e| match e {
+            CommonError::Config { reason, .. } => OpsError::Conflict(reason),
+            other => other.into(),
+        })
+    }
+
+    /// Restores the bot's previous production model.
+    pub async fn rollback(&self, bot: &str, by: &str) -> Result<Option<ProductionEntry>, OpsError> {
+        models::rollback(&self.artifacts, bot, &format!("rolled back by {by}")).await.map_err(|e| match e {
+            CommonError::Config { reason, .. } => OpsError::Conflict(reason),
+            other => other.into(),
+        })
+    }
+}

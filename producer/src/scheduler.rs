@@ -1,0 +1,183 @@
+//! Cron schedules. Each fire has a deterministic job id (UUID v5 of the
+//! schedule name and fire time) and is claimed in the job store before it is
+//! published (`schedule_fires`, unique on schedule + fire time): replicas
+//! sharing a store never fire a schedule twice.
+//!
+//! The clock is injected: [`Scheduler::tick`] takes `now`, so the logic is
+//! tested without sleeping.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use trainyard_common::{metrics::ControlMetrics, JobSpec, Trigger, TriggerKind};
+
+use crate::{
+    config::{parse_cron, MissedFire, ScheduleConfig},
+    store::Store,
+    submit::Submitter,
+};
+
+/// A fire older than this at tick time counts as missed.
+pub const GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Errors of a scheduler tick.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// Store trouble.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Broker trouble.
+    #[error("failed to publish the fire of schedule {schedule} at {at}: {source}")]
+    Publish {
+        /// Schedule.
+        schedule: String,
+        /// Fire time.
+        at: DateTime<Utc>,
+        /// Cause.
+        source: trainyard_common::CommonError,
+    },
+}
+
+struct Parsed {
+    cfg: ScheduleConfig,
+    cron: cron::Schedule,
+    tz: chrono_tz::Tz,
+}
+
+/// Fires cron schedules.
+pub struct Scheduler {
+    schedules: Vec<Parsed>,
+    store: Store,
+    submitter: Submitter,
+    metrics: Option<ControlMetrics>,
+    last: Mutex<HashMap<String, DateTime<Utc>>>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("schedules", &self.schedules.len()).finish_non_exhaustive()
+    }
+}
+
+/// The job id of the fire of `schedule` at `at`: the same on every replica.
+pub fn fire_job_id(schedule: &str, at: DateTime<Utc>) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("trainyard-schedule:{schedule}@{}", at.to_rfc3339()).as_bytes()).to_string()
+}
+
+/// Which of the fire times in `(last, now]` to fire under `policy`: those
+/// within [`GRACE`] of `now`; with `fire_once`, also the latest missed one
+/// when none is on time.
+pub fn select_fires(times: &[DateTime<Utc>], now: DateTime<Utc>, policy: MissedFire) -> Vec<DateTime<Utc>> {
+    let (on_time, missed): (Vec<_>, Vec<_>) = times.iter().partition(|t| now - **t <= GRACE);
+    let mut out = on_time;
+    if policy == MissedFire::FireOnce && out.is_empty() {
+        out.extend(missed.last().copied());
+    }
+    out
+}
+
+impl Scheduler {
+    /// A scheduler of `schedules` (already validated by the config loader; bad ones are skipped with an error log).
+    pub fn new(schedules: Vec<ScheduleConfig>, store: Store, submitter: Submitter, metrics: Option<ControlMetrics>) -> Self {
+        let schedules = schedules
+            .into_iter()
+            .filter_map(|cfg| match (parse_cron(&cfg.cron), cfg.timezone.parse::<chrono_tz::Tz>()) {
+                (Ok(cron), Ok(tz)) => Some(Parsed { cfg, cron, tz }),
+                (Err(e), _) => {
+                    tracing::error!(schedule = %cfg.name, error = %e, "schedule ignored");
+                    None
+                }
+                (_, Err(e)) => {
+                    tracing::error!(schedule = %cfg.name, error = %e, "schedule ignored");
+                    None
+                }
+            })
+            .collect();
+        Self { schedules, store, submitter, metrics, last: Mutex::new(HashMap::new()) }
+    }
+
+    /// Fires what is due at `now`; returns the jobs this instance published.
+    /// The first tick of a schedule starts from its last recorded fire (so
+    /// missed fires apply), or from `now` when it never fired.
+    pub async fn tick(&self, now: DateTime<Utc>) -> Result<Vec<JobSpec>, ScheduleError> {
+        let mut published = Vec::new();
+        let mut last = self.last.lock().await;
+        for s in &self.schedules {
+            let from = match last.get(&s.cfg.name) {
+                Some(t) => *t,
+                None => self.store.last_schedule_fire(&s.cfg.name).await?.unwrap_or(now),
+            };
+            let times: Vec<DateTime<Utc>> =
+                s.cron.after(&from.with_timezone(&s.tz)).map(|t| t.with_timezone(&Utc)).take_while(|t| *t <= now).take(10_000).collect();
+            for at in select_fires(&times, now, s.cfg.missed) {
+                let job_id = fire_job_id(&s.cfg.name, at);
+                if !self.store.claim_schedule_fire(&s.cfg.name, at, &job_id).await? {
+                    continue; // Another replica has it.
+                }
+                let mut spec = JobSpec::new(
+                    &s.cfg.job_type,
+                    &s.cfg.bot,
+                    s.cfg.params.clone(),
+                    Trigger { kind: TriggerKind::Schedule, source: s.cfg.name.clone() },
+                );
+                spec.job_id = job_id;
+                self.submitter.submit(&spec).await.map_err(|source| ScheduleError::Publish { schedule: s.cfg.name.clone(), at, source })?;
+                self.store.mark_fire_published(&s.cfg.name, at).await?;
+                if let Some(m) = &self.metrics {
+                    m.schedule_fires.with_label_values(&[s.cfg.name.as_str()]).inc();
+                    m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "schedule"]).inc();
+                }
+                tracing::info!(schedule = %s.cfg.name, fire_at = %at, job_id = %spec.job_id, "schedule fired");
+                published.push(spec);
+            }
+            last.insert(s.cfg.name.clone(), now);
+        }
+        Ok(published)
+    }
+
+    /// Ticks every second until `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.tick(Utc::now()).await {
+                tracing::error!(error = %e, "scheduler tick failed");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn missed_fires_follow_the_policy() {
+        let times = [t("2026-01-01T00:00:00Z"), t("2026-01-01T01:00:00Z"), t("2026-01-01T02:00:00Z")];
+        let now = t("2026-01-01T02:00:30Z");
+        assert_eq!(select_fires(&times, now, MissedFire::Skip), vec![times[2]]);
+        assert_eq!(select_fires(&times, now, MissedFire::FireOnce), vec![times[2]]);
+        let later = t("2026-01-01T03:30:00Z");
+        assert!(select_fires(&times, later, MissedFire::Skip).is_empty());
+        assert_eq!(select_fires(&times, later, MissedFire::FireOnce), vec![times[2]]);
+    }
+
+    #[test]
+    fn fire_ids_are_deterministic_and_time_zones_apply() {
+        let at = t("2026-03-01T02:00:00Z");
+        assert_eq!(fire_job_id("a", at), fire_job_id("a", at));
+        assert_ne!(fire_job_id("a", at), fire_job_id("b", at));
+        let cron = parse_cron("0 2 * * *").unwrap();
+        let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+        let next = cron.after(&at.with_timezone(&tz)).next().unwrap().with_timezone(&Utc);
+        assert_eq!(next, t("2026-03-02T01:00:00Z")); // 02:00 in Berlin (UTC+1).
+    }
+}

@@ -1,0 +1,193 @@
+//! `trainyard serve`: the control plane in one process — recorder, scheduler,
+//! event triggers, the demand metrics loop and the HTTP API — safe to run as
+//! several replicas sharing a PostgreSQL store.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use lapin::{options::QueueDeclareOptions, types::FieldTable, Channel, Connection};
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+use trainyard_common::{amqp::connect, artifacts::ArtifactStore, metrics::ControlMetrics, topology::Topology, CommonError};
+
+use crate::{
+    api::{self, ApiState, Tokens},
+    config::ControlConfig,
+    ops::{Ops, OpsError},
+    recorder::Recorder,
+    scheduler::Scheduler,
+    store::{Store, StoreError},
+    triggers::Triggers,
+};
+
+/// Job types known when no configuration names any.
+pub const DEFAULT_JOB_TYPES: &[&str] = &["intent-train", "intent-eval", "noop"];
+
+/// Settings of `trainyard serve`.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    /// Broker URL.
+    pub amqp_url: String,
+    /// Topology names.
+    pub topology: Topology,
+    /// Job store URL.
+    pub database_url: String,
+    /// Artifact store location.
+    pub artifacts: String,
+    /// Known job types: declared at start-up, their gauges exported from then on.
+    pub job_types: Vec<String>,
+    /// API tokens.
+    pub tokens: Tokens,
+    /// Schedules and trigger rules.
+    pub config: ControlConfig,
+    /// Request body limit of the API.
+    pub body_limit: usize,
+    /// How often the demand gauges are refreshed.
+    pub demand_interval: Duration,
+}
+
+/// Errors of the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Broker trouble.
+    #[error(transparent)]
+    Broker(#[from] CommonError),
+    /// Store trouble.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Setup trouble.
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    /// Metrics registration failed.
+    #[error("failed to register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The HTTP server failed.
+    #[error("failed to serve HTTP: {0}")]
+    Http(std::io::Error),
+    /// A configuration file is wrong.
+    #[error("failed to read configuration {path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Runs the control plane on `listener` until `shutdown`.
+pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let store = Store::open(&settings.database_url).await?;
+    let artifacts = ArtifactStore::open(&settings.artifacts)?;
+    let ops = Ops::new(store.clone(), artifacts, &settings.amqp_url, settings.topology.clone())?;
+    ops.submitter.declare_shared().await?;
+    for t in &settings.job_types {
+        ops.submitter.declare_job_type(t).await?;
+    }
+    let registry = Registry::new();
+    let metrics = ControlMetrics::new(&registry, &settings.job_types)?;
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let recorder = Recorder::new(store.clone(), settings.topology.clone(), &settings.amqp_url, Some(metrics.clone()));
+    tasks.spawn({
+        let stop = shutdown.clone();
+        async move { recorder.run(stop).await }
+    });
+    tasks.spawn({
+        let (stop, store, metrics, s) = (shutdown.clone(), store.clone(), metrics.clone(), settings.clone());
+        async move { demand_loop(&s, &store, &metrics, stop).await }
+    });
+    if !settings.config.schedules.is_empty() {
+        let scheduler = Scheduler::new(settings.config.schedules.clone(), store.clone(), ops.submitter.clone(), Some(metrics.clone()));
+        tasks.spawn({
+            let stop = shutdown.clone();
+            async move { scheduler.run(stop).await }
+        });
+    }
+    if !settings.config.triggers.is_empty() {
+        let triggers = Triggers::new(settings.config.triggers.clone(), ops.submitter.clone(), &settings.amqp_url, Some(metrics.clone()));
+        tasks.spawn({
+            let stop = shutdown.clone();
+            async move { triggers.run(stop).await }
+        });
+    }
+
+    let state = ApiState { ops, tokens: Arc::new(settings.tokens.clone()), registry, metrics: Some(metrics) };
+    let app = api::router(state, settings.body_limit);
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, job_types = ?settings.job_types, "control plane serving");
+    let stop = shutdown.clone();
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    store.close().await;
+    served.map_err(ServeError::Http)
+}
+
+async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics, shutdown: CancellationToken) {
+    let mut conn: Option<(Connection, Channel)> = None;
+    loop {
+        if conn.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
+            conn = match connect(&s.amqp_url, "trainyard-demand").await {
+                Ok(c) => match c.create_channel().await {
+                    Ok(ch) => Some((c, ch)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "demand: failed to open a channel");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "demand: failed to connect");
+                    None
+                }
+            };
+        }
+        if let Some((_, ch)) = &conn {
+            if let Err(e) = update_demand(ch, &s.topology, store, metrics, &s.job_types).await {
+                tracing::warn!(error = %e, "failed to refresh the demand gauges");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(s.demand_interval) => {}
+        }
+    }
+}
+
+async fn ready_count(ch: &Channel, queue: &str) -> Result<i64, CommonError> {
+    let q = ch
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .map_err(CommonError::amqp(format!("inspect queue {queue}")))?;
+    Ok(i64::from(q.message_count()))
+}
+
+/// Refreshes the per-type gauges: `trainyard_jobs_demand` = ready messages in
+/// the work queue + jobs recorded as running; queue and dead-letter depths;
+/// running jobs; jobs by status; the age of the oldest queued job.
+pub async fn update_demand(
+    ch: &Channel,
+    topo: &Topology,
+    store: &Store,
+    m: &ControlMetrics,
+    job_types: &[String],
+) -> Result<(), ServeError> {
+    let running = store.running_by_type().await?;
+    let oldest = store.oldest_queued_by_type().await?;
+    let now = chrono::Utc::now();
+    for t in job_types {
+        let ready = ready_count(ch, &topo.jobs_queue(t)).await?;
+        let dead = ready_count(ch, &topo.dead_queue(t)).await?;
+        let run = running.get(t).copied().unwrap_or(0);
+        let l = [t.as_str()];
+        m.queue_ready.with_label_values(&l).set(ready);
+        m.queue_dead.with_label_values(&l).set(dead);
+        m.jobs_running.with_label_values(&l).set(run);
+        m.jobs_demand.with_label_values(&l).set(ready + run);
+        let age = oldest.get(t).map(|at| (now - *at).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
+        m.oldest_waiting.with_label_values(&l).set(age);
+    }
+    m.jobs_by_status.reset();
+    for (t, status, n) in store.count_by_type_and_status().await? {
+        m.jobs_by_status.with_label_values(&[t.as_str(), status.as_str()]).set(n);
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! Event triggers: JSON events published by other systems to the
+//! `<prefix>.triggers` topic exchange become jobs, per [`TriggerRule`].
+//!
+//! - The control plane consumes one quorum queue, `<prefix>.triggers.control-plane`,
+//!   with `x-single-active-consumer`: one replica handles triggers at a time,
+//!   in order, and another takes over when it goes away.
+//! - Debounce is trailing, per (rule, bot): the first event of a burst opens a
+//!   window of `debounce_s`; when it closes, **one** job is submitted with the
+//!   fields of the latest event. The events of a burst are acked only after
+//!   that job is confirmed, so a crash mid-window loses nothing.
+//! - `{{field}}` in the rule's bot and parameter strings is replaced by the
+//!   event's field; a string that is only `{{field}}` takes the field's JSON value.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Acker,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use trainyard_common::{amqp::connect, metrics::ControlMetrics, CommonError, JobSpec, Trigger, TriggerKind};
+
+use crate::{config::TriggerRule, submit::Submitter};
+
+/// Does an AMQP topic `pattern` (`*` = one word, `#` = zero or more) match `key`?
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match (p.first(), k.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &k[1..]),
+            _ => false,
+        }
+    }
+    go(&pattern.split('.').collect::<Vec<_>>(), &key.split('.').collect::<Vec<_>>())
+}
+
+/// Fills `{{field}}` placeholders of `template` from `event`.
+pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match template {
+        Value::String(s) => {
+            let t = s.trim();
+            if let Some(name) = t.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")).filter(|n| !n.contains("{{")) {
+                return event.get(name.trim()).cloned().unwrap_or(Value::Null);
+            }
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("{{") {
+                out.push_str(&rest[..start]);
+                let Some(end) = rest[start..].find("}}") else { break };
+                let name = rest[start + 2..start + end].trim();
+                match event.get(name) {
+                    Some(Value::String(v)) => out.push_str(v),
+                    Some(v) => out.push_str(&v.to_string()),
+                    None => {}
+                }
+                rest = &rest[start + end + 2..];
+            }
+            out.push_str(rest);
+            Value::String(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|v| render(v, event)).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), render(v, event))).collect()),
+        other => other.clone(),
+    }
+}
+
+/// A burst of events for one (rule, bot), waiting for its window to close.
+#[derive(Debug)]
+pub struct Pending<T> {
+    /// When the window closes.
+    pub deadline: Instant,
+    /// The latest event.
+    pub event: serde_json::Value,
+    /// What to settle when the job is out (delivery ackers).
+    pub held: Vec<T>,
+    /// Events in the burst.
+    pub count: usize,
+}
+
+/// Trailing per-key debounce, with the clock passed in.
+#[derive(Debug)]
+pub struct Debouncer<T> {
+    pending: HashMap<(String, String), Pending<T>>,
+}
+
+impl<T> Default for Debouncer<T> {
+    fn default() -> Self {
+        Self { pending: HashMap::new() }
+    }
+}
+
+impl<T> Debouncer<T> {
+    /// Adds an event; returns `true` when it opened a new window.
+    pub fn offer(&mut self, key: (String, String), event: serde_json::Value, held: T, now: Instant, window: Duration) -> bool {
+        match self.pending.get_mut(&key) {
+            Some(p) => {
+                p.event = event;
+                p.held.push(held);
+                p.count += 1;
+                false
+            }
+            None => {
+                self.pending.insert(key, Pending { deadline: now + window, event, held: vec![held], count: 1 });
+                true
+            }
+        }
+    }
+
+    /// Takes the bursts whose window has closed at `now`.
+    pub fn due(&mut self, now: Instant) -> Vec<((String, String), Pending<T>)> {
+        let keys: Vec<_> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k.clone()).collect();
+        keys.into_iter().filter_map(|k| self.pending.remove(&k).map(|p| (k, p))).collect()
+    }
+
+    /// The next deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+}
+
+/// Consumes trigger events and submits jobs.
+#[derive(Debug, Clone)]
+pub struct Triggers {
+    rules: Vec<TriggerRule>,
+    submitter: Submitter,
+    url: String,
+    metrics: Option<ControlMetrics>,
+}
+
+impl Triggers {
+    /// Trigger handling for `rules`.
+    pub fn new(rules: Vec<TriggerRule>, submitter: Submitter, url: &str, metrics: Option<ControlMetrics>) -> Self {
+        Self { rules, submitter, url: url.to_string(), metrics }
+    }
+
+    /// The queue the control plane consumes.
+    pub fn queue_name(&self) -> String {
+        format!("{}.triggers.control-plane", self.submitter.topology().prefix())
+    }
+
+    /// Runs until `shutdown`, reconnecting on broker trouble.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            if let Err(e) = self.session(&shutdown).await {
+                tracing::warn!(error = %e, "trigger session ended; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    fn count(&self, rule: &str, outcome: &str) {
+        if let Some(m) = &self.metrics {
+            m.trigger_events.with_label_values(&[rule, outcome]).inc();
+        }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), CommonError> {
+        let topo = self.submitter.topology().clone();
+        let conn = connect(&self.url, "trainyard-triggers").await?;
+        let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+        topo.declare_shared(&ch).await?;
+        let queue = self.queue_name();
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .await
+            .map_err(CommonError::amqp(format!("declare {queue}")))?;
+        for r in &self.rules {
+            ch.queue_bind(
+                queue.as_str().into(),
+                topo.triggers_exchange().into(),
+                r.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(CommonError::amqp(format!("bind {queue} to {}", r.routing_key)))?;
+        }
+        ch.basic_qos(1000, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
+        let mut consumer = ch
+            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("consume {queue}")))?;
+        let mut debouncer: Debouncer<Acker> = Debouncer::default();
+        loop {
+            let sleep_until = debouncer.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Unacked events go back to the queue for the next active consumer.
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(sleep_until) => {
+                    for ((rule_name, bot), p) in debouncer.due(Instant::now()) {
+                        let Some(rule) = self.rules.iter().find(|r| r.name == rule_name) else { continue };
+                        self.fire(rule, &bot, &p.event, p.count).await?;
+                        for a in p.held {
+                            a.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack trigger events"))?;
+                        }
+                    }
+                }
+                d = consumer.next() => {
+                    let Some(d) = d else { return Err(CommonError::Config { name: "triggers".into(), reason: "consumer ended".into() }) };
+                    let d = d.map_err(CommonError::amqp("receive a trigger event"))?;
+                    let key = d.routing_key.as_str().to_string();
+                    let event: serde_json::Value = match serde_json::from_slice(&d.data) {
+                        Ok(v @ serde_json::Value::Object(_)) => v,
+                        _ => {
+                            tracing::warn!(routing_key = %key, "ignoring a trigger event that is not a JSON object");
+                            self.count("none", "ignored");
+                            d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
+                            continue;
+                        }
+                    };
+                    // The first matching rule takes the event.
+                    let Some(rule) = self.rules.iter().find(|r| topic_matches(&r.routing_key, &key)) else {
+                        d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
+                        continue;
+                    };
+                    let bot = match render(&serde_json::Value::String(rule.bot.clone()), &event) {
+                        serde_json::Value::String(s) if trainyard_common::job::valid_bot_name(&s) => s,
+                        other => {
+                            tracing::warn!(rule = %rule.name, bot = %other, "trigger event gives no valid bot; ignored");
+                            self.count(&rule.name, "ignored");
+                            d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
+                            continue;
+                        }
+                    };
+                    if rule.debounce_s == 0 {
+                        self.fire(rule, &bot, &event, 1).await?;
+                        d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
+                    } else if !debouncer.offer((rule.name.clone(), bot), event, d.acker, Instant::now(), Duration::from_secs(rule.debounce_s)) {
+                        self.count(&rule.name, "debounced");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fire(&self, rule: &TriggerRule, bot: &str, event: &serde_json::Value, burst: usize) -> Result<(), CommonError> {
+        let params = render(&rule.params, event);
+        let spec = JobSpec::new(
+            &rule.job_type,
+            bot,
+            params,
+            Trigger { kind: TriggerKind::Event, source: format!("{} ({})", rule.routing_key, rule.name) },
+        );
+        match self.submitter.submit(&spec).await {
+            Ok(()) => {
+                tracing::info!(rule = %rule.name, bot, burst, job_id = %spec.job_id, "trigger fired");
+                self.count(&rule.name, "fired");
+                if let Some(m) = &self.metrics {
+                    m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "event"]).inc();
+                }
+                Ok(())
+            }
+            // A template that yields an invalid job will never work: log and drop the burst.
+            Err(CommonError::Codec(e)) => {
+                tracing::warn!(rule = %rule.name, bot, error = %e, "trigger produced an invalid job; dropped");
+                self.count(&rule.name, "ignored");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn topics_match_like_rabbitmq() {
+        assert!(topic_matches("bot.dataset_updated", "bot.dataset_updated"));
+        assert!(topic_matches("bot.*", "bot.dataset_updated"));
+        assert!(!topic_matches("bot.*", "bot.a.b"));
+        assert!(topic_matches("bot.#", "bot.a.b"));
+        assert!(topic_matches("#", "x"));
+        assert!(!topic_matches("bot.x", "bot.y"));
+    }
+
+    #[test]
+    fn templates_fill_fields() {
+        let ev = json!({"bot": "banking", "dataset": "clinc150/x.json", "epochs": 5});
+        let t = json!({"dataset": "{{dataset}}", "epochs": "{{ epochs }}", "note": "bot {{bot}} v{{epochs}}", "fixed": 1});
+        assert_eq!(render(&t, &ev), json!({"dataset": "clinc150/x.json", "epochs": 5, "note": "bot banking v5", "fixed": 1}));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_yields_one_fire_with_the_latest_event() {
+        let mut d: Debouncer<u32> = Debouncer::default();
+        let w = Duration::from_secs(300);
+        let key = ("r".to_string(), "banking".to_string());
+        assert!(d.offer(key.clone(), json!({"v": 1}), 1, Instant::now(), w));
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert!(!d.offer(key.clone(), json!({"v": 2}), 2, Instant::now(), w));
+        assert!(d.offer(("r".into(), "other".into()), json!({"v": 9}), 9, Instant::now(), w));
+        assert!(d.due(Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_secs(200)).await;
+        let due = d.due(Instant::now());
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].1.event, json!({"v": 2}));
+        assert_eq!(due[0].1.held, vec![1, 2]);
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(d.due(Instant::now()).len(), 1);
+        assert!(d.next_deadline().is_none());
+    }
+}
