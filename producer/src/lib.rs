@@ -17,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod ops;
 pub mod pool;
+pub mod progress;
 pub mod rebuild;
 pub mod recorder;
 pub mod scheduler;

@@ -45,7 +45,8 @@ pub fn build_params(file: Option<&PathBuf>, pairs: &[String]) -> anyhow::Result<
     let mut params = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("failed to read params file {}", path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("params file {} is not JSON", path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("params file {} is not JSON", path.display()))?;
             anyhow::ensure!(v.is_object(), "params file {} must hold a JSON object", path.display());
             v
         }
@@ -92,11 +93,13 @@ pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Res
         eprintln!("submitted {} ({} for bot {}), waiting…", spec.job_id, spec.job_type, spec.bot);
     }
     let quiet = args.json;
+    // A live progress bar when a person watches; plain lines otherwise.
+    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| trainyard::progress::ProgressView::new(&spec.bot));
     let outcome = watch
-        .until_terminal(Duration::from_secs(args.wait_timeout), |ev| {
-            if !quiet {
-                print_event(ev);
-            }
+        .until_terminal(Duration::from_secs(args.wait_timeout), |ev| match &bar {
+            Some(b) => b.on_event(ev),
+            None if !quiet => print_event(ev),
+            None => {}
         })
         .await;
     let final_event = match outcome {

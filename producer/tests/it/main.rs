@@ -3,6 +3,7 @@
 //! Every test uses its own topology prefix and store, and cleans up.
 
 mod api;
+mod cli;
 mod helpers;
 mod recorder;
 mod schedules;
