@@ -83,3 +83,14 @@ ensure_cargo() {
   echo "error: cargo not found; install Rust with https://rustup.rs (stable toolchain)" >&2
   return 1
 }
+
+# Makes sure headless Chromium is installed (the report page is tested in it).
+ensure_chromium() {
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null && return 0
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing chromium with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && return 0
+  fi
+  echo "error: headless Chromium is needed for the report page test: sudo apt-get install chromium" >&2
+  return 1
+}
