@@ -14,6 +14,10 @@ pub const MSGPACK: &str = "application/msgpack";
 pub const JSON: &str = "application/json";
 /// Default limit on a job message body.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Deepest nesting of arrays and maps a msgpack body may have (serde_json's own
+/// limit is 128 too). rmp-serde allows 1024 by default, deep enough for a
+/// hostile body to overflow a worker thread's stack and abort the process.
+pub const MAX_DEPTH: usize = 128;
 
 /// Encodes `value` as msgpack with named fields.
 pub fn to_msgpack<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
@@ -30,10 +34,16 @@ pub fn decode<T: DeserializeOwned>(content_type: Option<&str>, body: &[u8]) -> R
     // Parameters such as "; charset=utf-8" are allowed.
     let ct = content_type.unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match ct.as_str() {
-        "" | MSGPACK | "application/x-msgpack" => rmp_serde::from_slice(body).map_err(|e| CodecError::Msgpack(e.to_string())),
+        "" | MSGPACK | "application/x-msgpack" => from_msgpack(body).map_err(|e| CodecError::Msgpack(e.to_string())),
         JSON => serde_json::from_slice(body).map_err(|e| CodecError::Json(e.to_string())),
         other => Err(CodecError::ContentType(other.to_string())),
     }
+}
+
+fn from_msgpack<T: DeserializeOwned>(body: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
 }
 
 /// Decodes and validates a job body, enforcing the size limit first.
@@ -89,5 +99,19 @@ mod tests {
         assert!(matches!(decode_job(None, b"\xc1\xff garbage", 1 << 20), Err(CodecError::Msgpack(_))));
         assert!(matches!(decode_job(Some("text/plain"), b"{}", 1 << 20), Err(CodecError::ContentType(_))));
         assert!(matches!(decode_job(Some(JSON), b"{\"job_id\":1}", 1 << 20), Err(CodecError::Json(_))));
+    }
+
+    #[test]
+    fn refuses_deep_msgpack_nesting_without_overflowing_the_stack() {
+        // 1,000 nested one-element arrays (rmp-serde's default limit is 1,024), and 100,000.
+        for n in [1_000, 100_000] {
+            let mut body = vec![0x91u8; n];
+            body.push(0);
+            let err = decode::<serde_json::Value>(Some(MSGPACK), &body).unwrap_err();
+            assert!(err.to_string().contains("depth"), "{err}");
+        }
+        let mut ok = vec![0x91u8; MAX_DEPTH - 1];
+        ok.push(0);
+        assert!(decode::<serde_json::Value>(Some(MSGPACK), &ok).is_ok());
     }
 }

@@ -6,6 +6,7 @@
 //! a serial phase of their own, after the others.
 
 mod disrupt;
+mod hostile;
 mod pipeline;
 mod processes;
 mod support;
