@@ -22,6 +22,9 @@ use trainyard_common::{
 
 use crate::store::{DeadLetter, Store, StoreError};
 
+/// Deliveries recorded at once.
+const CONCURRENCY: usize = 16;
+
 /// Reason recorded for a letter the broker dead-lettered by itself.
 pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
 
@@ -84,39 +87,49 @@ impl Recorder {
             .await
             .map_err(CommonError::amqp(format!("consume {}", self.topology.dead_recorder_queue())))?;
         tracing::info!("recorder consuming {} and {}", self.topology.recorder_queue(), self.topology.dead_recorder_queue());
-        let mut merged = futures::stream::select(events.map(|d| (false, d)), dead.map(|d| (true, d)));
+        let merged = futures::stream::select(events.map(|d| (false, d)), dead.map(|d| (true, d)));
+        // Deliveries are independent (the store is idempotent and order-free): record several at once.
+        let publish = &publish;
+        let work = merged
+            .map(|(is_dead, delivery)| async move {
+                let delivery = delivery.map_err(CommonError::amqp("receive a delivery"))?;
+                self.settle(is_dead, &delivery, publish).await
+            })
+            .buffer_unordered(CONCURRENCY);
+        tokio::pin!(work);
         loop {
-            let next = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = conn.close(200, "shutdown".into()).await;
                     return Ok(());
                 }
-                n = merged.next() => n,
-            };
-            let Some((is_dead, delivery)) = next else {
-                return Err(CommonError::Config { name: "recorder".into(), reason: "consumer stream ended".into() }.into());
-            };
-            let delivery = delivery.map_err(CommonError::amqp("receive a delivery"))?;
-            let outcome: Result<(), RecorderError> = if is_dead {
-                self.handle_dead_letter(&delivery, &publish).await
-            } else {
-                self.handle_event(&delivery).await.map_err(Into::into)
-            };
-            match outcome {
-                Ok(()) => {
-                    delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "failed to record a delivery; returning it to the queue");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions { requeue: true, multiple: false })
-                        .await
-                        .map_err(CommonError::amqp("nack a delivery"))?;
-                }
+                n = work.next() => match n {
+                    Some(r) => r?,
+                    None => return Err(CommonError::Config { name: "recorder".into(), reason: "consumer stream ended".into() }.into()),
+                },
             }
         }
+    }
+
+    /// Records one delivery and acks it, or nacks it back to the queue when the store failed.
+    async fn settle(&self, is_dead: bool, delivery: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
+        let outcome: Result<(), RecorderError> =
+            if is_dead { self.handle_dead_letter(delivery, publish).await } else { self.handle_event(delivery).await.map_err(Into::into) };
+        match outcome {
+            Ok(()) => {
+                delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "failed to record a delivery; returning it to the queue");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions { requeue: true, multiple: false })
+                    .await
+                    .map_err(CommonError::amqp("nack a delivery"))?;
+            }
+        }
+        Ok(())
     }
 
     async fn handle_event(&self, d: &Delivery) -> Result<(), StoreError> {

@@ -148,3 +148,51 @@ async fn dead_letters_become_dead_jobs_with_reason() {
     task.await.unwrap();
     cleanup(&topo, &["noop"]).await;
 }
+
+/// Publishes 1,000 events (250 jobs × 4), then times the recorder draining them.
+async fn throughput(store: Store, backend: &str) {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let specs: Vec<_> = (0..250).map(|i| spec("noop", &format!("bot-{i}"))).collect();
+    for s in &specs {
+        publish_event(&ch, &topo, &JobEvent::queued(s)).await;
+        publish_event(&ch, &topo, &JobEvent::new(s, JobStatus::Started, 1, event_seq(1, 0, 0))).await;
+        publish_event(&ch, &topo, &JobEvent::new(s, JobStatus::Progress, 1, event_seq(1, 0, 1))).await;
+        publish_event(&ch, &topo, &JobEvent::new(s, JobStatus::Succeeded, 1, event_seq(1, 0, 2))).await;
+    }
+    let started = std::time::Instant::now();
+    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { recorder.run(stop).await }
+    });
+    let last = &specs[249].job_id;
+    eventually(120, "1000 events recorded", || async {
+        let done = store.count_by_type_and_status().await.unwrap().iter().find(|(_, s, _)| *s == JobStatus::Succeeded).map(|(_, _, n)| *n);
+        (done == Some(250) && store.events(last).await.unwrap().len() == 4).then_some(())
+    })
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    println!("recorder on {backend}: 1000 events in {secs:.2}s = {:.0} events/s", 1000.0 / secs);
+    assert!(1000.0 / secs > 50.0, "recorder too slow on {backend}: {secs:.2}s for 1000 events");
+    stop.cancel();
+    task.await.unwrap();
+    cleanup(&topo, &[]).await;
+}
+
+#[tokio::test]
+async fn recorder_throughput_on_sqlite() {
+    let (store, _dir, _) = sqlite_store().await;
+    throughput(store, "SQLite").await;
+}
+
+#[tokio::test]
+async fn recorder_throughput_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    throughput(store.clone(), "PostgreSQL").await;
+    store.close().await;
+    schema.drop().await;
+}
