@@ -71,12 +71,19 @@ impl<B: Backend> Head<B> {
         h.matmul(self.out_weight.val()) + self.out_bias.val().unsqueeze::<2>()
     }
 
-    /// Mean cross-entropy of `logits` against `targets` (label indices).
-    pub fn loss(logits: Tensor<B, 2>, targets: &[i64], device: &B::Device) -> Tensor<B, 1> {
+    /// Mean cross-entropy of `logits` against `targets` (label indices), with label
+    /// smoothing `smoothing` (0: plain cross-entropy).
+    pub fn loss(logits: Tensor<B, 2>, targets: &[i64], smoothing: f32, device: &B::Device) -> Tensor<B, 1> {
         let n = targets.len();
         let t = Tensor::<B, 1, Int>::from_data(TensorData::new(targets.to_vec(), [n]), device).reshape([n, 1]);
         let logp = activation::log_softmax(logits, 1);
-        logp.gather(1, t).mean().neg()
+        let nll = logp.clone().gather(1, t).mean().neg();
+        if smoothing > 0.0 {
+            let uniform = logp.mean().neg();
+            nll.mul_scalar(1.0 - smoothing) + uniform.mul_scalar(smoothing)
+        } else {
+            nll
+        }
     }
 
     /// Class probabilities (`batch × labels`) as plain rows.
@@ -165,8 +172,12 @@ mod tests {
     fn loss_is_cross_entropy() {
         let dev = Default::default();
         let logits = tensor2::<B>(vec![0.0, 0.0, 10.0, 0.0], 2, 2, &dev);
-        let l: f32 = to_vec(Head::<B>::loss(logits, &[0, 0], &dev))[0];
+        let l: f32 = to_vec(Head::<B>::loss(logits.clone(), &[0, 0], 0.0, &dev))[0];
         let expect = (2f32.ln() + (1.0 + (-10f32).exp()).ln()) / 2.0;
         assert!((l - expect).abs() < 1e-4, "{l} vs {expect}");
+        // Smoothing 1/2 with two classes: half the NLL plus half the mean of -log p over classes.
+        let ls: f32 = to_vec(Head::<B>::loss(logits, &[0, 0], 0.5, &dev))[0];
+        let uniform = (2f32.ln() + (10.0 + (1.0 + (-10f32).exp()).ln() + (1.0 + (-10f32).exp()).ln()) / 2.0) / 2.0;
+        assert!((ls - (0.5 * expect + 0.5 * uniform)).abs() < 1e-4, "{ls}");
     }
 }

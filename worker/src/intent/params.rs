@@ -1,6 +1,6 @@
 //! Job parameters of `intent-train` and `intent-eval`, with their documented defaults.
 //!
-//! Unknown parameters are rejected (`deny_unknown_fields`); every range is
+//! Unknown parameters are rejected (checked by hand: serde's `flatten` cannot deny them); every range is
 //! checked in [`TrainParams::parse`] / [`EvalParams::parse`] so `validate()`
 //! stays cheap and a bad job dies at once with a clear message.
 
@@ -36,6 +36,10 @@ pub struct Hyper {
     pub hidden: usize,
     /// Dropout on the hidden layer. Default 0.3.
     pub dropout: f32,
+    /// Share of an utterance's n-gram features dropped at random in training. Default 0.
+    pub feature_dropout: f32,
+    /// Label smoothing of the cross-entropy. Default 0.
+    pub label_smoothing: f32,
     /// Epochs without validation improvement before stopping. Default 3.
     pub patience: usize,
     /// Word n-grams up to this order (1 = unigrams). Default 2.
@@ -44,7 +48,7 @@ pub struct Hyper {
     pub char_ngram_min: usize,
     /// Largest character n-gram. Default 5.
     pub char_ngram_max: usize,
-    /// Minimum number of training utterances a feature must occur in. Default 1.
+    /// Minimum number of training utterances a feature must occur in. Default 2.
     pub min_df: usize,
     /// Share of train held out for validation when the data has no validation split. Default 0.1.
     pub val_fraction: f64,
@@ -66,11 +70,13 @@ impl Default for Hyper {
             lr: 0.002,
             hidden: 256,
             dropout: 0.3,
+            feature_dropout: 0.0,
+            label_smoothing: 0.0,
             patience: 3,
             word_ngrams: 2,
             char_ngram_min: 2,
             char_ngram_max: 5,
-            min_df: 1,
+            min_df: 2,
             val_fraction: 0.1,
             test_fraction: 0.2,
             oos_threshold: None,
@@ -122,6 +128,8 @@ const HYPER_KEYS: &[&str] = &[
     "lr",
     "hidden",
     "dropout",
+    "feature_dropout",
+    "label_smoothing",
     "patience",
     "word_ngrams",
     "char_ngram_min",
@@ -154,7 +162,9 @@ impl TrainParams {
         p.device.check().map_err(|e| bad("intent-train", e))?;
         p.gate.check().map_err(|e| bad("intent-train", e))?;
         let h = &p.hyper;
-        let checks: [(bool, String); 12] = [
+        let checks: [(bool, String); 14] = [
+            ((0.0..0.95).contains(&h.feature_dropout), format!("feature_dropout {} must be in [0, 0.95)", h.feature_dropout)),
+            ((0.0..0.5).contains(&h.label_smoothing), format!("label_smoothing {} must be in [0, 0.5)", h.label_smoothing)),
             (h.epochs >= 1 && h.epochs <= 1000, format!("epochs {} must be in 1..=1000", h.epochs)),
             (h.batch_size >= 1 && h.batch_size <= 4096, format!("batch_size {} must be in 1..=4096", h.batch_size)),
             (h.lr > 0.0 && h.lr < 10.0, format!("lr {} must be in (0, 10)", h.lr)),

@@ -168,13 +168,29 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
         lr: h.lr,
         hidden: h.hidden,
         dropout: h.dropout,
+        feature_dropout: h.feature_dropout,
+        label_smoothing: h.label_smoothing,
         patience: h.patience,
     };
     let cut = std::sync::atomic::AtomicBool::new(false);
     let cancelled = || env.cancel.is_cancelled() || cut.load(std::sync::atomic::Ordering::Relaxed);
+    // Checkpoints are written in the background while the next epoch trains; each
+    // write waits for the previous one, and the run waits for the last one.
+    let pending: std::cell::RefCell<Option<tokio::task::JoinHandle<Result<(), String>>>> = Default::default();
+    let wait_pending = || -> Result<(), String> {
+        match pending.borrow_mut().take() {
+            Some(h) => env.rt.block_on(h).map_err(|e| format!("checkpoint writer failed: {e}"))?,
+            None => Ok(()),
+        }
+    };
     let mut save = |epoch: usize, bytes: Vec<u8>| -> Result<(), String> {
-        env.put(CHECKPOINT_KEY, bytes).map_err(|e| e.message)?;
-        env.put_json("checkpoints/latest.json", &json!({"epoch": epoch, "fingerprint": fp})).map_err(|e| e.message)?;
+        wait_pending()?;
+        let (store, key, meta_key) = (env.store.clone(), env.key(CHECKPOINT_KEY), env.key("checkpoints/latest.json"));
+        let meta = serde_json::to_vec(&json!({"epoch": epoch, "fingerprint": fp})).map_err(|e| e.to_string())?;
+        *pending.borrow_mut() = Some(env.rt.spawn(async move {
+            store.put(&key, bytes).await.map_err(|e| e.to_string())?;
+            store.put(&meta_key, meta).await.map_err(|e| e.to_string())
+        }));
         Ok(())
     };
     let mut progress = |l: &checkpoint::EpochLog| {
@@ -191,7 +207,9 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
         }
     };
     let hooks = Hooks { cancelled: &cancelled, save: &mut save, progress: &mut progress };
-    let trained = train::<B>(&cfg, &data, &fp, resume, device, hooks).map_err(|e| match e {
+    let trained = train::<B>(&cfg, &data, &fp, resume, device, hooks);
+    wait_pending().map_err(|e| JobError::transient(format!("failed to save a checkpoint: {e}")))?;
+    let trained = trained.map_err(|e| match e {
         TrainError::Cancelled(_) => JobError::cancelled(e.to_string()),
         TrainError::Checkpoint { .. } | TrainError::Record(_) => JobError::transient(e.to_string()),
     })?;

@@ -44,6 +44,10 @@ pub struct TrainConfig {
     pub hidden: usize,
     /// Dropout on the hidden layer.
     pub dropout: f32,
+    /// Share of input features dropped per utterance in training.
+    pub feature_dropout: f32,
+    /// Label smoothing.
+    pub label_smoothing: f32,
     /// Early-stopping patience in epochs.
     pub patience: usize,
 }
@@ -179,7 +183,9 @@ pub fn train<B: AutodiffBackend>(
             }
             let lr = cfg.lr * (1.0 - 0.9 * emb.step as f64 / total_steps).max(0.1);
             let b = batch.len();
-            let bag = emb.forward(&data.x_train, batch);
+            let x = batch_rows(&data.x_train, batch, cfg.feature_dropout, &mut rng);
+            let rows: Vec<usize> = (0..b).collect();
+            let bag = emb.forward(&x, &rows);
             let bag_t = tensor2::<B>(bag, b, cfg.hidden, device).require_grad();
             let mask = (cfg.dropout > 0.0).then(|| {
                 let m: Vec<f32> = (0..b * cfg.hidden).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
@@ -187,12 +193,12 @@ pub fn train<B: AutodiffBackend>(
             });
             let targets: Vec<i64> = batch.iter().map(|&i| data.y_train[i] as i64).collect();
             let logits = head.forward(bag_t.clone(), mask);
-            let loss = Head::<B>::loss(logits, &targets, device);
+            let loss = Head::<B>::loss(logits, &targets, cfg.label_smoothing, device);
             let grads = loss.backward();
             let g_bag = bag_t.grad(&grads).map(to_vec).unwrap_or_else(|| vec![0.0; b * cfg.hidden]);
             let params = GradientsParams::from_grads(grads, &head);
             head = optim.step(lr, head, params);
-            emb.update(&data.x_train, batch, &g_bag, lr as f32, adam);
+            emb.update(&x, &rows, &g_bag, lr as f32, adam);
             loss_sum += f64::from(to_vec(loss.detach())[0]) * b as f64;
         }
         let train_secs = t0.elapsed().as_secs_f64();
@@ -239,4 +245,29 @@ pub fn train<B: AutodiffBackend>(
     emb.m = Vec::new();
     emb.v = Vec::new();
     Ok(Trained { emb, head: head_inner, log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early })
+}
+
+/// The rows of `batch` as their own matrix, each feature kept with probability
+/// `1 - drop` (kept values scaled by `1 / (1 - drop)`; a row keeps at least its strongest feature).
+fn batch_rows(x: &Csr, batch: &[usize], drop: f32, rng: &mut StdRng) -> Csr {
+    let mut out = Csr { indptr: Vec::with_capacity(batch.len() + 1), ..Csr::default() };
+    out.indptr.push(0);
+    let scale = 1.0 / (1.0 - drop);
+    for &r in batch {
+        let (idx, val) = x.row(r);
+        let start = out.indices.len();
+        for (&j, &v) in idx.iter().zip(val) {
+            if drop <= 0.0 || rng.random::<f32>() >= drop {
+                out.indices.push(j);
+                out.values.push(v * scale);
+            }
+        }
+        if out.indices.len() == start && !idx.is_empty() {
+            let k = (0..idx.len()).max_by(|&a, &b| val[a].total_cmp(&val[b])).unwrap_or(0);
+            out.indices.push(idx[k]);
+            out.values.push(val[k] * scale);
+        }
+        out.indptr.push(out.indices.len());
+    }
+    out
 }
