@@ -73,9 +73,20 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/openapi.json", get(handlers::openapi))
         .route("/jobs/{id}", get(handlers::report_page))
         .nest("/v1", v1)
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
         .with_state(state)
+}
+
+/// Counts requests by route template (never the raw path: ids would explode the label set).
+async fn count_requests(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "other".into());
+    let resp = next.run(req).await;
+    if let Some(m) = &state.metrics {
+        m.http_requests.with_label_values(&[route.as_str(), resp.status().as_str()]).inc();
+    }
+    resp
 }
 
 /// The scope a `/v1/` request needs.

@@ -123,6 +123,8 @@ async fn api_needs_a_token_with_the_right_scope_and_limits_bodies() {
     }
     let openapi: serde_json::Value = http.get(server.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     assert!(openapi["paths"]["/v1/jobs"]["post"].is_object());
+    let metrics = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"trainyard_http_requests_total{code="201",route="/v1/jobs"} 2"#), "{metrics}");
     server.stop(&["noop"]).await;
 }
 
