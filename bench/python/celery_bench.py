@@ -1,0 +1,167 @@
+"""Celery dispatch benchmark: N no-op tasks published with confirms by K
+publisher processes, run by W Celery workers; jobs/s from the first publish
+to the last completion. Prints one JSON object."""
+
+import argparse
+import glob
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def counts(d):
+    total, last = 0, 0.0
+    for p in glob.glob(os.path.join(d, "*")):
+        if p.endswith(".tmp"):
+            continue
+        try:
+            c, t = open(p).read().split()
+        except (OSError, ValueError):
+            continue
+        total += int(c)
+        last = max(last, float(t))
+    return total, last
+
+
+def wait_count(d, n, timeout):
+    deadline = time.time() + timeout
+    while True:
+        total, last = counts(d)
+        if total >= n:
+            return last
+        if time.time() > deadline:
+            raise SystemExit(f"only {total} of {n} Celery tasks finished within {timeout}s")
+        time.sleep(0.02)
+
+
+def publisher(n, ready, go):
+    from tasks import app, noop
+    with app.connection_for_write() as conn:
+        conn.ensure_connection()
+        with app.producer_or_acquire() as producer:
+            noop.apply_async(producer=producer)  # opens the channel before the clock starts
+            ready.release()
+            go.wait()
+            for _ in range(n):
+                noop.apply_async(producer=producer)
+
+
+def consumers(app, queue):
+    with app.connection_for_write() as conn:
+        ch = conn.channel()
+        try:
+            _, _, c = ch.queue_declare(queue=queue, passive=True)
+            return c
+        except Exception:
+            return 0
+
+
+# Celery >= 5.5 declares these (global names) when it sees a quorum queue: native delayed delivery.
+DELAYED_QUEUES = [f"celery_delayed_{i}" for i in range(28)]
+DELAYED_EXCHANGES = DELAYED_QUEUES + ["celery_delayed_delivery", "celery.pidbox", "celeryev"]
+
+
+def delayed_exists(app):
+    with app.connection_for_write() as conn:
+        try:
+            conn.channel().queue_declare(queue=DELAYED_QUEUES[0], passive=True)
+            return True
+        except Exception:
+            return False
+
+
+def cleanup(app, queue, delayed_existed):
+    """Deletes the bench queue, and Celery's delayed-delivery objects unless they existed before."""
+    with app.connection_for_write() as conn:
+        ch = conn.channel()
+        ch.queue_delete(queue)
+        ch.exchange_delete(queue)
+        if not delayed_existed:
+            for q in DELAYED_QUEUES:
+                ch.queue_delete(q)
+            for x in DELAYED_EXCHANGES:
+                ch.exchange_delete(x)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cleanup-only", action="store_true", help="only delete the queue (and the delayed-delivery objects)")
+    ap.add_argument("--delayed-existed", action="store_true", help="keep Celery's delayed-delivery objects: they were there before")
+    ap.add_argument("--check-delayed", action="store_true", help="print 1 when Celery's delayed-delivery objects exist, else 0")
+    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--publishers", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--pool", default="prefork")
+    ap.add_argument("--log-dir", default=".")
+    a = ap.parse_args()
+
+    count_dir = tempfile.mkdtemp(prefix="celery-bench-")
+    os.environ["BENCH_COUNT_DIR"] = count_dir
+    sys.path.insert(0, HERE)
+    from tasks import QUEUE, app
+
+    if a.check_delayed:
+        print(1 if delayed_exists(app) else 0)
+        return
+    if a.cleanup_only:
+        cleanup(app, QUEUE, a.delayed_existed)
+        return
+    delayed_existed = a.delayed_existed or delayed_exists(app)
+    celery = os.path.join(os.path.dirname(sys.executable), "celery")
+    procs = []
+    for i in range(a.workers):
+        log = open(os.path.join(a.log_dir, f"celery-worker-{i}.log"), "w")
+        procs.append(subprocess.Popen(
+            [celery, "-A", "tasks", "worker", "-P", a.pool, "-c", str(a.concurrency), "-Q", QUEUE, "-n", f"bench{i}@%h",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
+            cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=HERE)))
+    try:
+        deadline = time.time() + 120
+        while consumers(app, QUEUE) < a.workers:
+            if time.time() > deadline:
+                raise SystemExit("Celery workers did not start consuming")
+            time.sleep(0.1)
+        ctx = mp.get_context("fork")
+        ready, go = ctx.Semaphore(0), ctx.Event()
+        share = [a.jobs // a.publishers + (1 if i < a.jobs % a.publishers else 0) for i in range(a.publishers)]
+        pubs = [ctx.Process(target=publisher, args=(n, ready, go)) for n in share]
+        for p in pubs:
+            p.start()
+        for _ in pubs:
+            ready.acquire()
+        warm = a.publishers
+        wait_count(count_dir, warm, 60)
+        t0 = time.time()
+        go.set()
+        last = wait_count(count_dir, warm + a.jobs, 1800)
+        for p in pubs:
+            p.join()
+        secs = last - t0
+        print(json.dumps({"jobs": a.jobs, "seconds": secs, "jobs_per_s": a.jobs / secs, "workers": a.workers,
+                          "concurrency": a.concurrency, "pool": a.pool, "publishers": a.publishers}))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        try:
+            cleanup(app, QUEUE, delayed_existed)
+        except Exception as e:  # best effort
+            print(f"cleanup: {e}", file=sys.stderr)
+        shutil.rmtree(count_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Assembles the raw outputs of scripts/bench.sh into results.json and prints
+a Markdown table. Usage: report.py RAW_DIR OUT_JSON LOAD_BEFORE LOAD_AFTER SECONDS QUICK"""
+
+import datetime
+import glob
+import json
+import os
+import platform
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def best(paths):
+    runs = [r for r in (load(p) for p in sorted(glob.glob(paths))) if r]
+    return max(runs, key=lambda r: r["jobs_per_s"]) if runs else None, runs
+
+
+def num(v, nd=1):
+    return "n/a" if v is None else f"{v:,.{nd}f}"
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main():
+    raw_dir, out, load_before, load_after, seconds, quick = sys.argv[1:7]
+    r = {}
+    ty, ty_runs = best(os.path.join(raw_dir, "dispatch-*.json"))
+    rw, rw_runs = best(os.path.join(raw_dir, "raw-*.json"))
+    if ty and rw:
+        r["dispatch"] = {
+            "jobs": ty["jobs"], "workers": ty["workers"], "slots": ty["concurrency"], "submitters": ty["submitters"],
+            "jobs_per_s": ty["jobs_per_s"], "raw_jobs_per_s": rw["jobs_per_s"], "ratio": ty["jobs_per_s"] / rw["jobs_per_s"],
+            "recorded_jobs_per_s": ty.get("recorded_jobs_per_s"), "raw_recorded_jobs_per_s": rw.get("recorded_jobs_per_s"),
+            "cpu_us_per_job": ty.get("cpu_us_per_job"), "raw_cpu_us_per_job": rw.get("cpu_us_per_job"),
+            "worker_peak_rss_mb": ty.get("worker_peak_rss_mb"),
+            "runs": {"trainyard": [x["jobs_per_s"] for x in ty_runs], "raw": [x["jobs_per_s"] for x in rw_runs]},
+        }
+    ce = load(os.path.join(raw_dir, "celery.json"))
+    if ce:
+        r["celery"] = dict(ce, ratio=(ty["jobs_per_s"] / ce["jobs_per_s"]) if ty else None)
+    pk, pr = load(os.path.join(raw_dir, "pickup.json")), load(os.path.join(raw_dir, "pickup-raw.json"))
+    if pk:
+        r["pickup"] = dict(pk)
+        if pr:
+            r["pickup"].update(raw_p50_ms=pr["p50_ms"], raw_p99_ms=pr["p99_ms"])
+    fw, fc = load(os.path.join(raw_dir, "footprint.json")), load(os.path.join(raw_dir, "footprint-celery.json"))
+    if fw or fc:
+        r["footprint"] = {
+            "worker_idle_rss_mb": fw and fw["rss_mb"], "celery_idle_rss_mb": fc and fc["rss_mb"],
+        }
+    tr, sk = load(os.path.join(raw_dir, "training.json")), load(os.path.join(raw_dir, "sklearn.json"))
+    if tr or sk:
+        t = r["training"] = {}
+        if tr:
+            t.update(wall_s=tr["wall_s"], in_scope_accuracy=tr.get("in_scope_accuracy"), oos_recall=tr.get("oos_recall"),
+                     accuracy=tr.get("accuracy"))
+            for k in ("examples_per_s", "epoch_s", "train_examples_per_s", "epochs"):
+                if k in tr:
+                    t[k] = tr[k]
+        if sk:
+            t.update(sklearn_fit_s=sk["fit_s"], sklearn_in_scope_accuracy=sk["in_scope_accuracy"], sklearn_oos_recall=sk["oos_recall"],
+                     sklearn_accuracy=sk["accuracy"])
+        if tr and sk:
+            t["wall_over_sklearn_fit"] = tr["wall_s"] / sk["fit_s"]
+    sc = load(os.path.join(raw_dir, "scaling.json"))
+    if sc:
+        r["scaling"] = {"points": [{k: p.get(k) for k in ("workers", "slots", "jobs_per_s", "raw_jobs_per_s", "ratio")} for p in sc]}
+    gpu = {d: load(os.path.join(raw_dir, f"gpu-{d}.json")) for d in ("cpu", "cuda")}
+    if all(gpu.values()):
+        r["gpu"] = {"cpu_wall_s": gpu["cpu"]["wall_s"], "cuda_wall_s": gpu["cuda"]["wall_s"], "speedup": gpu["cpu"]["wall_s"] / gpu["cuda"]["wall_s"]}
+    r["meta"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpus": os.cpu_count(), "cpu": cpu_model(), "load_before": load_before, "load_after": load_after,
+        "seconds": int(seconds), "quick": quick == "1",
+    }
+    with open(out, "w") as f:
+        json.dump(r, f, indent=2)
+
+    rows = []
+    d = r.get("dispatch")
+    if d:
+        rows.append(("Dispatch (jobs/s)", num(d["jobs_per_s"], 0), f"raw lapin {num(d['raw_jobs_per_s'], 0)}", f"{d['ratio']:.2f}", ">= 0.8 of raw", d["ratio"] >= 0.8))
+    c = r.get("celery")
+    if c and c.get("ratio"):
+        rows.append(("Versus Celery (jobs/s)", num(d["jobs_per_s"], 0) if d else "n/a", f"Celery {num(c['jobs_per_s'], 0)}", f"{c['ratio']:.1f}x", ">= 3x (stretch 5x)", c["ratio"] >= 3))
+    p = r.get("pickup")
+    if p:
+        rows.append(("Pickup p50 (ms)", num(p["p50_ms"], 2), f"raw {num(p.get('raw_p50_ms'), 2)}", "", "<= 2 ms", p["p50_ms"] <= 2))
+        rows.append(("Pickup p99 (ms)", num(p["p99_ms"], 2), f"raw {num(p.get('raw_p99_ms'), 2)}", "", "<= 10 ms", p["p99_ms"] <= 10))
+    f = r.get("footprint")
+    if f and f["worker_idle_rss_mb"] is not None:
+        rows.append(("Idle worker RSS (MB)", num(f["worker_idle_rss_mb"]), f"Celery solo {num(f['celery_idle_rss_mb'])}", "", "<= 30 MB", f["worker_idle_rss_mb"] <= 30))
+    t = r.get("training")
+    if t and "wall_s" in t and "sklearn_fit_s" in t:
+        better = (t["in_scope_accuracy"] or 0) > t["sklearn_in_scope_accuracy"]
+        rows.append(("Training wall (s)", num(t["wall_s"]), f"sklearn fit {num(t['sklearn_fit_s'])}", f"{t['wall_over_sklearn_fit']:.1f}x", "<= 3x sklearn", t["wall_over_sklearn_fit"] <= 3))
+        rows.append(("In-scope accuracy", num((t["in_scope_accuracy"] or 0) * 100, 2) + " %", f"sklearn {num(t['sklearn_in_scope_accuracy'] * 100, 2)} %", "", "> sklearn", better))
+        rows.append(("OOS recall", num((t["oos_recall"] or 0) * 100, 2) + " %", f"sklearn {num(t['sklearn_oos_recall'] * 100, 2)} %", "", "", None))
+    print()
+    print(f"trainyard benchmarks, {r['meta']['date']}, {r['meta']['cpus']} x {r['meta']['cpu']}, "
+          f"load {load_before} -> {load_after}{' (--quick)' if r['meta']['quick'] else ''}")
+    print()
+    print("| scenario | trainyard | baseline (same run) | ratio | target | met |")
+    print("|---|---:|---:|---:|---|---|")
+    for name, val, base, ratio, target, met in rows:
+        print(f"| {name} | {val} | {base} | {ratio} | {target} | {'' if met is None else ('yes' if met else 'no')} |")
+    if sc:
+        print()
+        print("| processes x slots | trainyard jobs/s | raw jobs/s | ratio |")
+        print("|---|---:|---:|---:|")
+        for pt in r["scaling"]["points"]:
+            ratio = f"{pt['ratio']:.2f}" if pt.get("ratio") else ""
+            print(f"| {pt['workers']} x {pt['slots']} | {num(pt['jobs_per_s'], 0)} | {num(pt.get('raw_jobs_per_s'), 0)} | {ratio} |")
+    if "gpu" in r:
+        g = r["gpu"]
+        print(f"\nGPU: training wall {num(g['cpu_wall_s'])} s on CPU, {num(g['cuda_wall_s'])} s on CUDA ({g['speedup']:.1f}x)")
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()

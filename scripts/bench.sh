@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Benchmarks trainyard against its baselines, each measured in the same run:
+#   dispatch  N noop jobs through the whole pipeline vs raw lapin doing the same broker operations
+#   celery    the same no-op jobs through Celery with equivalent safety
+#   pickup    submit -> `started` latency on an idle worker (and raw)
+#   footprint idle RSS of trainyard-worker (all job types) vs an idle Celery solo worker
+#   training  CLINC150 full: trainyard-worker train vs scikit-learn TF-IDF + LinearSVC
+#   scaling   1, 2, 4 worker processes x 1..64 slots, trainyard and raw
+#   --gpu     the CUDA backend's epoch time vs CPU (only where nvidia-smi finds a GPU)
+# Writes target/bench/results.json and prints a Markdown table.
+#
+# Usage: scripts/bench.sh [--quick] [--gpu]
+#   --quick  fewer jobs (about 5 minutes after the release build)
+# Environment: TRAINYARD_AMQP_URL (default: local broker), BENCH_JOBS, BENCH_CELERY_JOBS,
+#   BENCH_WORKERS, BENCH_SLOTS, BENCH_SUBMITTERS to override the sizes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+QUICK=0
+GPU=0
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    --gpu) GPU=1 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --quick, --gpu)" >&2; exit 2 ;;
+  esac
+done
+
+if [[ $QUICK == 1 ]]; then
+  JOBS=${BENCH_JOBS:-3000}; CELERY_JOBS=${BENCH_CELERY_JOBS:-3000}; PICKUP_JOBS=300
+  SCALING_JOBS=1000; SCALING_WORKERS=1,2; SCALING_SLOTS=1,16,64; REPEAT=1
+else
+  JOBS=${BENCH_JOBS:-20000}; CELERY_JOBS=${BENCH_CELERY_JOBS:-20000}; PICKUP_JOBS=1000
+  SCALING_JOBS=3000; SCALING_WORKERS=1,2,4; SCALING_SLOTS=1,4,16,64; REPEAT=2
+fi
+WORKERS=${BENCH_WORKERS:-1}
+SLOTS=${BENCH_SLOTS:-64}
+SUBMITTERS=${BENCH_SUBMITTERS:-8}
+
+OUT=target/bench
+RAW=$OUT/raw
+RUN=$OUT/run
+mkdir -p "$RAW" "$RUN"
+rm -f "$RAW"/*.json
+PREFIX="bench-$(date +%s)-$$"
+BENCH=target/release/trainyard-bench
+VENV=$OUT/venv
+export TRAINYARD_AMQP_URL=${TRAINYARD_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export TRAINYARD_LOG_FORMAT=json
+
+ensure_cargo
+ensure_rabbitmq
+
+cleanup() {
+  # Every run deletes its own queues; this catches a run that failed half-way.
+  [[ -x $BENCH ]] && "$BENCH" cleanup "$PREFIX-d" "$PREFIX-r" "$PREFIX-p" "$PREFIX-pr" "$PREFIX-f" >/dev/null 2>&1 || true
+  rm -rf "$RUN/$PREFIX"* 2>/dev/null || true
+}
+trap cleanup EXIT
+
+phase "release build" cargo build --release --bins
+
+if [[ ! -x $VENV/bin/celery ]] || ! "$VENV/bin/python" -c 'import sklearn, celery' 2>/dev/null; then
+  phase "python venv (celery, scikit-learn)" bash -c "python3 -m venv '$VENV' && '$VENV/bin/pip' install -q 'celery[amqp]>=5.5,<6' 'scikit-learn>=1.4,<2'"
+fi
+
+# Celery >= 5.5 declares global delayed-delivery queues for quorum queues; remove them afterwards unless they were there.
+CELERY_KEEP=""
+[[ $(BENCH_CELERY_QUEUE="$PREFIX-celery" "$VENV/bin/python" bench/python/celery_bench.py --check-delayed) == 1 ]] && CELERY_KEEP=--delayed-existed
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "load average before: $LOAD_BEFORE ($(nproc) CPUs)"
+T_START=$SECONDS
+
+# 1. Dispatch: trainyard and raw, interleaved so both see the same machine.
+for i in $(seq 1 "$REPEAT"); do
+  phase "dispatch trainyard #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --prefix '$PREFIX-d' --jobs $JOBS --workers $WORKERS --concurrency $SLOTS --submitters $SUBMITTERS > '$RAW/dispatch-$i.json'"
+  phase "dispatch raw #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --raw --prefix '$PREFIX-r' --jobs $JOBS --workers $WORKERS --concurrency $SLOTS --submitters $SUBMITTERS > '$RAW/raw-$i.json'"
+done
+
+# 2. Celery: prefork pool with one child per CPU (its default), prefetch 1, late acks, quorum queue, confirms.
+phase "celery ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery.json'"
+
+# 3. Pickup latency.
+phase "pickup trainyard ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --prefix '$PREFIX-p' --jobs $PICKUP_JOBS > '$RAW/pickup.json'"
+phase "pickup raw ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --raw --prefix '$PREFIX-pr' --jobs $PICKUP_JOBS > '$RAW/pickup-raw.json'"
+
+# 4. Footprint: idle RSS once connected and consuming.
+phase "footprint trainyard-worker" bash -c "TRAINYARD_PREFIX='$PREFIX-f' TRAINYARD_ARTIFACTS='$RUN/$PREFIX-f' '$BENCH' rss --name worker-footprint \
+  --queue '$PREFIX-f.jobs.noop' --queue '$PREFIX-f.jobs.intent-train' --queue '$PREFIX-f.jobs.intent-eval' \
+  -- target/release/trainyard-worker run --types noop,intent-train,intent-eval > '$RAW/footprint.json'"
+"$BENCH" cleanup "$PREFIX-f"
+phase "footprint celery (solo)" bash -c "cd bench/python && BENCH_CELERY_QUEUE='$PREFIX-fc' PYTHONPATH=. \
+  ../../$BENCH --work-dir ../../$RUN rss --name celery-footprint --queue '$PREFIX-fc' \
+  -- ../../$VENV/bin/celery -A tasks worker -P solo -Q '$PREFIX-fc' --without-gossip --without-mingle --without-heartbeat -l warning > '../../$RAW/footprint-celery.json'"
+BENCH_CELERY_QUEUE="$PREFIX-fc" "$VENV/bin/python" bench/python/celery_bench.py --cleanup-only $CELERY_KEEP || true
+
+# 5. Training: the whole trainyard-worker process vs scikit-learn, one after the other.
+TRAIN_DIR=$RUN/$PREFIX-train
+rm -rf "$TRAIN_DIR"
+t0=$(date +%s.%N)
+phase "training trainyard (clinc150 full)" bash -c "TRAINYARD_ARTIFACTS='$RUN/$PREFIX-train-artifacts' target/release/trainyard-worker train \
+  --job-file examples/jobs/clinc150-full.json --out '$TRAIN_DIR' > '$RUN/train.log' 2>&1"
+t1=$(date +%s.%N)
+python3 -c "import json,sys; m=json.load(open('$TRAIN_DIR/metrics.json')); m['wall_s']=$t1-$t0; print(json.dumps(m))" > "$RAW/training.json"
+phase "training scikit-learn (clinc150 full)" bash -c "'$VENV/bin/python' bench/python/sklearn_bench.py --data data/clinc150/data_full.json > '$RAW/sklearn.json'"
+
+# 6. Scaling.
+phase "scaling (workers $SCALING_WORKERS x slots $SCALING_SLOTS, $SCALING_JOBS jobs)" bash -c "'$BENCH' scaling --prefix '$PREFIX-s' --jobs $SCALING_JOBS \
+  --workers $SCALING_WORKERS --slots $SCALING_SLOTS --submitters $SUBMITTERS > '$RAW/scaling.json'"
+
+# 7. GPU: CUDA epoch time vs CPU, only where a GPU is present.
+if [[ $GPU == 1 ]]; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    phase "cuda build" cargo build --release -p trainyard-worker --features cuda --target-dir target/cuda
+    python3 -c "import json; j=json.load(open('examples/jobs/clinc150-full.json')); j['params']['device']='cuda'; print(json.dumps(j))" > "$RUN/clinc150-cuda.json"
+    for dev in cpu cuda; do
+      job=examples/jobs/clinc150-full.json; bin=target/release/trainyard-worker
+      [[ $dev == cuda ]] && { job=$RUN/clinc150-cuda.json; bin=target/cuda/release/trainyard-worker; }
+      t0=$(date +%s.%N)
+      phase "training on $dev" "$bin" train --job-file "$job" --out "$RUN/$PREFIX-gpu-$dev" > "$RUN/train-$dev.log" 2>&1
+      t1=$(date +%s.%N)
+      python3 -c "import json; m=json.load(open('$RUN/$PREFIX-gpu-$dev/metrics.json')); print(json.dumps({'wall_s': $t1-$t0, 'in_scope_accuracy': m.get('in_scope_accuracy')}))" > "$RAW/gpu-$dev.json"
+    done
+  else
+    echo "--gpu: no GPU found (nvidia-smi); skipping the CUDA comparison"
+  fi
+fi
+
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 bench/python/report.py "$RAW" "$OUT/results.json" "$LOAD_BEFORE" "$LOAD_AFTER" "$((SECONDS - T_START))" "$QUICK"
