@@ -10,7 +10,13 @@ use trainyard::store::Store;
 use trainyard_common::{amqp, codec, topology::Topology, JobEvent, JobSpec, Trigger};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// PostgreSQL for the tests: `TRAINYARD_TEST_DATABASE_URL`, default the local `test` database.
+pub fn pg_url() -> String {
+    std::env::var("TRAINYARD_TEST_DATABASE_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
 
 /// A unique topology for one test.
 pub fn topology() -> Topology {
@@ -69,13 +75,15 @@ pub struct PgSchema {
 impl PgSchema {
     pub async fn new() -> Self {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let admin = Store::open(PG_URL).await.unwrap();
+        let base = pg_url();
+        let admin = Store::open(&base).await.unwrap();
         admin.execute_raw(&format!("CREATE SCHEMA {name}")).await.unwrap();
         admin.close().await;
-        Self { url: format!("{PG_URL}?options=-c%20search_path%3D{name}"), name }
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Self { url: format!("{base}{sep}options=-c%20search_path%3D{name}"), name }
     }
     pub async fn drop(self) {
-        let admin = Store::open(PG_URL).await.unwrap();
+        let admin = Store::open(&pg_url()).await.unwrap();
         admin.execute_raw(&format!("DROP SCHEMA {} CASCADE", self.name)).await.unwrap();
         admin.close().await;
     }
