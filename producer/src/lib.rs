@@ -7,7 +7,8 @@
 //! - [`recorder`]: feeds the store from `recorder` and `dead.recorder`;
 //! - [`scheduler`] and [`triggers`]: cron schedules and event triggers ([`config`]);
 //! - [`ops`]: job management shared by the CLI and the HTTP [`api`];
-//! - [`serve`]: all of it in one process, with the demand metrics loop.
+//! - [`serve`]: all of it in one process, with the demand metrics loop;
+//! - [`rebuild`]: the store rebuilt from the audit stream; [`progress`]: `submit --wait`'s bar.
 //!
 //! The command-line interface lives in the binary.
 //! Never links burn: training lives in `trainyard-worker`.
