@@ -53,10 +53,12 @@ export TRAINYARD_LOG_FORMAT=json
 ensure_cargo
 ensure_rabbitmq
 
+PREFIXES=()
+SHM=/dev/shm/trainyard-bench-$PREFIX
 cleanup() {
   # Every run deletes its own queues; this catches a run that failed half-way.
-  [[ -x $BENCH ]] && "$BENCH" cleanup "$PREFIX-d" "$PREFIX-r" "$PREFIX-p" "$PREFIX-pr" "$PREFIX-f" >/dev/null 2>&1 || true
-  rm -rf "$RUN/$PREFIX"* 2>/dev/null || true
+  [[ -x $BENCH && ${#PREFIXES[@]} -gt 0 ]] && "$BENCH" cleanup "${PREFIXES[@]}" >/dev/null 2>&1 || true
+  rm -rf "$RUN/$PREFIX"* "$SHM" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -74,16 +76,26 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "load average before: $LOAD_BEFORE ($(nproc) CPUs)"
 T_START=$SECONDS
 
-# 1. Dispatch: trainyard and raw, interleaved so both see the same machine.
+# 1. Dispatch: trainyard and raw, interleaved so both see the same machine. The artifact
+#    store (outcome records, attempt logs) is a directory on disk, as on a laptop.
+SHAPE="--jobs $JOBS --workers $WORKERS --concurrency $SLOTS --submitters $SUBMITTERS"
 for i in $(seq 1 "$REPEAT"); do
-  phase "dispatch trainyard #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --prefix '$PREFIX-d' --jobs $JOBS --workers $WORKERS --concurrency $SLOTS --submitters $SUBMITTERS > '$RAW/dispatch-$i.json'"
-  phase "dispatch raw #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --raw --prefix '$PREFIX-r' --jobs $JOBS --workers $WORKERS --concurrency $SLOTS --submitters $SUBMITTERS > '$RAW/raw-$i.json'"
+  PREFIXES+=("$PREFIX-d$i" "$PREFIX-r$i")
+  phase "dispatch trainyard #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --prefix '$PREFIX-d$i' $SHAPE > '$RAW/dispatch-$i.json'"
+  phase "dispatch raw #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --raw --prefix '$PREFIX-r$i' $SHAPE > '$RAW/raw-$i.json'"
 done
+# The same with the artifact store on tmpfs: how much of the gap is this disk's file creation.
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+  PREFIXES+=("$PREFIX-dt")
+  phase "dispatch trainyard, artifacts on tmpfs ($JOBS jobs)" bash -c "'$BENCH' --artifacts-root '$SHM' dispatch --prefix '$PREFIX-dt' $SHAPE > '$RAW/dispatch-tmpfs.json'"
+  rm -rf "$SHM"
+fi
 
 # 2. Celery: prefork pool with one child per CPU (its default), prefetch 1, late acks, quorum queue, confirms.
 phase "celery ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery.json'"
 
 # 3. Pickup latency.
+PREFIXES+=("$PREFIX-p" "$PREFIX-pr" "$PREFIX-f")
 phase "pickup trainyard ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --prefix '$PREFIX-p' --jobs $PICKUP_JOBS > '$RAW/pickup.json'"
 phase "pickup raw ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --raw --prefix '$PREFIX-pr' --jobs $PICKUP_JOBS > '$RAW/pickup-raw.json'"
 
@@ -107,7 +119,7 @@ t1=$(date +%s.%N)
 python3 -c "import json,sys; m=json.load(open('$TRAIN_DIR/metrics.json')); m['wall_s']=$t1-$t0; print(json.dumps(m))" > "$RAW/training.json"
 phase "training scikit-learn (clinc150 full)" bash -c "'$VENV/bin/python' bench/python/sklearn_bench.py --data data/clinc150/data_full.json > '$RAW/sklearn.json'"
 
-# 6. Scaling.
+# 6. Scaling (each point deletes its own queues).
 phase "scaling (workers $SCALING_WORKERS x slots $SCALING_SLOTS, $SCALING_JOBS jobs)" bash -c "'$BENCH' scaling --prefix '$PREFIX-s' --jobs $SCALING_JOBS \
   --workers $SCALING_WORKERS --slots $SCALING_SLOTS --submitters $SUBMITTERS > '$RAW/scaling.json'"
 

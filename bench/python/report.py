@@ -50,6 +50,10 @@ def main():
             "worker_peak_rss_mb": ty.get("worker_peak_rss_mb"),
             "runs": {"trainyard": [x["jobs_per_s"] for x in ty_runs], "raw": [x["jobs_per_s"] for x in rw_runs]},
         }
+        tm = load(os.path.join(raw_dir, "dispatch-tmpfs.json"))
+        if tm:
+            r["dispatch"].update(tmpfs_artifacts_jobs_per_s=tm["jobs_per_s"], tmpfs_artifacts_ratio=tm["jobs_per_s"] / rw["jobs_per_s"],
+                                 tmpfs_artifacts_cpu_us_per_job=tm.get("cpu_us_per_job"))
     ce = load(os.path.join(raw_dir, "celery.json"))
     if ce:
         r["celery"] = dict(ce, ratio=(ty["jobs_per_s"] / ce["jobs_per_s"]) if ty else None)
@@ -95,6 +99,9 @@ def main():
     d = r.get("dispatch")
     if d:
         rows.append(("Dispatch (jobs/s)", num(d["jobs_per_s"], 0), f"raw lapin {num(d['raw_jobs_per_s'], 0)}", f"{d['ratio']:.2f}", ">= 0.8 of raw", d["ratio"] >= 0.8))
+        if "tmpfs_artifacts_jobs_per_s" in d:
+            rows.append(("Dispatch, artifacts on tmpfs", num(d["tmpfs_artifacts_jobs_per_s"], 0), f"raw lapin {num(d['raw_jobs_per_s'], 0)}",
+                         f"{d['tmpfs_artifacts_ratio']:.2f}", "(diagnostic)", None))
     c = r.get("celery")
     if c and c.get("ratio"):
         rows.append(("Versus Celery (jobs/s)", num(d["jobs_per_s"], 0) if d else "n/a", f"Celery {num(c['jobs_per_s'], 0)}", f"{c['ratio']:.1f}x", ">= 3x (stretch 5x)", c["ratio"] >= 3))

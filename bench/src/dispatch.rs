@@ -65,7 +65,7 @@ pub async fn start_consumers(env: &Env, kind: Kind, prefix: &str, shape: &Shape)
     std::fs::create_dir_all(&dir)?;
     let envs = vec![
         ("TRAINYARD_PREFIX", prefix.to_string()),
-        ("TRAINYARD_ARTIFACTS", dir.join("artifacts").display().to_string()),
+        ("TRAINYARD_ARTIFACTS", env.artifacts_root.join(prefix).join("artifacts").display().to_string()),
         ("TRAINYARD_DATABASE_URL", format!("sqlite://{}", dir.join("jobs.db").display())),
     ];
     let me = std::env::current_exe()?;
@@ -153,10 +153,11 @@ async fn wait_jobs(
 }
 
 /// One dispatch run with its own prefix; the queues are deleted afterwards.
+/// The artifacts stay until `bench.sh` ends: deleting thousands of files between
+/// runs would slow the next run's file creation (see docs/performance.md).
 pub async fn run(env: &Env, kind: Kind, prefix: &str, shape: Shape) -> anyhow::Result<serde_json::Value> {
     let out = run_inner(env, kind, prefix, shape).await;
     broker::cleanup(&env.amqp_url, prefix).await?;
-    let _ = std::fs::remove_dir_all(env.work_dir.join(prefix).join("artifacts"));
     out
 }
 

@@ -35,6 +35,9 @@ struct Cli {
     /// Scratch directory: artifacts, job stores, process logs.
     #[arg(long, global = true, default_value = "target/bench/run")]
     work_dir: PathBuf,
+    /// Where the artifact stores go (default: the scratch directory).
+    #[arg(long, global = true)]
+    artifacts_root: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -153,11 +156,12 @@ impl From<&ShapeArgs> for Shape {
 
 fn env_of(cli: &Cli) -> anyhow::Result<procs::Env> {
     std::fs::create_dir_all(&cli.work_dir)?;
-    Ok(procs::Env {
-        amqp_url: cli.amqp_url.clone(),
-        bin_dir: std::path::absolute(&cli.bin_dir)?,
-        work_dir: std::path::absolute(&cli.work_dir)?,
-    })
+    let work_dir = std::path::absolute(&cli.work_dir)?;
+    let artifacts_root = match &cli.artifacts_root {
+        Some(root) => std::path::absolute(root)?,
+        None => work_dir.clone(),
+    };
+    Ok(procs::Env { amqp_url: cli.amqp_url.clone(), bin_dir: std::path::absolute(&cli.bin_dir)?, work_dir, artifacts_root })
 }
 
 fn kind(raw: bool) -> Kind {

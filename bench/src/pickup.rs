@@ -42,7 +42,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub async fn run(env: &Env, kind: Kind, prefix: &str, jobs: usize, recorder: bool) -> anyhow::Result<serde_json::Value> {
     let out = run_inner(env, kind, prefix, jobs, recorder).await;
     broker::cleanup(&env.amqp_url, prefix).await?;
-    let _ = std::fs::remove_dir_all(env.work_dir.join(prefix).join("artifacts"));
     out
 }
 

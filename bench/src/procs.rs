@@ -17,8 +17,10 @@ pub struct Env {
     pub amqp_url: String,
     /// Directory holding `trainyard` and `trainyard-worker`.
     pub bin_dir: PathBuf,
-    /// Scratch directory (artifacts, job store, logs).
+    /// Scratch directory (job stores, logs).
     pub work_dir: PathBuf,
+    /// Where each run's artifact store goes (`<root>/<prefix>/artifacts`).
+    pub artifacts_root: PathBuf,
 }
 
 /// A named child process.
