@@ -51,9 +51,10 @@ pub async fn publish_confirmed(
     let confirm = ch
         .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory, immediate: false }, body, props)
         .await
-        .map_err(CommonError::amqp(format!("publish to {exchange} with key {routing_key}")))?
+        // The error context is formatted only on error: this runs for every job and event.
+        .map_err(|e| CommonError::amqp(format!("publish to {exchange} with key {routing_key}"))(e))?
         .await
-        .map_err(CommonError::amqp(format!("confirm publish to {exchange} with key {routing_key}")))?;
+        .map_err(|e| CommonError::amqp(format!("confirm publish to {exchange} with key {routing_key}"))(e))?;
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_)) => Err(CommonError::Unroutable { exchange: exchange.into(), routing_key: routing_key.into() }),
