@@ -53,14 +53,16 @@ if "in_scope_accuracy" in m:
     print(f"   in-scope accuracy {pct(m['in_scope_accuracy'])}   OOS recall {pct(m['oos_recall'])}", end="")
 print()
 cm = json.load(open(os.path.join(d, "confusion_matrix.json")))
-top = cm.get("top_confusions") or m.get("top_confusions") or []
+print(f"confusion matrix: {len(cm['labels'])} x {len(cm['labels'])} labels")
+top = m.get("top_confusions") or out.get("top_confusions") or []
 if top:
     print("top confusions (true -> predicted: count):")
     for t in top[:8]:
-        print(f"  {t.get('true')} -> {t.get('predicted')}: {t.get('count')}")
+        print(f"  {t.get('label')} -> {t.get('predicted')}: {t.get('count')}")
 promo = out.get("promotion") or {}
 if promo:
-    print(f"promotion: {promo.get('decision', promo)}")
+    verdict = "PROMOTED to production" if promo.get("promoted") else ("passed the gate, not promoted (manual)" if promo.get("passed") else "REJECTED")
+    print(f"promotion gate: {verdict}")
     for r in promo.get("reasons", []):
         print(f"  - {r}")
 print(f"confusion matrix PNG: {os.path.join(d, 'confusion_matrix.png')}")

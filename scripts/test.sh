@@ -26,9 +26,8 @@ failed=()
 step() { local name=$1; shift; phase "$name" "$@" || failed+=("$name"); }
 
 step "format" cargo fmt --all --check
-step "build" cargo build --workspace --bins --tests
-if [[ ${#failed[@]} -gt 0 ]]; then
-  echo "FAILED: ${failed[*]} (stopping: nothing to test)"; exit 1
+if ! phase "build" cargo build --workspace --bins --tests; then
+  echo "FAILED: build (stopping: nothing to test)"; exit 1
 fi
 step "clippy" cargo clippy --workspace --all-targets --no-deps -- -D warnings
 step "tests" run_tests --workspace "${FILTER_ALL[@]}"

@@ -6,7 +6,9 @@
 //! a serial phase of their own, after the others.
 
 mod disrupt;
+mod intent;
 mod hostile;
 mod pipeline;
 mod processes;
+mod security;
 mod support;
