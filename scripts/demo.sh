@@ -20,11 +20,17 @@ export TRAINYARD_DATA_DIR="$PWD/data"
 export TRAINYARD_PREFIX=${TRAINYARD_PREFIX:-trainyard-demo}
 mkdir -p "$DEMO_DIR"
 
+export TRAINYARD_DATABASE_URL="sqlite://$PWD/$DEMO_DIR/trainyard.db"
+export TRAINYARD_API_TOKENS=${TRAINYARD_API_TOKENS:-demo}
+HTTP=${DEMO_HTTP:-127.0.0.1:8080}
+echo "== starting the control plane on http://$HTTP (log: $DEMO_DIR/serve.log)"
+"$BIN/trainyard" serve --listen "$HTTP" >"$DEMO_DIR/serve.log" 2>&1 &
+SERVE=$!
 echo "== starting a worker for intent-train, intent-eval and noop (log: $DEMO_DIR/worker.log)"
 "$BIN/trainyard-worker" run --types intent-train,intent-eval,noop --metrics-addr 127.0.0.1:0 >"$DEMO_DIR/worker.log" 2>&1 &
 WORKER=$!
-trap 'kill -TERM $WORKER 2>/dev/null; wait $WORKER 2>/dev/null || true' EXIT
-sleep 1
+trap 'kill -TERM $WORKER $SERVE 2>/dev/null; wait $WORKER $SERVE 2>/dev/null || true' EXIT
+sleep 2
 
 echo "== a no-op job first, to show the round trip"
 "$BIN/trainyard" submit noop --bot demo --param sleep_ms=100 --wait --json
@@ -68,3 +74,8 @@ if promo:
 print(f"confusion matrix PNG: {os.path.join(d, 'confusion_matrix.png')}")
 print(f"metrics:              {os.path.join(d, 'metrics.json')}")
 PY
+sleep 1
+echo "== the job as the control plane recorded it (trainyard jobs show $JOB_ID)"
+"$BIN/trainyard" jobs show "$JOB_ID" | head -25 || true
+echo "report page: http://$HTTP/jobs/$JOB_ID (token: $TRAINYARD_API_TOKENS) — press Enter to stop the demo"
+if [[ -t 0 ]]; then read -r _; fi

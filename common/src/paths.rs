@@ -39,10 +39,23 @@ pub fn resolve_under(root: &Path, rel: &str) -> Result<PathBuf, PathError> {
         }
     }
     let joined = root.join(p);
-    // Follow symlinks of whatever part exists and check it stays inside.
-    if let (Ok(real_root), Ok(real)) = (root.canonicalize(), joined.canonicalize()) {
-        if !real.starts_with(&real_root) {
-            return Err(PathError::SymlinkEscape(rel.into()));
+    let Ok(real_root) = root.canonicalize() else { return Ok(joined) };
+    // Follow the symlinks of the deepest part that exists (the target need not)
+    // and check it stays inside: `link/new.json` with `link -> /etc` is refused too.
+    let mut probe = joined.clone();
+    loop {
+        match probe.canonicalize() {
+            Ok(real) if real.starts_with(&real_root) => break,
+            Ok(_) => return Err(PathError::SymlinkEscape(rel.into())),
+            // A dangling symlink: whatever creates its target writes outside the root.
+            Err(_) if probe.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) => {
+                return Err(PathError::SymlinkEscape(rel.into()));
+            }
+            Err(_) => {
+                if !probe.pop() || !probe.starts_with(root) {
+                    break;
+                }
+            }
         }
     }
     Ok(joined)
@@ -67,6 +80,11 @@ mod tests {
         {
             std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
             assert!(matches!(resolve_under(root, "etc/passwd"), Err(PathError::SymlinkEscape(_))));
+            // Through a symlink to a file that does not exist yet, and a dangling symlink.
+            assert!(matches!(resolve_under(root, "etc/no-such-file"), Err(PathError::SymlinkEscape(_))));
+            std::os::unix::fs::symlink("/nonexistent-trainyard/x", root.join("dangling")).unwrap();
+            assert!(matches!(resolve_under(root, "dangling"), Err(PathError::SymlinkEscape(_))));
+            assert_eq!(resolve_under(root, "new/file.json").unwrap(), root.join("new/file.json"));
         }
     }
 }

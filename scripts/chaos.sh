@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# Chaos run: no job lost, no result recorded twice, whatever happens to workers and broker.
+#
+#   scripts/chaos.sh [--jobs N] [--workers W] [--duration S]     (default 200 jobs, 3 workers, 60 s of chaos)
+#   scripts/chaos.sh --flood                                      (resource bounds; see below)
+#
+# Starts the control plane (`trainyard serve`, SQLite store) and W workers on a
+# unique topology prefix with temporary artifact and data directories, submits
+# N jobs (mostly `noop` with random `sleep_ms`, a few transient and permanent
+# failures, and N/200+1 small `intent-train` jobs), and for S seconds:
+# SIGKILLs random workers and starts replacements, SIGTERMs others, closes
+# every client connection at the broker (`rabbitmqctl close_all_connections`)
+# and restarts the broker application once (`stop_app`/`start_app`; start_app
+# is also in the exit trap: the broker is never left stopped). Then it waits
+# until every job has a final status in the store, checks the store against
+# the artifact store, prints ONE JSON line and exits non-zero unless
+# lost == 0 and duplicate_results == 0.
+#
+# --flood: (1) 100,000 queued noop jobs and one worker: its RSS, sampled every
+# second, stays flat (prefetch, not queue length, bounds it); (2) a training
+# job SIGKILLed mid-epoch again and again resumes from its checkpoint each
+# time and ends `dead` at the broker's delivery limit with a clear reason;
+# (3) a job past its timeout_s fails cleanly (`failed`, kind timeout).
+#
+# Disrupts the shared broker (every connection is closed, the app restarted):
+# run it alone. Needs rabbitmqctl (as root or a user allowed to run it) and python3.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+JOBS=200 WORKERS=3 DURATION=60 FLOOD=0
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --jobs) JOBS=$2; shift 2 ;;
+    --workers) WORKERS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --flood) FLOOD=1; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[chaos $(date +%T)] $*" >&2; }
+
+if [[ ${CHAOS_BUILD:-1} != 0 ]]; then
+  log "building binaries"
+  cargo build -q --bins -p trainyard -p trainyard-worker && cargo build -q -p trainyard-tests --example chaos || exit 1
+fi
+T_START=$SECONDS
+BIN=$ROOT/target/debug
+HELPER=$BIN/examples/chaos
+command -v rabbitmqctl >/dev/null || { echo "rabbitmqctl not found" >&2; exit 1; }
+
+PREFIX="chaos-$(date +%s)-$$"
+TMP=$(mktemp -d /tmp/trainyard-chaos.XXXXXX)
+export TRAINYARD_PREFIX=$PREFIX
+export TRAINYARD_ARTIFACTS=$TMP/artifacts
+export TRAINYARD_DATA_DIR=$TMP/data
+export TRAINYARD_DATABASE_URL=sqlite://$TMP/store.db
+export TRAINYARD_AMQP_URL=${TRAINYARD_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export TRAINYARD_LOG_FORMAT=json
+mkdir -p "$TMP/artifacts" "$TMP/data"
+cp -r "$ROOT/data/clinc150" "$TMP/data/"
+IDS=$TMP/ids.txt RSS_LOG=$TMP/rss.log PIDS=$TMP/worker.pids
+: >"$PIDS"
+TYPES=noop,intent-train
+
+BROKER_STOPPED=0 SERVE_PID="" SAMPLER_PID=""
+declare -a WPIDS=()
+NEXT_WORKER=0 KILLS=0 TERMS=0 CLOSES=0 RESTARTS=0
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [[ $BROKER_STOPPED == 1 ]]; then
+    log "restoring the broker (start_app)"
+    rabbitmqctl start_app >/dev/null 2>&1
+    rabbitmqctl await_startup >/dev/null 2>&1
+  fi
+  for pid in "${WPIDS[@]}" $SERVE_PID; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${WPIDS[@]}" $SERVE_PID; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+  [[ -n $SAMPLER_PID ]] && kill "$SAMPLER_PID" 2>/dev/null
+  wait 2>/dev/null
+  # Every queue of the prefix (also retry queues), then the exchanges.
+  rabbitmqctl list_queues -q --no-table-headers name 2>/dev/null | grep "^$PREFIX\." | while read -r q; do
+    rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1
+  done
+  "$HELPER" cleanup --types "$TYPES" >/dev/null 2>&1
+  if [[ ${CHAOS_KEEP:-0} == 1 || $rc != 0 ]]; then log "kept logs and stores in $TMP"; else rm -rf "$TMP"; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+worker_args=(run --types "$TYPES" --concurrency "${CHAOS_CONCURRENCY:-4}" --grace-period 3 --retry-base-ms 200 --retry-max-ms 2000)
+
+start_worker() {
+  local n=$NEXT_WORKER
+  NEXT_WORKER=$((n + 1))
+  "$BIN/trainyard-worker" "${worker_args[@]}" >"$TMP/worker-$n.log" 2>&1 &
+  WPIDS+=($!)
+  echo $! >>"$PIDS"
+}
+
+# The live workers (those not yet exited).
+alive() {
+  local pid
+  for pid in "${WPIDS[@]}"; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done
+}
+
+random_alive() {
+  local a
+  mapfile -t a < <(alive)
+  [[ ${#a[@]} -gt 0 ]] && echo "${a[RANDOM % ${#a[@]}]}"
+}
+
+# Every second: "<seconds> <pid> <rss kB>" of each live worker.
+start_sampler() {
+  (
+    t0=$SECONDS
+    while true; do
+      while read -r pid; do
+        rss=$(ps -o rss= -p "$pid" 2>/dev/null | tr -d ' ')
+        [[ -n $rss ]] && echo "$((SECONDS - t0)) $pid $rss"
+      done <"$PIDS"
+      sleep 1
+    done
+  ) >"$RSS_LOG" 2>/dev/null &
+  SAMPLER_PID=$!
+}
+
+start_serve() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$BIN/trainyard" serve --listen "127.0.0.1:$port" --types "$TYPES" >"$TMP/serve.log" 2>&1 &
+  SERVE_PID=$!
+  sleep 2
+  kill -0 "$SERVE_PID" 2>/dev/null || { log "trainyard serve did not start: $(tail -3 "$TMP/serve.log")"; return 1; }
+}
+
+queue_depth() {
+  rabbitmqctl list_queues -q --no-table-headers name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'
+}
+
+close_connections() {
+  log "closing every client connection at the broker"
+  rabbitmqctl close_all_connections "chaos" >/dev/null 2>&1 && CLOSES=$((CLOSES + 1))
+}
+
+restart_broker() {
+  log "restarting the broker application (stop_app / start_app)"
+  BROKER_STOPPED=1
+  rabbitmqctl stop_app >/dev/null 2>&1
+  sleep 3
+  rabbitmqctl start_app >/dev/null 2>&1 && rabbitmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0
+  RESTARTS=$((RESTARTS + 1))
+}
+
+kill_worker() {
+  local pid
+  pid=$(random_alive) || return 0
+  log "SIGKILL worker $pid; starting a replacement"
+  kill -KILL "$pid" 2>/dev/null && KILLS=$((KILLS + 1))
+  wait "$pid" 2>/dev/null # reap it quietly
+  start_worker
+}
+
+term_worker() {
+  local pid
+  pid=$(random_alive) || return 0
+  log "SIGTERM worker $pid; starting a replacement"
+  kill -TERM "$pid" 2>/dev/null && TERMS=$((TERMS + 1))
+  start_worker
+}
+
+# ---------------------------------------------------------------------------
+chaos_run() {
+  local slots=$((WORKERS * ${CHAOS_CONCURRENCY:-4}))
+  # Pace the noop jobs so the work lasts about as long as the chaos: avg sleep = duration * slots / jobs * 0.9.
+  local avg=$((DURATION * 1000 * slots * 9 / 10 / JOBS))
+  ((avg < 20)) && avg=20
+  ((avg > 15000)) && avg=15000
+  local intent=$((JOBS / 200 + 1))
+  start_serve || return 1
+  "$BIN/trainyard" topology --types "$TYPES" 2>/dev/null || { log "cannot declare the topology"; return 1; }
+  for _ in $(seq "$WORKERS"); do start_worker; done
+  start_sampler
+  log "prefix $PREFIX, $WORKERS workers, submitting $JOBS noop (sleep $((avg / 4))..$((avg * 7 / 4)) ms) + $intent intent-train jobs"
+  "$HELPER" submit --count "$JOBS" --intent "$intent" --sleep-ms "$((avg / 4))..$((avg * 7 / 4))" --out "$IDS" --seed "$$" || return 1
+  # Twelve disruptions spread over the duration: 6 SIGKILLs, 3 SIGTERMs, 2 connection closes, 1 broker restart.
+  local plan=(kill term kill close kill restart kill term kill close kill term)
+  local step=$((DURATION * 10 / ${#plan[@]})) # tenths of a second
+  local t0=$SECONDS action
+  for action in "${plan[@]}"; do
+    sleep "$((step / 10)).$((step % 10))"
+    case $action in
+      kill) kill_worker ;;
+      term) term_worker ;;
+      close) close_connections ;;
+      restart) restart_broker ;;
+    esac
+  done
+  log "chaos over after $((SECONDS - t0)) s; waiting for every job to reach a final status"
+  local deadline=$((SECONDS + ${CHAOS_SETTLE:-$((DURATION * 3 + 120))}))
+  local final total
+  while ((SECONDS < deadline)); do
+    read -r final total < <(python3 scripts/chaos_check.py progress "$IDS" "$TRAINYARD_DATABASE_URL")
+    log "final: $final / $total"
+    [[ $final == "$total" ]] && break
+    # Keep the pool at W live workers (SIGTERMed ones exit on their own).
+    while (($(alive | wc -l) < WORKERS)); do start_worker; done
+    sleep 3
+  done
+  # Let the recorder finish the queue, then judge.
+  for _ in $(seq 20); do [[ $(queue_depth "$PREFIX.recorder") == 0 ]] && break; sleep 1; done
+  python3 scripts/chaos_check.py verdict "$IDS" "$TRAINYARD_DATABASE_URL" "$TRAINYARD_ARTIFACTS" "$RSS_LOG" \
+    "kills=$KILLS" "sigterms=$TERMS" "connection_closes=$CLOSES" "broker_restarts=$RESTARTS" "seconds=$((SECONDS - T_START))"
+}
+
+# ---------------------------------------------------------------------------
+flood_memory() {
+  local n=${CHAOS_FLOOD_JOBS:-100000} secs=${CHAOS_FLOOD_SECONDS:-120}
+  "$BIN/trainyard" topology --types "$TYPES" 2>/dev/null || return 1
+  log "flood: queueing $n noop jobs"
+  "$HELPER" submit --count "$n" --plain --out "$TMP/flood-ids.txt" --concurrency 128 || return 1
+  log "flood: queue depth $(queue_depth "$PREFIX.jobs.noop"); one worker (concurrency 4) for $secs s, RSS sampled every second"
+  start_worker
+  start_sampler
+  sleep "$secs"
+  local left
+  left=$(queue_depth "$PREFIX.jobs.noop")
+  kill -TERM "${WPIDS[@]}" 2>/dev/null
+  wait "${WPIDS[@]}" 2>/dev/null
+  kill "$SAMPLER_PID" 2>/dev/null
+  SAMPLER_PID=""
+  # RSS after the first 10 s (start-up) vs the rest: flat means the max stays near the early level.
+  python3 - "$RSS_LOG" "$n" "$left" "$secs" <<'EOF'
+import json, sys
+rows = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 3]
+mb = lambda kb: round(kb / 1024, 1)
+early = [r for t, _, r in rows if 5 <= t < 15] or [r for _, _, r in rows]
+late = [r for t, _, r in rows if t >= 15] or early
+n, left, secs = int(sys.argv[2]), int(sys.argv[3] or 0), int(sys.argv[4])
+print(json.dumps({"flood_queued": n, "processed": n - left, "seconds": secs, "rss_mb_min": mb(min(r for _, _, r in rows)),
+                  "rss_mb_max": mb(max(r for _, _, r in rows)), "rss_mb_at_10s": mb(early[len(early) // 2]),
+                  "rss_mb_last": mb(rows[-1][2]), "rss_growth_after_15s_mb": mb(max(late) - min(late))}, separators=(",", ":")))
+EOF
+  # Drop the rest of the flood (and its piled-up events) before the next part.
+  for q in jobs.noop recorder; do rabbitmqctl purge_queue "$PREFIX.$q" >/dev/null 2>&1; done
+  WPIDS=()
+  : >"$PIDS"
+}
+
+# A training job SIGKILLed mid-run, again and again: resumes from its checkpoint
+# each time; at the broker's delivery limit it is dead-lettered, recorded `dead`.
+flood_kill_loop() {
+  start_serve || return 1
+  local id epochs=200
+  echo '{"dataset":"clinc150/data_small.json","epochs":'$epochs',"patience":1000,"seed":7,"promote":"manual"}' >"$TMP/kill-params.json"
+  id=$("$BIN/trainyard" submit intent-train --bot chaos-oom --params-file "$TMP/kill-params.json" --max-attempts 3 --timeout 3600 2>/dev/null | tail -1)
+  [[ -n $id ]] || { log "submit failed"; return 1; }
+  log "kill loop: training job $id ($epochs epochs); SIGKILL after each new checkpoint"
+  local ck="$TRAINYARD_ARTIFACTS/jobs/$id/checkpoints/latest.json" last=0 kills=0 epochs_at_kill=() status=""
+  while ((kills < 40)); do
+    start_worker
+    local pid=${WPIDS[-1]} t0=$SECONDS epoch=$last
+    # Wait for a checkpoint newer than the last one, or for the job to leave the queue for good.
+    while ((SECONDS - t0 < 90)); do
+      epoch=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["epoch"])' "$ck" 2>/dev/null || echo 0)
+      ((epoch > last)) && break
+      status=$("$BIN/trainyard" jobs show "$id" --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null)
+      [[ $status == dead || $status == failed || $status == succeeded ]] && break
+      sleep 0.3
+    done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    [[ $status == dead || $status == failed || $status == succeeded ]] && break
+    kills=$((kills + 1))
+    epochs_at_kill+=("$epoch")
+    ((epoch < last)) && { log "checkpoint went back from epoch $last to $epoch: not resumed"; return 1; }
+    last=$epoch
+  done
+  # The broker dead-letters the job at its delivery limit; the recorder records `dead`.
+  for _ in $(seq 30); do
+    status=$("$BIN/trainyard" jobs show "$id" --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null)
+    [[ $status == dead ]] && break
+    sleep 1
+  done
+  "$BIN/trainyard" jobs show "$id" --json >"$TMP/kill-job.json" 2>/dev/null
+  python3 - "$TMP/kill-job.json" "$kills" "${epochs_at_kill[*]}" <<'EOF'
+import json, sys
+job = json.load(open(sys.argv[1])) if open(sys.argv[1]).read().strip() else {}
+epochs = [int(e) for e in sys.argv[3].split()]
+err = job.get("error") or {}
+print(json.dumps({"kill_loop_job": job.get("job_id"), "status": job.get("status"), "sigkills": int(sys.argv[2]),
+                  "checkpoint_epoch_at_each_kill": epochs, "resumed_every_time": epochs == sorted(epochs) and len(set(epochs)) == len(epochs),
+                  "reason": err.get("message") if isinstance(err, dict) else err}, separators=(",", ":")))
+EOF
+}
+
+# A job past its timeout_s: stopped, `failed` with kind timeout, no retry left.
+flood_timeout() {
+  start_worker
+  local out
+  out=$("$BIN/trainyard" submit noop --bot chaos --param sleep_ms=600000 --timeout 2 --max-attempts 1 --wait --json --wait-timeout 120 2>/dev/null)
+  echo "$out" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(json.dumps({"timeout_job": v.get("job_id"), "status": v.get("status"), "error": v.get("error")}, separators=(",", ":")))'
+}
+
+if [[ $FLOOD == 1 ]]; then
+  flood_memory
+  flood_kill_loop
+  flood_timeout
+  exit 0
+fi
+chaos_run
