@@ -251,7 +251,10 @@ fn show_human(v: &Value) {
     println!("trigger   {} {}", s(&v["trigger"]["kind"]), s(&v["trigger"]["source"]));
     println!("created   {}  started {}  finished {}", s(&v["created_at"]), s(&v["started_at"]), s(&v["finished_at"]));
     if !v["worker"].is_null() {
-        println!("worker    {} {}", s(&v["worker"]["id"]), v["worker"]["attributes"]);
+        let attrs = v["worker"]["attributes"].as_object().map(|a| {
+            a.iter().map(|(k, val)| format!("{k}={}", val.as_str().unwrap_or_default())).collect::<Vec<_>>().join(" ")
+        });
+        println!("worker    {} {}", s(&v["worker"]["id"]), attrs.unwrap_or_default());
     }
     if !v["progress"].is_null() {
         println!("progress  {}", v["progress"]);
