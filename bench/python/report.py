@@ -39,8 +39,8 @@ def cpu_model():
 def main():
     raw_dir, out, load_before, load_after, seconds, quick = sys.argv[1:7]
     r = {}
-    ty, ty_runs = best(os.path.join(raw_dir, "dispatch-*.json"))
-    rw, rw_runs = best(os.path.join(raw_dir, "raw-*.json"))
+    ty, ty_runs = best(os.path.join(raw_dir, "dispatch-[0-9]*.json"))
+    rw, rw_runs = best(os.path.join(raw_dir, "raw-[0-9]*.json"))
     if ty and rw:
         r["dispatch"] = {
             "jobs": ty["jobs"], "workers": ty["workers"], "slots": ty["concurrency"], "submitters": ty["submitters"],
