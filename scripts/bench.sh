@@ -72,6 +72,10 @@ fi
 CELERY_KEEP=""
 [[ $(BENCH_CELERY_QUEUE="$PREFIX-celery" "$VENV/bin/python" bench/python/celery_bench.py --check-delayed) == 1 ]] && CELERY_KEEP=--delayed-existed
 
+# A failed scenario is reported and the others still run; the exit status says so at the end.
+FAILED=()
+step() { phase "$@" || FAILED+=("$1"); }
+
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "load average before: $LOAD_BEFORE ($(nproc) CPUs)"
 T_START=$SECONDS
@@ -81,30 +85,30 @@ T_START=$SECONDS
 SHAPE="--jobs $JOBS --workers $WORKERS --concurrency $SLOTS --submitters $SUBMITTERS"
 for i in $(seq 1 "$REPEAT"); do
   PREFIXES+=("$PREFIX-d$i" "$PREFIX-r$i")
-  phase "dispatch trainyard #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --prefix '$PREFIX-d$i' $SHAPE > '$RAW/dispatch-$i.json'"
-  phase "dispatch raw #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --raw --prefix '$PREFIX-r$i' $SHAPE > '$RAW/raw-$i.json'"
+  step "dispatch trainyard #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --prefix '$PREFIX-d$i' $SHAPE > '$RAW/dispatch-$i.json'"
+  step "dispatch raw #$i ($JOBS jobs)" bash -c "'$BENCH' dispatch --raw --prefix '$PREFIX-r$i' $SHAPE > '$RAW/raw-$i.json'"
 done
 # The same with the artifact store on tmpfs: how much of the gap is this disk's file creation.
 if [[ -d /dev/shm && -w /dev/shm ]]; then
   PREFIXES+=("$PREFIX-dt")
-  phase "dispatch trainyard, artifacts on tmpfs ($JOBS jobs)" bash -c "'$BENCH' --artifacts-root '$SHM' dispatch --prefix '$PREFIX-dt' $SHAPE > '$RAW/dispatch-tmpfs.json'"
+  step "dispatch trainyard, artifacts on tmpfs ($JOBS jobs)" bash -c "'$BENCH' --artifacts-root '$SHM' dispatch --prefix '$PREFIX-dt' $SHAPE > '$RAW/dispatch-tmpfs.json'"
   rm -rf "$SHM"
 fi
 
 # 2. Celery: prefork pool with one child per CPU (its default), prefetch 1, late acks, quorum queue, confirms.
-phase "celery ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery.json'"
+step "celery ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery.json'"
 
 # 3. Pickup latency.
 PREFIXES+=("$PREFIX-p" "$PREFIX-pr" "$PREFIX-f")
-phase "pickup trainyard ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --prefix '$PREFIX-p' --jobs $PICKUP_JOBS > '$RAW/pickup.json'"
-phase "pickup raw ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --raw --prefix '$PREFIX-pr' --jobs $PICKUP_JOBS > '$RAW/pickup-raw.json'"
+step "pickup trainyard ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --prefix '$PREFIX-p' --jobs $PICKUP_JOBS > '$RAW/pickup.json'"
+step "pickup raw ($PICKUP_JOBS jobs)" bash -c "'$BENCH' pickup --raw --prefix '$PREFIX-pr' --jobs $PICKUP_JOBS > '$RAW/pickup-raw.json'"
 
 # 4. Footprint: idle RSS once connected and consuming.
-phase "footprint trainyard-worker" bash -c "TRAINYARD_PREFIX='$PREFIX-f' TRAINYARD_ARTIFACTS='$RUN/$PREFIX-f' '$BENCH' rss --name worker-footprint \
+step "footprint trainyard-worker" bash -c "TRAINYARD_PREFIX='$PREFIX-f' TRAINYARD_ARTIFACTS='$RUN/$PREFIX-f' '$BENCH' rss --name worker-footprint \
   --queue '$PREFIX-f.jobs.noop' --queue '$PREFIX-f.jobs.intent-train' --queue '$PREFIX-f.jobs.intent-eval' \
   -- target/release/trainyard-worker run --types noop,intent-train,intent-eval > '$RAW/footprint.json'"
-"$BENCH" cleanup "$PREFIX-f"
-phase "footprint celery (solo)" bash -c "cd bench/python && BENCH_CELERY_QUEUE='$PREFIX-fc' PYTHONPATH=. \
+"$BENCH" cleanup "$PREFIX-f" || true
+step "footprint celery (solo)" bash -c "cd bench/python && BENCH_CELERY_QUEUE='$PREFIX-fc' PYTHONPATH=. \
   ../../$BENCH --work-dir ../../$RUN rss --name celery-footprint --queue '$PREFIX-fc' \
   -- ../../$VENV/bin/celery -A tasks worker -P solo -Q '$PREFIX-fc' --without-gossip --without-mingle --without-heartbeat -l warning > '../../$RAW/footprint-celery.json'"
 BENCH_CELERY_QUEUE="$PREFIX-fc" "$VENV/bin/python" bench/python/celery_bench.py --cleanup-only $CELERY_KEEP || true
@@ -113,14 +117,14 @@ BENCH_CELERY_QUEUE="$PREFIX-fc" "$VENV/bin/python" bench/python/celery_bench.py 
 TRAIN_DIR=$RUN/$PREFIX-train
 rm -rf "$TRAIN_DIR"
 t0=$(date +%s.%N)
-phase "training trainyard (clinc150 full)" bash -c "TRAINYARD_ARTIFACTS='$RUN/$PREFIX-train-artifacts' target/release/trainyard-worker train \
+step "training trainyard (clinc150 full)" bash -c "TRAINYARD_ARTIFACTS='$RUN/$PREFIX-train-artifacts' target/release/trainyard-worker train \
   --job-file examples/jobs/clinc150-full.json --out '$TRAIN_DIR' > '$RUN/train.log' 2>&1"
 t1=$(date +%s.%N)
-python3 -c "import json,sys; m=json.load(open('$TRAIN_DIR/metrics.json')); m['wall_s']=$t1-$t0; print(json.dumps(m))" > "$RAW/training.json"
-phase "training scikit-learn (clinc150 full)" bash -c "'$VENV/bin/python' bench/python/sklearn_bench.py --data data/clinc150/data_full.json > '$RAW/sklearn.json'"
+python3 -c "import json,sys; m=json.load(open('$TRAIN_DIR/metrics.json')); m['wall_s']=$t1-$t0; print(json.dumps(m))" > "$RAW/training.json" || rm -f "$RAW/training.json"
+step "training scikit-learn (clinc150 full)" bash -c "'$VENV/bin/python' bench/python/sklearn_bench.py --data data/clinc150/data_full.json > '$RAW/sklearn.json'"
 
 # 6. Scaling (each point deletes its own queues).
-phase "scaling (workers $SCALING_WORKERS x slots $SCALING_SLOTS, $SCALING_JOBS jobs)" bash -c "'$BENCH' scaling --prefix '$PREFIX-s' --jobs $SCALING_JOBS \
+step "scaling (workers $SCALING_WORKERS x slots $SCALING_SLOTS, $SCALING_JOBS jobs)" bash -c "'$BENCH' scaling --prefix '$PREFIX-s' --jobs $SCALING_JOBS \
   --workers $SCALING_WORKERS --slots $SCALING_SLOTS --submitters $SUBMITTERS > '$RAW/scaling.json'"
 
 # 7. GPU: CUDA epoch time vs CPU, only where a GPU is present.
@@ -132,9 +136,9 @@ if [[ $GPU == 1 ]]; then
       job=examples/jobs/clinc150-full.json; bin=target/release/trainyard-worker
       [[ $dev == cuda ]] && { job=$RUN/clinc150-cuda.json; bin=target/cuda/release/trainyard-worker; }
       t0=$(date +%s.%N)
-      phase "training on $dev" "$bin" train --job-file "$job" --out "$RUN/$PREFIX-gpu-$dev" > "$RUN/train-$dev.log" 2>&1
+      step "training on $dev" "$bin" train --job-file "$job" --out "$RUN/$PREFIX-gpu-$dev" > "$RUN/train-$dev.log" 2>&1
       t1=$(date +%s.%N)
-      python3 -c "import json; m=json.load(open('$RUN/$PREFIX-gpu-$dev/metrics.json')); print(json.dumps({'wall_s': $t1-$t0, 'in_scope_accuracy': m.get('in_scope_accuracy')}))" > "$RAW/gpu-$dev.json"
+      python3 -c "import json; m=json.load(open('$RUN/$PREFIX-gpu-$dev/metrics.json')); print(json.dumps({'wall_s': $t1-$t0, 'in_scope_accuracy': m.get('in_scope_accuracy')}))" > "$RAW/gpu-$dev.json" || rm -f "$RAW/gpu-$dev.json"
     done
   else
     echo "--gpu: no GPU found (nvidia-smi); skipping the CUDA comparison"
@@ -143,3 +147,7 @@ fi
 
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 bench/python/report.py "$RAW" "$OUT/results.json" "$LOAD_BEFORE" "$LOAD_AFTER" "$((SECONDS - T_START))" "$QUICK"
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  echo "failed scenarios (see $RUN/logs and the output above): ${FAILED[*]}" >&2
+  exit 1
+fi
