@@ -21,6 +21,8 @@
 # job SIGKILLed mid-epoch again and again resumes from its checkpoint each
 # time and ends `dead` at the broker's delivery limit with a clear reason;
 # (3) a job past its timeout_s fails cleanly (`failed`, kind timeout).
+# CHAOS_FLOOD_PARTS="memory kill timeout" picks parts; CHAOS_FLOOD_JOBS (100000)
+# and CHAOS_FLOOD_SECONDS (120) size the first.
 #
 # Disrupts the shared broker (every connection is closed, the app restarted):
 # run it alone. Needs rabbitmqctl (as root or a user allowed to run it) and python3.
@@ -310,9 +312,14 @@ flood_timeout() {
 }
 
 if [[ $FLOOD == 1 ]]; then
-  flood_memory
-  flood_kill_loop
-  flood_timeout
+  # CHAOS_FLOOD_PARTS picks parts (default all three).
+  for part in ${CHAOS_FLOOD_PARTS:-memory kill timeout}; do
+    case $part in
+      memory) flood_memory || exit 1 ;;
+      kill) flood_kill_loop || exit 1 ;;
+      timeout) flood_timeout || exit 1 ;;
+    esac
+  done
   exit 0
 fi
 chaos_run

@@ -96,7 +96,11 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
     let attempt = Attempt { attempt: headers::attempt(hdrs), redelivery: headers::delivery_count(hdrs), spec, n: AtomicU32::new(0) };
     let span =
         tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
-    run_attempt(d, &attempt, shared, sctx).instrument(span).await
+    let result = run_attempt(d, &attempt, shared, sctx).instrument(span).await;
+    // Lines logged in the span after the attempt log was saved ("job succeeded", a duplicate
+    // delivery's ack) would otherwise stay in the capture buffer for ever: ~200 bytes per job.
+    shared.logs.take(&JobLogs::key(&attempt.spec.job_id, attempt.attempt));
+    result
 }
 
 async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &SessionCtx) -> Result<(), CommonError> {
