@@ -32,6 +32,7 @@ fi
 step "clippy" cargo clippy --workspace --all-targets --no-deps -- -D warnings
 step "tests" run_tests --workspace "${FILTER_ALL[@]}"
 step "tests that disrupt the broker (serial)" run_tests -p trainyard-tests "${FILTER_SERIAL[@]}"
+step "chaos, small (serial)" scripts/chaos.sh --jobs 60 --workers 2 --duration 40
 step "k8s manifests" scripts/validate-k8s.sh
 step "cuda feature compiles" cargo check -p trainyard-worker --features cuda
 

@@ -11,5 +11,5 @@
 pub mod handler;
 pub mod handlers;
 pub mod intent;
-pub mod runtime;
 pub mod k8s;
+pub mod runtime;

@@ -251,9 +251,9 @@ fn show_human(v: &Value) {
     println!("trigger   {} {}", s(&v["trigger"]["kind"]), s(&v["trigger"]["source"]));
     println!("created   {}  started {}  finished {}", s(&v["created_at"]), s(&v["started_at"]), s(&v["finished_at"]));
     if !v["worker"].is_null() {
-        let attrs = v["worker"]["attributes"].as_object().map(|a| {
-            a.iter().map(|(k, val)| format!("{k}={}", val.as_str().unwrap_or_default())).collect::<Vec<_>>().join(" ")
-        });
+        let attrs = v["worker"]["attributes"]
+            .as_object()
+            .map(|a| a.iter().map(|(k, val)| format!("{k}={}", val.as_str().unwrap_or_default())).collect::<Vec<_>>().join(" "));
         println!("worker    {} {}", s(&v["worker"]["id"]), attrs.unwrap_or_default());
     }
     if !v["progress"].is_null() {

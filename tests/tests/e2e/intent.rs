@@ -11,10 +11,11 @@ use crate::support::Env;
 
 /// Three intents and out-of-scope lines, as CSV.
 fn tiny_csv() -> String {
-    let intents = [("balance", ["balance", "money", "account", "funds"]), ("weather", ["weather", "rain", "forecast", "sunny"]), (
-        "alarm",
-        ["alarm", "wake", "clock", "morning"],
-    )];
+    let intents = [
+        ("balance", ["balance", "money", "account", "funds"]),
+        ("weather", ["weather", "rain", "forecast", "sunny"]),
+        ("alarm", ["alarm", "wake", "clock", "morning"]),
+    ];
     let fillers = ["please", "can you", "tell me", "i want", "what about", "now", "my", "the"];
     let mut s = String::from("text,label\n");
     for i in 0..40 {

@@ -6,8 +6,8 @@
 //! a serial phase of their own, after the others.
 
 mod disrupt;
-mod intent;
 mod hostile;
+mod intent;
 mod pipeline;
 mod processes;
 mod security;
