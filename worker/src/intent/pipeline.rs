@@ -19,7 +19,7 @@ use super::{
     params::{PromoteMode, TrainParams},
     predict::{decide, probabilities, ModelConfig, Predictor, MODEL_FORMAT},
     promotion::{set_production, ProductionEntry},
-    train::{train, Hooks, TrainConfig, TrainData, TrainError},
+    train::{train, Hooks, TrainData, TrainError},
 };
 use crate::handler::JobError;
 
@@ -161,17 +161,6 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
     } else {
         None
     };
-    let cfg = TrainConfig {
-        epochs: h.epochs,
-        seed: h.seed,
-        batch_size: h.batch_size,
-        lr: h.lr,
-        hidden: h.hidden,
-        dropout: h.dropout,
-        feature_dropout: h.feature_dropout,
-        label_smoothing: h.label_smoothing,
-        patience: h.patience,
-    };
     let cut = std::sync::atomic::AtomicBool::new(false);
     let cancelled = || env.cancel.is_cancelled() || cut.load(std::sync::atomic::Ordering::Relaxed);
     // Checkpoints are written in the background while the next epoch trains; each
@@ -207,7 +196,7 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
         }
     };
     let hooks = Hooks { cancelled: &cancelled, save: &mut save, progress: &mut progress };
-    let trained = train::<B>(&cfg, &data, &fp, resume, device, hooks);
+    let trained = train::<B>(h, &data, &fp, resume, device, hooks);
     wait_pending().map_err(|e| JobError::transient(format!("failed to save a checkpoint: {e}")))?;
     let trained = trained.map_err(|e| match e {
         TrainError::Cancelled(_) => JobError::cancelled(e.to_string()),

@@ -25,32 +25,10 @@ use super::{
     checkpoint::{self, Checkpoint, CheckpointMeta, EpochLog},
     features::Csr,
     model::{tensor2, to_vec, BytesRecorder, Head},
+    params::Hyper,
     predict::{decide, probabilities},
     sparse::{AdamParams, EmbeddingBag},
 };
-
-/// Settings of one run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrainConfig {
-    /// Most epochs.
-    pub epochs: usize,
-    /// Seed.
-    pub seed: u64,
-    /// Examples per step.
-    pub batch_size: usize,
-    /// Peak learning rate (linear decay to 10%).
-    pub lr: f64,
-    /// Hidden width.
-    pub hidden: usize,
-    /// Dropout on the hidden layer.
-    pub dropout: f32,
-    /// Share of input features dropped per utterance in training.
-    pub feature_dropout: f32,
-    /// Label smoothing.
-    pub label_smoothing: f32,
-    /// Early-stopping patience in epochs.
-    pub patience: usize,
-}
 
 /// Featurised data: training and validation matrices and label indices.
 #[derive(Debug, Clone)]
@@ -132,7 +110,7 @@ fn val_accuracy<B: AutodiffBackend>(emb: &EmbeddingBag, head: &Head<B>, data: &T
 
 /// Trains (or resumes from `resume`) and returns the best model.
 pub fn train<B: AutodiffBackend>(
-    cfg: &TrainConfig,
+    cfg: &Hyper,
     data: &TrainData,
     fingerprint: &str,
     resume: Option<Checkpoint>,
