@@ -1,8 +1,9 @@
 //! The recorder: feeds the job store from `<prefix>.recorder` (every event)
 //! and `<prefix>.dead.recorder` (a copy of every dead letter).
 //!
-//! A delivery is acked only after the store has it; a store failure nacks it
-//! back to the queue. Duplicates are harmless (the store is idempotent) and
+//! Events are recorded in batches (whatever has arrived, up to [`BATCH`], in
+//! one store transaction), acked together only after the store has them; a
+//! store failure nacks the whole batch back to the queue. Duplicates are harmless (the store is idempotent) and
 //! order does not matter (the projection is order-free), so several replicas
 //! may consume the same queues.
 
@@ -22,8 +23,12 @@ use trainyard_common::{
 
 use crate::store::{DeadLetter, Store, StoreError};
 
-/// Deliveries recorded at once.
-const CONCURRENCY: usize = 16;
+/// Most event deliveries recorded in one store transaction.
+const BATCH: usize = 256;
+
+/// Event deliveries the broker may have in flight to the recorder (two batches: one
+/// being recorded while the next arrives).
+const PREFETCH: u16 = 512;
 
 /// Reason recorded for a letter the broker dead-lettered by itself.
 pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
@@ -77,50 +82,87 @@ impl Recorder {
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         self.topology.declare_shared(&ch).await?;
         let publish = trainyard_common::amqp::confirm_channel(&conn).await?;
-        ch.basic_qos(64, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
+        // Events and dead letters on channels of their own: events are acked in
+        // batches (`multiple`), which must never cover an unrecorded dead letter.
+        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
         let events = ch
             .basic_consume(self.topology.recorder_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(CommonError::amqp(format!("consume {}", self.topology.recorder_queue())))?;
-        let dead = ch
+        let dead_ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+        dead_ch.basic_qos(16, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
+        let dead = dead_ch
             .basic_consume(self.topology.dead_recorder_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(CommonError::amqp(format!("consume {}", self.topology.dead_recorder_queue())))?;
         tracing::info!("recorder consuming {} and {}", self.topology.recorder_queue(), self.topology.dead_recorder_queue());
-        let merged = futures::stream::select(events.map(|d| (false, d)), dead.map(|d| (true, d)));
-        // Deliveries are independent (the store is idempotent and order-free): record several at once.
+        // Whatever has arrived, up to BATCH deliveries, goes into one store transaction.
+        let batches = events.ready_chunks(BATCH);
         let publish = &publish;
-        let work = merged
-            .map(|(is_dead, delivery)| async move {
-                let delivery = delivery.map_err(CommonError::amqp("receive a delivery"))?;
-                self.settle(is_dead, &delivery, publish).await
+        let dead_work = dead
+            .map(|delivery| async move {
+                let delivery = delivery.map_err(CommonError::amqp("receive a dead letter"))?;
+                self.settle_dead_letter(&delivery, publish).await
             })
-            .buffer_unordered(CONCURRENCY);
-        tokio::pin!(work);
+            .buffer_unordered(16);
+        tokio::pin!(batches, dead_work);
+        let ended = || CommonError::Config { name: "recorder".into(), reason: "consumer stream ended".into() };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = conn.close(200, "shutdown".into()).await;
                     return Ok(());
                 }
-                n = work.next() => match n {
+                b = batches.next() => match b {
+                    Some(batch) => self.settle_events(batch).await?,
+                    None => return Err(ended().into()),
+                },
+                d = dead_work.next() => match d {
                     Some(r) => r?,
-                    None => return Err(CommonError::Config { name: "recorder".into(), reason: "consumer stream ended".into() }.into()),
+                    None => return Err(ended().into()),
                 },
             }
         }
     }
 
-    /// Records one delivery and acks it, or nacks it back to the queue when the store failed.
-    async fn settle(&self, is_dead: bool, delivery: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
-        let outcome: Result<(), RecorderError> =
-            if is_dead { self.handle_dead_letter(delivery, publish).await } else { self.handle_event(delivery).await.map_err(Into::into) };
-        match outcome {
+    /// Records a batch of event deliveries in one transaction, then acks them
+    /// all at once; when the store fails, returns them all to the queue.
+    async fn settle_events(&self, batch: Vec<lapin::Result<Delivery>>) -> Result<(), RecorderError> {
+        let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("receive a delivery"))?;
+        let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { return Ok(()) };
+        let events: Vec<JobEvent> = deliveries
+            .iter()
+            .filter_map(|d| {
+                let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+                codec::decode(ct, &d.data)
+                    .map_err(|e| {
+                        // Nothing to record; keeping it would block the queue.
+                        tracing::warn!(error = %e, routing_key = %d.routing_key, "dropping an undecodable event");
+                    })
+                    .ok()
+            })
+            .collect();
+        match self.record_all(&events).await {
+            Ok(()) => {
+                last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack deliveries"))?;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = events.len(), "failed to record events; returning them to the queue");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                last.acker.nack(BasicNackOptions { requeue: true, multiple: true }).await.map_err(CommonError::amqp("nack deliveries"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records one dead letter and acks it, or nacks it back to the queue when the store failed.
+    async fn settle_dead_letter(&self, delivery: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
+        match self.handle_dead_letter(delivery, publish).await {
             Ok(()) => {
                 delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
             }
             Err(e) => {
-                tracing::error!(error = %e, "failed to record a delivery; returning it to the queue");
+                tracing::error!(error = %e, "failed to record a dead letter; returning it to the queue");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 delivery
                     .acker
@@ -132,28 +174,23 @@ impl Recorder {
         Ok(())
     }
 
-    async fn handle_event(&self, d: &Delivery) -> Result<(), StoreError> {
-        let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
-        let event: JobEvent = match codec::decode(ct, &d.data) {
-            Ok(e) => e,
-            Err(e) => {
-                // Nothing to record; keeping it would block the queue.
-                tracing::warn!(error = %e, routing_key = %d.routing_key, "dropping an undecodable event");
-                return Ok(());
-            }
-        };
-        self.record(&event).await
-    }
-
     /// Records one event, updating the metrics.
     pub async fn record(&self, event: &JobEvent) -> Result<(), StoreError> {
-        let new = self.store.record_event(event).await?;
-        if let (true, Some(m)) = (new, &self.metrics) {
+        self.record_all(std::slice::from_ref(event)).await
+    }
+
+    /// Records events in one transaction, updating the metrics.
+    pub async fn record_all(&self, events: &[JobEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let recorded = self.store.record_events(events).await?;
+        let Some(m) = &self.metrics else { return Ok(()) };
+        for (event, r) in events.iter().zip(recorded).filter(|(_, r)| r.new) {
             m.events_recorded.with_label_values(&[event.status.as_str()]).inc();
             if event.status.is_terminal() {
                 m.jobs_finished.with_label_values(&[event.job_type.as_str(), event.status.as_str()]).inc();
-                if let Ok(Some(job)) = self.store.job(&event.job_id).await {
-                    let from = job.submitted_at.unwrap_or(job.created_at);
+                if let Some(from) = r.since {
                     let secs = (event.at - from).num_milliseconds().max(0) as f64 / 1000.0;
                     m.job_duration.with_label_values(&[event.job_type.as_str(), event.status.as_str()]).observe(secs);
                 }

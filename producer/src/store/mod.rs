@@ -68,6 +68,15 @@ fn q(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
 }
 
+/// What [`Store::record_events`] did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// `false` when the event was already recorded (a duplicate).
+    pub new: bool,
+    /// For a new terminal event of the job's current run: when the job was submitted (its duration's start).
+    pub since: Option<DateTime<Utc>>,
+}
+
 /// Which database is behind the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -172,9 +181,95 @@ impl Store {
 
     /// Records an event. Returns `false` when it was already recorded (a duplicate).
     pub async fn record_event(&self, event: &JobEvent) -> Result<bool, StoreError> {
+        Ok(self.record_events(std::slice::from_ref(event)).await?[0].new)
+    }
+
+    /// Records a batch of events in one transaction; one [`Recorded`] per event, in order.
+    ///
+    /// Each job's row is projected once per batch, after all of its events are in.
+    /// Jobs are visited in `job_id` order, so concurrent batches on PostgreSQL lock
+    /// rows in the same order and cannot deadlock.
+    pub async fn record_events(&self, events: &[JobEvent]) -> Result<Vec<Recorded>, StoreError> {
         let now = micros(Utc::now());
-        let body = serde_json::to_string(event).map_err(|e| StoreError::Decode { what: "event", reason: e.to_string() })?;
-        let mut tx = self.pool.begin().await.map_err(q("begin recording an event"))?;
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by(|&a, &b| (&events[a].job_id, events[a].seq).cmp(&(&events[b].job_id, events[b].seq)));
+        let mut out = vec![Recorded { new: false, since: None }; events.len()];
+        // job_id → (run, index of the job's latest new terminal event in `events`)
+        let mut touched: BTreeMap<&str, (i64, Option<usize>)> = BTreeMap::new();
+        let mut tx = self.pool.begin().await.map_err(q("begin recording events"))?;
+        let mut current: Option<(&str, i64, i64)> = None;
+        for i in order {
+            let event = &events[i];
+            let body = serde_json::to_string(event).map_err(|e| StoreError::Decode { what: "event", reason: e.to_string() })?;
+            let (run, run_since) = match current {
+                Some((job, run, since)) if job == event.job_id => (run, since),
+                _ => {
+                    let (run, since) = self.ensure_job(&mut tx, event).await?;
+                    current = Some((event.job_id.as_str(), run, since));
+                    (run, since)
+                }
+            };
+            // An event from before the latest replay belongs to the previous run.
+            let event_run = if run > 0 && micros(event.at) < run_since { run - 1 } else { run };
+            let inserted = sqlx::query(
+                "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (job_id, run, seq) DO NOTHING",
+            )
+            .bind(&event.job_id)
+            .bind(event_run)
+            .bind(event.seq as i64)
+            .bind(event.status.as_str())
+            .bind(i64::from(event.attempt))
+            .bind(micros(event.at))
+            .bind(&body)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(q(format!("insert event {}/{}", event.job_id, event.seq)))?
+            .rows_affected()
+                == 1;
+            if !inserted {
+                continue;
+            }
+            out[i].new = true;
+            if let Some(spec) = &event.spec {
+                let spec_json = serde_json::to_string(spec).map_err(|e| StoreError::Decode { what: "spec", reason: e.to_string() })?;
+                sqlx::query(
+                    "UPDATE jobs SET spec = $1, trigger_kind = $2, trigger_source = $3, submitted_at = $4, created_at = $4 WHERE job_id = $5",
+                )
+                .bind(spec_json)
+                .bind(spec.trigger.kind.to_string())
+                .bind(&spec.trigger.source)
+                .bind(micros(spec.submitted_at))
+                .bind(&event.job_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(format!("store the spec of job {}", event.job_id)))?;
+            }
+            if event_run == run {
+                let entry = touched.entry(event.job_id.as_str()).or_insert((run, None));
+                if event.status.is_terminal() {
+                    entry.1 = Some(i);
+                }
+            }
+        }
+        for (job_id, (run, terminal)) in touched {
+            self.project(&mut tx, job_id, run).await?;
+            if let Some(i) = terminal {
+                let row = sqlx::query("SELECT COALESCE(submitted_at, created_at) FROM jobs WHERE job_id = $1")
+                    .bind(job_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(q(format!("read job {job_id}")))?;
+                out[i].since = Some(from_micros(row.get::<i64, _>(0)));
+            }
+        }
+        tx.commit().await.map_err(q("commit recorded events"))?;
+        Ok(out)
+    }
+
+    /// Creates the job row of `event` when missing (and locks it on PostgreSQL); returns its `(run, run_since)`.
+    async fn ensure_job(&self, conn: &mut sqlx::AnyConnection, event: &JobEvent) -> Result<(i64, i64), StoreError> {
         // A write first, so SQLite takes its write lock now rather than failing to upgrade later.
         sqlx::query(
             "INSERT INTO jobs (job_id, job_type, bot, status, status_seq, attempts, run, run_since, created_at, updated_at) \
@@ -188,79 +283,41 @@ impl Store {
         .bind(i64::from(event.attempt))
         .bind(micros(event.at))
         .bind(micros(event.at))
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await
         .map_err(q(format!("create job {}", event.job_id)))?;
         let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
         let row = sqlx::query(AssertSqlSafe(format!("SELECT run, run_since FROM jobs WHERE job_id = $1{lock}")))
             .bind(&event.job_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await
             .map_err(q(format!("read job {}", event.job_id)))?;
-        let (run, run_since): (i64, i64) = (row.get(0), row.get(1));
-        // An event from before the latest replay belongs to the previous run.
-        let event_run = if run > 0 && micros(event.at) < run_since { run - 1 } else { run };
-        let inserted = sqlx::query(
-            "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (job_id, run, seq) DO NOTHING",
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Recomputes a job's row from the events of its run `run`.
+    async fn project(&self, conn: &mut sqlx::AnyConnection, job_id: &str, run: i64) -> Result<(), StoreError> {
+        let events = Self::run_events(conn, job_id, run).await?;
+        let Some(p) = projection::project(&events) else { return Ok(()) };
+        sqlx::query(
+            "UPDATE jobs SET status = $1, status_seq = $2, attempts = $3, worker = $4, progress = $5, result = $6, error = $7, \
+             started_at = $8, finished_at = $9, updated_at = $10 WHERE job_id = $11",
         )
-        .bind(&event.job_id)
-        .bind(event_run)
-        .bind(event.seq as i64)
-        .bind(event.status.as_str())
-        .bind(i64::from(event.attempt))
-        .bind(micros(event.at))
-        .bind(&body)
-        .bind(now)
-        .execute(&mut *tx)
+        .bind(p.status.as_str())
+        .bind(p.status_seq as i64)
+        .bind(i64::from(p.attempts))
+        .bind(p.worker.as_ref().map(types::to_json))
+        .bind(p.progress.as_ref().map(types::to_json))
+        .bind(p.result.as_ref().map(types::to_json))
+        .bind(p.error.as_ref().map(types::to_json))
+        .bind(p.started_at.map(micros))
+        .bind(p.finished_at.map(micros))
+        .bind(micros(p.updated_at))
+        .bind(job_id)
+        .execute(&mut *conn)
         .await
-        .map_err(q(format!("insert event {}/{}", event.job_id, event.seq)))?
-        .rows_affected()
-            == 1;
-        if !inserted {
-            tx.commit().await.map_err(q("commit a duplicate event"))?;
-            return Ok(false);
-        }
-        if let Some(spec) = &event.spec {
-            let spec_json = serde_json::to_string(spec).map_err(|e| StoreError::Decode { what: "spec", reason: e.to_string() })?;
-            sqlx::query(
-                "UPDATE jobs SET spec = $1, trigger_kind = $2, trigger_source = $3, submitted_at = $4, created_at = $4 WHERE job_id = $5",
-            )
-            .bind(spec_json)
-            .bind(spec.trigger.kind.to_string())
-            .bind(&spec.trigger.source)
-            .bind(micros(spec.submitted_at))
-            .bind(&event.job_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(q(format!("store the spec of job {}", event.job_id)))?;
-        }
-        if event_run == run {
-            let events = Self::run_events(&mut tx, &event.job_id, run).await?;
-            if let Some(p) = projection::project(&events) {
-                let json = |v: Option<String>| v;
-                sqlx::query(
-                    "UPDATE jobs SET status = $1, status_seq = $2, attempts = $3, worker = $4, progress = $5, result = $6, error = $7, \
-                     started_at = $8, finished_at = $9, updated_at = $10 WHERE job_id = $11",
-                )
-                .bind(p.status.as_str())
-                .bind(p.status_seq as i64)
-                .bind(i64::from(p.attempts))
-                .bind(json(p.worker.as_ref().map(types::to_json)))
-                .bind(json(p.progress.as_ref().map(types::to_json)))
-                .bind(json(p.result.as_ref().map(types::to_json)))
-                .bind(json(p.error.as_ref().map(types::to_json)))
-                .bind(p.started_at.map(micros))
-                .bind(p.finished_at.map(micros))
-                .bind(micros(p.updated_at))
-                .bind(&event.job_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(q(format!("update job {}", event.job_id)))?;
-            }
-        }
-        tx.commit().await.map_err(q(format!("commit event {}/{}", event.job_id, event.seq)))?;
-        Ok(true)
+        .map_err(q(format!("update job {job_id}")))?;
+        Ok(())
     }
 
     async fn run_events(conn: &mut sqlx::AnyConnection, job_id: &str, run: i64) -> Result<Vec<JobEvent>, StoreError> {

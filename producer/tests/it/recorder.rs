@@ -196,3 +196,47 @@ async fn recorder_throughput_on_postgres() {
     store.close().await;
     schema.drop().await;
 }
+
+/// One batch with two jobs, out of order, with a duplicate inside the batch and one already stored.
+async fn batch_semantics(store: Store) {
+    let (a, b) = (spec("noop", "bot-a"), spec("noop", "bot-b"));
+    let a_started = JobEvent::new(&a, JobStatus::Started, 1, event_seq(1, 0, 0));
+    let mut a_done = JobEvent::new(&a, JobStatus::Succeeded, 1, event_seq(1, 0, 2));
+    a_done.at = a.submitted_at + chrono::Duration::milliseconds(1500);
+    let b_started = JobEvent::new(&b, JobStatus::Started, 1, event_seq(1, 0, 0));
+    assert!(store.record_event(&JobEvent::queued(&a)).await.unwrap());
+    let batch = [a_done.clone(), b_started.clone(), JobEvent::queued(&a), a_started.clone(), b_started.clone(), JobEvent::queued(&b)];
+    let got = store.record_events(&batch).await.unwrap();
+    let new: Vec<bool> = got.iter().map(|r| r.new).collect();
+    // a's queued was stored before; b_started appears twice: the first copy (in job_id, seq order) is new.
+    assert_eq!(new.iter().filter(|n| **n).count(), 4, "{new:?}");
+    assert!(got[0].new && !got[2].new && got[3].new && got[5].new);
+    assert!(got[1].new != got[4].new, "exactly one copy of b's started is new: {new:?}");
+    // The terminal event carries the job's start for the duration metric.
+    assert_eq!(got[0].since.map(|t| (a_done.at - t).num_milliseconds()), Some(1500));
+    assert!(got.iter().enumerate().all(|(i, r)| i == 0 || r.since.is_none()));
+    let (ja, jb) = (store.job(&a.job_id).await.unwrap().unwrap(), store.job(&b.job_id).await.unwrap().unwrap());
+    assert_eq!((ja.status, jb.status), (JobStatus::Succeeded, JobStatus::Started));
+    assert_eq!(jb.spec.as_ref(), Some(&b));
+    assert_eq!(store.events(&a.job_id).await.unwrap().len(), 3);
+    assert_eq!(store.events(&b.job_id).await.unwrap().len(), 2);
+    // The same batch again is all duplicates and changes nothing.
+    assert!(store.record_events(&batch).await.unwrap().iter().all(|r| !r.new));
+    assert_eq!(store.job(&a.job_id).await.unwrap().unwrap().status, JobStatus::Succeeded);
+    assert!(store.record_events(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_is_recorded_like_its_events_one_by_one_on_sqlite() {
+    let (store, _dir, _) = sqlite_store().await;
+    batch_semantics(store).await;
+}
+
+#[tokio::test]
+async fn a_batch_is_recorded_like_its_events_one_by_one_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    batch_semantics(store.clone()).await;
+    store.close().await;
+    schema.drop().await;
+}
