@@ -22,10 +22,23 @@ use tracing_subscriber::{layer::Context, registry::LookupSpan, Layer};
 /// Most bytes kept per attempt; older lines beyond it are dropped with a note.
 const MAX_LOG_BYTES: usize = 4 * 1024 * 1024;
 
+/// Where the runtime's own per-job lines ("job started", "job succeeded") come from.
+const RUNTIME_TARGET: &str = "trainyard_worker::runtime";
+
+/// What was captured for one attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// The lines.
+    pub text: String,
+    /// Does it hold a line worth keeping: one from the job's own code, or a warning or error?
+    /// A log of only the runtime's routine lines repeats the job's events and is not saved.
+    pub notable: bool,
+}
+
 /// Shared buffers of running attempts, keyed by `job_id/attempt`.
 #[derive(Debug, Clone, Default)]
 pub struct JobLogs {
-    buffers: Arc<Mutex<HashMap<String, String>>>,
+    buffers: Arc<Mutex<HashMap<String, Captured>>>,
 }
 
 impl JobLogs {
@@ -35,15 +48,16 @@ impl JobLogs {
     }
 
     /// Removes and returns what was captured for an attempt.
-    pub fn take(&self, key: &str) -> String {
+    pub fn take(&self, key: &str) -> Captured {
         self.buffers.lock().map(|mut b| b.remove(key)).ok().flatten().unwrap_or_default()
     }
 
-    fn append(&self, key: &str, line: &str) {
+    fn append(&self, key: &str, line: &str, notable: bool) {
         if let Ok(mut b) = self.buffers.lock() {
             let buf = b.entry(key.to_string()).or_default();
-            if buf.len() + line.len() <= MAX_LOG_BYTES {
-                buf.push_str(line);
+            if buf.text.len() + line.len() <= MAX_LOG_BYTES {
+                buf.text.push_str(line);
+                buf.notable |= notable;
             }
         }
     }
@@ -133,7 +147,8 @@ where
                 let mut line = LineVisitor(format!("{} {:>5} {}:", chrono::Utc::now().to_rfc3339(), meta.level(), meta.target()));
                 event.record(&mut line);
                 line.0.push('\n');
-                self.logs.append(key, &line.0);
+                let notable = *meta.level() <= tracing::Level::WARN || !meta.target().starts_with(RUNTIME_TARGET);
+                self.logs.append(key, &line.0, notable);
                 return;
             }
         }
@@ -158,10 +173,32 @@ mod tests {
             let _i = inner.enter();
             tracing::warn!("nested");
         });
-        let text = logs.take(&JobLogs::key("j1", 2));
+        let got = logs.take(&JobLogs::key("j1", 2));
+        let text = &got.text;
         assert!(text.contains("trained") && text.contains("epoch=3"), "{text}");
         assert!(text.contains("nested"), "{text}");
         assert!(!text.contains("outside"), "{text}");
-        assert_eq!(logs.take(&JobLogs::key("j1", 2)), "");
+        assert!(got.notable, "lines from job code are worth saving");
+        assert_eq!(logs.take(&JobLogs::key("j1", 2)), Captured::default());
+    }
+
+    #[test]
+    fn routine_runtime_lines_alone_are_not_notable() {
+        let logs = JobLogs::default();
+        let subscriber = tracing_subscriber::registry().with(logs.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("job", job_id = "j2", job_type = "noop", bot = "b", attempt = 1u32);
+            let _g = span.enter();
+            tracing::info!(target: "trainyard_worker::runtime::process", "job started");
+        });
+        let got = logs.take(&JobLogs::key("j2", 1));
+        assert!(got.text.contains("job started"), "{}", got.text);
+        assert!(!got.notable);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(logs.layer()), || {
+            let span = tracing::info_span!("job", job_id = "j2", job_type = "noop", bot = "b", attempt = 2u32);
+            let _g = span.enter();
+            tracing::warn!(target: "trainyard_worker::runtime::process", "attempt failed; retry scheduled");
+        });
+        assert!(logs.take(&JobLogs::key("j2", 2)).notable, "warnings are always worth saving");
     }
 }

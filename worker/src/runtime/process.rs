@@ -107,12 +107,15 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     let spec = &at.spec;
     let store = &shared.config.artifacts;
     // Effectively once: a job whose outcome is recorded is not run again.
-    if let Some(outcome) = store.get_json::<Outcome>(&keys::outcome(&spec.job_id)).await? {
+    // Both lookups at once: each is a round trip to the store.
+    let (outcome_key, cancel_key) = (keys::outcome(&spec.job_id), keys::cancel_marker(&spec.job_id));
+    let (outcome, cancelled) = tokio::join!(store.get_json::<Outcome>(&outcome_key), store.exists(&cancel_key));
+    if let Some(outcome) = outcome? {
         tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
         publish_event(sctx, shared, &outcome.event).await?;
         return ack(d, sctx).await;
     }
-    if store.exists(&keys::cancel_marker(&spec.job_id)).await? {
+    if cancelled? {
         let mut ev = at.event(shared, JobStatus::Cancelled);
         ev.error = Some(ErrorInfo { kind: ErrorKind::Cancelled, message: "cancelled before it started".into() });
         publish_event(sctx, shared, &ev).await?;
@@ -358,10 +361,16 @@ async fn requeue(d: &Delivery, at: &Attempt, sctx: &SessionCtx) -> Result<(), Co
 
 async fn save_log(shared: &Shared, at: &Attempt) {
     let key = JobLogs::key(&at.spec.job_id, at.attempt);
-    let mut text = shared.logs.take(&key);
-    if text.is_empty() {
+    let captured = shared.logs.take(&key);
+    if captured.text.is_empty() {
         return;
     }
+    // Only the runtime's routine lines: the job's events already say all of it (and
+    // skipping the file saves a write per job on the hot path).
+    if !captured.notable && at.redelivery == 0 {
+        return;
+    }
+    let mut text = captured.text;
     let store_key = keys::attempt_log(&at.spec.job_id, at.attempt);
     // A redelivered attempt appends to what an earlier run of it wrote.
     if at.redelivery > 0 {
