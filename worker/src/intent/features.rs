@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Which n-grams to extract.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureConfig {
     /// Word n-grams up to this order.
     pub word_ngrams: usize,
@@ -21,6 +21,11 @@ pub struct FeatureConfig {
     pub char_max: usize,
     /// Minimum document frequency in training.
     pub min_df: usize,
+    /// Absent: one L2 norm over all n-grams. A number: word and character n-grams are
+    /// L2-normalised apart (so the many character n-grams cannot drown the words),
+    /// characters scaled by this weight, then the whole row is normalised again.
+    #[serde(default)]
+    pub char_weight: Option<f32>,
 }
 
 /// A fitted featurizer: configuration, vocabulary (feature hashes in index order) and IDF weights.
@@ -100,6 +105,12 @@ pub fn tokens(text: &str) -> Vec<String> {
 impl FeatureConfig {
     /// Hashes of every n-gram of `text`, with repeats.
     pub fn grams(&self, text: &str) -> Vec<u64> {
+        self.grams_split(text).0
+    }
+
+    /// Hashes of every n-gram of `text`, with repeats: the word n-grams first, then the
+    /// character n-grams, and how many word n-grams there are.
+    pub fn grams_split(&self, text: &str) -> (Vec<u64>, usize) {
         let toks = tokens(text);
         let mut out = Vec::with_capacity(toks.len() * 24);
         for n in 1..=self.word_ngrams {
@@ -108,6 +119,7 @@ impl FeatureConfig {
                 out.push(fnv(b'0' + n as u8, &parts));
             }
         }
+        let words = out.len();
         if self.char_min > 0 {
             for t in &toks {
                 let chars: Vec<char> = std::iter::once('<').chain(t.chars()).chain(std::iter::once('>')).collect();
@@ -119,7 +131,14 @@ impl FeatureConfig {
                 }
             }
         }
-        out
+        (out, words)
+    }
+}
+
+fn normalise(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
     }
 }
 
@@ -163,25 +182,37 @@ impl Featurizer {
 
     /// The TF-IDF vector of one text: sorted indices and L2-normalised weights.
     pub fn vector(&self, text: &str) -> (Vec<u32>, Vec<f32>) {
-        let mut ids: Vec<u32> = self.config.grams(text).into_iter().filter_map(|h| self.index.get(&h).copied()).collect();
+        let (grams, words) = self.config.grams_split(text);
+        let ids = |g: &[u64]| -> Vec<u32> { g.iter().filter_map(|h| self.index.get(h).copied()).collect() };
+        let (idx, mut val) = match self.config.char_weight {
+            None => self.tfidf(ids(&grams), 1.0),
+            Some(w) => {
+                let (mut i, mut v) = self.tfidf(ids(&grams[..words]), 1.0);
+                let (ci, cv) = self.tfidf(ids(&grams[words..]), w);
+                i.extend(ci);
+                v.extend(cv);
+                // Word and character hashes differ (kind byte), so no index repeats: just sort.
+                let mut pairs: Vec<(u32, f32)> = i.into_iter().zip(v).collect();
+                pairs.sort_unstable_by_key(|p| p.0);
+                pairs.into_iter().unzip()
+            }
+        };
+        normalise(&mut val);
+        (idx, val)
+    }
+
+    /// Sorted unique indices of `ids` and their sublinear TF × IDF weights, L2-normalised and scaled by `scale`.
+    fn tfidf(&self, mut ids: Vec<u32>, scale: f32) -> (Vec<u32>, Vec<f32>) {
         ids.sort_unstable();
         let mut idx = Vec::new();
         let mut val = Vec::new();
-        let mut i = 0;
-        while i < ids.len() {
-            let mut j = i;
-            while j < ids.len() && ids[j] == ids[i] {
-                j += 1;
-            }
-            let tf = 1.0 + ((j - i) as f32).ln();
-            idx.push(ids[i]);
-            val.push(tf * self.idf[ids[i] as usize]);
-            i = j;
+        for run in ids.chunk_by(|a, b| a == b) {
+            let tf = 1.0 + (run.len() as f32).ln();
+            idx.push(run[0]);
+            val.push(tf * self.idf[run[0] as usize]);
         }
-        let norm = val.iter().map(|v| v * v).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            val.iter_mut().for_each(|v| *v /= norm);
-        }
+        normalise(&mut val);
+        val.iter_mut().for_each(|v| *v *= scale);
         (idx, val)
     }
 
@@ -204,7 +235,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> FeatureConfig {
-        FeatureConfig { word_ngrams: 2, char_min: 2, char_max: 4, min_df: 1 }
+        FeatureConfig { word_ngrams: 2, char_min: 2, char_max: 4, min_df: 1, char_weight: None }
     }
 
     #[test]
@@ -215,6 +246,27 @@ mod tests {
         assert_eq!(g.len(), 2 + 1 + 6 + 9);
         assert_eq!(fnv(b'1', &[b"a"]), fnv(b'1', &[b"a"]));
         assert_ne!(fnv(b'2', &[b"ab", b"c"]), fnv(b'2', &[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn group_norm_balances_words_against_characters() {
+        let texts = ["check my balance", "transfer money", "my balance please"];
+        let f = Featurizer::fit(FeatureConfig { char_weight: Some(0.5), ..cfg() }, &texts);
+        let (grams, words) = f.config.grams_split("my balance");
+        let (idx, val) = f.vector("my balance");
+        assert!((val.iter().map(|v| v * v).sum::<f32>() - 1.0).abs() < 1e-5);
+        assert!(idx.windows(2).all(|w| w[0] < w[1]));
+        let word_hashes = &grams[..words];
+        let (mut w2, mut c2) = (0.0f32, 0.0f32);
+        for (&i, &v) in idx.iter().zip(&val) {
+            if word_hashes.contains(&f.hashes[i as usize]) {
+                w2 += v * v;
+            } else {
+                c2 += v * v;
+            }
+        }
+        assert!(w2 > 0.0 && c2 > 0.0);
+        assert!(((c2 / w2).sqrt() - 0.5).abs() < 1e-4, "char/word norm ratio {}", (c2 / w2).sqrt());
     }
 
     #[test]

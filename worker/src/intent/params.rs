@@ -50,6 +50,10 @@ pub struct Hyper {
     pub char_ngram_max: usize,
     /// Minimum number of training utterances a feature must occur in. Default 2.
     pub min_df: usize,
+    /// Word and character n-grams are L2-normalised apart and the characters weighted
+    /// by this (see `FeatureConfig::char_weight`); `null`: one norm over all n-grams.
+    /// Default 0.7.
+    pub char_weight: Option<f32>,
     /// Share of train held out for validation when the data has no validation split. Default 0.1.
     pub val_fraction: f64,
     /// Share held out for test when the data has no test split. Default 0.2.
@@ -77,6 +81,7 @@ impl Default for Hyper {
             char_ngram_min: 2,
             char_ngram_max: 5,
             min_df: 2,
+            char_weight: Some(0.7),
             val_fraction: 0.1,
             test_fraction: 0.2,
             oos_threshold: None,
@@ -135,6 +140,7 @@ const HYPER_KEYS: &[&str] = &[
     "char_ngram_min",
     "char_ngram_max",
     "min_df",
+    "char_weight",
     "val_fraction",
     "test_fraction",
     "oos_threshold",
@@ -162,7 +168,8 @@ impl TrainParams {
         p.device.check().map_err(|e| bad("intent-train", e))?;
         p.gate.check().map_err(|e| bad("intent-train", e))?;
         let h = &p.hyper;
-        let checks: [(bool, String); 14] = [
+        let checks: [(bool, String); 15] = [
+            (h.char_weight.is_none_or(|w| w > 0.0 && w <= 10.0), "char_weight must be in (0, 10]".to_string()),
             ((0.0..0.95).contains(&h.feature_dropout), format!("feature_dropout {} must be in [0, 0.95)", h.feature_dropout)),
             ((0.0..0.5).contains(&h.label_smoothing), format!("label_smoothing {} must be in [0, 0.5)", h.label_smoothing)),
             (h.epochs >= 1 && h.epochs <= 1000, format!("epochs {} must be in 1..=1000", h.epochs)),

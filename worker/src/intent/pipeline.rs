@@ -121,7 +121,13 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
         labels.len(),
         if oos.is_some() { format!(" (with out-of-scope label {:?})", h.oos_label) } else { String::new() }
     ));
-    let fcfg = FeatureConfig { word_ngrams: h.word_ngrams, char_min: h.char_ngram_min, char_max: h.char_ngram_max, min_df: h.min_df };
+    let fcfg = FeatureConfig {
+        word_ngrams: h.word_ngrams,
+        char_min: h.char_ngram_min,
+        char_max: h.char_ngram_max,
+        min_df: h.min_df,
+        char_weight: h.char_weight,
+    };
     let feats = Featurizer::fit(fcfg, &texts(&splits.train));
     let data = TrainData {
         x_train: feats.transform(&texts(&splits.train)),
