@@ -165,6 +165,12 @@ impl Ops {
             Some(a) => vec![a],
             None => self.log_attempts(job_id).await?,
         };
+        if attempts.is_empty() {
+            return Err(OpsError::NotFound(format!(
+                "no saved log for job {job_id}: an attempt that logged only the runtime's routine lines saves none \
+                 (its events, in `jobs show {job_id}`, say the same)"
+            )));
+        }
         let mut out = String::new();
         for a in attempts {
             let Some(bytes) = self.artifacts.get(&keys::attempt_log(job_id, a)).await? else {
