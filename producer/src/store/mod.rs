@@ -17,7 +17,10 @@ pub mod projection;
 pub mod schema;
 mod types;
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
@@ -66,6 +69,26 @@ pub enum StoreError {
 fn q(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
     let what = what.into();
     move |source| StoreError::Query { what, source }
+}
+
+/// Most rows one multi-row statement carries (8 parameters each: well under the
+/// parameter limits of SQLite, 32,766, and PostgreSQL, 65,535).
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// `n` placeholders numbered from `start`: `$start, …` on PostgreSQL; plain `?` on SQLite,
+/// where sqlx binds numbered ones by a name look-up per parameter (quadratic in long lists).
+fn placeholders(backend: Backend, start: usize, n: usize) -> String {
+    match backend {
+        Backend::Sqlite => vec!["?"; n].join(", "),
+        Backend::Postgres => (start..start + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// `rows` parenthesised groups of `cols` placeholders (`($1, $2), ($3, $4)`), each
+/// followed by the literal `tail` columns when it is not empty.
+fn values_list(backend: Backend, rows: usize, cols: usize, tail: &str) -> String {
+    let tail = if tail.is_empty() { String::new() } else { format!(", {tail}") };
+    (0..rows).map(|r| format!("({}{tail})", placeholders(backend, r * cols + 1, cols))).collect::<Vec<_>>().join(", ")
 }
 
 /// What [`Store::record_events`] did with one event.
@@ -186,54 +209,109 @@ impl Store {
 
     /// Records a batch of events in one transaction; one [`Recorded`] per event, in order.
     ///
-    /// Each job's row is projected once per batch, after all of its events are in.
-    /// Jobs are visited in `job_id` order, so concurrent batches on PostgreSQL lock
-    /// rows in the same order and cannot deadlock.
+    /// Set-based, so a batch costs a handful of statements rather than several per
+    /// event: create the missing job rows, read (and on PostgreSQL lock, in `job_id`
+    /// order, so concurrent recorders cannot deadlock) their run, insert the events
+    /// (`RETURNING` says which were new), then project each touched job once.
     pub async fn record_events(&self, events: &[JobEvent]) -> Result<Vec<Recorded>, StoreError> {
-        let now = micros(Utc::now());
-        let mut order: Vec<usize> = (0..events.len()).collect();
-        order.sort_by(|&a, &b| (&events[a].job_id, events[a].seq).cmp(&(&events[b].job_id, events[b].seq)));
         let mut out = vec![Recorded { new: false, since: None }; events.len()];
-        // job_id → (run, index of the job's latest new terminal event in `events`)
-        let mut touched: BTreeMap<&str, (i64, Option<usize>)> = BTreeMap::new();
+        if events.is_empty() {
+            return Ok(out);
+        }
+        let now = micros(Utc::now());
+        // The first event of each job stands for it when its row is created.
+        let mut jobs: BTreeMap<&str, &JobEvent> = BTreeMap::new();
+        for e in events {
+            jobs.entry(e.job_id.as_str()).or_insert(e);
+        }
+        let ids: Vec<&str> = jobs.keys().copied().collect();
         let mut tx = self.pool.begin().await.map_err(q("begin recording events"))?;
-        let mut current: Option<(&str, i64, i64)> = None;
-        for i in order {
-            let event = &events[i];
-            let body = serde_json::to_string(event).map_err(|e| StoreError::Decode { what: "event", reason: e.to_string() })?;
-            let (run, run_since) = match current {
-                Some((job, run, since)) if job == event.job_id => (run, since),
-                _ => {
-                    let (run, since) = self.ensure_job(&mut tx, event).await?;
-                    current = Some((event.job_id.as_str(), run, since));
-                    (run, since)
-                }
-            };
-            // An event from before the latest replay belongs to the previous run.
-            let event_run = if run > 0 && micros(event.at) < run_since { run - 1 } else { run };
-            let inserted = sqlx::query(
-                "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (job_id, run, seq) DO NOTHING",
-            )
-            .bind(&event.job_id)
-            .bind(event_run)
-            .bind(event.seq as i64)
-            .bind(event.status.as_str())
-            .bind(i64::from(event.attempt))
-            .bind(micros(event.at))
-            .bind(&body)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(q(format!("insert event {}/{}", event.job_id, event.seq)))?
-            .rows_affected()
-                == 1;
-            if !inserted {
-                continue;
+        // A write first, so SQLite takes its write lock now rather than failing to upgrade later.
+        for chunk in jobs.values().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO jobs (job_id, job_type, bot, status, status_seq, attempts, created_at, updated_at, run, run_since) \
+                 VALUES {} ON CONFLICT (job_id) DO NOTHING",
+                values_list(self.backend, chunk.len(), 8, "0, 0")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            for e in chunk {
+                query = query
+                    .bind(&e.job_id)
+                    .bind(&e.job_type)
+                    .bind(&e.bot)
+                    .bind(e.status.as_str())
+                    .bind(e.seq as i64)
+                    .bind(i64::from(e.attempt))
+                    .bind(micros(e.at))
+                    .bind(micros(e.at));
             }
-            out[i].new = true;
-            if let Some(spec) = &event.spec {
-                let spec_json = serde_json::to_string(spec).map_err(|e| StoreError::Decode { what: "spec", reason: e.to_string() })?;
+            query.execute(&mut *tx).await.map_err(q("create job rows"))?;
+        }
+        // job_id → (run, run_since, when the job was submitted as far as the row knows)
+        let mut state: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(ids.len());
+        let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({}) ORDER BY job_id{lock}",
+                placeholders(self.backend, 1, chunk.len())
+            );
+            let rows = chunk
+                .iter()
+                .fold(sqlx::query(AssertSqlSafe(sql)).persistent(false), |q, id| q.bind(*id))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("read job rows"))?;
+            for r in rows {
+                state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+            }
+        }
+        // Each (job, run, seq) once; later copies in the batch are duplicates.
+        let mut keyed: HashMap<(&str, i64, u64), usize> = HashMap::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            let (run, run_since, _) = state[e.job_id.as_str()];
+            // An event from before the latest replay belongs to the previous run.
+            let event_run = if run > 0 && micros(e.at) < run_since { run - 1 } else { run };
+            keyed.entry((e.job_id.as_str(), event_run, e.seq)).or_insert(i);
+        }
+        let mut unique: Vec<((&str, i64, u64), usize)> = keyed.into_iter().collect();
+        unique.sort_unstable();
+        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) VALUES {} \
+                 ON CONFLICT (job_id, run, seq) DO NOTHING RETURNING job_id, run, seq",
+                values_list(self.backend, chunk.len(), 8, "")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            for &((_, run, _), i) in chunk {
+                let e = &events[i];
+                let body = serde_json::to_string(e).map_err(|err| StoreError::Decode { what: "event", reason: err.to_string() })?;
+                query = query
+                    .bind(&e.job_id)
+                    .bind(run)
+                    .bind(e.seq as i64)
+                    .bind(e.status.as_str())
+                    .bind(i64::from(e.attempt))
+                    .bind(micros(e.at))
+                    .bind(body)
+                    .bind(now);
+            }
+            let index: HashMap<(&str, i64, u64), usize> = chunk.iter().copied().collect();
+            for r in query.fetch_all(&mut *tx).await.map_err(q("insert events"))? {
+                let (job_id, run, seq): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                if let Some(&i) = index.get(&(job_id.as_str(), run, seq as u64)) {
+                    out[i].new = true;
+                }
+            }
+        }
+        // Jobs with new events of their current run: store the spec, project the row.
+        let mut touched: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, e) in events.iter().enumerate().filter(|(i, _)| out[*i].new) {
+            let (run, run_since, _) = state[e.job_id.as_str()];
+            if !(run > 0 && micros(e.at) < run_since) {
+                touched.entry(e.job_id.as_str()).or_default().push(i);
+            }
+            if let Some(spec) = &e.spec {
+                let spec_json = serde_json::to_string(spec).map_err(|err| StoreError::Decode { what: "spec", reason: err.to_string() })?;
                 sqlx::query(
                     "UPDATE jobs SET spec = $1, trigger_kind = $2, trigger_source = $3, submitted_at = $4, created_at = $4 WHERE job_id = $5",
                 )
@@ -241,64 +319,49 @@ impl Store {
                 .bind(spec.trigger.kind.to_string())
                 .bind(&spec.trigger.source)
                 .bind(micros(spec.submitted_at))
-                .bind(&event.job_id)
+                .bind(&e.job_id)
                 .execute(&mut *tx)
                 .await
-                .map_err(q(format!("store the spec of job {}", event.job_id)))?;
+                .map_err(q(format!("store the spec of job {}", e.job_id)))?;
             }
-            if event_run == run {
-                let entry = touched.entry(event.job_id.as_str()).or_insert((run, None));
-                if event.status.is_terminal() {
-                    entry.1 = Some(i);
+        }
+        let touched_ids: Vec<&str> = touched.keys().copied().collect();
+        let mut run_events: HashMap<String, Vec<JobEvent>> = HashMap::with_capacity(touched_ids.len());
+        for chunk in touched_ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT job_id, run, body FROM job_events WHERE job_id IN ({}) ORDER BY job_id, seq",
+                placeholders(self.backend, 1, chunk.len())
+            );
+            let rows = chunk
+                .iter()
+                .fold(sqlx::query(AssertSqlSafe(sql)).persistent(false), |q, id| q.bind(*id))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("read events"))?;
+            for r in rows {
+                let job_id: String = r.get(0);
+                if r.get::<i64, _>(1) == state[job_id.as_str()].0 {
+                    let event = types::from_json::<JobEvent>("event", &r.get::<String, _>(2))?;
+                    run_events.entry(job_id).or_default().push(event);
                 }
             }
         }
-        for (job_id, (run, terminal)) in touched {
-            self.project(&mut tx, job_id, run).await?;
-            if let Some(i) = terminal {
-                let row = sqlx::query("SELECT COALESCE(submitted_at, created_at) FROM jobs WHERE job_id = $1")
-                    .bind(job_id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(q(format!("read job {job_id}")))?;
-                out[i].since = Some(from_micros(row.get::<i64, _>(0)));
+        for (job_id, new_events) in touched {
+            let run = run_events.get(job_id).map(Vec::as_slice).unwrap_or_default();
+            self.update_projection(&mut tx, job_id, run).await?;
+            // A job's duration starts at its submission: the `queued` event's spec, else the row.
+            let since = run.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(state[job_id].2));
+            for i in new_events.into_iter().filter(|&i| events[i].status.is_terminal()) {
+                out[i].since = Some(since);
             }
         }
         tx.commit().await.map_err(q("commit recorded events"))?;
         Ok(out)
     }
 
-    /// Creates the job row of `event` when missing (and locks it on PostgreSQL); returns its `(run, run_since)`.
-    async fn ensure_job(&self, conn: &mut sqlx::AnyConnection, event: &JobEvent) -> Result<(i64, i64), StoreError> {
-        // A write first, so SQLite takes its write lock now rather than failing to upgrade later.
-        sqlx::query(
-            "INSERT INTO jobs (job_id, job_type, bot, status, status_seq, attempts, run, run_since, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 0, $7, $8) ON CONFLICT (job_id) DO NOTHING",
-        )
-        .bind(&event.job_id)
-        .bind(&event.job_type)
-        .bind(&event.bot)
-        .bind(event.status.as_str())
-        .bind(event.seq as i64)
-        .bind(i64::from(event.attempt))
-        .bind(micros(event.at))
-        .bind(micros(event.at))
-        .execute(&mut *conn)
-        .await
-        .map_err(q(format!("create job {}", event.job_id)))?;
-        let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
-        let row = sqlx::query(AssertSqlSafe(format!("SELECT run, run_since FROM jobs WHERE job_id = $1{lock}")))
-            .bind(&event.job_id)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(q(format!("read job {}", event.job_id)))?;
-        Ok((row.get(0), row.get(1)))
-    }
-
-    /// Recomputes a job's row from the events of its run `run`.
-    async fn project(&self, conn: &mut sqlx::AnyConnection, job_id: &str, run: i64) -> Result<(), StoreError> {
-        let events = Self::run_events(conn, job_id, run).await?;
-        let Some(p) = projection::project(&events) else { return Ok(()) };
+    /// Writes the projection of a job's current-run events into its row.
+    async fn update_projection(&self, conn: &mut sqlx::AnyConnection, job_id: &str, events: &[JobEvent]) -> Result<(), StoreError> {
+        let Some(p) = projection::project(events) else { return Ok(()) };
         sqlx::query(
             "UPDATE jobs SET status = $1, status_seq = $2, attempts = $3, worker = $4, progress = $5, result = $6, error = $7, \
              started_at = $8, finished_at = $9, updated_at = $10 WHERE job_id = $11",
@@ -318,16 +381,6 @@ impl Store {
         .await
         .map_err(q(format!("update job {job_id}")))?;
         Ok(())
-    }
-
-    async fn run_events(conn: &mut sqlx::AnyConnection, job_id: &str, run: i64) -> Result<Vec<JobEvent>, StoreError> {
-        let rows = sqlx::query("SELECT body FROM job_events WHERE job_id = $1 AND run = $2 ORDER BY seq")
-            .bind(job_id)
-            .bind(run)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(q(format!("read the events of job {job_id}")))?;
-        rows.iter().map(|r| types::from_json::<JobEvent>("event", &r.get::<String, _>(0))).collect()
     }
 
     /// Starts a new run of a job (a dead-letter replay): the job is `queued`
@@ -392,7 +445,7 @@ impl Store {
             sql.push_str(&format!(" AND created_at >= ${i}"));
         }
         sql.push_str(&format!(" ORDER BY created_at DESC, job_id DESC LIMIT {}", filter.limit.clamp(1, 10_000)));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
         for t in texts {
             query = query.bind(t);
         }
@@ -541,5 +594,19 @@ impl Store {
             .await
             .map_err(q(format!("list the fires of schedule {schedule}")))?;
         Ok(rows.iter().map(|r: &AnyRow| (from_micros(r.get::<i64, _>(0)), r.get::<String, _>(1))).collect())
+    }
+}
+
+#[cfg(test)]
+mod sql_tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_lists() {
+        assert_eq!(placeholders(Backend::Postgres, 3, 2), "$3, $4");
+        assert_eq!(placeholders(Backend::Sqlite, 3, 2), "?, ?");
+        assert_eq!(values_list(Backend::Postgres, 2, 2, ""), "($1, $2), ($3, $4)");
+        assert_eq!(values_list(Backend::Postgres, 1, 3, "0, 0"), "($1, $2, $3, 0, 0)");
+        assert_eq!(values_list(Backend::Sqlite, 2, 1, "0"), "(?, 0), (?, 0)");
     }
 }
