@@ -151,17 +151,25 @@ async fn handle(ctx: &WorkerCtx, d: &Delivery) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `raw-drain`: consumes `<prefix>.recorder` and acks every event, until killed.
+/// `raw-drain`: consumes `<prefix>.recorder` and acks every event, until killed — in
+/// batches exactly as the recorder does (same prefetch, batch size and linger, one
+/// `multiple` ack per batch), so both do the same broker operations.
 pub async fn drain(url: &str, prefix: &str) -> anyhow::Result<()> {
+    use trainyard::recorder::{BATCH, LINGER, PREFETCH};
     let topology = Topology::new(prefix);
     let conn = amqp::connect(url, "trainyard-bench raw drain").await?;
     let ch = conn.create_channel().await?;
-    ch.basic_qos(64, BasicQosOptions::default()).await?;
-    let mut consumer = ch
+    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let consumer = ch
         .basic_consume(topology.recorder_queue().into(), "raw-drain".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    while let Some(d) = consumer.next().await {
-        d.context("consume")?.acker.ack(BasicAckOptions::default()).await?;
+    let batches = tokio_stream::StreamExt::chunks_timeout(consumer, BATCH, LINGER);
+    tokio::pin!(batches);
+    while let Some(batch) = batches.next().await {
+        let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().context("consume")?;
+        if let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) {
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
     }
     Ok(())
 }

@@ -24,15 +24,15 @@ use trainyard_common::{
 use crate::store::{DeadLetter, Store, StoreError};
 
 /// Most event deliveries recorded in one store transaction.
-const BATCH: usize = 256;
+pub const BATCH: usize = 256;
 
 /// How long a batch waits for more events after its first: a few milliseconds of
 /// delay in the job store buy several times fewer transactions under load.
-const LINGER: Duration = Duration::from_millis(20);
+pub const LINGER: Duration = Duration::from_millis(20);
 
 /// Event deliveries the broker may have in flight to the recorder (two batches: one
 /// being recorded while the next arrives).
-const PREFETCH: u16 = 512;
+pub const PREFETCH: u16 = 512;
 
 /// Reason recorded for a letter the broker dead-lettered by itself.
 pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
