@@ -250,20 +250,11 @@ impl Store {
         // job_id → (run, run_since, when the job was submitted as far as the row knows)
         let mut state: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(ids.len());
         let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({}) ORDER BY job_id{lock}",
-                placeholders(self.backend, 1, chunk.len())
-            );
-            let rows = chunk
-                .iter()
-                .fold(sqlx::query(AssertSqlSafe(sql)).persistent(false), |q, id| q.bind(*id))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("read job rows"))?;
-            for r in rows {
-                state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
-            }
+        let sql = format!(
+            "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({{}}) ORDER BY job_id{lock}"
+        );
+        for r in self.select_in(&mut tx, &sql, &ids, "read job rows").await? {
+            state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
         }
         // Each (job, run, seq) once; later copies in the batch are duplicates.
         let mut keyed: HashMap<(&str, i64, u64), usize> = HashMap::with_capacity(events.len());
@@ -327,23 +318,12 @@ impl Store {
         }
         let touched_ids: Vec<&str> = touched.keys().copied().collect();
         let mut run_events: HashMap<String, Vec<JobEvent>> = HashMap::with_capacity(touched_ids.len());
-        for chunk in touched_ids.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT job_id, run, body FROM job_events WHERE job_id IN ({}) ORDER BY job_id, seq",
-                placeholders(self.backend, 1, chunk.len())
-            );
-            let rows = chunk
-                .iter()
-                .fold(sqlx::query(AssertSqlSafe(sql)).persistent(false), |q, id| q.bind(*id))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("read events"))?;
-            for r in rows {
-                let job_id: String = r.get(0);
-                if r.get::<i64, _>(1) == state[job_id.as_str()].0 {
-                    let event = types::from_json::<JobEvent>("event", &r.get::<String, _>(2))?;
-                    run_events.entry(job_id).or_default().push(event);
-                }
+        let sql = "SELECT job_id, run, body FROM job_events WHERE job_id IN ({}) ORDER BY job_id, seq";
+        for r in self.select_in(&mut tx, sql, &touched_ids, "read events").await? {
+            let job_id: String = r.get(0);
+            if r.get::<i64, _>(1) == state[job_id.as_str()].0 {
+                let event = types::from_json::<JobEvent>("event", &r.get::<String, _>(2))?;
+                run_events.entry(job_id).or_default().push(event);
             }
         }
         for (job_id, new_events) in touched {
@@ -356,6 +336,17 @@ impl Store {
             }
         }
         tx.commit().await.map_err(q("commit recorded events"))?;
+        Ok(out)
+    }
+
+    /// Runs `sql` (whose `{}` stands for the list of `ids`) over `ids` in chunks; all the rows.
+    async fn select_in(&self, conn: &mut sqlx::AnyConnection, sql: &str, ids: &[&str], what: &str) -> Result<Vec<AnyRow>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let text = sql.replacen("{}", &placeholders(self.backend, 1, chunk.len()), 1);
+            let query = chunk.iter().fold(sqlx::query(AssertSqlSafe(text)).persistent(false), |q, id| q.bind(*id));
+            out.extend(query.fetch_all(&mut *conn).await.map_err(q(what))?);
+        }
         Ok(out)
     }
 
