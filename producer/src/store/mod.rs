@@ -256,13 +256,22 @@ impl Store {
         for r in self.select_in(&mut tx, &sql, &ids, "read job rows").await? {
             state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
         }
+        // The run each event belongs to: one from before the latest replay belongs to the previous run.
+        let event_runs: Vec<i64> = events
+            .iter()
+            .map(|e| {
+                let (run, run_since, _) = state[e.job_id.as_str()];
+                if run > 0 && micros(e.at) < run_since {
+                    run - 1
+                } else {
+                    run
+                }
+            })
+            .collect();
         // Each (job, run, seq) once; later copies in the batch are duplicates.
         let mut keyed: HashMap<(&str, i64, u64), usize> = HashMap::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
-            let (run, run_since, _) = state[e.job_id.as_str()];
-            // An event from before the latest replay belongs to the previous run.
-            let event_run = if run > 0 && micros(e.at) < run_since { run - 1 } else { run };
-            keyed.entry((e.job_id.as_str(), event_run, e.seq)).or_insert(i);
+            keyed.entry((e.job_id.as_str(), event_runs[i], e.seq)).or_insert(i);
         }
         let mut unique: Vec<((&str, i64, u64), usize)> = keyed.into_iter().collect();
         unique.sort_unstable();
@@ -297,8 +306,7 @@ impl Store {
         // Jobs with new events of their current run: store the spec, project the row.
         let mut touched: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, e) in events.iter().enumerate().filter(|(i, _)| out[*i].new) {
-            let (run, run_since, _) = state[e.job_id.as_str()];
-            if !(run > 0 && micros(e.at) < run_since) {
+            if event_runs[i] == state[e.job_id.as_str()].0 {
                 touched.entry(e.job_id.as_str()).or_default().push(i);
             }
             if let Some(spec) = &e.spec {
