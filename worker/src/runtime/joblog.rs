@@ -22,9 +22,6 @@ use tracing_subscriber::{layer::Context, registry::LookupSpan, Layer};
 /// Most bytes kept per attempt; older lines beyond it are dropped with a note.
 const MAX_LOG_BYTES: usize = 4 * 1024 * 1024;
 
-/// Where the runtime's own per-job lines ("job started", "job succeeded") come from.
-const RUNTIME_TARGET: &str = "trainyard_worker::runtime";
-
 /// What was captured for one attempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Captured {
@@ -147,7 +144,7 @@ where
                 let mut line = LineVisitor(format!("{} {:>5} {}:", chrono::Utc::now().to_rfc3339(), meta.level(), meta.target()));
                 event.record(&mut line);
                 line.0.push('\n');
-                let notable = *meta.level() <= tracing::Level::WARN || !meta.target().starts_with(RUNTIME_TARGET);
+                let notable = *meta.level() <= tracing::Level::WARN || !meta.target().starts_with(super::TARGET);
                 self.logs.append(key, &line.0, notable);
                 return;
             }

@@ -14,6 +14,9 @@ pub mod joblog;
 pub mod process;
 pub mod session;
 
+/// The tracing target prefix of the runtime's own lines (`trainyard_worker::runtime`).
+pub(crate) const TARGET: &str = module_path!();
+
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
