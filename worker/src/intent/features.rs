@@ -184,19 +184,15 @@ impl Featurizer {
     pub fn vector(&self, text: &str) -> (Vec<u32>, Vec<f32>) {
         let (grams, words) = self.config.grams_split(text);
         let ids = |g: &[u64]| -> Vec<u32> { g.iter().filter_map(|h| self.index.get(h).copied()).collect() };
-        let (idx, mut val) = match self.config.char_weight {
-            None => self.tfidf(ids(&grams), 1.0),
-            Some(w) => {
-                let (mut i, mut v) = self.tfidf(ids(&grams[..words]), 1.0);
-                let (ci, cv) = self.tfidf(ids(&grams[words..]), w);
-                i.extend(ci);
-                v.extend(cv);
-                // Word and character hashes differ (kind byte), so no index repeats: just sort.
-                let mut pairs: Vec<(u32, f32)> = i.into_iter().zip(v).collect();
-                pairs.sort_unstable_by_key(|p| p.0);
-                pairs.into_iter().unzip()
-            }
-        };
+        let Some(w) = self.config.char_weight else { return self.tfidf(ids(&grams), 1.0) };
+        let (mut idx, mut val) = self.tfidf(ids(&grams[..words]), 1.0);
+        let (ci, cv) = self.tfidf(ids(&grams[words..]), w);
+        idx.extend(ci);
+        val.extend(cv);
+        // Word and character hashes differ (kind byte), so no index repeats: just sort.
+        let mut pairs: Vec<(u32, f32)> = idx.into_iter().zip(val).collect();
+        pairs.sort_unstable_by_key(|p| p.0);
+        let (idx, mut val): (Vec<u32>, Vec<f32>) = pairs.into_iter().unzip();
         normalise(&mut val);
         (idx, val)
     }
