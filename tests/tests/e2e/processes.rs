@@ -107,3 +107,25 @@ async fn cli_submit_of_an_unknown_job_type_fails_clearly() {
     assert!(out.stdout.is_empty(), "no job id printed for a job that was not queued");
     env.cleanup().await;
 }
+
+/// A worker process saves an attempt's log only when it holds more than the
+/// runtime's routine lines: a plain noop success saves none, a failed attempt
+/// (its warning) saves one.
+#[tokio::test]
+async fn attempt_logs_are_saved_only_when_they_say_more_than_the_events() {
+    let env = Env::new(&["noop"]).await;
+    let mut worker = env.worker_process("noop", &[]);
+    let plain = env.spec("noop", json!({"sleep_ms": 5}));
+    assert_eq!(env.run_job(&plain, T).await.last().unwrap().status, JobStatus::Succeeded);
+    let mut flaky = env.spec("noop", json!({"fail": "transient", "fail_until": 2}));
+    flaky.max_attempts = 2;
+    assert_eq!(env.run_job(&flaky, T).await.last().unwrap().status, JobStatus::Succeeded);
+    let log = trainyard_common::artifacts::keys::attempt_log;
+    assert!(env.artifacts.exists(&format!("jobs/{}/outcome.json", plain.job_id)).await.unwrap());
+    assert!(!env.artifacts.exists(&log(&plain.job_id, 1)).await.unwrap(), "a routine success saves no attempt log");
+    let failed = env.artifacts.get(&log(&flaky.job_id, 1)).await.unwrap().expect("the failed attempt's log is saved");
+    assert!(String::from_utf8_lossy(&failed).contains("retry scheduled"), "{}", String::from_utf8_lossy(&failed));
+    signal(&worker, "-TERM");
+    worker.wait().unwrap();
+    env.cleanup().await;
+}

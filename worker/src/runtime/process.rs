@@ -97,8 +97,8 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
     let span =
         tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
     let result = run_attempt(d, &attempt, shared, sctx).instrument(span).await;
-    // Lines logged in the span after the attempt log was saved ("job succeeded", a duplicate
-    // delivery's ack) would otherwise stay in the capture buffer for ever: ~200 bytes per job.
+    // Lines logged in the span on paths that save no attempt log (a duplicate delivery's
+    // ack, a job cancelled before it started) would otherwise stay in the capture buffer for ever.
     shared.logs.take(&JobLogs::key(&attempt.spec.job_id, attempt.attempt));
     result
 }
@@ -190,13 +190,13 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     shared.cancels.unregister(&spec.job_id);
     shared.job_finished(&spec.job_type);
     let elapsed = t0.elapsed().as_secs_f64();
-    save_log(shared, at).await;
 
     let cancelled_by_user = user_cancel.load(Ordering::SeqCst);
     if cancelled_by_user && result.is_err() {
         result = Err(JobError::cancelled("cancelled on request"));
     } else if result.is_err() && !timed_out && sctx.stop_jobs.is_cancelled() {
         // Stopped by shutdown or a lost session, not by its own failure: requeue.
+        save_log(shared, at).await;
         return requeue(d, at, sctx).await;
     }
     let status = match &result {
@@ -205,10 +205,14 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         Err(_) => "failed",
     };
     shared.metrics.job_duration.with_label_values(&[spec.job_type.as_str(), status]).observe(elapsed);
-    match result {
+    let finished = match result {
         Ok(value) => finish_succeeded(d, at, shared, sctx, value, elapsed).await,
         Err(e) => finish_failed(d, at, shared, sctx, e).await,
-    }
+    };
+    // After the outcome, so the log ends with how the attempt ended ("retry scheduled",
+    // "job dead-lettered"); a log is best effort and never holds up the ack.
+    save_log(shared, at).await;
+    finished
 }
 
 async fn finish_succeeded(
