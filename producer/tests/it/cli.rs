@@ -87,6 +87,17 @@ async fn every_cli_command_works_directly_and_through_the_api() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 1/1 loss 0.4"), "{out:?}");
+    // A job without a saved log says why, and fails.
+    let quiet = spec("noop", "bot-q");
+    publish_event(&ch, &server.topo, &JobEvent::queued(&quiet)).await;
+    eventually(20, "queued", || async { store.job(&quiet.job_id).await.unwrap() }).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainyard"))
+        .args(["jobs", "logs", &quiet.job_id, "--server", &url, "--token", "admin-tok"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no saved log"), "{out:?}");
 
     // Cancel a queued job; cancelling a finished one is refused.
     let queued = spec("noop", "bot-c");

@@ -233,6 +233,11 @@ mod tests {
         assert!(TrainParams::parse(&json!({"dataset": "x.csv", "format": "xml"})).is_err());
         assert!(TrainParams::parse(&json!({"dataset": "x.csv", "gate": {"min_accuracy": 2.0}})).is_err());
         assert!(TrainParams::parse(&json!({"dataset": "x.csv", "gate": {"min_acc": 0.5}})).is_err());
+        assert_eq!(p.hyper.char_weight, Some(0.7));
+        let e = TrainParams::parse(&json!({"dataset": "x.csv", "char_weight": 0.0})).unwrap_err();
+        assert!(e.message.contains("char_weight"), "{}", e.message);
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "char_weight": 11.0})).is_err());
+        assert_eq!(TrainParams::parse(&json!({"dataset": "x.csv", "char_weight": null})).unwrap().hyper.char_weight, None);
         assert!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "../x"})).is_err());
         assert!(EvalParams::parse(&json!({"dataset": "x.csv", "epochs": 3})).is_err());
         assert_eq!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "j-1"})).unwrap().model.as_deref(), Some("j-1"));
