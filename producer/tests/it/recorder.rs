@@ -240,3 +240,41 @@ async fn a_batch_is_recorded_like_its_events_one_by_one_on_postgres() {
     store.close().await;
     schema.drop().await;
 }
+
+/// While the store fails, a batch goes back to the queue, nothing is lost, and it is
+/// recorded once the store works again.
+#[tokio::test]
+async fn a_batch_the_store_rejects_is_requeued_and_recorded_later() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    store.execute_raw("ALTER TABLE job_events RENAME TO job_events_away").await.unwrap();
+    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { recorder.run(stop).await }
+    });
+    let specs: Vec<_> = (0..5).map(|i| spec("noop", &format!("bot-{i}"))).collect();
+    for s in &specs {
+        publish_event(&ch, &topo, &JobEvent::queued(s)).await;
+    }
+    // The store refuses every batch and the transaction rolls back as a whole: not even the job rows exist.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    for s in &specs {
+        assert!(store.job(&s.job_id).await.unwrap().is_none(), "nothing committed while the store fails");
+    }
+    store.execute_raw("ALTER TABLE job_events_away RENAME TO job_events").await.unwrap();
+    for s in &specs {
+        let job = eventually(20, "recorded after the store recovered", || async {
+            store.job(&s.job_id).await.unwrap().filter(|j| j.spec.is_some())
+        })
+        .await;
+        assert_eq!(job.status, JobStatus::Queued);
+        assert_eq!(store.events(&s.job_id).await.unwrap().len(), 1);
+    }
+    stop.cancel();
+    task.await.unwrap();
+    cleanup(&topo, &[]).await;
+}
