@@ -23,11 +23,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
+use projection::Projection;
 use sqlx::{
     any::{AnyPoolOptions, AnyRow},
     AnyPool, AssertSqlSafe, Row,
 };
-use trainyard_common::{JobEvent, JobStatus};
+use trainyard_common::{JobEvent, JobSpec, JobStatus};
 
 pub use types::{from_micros, micros, DeadLetter, JobFilter, JobRow};
 
@@ -89,6 +90,13 @@ fn placeholders(backend: Backend, start: usize, n: usize) -> String {
 fn values_list(backend: Backend, rows: usize, cols: usize, tail: &str) -> String {
     let tail = if tail.is_empty() { String::new() } else { format!(", {tail}") };
     (0..rows).map(|r| format!("({}{tail})", placeholders(backend, r * cols + 1, cols))).collect::<Vec<_>>().join(", ")
+}
+
+/// `UPDATE jobs SET <set> FROM (VALUES …) AS v WHERE jobs.job_id = v.column1`: one
+/// statement updating `rows` jobs, each row `cols` values with the job id first. Both
+/// SQLite (3.33+) and PostgreSQL name the columns of a `VALUES` list `column1, column2, …`.
+fn update_from_values(backend: Backend, set: &str, rows: usize, cols: usize) -> String {
+    format!("UPDATE jobs SET {set} FROM (VALUES {}) AS v WHERE jobs.job_id = v.column1", values_list(backend, rows, cols, ""))
 }
 
 /// What [`Store::record_events`] did with one event.
@@ -305,25 +313,16 @@ impl Store {
         }
         // Jobs with new events of their current run: store the spec, project the row.
         let mut touched: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut specs = Vec::new();
         for (i, e) in events.iter().enumerate().filter(|(i, _)| out[*i].new) {
             if event_runs[i] == state[e.job_id.as_str()].0 {
                 touched.entry(e.job_id.as_str()).or_default().push(i);
             }
             if let Some(spec) = &e.spec {
-                let spec_json = serde_json::to_string(spec).map_err(|err| StoreError::Decode { what: "spec", reason: err.to_string() })?;
-                sqlx::query(
-                    "UPDATE jobs SET spec = $1, trigger_kind = $2, trigger_source = $3, submitted_at = $4, created_at = $4 WHERE job_id = $5",
-                )
-                .bind(spec_json)
-                .bind(spec.trigger.kind.to_string())
-                .bind(&spec.trigger.source)
-                .bind(micros(spec.submitted_at))
-                .bind(&e.job_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(q(format!("store the spec of job {}", e.job_id)))?;
+                specs.push((e.job_id.as_str(), spec));
             }
         }
+        self.update_specs(&mut tx, &specs).await?;
         let touched_ids: Vec<&str> = touched.keys().copied().collect();
         let mut run_events: HashMap<String, Vec<JobEvent>> = HashMap::with_capacity(touched_ids.len());
         let sql = "SELECT job_id, run, body FROM job_events WHERE job_id IN ({}) ORDER BY job_id, seq";
@@ -334,9 +333,13 @@ impl Store {
                 run_events.entry(job_id).or_default().push(event);
             }
         }
+        let projections: Vec<(&str, Projection)> = touched
+            .keys()
+            .filter_map(|&job_id| projection::project(run_events.get(job_id).map(Vec::as_slice).unwrap_or_default()).map(|p| (job_id, p)))
+            .collect();
+        self.update_projections(&mut tx, &projections).await?;
         for (job_id, new_events) in touched {
             let run = run_events.get(job_id).map(Vec::as_slice).unwrap_or_default();
-            self.update_projection(&mut tx, job_id, run).await?;
             // A job's duration starts at its submission: the `queued` event's spec, else the row.
             let since = run.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(state[job_id].2));
             for i in new_events.into_iter().filter(|&i| events[i].status.is_terminal()) {
@@ -358,27 +361,48 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes the projection of a job's current-run events into its row.
-    async fn update_projection(&self, conn: &mut sqlx::AnyConnection, job_id: &str, events: &[JobEvent]) -> Result<(), StoreError> {
-        let Some(p) = projection::project(events) else { return Ok(()) };
-        sqlx::query(
-            "UPDATE jobs SET status = $1, status_seq = $2, attempts = $3, worker = $4, progress = $5, result = $6, error = $7, \
-             started_at = $8, finished_at = $9, updated_at = $10 WHERE job_id = $11",
-        )
-        .bind(p.status.as_str())
-        .bind(p.status_seq as i64)
-        .bind(i64::from(p.attempts))
-        .bind(p.worker.as_ref().map(types::to_json))
-        .bind(p.progress.as_ref().map(types::to_json))
-        .bind(p.result.as_ref().map(types::to_json))
-        .bind(p.error.as_ref().map(types::to_json))
-        .bind(p.started_at.map(micros))
-        .bind(p.finished_at.map(micros))
-        .bind(micros(p.updated_at))
-        .bind(job_id)
-        .execute(&mut *conn)
-        .await
-        .map_err(q(format!("update job {job_id}")))?;
+    /// Stores each job's spec (from its `queued` event) in its row: one statement per chunk.
+    async fn update_specs(&self, conn: &mut sqlx::AnyConnection, specs: &[(&str, &JobSpec)]) -> Result<(), StoreError> {
+        let set =
+            "spec = v.column2, trigger_kind = v.column3, trigger_source = v.column4, submitted_at = v.column5, created_at = v.column5";
+        for chunk in specs.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::query(AssertSqlSafe(update_from_values(self.backend, set, chunk.len(), 5))).persistent(false);
+            for (job_id, spec) in chunk {
+                let spec_json = serde_json::to_string(spec).map_err(|err| StoreError::Decode { what: "spec", reason: err.to_string() })?;
+                query = query
+                    .bind(*job_id)
+                    .bind(spec_json)
+                    .bind(spec.trigger.kind.to_string())
+                    .bind(spec.trigger.source.clone())
+                    .bind(micros(spec.submitted_at));
+            }
+            query.execute(&mut *conn).await.map_err(q("store job specs"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes each job's projection of its current-run events into its row: one statement per chunk.
+    async fn update_projections(&self, conn: &mut sqlx::AnyConnection, rows: &[(&str, Projection)]) -> Result<(), StoreError> {
+        let set = "status = v.column2, status_seq = v.column3, attempts = v.column4, worker = v.column5, progress = v.column6, \
+                   result = v.column7, error = v.column8, started_at = v.column9, finished_at = v.column10, updated_at = v.column11";
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::query(AssertSqlSafe(update_from_values(self.backend, set, chunk.len(), 11))).persistent(false);
+            for (job_id, p) in chunk {
+                query = query
+                    .bind(*job_id)
+                    .bind(p.status.as_str())
+                    .bind(p.status_seq as i64)
+                    .bind(i64::from(p.attempts))
+                    .bind(p.worker.as_ref().map(types::to_json))
+                    .bind(p.progress.as_ref().map(types::to_json))
+                    .bind(p.result.as_ref().map(types::to_json))
+                    .bind(p.error.as_ref().map(types::to_json))
+                    .bind(p.started_at.map(micros))
+                    .bind(p.finished_at.map(micros))
+                    .bind(micros(p.updated_at));
+            }
+            query.execute(&mut *conn).await.map_err(q("update job rows"))?;
+        }
         Ok(())
     }
 
