@@ -10,7 +10,7 @@ compares them with the list of jobs the broker confirmed at submit time.
 A job is *lost* when the store has no final status for it (succeeded, failed,
 dead, cancelled). A result is *duplicated* when the store holds two different
 `succeeded` events for one job (two attempts both recorded a success), or when
-the store's `succeeded` event is not the one in the job's `outcome.json`.
+the store's `succeeded` event is not the one in the job's outcome record (`outcomes/<last 2 chars>/<id>.json`).
 """
 
 import json
@@ -80,7 +80,7 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
     resumed = 0
     outcome_missing = []
     for job_id, (job_type, _kind) in jobs.items():
-        path = os.path.join(artifacts, "jobs", job_id, "outcome.json")
+        path = os.path.join(artifacts, "outcomes", job_id[-2:], job_id + ".json")
         outcome = None
         if os.path.exists(path):
             with open(path) as f:

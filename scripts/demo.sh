@@ -47,10 +47,11 @@ STATUS=$(awk 'NF==2 {print $2}' "$DEMO_DIR/submit.out" | tail -1)
 echo "job $JOB_ID: $STATUS"
 [[ "$STATUS" == "succeeded" ]] || { echo "training did not succeed; worker log: $DEMO_DIR/worker.log" >&2; exit 1; }
 
-python3 - "$TRAINYARD_ARTIFACTS/jobs/$JOB_ID" <<'PY'
+python3 - "$TRAINYARD_ARTIFACTS" "$JOB_ID" <<'PY'
 import json, os, sys
-d = sys.argv[1]
-out = json.load(open(os.path.join(d, "outcome.json")))["event"]["result"]
+root, job_id = sys.argv[1], sys.argv[2]
+d = os.path.join(root, "jobs", job_id)
+out = json.load(open(os.path.join(root, "outcomes", job_id[-2:], job_id + ".json")))["event"]["result"]
 m = json.load(open(os.path.join(d, "metrics.json")))
 pct = lambda x: f"{100 * x:.1f}%"
 print("== results")

@@ -23,7 +23,14 @@ pub mod keys {
         format!("jobs/{job_id}")
     }
     /// The recorded outcome of a job: its presence means "done, do not run again".
+    /// Outside the job's own prefix, in 256 shards by the id's last two characters,
+    /// so that recording it never creates a directory per job on a local disk.
     pub fn outcome(job_id: &str) -> String {
+        let shard = job_id.get(job_id.len().saturating_sub(2)..).unwrap_or("_");
+        format!("outcomes/{shard}/{job_id}.json")
+    }
+    /// Where stores written before outcomes moved to [`outcome`] kept them; only read.
+    pub fn legacy_outcome(job_id: &str) -> String {
         format!("jobs/{job_id}/outcome.json")
     }
     /// The log of one attempt of a job.
@@ -100,12 +107,53 @@ impl ArtifactStore {
     /// Writes `bytes` at `key` only if nothing is there yet; `false` when
     /// something already was. This is how a job's outcome is recorded once.
     pub async fn put_if_absent(&self, key: &str, bytes: impl Into<Bytes>) -> Result<bool, CommonError> {
+        let bytes = bytes.into();
+        if let Some(path) = self.local_path(key).filter(|_| bytes.len() <= local::SMALL) {
+            return local::create(&path, &bytes).map_err(|e| local::error("create", key, e));
+        }
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.inner.put_opts(&Path::from(key), PutPayload::from(bytes.into()), opts).await {
+        match self.inner.put_opts(&Path::from(key), PutPayload::from(bytes), opts).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(source) => Err(CommonError::Artifacts { what: "create", path: key.into(), source }),
         }
+    }
+
+    /// The key of a job's recorded outcome, if it has one (also where older stores kept it).
+    /// Two `stat`s on a local directory for a job that has none.
+    pub async fn outcome_key(&self, job_id: &str) -> Result<Option<String>, CommonError> {
+        let key = keys::outcome(job_id);
+        if self.exists(&key).await? {
+            return Ok(Some(key));
+        }
+        let legacy = keys::legacy_outcome(job_id);
+        Ok((self.may_hold(&keys::job(job_id)).await? && self.exists(&legacy).await?).then_some(legacy))
+    }
+
+    /// `false` when nothing is stored under `prefix`; `true` when something may be
+    /// (a local directory that exists, even an empty one). On a local directory this
+    /// is one `stat`, so the worker's hot path can skip its look-ups for a fresh job.
+    pub async fn may_hold(&self, prefix: &str) -> Result<bool, CommonError> {
+        if let Some(path) = self.local_path(prefix) {
+            return match std::fs::symlink_metadata(path) {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(local::error("stat", prefix, e)),
+            };
+        }
+        let p = Path::from(prefix);
+        let first = self.inner.list(Some(&p)).try_next().await;
+        first.map(|o| o.is_some()).map_err(|source| CommonError::Artifacts { what: "list", path: prefix.into(), source })
+    }
+
+    /// The file behind `key` in a local store, for keys made of plain characters
+    /// (which `object_store` maps to the same relative path).
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        let root = self.local_root.as_ref()?;
+        let plain = !key.is_empty()
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+            && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        plain.then(|| root.join(key))
     }
 
     /// Reads `key`; `None` when absent.
@@ -117,8 +165,15 @@ impl ArtifactStore {
         }
     }
 
-    /// Is there an object at `key`?
+    /// Is there an object at `key`? One `stat` on a local directory.
     pub async fn exists(&self, key: &str) -> Result<bool, CommonError> {
+        if let Some(path) = self.local_path(key) {
+            return match std::fs::metadata(path) {
+                Ok(m) => Ok(m.is_file()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(local::error("stat", key, e)),
+            };
+        }
         match self.inner.head(&Path::from(key)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -162,6 +217,62 @@ impl ArtifactStore {
     }
 }
 
+/// Local-directory fast paths. A handful of metadata syscalls on a local disk
+/// cost microseconds: they run on the calling thread instead of a hop to tokio's
+/// blocking pool and back, which costs more than the calls themselves.
+mod local {
+    use std::{
+        fs::OpenOptions,
+        io::{ErrorKind, Write},
+        path::{Path, PathBuf},
+    };
+
+    use crate::error::CommonError;
+
+    /// Largest payload written on the calling thread; bigger ones go through `object_store`.
+    pub(super) const SMALL: usize = 64 * 1024;
+
+    /// Creates `path` with `bytes` unless it exists (`false` then). Atomic as
+    /// `object_store`'s own create: a staged file (`<name>#<n>`, which its
+    /// listings skip) is hard-linked into place, so a reader never sees half a file.
+    pub(super) fn create(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+        let (mut file, staged) = staged_file(path)?;
+        let linked = file.write_all(bytes).and_then(|()| std::fs::hard_link(&staged, path));
+        let _ = std::fs::remove_file(&staged);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn staged_file(path: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
+        let (mut n, mut made_dirs) = (1u32, false);
+        loop {
+            let mut staged = path.as_os_str().to_owned();
+            staged.push(format!("#{n}"));
+            let staged = PathBuf::from(staged);
+            match OpenOptions::new().write(true).create_new(true).open(&staged) {
+                Ok(f) => return Ok((f, staged)),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
+                    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+                    made_dirs = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub(super) fn error(what: &'static str, key: &str, e: std::io::Error) -> CommonError {
+        CommonError::Artifacts {
+            what,
+            path: key.into(),
+            source: object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,17 +281,58 @@ mod tests {
     async fn local_round_trip_and_listing() {
         let dir = tempfile::tempdir().unwrap();
         let store = ArtifactStore::open(dir.path().to_str().unwrap()).unwrap();
-        assert_eq!(store.get("jobs/x/outcome.json").await.unwrap(), None);
-        store.put_json(&keys::outcome("x"), &serde_json::json!({"ok": true})).await.unwrap();
+        assert_eq!(store.get("jobs/x/metrics.json").await.unwrap(), None);
+        store.put_json("jobs/x/metrics.json", &serde_json::json!({"ok": true})).await.unwrap();
         store.put("jobs/x/logs/attempt-1.log", "hello").await.unwrap();
-        assert!(store.exists(&keys::outcome("x")).await.unwrap());
-        let v: serde_json::Value = store.get_json(&keys::outcome("x")).await.unwrap().unwrap();
+        assert!(store.exists("jobs/x/metrics.json").await.unwrap());
+        assert!(!store.exists("jobs/x/logs").await.unwrap(), "a directory is not an object");
+        let v: serde_json::Value = store.get_json("jobs/x/metrics.json").await.unwrap().unwrap();
         assert_eq!(v["ok"], true);
-        assert_eq!(store.list("jobs/x").await.unwrap(), vec!["jobs/x/logs/attempt-1.log", "jobs/x/outcome.json"]);
-        assert!(dir.path().join("jobs/x/outcome.json").is_file());
+        assert_eq!(store.list("jobs/x").await.unwrap(), vec!["jobs/x/logs/attempt-1.log", "jobs/x/metrics.json"]);
+        assert!(dir.path().join("jobs/x/metrics.json").is_file());
         assert!(ArtifactStore::open("s3://bucket").is_err());
-        assert!(store.put_if_absent("jobs/y/outcome.json", "1").await.unwrap());
-        assert!(!store.put_if_absent("jobs/y/outcome.json", "2").await.unwrap());
-        assert_eq!(store.get("jobs/y/outcome.json").await.unwrap().unwrap(), "1");
+    }
+
+    /// The same create-once semantics on every path: the local fast path (small
+    /// payloads), `object_store`'s own create (large ones, odd keys) and memory.
+    #[tokio::test]
+    async fn put_if_absent_creates_once_on_every_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = ArtifactStore::open(dir.path().to_str().unwrap()).unwrap();
+        let memory = ArtifactStore::open("memory://").unwrap();
+        let big = vec![b'x'; local::SMALL + 1];
+        for store in [&local, &memory] {
+            for (key, first) in
+                [("outcomes/ab/small.json", b"1".to_vec()), ("outcomes/ab/big.json", big.clone()), ("odd key/a b.json", b"3".to_vec())]
+            {
+                assert!(store.put_if_absent(key, first.clone()).await.unwrap(), "{key}");
+                assert!(!store.put_if_absent(key, "second").await.unwrap(), "{key}");
+                assert_eq!(store.get(key).await.unwrap().unwrap(), first, "{key}");
+            }
+        }
+        // The fast path cleans up its staged files: only the objects are there.
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path().join("outcomes/ab")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["big.json", "small.json"]);
+    }
+
+    #[tokio::test]
+    async fn outcome_key_finds_new_and_legacy_records_and_may_hold_sees_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        for location in [dir.path().display().to_string(), "memory://".to_string()] {
+            let store = ArtifactStore::open(&location).unwrap();
+            let (new, old, none) = ("0193-new-a1", "0193-old-b2", "0193-none-c3");
+            assert_eq!(keys::outcome(new), "outcomes/a1/0193-new-a1.json");
+            assert!(!store.may_hold(&keys::job(new)).await.unwrap(), "{location}");
+            store.put_if_absent(&keys::outcome(new), "{}").await.unwrap();
+            store.put(&keys::legacy_outcome(old), "{}").await.unwrap();
+            store.put(&keys::cancel_marker(none), "{}").await.unwrap();
+            assert!(store.may_hold(&keys::job(old)).await.unwrap() && store.may_hold(&keys::job(none)).await.unwrap());
+            assert!(!store.may_hold(&keys::job(new)).await.unwrap(), "the outcome is outside the job's prefix ({location})");
+            assert_eq!(store.outcome_key(new).await.unwrap(), Some(keys::outcome(new)));
+            assert_eq!(store.outcome_key(old).await.unwrap(), Some(keys::legacy_outcome(old)), "{location}");
+            assert_eq!(store.outcome_key(none).await.unwrap(), None);
+        }
     }
 }

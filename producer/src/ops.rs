@@ -56,7 +56,7 @@ pub struct JobDetail {
     pub metrics: Option<serde_json::Value>,
     /// Confusion matrix of a training job (`jobs/<id>/confusion_matrix.json`).
     pub confusion_matrix: Option<serde_json::Value>,
-    /// The recorded outcome (`jobs/<id>/outcome.json`).
+    /// The recorded outcome (`outcomes/<last two characters of the id>/<id>.json`).
     pub outcome: Option<serde_json::Value>,
     /// Attempts whose log is saved.
     pub logs: Vec<u32>,
@@ -138,7 +138,10 @@ impl Ops {
         Ok(JobDetail {
             metrics: json(models::metrics_key(job_id)).await,
             confusion_matrix: json(format!("{}/confusion_matrix.json", keys::job(job_id))).await,
-            outcome: json(keys::outcome(job_id)).await,
+            outcome: match self.artifacts.outcome_key(job_id).await {
+                Ok(Some(key)) => json(key).await,
+                _ => None,
+            },
             production: models::production(&self.artifacts, &job.bot).await.ok().flatten(),
             logs,
             events,

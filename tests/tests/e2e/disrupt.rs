@@ -29,7 +29,7 @@ async fn lost_connection_mid_job_reconnects_and_completes_once() {
     let mut watch = env.watch(&spec).await;
     let events = collect_until_terminal(&mut watch, Duration::from_secs(60)).await;
     assert_eq!(events.last().unwrap().status, JobStatus::Succeeded);
-    let outcome = env.artifacts.get(&format!("jobs/{}/outcome.json", spec.job_id)).await.unwrap();
+    let outcome = env.artifacts.get(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap();
     assert!(outcome.is_some());
     w.stop().await;
     env.cleanup().await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use serde_json::{json, Value};
-use trainyard_common::{codec, JobSpec, JobStatus};
+use trainyard_common::{artifacts::keys, codec, JobSpec, JobStatus};
 
 use crate::support::Env;
 
@@ -396,7 +396,7 @@ async fn a_thousand_malformed_messages_are_dead_lettered_and_the_worker_lives_on
     }
     // Nothing was written outside the data root; the good jobs' outcomes exist.
     for spec in &good {
-        assert!(env.artifacts.exists(&format!("jobs/{}/outcome.json", spec.job_id)).await.unwrap());
+        assert!(env.artifacts.exists(&keys::outcome(&spec.job_id)).await.unwrap());
     }
     eprintln!("{} malformed messages dead-lettered in {:.1}s", dead.len(), t0.elapsed().as_secs_f64());
     // The corpus covers every kind.

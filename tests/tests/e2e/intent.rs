@@ -44,10 +44,11 @@ async fn intent_train_round_trip_produces_all_artifacts_and_promotes() {
     let result = done.result.as_ref().unwrap();
     assert!(result["accuracy"].as_f64().unwrap() > 0.8, "{result}");
     assert_eq!(result["promotion"]["promoted"], true, "first model of a bot that meets the minimum is promoted: {result}");
-    for file in ["metrics.json", "confusion_matrix.json", "confusion_matrix.png", "outcome.json"] {
+    for file in ["metrics.json", "confusion_matrix.json", "confusion_matrix.png"] {
         let key = format!("jobs/{}/{file}", spec.job_id);
         assert!(env.artifacts.exists(&key).await.unwrap(), "missing {key}");
     }
+    assert!(env.artifacts.exists(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap(), "missing the outcome");
     let png = env.artifacts.get(&format!("jobs/{}/confusion_matrix.png", spec.job_id)).await.unwrap().unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let prod = models::production(&env.artifacts, "test-bot").await.unwrap().expect("a production pointer");

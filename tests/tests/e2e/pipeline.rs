@@ -35,7 +35,7 @@ async fn round_trip_submit_to_succeeded() {
     seqs.dedup();
     assert_eq!(seqs.len(), events.len(), "{events:?}");
     // The outcome is recorded in the artifact store.
-    assert!(env.artifacts.exists(&format!("jobs/{}/outcome.json", spec.job_id)).await.unwrap());
+    assert!(env.artifacts.exists(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap());
     assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0);
     w.stop().await;
     env.cleanup().await;

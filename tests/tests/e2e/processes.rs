@@ -121,7 +121,7 @@ async fn attempt_logs_are_saved_only_when_they_say_more_than_the_events() {
     flaky.max_attempts = 2;
     assert_eq!(env.run_job(&flaky, T).await.last().unwrap().status, JobStatus::Succeeded);
     let log = trainyard_common::artifacts::keys::attempt_log;
-    assert!(env.artifacts.exists(&format!("jobs/{}/outcome.json", plain.job_id)).await.unwrap());
+    assert!(env.artifacts.exists(&trainyard_common::artifacts::keys::outcome(&plain.job_id)).await.unwrap());
     assert!(!env.artifacts.exists(&log(&plain.job_id, 1)).await.unwrap(), "a routine success saves no attempt log");
     let failed = env.artifacts.get(&log(&flaky.job_id, 1)).await.unwrap().expect("the failed attempt's log is saved");
     assert!(String::from_utf8_lossy(&failed).contains("retry scheduled"), "{}", String::from_utf8_lossy(&failed));

@@ -38,7 +38,7 @@ use crate::handler::{JobContext, JobError, Progress};
 /// How long a stopped job may take to unwind after its token fired.
 const UNWIND: Duration = Duration::from_secs(30);
 
-/// What `jobs/<id>/outcome.json` holds: the `succeeded` event, republished
+/// What a job's outcome record ([`keys::outcome`]) holds: the `succeeded` event, republished
 /// as is when a finished job is delivered again.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Outcome {
@@ -106,16 +106,20 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
 async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &SessionCtx) -> Result<(), CommonError> {
     let spec = &at.spec;
     let store = &shared.config.artifacts;
-    // Effectively once: a job whose outcome is recorded is not run again.
-    // Both lookups at once: each is a round trip to the store.
-    let (outcome_key, cancel_key) = (keys::outcome(&spec.job_id), keys::cancel_marker(&spec.job_id));
-    let (outcome, cancelled) = tokio::join!(store.get_json::<Outcome>(&outcome_key), store.exists(&cancel_key));
-    if let Some(outcome) = outcome? {
+    // Effectively once: a job whose outcome is recorded is not run again; nor one
+    // cancelled before it started. For a fresh job on a local store this is three
+    // `stat`s on the calling thread: no outcome file, no directory of the job.
+    let outcome = match store.outcome_key(&spec.job_id).await? {
+        Some(key) => store.get_json::<Outcome>(&key).await?,
+        None => None,
+    };
+    let cancelled = store.may_hold(&keys::job(&spec.job_id)).await? && store.exists(&keys::cancel_marker(&spec.job_id)).await?;
+    if let Some(outcome) = outcome {
         tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
         publish_event(sctx, shared, &outcome.event).await?;
         return ack(d, sctx).await;
     }
-    if cancelled? {
+    if cancelled {
         let mut ev = at.event(shared, JobStatus::Cancelled);
         ev.error = Some(ErrorInfo { kind: ErrorKind::Cancelled, message: "cancelled before it started".into() });
         publish_event(sctx, shared, &ev).await?;
