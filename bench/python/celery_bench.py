@@ -42,7 +42,7 @@ def wait_count(d, n, timeout):
         time.sleep(0.02)
 
 
-def publisher(n, ready, go):
+def publisher(n, ready, go, cpu):
     from tasks import app, noop
     with app.connection_for_write() as conn:
         conn.ensure_connection()
@@ -50,8 +50,47 @@ def publisher(n, ready, go):
             noop.apply_async(producer=producer)  # opens the channel before the clock starts
             ready.release()
             go.wait()
+            c0 = time.process_time()
             for _ in range(n):
                 noop.apply_async(producer=producer)
+            cpu.put(time.process_time() - c0)
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def tree(pid):
+    """A process and its descendants (the prefork pool's children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for t in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                todo += [int(c) for c in open(t).read().split()]
+            except OSError:
+                pass
+    return out
+
+
+def broker_pids():
+    pids = []
+    for comm in glob.glob("/proc/[0-9]*/comm"):
+        try:
+            if open(comm).read().strip() == "beam.smp":
+                pids.append(int(comm.split("/")[2]))
+        except OSError:
+            pass
+    return pids
 
 
 def consumers(app, queue):
@@ -131,23 +170,32 @@ def main():
                 raise SystemExit("Celery workers did not start consuming")
             time.sleep(0.1)
         ctx = mp.get_context("fork")
-        ready, go = ctx.Semaphore(0), ctx.Event()
+        ready, go, cpu = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
         share = [a.jobs // a.publishers + (1 if i < a.jobs % a.publishers else 0) for i in range(a.publishers)]
-        pubs = [ctx.Process(target=publisher, args=(n, ready, go)) for n in share]
+        pubs = [ctx.Process(target=publisher, args=(n, ready, go, cpu)) for n in share]
         for p in pubs:
             p.start()
         for _ in pubs:
             ready.acquire()
         warm = a.publishers
         wait_count(count_dir, warm, 60)
+        # CPU over the timed jobs, as `trainyard-bench` measures its processes.
+        workers = [c for w in procs for c in tree(w.pid)]
+        brokers = broker_pids()
+        w0, b0 = sum(map(cpu_s, workers)), sum(map(cpu_s, brokers))
         t0 = time.time()
         go.set()
         last = wait_count(count_dir, warm + a.jobs, 1800)
+        w1, b1 = sum(map(cpu_s, workers)), sum(map(cpu_s, brokers))
+        publishers_cpu = sum(cpu.get(timeout=60) for _ in pubs)
         for p in pubs:
             p.join()
         secs = last - t0
+        per_job = lambda s: round(s / a.jobs * 1e6, 1)
         print(json.dumps({"jobs": a.jobs, "seconds": secs, "jobs_per_s": a.jobs / secs, "workers": a.workers,
-                          "concurrency": a.concurrency, "pool": a.pool, "publishers": a.publishers}))
+                          "concurrency": a.concurrency, "pool": a.pool, "publishers": a.publishers,
+                          "cpu_us_per_job": {"celery_workers": per_job(w1 - w0), "publishers": per_job(publishers_cpu),
+                                             "broker": per_job(b1 - b0)}}))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
