@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::{types::FieldTable, BasicProperties};
 use serde_json::json;
-use trainyard_common::{codec, control::CancelRequest, headers, ErrorKind, JobStatus};
+use trainyard_common::{artifacts::keys, codec, control::CancelRequest, headers, ErrorKind, JobStatus};
 
 use crate::support::{collect_until_terminal, wait_for, Env};
 
@@ -35,7 +35,7 @@ async fn round_trip_submit_to_succeeded() {
     seqs.dedup();
     assert_eq!(seqs.len(), events.len(), "{events:?}");
     // The outcome is recorded in the artifact store.
-    assert!(env.artifacts.exists(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap());
+    assert!(env.artifacts.exists(&keys::outcome(&spec.job_id)).await.unwrap());
     assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0);
     w.stop().await;
     env.cleanup().await;
@@ -204,16 +204,27 @@ async fn duplicate_delivery_of_a_finished_job_is_not_rerun() {
     let first = env.run_job(&spec, T).await;
     let done = first.last().unwrap().clone();
     assert_eq!(done.status, JobStatus::Succeeded);
-    let mut watch = env.watch(&spec).await;
-    let mut hdrs = FieldTable::default();
-    headers::set_int(&mut hdrs, headers::ATTEMPT, 1);
-    env.publish_raw("noop", &codec::to_msgpack(&spec).unwrap(), BasicProperties::default().with_headers(hdrs)).await;
-    let again = collect_until_terminal(&mut watch, T).await;
-    assert_eq!(statuses(&again), vec![JobStatus::Succeeded], "no second run");
-    assert_eq!(again[0].seq, done.seq, "the same recorded outcome");
-    assert_eq!(again[0].result, done.result);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0, "acked");
+    let deliver_again = || async {
+        let mut watch = env.watch(&spec).await;
+        let mut hdrs = FieldTable::default();
+        headers::set_int(&mut hdrs, headers::ATTEMPT, 1);
+        env.publish_raw("noop", &codec::to_msgpack(&spec).unwrap(), BasicProperties::default().with_headers(hdrs)).await;
+        let again = collect_until_terminal(&mut watch, T).await;
+        assert_eq!(statuses(&again), vec![JobStatus::Succeeded], "no second run");
+        assert_eq!(again[0].seq, done.seq, "the same recorded outcome");
+        assert_eq!(again[0].result, done.result);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0, "acked");
+    };
+    deliver_again().await;
+    // A store written before outcome records moved out of the job's directory: the record
+    // at its old place is honoured too, so an upgrade does not run finished jobs again.
+    let (key, legacy) = (keys::outcome(&spec.job_id), keys::legacy_outcome(&spec.job_id));
+    let record = env.artifacts.get(&key).await.unwrap().expect("the outcome record");
+    env.artifacts.put(&legacy, record).await.unwrap();
+    env.artifacts.delete(&key).await.unwrap();
+    deliver_again().await;
+    assert!(!env.artifacts.exists(&key).await.unwrap(), "nothing recorded again");
     w.stop().await;
     env.cleanup().await;
 }
