@@ -85,6 +85,20 @@ ensure_cargo() {
 }
 
 # Makes sure headless Chromium is installed (the report page is tested in it).
+# A moto S3 server for the artifact store's S3 test (common/tests/s3.rs), in a venv under target/.
+ensure_moto() {
+  [[ -x target/moto/bin/moto_server ]] && return 0
+  echo "installing moto (a local S3 server for the tests) into target/moto"
+  if ! python3 -m venv target/moto >/dev/null 2>&1; then
+    rm -rf target/moto
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
+    python3 -m venv target/moto || { echo "error: python3 with venv is needed for the S3 test: sudo apt-get install python3-venv" >&2; return 1; }
+  fi
+  target/moto/bin/pip install -q 'moto[server]>=5.1,<6' || { rm -rf target/moto; echo "error: could not install moto from PyPI" >&2; return 1; }
+}
+
 ensure_chromium() {
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null && return 0
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then

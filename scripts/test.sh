@@ -2,14 +2,15 @@
 # Runs every check and test of trainyard, with a timing line per phase.
 #   scripts/test.sh
 # Starts (or installs, as root on Debian) RabbitMQ and PostgreSQL when they
-# are not running. Tests that disrupt the broker run last, alone.
+# are not running; installs headless Chromium and a moto S3 server (target/moto)
+# for the tests. Tests that disrupt the broker run last, alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 export CARGO_TERM_COLOR=never
 T0=$SECONDS
 
-phase "services" bash -c 'source scripts/lib.sh && ensure_cargo && ensure_rabbitmq && ensure_postgres && ensure_chromium' || exit 1
+phase "services" bash -c 'source scripts/lib.sh && ensure_cargo && ensure_rabbitmq && ensure_postgres && ensure_chromium && ensure_moto' || exit 1
 
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --no-fail-fast "$@"; }

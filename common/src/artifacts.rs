@@ -1,7 +1,9 @@
 //! The artifact store: models, checkpoints, metrics, logs, job outcomes.
 //!
 //! Backed by `object_store`: a local directory by default
-//! (`TRAINYARD_ARTIFACTS=./.trainyard/artifacts`), `memory://` for tests.
+//! (`TRAINYARD_ARTIFACTS=./.trainyard/artifacts`), an S3-compatible bucket in a
+//! cluster (`s3://BUCKET/PREFIX`, configured by the usual `AWS_*` variables),
+//! `memory://` for tests.
 //! Every `put` is atomic (the local store writes a temporary file and renames).
 //!
 //! Layout (see [`keys`]): `jobs/<job_id>/…` for a job's outputs and
@@ -11,7 +13,14 @@ use std::{path::PathBuf, sync::Arc};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::{local::LocalFileSystem, memory::InMemory, path::Path, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    aws::{AmazonS3Builder, AmazonS3ConfigKey},
+    local::LocalFileSystem,
+    memory::InMemory,
+    path::Path,
+    prefix::PrefixStore,
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::error::CommonError;
@@ -59,16 +68,26 @@ pub struct ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// Opens a store from a location: a directory path, `file://DIR` or `memory://`.
+    /// Opens a store from a location: a directory path, `file://DIR`, `s3://BUCKET[/PREFIX]`
+    /// (settings from the environment's `AWS_*` variables) or `memory://`.
     pub fn open(location: &str) -> Result<Self, CommonError> {
+        Self::open_with(location, std::env::vars())
+    }
+
+    /// [`open`](Self::open) with the `AWS_*` settings of an S3 store taken from `vars`
+    /// (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_ALLOW_HTTP`, …; empty ones are ignored).
+    pub fn open_with(location: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, CommonError> {
         if location == "memory://" {
             return Ok(Self { inner: Arc::new(InMemory::new()), local_root: None });
+        }
+        if location.starts_with("s3://") {
+            return Self::open_s3(location, vars);
         }
         let dir = location.strip_prefix("file://").unwrap_or(location);
         if dir.contains("://") {
             return Err(CommonError::Config {
                 name: "TRAINYARD_ARTIFACTS".into(),
-                reason: format!("{location:?}: only a directory, file://DIR or memory:// is supported by this build"),
+                reason: format!("{location:?}: use a directory, file://DIR, s3://BUCKET[/PREFIX] or memory://"),
             });
         }
         let dir = PathBuf::from(dir);
@@ -83,6 +102,26 @@ impl ArtifactStore {
             source,
         })?;
         Ok(Self { inner: Arc::new(fs), local_root: Some(root) })
+    }
+
+    fn open_s3(location: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, CommonError> {
+        let invalid =
+            |reason: String| CommonError::Config { name: "TRAINYARD_ARTIFACTS".into(), reason: format!("{location:?}: {reason}") };
+        let url = url::Url::parse(location).map_err(|e| invalid(e.to_string()))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("no bucket: use s3://BUCKET[/PREFIX]".into()));
+        }
+        // The k8s config sets `AWS_ENDPOINT: ""` for AWS itself: an empty setting means "not set".
+        let builder = vars
+            .into_iter()
+            .filter(|(k, v)| k.starts_with("AWS_") && !v.is_empty())
+            .filter_map(|(k, v)| k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>().ok().map(|key| (key, v)))
+            .fold(AmazonS3Builder::new(), |b, (key, v)| b.with_config(key, v))
+            .with_url(location);
+        let s3 = builder.build().map_err(|source| CommonError::Artifacts { what: "open", path: location.into(), source })?;
+        let prefix = url.path().trim_matches('/');
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
+        Ok(Self { inner, local_root: None })
     }
 
     /// Opens the store named by `TRAINYARD_ARTIFACTS`.
@@ -290,7 +329,8 @@ mod tests {
         assert_eq!(v["ok"], true);
         assert_eq!(store.list("jobs/x").await.unwrap(), vec!["jobs/x/logs/attempt-1.log", "jobs/x/metrics.json"]);
         assert!(dir.path().join("jobs/x/metrics.json").is_file());
-        assert!(ArtifactStore::open("s3://bucket").is_err());
+        assert!(ArtifactStore::open("gs://bucket").is_err());
+        assert!(ArtifactStore::open("s3:///no-bucket").is_err());
     }
 
     /// The same create-once semantics on every path: the local fast path (small
