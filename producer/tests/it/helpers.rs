@@ -6,10 +6,36 @@ use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     BasicProperties, Channel, Connection,
 };
-use trainyard::store::Store;
+use tokio_util::sync::CancellationToken;
+use trainyard::{recorder::Recorder, store::Store};
 use trainyard_common::{amqp, codec, topology::Topology, JobEvent, JobSpec, Trigger};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A recorder running in the background on `store` until [`RunningRecorder::stop`].
+pub struct RunningRecorder {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a recorder for `topo` writing into `store`.
+pub fn spawn_recorder(store: &Store, topo: &Topology) -> RunningRecorder {
+    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { recorder.run(stop).await }
+    });
+    RunningRecorder { stop, task }
+}
+
+impl RunningRecorder {
+    /// Stops the recorder and waits for it to finish.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
 /// PostgreSQL for the tests: `TRAINYARD_TEST_DATABASE_URL`, default the local `test` database.
 pub fn pg_url() -> String {
     std::env::var("TRAINYARD_TEST_DATABASE_URL")

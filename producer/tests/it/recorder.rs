@@ -5,8 +5,7 @@ use lapin::{
     types::{AMQPValue, FieldArray, FieldTable},
     BasicProperties,
 };
-use tokio_util::sync::CancellationToken;
-use trainyard::{recorder::Recorder, store::Store};
+use trainyard::store::Store;
 use trainyard_common::{
     codec,
     event::{event_seq, DEAD_LETTER_SEQ},
@@ -19,12 +18,7 @@ async fn order_and_duplicates(store: Store) {
     let topo = topology();
     let (_conn, ch) = channel().await;
     topo.declare_shared(&ch).await.unwrap();
-    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { recorder.run(stop).await }
-    });
+    let recorder = spawn_recorder(&store, &topo);
     let spec = spec("noop", "bot-a");
     let queued = JobEvent::queued(&spec);
     let started = JobEvent::new(&spec, JobStatus::Started, 1, event_seq(1, 0, 0));
@@ -51,8 +45,7 @@ async fn order_and_duplicates(store: Store) {
     assert_eq!(job2.trigger.as_ref().map(|t| t.source.as_str()), Some("it"));
     let seqs: Vec<u64> = store.events(&spec.job_id).await.unwrap().iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![0, event_seq(1, 0, 0), event_seq(1, 0, 1), event_seq(1, 0, 2)]);
-    stop.cancel();
-    task.await.unwrap();
+    recorder.stop().await;
     cleanup(&topo, &[]).await;
 }
 
@@ -77,12 +70,7 @@ async fn dead_letters_become_dead_jobs_with_reason() {
     let topo = topology();
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
-    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { recorder.run(stop).await }
-    });
+    let recorder = spawn_recorder(&store, &topo);
 
     // 1. A worker's dead letter: permanent error, with reason headers.
     let permanent = spec("noop", "bot-a");
@@ -144,8 +132,7 @@ async fn dead_letters_become_dead_jobs_with_reason() {
     let poison = letters.iter().find(|l| l.job_id.is_none()).unwrap();
     assert_eq!(poison.kind, "poison");
     assert!(poison.id.starts_with("poison-"));
-    stop.cancel();
-    task.await.unwrap();
+    recorder.stop().await;
     cleanup(&topo, &["noop"]).await;
 }
 
@@ -162,12 +149,7 @@ async fn throughput(store: Store, backend: &str) {
         publish_event(&ch, &topo, &JobEvent::new(s, JobStatus::Succeeded, 1, event_seq(1, 0, 2))).await;
     }
     let started = std::time::Instant::now();
-    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { recorder.run(stop).await }
-    });
+    let recorder = spawn_recorder(&store, &topo);
     let last = &specs[249].job_id;
     eventually(120, "1000 events recorded", || async {
         let done = store.count_by_type_and_status().await.unwrap().iter().find(|(_, s, _)| *s == JobStatus::Succeeded).map(|(_, _, n)| *n);
@@ -177,8 +159,7 @@ async fn throughput(store: Store, backend: &str) {
     let secs = started.elapsed().as_secs_f64();
     println!("recorder on {backend}: 1000 events in {secs:.2}s = {:.0} events/s", 1000.0 / secs);
     assert!(1000.0 / secs > 50.0, "recorder too slow on {backend}: {secs:.2}s for 1000 events");
-    stop.cancel();
-    task.await.unwrap();
+    recorder.stop().await;
     cleanup(&topo, &[]).await;
 }
 
@@ -250,12 +231,7 @@ async fn a_batch_the_store_rejects_is_requeued_and_recorded_later() {
     let (_conn, ch) = channel().await;
     topo.declare_shared(&ch).await.unwrap();
     store.execute_raw("ALTER TABLE job_events RENAME TO job_events_away").await.unwrap();
-    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { recorder.run(stop).await }
-    });
+    let recorder = spawn_recorder(&store, &topo);
     let specs: Vec<_> = (0..5).map(|i| spec("noop", &format!("bot-{i}"))).collect();
     for s in &specs {
         publish_event(&ch, &topo, &JobEvent::queued(s)).await;
@@ -274,7 +250,6 @@ async fn a_batch_the_store_rejects_is_requeued_and_recorded_later() {
         assert_eq!(job.status, JobStatus::Queued);
         assert_eq!(store.events(&s.job_id).await.unwrap().len(), 1);
     }
-    stop.cancel();
-    task.await.unwrap();
+    recorder.stop().await;
     cleanup(&topo, &[]).await;
 }

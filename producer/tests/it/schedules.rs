@@ -6,7 +6,6 @@ use lapin::{options::BasicGetOptions, BasicProperties};
 use tokio_util::sync::CancellationToken;
 use trainyard::{
     config::{MissedFire, ScheduleConfig, TriggerRule},
-    recorder::Recorder,
     scheduler::{fire_job_id, Scheduler},
     store::Store,
     submit::Submitter,
@@ -125,12 +124,7 @@ async fn store_rebuild_replays_the_events_stream() {
     let (_conn, ch) = channel().await;
     topo.declare_shared(&ch).await.unwrap();
     let (live, _d1, _) = sqlite_store().await;
-    let recorder = Recorder::new(live.clone(), topo.clone(), AMQP_URL, None);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let s = stop.clone();
-        async move { recorder.run(s).await }
-    });
+    let recorder = spawn_recorder(&live, &topo);
     let specs: Vec<JobSpec> = (0..3).map(|i| spec("noop", &format!("bot-{i}"))).collect();
     for s in &specs {
         publish_event(&ch, &topo, &JobEvent::queued(s)).await;
@@ -139,8 +133,7 @@ async fn store_rebuild_replays_the_events_stream() {
     publish_event(&ch, &topo, &JobEvent::new(&specs[0], JobStatus::Succeeded, 1, event_seq(1, 0, 1))).await;
     eventually(20, "live store", || async { (live.job(&specs[0].job_id).await.unwrap()?.status == JobStatus::Succeeded).then_some(()) })
         .await;
-    stop.cancel();
-    task.await.unwrap();
+    recorder.stop().await;
 
     let (fresh, _d2, _) = sqlite_store().await;
     let report = trainyard::rebuild::rebuild(&fresh, &topo, AMQP_URL, Duration::from_secs(1)).await.unwrap();
