@@ -66,17 +66,23 @@ impl Drop for Moto {
     }
 }
 
-fn open(moto: &Moto, location: &str) -> ArtifactStore {
-    let vars = [
-        ("AWS_ENDPOINT", moto.endpoint()),
+/// The `AWS_*` settings of a store at `endpoint` over plain HTTP.
+fn settings(endpoint: String) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT", endpoint),
         ("AWS_ALLOW_HTTP", "true".into()),
         ("AWS_REGION", "us-east-1".into()),
         ("AWS_ACCESS_KEY_ID", "test".into()),
         ("AWS_SECRET_ACCESS_KEY", "test".into()),
         // As in k8s/base/config.yaml for AWS itself: empty means not set.
         ("AWS_SESSION_TOKEN", String::new()),
-    ];
-    ArtifactStore::open_with(location, vars.map(|(k, v)| (k.to_string(), v))).unwrap()
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .into()
+}
+
+fn open(moto: &Moto, location: &str) -> ArtifactStore {
+    ArtifactStore::open_with(location, settings(moto.endpoint())).unwrap()
 }
 
 #[tokio::test]
@@ -115,15 +121,7 @@ async fn artifacts_round_trip_on_an_s3_bucket_under_a_prefix() {
 async fn an_unreachable_s3_store_is_a_clear_error_not_a_hang() {
     // Nothing listens on the port: the first call fails with the key it was for.
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let vars = [
-        ("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")),
-        ("AWS_ALLOW_HTTP", "true".into()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ACCESS_KEY_ID", "test".into()),
-        ("AWS_SECRET_ACCESS_KEY", "test".into()),
-        ("AWS_MAX_RETRIES", "0".into()),
-    ];
-    let store = ArtifactStore::open_with("s3://nowhere", vars.map(|(k, v)| (k.to_string(), v))).unwrap();
+    let store = ArtifactStore::open_with("s3://nowhere", settings(format!("http://127.0.0.1:{port}"))).unwrap();
     let err = tokio::time::timeout(Duration::from_secs(30), store.put("jobs/x/a.txt", "a")).await.expect("fails in time").unwrap_err();
     assert!(err.to_string().contains("jobs/x/a.txt"), "{err}");
 }
