@@ -1,6 +1,7 @@
-//! Training checkpoints: everything needed to continue a run bit for bit.
+//! Training checkpoints: everything needed to continue a run where it stopped.
 //!
-//! One object per job, `<prefix>/checkpoints/latest.ckpt`, replaced atomically
+//! One object per model of a job, `<prefix>/checkpoints/latest.ckpt` (the word-order
+//! model of an ensemble: `checkpoints/conv.ckpt`), replaced atomically
 //! after every epoch (plus `latest.json`, its metadata, for people): the
 //! embedding table with its Adam moments, the head and its optimizer state (burn
 //! records), the early-stopping state and the epoch log. A run is resumed only
@@ -9,12 +10,26 @@
 //! Layout: `TYCKPT01`, then sections, each a little-endian `u64` length and its bytes:
 //! meta JSON, table shape + step, weights, first moments, second moments, head
 //! record, optimizer record, best weights (may be empty), best head record (may be empty).
+//!
+//! A model trained wholly on a burn device ([`super::device_train`]) writes
+//! `TYCKPT02`: meta JSON, model record, optimizer record, best model record (may be
+//! empty). The meta's `path` says which training path wrote it; a checkpoint is
+//! resumed only by the same path ([`Resumable::path`]), and refused with a message
+//! saying why by another.
 
 use serde::{Deserialize, Serialize};
 
 use super::sparse::EmbeddingBag;
 
 const MAGIC: &[u8; 8] = b"TYCKPT01";
+const MAGIC_DEVICE: &[u8; 8] = b"TYCKPT02";
+
+/// The training path of the bag model on the CPU: sparse table in Rust, head in burn.
+pub const PATH_SPARSE: &str = "sparse";
+
+fn sparse_path() -> String {
+    PATH_SPARSE.into()
+}
 
 /// One epoch of training, as reported and logged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +63,67 @@ pub struct CheckpointMeta {
     pub stale: usize,
     /// The epochs so far.
     pub log: Vec<EpochLog>,
+    /// The training path that wrote it ([`PATH_SPARSE`], `device-bag`, `conv`).
+    #[serde(default = "sparse_path")]
+    pub path: String,
+}
+
+/// A checkpoint of a model trained wholly on a burn device.
+#[derive(Debug, Clone)]
+pub struct DeviceCheckpoint {
+    /// Metadata.
+    pub meta: CheckpointMeta,
+    /// The model (burn record bytes).
+    pub model: Vec<u8>,
+    /// Its optimizer state (burn record bytes).
+    pub optim: Vec<u8>,
+    /// The best model, when the best epoch is not the last one (burn record bytes).
+    pub best: Option<Vec<u8>>,
+}
+
+/// Any checkpoint.
+#[derive(Debug, Clone)]
+pub enum Resumable {
+    /// Written by the sparse CPU path.
+    Sparse(Checkpoint),
+    /// Written by a device path.
+    Device(DeviceCheckpoint),
+}
+
+impl Resumable {
+    /// Its metadata.
+    pub fn meta(&self) -> &CheckpointMeta {
+        match self {
+            Self::Sparse(c) => &c.meta,
+            Self::Device(c) => &c.meta,
+        }
+    }
+    /// The training path that wrote it.
+    pub fn path(&self) -> &str {
+        &self.meta().path
+    }
+}
+
+/// Serialises a device checkpoint.
+pub fn encode_device(meta: &CheckpointMeta, model: &[u8], optim: &[u8], best: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(model.len() * 2 + optim.len() + 4096);
+    out.extend_from_slice(MAGIC_DEVICE);
+    section(&mut out, &serde_json::to_vec(meta).expect("checkpoint meta serialises"));
+    section(&mut out, model);
+    section(&mut out, optim);
+    section(&mut out, best.unwrap_or(&[]));
+    out
+}
+
+/// Parses any checkpoint written by [`encode`] or [`encode_device`].
+pub fn decode_any(bytes: &[u8]) -> Result<Resumable, String> {
+    if bytes.len() >= 8 && &bytes[..8] == MAGIC_DEVICE {
+        let mut r = Reader { bytes: &bytes[8..] };
+        let meta: CheckpointMeta = serde_json::from_slice(r.next()?).map_err(|e| format!("bad checkpoint metadata: {e}"))?;
+        let (model, optim, best) = (r.next()?.to_vec(), r.next()?.to_vec(), r.next()?.to_vec());
+        return Ok(Resumable::Device(DeviceCheckpoint { meta, model, optim, best: (!best.is_empty()).then_some(best) }));
+    }
+    decode(bytes).map(Resumable::Sparse)
 }
 
 /// A decoded checkpoint.
@@ -149,7 +225,8 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let meta = CheckpointMeta { fingerprint: "f".into(), epoch: 2, best_epoch: 1, best_val: 0.5, stale: 1, log: vec![] };
+        let meta =
+            CheckpointMeta { fingerprint: "f".into(), epoch: 2, best_epoch: 1, best_val: 0.5, stale: 1, log: vec![], path: sparse_path() };
         let emb = EmbeddingBag { rows: 2, dim: 2, weight: vec![1.0, 2.0, 3.0, 4.0], m: vec![0.1; 4], v: vec![0.2; 4], step: 9 };
         let bytes = encode(&meta, &emb, b"head", b"opt", Some((&[5.0, 6.0, 7.0, 8.0], b"besthead")));
         let ck = decode(&bytes).unwrap();
@@ -161,5 +238,21 @@ mod tests {
         assert!(none.best.is_none());
         assert!(decode(&bytes[..bytes.len() - 3]).is_err());
         assert!(decode(b"garbage!").is_err());
+        assert_eq!(decode_any(&bytes).unwrap().path(), PATH_SPARSE);
+    }
+
+    #[test]
+    fn device_round_trip_and_old_meta() {
+        let meta =
+            CheckpointMeta { fingerprint: "f".into(), epoch: 3, best_epoch: 2, best_val: 0.7, stale: 1, log: vec![], path: "conv".into() };
+        let Resumable::Device(ck) = decode_any(&encode_device(&meta, b"model", b"opt", Some(b"best"))).unwrap() else {
+            panic!("a device checkpoint")
+        };
+        assert_eq!((ck.meta, ck.model, ck.optim, ck.best), (meta.clone(), b"model".to_vec(), b"opt".to_vec(), Some(b"best".to_vec())));
+        assert!(decode_any(&encode_device(&meta, b"m", b"o", None)).is_ok_and(|r| matches!(r, Resumable::Device(d) if d.best.is_none())));
+        // Checkpoints written before paths existed are the sparse path's.
+        let old: CheckpointMeta =
+            serde_json::from_str(r#"{"fingerprint":"f","epoch":1,"best_epoch":1,"best_val":0.5,"stale":0,"log":[]}"#).unwrap();
+        assert_eq!(old.path, PATH_SPARSE);
     }
 }

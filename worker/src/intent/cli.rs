@@ -1,7 +1,7 @@
 //! `trainyard-worker train` and `trainyard-worker predict`: run one intent job
 //! locally without a broker, and query a trained model.
 //!
-//! `train --job-file F [--out DIR] [--resume] [--device cpu|cuda[:N]]` reads a
+//! `train --job-file F [--out DIR] [--resume] [--device auto|cpu|cuda[:N]]` reads a
 //! job (a `JobSpec` as JSON; `job_id`, `trigger`, `submitted_at` may be left
 //! out), writes every output at the top of `DIR` (default
 //! `.trainyard/train/<job_id>`), prints progress per epoch and a summary. It
@@ -21,7 +21,7 @@ use super::{
     env::RunEnv,
     eval::{eval_job, load_predictor, load_predictor_dir},
     params::{EvalParams, TrainParams},
-    pipeline::{train_job, CHECKPOINT_KEY},
+    pipeline::{train_job, CHECKPOINT_KEY, CONV_CHECKPOINT_KEY},
 };
 use crate::handler::Progress;
 
@@ -37,7 +37,7 @@ pub struct TrainArgs {
     /// Continue from the checkpoint in the output directory instead of starting afresh.
     #[arg(long)]
     pub resume: bool,
-    /// Overrides the job's `device` param: cpu, cuda, cuda:N.
+    /// Overrides the job's `device` param: auto, cpu, cuda, cuda:N.
     #[arg(long)]
     pub device: Option<String>,
     /// Dataset root.
@@ -82,8 +82,11 @@ pub fn read_job_file(path: &std::path::Path) -> anyhow::Result<JobSpec> {
 
 fn print_epoch(p: &Value) {
     let f = |k: &str| p.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
     eprintln!(
-        "epoch {:>3}/{:<3} loss {:.4}  val_acc {:.4}  {:>7.0} ex/s  {:.2}s",
+        "{:<4} {:<6} epoch {:>3}/{:<3} loss {:.4}  val_acc {:.4}  {:>7.0} ex/s  {:.2}s",
+        s("model"),
+        s("device"),
         f("epoch"),
         f("epochs"),
         f("loss"),
@@ -126,6 +129,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     env.resume = args.resume;
     if !args.resume {
         rt.block_on(store.delete(CHECKPOINT_KEY))?;
+        rt.block_on(store.delete(CONV_CHECKPOINT_KEY))?;
     }
     eprintln!("{} job {} (bot {:?}) → {}", spec.job_type, spec.job_id, spec.bot, out.display());
     let job_type = spec.job_type.clone();
@@ -169,6 +173,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             res.get("resumed_from_epoch").filter(|v| !v.is_null()).map(|v| format!(", resumed from epoch {v}")).unwrap_or_default();
         println!("  epochs             {e} (best {}){resumed}", res["best_epoch"]);
     }
+    println!("  model, device      {}, {}", res["model_kind"].as_str().unwrap_or("-"), res["device"].as_str().unwrap_or("-"));
     if let Some(s) = res.get("seconds").and_then(Value::as_f64) {
         println!("  wall time          {s:.1}s");
     }

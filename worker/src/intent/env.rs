@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use trainyard_common::artifacts::ArtifactStore;
 
+use super::device::DeviceSpec;
 use crate::handler::{JobContext, JobError, Progress};
 
 /// Everything a run needs from the outside.
@@ -46,6 +47,10 @@ pub struct RunEnv {
     /// Stop (as if cancelled) once this epoch's checkpoint is saved: simulates a
     /// crash at a known point, for tests and drills. `None` normally.
     pub stop_after_epoch: Option<usize>,
+    /// The worker's default device, for jobs whose `device` is `auto`.
+    pub default_device: DeviceSpec,
+    /// The worker's id (named in errors such as a CUDA job on a CPU-only worker).
+    pub worker: String,
     log: Arc<Mutex<Vec<String>>>,
     started: Instant,
 }
@@ -77,6 +82,8 @@ impl RunEnv {
             rt,
             resume: true,
             stop_after_epoch: None,
+            default_device: DeviceSpec::Auto,
+            worker: "local".into(),
             log: Arc::default(),
             started: Instant::now(),
         }
@@ -85,7 +92,7 @@ impl RunEnv {
     /// The environment of a job run by the worker runtime (must be called on the runtime).
     pub fn from_ctx(ctx: &JobContext) -> Self {
         let prefix = trainyard_common::artifacts::keys::job(&ctx.spec.job_id);
-        Self::new(
+        let mut env = Self::new(
             ctx.artifacts.clone(),
             prefix,
             Some(ctx.artifacts.clone()),
@@ -95,7 +102,9 @@ impl RunEnv {
             ctx.cancel.clone(),
             ctx.progress.clone(),
             tokio::runtime::Handle::current(),
-        )
+        );
+        env.worker = ctx.worker.id.clone();
+        env
     }
 
     /// The full key of an output.

@@ -24,15 +24,23 @@ pub type InferenceBackend = NdArray;
 /// How many confusions `metrics.json` lists.
 pub const TOP_CONFUSIONS: usize = 20;
 
-/// Computes the metrics and writes `metrics.json`, `confusion_matrix.json` and
+/// Computes the metrics (with `about`'s `device` and `model`, when given) and writes `metrics.json`, `confusion_matrix.json` and
 /// `confusion_matrix.png`; returns the metrics and the keys written.
 pub fn write_evaluation(
     env: &RunEnv,
     truth: &[String],
     predicted: &[String],
     oos_label: Option<&str>,
+    about: &[(&str, String)],
 ) -> Result<(Metrics, BTreeMap<&'static str, String>), JobError> {
-    let (metrics, cm) = evaluate(truth, predicted, oos_label, TOP_CONFUSIONS);
+    let (mut metrics, cm) = evaluate(truth, predicted, oos_label, TOP_CONFUSIONS);
+    for (k, v) in about {
+        match *k {
+            "device" => metrics.device = Some(v.clone()),
+            "model" => metrics.model = Some(v.clone()),
+            _ => {}
+        }
+    }
     let mut keys = BTreeMap::new();
     keys.insert("metrics", env.put_json("metrics.json", &metrics)?);
     keys.insert("confusion_matrix", env.put_json("confusion_matrix.json", &cm)?);
@@ -57,15 +65,29 @@ pub fn load_predictor(rt: &tokio::runtime::Handle, store: &ArtifactStore, prefix
             .map_err(|e| JobError::transient(e.to_string()))?
             .ok_or_else(|| JobError::permanent(format!("no model at {key}")))
     };
-    let (bin, cfg) = (get("model.bin")?, get("config.json")?);
-    Predictor::from_files(bin.to_vec(), &cfg, &Default::default()).map_err(|e| JobError::permanent(format!("model {prefix}: {e}")))
+    let mut failure = None;
+    let mut read = |name: &str| match get(name) {
+        Ok(b) => Ok(b.to_vec()),
+        Err(e) => {
+            let msg = e.message.clone();
+            failure = Some(e);
+            Err(msg)
+        }
+    };
+    let loaded = Predictor::from_files(&mut read, &Default::default());
+    match (loaded, failure) {
+        (Ok(p), _) => Ok(p),
+        // The store failed (or a file is missing): keep that error's disposition.
+        (Err(_), Some(e)) => Err(JobError { kind: e.kind, message: format!("model {prefix}: {}", e.message) }),
+        (Err(e), None) => Err(JobError::permanent(format!("model {prefix}: {e}"))),
+    }
 }
 
-/// Loads a model from a local directory (`DIR/model.bin` or `DIR/model/model.bin`).
+/// Loads a model from a local directory (`DIR/config.json` or `DIR/model/config.json`, and the networks beside it).
 pub fn load_predictor_dir(dir: &std::path::Path) -> Result<Predictor<InferenceBackend>, String> {
-    let dir = if dir.join("model.bin").is_file() { dir.to_path_buf() } else { dir.join("model") };
-    let read = |n: &str| std::fs::read(dir.join(n)).map_err(|e| format!("failed to read {}: {e}", dir.join(n).display()));
-    Predictor::from_files(read("model.bin")?, &read("config.json")?, &Default::default())
+    let dir = if dir.join("config.json").is_file() { dir.to_path_buf() } else { dir.join("model") };
+    let mut read = |n: &str| std::fs::read(dir.join(n)).map_err(|e| format!("failed to read {}: {e}", dir.join(n).display()));
+    Predictor::from_files(&mut read, &Default::default())
 }
 
 /// Runs the gate: evaluates the bot's production model (if any, and not this job's)
@@ -122,7 +144,8 @@ pub fn eval_job(env: &RunEnv, params: &EvalParams) -> Result<Value, JobError> {
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let truth: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
     let predicted = predictor.predict(&texts);
-    let (metrics, keys) = write_evaluation(env, &truth, &predicted, predictor.config.oos_label.as_deref())?;
+    let about = [("model", predictor.config.model.to_string())];
+    let (metrics, keys) = write_evaluation(env, &truth, &predicted, predictor.config.oos_label.as_deref(), &about)?;
     let unknown: Vec<&String> = truth.iter().filter(|t| !predictor.config.labels.contains(t)).collect();
     if !unknown.is_empty() {
         env.log(format!("{} test examples have labels the model does not know (counted as errors)", unknown.len()));

@@ -67,7 +67,7 @@ impl Csr {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-fn fnv(kind: u8, parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv(kind: u8, parts: &[&[u8]]) -> u64 {
     let mut h = FNV_OFFSET;
     let mut eat = |b: u8| {
         h ^= u64::from(b);

@@ -8,6 +8,7 @@
 use async_trait::async_trait;
 
 use super::{
+    device::DeviceSpec,
     env::RunEnv,
     eval::eval_job,
     params::{EvalParams, TrainParams},
@@ -17,7 +18,10 @@ use crate::handler::{JobContext, JobError, JobHandler};
 
 /// `intent-train`: trains a bot's intent classifier and runs the promotion gate.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct IntentTrain;
+pub struct IntentTrain {
+    /// The device of jobs whose `device` is `auto` (`trainyard-worker run --device`).
+    pub default_device: DeviceSpec,
+}
 
 /// `intent-eval`: evaluates a stored model (a job's, or the bot's production one) on a dataset.
 #[derive(Debug, Clone, Copy, Default)]
@@ -46,7 +50,8 @@ impl JobHandler for IntentTrain {
 
     async fn run(&self, ctx: JobContext) -> Result<serde_json::Value, JobError> {
         let params = TrainParams::parse(&ctx.spec.params)?;
-        let env = RunEnv::from_ctx(&ctx);
+        let mut env = RunEnv::from_ctx(&ctx);
+        env.default_device = self.default_device;
         if ctx.redelivery > 0 {
             env.log(format!("redelivered (count {}): continuing from the last checkpoint if any", ctx.redelivery));
         }

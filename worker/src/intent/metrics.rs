@@ -49,6 +49,12 @@ pub struct Metrics {
     pub test_examples: usize,
     /// The most frequent confusions, most frequent first.
     pub top_confusions: Vec<Confusion>,
+    /// The device the model was trained on (`cpu`, `cuda:N`); absent for evaluations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The model kind (`bag`, `conv`, `bag+conv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// `confusion_matrix.json`: `matrix[i][j]` = test examples of `labels[i]` predicted as `labels[j]`.
@@ -128,6 +134,8 @@ pub fn evaluate(truth: &[String], predicted: &[String], oos_label: Option<&str>,
         oos_recall,
         test_examples: truth.len(),
         top_confusions: confusions,
+        device: None,
+        model: None,
     };
     (metrics, ConfusionMatrix { labels, matrix })
 }

@@ -20,10 +20,54 @@ pub enum PromoteMode {
     Manual,
 }
 
+/// `model`: which networks a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ModelKind {
+    /// The bag of word and character n-grams (default; fast on the CPU).
+    #[default]
+    #[serde(rename = "bag")]
+    Bag,
+    /// The word-order model: convolutions over word and subword embeddings.
+    #[serde(rename = "conv")]
+    Conv,
+    /// Both, trained one after the other; their probabilities are averaged.
+    #[serde(rename = "bag+conv")]
+    BagConv,
+}
+
+impl ModelKind {
+    /// Does it include the bag network?
+    pub fn has_bag(self) -> bool {
+        matches!(self, Self::Bag | Self::BagConv)
+    }
+    /// Does it include the word-order network?
+    pub fn has_conv(self) -> bool {
+        matches!(self, Self::Conv | Self::BagConv)
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Bag => "bag",
+            Self::Conv => "conv",
+            Self::BagConv => "bag+conv",
+        })
+    }
+}
+
 /// Model and optimisation settings (all have defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Hyper {
+    /// `bag` (default), `conv` or `bag+conv`.
+    pub model: ModelKind,
+    /// Word-order model: embedding width. Default 128.
+    pub conv_dim: usize,
+    /// Word-order model: filters per convolution width (1, 2 and 3 tokens). Default 256.
+    pub conv_filters: usize,
+    /// Word-order model: tokens per utterance (longer ones are cut). Default 24.
+    pub max_tokens: usize,
     /// Most epochs (early stopping usually ends sooner). Default 12.
     pub epochs: usize,
     /// Seed of every random choice (split, init, shuffling, dropout). Default 42.
@@ -68,6 +112,10 @@ pub struct Hyper {
 impl Default for Hyper {
     fn default() -> Self {
         Self {
+            model: ModelKind::Bag,
+            conv_dim: 128,
+            conv_filters: 256,
+            max_tokens: 24,
             epochs: 12,
             seed: 42,
             batch_size: 64,
@@ -96,7 +144,7 @@ pub struct TrainParams {
     /// The dataset (format, columns, splits).
     #[serde(flatten)]
     pub data: DatasetSpec,
-    /// `cpu` (default), `cuda` or `cuda:N`.
+    /// `auto` (default: the worker's default device), `cpu`, `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: DeviceSpec,
     /// `auto` (default) or `manual`.
@@ -127,6 +175,10 @@ fn bad(what: &str, reason: impl std::fmt::Display) -> JobError {
 
 /// Keys that `Hyper` (flattened) accepts: serde's `flatten` disables `deny_unknown_fields`, so unknown keys are checked by hand.
 const HYPER_KEYS: &[&str] = &[
+    "model",
+    "conv_dim",
+    "conv_filters",
+    "max_tokens",
     "epochs",
     "seed",
     "batch_size",
@@ -165,10 +217,12 @@ impl TrainParams {
         check_keys("intent-train", params, &[DatasetSpec::KEYS, HYPER_KEYS, &["device", "promote", "gate"]])?;
         let p: Self = serde_json::from_value(params.clone()).map_err(|e| bad("intent-train", e))?;
         p.data.check().map_err(|e| bad("intent-train", e))?;
-        p.device.check().map_err(|e| bad("intent-train", e))?;
         p.gate.check().map_err(|e| bad("intent-train", e))?;
         let h = &p.hyper;
-        let checks: [(bool, String); 15] = [
+        let checks: [(bool, String); 18] = [
+            ((8..=1024).contains(&h.conv_dim), format!("conv_dim {} must be in 8..=1024", h.conv_dim)),
+            ((8..=2048).contains(&h.conv_filters), format!("conv_filters {} must be in 8..=2048", h.conv_filters)),
+            ((3..=256).contains(&h.max_tokens), format!("max_tokens {} must be in 3..=256", h.max_tokens)),
             (h.char_weight.is_none_or(|w| w > 0.0 && w <= 10.0), "char_weight must be in (0, 10]".to_string()),
             ((0.0..0.95).contains(&h.feature_dropout), format!("feature_dropout {} must be in [0, 0.95)", h.feature_dropout)),
             ((0.0..0.5).contains(&h.label_smoothing), format!("label_smoothing {} must be in [0, 0.5)", h.label_smoothing)),
@@ -224,7 +278,13 @@ mod tests {
         assert_eq!(p.hyper.seed, 7);
         assert_eq!(p.hyper.batch_size, 64);
         assert_eq!(p.promote, PromoteMode::Auto);
-        assert_eq!(p.device, DeviceSpec::Cpu);
+        assert_eq!(p.device, DeviceSpec::Auto);
+        assert_eq!(p.hyper.model, ModelKind::Bag);
+        let conv = TrainParams::parse(&json!({"dataset": "x.csv", "model": "bag+conv", "device": "cuda"})).unwrap();
+        assert_eq!((conv.hyper.model, conv.device), (ModelKind::BagConv, DeviceSpec::Cuda(0)));
+        let e = TrainParams::parse(&json!({"dataset": "x.csv", "model": "transformer"})).unwrap_err();
+        assert!(e.message.contains("transformer"), "{}", e.message);
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "max_tokens": 2})).is_err());
         let e = TrainParams::parse(&json!({"dataset": "x.csv", "epochz": 3})).unwrap_err();
         assert!(e.message.contains("unknown parameter `epochz`"), "{}", e.message);
         assert!(TrainParams::parse(&json!({"epochs": 3})).unwrap_err().message.contains("dataset"));

@@ -1,8 +1,9 @@
-//! An `intent-train` run from params to result: load and split the data, fit the
-//! features, train (resuming from a checkpoint), tune the OOS threshold on
-//! validation, evaluate on test, write the model and reports, run the promotion gate.
+//! An `intent-train` run from params to result, as named stages:
+//! [`resolve`] the device → [`prepare`] the data → fit the networks ([`super::fit`]) →
+//! tune the OOS threshold on validation → evaluate on test and write the model and
+//! reports → run the promotion gate.
 //!
-//! Synchronous and CPU-heavy: callers run it on a dedicated thread.
+//! Synchronous and CPU-heavy (or GPU-bound): callers run it on a dedicated thread.
 
 use std::collections::BTreeMap;
 
@@ -10,21 +11,22 @@ use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Value};
 
 use super::{
-    checkpoint,
-    dataset::Example,
-    device::{CpuBackend, DeviceSpec},
+    dataset::{Example, Splits},
+    device::{self, CpuBackend, DeviceSpec, Host},
     env::RunEnv,
     eval::{gate_against_production, write_evaluation},
     features::{FeatureConfig, Featurizer},
-    params::{PromoteMode, TrainParams},
-    predict::{decide, probabilities, ModelConfig, Predictor, MODEL_FORMAT},
-    promotion::{set_production, ProductionEntry},
-    train::{train, Hooks, TrainData, TrainError},
+    fit::{Stage, StageSummary},
+    metrics::Metrics,
+    params::{ModelKind, PromoteMode, TrainParams},
+    predict::{average, decide, probabilities, ModelConfig, Predictor},
+    promotion::{set_production, GateDecision, ProductionEntry},
+    seq::{SeqConfig, SeqFeaturizer},
+    train::TrainData,
 };
 use crate::handler::JobError;
 
-/// Key (under the run's prefix) of the checkpoint.
-pub const CHECKPOINT_KEY: &str = "checkpoints/latest.ckpt";
+pub use super::fit::{CHECKPOINT_KEY, CONV_CHECKPOINT_KEY};
 
 fn permanent(e: impl std::fmt::Display) -> JobError {
     JobError::permanent(e.to_string())
@@ -40,7 +42,7 @@ fn texts(examples: &[Example]) -> Vec<&str> {
 }
 
 /// A stable digest of what a run trains on, to refuse foreign checkpoints.
-fn fingerprint(params: &TrainParams, labels: &[String], feats: &Featurizer, train: &[Example]) -> String {
+fn fingerprint(params: &TrainParams, labels: &[String], dim: usize, train: &[Example]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for b in bytes {
@@ -50,7 +52,7 @@ fn fingerprint(params: &TrainParams, labels: &[String], feats: &Featurizer, trai
     };
     eat(serde_json::to_string(&params.hyper).unwrap_or_default().as_bytes());
     eat(labels.join("\u{1}").as_bytes());
-    eat(&(feats.dim() as u64).to_le_bytes());
+    eat(&(dim as u64).to_le_bytes());
     for e in train {
         eat(e.text.as_bytes());
         eat(e.label.as_bytes());
@@ -83,27 +85,52 @@ pub fn tune_threshold(probs: &[f32], labels: usize, y: &[usize], oos: usize) -> 
     (best.0, best.2, best.3)
 }
 
+/// The device a job trains on, on this worker: the job's `device`, else the worker's default
+/// (see [`device::resolve`]).
+pub fn resolve(env: &RunEnv, params: &TrainParams) -> Result<DeviceSpec, JobError> {
+    device::resolve(params.device, env.default_device, Host::current(), &env.worker).map_err(JobError::permanent)
+}
+
 /// Runs an `intent-train` job. Call on a dedicated thread.
 pub fn train_job(env: &RunEnv, params: &TrainParams) -> Result<Value, JobError> {
-    params.device.check().map_err(JobError::permanent)?;
-    match params.device {
-        DeviceSpec::Cpu => run::<CpuBackend>(env, params, &Default::default()),
+    let device = resolve(env, params)?;
+    match device {
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => run::<super::device::CudaBackend>(env, params, &burn::backend::cuda::CudaDevice::new(i)),
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => unreachable!("checked above"),
+        DeviceSpec::Cuda(i) => {
+            let dev = burn::backend::cuda::CudaDevice::new(i);
+            // The CUDA backend reports failures (out of memory above all) by panicking:
+            // they are transient here, so the job is retried, possibly on another worker.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run::<device::CudaBackend>(env, params, device, &dev, false)))
+                .unwrap_or_else(|panic| Err(cuda_failure(device, panic.as_ref())))
+        }
+        _ => run::<CpuBackend>(env, params, device, &Default::default(), false),
     }
 }
 
-fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Device) -> Result<Value, JobError> {
+/// A transient error for a panic of the CUDA backend, naming an out-of-memory condition as such.
+pub fn cuda_failure(device: DeviceSpec, panic: &(dyn std::any::Any + Send)) -> JobError {
+    let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+    let lower = msg.to_lowercase();
+    if lower.contains("out of memory") || lower.contains("outofmemory") || lower.contains("out_of_memory") {
+        JobError::transient(format!("CUDA out of memory on {device}: {msg}"))
+    } else {
+        JobError::transient(format!("the CUDA backend failed on {device}: {msg}"))
+    }
+}
+
+/// The data of a run, split and labelled.
+struct Prepared {
+    splits: Splits,
+    labels: Vec<String>,
+    oos_label: Option<String>,
+    oos: Option<usize>,
+    y_train: Vec<usize>,
+    y_val: Vec<usize>,
+}
+
+/// Loads and splits the data and fixes the label order.
+fn prepare(env: &RunEnv, params: &TrainParams) -> Result<Prepared, JobError> {
     let h = &params.hyper;
-    env.log(format!(
-        "intent-train job {} for bot {:?} on {} ({} threads)",
-        env.job_id,
-        env.bot,
-        params.device,
-        rayon::current_num_threads()
-    ));
     let splits = params.data.load_for_training(&env.data_dir, h.seed, h.val_fraction, h.test_fraction).map_err(permanent)?;
     for n in &splits.notes {
         env.log(n.clone());
@@ -121,137 +148,194 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
         labels.len(),
         if oos.is_some() { format!(" (with out-of-scope label {:?})", h.oos_label) } else { String::new() }
     ));
-    let fcfg = FeatureConfig {
-        word_ngrams: h.word_ngrams,
-        char_min: h.char_ngram_min,
-        char_max: h.char_ngram_max,
-        min_df: h.min_df,
-        char_weight: h.char_weight,
-    };
-    let feats = Featurizer::fit(fcfg, &texts(&splits.train));
-    let data = TrainData {
-        x_train: feats.transform(&texts(&splits.train)),
-        y_train: label_ids(&splits.train, &labels),
-        x_val: feats.transform(&texts(&splits.val)),
-        y_val: label_ids(&splits.val, &labels),
-        labels: labels.len(),
-        features: feats.dim(),
-    };
-    env.log(format!(
-        "features: {} (word 1..={}-grams, char {}..={}-grams, min_df {})",
-        feats.dim(),
-        h.word_ngrams,
-        h.char_ngram_min,
-        h.char_ngram_max,
-        h.min_df
-    ));
-    let fp = fingerprint(params, &labels, &feats, &splits.train);
-    let resume = if env.resume {
-        match env.get(CHECKPOINT_KEY)? {
-            Some(bytes) => match checkpoint::decode(&bytes) {
-                Ok(ck) if ck.meta.fingerprint == fp => {
-                    env.log(format!("resuming from the checkpoint of epoch {}", ck.meta.epoch));
-                    Some(ck)
-                }
-                Ok(_) => {
-                    env.log("a checkpoint exists but was made for other data or settings: starting afresh");
-                    None
-                }
-                Err(e) => {
-                    env.log(format!("ignoring an unreadable checkpoint ({e}): starting afresh"));
-                    None
-                }
-            },
-            None => None,
-        }
-    } else {
-        None
-    };
-    let cut = std::sync::atomic::AtomicBool::new(false);
-    let cancelled = || env.cancel.is_cancelled() || cut.load(std::sync::atomic::Ordering::Relaxed);
-    // Checkpoints are written in the background while the next epoch trains; each
-    // write waits for the previous one, and the run waits for the last one.
-    let pending: std::cell::RefCell<Option<tokio::task::JoinHandle<Result<(), String>>>> = Default::default();
-    let wait_pending = || -> Result<(), String> {
-        match pending.borrow_mut().take() {
-            Some(h) => env.rt.block_on(h).map_err(|e| format!("checkpoint writer failed: {e}"))?,
-            None => Ok(()),
-        }
-    };
-    let mut save = |epoch: usize, bytes: Vec<u8>| -> Result<(), String> {
-        wait_pending()?;
-        let (store, key, meta_key) = (env.store.clone(), env.key(CHECKPOINT_KEY), env.key("checkpoints/latest.json"));
-        let meta = serde_json::to_vec(&json!({"epoch": epoch, "fingerprint": fp})).map_err(|e| e.to_string())?;
-        *pending.borrow_mut() = Some(env.rt.spawn(async move {
-            store.put(&key, bytes).await.map_err(|e| e.to_string())?;
-            store.put(&meta_key, meta).await.map_err(|e| e.to_string())
-        }));
-        Ok(())
-    };
-    let mut progress = |l: &checkpoint::EpochLog| {
+    let (y_train, y_val) = (label_ids(&splits.train, &labels), label_ids(&splits.val, &labels));
+    Ok(Prepared { splits, labels, oos_label, oos, y_train, y_val })
+}
+
+/// The fitted networks of a run, in inference form, and their validation probabilities.
+struct Fitted<B: AutodiffBackend> {
+    predictor: Predictor<B::InnerBackend>,
+    val_probs: Vec<f32>,
+    stages: Vec<StageSummary>,
+}
+
+/// Fits every network the run's `model` names, one after the other.
+fn fit_all<B: AutodiffBackend>(
+    env: &RunEnv,
+    params: &TrainParams,
+    prep: &Prepared,
+    spec: DeviceSpec,
+    device: &B::Device,
+    force_device_bag: bool,
+) -> Result<Fitted<B>, JobError> {
+    let h = &params.hyper;
+    let (train_texts, val_texts) = (texts(&prep.splits.train), texts(&prep.splits.val));
+    let stage = |fp: String, key| Stage { env, hyper: h, device: spec, fingerprint: fp, checkpoint_key: key };
+    let (mut bag, mut conv, mut feats, mut seq) = (None, None, None, None);
+    let (mut parts, mut stages) = (Vec::new(), Vec::new());
+    if h.model.has_bag() {
+        let fcfg = FeatureConfig {
+            word_ngrams: h.word_ngrams,
+            char_min: h.char_ngram_min,
+            char_max: h.char_ngram_max,
+            min_df: h.min_df,
+            char_weight: h.char_weight,
+        };
+        let f = Featurizer::fit(fcfg, &train_texts);
         env.log(format!(
-            "epoch {}/{}: loss {:.4}, validation accuracy {:.4}, {:.0} examples/s, {:.2}s",
-            l.epoch, l.epochs, l.loss, l.val_accuracy, l.examples_per_s, l.seconds
+            "bag features: {} (word 1..={}-grams, char {}..={}-grams, min_df {})",
+            f.dim(),
+            h.word_ngrams,
+            h.char_ngram_min,
+            h.char_ngram_max,
+            h.min_df
         ));
-        env.progress.report(json!({
-            "epoch": l.epoch, "epochs": l.epochs, "loss": l.loss, "val_accuracy": l.val_accuracy,
-            "examples_per_s": l.examples_per_s, "epoch_seconds": l.seconds,
-        }));
-        if env.stop_after_epoch == Some(l.epoch) {
-            cut.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+        let data = TrainData {
+            x_train: f.transform(&train_texts),
+            y_train: prep.y_train.clone(),
+            x_val: f.transform(&val_texts),
+            y_val: prep.y_val.clone(),
+            labels: prep.labels.len(),
+            features: f.dim(),
+        };
+        let fp = fingerprint(params, &prep.labels, f.dim(), &prep.splits.train);
+        let (net, summary) = stage(fp, CHECKPOINT_KEY).fit_bag::<B>(&f, &data, device, force_device_bag)?;
+        parts.push(probabilities(&net.emb, &net.head, &data.x_val, prep.labels.len(), device));
+        stages.push(summary);
+        (bag, feats) = (Some(net), Some(f));
+    }
+    if h.model.has_conv() {
+        let s = SeqFeaturizer::fit(SeqConfig { max_tokens: h.max_tokens, subwords: 8, min_df: h.min_df }, &train_texts);
+        env.log(format!("word-order model: {} words and subwords, {} tokens × {} slots", s.vocab() - 1, h.max_tokens, 8));
+        let (x_train, x_val) = (s.transform(&train_texts), s.transform(&val_texts));
+        let fp = fingerprint(params, &prep.labels, s.vocab(), &prep.splits.train);
+        let key = if h.model == ModelKind::Conv { CHECKPOINT_KEY } else { CONV_CHECKPOINT_KEY };
+        let (net, summary) =
+            stage(fp, key).fit_conv::<B>(&s, (&x_train, &prep.y_train), (&x_val, &prep.y_val), prep.labels.len(), device)?;
+        parts.push(super::device_train::device_probabilities(&net, &x_val, device));
+        stages.push(summary);
+        (conv, seq) = (Some(net), Some(s));
+    }
+    let config = ModelConfig {
+        format: ModelConfig::format_for(h.model),
+        model: h.model,
+        labels: prep.labels.clone(),
+        hidden: h.hidden,
+        oos_label: prep.oos_label.clone(),
+        oos_threshold: None,
+        features: feats,
+        seq,
+        conv: h.model.has_conv().then_some((h.conv_dim, h.conv_filters)),
     };
-    let hooks = Hooks { cancelled: &cancelled, save: &mut save, progress: &mut progress };
-    let trained = train::<B>(h, &data, &fp, resume, device, hooks);
-    wait_pending().map_err(|e| JobError::transient(format!("failed to save a checkpoint: {e}")))?;
-    let trained = trained.map_err(|e| match e {
-        TrainError::Cancelled(_) => JobError::cancelled(e.to_string()),
-        TrainError::Checkpoint { .. } | TrainError::Record(_) => JobError::transient(e.to_string()),
-    })?;
+    let predictor = Predictor { config, bag, conv, device: device.clone() };
+    Ok(Fitted { predictor, val_probs: average(parts), stages })
+}
+
+/// The whole run on backend `B` (`force_device_bag`: the bag takes the device path even on the CPU).
+pub fn run<B: AutodiffBackend>(
+    env: &RunEnv,
+    params: &TrainParams,
+    spec: DeviceSpec,
+    device: &B::Device,
+    force_device_bag: bool,
+) -> Result<Value, JobError> {
+    let h = &params.hyper;
     env.log(format!(
-        "training done: {} epochs{}, best epoch {}",
-        trained.log.len(),
-        if trained.stopped_early { " (early stop)" } else { "" },
-        trained.best_epoch
+        "intent-train job {} for bot {:?}: model {} on {spec} ({} CPU threads)",
+        env.job_id,
+        env.bot,
+        h.model,
+        rayon::current_num_threads()
     ));
-    let inner_device = device.clone();
-    let threshold = match (oos, h.oos_threshold) {
+    let prep = prepare(env, params)?;
+    let Fitted { mut predictor, val_probs, stages } = fit_all::<B>(env, params, &prep, spec, device, force_device_bag)?;
+    let log: Vec<_> = stages.iter().flat_map(|s| s.log.clone()).collect();
+    env.log(format!(
+        "training done: {}",
+        stages
+            .iter()
+            .map(|s| format!(
+                "{} {} epochs{} (best {})",
+                s.model,
+                s.epochs_run,
+                if s.stopped_early { ", early stop" } else { "" },
+                s.best_epoch
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
+    predictor.config.oos_threshold = match (prep.oos, h.oos_threshold) {
         (None, _) => None,
         (Some(_), Some(t)) => Some(t),
-        (Some(o), None) if !data.y_val.is_empty() => {
-            let p = probabilities(&trained.emb, &trained.head, &data.x_val, labels.len(), &inner_device);
-            let (t, ins, rec) = tune_threshold(&p, labels.len(), &data.y_val, o);
+        (Some(o), None) if !prep.y_val.is_empty() => {
+            let (t, ins, rec) = tune_threshold(&val_probs, prep.labels.len(), &prep.y_val, o);
             env.log(format!("OOS threshold {t:.2} tuned on validation (in-scope accuracy {ins:.4}, OOS recall {rec:.4})"));
             Some(t)
         }
         (Some(_), None) => None,
     };
-    let predictor = Predictor::<B::InnerBackend> {
-        config: ModelConfig {
-            format: MODEL_FORMAT,
-            labels: labels.clone(),
-            hidden: h.hidden,
-            oos_label: oos_label.clone(),
-            oos_threshold: threshold,
-            features: feats,
-        },
-        emb: trained.emb,
-        head: trained.head,
-        device: inner_device,
-    };
-    // Test.
-    let test_texts = texts(&splits.test);
-    let truth: Vec<String> = splits.test.iter().map(|e| e.label.clone()).collect();
+    // Test, model files, training log.
+    let test_texts = texts(&prep.splits.test);
+    let truth: Vec<String> = prep.splits.test.iter().map(|e| e.label.clone()).collect();
     let predicted = predictor.predict(&test_texts);
-    let (metrics, outputs) = write_evaluation(env, &truth, &predicted, oos_label.as_deref())?;
-    // Model.
-    let (bin, cfg_json) = predictor.to_files().map_err(JobError::transient)?;
+    let about = [("device", spec.to_string()), ("model", h.model.to_string())];
+    let (metrics, outputs) = write_evaluation(env, &truth, &predicted, prep.oos_label.as_deref(), &about)?;
+    for (name, bytes) in predictor.to_files().map_err(JobError::transient)? {
+        env.put(&format!("model/{name}"), bytes)?;
+    }
+    env.put_json("training_log.json", &log)?;
     let model_key = env.key("model");
-    env.put("model/model.bin", bin)?;
-    env.put("model/config.json", cfg_json)?;
-    env.put_json("training_log.json", &trained.log)?;
-    // Promotion gate.
-    let mut decision = gate_against_production(env, &params.gate, &metrics, &test_texts, &truth)?;
+    let decision = gate_and_promote(env, params, &metrics, &test_texts, &truth, &model_key)?;
+    let promotion_key = env.put_json("promotion.json", &decision)?;
+    let mut artifacts: BTreeMap<&str, String> = outputs;
+    artifacts.insert("model", model_key.clone());
+    artifacts.insert("promotion", promotion_key);
+    artifacts.insert("training_log", env.key("training_log.json"));
+    artifacts.insert("log", env.key("training.log"));
+    artifacts.insert("checkpoint", env.key(CHECKPOINT_KEY));
+    if h.model == ModelKind::BagConv {
+        artifacts.insert("conv_checkpoint", env.key(CONV_CHECKPOINT_KEY));
+    }
+    let last = stages.last().expect("at least one network");
+    let result = json!({
+        "accuracy": metrics.accuracy,
+        "macro_f1": metrics.macro_f1,
+        "in_scope_accuracy": metrics.in_scope_accuracy,
+        "oos_recall": metrics.oos_recall,
+        "oos_threshold": predictor.config.oos_threshold,
+        "labels": prep.labels.len(),
+        "features": predictor.config.features.as_ref().map(Featurizer::dim),
+        "train_examples": prep.splits.train.len(),
+        "validation_examples": prep.splits.val.len(),
+        "test_examples": prep.splits.test.len(),
+        "epochs_run": log.len(),
+        "best_epoch": last.best_epoch,
+        "stopped_early": last.stopped_early,
+        "resumed_from_epoch": stages.iter().find_map(|s| s.resumed_from_epoch),
+        "stages": stages,
+        "device": spec.to_string(),
+        "model_kind": h.model.to_string(),
+        "seconds": env.elapsed(),
+        "top_confusions": metrics.top_confusions.iter().take(5).collect::<Vec<_>>(),
+        "promotion": decision,
+        "model": model_key,
+        "artifacts": artifacts,
+    });
+    env.log(format!("done in {:.1}s", env.elapsed()));
+    env.put("training.log", env.log_text())?;
+    Ok(result)
+}
+
+/// Runs the promotion gate against the bot's production model and promotes when it passes and may.
+fn gate_and_promote(
+    env: &RunEnv,
+    params: &TrainParams,
+    metrics: &Metrics,
+    test_texts: &[&str],
+    truth: &[String],
+    model_key: &str,
+) -> Result<GateDecision, JobError> {
+    let mut decision = gate_against_production(env, &params.gate, metrics, test_texts, truth)?;
     decision.mode = match params.promote {
         PromoteMode::Auto => "auto".into(),
         PromoteMode::Manual => "manual".into(),
@@ -261,8 +345,8 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
             let entry = ProductionEntry {
                 bot: env.bot.clone(),
                 job_id: env.job_id.clone(),
-                model: model_key.clone(),
-                metrics: trainyard_common::models::headline(&serde_json::to_value(&metrics).unwrap_or_default()),
+                model: model_key.to_string(),
+                metrics: trainyard_common::models::headline(&serde_json::to_value(metrics).unwrap_or_default()),
                 promoted_at: chrono::Utc::now(),
                 reason: decision.reasons.join("; "),
             };
@@ -278,36 +362,5 @@ fn run<B: AutodiffBackend>(env: &RunEnv, params: &TrainParams, device: &B::Devic
         (false, _) => "rejected by the gate".to_string(),
     };
     env.log(format!("promotion: {verdict}: {}", decision.reasons.join("; ")));
-    let promotion_key = env.put_json("promotion.json", &decision)?;
-    let mut artifacts: BTreeMap<&str, String> = outputs;
-    artifacts.insert("model", model_key.clone());
-    artifacts.insert("promotion", promotion_key);
-    artifacts.insert("training_log", env.key("training_log.json"));
-    artifacts.insert("log", env.key("training.log"));
-    artifacts.insert("checkpoint", env.key(CHECKPOINT_KEY));
-    let result = json!({
-        "accuracy": metrics.accuracy,
-        "macro_f1": metrics.macro_f1,
-        "in_scope_accuracy": metrics.in_scope_accuracy,
-        "oos_recall": metrics.oos_recall,
-        "oos_threshold": threshold,
-        "labels": labels.len(),
-        "features": predictor.config.features.dim(),
-        "train_examples": splits.train.len(),
-        "validation_examples": splits.val.len(),
-        "test_examples": splits.test.len(),
-        "epochs_run": trained.log.len(),
-        "best_epoch": trained.best_epoch,
-        "stopped_early": trained.stopped_early,
-        "resumed_from_epoch": trained.resumed_from_epoch,
-        "device": params.device.to_string(),
-        "seconds": env.elapsed(),
-        "top_confusions": metrics.top_confusions.iter().take(5).collect::<Vec<_>>(),
-        "promotion": decision,
-        "model": model_key,
-        "artifacts": artifacts,
-    });
-    env.log(format!("done in {:.1}s", env.elapsed()));
-    env.put("training.log", env.log_text())?;
-    Ok(result)
+    Ok(decision)
 }

@@ -1,36 +1,77 @@
-//! A trained model ready to answer: featurizer, table, head, labels and the OOS rule.
+//! A trained model ready to answer: featurizers, networks, labels and the OOS rule.
 //!
-//! Saved as two objects under a model prefix: `model.bin` (the burn record of
-//! [`IntentNet`]) and `config.json` ([`ModelConfig`]: labels, sizes, the fitted
-//! featurizer, the OOS label and threshold).
+//! Saved as objects under a model prefix: `config.json` ([`ModelConfig`]: the model
+//! kind, labels, sizes, the fitted featurizers, the OOS label and threshold), and
+//! one burn record per network: `model.bin` (the bag, [`IntentNet`]) and `conv.bin`
+//! (the word-order [`ConvNet`]). An ensemble averages its networks' probabilities.
 
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use super::{
+    device_train::device_probabilities,
     features::{Csr, Featurizer},
     model::{to_vec, Head, IntentNet},
+    nets::{load_bytes, record_bytes, ConvNet, ConvShape},
+    params::ModelKind,
+    seq::{Padded, SeqFeaturizer},
     sparse::EmbeddingBag,
 };
 
-/// Version of the model files this build writes and reads.
+/// Version of bag-only model files (what builds before the word-order model read).
 pub const MODEL_FORMAT: u32 = 1;
+/// Version of model files with a word-order network.
+pub const MODEL_FORMAT_CONV: u32 = 2;
 
 /// `config.json` of a model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// [`MODEL_FORMAT`].
+    /// [`MODEL_FORMAT`] or [`MODEL_FORMAT_CONV`].
     pub format: u32,
+    /// Which networks (absent in format 1: the bag).
+    #[serde(default)]
+    pub model: ModelKind,
     /// Output labels, in output order.
     pub labels: Vec<String>,
-    /// Hidden width.
+    /// Hidden width of the bag.
     pub hidden: usize,
     /// The out-of-scope label, when the training data had one.
     pub oos_label: Option<String>,
     /// Below this top probability the prediction is the OOS label.
     pub oos_threshold: Option<f32>,
-    /// The fitted featurizer.
-    pub features: Featurizer,
+    /// The bag's fitted featurizer.
+    #[serde(default)]
+    pub features: Option<Featurizer>,
+    /// The word-order model's fitted featurizer.
+    #[serde(default)]
+    pub seq: Option<SeqFeaturizer>,
+    /// The word-order model's embedding width and filters per width.
+    #[serde(default)]
+    pub conv: Option<(usize, usize)>,
+}
+
+impl ModelConfig {
+    /// The format these networks need.
+    pub fn format_for(model: ModelKind) -> u32 {
+        if model.has_conv() {
+            MODEL_FORMAT_CONV
+        } else {
+            MODEL_FORMAT
+        }
+    }
+
+    /// Shape of the word-order network, when there is one.
+    pub fn conv_shape(&self) -> Option<ConvShape> {
+        let (seq, (dim, filters)) = (self.seq.as_ref()?, self.conv?);
+        Some(ConvShape {
+            vocab: seq.vocab(),
+            dim,
+            filters,
+            tokens: seq.config.max_tokens,
+            subwords: seq.config.subwords,
+            labels: self.labels.len(),
+        })
+    }
 }
 
 /// An intent and its probability.
@@ -69,17 +110,38 @@ pub fn decide(probs: &[f32], labels: usize, oos: Option<usize>, threshold: Optio
         .collect()
 }
 
+/// The bag network in inference form.
+#[derive(Debug, Clone)]
+pub struct BagNet<B: Backend> {
+    /// The embedding table (weights only).
+    pub emb: EmbeddingBag,
+    /// The head.
+    pub head: Head<B>,
+}
+
 /// A loaded model.
 #[derive(Debug)]
 pub struct Predictor<B: Backend> {
     /// Its configuration.
     pub config: ModelConfig,
-    /// The embedding table (weights only).
-    pub emb: EmbeddingBag,
-    /// The head.
-    pub head: Head<B>,
-    /// Where the head runs.
+    /// The bag network, when the model has one.
+    pub bag: Option<BagNet<B>>,
+    /// The word-order network, when the model has one.
+    pub conv: Option<ConvNet<B>>,
+    /// Where the networks run.
     pub device: B::Device,
+}
+
+/// Element-wise mean of probability matrices of one shape.
+pub fn average(parts: Vec<Vec<f32>>) -> Vec<f32> {
+    let k = parts.len().max(1) as f32;
+    let mut it = parts.into_iter();
+    let mut acc = it.next().unwrap_or_default();
+    for p in it {
+        acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    acc.iter_mut().for_each(|a| *a /= k);
+    acc
 }
 
 impl<B: Backend> Predictor<B> {
@@ -89,10 +151,17 @@ impl<B: Backend> Predictor<B> {
         self.config.labels.iter().position(|l| l == o)
     }
 
-    /// Probabilities of each text over the labels (`texts × labels`).
+    /// Probabilities of each text over the labels (`texts × labels`): the mean over the networks.
     pub fn probabilities(&self, texts: &[&str]) -> Vec<f32> {
-        let x = self.config.features.transform(texts);
-        probabilities(&self.emb, &self.head, &x, self.config.labels.len(), &self.device)
+        let mut parts = Vec::new();
+        if let (Some(bag), Some(f)) = (&self.bag, &self.config.features) {
+            parts.push(probabilities(&bag.emb, &bag.head, &f.transform(texts), self.config.labels.len(), &self.device));
+        }
+        if let (Some(conv), Some(seq)) = (&self.conv, &self.config.seq) {
+            let x: Padded = seq.transform(texts);
+            parts.push(device_probabilities(conv, &x, &self.device));
+        }
+        average(parts)
     }
 
     /// The predicted label of each text (OOS rule applied).
@@ -115,25 +184,47 @@ impl<B: Backend> Predictor<B> {
         (decision, scored)
     }
 
-    /// The model files: `model.bin` (burn record) and `config.json`.
-    pub fn to_files(&self) -> Result<(Vec<u8>, Vec<u8>), String> {
-        let net = IntentNet::new(self.emb.weight.clone(), self.emb.rows, self.emb.dim, self.head.clone(), &self.device);
-        let bin = net.to_bytes().map_err(|e| e.to_string())?;
-        let cfg = serde_json::to_vec(&self.config).map_err(|e| e.to_string())?;
-        Ok((bin, cfg))
+    /// The model files by name: `config.json`, and `model.bin` and/or `conv.bin`.
+    pub fn to_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, String> {
+        let mut out = vec![("config.json", serde_json::to_vec(&self.config).map_err(|e| e.to_string())?)];
+        if let Some(bag) = &self.bag {
+            let net = IntentNet::new(bag.emb.weight.clone(), bag.emb.rows, bag.emb.dim, bag.head.clone(), &self.device);
+            out.push(("model.bin", net.to_bytes().map_err(|e| e.to_string())?));
+        }
+        if let Some(conv) = &self.conv {
+            out.push(("conv.bin", record_bytes(conv.clone()).map_err(|e| e.to_string())?));
+        }
+        Ok(out)
     }
 
-    /// Loads the model files written by [`to_files`](Self::to_files).
-    pub fn from_files(bin: Vec<u8>, config: &[u8], device: &B::Device) -> Result<Self, String> {
-        let mut config: ModelConfig = serde_json::from_slice(config).map_err(|e| format!("bad model config.json: {e}"))?;
-        if config.format != MODEL_FORMAT {
-            return Err(format!("model format {} is not supported (this build reads {MODEL_FORMAT})", config.format));
+    /// Loads the model files written by [`to_files`](Self::to_files); `read` returns a file's bytes by name.
+    pub fn from_files(read: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>, device: &B::Device) -> Result<Self, String> {
+        let mut config: ModelConfig = serde_json::from_slice(&read("config.json")?).map_err(|e| format!("bad model config.json: {e}"))?;
+        if config.format != MODEL_FORMAT && config.format != MODEL_FORMAT_CONV {
+            return Err(format!(
+                "model format {} is not supported (this build reads {MODEL_FORMAT} and {MODEL_FORMAT_CONV})",
+                config.format
+            ));
         }
-        config.features.build_index();
-        let (f, h, l) = (config.features.dim(), config.hidden, config.labels.len());
-        let net = IntentNet::<B>::from_bytes(bin, f, h, l, device).map_err(|e| e.to_string())?;
-        let emb = EmbeddingBag::from_weights(f, h, to_vec(net.embedding.val()));
-        Ok(Self { config, emb, head: net.head, device: device.clone() })
+        let bag = match config.features.as_mut().filter(|_| config.model.has_bag()) {
+            Some(f) => {
+                f.build_index();
+                let (fd, h, l) = (f.dim(), config.hidden, config.labels.len());
+                let net = IntentNet::<B>::from_bytes(read("model.bin")?, fd, h, l, device).map_err(|e| e.to_string())?;
+                Some(BagNet { emb: EmbeddingBag::from_weights(fd, h, to_vec(net.embedding.val())), head: net.head })
+            }
+            None if config.model.has_bag() => return Err("model config.json has no bag featurizer".into()),
+            None => None,
+        };
+        if let Some(seq) = config.seq.as_mut() {
+            seq.build_index();
+        }
+        let conv = match config.conv_shape().filter(|_| config.model.has_conv()) {
+            Some(shape) => Some(load_bytes(ConvNet::skeleton(shape, device), read("conv.bin")?, device).map_err(|e| e.to_string())?),
+            None if config.model.has_conv() => return Err("model config.json has no word-order featurizer or shape".into()),
+            None => None,
+        };
+        Ok(Self { config, bag, conv, device: device.clone() })
     }
 }
 

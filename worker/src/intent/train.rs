@@ -123,10 +123,24 @@ pub fn train<B: AutodiffBackend>(
     let mut head = Head::<B>::init(cfg.hidden, data.labels, &mut init_rng, device);
     let mut optim = AdamConfig::new().with_epsilon(1e-8).init::<B, Head<B>>();
     let recorder = BytesRecorder::default();
-    let mut meta = CheckpointMeta { fingerprint: fingerprint.into(), epoch: 0, best_epoch: 0, best_val: -1.0, stale: 0, log: Vec::new() };
+    let mut meta = CheckpointMeta {
+        fingerprint: fingerprint.into(),
+        epoch: 0,
+        best_epoch: 0,
+        best_val: -1.0,
+        stale: 0,
+        log: Vec::new(),
+        path: checkpoint::PATH_SPARSE.into(),
+    };
     let mut best: Option<(Vec<f32>, Vec<u8>)> = None;
     let mut resumed_from_epoch = None;
-    if let Some(ck) = resume.filter(|ck| ck.meta.fingerprint == fingerprint && ck.emb.rows == data.features && ck.emb.dim == cfg.hidden) {
+    let fits = |ck: &Checkpoint| {
+        ck.meta.fingerprint == fingerprint
+            && ck.meta.path == checkpoint::PATH_SPARSE
+            && ck.emb.rows == data.features
+            && ck.emb.dim == cfg.hidden
+    };
+    if let Some(ck) = resume.filter(fits) {
         let head_rec = Recorder::<B>::load(&recorder, ck.head.clone(), device).map_err(rec_err)?;
         head = head.load_record(head_rec);
         let optim_rec = Recorder::<B>::load(&recorder, ck.optim, device).map_err(rec_err)?;
@@ -138,7 +152,7 @@ pub fn train<B: AutodiffBackend>(
     }
     let n = data.y_train.len();
     let steps_per_epoch = n.div_ceil(cfg.batch_size).max(1);
-    let total_steps = (steps_per_epoch * cfg.epochs) as f64;
+    let total_steps = steps_per_epoch * cfg.epochs;
     let adam = AdamParams::default();
     let keep = 1.0 - cfg.dropout;
     let mut stopped_early = false;
@@ -151,15 +165,13 @@ pub fn train<B: AutodiffBackend>(
             break;
         }
         let t0 = Instant::now();
-        let mut rng = StdRng::seed_from_u64(cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut rng);
+        let (order, mut rng) = epoch_order(cfg.seed, epoch, n);
         let mut loss_sum = 0.0f64;
         for batch in order.chunks(cfg.batch_size) {
             if (hooks.cancelled)() {
                 return Err(TrainError::Cancelled(epoch));
             }
-            let lr = cfg.lr * (1.0 - 0.9 * emb.step as f64 / total_steps).max(0.1);
+            let lr = learning_rate(cfg.lr, emb.step as usize, total_steps);
             let b = batch.len();
             let x = batch_rows(&data.x_train, batch, cfg.feature_dropout, &mut rng);
             let rows: Vec<usize> = (0..b).collect();
@@ -223,6 +235,19 @@ pub fn train<B: AutodiffBackend>(
     emb.m = Vec::new();
     emb.v = Vec::new();
     Ok(Trained { emb, head: head_inner, log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early })
+}
+
+/// The shuffled example order of an epoch and the RNG it leaves (for dropout), from the job's seed.
+pub fn epoch_order(seed: u64, epoch: usize, n: usize) -> (Vec<usize>, StdRng) {
+    let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng);
+    (order, rng)
+}
+
+/// The learning rate at `step` of `total`: `base`, decayed linearly to 10% of it.
+pub fn learning_rate(base: f64, step: usize, total: usize) -> f64 {
+    base * (1.0 - 0.9 * step as f64 / total.max(1) as f64).max(0.1)
 }
 
 /// The rows of `batch` as their own matrix, each feature kept with probability

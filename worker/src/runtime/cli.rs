@@ -8,6 +8,7 @@ use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilte
 use trainyard_common::{amqp::redact_url, artifacts::ArtifactStore, config, topology::Topology};
 
 use super::{joblog::JobLogs, Backoff, Worker, WorkerConfig};
+use crate::intent::device::DeviceSpec;
 
 /// Flags of `trainyard-worker run`.
 #[derive(Debug, Args)]
@@ -45,9 +46,17 @@ pub struct RunArgs {
     /// Root of datasets.
     #[arg(long, env = "TRAINYARD_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// Default device of training jobs whose `device` is `auto`: `auto` (the first CUDA
+    /// device when this build has the `cuda` feature and a GPU is visible, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "TRAINYARD_DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceSpec,
     /// Log format on stdout: `json` or `text`.
     #[arg(long, env = "TRAINYARD_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    DeviceSpec::parse(s)
 }
 
 /// Installs logging: JSON (or text) on stdout with span fields, plus the job log capture.
@@ -76,7 +85,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: RunArgs, logs: JobLogs) -> anyhow::Result<()> {
-    let registry = crate::handlers::builtin().only(&args.types).map_err(anyhow::Error::msg)?;
+    let registry = crate::handlers::builtin_on(args.device).only(&args.types).map_err(anyhow::Error::msg)?;
+    let host = crate::intent::device::Host::current();
+    let resolved = crate::intent::device::resolve(crate::intent::device::DeviceSpec::Auto, args.device, host, "this worker");
+    tracing::info!(device = %args.device, resolves_to = ?resolved, cuda_built = host.cuda_built, gpu_visible = host.gpu_visible, "training device");
     let artifacts = ArtifactStore::open(&args.artifacts)?;
     let mut cfg = WorkerConfig::new(args.amqp_url.clone(), Topology::new(args.prefix.clone()), artifacts);
     cfg.concurrency = args.concurrency;

@@ -162,6 +162,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         tokio::spawn(async move {
             let mut i = 0u64;
             while let Some(p) = progress_rx.recv().await {
+                observe_epoch(&shared, &p);
                 let mut ev = base.clone();
                 // Progress events take seq numbers from a reserved block after `started`.
                 ev.seq = first_seq + i;
@@ -393,4 +394,13 @@ async fn save_log(shared: &Shared, at: &Attempt) {
 
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
+}
+
+/// A progress report with `epoch_seconds` and `device` (a training epoch) feeds the epoch histogram.
+fn observe_epoch(shared: &Shared, p: &serde_json::Value) {
+    if let (Some(secs), Some(device)) =
+        (p.get("epoch_seconds").and_then(serde_json::Value::as_f64), p.get("device").and_then(serde_json::Value::as_str))
+    {
+        shared.metrics.epoch_seconds.with_label_values(&[device]).observe(secs);
+    }
 }

@@ -39,7 +39,7 @@ impl Lcg {
 }
 
 /// `per_class` utterances per intent plus as many out-of-scope ones, as CSV rows.
-fn synthetic_rows(per_class: usize, seed: u64) -> Vec<(String, String)> {
+pub(super) fn synthetic_rows(per_class: usize, seed: u64) -> Vec<(String, String)> {
     let mut rng = Lcg(seed);
     let mut rows = Vec::new();
     for i in 0..per_class {
@@ -56,7 +56,7 @@ fn synthetic_rows(per_class: usize, seed: u64) -> Vec<(String, String)> {
     rows
 }
 
-fn write_csv(dir: &Path, name: &str, rows: &[(String, String)]) {
+pub(super) fn write_csv(dir: &Path, name: &str, rows: &[(String, String)]) {
     let mut s = String::from("text,label\n");
     for (t, l) in rows {
         s.push_str(&format!("{t},{l}\n"));
@@ -64,20 +64,20 @@ fn write_csv(dir: &Path, name: &str, rows: &[(String, String)]) {
     std::fs::write(dir.join(name), s).unwrap();
 }
 
-struct Fixture {
-    data: tempfile::TempDir,
-    store: ArtifactStore,
+pub(super) struct Fixture {
+    pub(super) data: tempfile::TempDir,
+    pub(super) store: ArtifactStore,
 }
 
-fn fixture() -> Fixture {
+pub(super) fn fixture() -> Fixture {
     let data = tempfile::tempdir().unwrap();
     write_csv(data.path(), "bank.csv", &synthetic_rows(40, 1));
     Fixture { data, store: ArtifactStore::open("memory://").unwrap() }
 }
 
-fn spec(job_id: &str, job_type: &str, bot: &str, params: Value) -> JobSpec {
+pub(super) fn spec(job_id: &str, job_type: &str, bot: &str, params: Value) -> JobSpec {
     JobSpec {
-        version: 1,
+        version: Default::default(),
         job_id: job_id.into(),
         job_type: job_type.into(),
         bot: bot.into(),
@@ -90,7 +90,7 @@ fn spec(job_id: &str, job_type: &str, bot: &str, params: Value) -> JobSpec {
     }
 }
 
-fn ctx(f: &Fixture, spec: JobSpec, redelivery: u32) -> (JobContext, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+pub(super) fn ctx(f: &Fixture, spec: JobSpec, redelivery: u32) -> (JobContext, tokio::sync::mpsc::UnboundedReceiver<Value>) {
     let (progress, rx) = Progress::channel();
     let ctx = JobContext {
         spec,
@@ -100,27 +100,27 @@ fn ctx(f: &Fixture, spec: JobSpec, redelivery: u32) -> (JobContext, tokio::sync:
         data_dir: f.data.path().to_path_buf(),
         cancel: CancellationToken::new(),
         progress,
-        worker: WorkerInfo::default(),
+        worker: WorkerInfo { id: "worker-under-test".into(), ..WorkerInfo::default() },
     };
     (ctx, rx)
 }
 
-fn params(extra: Value) -> Value {
+pub(super) fn params(extra: Value) -> Value {
     let mut p = json!({"dataset": "bank.csv", "epochs": 8, "seed": 3, "hidden": 32, "batch_size": 16, "lr": 0.01, "patience": 10});
     p.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     p
 }
 
-async fn train(f: &Fixture, job_id: &str, bot: &str, p: Value) -> Result<Value, JobError> {
+pub(super) async fn train(f: &Fixture, job_id: &str, bot: &str, p: Value) -> Result<Value, JobError> {
     let (c, _rx) = ctx(f, spec(job_id, "intent-train", bot, p), 0);
-    IntentTrain.run(c).await
+    IntentTrain::default().run(c).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_data_trains_to_high_accuracy_with_all_artifacts() {
     let f = fixture();
     let (c, mut rx) = ctx(&f, spec("job-a", "intent-train", "bank", params(json!({}))), 0);
-    let res = IntentTrain.run(c).await.unwrap();
+    let res = IntentTrain::default().run(c).await.unwrap();
     assert!(res["accuracy"].as_f64().unwrap() >= 0.9, "{res:#}");
     assert!(res["in_scope_accuracy"].as_f64().unwrap() >= 0.9, "{res:#}");
     assert!(res["oos_recall"].is_f64());
@@ -191,7 +191,7 @@ async fn checkpoint_kill_resume_matches_an_uninterrupted_run() {
 
     // Redelivery of the same job id resumes from epoch 3, not from scratch.
     let (c, mut rx) = ctx(&f, spec("cut", "intent-train", "bank", p.clone()), 1);
-    let resumed = IntentTrain.run(c).await.unwrap();
+    let resumed = IntentTrain::default().run(c).await.unwrap();
     assert_eq!(resumed["resumed_from_epoch"], 3, "{resumed:#}");
     let mut seen = Vec::new();
     while let Ok(p) = rx.try_recv() {
@@ -218,7 +218,7 @@ async fn cancellation_stops_training() {
     let f = fixture();
     let (c, _rx) = ctx(&f, spec("cancel", "intent-train", "bank", params(json!({"epochs": 50}))), 0);
     c.cancel.cancel();
-    let err = IntentTrain.run(c).await.unwrap_err();
+    let err = IntentTrain::default().run(c).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Cancelled);
 }
 
@@ -251,6 +251,8 @@ fn metrics(acc: f64, recalls: &[(&str, f64)]) -> Metrics {
         oos_recall: None,
         test_examples: 10 * recalls.len(),
         top_confusions: vec![],
+        device: None,
+        model: None,
     }
 }
 
@@ -340,7 +342,7 @@ async fn paths_outside_the_data_root_and_bad_params_are_refused() {
         json!({"dataset": "bank.csv", "promote": "always"}),
     ];
     for p in bad {
-        let e = IntentTrain.validate(&p).unwrap_err();
+        let e = IntentTrain::default().validate(&p).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Permanent, "{p}");
         let e = train(&f, "bad-params", "bank", p.clone()).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Permanent, "{p}: {e:?}");
@@ -353,8 +355,10 @@ async fn paths_outside_the_data_root_and_bad_params_are_refused() {
         assert!(e.message.contains("outside"), "{}", e.message);
     }
     if !cfg!(feature = "cuda") {
-        let e = IntentTrain.validate(&json!({"dataset": "bank.csv", "device": "cuda:0"})).unwrap_err();
-        assert!(e.message.contains("cuda"), "{}", e.message);
+        // A CUDA job on a CPU-only worker: a permanent error naming the worker.
+        let e = train(&f, "on-cpu-worker", "bank", params(json!({"device": "cuda:0"}))).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Permanent);
+        assert!(e.message.contains("cuda") && e.message.contains("worker-under-test"), "{}", e.message);
     }
 }
 

@@ -1,3 +1,4 @@
 //! The worker crate's integration tests, one binary.
 
+mod device;
 mod intent;

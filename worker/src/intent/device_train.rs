@@ -1,0 +1,202 @@
+//! The training loop of models that run wholly on a burn device ([`DeviceNet`]):
+//! the bag's device path and the word-order model, on CUDA or on ndarray.
+//!
+//! Per step only the batch's ids, weights and labels go to the device; forward,
+//! backward (the embedding table's gradient included) and burn's Adam run there,
+//! and the loss stays there until the epoch ends. Dropout is drawn by the
+//! backend's RNG, seeded per epoch from the job's seed. After every epoch, as in
+//! the sparse path ([`super::train`]): validation accuracy (arg-max on the device,
+//! only the predicted labels come back), early stopping with the best weights kept,
+//! a checkpoint (`TYCKPT02`, tagged with the path) and a progress report.
+
+use std::time::Instant;
+
+use burn::{
+    module::AutodiffModule,
+    optim::{AdamConfig, GradientsParams, Optimizer},
+    record::Recorder,
+    tensor::{
+        backend::{AutodiffBackend, Backend},
+        Tensor,
+    },
+};
+
+use super::{
+    checkpoint::{self, CheckpointMeta, DeviceCheckpoint, EpochLog},
+    model::{BytesRecorder, Head},
+    nets::{batch_tensors, load_bytes, record_bytes, DeviceNet},
+    params::Hyper,
+    seq::Padded,
+    train::{epoch_order, learning_rate, Hooks, TrainError},
+};
+
+/// Training and validation rows as fixed-width ids, with their labels.
+#[derive(Debug, Clone)]
+pub struct DeviceData {
+    /// Training rows.
+    pub x_train: Padded,
+    /// Their labels.
+    pub y_train: Vec<usize>,
+    /// Validation rows (may be empty).
+    pub x_val: Padded,
+    /// Their labels.
+    pub y_val: Vec<usize>,
+}
+
+/// A model trained on a device (best validation epoch, inference form) and how the run went.
+#[derive(Debug)]
+pub struct DeviceTrained<M> {
+    /// The model.
+    pub model: M,
+    /// Every epoch (including those before a resume).
+    pub log: Vec<EpochLog>,
+    /// The epoch a checkpoint resumed from, if any.
+    pub resumed_from_epoch: Option<usize>,
+    /// The epoch whose weights were kept.
+    pub best_epoch: usize,
+    /// Did early stopping end the run?
+    pub stopped_early: bool,
+}
+
+fn rec_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Record(e.to_string())
+}
+
+/// Rows per forward pass outside training.
+const EVAL_CHUNK: usize = 1024;
+
+/// Class probabilities (`rows × labels`, row-major) of every row of `x`.
+pub fn device_probabilities<B: Backend, M: DeviceNet<B>>(model: &M, x: &Padded, device: &B::Device) -> Vec<f32> {
+    let all: Vec<usize> = (0..x.rows()).collect();
+    let mut out = Vec::new();
+    for chunk in all.chunks(EVAL_CHUNK) {
+        let (ids, w) = x.gather(chunk);
+        let (ids, w) = batch_tensors::<B>(ids, w, chunk.len(), device);
+        let p = burn::tensor::activation::softmax(model.logits(ids, w, 0.0), 1);
+        out.extend(super::model::to_vec(p));
+    }
+    out
+}
+
+/// Arg-max accuracy on `(x, y)`, computed on the device; 0 without rows.
+fn accuracy<B: Backend, M: DeviceNet<B>>(model: &M, x: &Padded, y: &[usize], device: &B::Device) -> f64 {
+    if y.is_empty() {
+        return 0.0;
+    }
+    let all: Vec<usize> = (0..x.rows()).collect();
+    let mut right = 0usize;
+    for chunk in all.chunks(EVAL_CHUNK) {
+        let (ids, w) = x.gather(chunk);
+        let (ids, w) = batch_tensors::<B>(ids, w, chunk.len(), device);
+        let pred = model.logits(ids, w, 0.0).argmax(1);
+        let pred: Vec<i64> = pred.into_data().convert::<i64>().to_vec().expect("int tensor data");
+        right += chunk.iter().zip(&pred).filter(|(&i, &p)| y[i] as i64 == p).count();
+    }
+    right as f64 / y.len() as f64
+}
+
+/// Which run a checkpoint belongs to: the training path and the fingerprint of data and settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RunId<'a> {
+    /// `device-bag` or `conv`.
+    pub path: &'a str,
+    /// See `pipeline::fingerprint`.
+    pub fingerprint: &'a str,
+}
+
+/// Trains `init` (or the model in `resume`, when it was written by the same run)
+/// and returns the best epoch's model.
+pub fn train_device<B, M>(
+    cfg: &Hyper,
+    run: RunId<'_>,
+    data: &DeviceData,
+    init: M,
+    resume: Option<DeviceCheckpoint>,
+    device: &B::Device,
+    hooks: Hooks<'_>,
+) -> Result<DeviceTrained<M::InnerModule>, TrainError>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + DeviceNet<B>,
+    M::InnerModule: DeviceNet<B::InnerBackend>,
+{
+    let recorder = BytesRecorder::default();
+    let mut model = init;
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init::<B, M>();
+    let mut meta = CheckpointMeta {
+        fingerprint: run.fingerprint.into(),
+        epoch: 0,
+        best_epoch: 0,
+        best_val: -1.0,
+        stale: 0,
+        log: Vec::new(),
+        path: run.path.into(),
+    };
+    let mut best: Option<Vec<u8>> = None;
+    let mut resumed_from_epoch = None;
+    if let Some(ck) = resume.filter(|ck| ck.meta.fingerprint == run.fingerprint && ck.meta.path == run.path) {
+        model = load_bytes(model, ck.model.clone(), device).map_err(rec_err)?;
+        optim = optim.load_record(Recorder::<B>::load(&recorder, ck.optim, device).map_err(rec_err)?);
+        best = ck.best.or_else(|| (ck.meta.best_epoch > 0).then(|| ck.model.clone()));
+        resumed_from_epoch = Some(ck.meta.epoch);
+        meta = ck.meta;
+    }
+    let n = data.y_train.len();
+    let steps_per_epoch = n.div_ceil(cfg.batch_size).max(1);
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let mut stopped_early = meta.stale >= cfg.patience;
+    for epoch in meta.epoch + 1..=cfg.epochs {
+        if stopped_early {
+            break;
+        }
+        let t0 = Instant::now();
+        B::seed(device, cfg.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut loss_sum = Tensor::<B::InnerBackend, 1>::zeros([1], device);
+        for (i, batch) in epoch_order(cfg.seed, epoch, n).0.chunks(cfg.batch_size).enumerate() {
+            if (hooks.cancelled)() {
+                return Err(TrainError::Cancelled(epoch));
+            }
+            let lr = learning_rate(cfg.lr, (epoch - 1) * steps_per_epoch + i, total_steps);
+            let (ids, w) = data.x_train.gather(batch);
+            let (ids, w) = batch_tensors::<B>(ids, w, batch.len(), device);
+            let targets: Vec<i64> = batch.iter().map(|&i| data.y_train[i] as i64).collect();
+            let loss = Head::<B>::loss(model.logits(ids, w, cfg.dropout), &targets, cfg.label_smoothing, device);
+            loss_sum = loss_sum + loss.clone().inner().mul_scalar(batch.len() as f32);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+        }
+        let loss = f64::from(super::model::to_vec(loss_sum)[0]) / n.max(1) as f64;
+        let train_secs = t0.elapsed().as_secs_f64();
+        let val = accuracy(&model.valid(), &data.x_val, &data.y_val, device);
+        let model_bytes = record_bytes(model.clone()).map_err(rec_err)?;
+        if val > meta.best_val + 1e-9 {
+            (meta.best_val, meta.best_epoch, meta.stale) = (val, epoch, 0);
+            best = Some(model_bytes.clone());
+        } else {
+            meta.stale += 1;
+        }
+        let log = EpochLog {
+            epoch,
+            epochs: cfg.epochs,
+            loss,
+            val_accuracy: val,
+            examples_per_s: n as f64 / train_secs.max(1e-9),
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        meta.epoch = epoch;
+        meta.log.push(log.clone());
+        let optim_bytes = recorder.record(optim.to_record(), ()).map_err(rec_err)?;
+        let best_part = best.as_deref().filter(|_| meta.best_epoch != epoch);
+        let bytes = checkpoint::encode_device(&meta, &model_bytes, &optim_bytes, best_part);
+        (hooks.save)(epoch, bytes).map_err(|reason| TrainError::Checkpoint { epoch, reason })?;
+        (hooks.progress)(&log);
+        if meta.stale >= cfg.patience {
+            stopped_early = epoch < cfg.epochs;
+            break;
+        }
+    }
+    if let Some(b) = best.filter(|_| meta.best_epoch != meta.epoch) {
+        model = load_bytes(model, b, device).map_err(rec_err)?;
+    }
+    Ok(DeviceTrained { model: model.valid(), log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early })
+}
