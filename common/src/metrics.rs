@@ -31,7 +31,7 @@ pub const EVENTS_RECORDED_TOTAL: &str = "trainyard_events_recorded_total";
 pub const JOBS_SUBMITTED_TOTAL: &str = "trainyard_jobs_submitted_total";
 /// Seconds per training epoch, by device.
 pub const TRAINING_EPOCH_SECONDS: &str = "trainyard_training_epoch_seconds";
-/// Promotion decisions by outcome (`promoted`, `rejected`, `manual`).
+/// Promotion decisions recorded, by status ([`PROMOTION_STATUSES`]) (control plane).
 pub const PROMOTIONS_TOTAL: &str = "trainyard_promotions_total";
 
 /// Jobs whose latest recorded status is `started` or `progress`, by type (control plane).
@@ -152,6 +152,11 @@ pub const L_RULE: &str = "rule";
 /// Label: trigger kind (`manual`, `schedule`, `event`, `api`).
 pub const L_TRIGGER: &str = "trigger";
 
+/// The `status` values of [`PROMOTIONS_TOTAL`]: a training's gate decision (`promoted`: passed
+/// and made production; `held`: passed, but promotion is manual or was not applied;
+/// `rejected`: failed the gate) and an operator's `manual` promotion or `rollback`.
+pub const PROMOTION_STATUSES: [&str; 5] = ["promoted", "held", "rejected", "manual", "rollback"];
+
 /// The metrics the control plane (`trainyard serve`) exports.
 #[derive(Debug, Clone)]
 pub struct ControlMetrics {
@@ -183,6 +188,8 @@ pub struct ControlMetrics {
     pub trigger_events: IntCounterVec,
     /// See [`HTTP_REQUESTS_TOTAL`].
     pub http_requests: IntCounterVec,
+    /// See [`PROMOTIONS_TOTAL`]; every status exported from start-up, at 0.
+    pub promotions: IntCounterVec,
 }
 
 impl ControlMetrics {
@@ -219,6 +226,7 @@ impl ControlMetrics {
             schedule_fires: IntCounterVec::new(Opts::new(SCHEDULE_FIRES_TOTAL, "Schedule fires published."), &[L_SCHEDULE])?,
             trigger_events: IntCounterVec::new(Opts::new(TRIGGER_EVENTS_TOTAL, "Trigger events received."), &[L_RULE, L_STATUS])?,
             http_requests: IntCounterVec::new(Opts::new(HTTP_REQUESTS_TOTAL, "HTTP API requests."), &["route", "code"])?,
+            promotions: IntCounterVec::new(Opts::new(PROMOTIONS_TOTAL, "Promotion decisions recorded, by status."), &[L_STATUS])?,
         };
         registry.register(Box::new(m.jobs_demand.clone()))?;
         registry.register(Box::new(m.queue_ready.clone()))?;
@@ -234,6 +242,14 @@ impl ControlMetrics {
         registry.register(Box::new(m.schedule_fires.clone()))?;
         registry.register(Box::new(m.trigger_events.clone()))?;
         registry.register(Box::new(m.http_requests.clone()))?;
+        registry.register(Box::new(m.promotions.clone()))?;
+        // Counters that alerts compare against exist before their first event.
+        for status in crate::JobStatus::ALL {
+            m.events_recorded.with_label_values(&[status.as_str()]);
+        }
+        for status in PROMOTION_STATUSES {
+            m.promotions.with_label_values(&[status]);
+        }
         for t in job_types {
             let t = t.as_str();
             m.jobs_demand.with_label_values(&[t]).set(0);
@@ -252,4 +268,24 @@ pub fn render(registry: &Registry) -> String {
     let mut buf = Vec::new();
     let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
     String::from_utf8(buf).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_plane_counters_that_alerts_read_exist_from_start_up() {
+        let registry = Registry::new();
+        ControlMetrics::new(&registry, &["noop".into()]).unwrap();
+        let text = render(&registry);
+        for status in crate::JobStatus::ALL {
+            let line = format!("{EVENTS_RECORDED_TOTAL}{{status=\"{}\"}} 0", status.as_str());
+            assert!(text.contains(&line), "missing {line}");
+        }
+        for status in PROMOTION_STATUSES {
+            let line = format!("{PROMOTIONS_TOTAL}{{status=\"{status}\"}} 0");
+            assert!(text.contains(&line), "missing {line}");
+        }
+    }
 }

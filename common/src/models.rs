@@ -180,6 +180,19 @@ pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str) -> Result<
     Ok(to)
 }
 
+/// The [`PROMOTIONS_TOTAL`](crate::metrics::PROMOTIONS_TOTAL) status of a training job's
+/// result: its `promotion` gate decision is `promoted` (made production), `held` (passed,
+/// not made production: manual promotion or a local run) or `rejected`. `None` for a result
+/// without a gate decision (other job types).
+pub fn promotion_status(result: &serde_json::Value) -> Option<&'static str> {
+    let decision = result.get("promotion")?;
+    match (decision.get("passed")?.as_bool()?, decision.get("promoted").and_then(|p| p.as_bool()).unwrap_or(false)) {
+        (true, true) => Some("promoted"),
+        (true, false) => Some("held"),
+        (false, _) => Some("rejected"),
+    }
+}
+
 /// The headline figures of a `metrics.json` (accuracy, macro-F1, in-scope accuracy, OOS recall).
 pub fn headline(metrics: &serde_json::Value) -> serde_json::Value {
     let mut out = serde_json::Map::new();
@@ -194,6 +207,25 @@ pub fn headline(metrics: &serde_json::Value) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn promotion_status_reads_the_gate_decision_of_a_result() {
+        use serde_json::json;
+        let cases = [
+            (json!({"promotion": {"passed": true, "promoted": true}}), Some("promoted")),
+            (json!({"promotion": {"passed": true, "promoted": false, "mode": "manual"}}), Some("held")),
+            (json!({"promotion": {"passed": false, "promoted": false}}), Some("rejected")),
+            (json!({"promotion": {"passed": false}}), Some("rejected")),
+            (json!({"slept_ms": 5}), None),
+            (json!({"promotion": "yes"}), None),
+        ];
+        for (result, want) in cases {
+            assert_eq!(promotion_status(&result), want, "{result}");
+            if let Some(w) = want {
+                assert!(crate::metrics::PROMOTION_STATUSES.contains(&w));
+            }
+        }
+    }
 
     fn entry(job: &str) -> ProductionEntry {
         ProductionEntry {

@@ -193,6 +193,9 @@ impl Recorder {
         let Some(m) = &self.metrics else { return Ok(()) };
         for (event, r) in events.iter().zip(recorded).filter(|(_, r)| r.new) {
             m.events_recorded.with_label_values(&[event.status.as_str()]).inc();
+            if let Some(status) = event.result.as_ref().and_then(trainyard_common::models::promotion_status) {
+                m.promotions.with_label_values(&[status]).inc();
+            }
             if event.status.is_terminal() {
                 m.jobs_finished.with_label_values(&[event.job_type.as_str(), event.status.as_str()]).inc();
                 if let Some(from) = r.since {

@@ -159,10 +159,17 @@ pub async fn models(State(s): State<ApiState>, Path(bot): Path<String>) -> ApiRe
 }
 
 pub async fn promote(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult<Response> {
-    Ok(Json(s.ops.promote(&job_id, &caller.name).await?).into_response())
+    let entry = s.ops.promote(&job_id, &caller.name).await?;
+    if let Some(m) = &s.metrics {
+        m.promotions.with_label_values(&["manual"]).inc();
+    }
+    Ok(Json(entry).into_response())
 }
 
 pub async fn rollback(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(bot): Path<String>) -> ApiResult<Response> {
     let now = s.ops.rollback(&bot, &caller.name).await?;
+    if let Some(m) = &s.metrics {
+        m.promotions.with_label_values(&["rollback"]).inc();
+    }
     Ok(Json(serde_json::json!({"bot": bot, "production": now})).into_response())
 }

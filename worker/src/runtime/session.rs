@@ -23,6 +23,13 @@ use trainyard_common::{amqp, codec, control::CancelRequest, CommonError};
 
 use super::{process, Shared};
 
+/// After the grace period (or a lost session), how long stopped jobs get to unwind and
+/// requeue. With [`CLOSE_WAIT`] and the grace period it makes a worker's stop budget, which a
+/// pod's `terminationGracePeriodSeconds` must cover (scripts/validate-k8s.sh checks it).
+pub const STOPPED_JOBS_WAIT: Duration = Duration::from_secs(30);
+/// The last step of a shutdown: closing the broker connection.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// How a session ended.
 #[derive(Debug)]
 pub enum End {
@@ -88,7 +95,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
         // Lost: stop jobs at once; their deliveries return to the queue with the connection.
         stop_jobs.cancel();
         jobs.close();
-        let _ = tokio::time::timeout(Duration::from_secs(30), jobs.wait()).await;
+        let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session lost".into())).await;
         return Ok(End::Lost(why));
     }
@@ -105,12 +112,12 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     if tokio::time::timeout(cfg.grace_period, jobs.wait()).await.is_err() {
         tracing::warn!("grace period over: stopping running jobs and requeueing them");
         stop_jobs.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(30), jobs.wait()).await;
+        let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
     }
     for (_, _, handle) in consumers {
         handle.abort();
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "trainyard: worker shutdown".into())).await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, "trainyard: worker shutdown".into())).await;
     tracing::info!("worker stopped");
     Ok(End::Shutdown)
 }
