@@ -84,6 +84,20 @@ ensure_cargo() {
   return 1
 }
 
+# Makes sure promtool (Debian's `prometheus` package) is installed: the alert rules are
+# checked and unit-tested with it (scripts/validate-k8s.sh).
+ensure_promtool() {
+  command -v promtool >/dev/null && return 0
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing promtool (package prometheus) with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+      && command -v promtool >/dev/null && return 0
+  fi
+  echo "error: promtool is needed to check the alert rules: sudo apt-get install prometheus" >&2
+  return 1
+}
+
 # Makes sure headless Chromium is installed (the report page is tested in it).
 # A moto S3 server for the artifact store's S3 test (common/tests/s3.rs), in a venv under target/.
 ensure_moto() {

@@ -4,11 +4,19 @@
 1. Renders every overlay under k8s/overlays with `kubectl kustomize` (the kubectl of the
    venv, pinned), and validates every built-in object against the Kubernetes OpenAPI
    schemas (kubernetes-validate, strict: unknown fields fail) for the oldest and newest
-   Kubernetes versions we support. Custom resources get structural checks here.
+   Kubernetes versions we support, and every custom resource against the CRDs of the
+   oldest operator versions we support, vendored under k8s/schemas/ (unknown fields fail:
+   a CRD would prune them silently). docs/operations.md must name each of those versions.
 2. Consistency and policy checks against the code: job types (worker/src/handlers/mod.rs),
-   metric names (common/src/metrics.rs ALL_NAMES), the longest job timeout
-   (common/src/job.rs MAX_TIMEOUT_S), and the binaries' own CLI definitions (each
-   container's command line is parsed by the real binary with `--help` appended).
+   the longest job timeout (common/src/job.rs MAX_TIMEOUT_S), the worker's stop budget
+   (worker/src/runtime/session.rs), its default log filters, and the binaries' own CLI
+   definitions (each container's command line is parsed by the real binary with `--help`
+   appended; every TRAINYARD_* variable a container gets is one the code reads).
+3. Every metric and label a dashboard panel, alert, autoscaler or adapter rule queries is
+   one a running control plane or worker exports: k8s/components/monitoring/series.txt,
+   written by the end-to-end test tests/tests/e2e/series.rs (validate_k8s_promql.py).
+4. Writes the PrometheusRule's rules as a plain rules file for `promtool` (called by
+   scripts/validate-k8s.sh) when given a third argument.
 
 Exits non-zero with one line per failure.
 """
@@ -25,6 +33,10 @@ from pathlib import Path
 import kubernetes_validate
 import yaml
 
+from validate_k8s_crds import CrdSchemas
+from validate_k8s_promql import check_series
+from validate_k8s_vap import check_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ["dev", "gpu", "keda"]
@@ -35,6 +47,20 @@ GPU_LABEL = "nvidia.com/gpu.present"
 DEMAND = "trainyard_jobs_demand"
 SECRET_ENV = re.compile(r"(AMQP_URL|API_TOKENS|DATABASE_URL|PASSWORD|SECRET|TOKEN)", re.I)
 WORKER_SA = "trainyard-worker"
+SCHEMAS = K8S / "schemas"
+# Pods that may open TCP 443 (6443: API server) to anywhere, and why.
+HTTPS_EGRESS = {
+    "trainyard-worker": "object storage and the API server (own pod's deletion cost, own Node)",
+    "trainyard-control-plane": "object storage",
+    "trainyard-rabbitmq": "the API server (peer discovery)",
+    "trainyard-db": "the API server (instance manager) and object storage (backups)",
+}
+API_SERVER_EGRESS = {"trainyard-worker", "trainyard-rabbitmq", "trainyard-db"}
+# RabbitMQ's disk_free_limit.absolute when additionalConfig does not set it: the cluster
+# operator's default rabbitmq.conf (internal/resource/configmap.go, 2.17).
+OPERATOR_DISK_FREE_LIMIT = "2GB"
+# Margin between the worker's stop budget and terminationGracePeriodSeconds (SIGKILL race).
+GRACE_MARGIN_S = 5
 
 failures: list[str] = []
 
@@ -44,18 +70,6 @@ def fail(where: str, msg: str) -> None:
 
 
 # ---------------------------------------------------------------- facts from the code
-
-
-def metric_names() -> set[str]:
-    src = (ROOT / "common/src/metrics.rs").read_text()
-    consts = dict(re.findall(r'pub const (\w+): &str = "([^"]+)";', src))
-    body = re.search(r"pub const ALL_NAMES: &\[&str\] = &\[(.*?)\];", src, re.S)
-    if not body:
-        sys.exit("validate-k8s: cannot find ALL_NAMES in common/src/metrics.rs")
-    names = {consts[i] for i in re.findall(r"\b([A-Z][A-Z0-9_]+)\b", body.group(1)) if i in consts}
-    if not names:
-        sys.exit("validate-k8s: ALL_NAMES in common/src/metrics.rs is empty or unparsable")
-    return names
 
 
 def job_types() -> set[str]:
@@ -74,6 +88,33 @@ def max_timeout_s() -> int:
     return int(eval(m.group(1).replace("_", ""), {"__builtins__": {}}))  # e.g. "6 * 3600"
 
 
+def stop_budget_s() -> tuple[int, int]:
+    """(seconds for stopped jobs after the grace period, seconds to close the connection)."""
+    src = (ROOT / "worker/src/runtime/session.rs").read_text()
+    got = dict(re.findall(r"pub const (STOPPED_JOBS_WAIT|CLOSE_WAIT): Duration = Duration::from_secs\((\d+)\);", src))
+    if set(got) != {"STOPPED_JOBS_WAIT", "CLOSE_WAIT"}:
+        sys.exit("validate-k8s: cannot find STOPPED_JOBS_WAIT and CLOSE_WAIT in worker/src/runtime/session.rs")
+    return int(got["STOPPED_JOBS_WAIT"]), int(got["CLOSE_WAIT"])
+
+
+def worker_log_filter() -> list[str]:
+    """The worker's default RUST_LOG directives (used when RUST_LOG is unset)."""
+    src = (ROOT / "worker/src/runtime/cli.rs").read_text()
+    m = re.search(r'EnvFilter::try_from_default_env\(\)\.unwrap_or_else\(\|_\| "([^"]+)"', src)
+    if not m:
+        sys.exit("validate-k8s: cannot find the worker's default log filter in worker/src/runtime/cli.rs")
+    return m.group(1).split(",")
+
+
+def env_read_by_code() -> set[str]:
+    """TRAINYARD_* variables the code reads: clap `env = "..."` and string literals."""
+    names = set()
+    for crate in ("common", "producer", "worker"):
+        for f in (ROOT / crate / "src").rglob("*.rs"):
+            names |= set(re.findall(r'"(TRAINYARD_[A-Z0-9_]+)"', f.read_text()))
+    return names
+
+
 # ---------------------------------------------------------------- rendering and schemas
 
 
@@ -85,7 +126,7 @@ def render(kubectl: str, overlay: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def schema_check(overlay: str, objs: list[dict]) -> tuple[int, int]:
+def schema_check(overlay: str, objs: list[dict], crds: CrdSchemas) -> tuple[int, int]:
     builtin = custom = 0
     for o in objs:
         where = f"{overlay}/{o.get('kind')}/{o.get('metadata', {}).get('name')}"
@@ -94,84 +135,46 @@ def schema_check(overlay: str, objs: list[dict]) -> tuple[int, int]:
                 kubernetes_validate.validate(o, v, strict=True)
             builtin += 1
         except kubernetes_validate.SchemaNotFoundError:
+            errors = crds.check(o)
+            if errors is None:
+                fail(where, f"no CRD for {o.get('apiVersion')} {o.get('kind')} under k8s/schemas/: vendor the operator's CRD")
+                continue
             custom += 1
+            for e in errors:
+                fail(where, f"CRD schema: {e}")
             check_custom(where, o)
         except kubernetes_validate.ValidationError as e:
             fail(where, f"schema: {e.message} at {'/'.join(map(str, e.path))}")
     return builtin, custom
 
 
-def need(where: str, obj: dict, path: str, typ: type | tuple = object):
-    cur = obj
-    for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            fail(where, f"missing {path}")
-            return None
-        cur = cur[part]
-    if not isinstance(cur, typ):
-        fail(where, f"{path} should be {typ}, is {type(cur).__name__}")
-        return None
-    return cur
-
-
 def check_custom(where: str, o: dict) -> None:
-    """Structural checks of the custom resources we use (their CRDs are not in kubernetes-validate)."""
-    kind, api = o.get("kind"), o.get("apiVersion")
-    known = {
-        "RabbitmqCluster": "rabbitmq.com/v1beta1",
-        "Cluster": "postgresql.cnpg.io/v1",
-        "ScheduledBackup": "postgresql.cnpg.io/v1",
-        "ObjectStore": "barmancloud.cnpg.io/v1",
-        "ServiceMonitor": "monitoring.coreos.com/v1",
-        "PodMonitor": "monitoring.coreos.com/v1",
-        "PrometheusRule": "monitoring.coreos.com/v1",
-        "ScaledObject": "keda.sh/v1alpha1",
-    }
-    if known.get(kind) != api:
-        fail(where, f"unknown kind {api} {kind}: no schema and no structural check")
-        return
-    need(where, o, "metadata.name", str)
-    if kind == "RabbitmqCluster":
-        need(where, o, "spec.replicas", int)
-        need(where, o, "spec.rabbitmq.additionalConfig", str)
-    elif kind == "Cluster":
-        need(where, o, "spec.instances", int)
-        need(where, o, "spec.storage.size", str)
-        need(where, o, "spec.bootstrap.initdb.database", str)
-    elif kind == "ScheduledBackup":
-        need(where, o, "spec.cluster.name", str)
-        sched = need(where, o, "spec.schedule", str)
-        if sched and len(sched.split()) != 6:
+    """What the CRDs cannot say."""
+    kind = o.get("kind")
+    if kind == "ScheduledBackup":
+        sched = o.get("spec", {}).get("schedule", "")
+        if len(sched.split()) != 6:
             fail(where, "CloudNativePG schedules have six fields (seconds first)")
-    elif kind == "ObjectStore":
-        need(where, o, "spec.configuration.destinationPath", str)
-    elif kind == "ServiceMonitor":
-        need(where, o, "spec.selector.matchLabels", dict)
-        for ep in need(where, o, "spec.endpoints", list) or []:
-            if "port" not in ep:
-                fail(where, "endpoint without port")
-    elif kind == "PodMonitor":
-        need(where, o, "spec.selector.matchLabels", dict)
-        for ep in need(where, o, "spec.podMetricsEndpoints", list) or []:
-            if "port" not in ep:
-                fail(where, "podMetricsEndpoint without port")
     elif kind == "PrometheusRule":
-        for g in need(where, o, "spec.groups", list) or []:
+        for g in o["spec"].get("groups", []):
             for r in g.get("rules", []):
-                if not r.get("alert") and not r.get("record"):
-                    fail(where, "rule without alert/record name")
-                if not str(r.get("expr", "")).strip():
-                    fail(where, f"rule {r.get('alert')} without expr")
                 if r.get("alert") and r.get("labels", {}).get("severity") not in {"info", "warning", "critical"}:
                     fail(where, f"alert {r.get('alert')} needs severity info|warning|critical")
     elif kind == "ScaledObject":
-        need(where, o, "spec.scaleTargetRef.name", str)
-        for t in need(where, o, "spec.triggers", list) or []:
+        fb = o["spec"].get("fallback")
+        if not fb or fb.get("behavior") != "currentReplicasIfHigher":
+            fail(where, "fallback.behavior must be currentReplicasIfHigher: never scale busy workers down when the signal is missing")
+        for t in o["spec"].get("triggers", []):
             if t.get("type") != "prometheus":
                 fail(where, "only prometheus triggers are expected")
-            for k in ("serverAddress", "query", "threshold"):
-                if not isinstance(t.get("metadata", {}).get(k), str):
-                    fail(where, f"trigger metadata.{k} missing or not a string")
+
+
+def check_versions(crds: CrdSchemas) -> None:
+    """docs/operations.md states the minimum version of each operator whose CRDs are vendored."""
+    doc = (ROOT / "docs/operations.md").read_text()
+    for project, version in crds.projects.items():
+        if f"`{project}` {version}" not in doc:
+            fail("docs/operations.md", f"must state the minimum version of {project} as `{project}` {version} (k8s/schemas/)")
 
 
 # ---------------------------------------------------------------- policy checks
@@ -193,7 +196,7 @@ def arg_after(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
 
 
-def check_workers(overlay: str, objs: list[dict], types: set[str]) -> None:
+def check_workers(overlay: str, objs: list[dict], types: set[str], budget: tuple[int, int]) -> None:
     deps = [d for d in by_kind(objs, "Deployment") if worker_type(d)]
     seen = {}
     for d in deps:
@@ -214,9 +217,11 @@ def check_workers(overlay: str, objs: list[dict], types: set[str]) -> None:
             fail(where, "container must set allowPrivilegeEscalation: false")
         if "/tmp" not in {m["mountPath"] for m in c.get("volumeMounts", [])}:
             fail(where, "read-only root filesystem needs a writable /tmp volume")
-        for probe in ("livenessProbe", "readinessProbe"):
-            if c.get(probe, {}).get("httpGet", {}).get("path") != "/healthz":
-                fail(where, f"{probe} should GET /healthz")
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            if c.get(probe, {}).get("httpGet", {}).get("path") != path:
+                fail(where, f"{probe} should GET {path}")
+        if overlay in PRODUCTION and "replicas" in d["spec"]:
+            fail(where, "spec.replicas under an HPA/KEDA resets the autoscaled count to it on every `kubectl apply`; leave it out")
         if not c.get("resources", {}).get("requests"):
             fail(where, "resource requests missing")
         env = {e["name"]: e for e in c.get("env", [])}
@@ -227,8 +232,15 @@ def check_workers(overlay: str, objs: list[dict], types: set[str]) -> None:
             fail(where, f"serviceAccountName must be {WORKER_SA}")
         grace = arg_after(args, "--grace-period")
         tgps = pod.get("terminationGracePeriodSeconds", 30)
-        if grace is None or not grace.isdigit() or int(grace) >= tgps:
-            fail(where, f"--grace-period ({grace}) must be set and below terminationGracePeriodSeconds ({tgps})")
+        stopped, close = budget
+        if grace is None or not grace.isdigit():
+            fail(where, f"--grace-period must be set, is {grace}")
+        elif int(grace) + stopped + close + GRACE_MARGIN_S > tgps:
+            fail(where, f"terminationGracePeriodSeconds {tgps} < the worker's stop budget: --grace-period {grace} + {stopped} s "
+                        f"for stopped jobs + {close} s to close the connection + {GRACE_MARGIN_S} s margin "
+                        f"= {int(grace) + stopped + close + GRACE_MARGIN_S}")
+        device = env.get("TRAINYARD_DEVICE", {}).get("value")
+        rolling = d["spec"].get("strategy", {}).get("rollingUpdate", {})
         limits = c.get("resources", {}).get("limits", {})
         requests = c.get("resources", {}).get("requests", {})
         tolerations = pod.get("tolerations", [])
@@ -246,7 +258,13 @@ def check_workers(overlay: str, objs: list[dict], types: set[str]) -> None:
                 fail(where, f"GPU worker needs required node affinity {GPU_LABEL} In [true]")
             if tgps < 300:
                 fail(where, f"terminationGracePeriodSeconds {tgps} is too short to finish and checkpoint an epoch")
+            if device != "cuda":
+                fail(where, f"GPU worker must default to the GPU: env TRAINYARD_DEVICE=cuda, is {device}")
+            if str(rolling.get("maxSurge")) != "0" or str(rolling.get("maxUnavailable")) != "1":
+                fail(where, f"GPU worker rollouts need no spare GPU: maxSurge 0, maxUnavailable 1, are {rolling}")
         else:
+            if device is not None and device.startswith("cuda"):
+                fail(where, f"CPU worker (or dev overlay) must not default to CUDA (TRAINYARD_DEVICE={device})")
             if "nvidia.com/gpu" in limits or "nvidia.com/gpu" in requests:
                 fail(where, "CPU worker (or dev overlay) must not request GPUs")
             if gpu_tol:
@@ -371,7 +389,7 @@ def check_rbac(overlay: str, objs: list[dict]) -> None:
             if s.get("kind") == "ServiceAccount" and s.get("name") == "trainyard-control-plane":
                 fail(f"{overlay}/{b['kind']}/{name(b)}", "the control plane needs no Kubernetes API access")
     want = {
-        ("Role", "RoleBinding"): [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+        ("Role", "RoleBinding"): [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}],
         ("ClusterRole", "ClusterRoleBinding"): [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}],
     }
     kinds = sorted((k, bk) for k, _, bk in bound)
@@ -385,20 +403,121 @@ def check_rbac(overlay: str, objs: list[dict]) -> None:
         rules = [{k: sorted(v) for k, v in r.items()} for r in role.get("rules", [])]
         if rules != want.get((kind, bkind)):
             fail(f"{overlay}/{kind}/{rname}", f"rules must be exactly {want.get((kind, bkind))}, are {role.get('rules')}")
+    check_pod_patch_policy(overlay, objs)
 
 
-def check_metric_refs(metrics: set[str]) -> int:
-    """Every trainyard_* name in dashboards, alerts, adapter rules and scalers exists in ALL_NAMES."""
-    files = [p for p in K8S.rglob("*") if p.suffix in {".yaml", ".yml", ".json"}]
-    count = 0
-    for p in files:
-        for m in re.finditer(r"\btrainyard_[a-z0-9_]+", p.read_text()):
-            ref = re.sub(r"_(bucket|sum|count)$", "", m.group(0))
-            if ref in metrics or m.group(0) in metrics:
-                count += 1
+def check_pod_patch_policy(overlay: str, objs: list[dict]) -> None:
+    """`patch pods` is narrowed to the worker's own pod's deletion cost by an admission policy."""
+    where = f"overlay {overlay}"
+    user = f"system:serviceaccount:trainyard:{WORKER_SA}"
+    policies = [p for p in by_kind(objs, "ValidatingAdmissionPolicy")
+                if any(user in m.get("expression", "") for m in p["spec"].get("matchConditions", []))]
+    if len(policies) != 1:
+        fail(where, f"needs one ValidatingAdmissionPolicy matching {user}, has {len(policies)}")
+        return
+    pol = policies[0]
+    if "namespace" in pol["metadata"]:
+        fail(f"{overlay}/ValidatingAdmissionPolicy/{name(pol)}", "is cluster-scoped: no metadata.namespace")
+    rules = pol["spec"].get("matchConstraints", {}).get("resourceRules", [])
+    if not any("pods" in r.get("resources", []) and "UPDATE" in r.get("operations", []) for r in rules):
+        fail(f"{overlay}/ValidatingAdmissionPolicy/{name(pol)}", "must match UPDATE of pods (a patch is an update)")
+    exprs = " ".join(v.get("expression", "") for v in pol["spec"].get("validations", []))
+    for needle in ("authentication.kubernetes.io/pod-name", "controller.kubernetes.io/pod-deletion-cost", "object.spec == oldObject.spec"):
+        if needle not in exprs and needle not in json.dumps(pol["spec"].get("variables", [])):
+            fail(f"{overlay}/ValidatingAdmissionPolicy/{name(pol)}", f"validations must use {needle}")
+    for f in check_policy(pol["spec"]):
+        fail(f"{overlay}/ValidatingAdmissionPolicy/{name(pol)}", f"on a sample request: {f}")
+    if pol["spec"].get("failurePolicy", "Fail") != "Fail":
+        fail(f"{overlay}/ValidatingAdmissionPolicy/{name(pol)}", "failurePolicy must be Fail")
+    binds = [b for b in by_kind(objs, "ValidatingAdmissionPolicyBinding") if b["spec"].get("policyName") == name(pol)]
+    if len(binds) != 1 or "Deny" not in binds[0]["spec"].get("validationActions", []):
+        fail(where, f"needs one ValidatingAdmissionPolicyBinding of {name(pol)} with validationActions [Deny]")
+
+
+def selected_apps(pol: dict) -> set[str]:
+    """The app names a NetworkPolicy's podSelector selects (app.kubernetes.io/name or cnpg.io/cluster)."""
+    sel = pol["spec"].get("podSelector", {})
+    apps = set()
+    for key in ("app.kubernetes.io/name", "cnpg.io/cluster"):
+        if key in sel.get("matchLabels", {}):
+            apps.add(sel["matchLabels"][key])
+        for e in sel.get("matchExpressions", []):
+            if e.get("key") == key and e.get("operator") == "In":
+                apps |= set(e.get("values", []))
+    if not sel:
+        apps.add("*")
+    return apps
+
+
+def check_network_policies(overlay: str, objs: list[dict]) -> None:
+    """HTTPS to anywhere only for the pods that need it; nothing to port 80 (instance metadata)."""
+    https, api = {}, set()
+    for pol in by_kind(objs, "NetworkPolicy"):
+        where = f"{overlay}/NetworkPolicy/{name(pol)}"
+        for rule in pol["spec"].get("egress", []):
+            ports = {p.get("port") for p in rule.get("ports", [])}
+            if 80 in ports:
+                fail(where, "port 80 egress (instance metadata) is not opened by default: docs/operations.md says how")
+            if rule.get("to"):
                 continue
-            fail(str(p.relative_to(ROOT)), f"metric {m.group(0)} is not in common/src/metrics.rs ALL_NAMES")
-    return count
+            if ports & {443, 6443}:
+                for app in selected_apps(pol):
+                    https.setdefault(app, []).append(name(pol))
+                    if 6443 in ports:
+                        api.add(app)
+            elif ports - {53}:
+                fail(where, f"egress to anywhere on {sorted(ports - {53})}: name the destination")
+    for app, pols in https.items():
+        if app not in HTTPS_EGRESS:
+            fail(f"overlay {overlay}", f"{app} may reach 443 anywhere ({pols}) but needs neither object storage nor the API server")
+    for app in HTTPS_EGRESS:
+        if app not in https:
+            fail(f"overlay {overlay}", f"{app} needs HTTPS egress for {HTTPS_EGRESS[app]}")
+    if api != API_SERVER_EGRESS:
+        fail(f"overlay {overlay}", f"API server egress (6443) must be exactly {sorted(API_SERVER_EGRESS)}, is {sorted(api)}")
+
+
+def check_config(overlay: str, objs: list[dict], noisy: list[str], known_env: set[str], help_env: set[str]) -> None:
+    """JSON logs everywhere, the worker's noisy-crate filters kept, every TRAINYARD_* variable read by the code."""
+    cms = [c for c in by_kind(objs, "ConfigMap") if name(c) == "trainyard-config"]
+    if len(cms) != 1:
+        fail(f"overlay {overlay}", "no ConfigMap trainyard-config")
+        return
+    data = cms[0].get("data", {})
+    where = f"{overlay}/ConfigMap/trainyard-config"
+    if data.get("TRAINYARD_LOG_FORMAT") != "json":
+        fail(where, "TRAINYARD_LOG_FORMAT must be json (Alloy parses JSON lines)")
+    directives = data.get("RUST_LOG", "").split(",")
+    for d in noisy[1:]:
+        if d not in directives:
+            fail(where, f"RUST_LOG must keep the worker's filter {d} (worker/src/runtime/cli.rs), is {data.get('RUST_LOG')}")
+    names = {k for k in data if k.startswith("TRAINYARD_")}
+    for d in by_kind(objs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            names |= {e["name"] for e in c.get("env", []) if e["name"].startswith("TRAINYARD_")}
+    for n in sorted(names - known_env - help_env):
+        fail(f"overlay {overlay}", f"{n} is set but read by no code (common/producer/worker src, or the binaries' --help)")
+
+
+def check_disk(overlay: str, objs: list[dict]) -> None:
+    """The broker's volume leaves room above disk_free_limit (below it RabbitMQ blocks publishers)."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+    def size(v: str) -> int:
+        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(v))
+        if not m or m.group(2).lower() not in units:
+            raise ValueError(v)
+        return int(m.group(1)) * units[m.group(2).lower()]
+
+    for r in by_kind(objs, "RabbitmqCluster"):
+        where = f"{overlay}/RabbitmqCluster/{name(r)}"
+        conf = r["spec"].get("rabbitmq", {}).get("additionalConfig", "")
+        m = re.search(r"^\s*disk_free_limit\.absolute\s*=\s*(\S+)\s*$", conf, re.M)
+        limit = size(m.group(1) if m else OPERATOR_DISK_FREE_LIMIT)
+        storage = size(r["spec"].get("persistence", {}).get("storage", "10Gi"))
+        if storage < 2 * limit:
+            fail(where, f"persistence.storage {storage} B leaves less than disk_free_limit ({limit} B) for messages")
 
 
 def check_raw_files() -> None:
@@ -411,7 +530,7 @@ def check_raw_files() -> None:
                     fail(str(p.relative_to(ROOT)), f"secretGenerator {gen.get('name')} would put secrets in git")
 
 
-def check_dashboard(metrics: set[str]) -> None:
+def check_dashboard() -> None:
     p = K8S / "components/monitoring/dashboard.json"
     d = json.loads(p.read_text())
     panels = [x for x in d["panels"] if x.get("type") != "row"]
@@ -429,8 +548,9 @@ def check_dashboard(metrics: set[str]) -> None:
         fail("k8s/components/logging/config.alloy", "must extract job_id, and braces must balance")
 
 
-def check_cli(objs_by_overlay: dict[str, list[dict]], bindir: Path) -> int:
-    """Each container command line parses with the binary's own clap definition."""
+def check_cli(objs_by_overlay: dict[str, list[dict]], bindir: Path, help_env: set[str]) -> int:
+    """Each container command line parses with the binary's own clap definition; collects the
+    environment variables its `--help` names."""
     lines = set()
     for objs in objs_by_overlay.values():
         for d in by_kind(objs, "Deployment"):
@@ -447,12 +567,43 @@ def check_cli(objs_by_overlay: dict[str, list[dict]], bindir: Path) -> int:
                              env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")})
         if out.returncode != 0:
             fail("cli", f"`{' '.join(line)}` does not parse: {(out.stderr or out.stdout).strip().splitlines()[:3]}")
+        help_env |= set(re.findall(r"\[env: (TRAINYARD_[A-Z0-9_]+)", out.stdout))
     return len(lines)
+
+
+def check_alert_tests(objs: list[dict]) -> None:
+    """Every alert has a promtool unit test where it fires and one where it stays silent."""
+    path = K8S / "components/monitoring/alerts_test.yaml"
+    tests = yaml.safe_load(path.read_text()).get("tests", [])
+    fires, silent = set(), set()
+    for t in tests:
+        for case in t.get("alert_rule_test", []):
+            (fires if case.get("exp_alerts") else silent).add(case["alertname"])
+    alerts = {r["alert"] for o in objs if o.get("kind") == "PrometheusRule" for g in o["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    for a in sorted(alerts - fires):
+        fail(str(path.relative_to(ROOT)), f"no test where {a} fires")
+    for a in sorted(alerts - silent):
+        fail(str(path.relative_to(ROOT)), f"no test where {a} stays silent")
+    for a in sorted((fires | silent) - alerts):
+        fail(str(path.relative_to(ROOT)), f"tests an alert that does not exist: {a}")
+
+
+def write_rules(objs: list[dict], out: Path) -> int:
+    """The PrometheusRule's groups as a plain Prometheus rules file (for promtool)."""
+    rules = [o for o in objs if o.get("kind") == "PrometheusRule"]
+    if len(rules) != 1:
+        fail("monitoring", f"expected one PrometheusRule, found {len(rules)}")
+        return 0
+    out.write_text(yaml.safe_dump({"groups": rules[0]["spec"]["groups"]}, sort_keys=False))
+    return sum(len(g["rules"]) for g in rules[0]["spec"]["groups"])
 
 
 def main() -> int:
     kubectl, bindir = sys.argv[1], Path(sys.argv[2])
-    metrics, types, max_timeout = metric_names(), job_types(), max_timeout_s()
+    rules_out = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    types, max_timeout = job_types(), max_timeout_s()
+    budget, noisy, known_env = stop_budget_s(), worker_log_filter(), env_read_by_code()
+    crds = CrdSchemas(SCHEMAS)
     rendered = {}
     total_builtin = total_custom = 0
     for overlay in OVERLAYS:
@@ -460,22 +611,34 @@ def main() -> int:
         rendered[overlay] = objs
         if not objs:
             continue
-        b, c = schema_check(overlay, objs)
+        b, c = schema_check(overlay, objs, crds)
         total_builtin, total_custom = total_builtin + b, total_custom + c
-        check_workers(overlay, objs, types)
+        check_workers(overlay, objs, types, budget)
         check_autoscaling(overlay, objs)
         check_control_plane(overlay, objs)
         check_broker(overlay, objs, max_timeout)
+        check_disk(overlay, objs)
         check_secrets(overlay, objs)
         check_rbac(overlay, objs)
+        check_network_policies(overlay, objs)
         print(f"  {overlay}: {len(objs)} objects rendered")
-    refs = check_metric_refs(metrics)
+    check_versions(crds)
     check_raw_files()
-    check_dashboard(metrics)
-    cli = check_cli(rendered, bindir)
+    check_dashboard()
+    help_env: set[str] = set()
+    cli = check_cli(rendered, bindir, help_env)
+    for overlay, objs in rendered.items():
+        check_config(overlay, objs, noisy, known_env, help_env)
+    selectors = check_series(K8S, rendered, fail)
+    check_alert_tests(rendered["gpu"])
+    n_rules = write_rules(rendered["gpu"], rules_out) if rules_out else 0
     print(f"  schemas: {total_builtin} built-in objects valid for Kubernetes {', '.join(K8S_VERSIONS)} (strict); "
-          f"{total_custom} custom resources checked structurally")
-    print(f"  code: job types {sorted(types)}; {refs} metric references, all in ALL_NAMES; {cli} command lines parsed by the binaries")
+          f"{total_custom} custom resources valid for the CRDs of "
+          f"{', '.join(f'{p} {v}' for p, v in crds.projects.items())} (unknown fields rejected)")
+    print(f"  code: job types {sorted(types)}; {cli} command lines parsed by the binaries; "
+          f"stop budget grace + {budget[0]} s + {budget[1]} s")
+    print(f"  series: {selectors} metric selectors of dashboard, alerts and autoscalers checked against series.txt"
+          + (f"; {n_rules} rules written for promtool" if rules_out else ""))
     if failures:
         print(f"validate-k8s: {len(failures)} failure(s):", file=sys.stderr)
         for f in failures:

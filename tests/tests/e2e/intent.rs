@@ -10,7 +10,7 @@ use trainyard_common::{models, JobStatus};
 use crate::support::Env;
 
 /// Three intents and out-of-scope lines, as CSV.
-fn tiny_csv() -> String {
+pub(crate) fn tiny_csv() -> String {
     let intents = [
         ("balance", ["balance", "money", "account", "funds"]),
         ("weather", ["weather", "rain", "forecast", "sunny"]),

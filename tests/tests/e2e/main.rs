@@ -11,4 +11,5 @@ mod intent;
 mod pipeline;
 mod processes;
 mod security;
+mod series;
 mod support;
