@@ -65,11 +65,21 @@ impl Env {
 
     /// Starts an in-process worker for `types`.
     pub fn spawn_worker(&self, types: &[&str], tweak: impl FnOnce(&mut WorkerConfig)) -> WorkerHandle {
+        self.spawn_worker_with_metrics(types, &prometheus::Registry::new(), tweak)
+    }
+
+    /// Starts an in-process worker for `types` whose metrics go to `metrics`.
+    pub fn spawn_worker_with_metrics(
+        &self,
+        types: &[&str],
+        metrics: &prometheus::Registry,
+        tweak: impl FnOnce(&mut WorkerConfig),
+    ) -> WorkerHandle {
         let mut cfg = self.config();
         tweak(&mut cfg);
         let types: Vec<String> = types.iter().map(|s| s.to_string()).collect();
         let registry = trainyard_worker::handlers::builtin().only(&types).unwrap();
-        let worker = Worker::new(cfg, registry, &prometheus::Registry::new(), JobLogs::default()).unwrap();
+        let worker = Worker::new(cfg, registry, metrics, JobLogs::default()).unwrap();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let join = tokio::spawn(async move { worker.run(token).await.expect("worker failed") });
