@@ -1,7 +1,9 @@
 //! Every Prometheus metric name and label of trainyard, defined once.
 //!
-//! The Grafana dashboard, alert rules and autoscaling manifests in `k8s/` are
-//! tested against [`ALL_NAMES`].
+//! The Grafana dashboard, alert rules and autoscaling manifests in `k8s/` are checked
+//! against the series the binaries really export (`k8s/components/monitoring/series.txt`,
+//! written by `tests/tests/e2e/series.rs`, read by `scripts/validate-k8s.sh`), not against
+//! [`ALL_NAMES`]: a name here proves nothing until a registry exports it.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
