@@ -3,13 +3,22 @@
 //! Events are published (confirmed) to the `trainyard.events` topic exchange
 //! with routing key `<job_type>.<status>`; the stream `trainyard.events.log`
 //! keeps them all (the audit log) and `trainyard.recorder` feeds the job store.
+//!
+//! The contract is versioned like the job's ([`SchemaVersion`]): readers accept
+//! unknown fields, unknown statuses and error kinds (read as `unknown`) and every
+//! minor version of their major; [`JobEvent::check`] says why an event cannot be
+//! recorded (a major version this build does not read, ids that are not ids), and
+//! the recorder parks such an event with that reason instead of dropping it.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::job::JobSpec;
+use crate::{
+    job::{valid_bot_name, valid_job_type, JobSpec},
+    version::SchemaVersion,
+};
 
 /// The lifecycle of a job.
 ///
@@ -36,6 +45,10 @@ pub enum JobStatus {
     Dead,
     /// Cancelled on request. Terminal.
     Cancelled,
+    /// A status this build does not know (a newer minor version wrote it). Never
+    /// terminal; the job's row keeps the status of its other events.
+    #[serde(other)]
+    Unknown,
 }
 
 impl JobStatus {
@@ -67,6 +80,7 @@ impl JobStatus {
             JobStatus::Retrying => "retrying",
             JobStatus::Dead => "dead",
             JobStatus::Cancelled => "cancelled",
+            JobStatus::Unknown => "unknown",
         }
     }
 }
@@ -82,6 +96,7 @@ impl std::str::FromStr for JobStatus {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         JobStatus::ALL
             .into_iter()
+            .chain([JobStatus::Unknown])
             .find(|st| st.as_str() == s)
             .ok_or_else(|| format!("unknown status {s:?} (one of queued, started, progress, succeeded, failed, retrying, dead, cancelled)"))
     }
@@ -99,11 +114,13 @@ pub enum ErrorKind {
     Timeout,
     /// Stopped on request: never retried.
     Cancelled,
+    /// A kind this build does not know (a newer minor version wrote it).
+    #[serde(other)]
+    Unknown,
 }
 
-/// An error as reported in an event.
+/// An error as reported in an event. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ErrorInfo {
     /// Its disposition class.
     pub kind: ErrorKind,
@@ -111,9 +128,8 @@ pub struct ErrorInfo {
     pub message: String,
 }
 
-/// The worker that ran an attempt, with its attributes (`node`, `gpu`, …).
+/// The worker that ran an attempt, with its attributes (`node`, `gpu`, …). Unknown fields are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerInfo {
     /// Unique worker id (host name and process id, or pod name).
     pub id: String,
@@ -123,9 +139,15 @@ pub struct WorkerInfo {
 }
 
 /// One state change of a job.
+///
+/// Never `deny_unknown_fields`: an event of a newer minor version (a worker one
+/// release ahead during a rolling upgrade) must still be recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct JobEvent {
+    /// Contract version: omitted means 1.0, and 1.0 is written by leaving it out, so
+    /// that readers of the release before (which refused unknown fields) still read it.
+    #[serde(default, skip_serializing_if = "SchemaVersion::is_current")]
+    pub version: SchemaVersion,
     /// The job (a UUID string).
     pub job_id: String,
     /// Orders the events of one job; see [`event_seq`]. `(job_id, seq)` is unique.
@@ -161,6 +183,7 @@ impl JobEvent {
     /// A bare event for `spec` with no worker, progress, result or error.
     pub fn new(spec: &JobSpec, status: JobStatus, attempt: u32, seq: u64) -> Self {
         Self {
+            version: SchemaVersion::CURRENT,
             job_id: spec.job_id.clone(),
             seq,
             job_type: spec.job_type.clone(),
@@ -182,6 +205,25 @@ impl JobEvent {
         event.at = spec.submitted_at;
         event.spec = Some(spec.clone());
         event
+    }
+
+    /// Why this event cannot be recorded, if it cannot: a major version this build
+    /// does not read, a job id that is not a UUID, a job type or bot that is not a name.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.version.readable() {
+            return Err(format!("unsupported event schema version {} (this build reads {}.x)", self.version, SchemaVersion::CURRENT.major));
+        }
+        let shown = |s: &str| s.chars().take(80).collect::<String>();
+        if uuid::Uuid::parse_str(&self.job_id).is_err() {
+            return Err(format!("job_id {:?} is not a UUID", shown(&self.job_id)));
+        }
+        if !valid_job_type(&self.job_type) {
+            return Err(format!("job_type {:?} is not a job type name", shown(&self.job_type)));
+        }
+        if !self.bot.is_empty() && !valid_bot_name(&self.bot) {
+            return Err(format!("bot {:?} is not a bot name", shown(&self.bot)));
+        }
+        Ok(())
     }
 
     /// The routing key on `trainyard.events`: `<job_type>.<status>`.
@@ -221,5 +263,25 @@ mod tests {
         assert!(json["job_id"].is_string());
         assert!(json["at"].as_str().unwrap().contains('T'));
         assert_eq!(ev.routing_key(), "noop.queued");
+        assert!(json.get("version").is_none(), "1.0 is written by leaving the field out");
+    }
+
+    #[test]
+    fn newer_events_are_read_and_other_majors_refused() {
+        let spec = JobSpec::new("noop", "b", serde_json::json!({}), Trigger::manual("me"));
+        let mut v = serde_json::to_value(JobEvent::new(&spec, JobStatus::Started, 1, 7)).unwrap();
+        v["version"] = "1.2".into();
+        v["status"] = "paused".into();
+        v["gpu_seconds"] = 12.into();
+        v["worker"] = serde_json::json!({"id": "w", "zone": "eu"});
+        v["error"] = serde_json::json!({"kind": "oom", "message": "m", "code": 137});
+        let ev: JobEvent = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!((ev.status, ev.error.as_ref().unwrap().kind), (JobStatus::Unknown, ErrorKind::Unknown));
+        assert!(!ev.status.is_terminal());
+        ev.check().unwrap();
+        v["version"] = 2.into();
+        let ev: JobEvent = serde_json::from_value(v).unwrap();
+        assert!(ev.check().unwrap_err().contains("version 2.0"));
+        assert_eq!("unknown".parse::<JobStatus>().unwrap(), JobStatus::Unknown);
     }
 }

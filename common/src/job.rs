@@ -1,17 +1,21 @@
 //! The job wire contract: [`JobSpec`].
 //!
 //! A job is published to `trainyard.jobs` with its job type as routing key.
-//! Its body is a `JobSpec`, msgpack (as a map, named fields) or JSON. Unknown
-//! top-level fields are rejected; `params` is validated by the job type's handler.
+//! Its body is a `JobSpec`, msgpack (as a map, named fields) or JSON. The
+//! contract is versioned ([`SchemaVersion`]): unknown fields and enum values (a
+//! newer minor version wrote them) are accepted and ignored, a major version this
+//! build does not read is refused with that reason; `params` is validated by the
+//! job type's handler, which rejects unknown keys.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::CodecError;
+pub use crate::version::SchemaVersion;
 
-/// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema version this build writes (it reads every minor version of its major).
+pub const SCHEMA_VERSION: SchemaVersion = SchemaVersion::CURRENT;
 /// Default number of attempts (first run plus retries).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Default job timeout. Stays below the broker's `consumer_timeout`.
@@ -33,6 +37,9 @@ pub enum TriggerKind {
     Event,
     /// The HTTP API.
     Api,
+    /// A kind this build does not know (a newer minor version of the contract).
+    #[serde(other)]
+    Unknown,
 }
 
 impl std::fmt::Display for TriggerKind {
@@ -42,13 +49,13 @@ impl std::fmt::Display for TriggerKind {
             TriggerKind::Schedule => "schedule",
             TriggerKind::Event => "event",
             TriggerKind::Api => "api",
+            TriggerKind::Unknown => "unknown",
         })
     }
 }
 
-/// Who or what triggered a job, for the audit trail.
+/// Who or what triggered a job, for the audit trail. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Trigger {
     /// The kind of trigger.
     pub kind: TriggerKind,
@@ -65,12 +72,14 @@ impl Trigger {
 }
 
 /// A training (or any other) job, as it travels on the wire.
+///
+/// Never `deny_unknown_fields`: a job written by a newer minor version (a field this
+/// build does not know) must still run here; the unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// Schema version; omitted means 1.
-    #[serde(default = "default_version")]
-    pub version: u32,
+    /// Schema version: `1` (an integer; omitted means 1) or `"MAJOR.MINOR"`.
+    #[serde(default)]
+    pub version: SchemaVersion,
     /// A UUID string (v7 when trainyard makes it). Also the AMQP `message_id`.
     pub job_id: String,
     /// The job type, also the routing key and the queue suffix.
@@ -95,9 +104,6 @@ pub struct JobSpec {
     pub idempotency_key: Option<String>,
 }
 
-fn default_version() -> u32 {
-    SCHEMA_VERSION
-}
 fn default_max_attempts() -> u32 {
     DEFAULT_MAX_ATTEMPTS
 }
@@ -146,8 +152,9 @@ impl JobSpec {
     /// Checks what serde cannot: version, id, names, bounds.
     pub fn validate(&self) -> Result<(), CodecError> {
         let bad = |field: &'static str, reason: String| Err(CodecError::Invalid { field, reason });
-        if self.version != SCHEMA_VERSION {
-            return bad("version", format!("unsupported schema version {} (this build reads {SCHEMA_VERSION})", self.version));
+        if !self.version.readable() {
+            let major = SCHEMA_VERSION.major;
+            return bad("version", format!("unsupported schema version {} (this build reads {major}.x)", self.version));
         }
         if Uuid::parse_str(&self.job_id).is_err() {
             return bad("job_id", format!("{:?} is not a UUID", truncate(&self.job_id)));
@@ -199,7 +206,19 @@ mod tests {
             "trigger":{"kind":"manual"},"submitted_at":"2026-11-24T12:00:00Z"}"#;
         let spec: JobSpec = serde_json::from_str(json).unwrap();
         spec.validate().unwrap();
-        assert_eq!((spec.version, spec.max_attempts, spec.timeout_s), (1, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S));
+        assert_eq!((spec.version, spec.max_attempts, spec.timeout_s), (SCHEMA_VERSION, DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S));
+    }
+
+    #[test]
+    fn newer_minor_versions_unknown_fields_and_kinds_are_read() {
+        let json = r#"{"version":"1.4","job_id":"01936f5e-8c4a-7b2e-9d1f-3a5b7c9e1f20","job_type":"noop","bot":"b",
+            "trigger":{"kind":"webhook","source":"s","signed":true},"submitted_at":"2026-11-24T12:00:00Z","priority":7}"#;
+        let spec: JobSpec = serde_json::from_str(json).unwrap();
+        spec.validate().unwrap();
+        assert_eq!((spec.version, spec.trigger.kind), (SchemaVersion::new(1, 4), TriggerKind::Unknown));
+        let v2 = json.replace("\"1.4\"", "2");
+        let err = serde_json::from_str::<JobSpec>(&v2).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("unsupported schema version 2.0"), "{err}");
     }
 
     #[test]

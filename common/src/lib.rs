@@ -12,6 +12,7 @@
 //! - [`artifacts`]: the artifact store (object_store, local directory by default);
 //! - [`metrics`]: every Prometheus metric name and label, defined once;
 //! - [`models`]: bots' production pointers and promotion history;
+//! - [`version`]: [`SchemaVersion`](version::SchemaVersion), the contract version;
 //! - [`error`]: the error types of this layer.
 #![deny(missing_docs)]
 
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod models;
 pub mod paths;
 pub mod topology;
+pub mod version;
 
 pub use error::{CodecError, CommonError};
 pub use event::{ErrorInfo, ErrorKind, JobEvent, JobStatus, WorkerInfo};

@@ -29,6 +29,8 @@ pub const QUEUE_READY: &str = "trainyard_queue_ready";
 pub const QUEUE_DEAD: &str = "trainyard_queue_dead";
 /// Events written to the job store (control plane).
 pub const EVENTS_RECORDED_TOTAL: &str = "trainyard_events_recorded_total";
+/// Events the recorder could not record and parked with the reason (control plane).
+pub const EVENTS_PARKED_TOTAL: &str = "trainyard_events_parked_total";
 /// Jobs submitted by the control plane, by type and trigger kind.
 pub const JOBS_SUBMITTED_TOTAL: &str = "trainyard_jobs_submitted_total";
 /// Seconds per training epoch, by device.
@@ -68,6 +70,7 @@ pub const ALL_NAMES: &[&str] = &[
     QUEUE_READY,
     QUEUE_DEAD,
     EVENTS_RECORDED_TOTAL,
+    EVENTS_PARKED_TOTAL,
     JOBS_SUBMITTED_TOTAL,
     TRAINING_EPOCH_SECONDS,
     PROMOTIONS_TOTAL,
@@ -180,6 +183,8 @@ pub struct ControlMetrics {
     pub jobs_finished: IntCounterVec,
     /// See [`EVENTS_RECORDED_TOTAL`].
     pub events_recorded: IntCounterVec,
+    /// See [`EVENTS_PARKED_TOTAL`]; exported from start-up, at 0.
+    pub events_parked: prometheus::IntCounter,
     /// See [`DEAD_LETTERS_TOTAL`].
     pub dead_letters: IntCounterVec,
     /// See [`JOBS_SUBMITTED_TOTAL`].
@@ -220,6 +225,10 @@ impl ControlMetrics {
                 &[L_JOB_TYPE, L_STATUS],
             )?,
             events_recorded: IntCounterVec::new(Opts::new(EVENTS_RECORDED_TOTAL, "Events written to the job store."), &[L_STATUS])?,
+            events_parked: prometheus::IntCounter::new(
+                EVENTS_PARKED_TOTAL,
+                "Events the recorder could not record, parked with the reason.",
+            )?,
             dead_letters: IntCounterVec::new(Opts::new(DEAD_LETTERS_TOTAL, "Dead letters recorded."), &[L_JOB_TYPE, L_REASON])?,
             jobs_submitted: IntCounterVec::new(
                 Opts::new(JOBS_SUBMITTED_TOTAL, "Jobs submitted by the control plane."),
@@ -239,6 +248,7 @@ impl ControlMetrics {
         registry.register(Box::new(m.job_duration.clone()))?;
         registry.register(Box::new(m.jobs_finished.clone()))?;
         registry.register(Box::new(m.events_recorded.clone()))?;
+        registry.register(Box::new(m.events_parked.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.jobs_submitted.clone()))?;
         registry.register(Box::new(m.schedule_fires.clone()))?;

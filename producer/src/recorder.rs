@@ -5,7 +5,10 @@
 //! [`LINGER`] of the first, in one store transaction), acked together only after the store has them; a
 //! store failure nacks the whole batch back to the queue. Duplicates are harmless (the store is idempotent) and
 //! order does not matter (the projection is order-free), so several replicas
-//! may consume the same queues.
+//! may consume the same queues. An event that cannot be recorded (undecodable, a
+//! major version this build does not read, ids that are not ids) is parked in the
+//! store with the reason, in the batch's transaction, and counted
+//! (`trainyard_events_parked_total`); `trainyard events reprocess` records it later.
 
 use std::time::Duration;
 
@@ -21,7 +24,7 @@ use trainyard_common::{
     JobEvent, JobSpec, JobStatus, WorkerInfo,
 };
 
-use crate::store::{DeadLetter, Store, StoreError};
+use crate::store::{DeadLetter, ParkedEvent, Store, StoreError};
 
 /// Most event deliveries recorded in one store transaction.
 pub const BATCH: usize = 256;
@@ -134,20 +137,21 @@ impl Recorder {
     async fn settle_events(&self, batch: Vec<lapin::Result<Delivery>>) -> Result<(), RecorderError> {
         let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("receive a delivery"))?;
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { return Ok(()) };
-        let events: Vec<JobEvent> = deliveries
-            .iter()
-            .filter_map(|d| {
-                let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
-                codec::decode(ct, &d.data)
-                    .map_err(|e| {
-                        // Nothing to record; keeping it would block the queue.
-                        tracing::warn!(error = %e, routing_key = %d.routing_key, "dropping an undecodable event");
-                    })
-                    .ok()
-            })
-            .collect();
+        let mut events = Vec::with_capacity(deliveries.len());
+        let mut parked = Vec::new();
+        for d in &deliveries {
+            let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+            match decode_event(ct, &d.data) {
+                Ok(event) => events.push(event),
+                Err(reason) => {
+                    // Never dropped: parked with the reason, in the same transaction as the batch.
+                    tracing::warn!(reason = %reason, routing_key = %d.routing_key, "parking an event that cannot be recorded");
+                    parked.push(ParkedEvent::new(d.routing_key.as_str(), ct, &d.data, &reason));
+                }
+            }
+        }
         tracing::debug!(deliveries = deliveries.len(), "recording a batch");
-        match self.record_all(&events).await {
+        match self.record_batch(&events, &parked).await {
             Ok(()) => {
                 last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack deliveries"))?;
             }
@@ -186,11 +190,17 @@ impl Recorder {
 
     /// Records events in one transaction, updating the metrics.
     pub async fn record_all(&self, events: &[JobEvent]) -> Result<(), StoreError> {
-        if events.is_empty() {
+        self.record_batch(events, &[]).await
+    }
+
+    /// Records events and parks `parked` in one transaction, updating the metrics.
+    async fn record_batch(&self, events: &[JobEvent], parked: &[ParkedEvent]) -> Result<(), StoreError> {
+        if events.is_empty() && parked.is_empty() {
             return Ok(());
         }
-        let recorded = self.store.record_events(events).await?;
+        let recorded = self.store.record_batch(events, parked).await?;
         let Some(m) = &self.metrics else { return Ok(()) };
+        m.events_parked.inc_by(parked.len() as u64);
         for (event, r) in events.iter().zip(recorded).filter(|(_, r)| r.new) {
             m.events_recorded.with_label_values(&[event.status.as_str()]).inc();
             if let Some(status) = event.result.as_ref().and_then(trainyard_common::models::promotion_status) {
@@ -228,6 +238,13 @@ impl Recorder {
         }
         Ok(())
     }
+}
+
+/// Decodes an event delivery and checks that it can be recorded; the reason when not.
+pub fn decode_event(content_type: Option<&str>, body: &[u8]) -> Result<JobEvent, String> {
+    let event: JobEvent = codec::decode(content_type, body).map_err(|e| format!("undecodable event: {e}"))?;
+    event.check()?;
+    Ok(event)
 }
 
 /// Reads a dead letter: what to list, and the final event of its job (when the job is known).
@@ -287,6 +304,7 @@ pub fn dead_letter(
             _ => (JobStatus::Dead, ErrorKind::Permanent),
         };
         JobEvent {
+            version: Default::default(),
             job_id,
             seq: DEAD_LETTER_SEQ,
             job_type,

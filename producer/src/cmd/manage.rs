@@ -110,6 +110,14 @@ pub enum ModelsCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum EventsCmd {
+    /// Parked events, oldest first: reason, routing key, when, and the body as base64.
+    Parked,
+    /// Record every parked event this build can now read (after an upgrade); the rest stay parked.
+    Reprocess,
+}
+
 enum Conn {
     Direct(Ops),
     Remote { base: String, token: String, http: reqwest::Client },
@@ -262,6 +270,9 @@ fn show_human(v: &Value) {
     if !v["error"].is_null() {
         println!("error     {}: {}", s(&v["error"]["kind"]), s(&v["error"]["message"]));
     }
+    if let Some(d) = v["result"]["device"].as_str() {
+        println!("device    {d}  model {}", v["result"]["model_kind"].as_str().unwrap_or("bag"));
+    }
     if let Some(m) = v["metrics"].as_object() {
         println!("metrics   accuracy {}  macro_f1 {}", s(&m["accuracy"].clone()), s(&m["macro_f1"].clone()));
     }
@@ -364,5 +375,31 @@ pub async fn models(t: Target, url: &str, topology: Topology, cmd: ModelsCmd) ->
         (Conn::Remote { .. }, ModelsCmd::Rollback { bot }) => conn.post(&format!("/models/{bot}/rollback"), json!({})).await?,
     };
     print(t.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn events(t: Target, cmd: EventsCmd) -> anyhow::Result<ExitCode> {
+    if t.server.is_some() {
+        bail!("`trainyard events` reads the job store directly (TRAINYARD_DATABASE_URL); it is not served by the API");
+    }
+    let store = Store::open(&t.database_url).await?;
+    match cmd {
+        EventsCmd::Parked => {
+            let v = serde_json::to_value(store.parked_events().await?)?;
+            print(t.json, &v, |v| {
+                println!("{:<36}  {:<24}  {:<30}  REASON", "ID", "AT", "ROUTING_KEY");
+                for p in v.as_array().into_iter().flatten() {
+                    println!("{:<36}  {:<24}  {:<30}  {}", s(&p["id"]), s(&p["at"]), s(&p["routing_key"]), s(&p["reason"]));
+                }
+            });
+        }
+        EventsCmd::Reprocess => {
+            let (recorded, parked) =
+                store.reprocess_parked(|p, body| trainyard::recorder::decode_event(p.content_type.as_deref(), body)).await?;
+            let v = json!({"recorded": recorded, "still_parked": parked});
+            print(t.json, &v, |_| println!("recorded {recorded} parked event(s); {parked} still parked"));
+        }
+    }
+    store.close().await;
     Ok(ExitCode::SUCCESS)
 }

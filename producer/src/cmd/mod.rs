@@ -38,6 +38,9 @@ enum Command {
     /// Bots' production models.
     #[command(subcommand)]
     Models(manage::ModelsCmd),
+    /// Events the recorder parked because it could not record them.
+    #[command(subcommand)]
+    Events(manage::EventsCmd),
     /// Run the control plane: recorder, scheduler, triggers, HTTP API, metrics.
     Serve(serve::ServeArgs),
     /// The job store.
@@ -59,6 +62,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Jobs(cmd) => manage::jobs(cli.target, &cli.amqp_url, topology, cmd).await,
         Command::Dlq(cmd) => manage::dlq(cli.target, &cli.amqp_url, topology, cmd).await,
         Command::Models(cmd) => manage::models(cli.target, &cli.amqp_url, topology, cmd).await,
+        Command::Events(cmd) => manage::events(cli.target, cmd).await,
         Command::Serve(args) => serve::serve(cli.target, &cli.amqp_url, topology, args).await,
         Command::Store(cmd) => serve::store(cli.target, &cli.amqp_url, topology, cmd).await,
         Command::Topology { types } => {

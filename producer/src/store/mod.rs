@@ -11,8 +11,12 @@
 //!   with the old ones.
 //! - The job row is recomputed from the events of its current run
 //!   ([`projection`]): terminal statuses win, the latest by `seq` among the rest.
+//! - An event the recorder cannot record is parked (`parked_events`, written in
+//!   the same transaction as the batch it came with) with the reason, to be listed
+//!   and re-recorded later ([`parked`]).
 //! - A store can be rebuilt from the `events.log` stream (see `rebuild`).
 
+mod parked;
 pub mod projection;
 pub mod schema;
 mod types;
@@ -30,7 +34,7 @@ use sqlx::{
 };
 use trainyard_common::{JobEvent, JobSpec, JobStatus};
 
-pub use types::{from_micros, micros, DeadLetter, JobFilter, JobRow};
+pub use types::{from_micros, micros, DeadLetter, JobFilter, JobRow, ParkedEvent};
 
 /// Default store, under the data directory of the control plane.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./.trainyard/trainyard.db";
@@ -222,6 +226,17 @@ impl Store {
     /// order, so concurrent recorders cannot deadlock) their run, insert the events
     /// (`RETURNING` says which were new), then project each touched job once.
     pub async fn record_events(&self, events: &[JobEvent]) -> Result<Vec<Recorded>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(q("begin recording events"))?;
+        let out = self.record_events_in(&mut tx, events).await?;
+        tx.commit().await.map_err(q("commit recorded events"))?;
+        Ok(out)
+    }
+
+    /// [`Store::record_events`] inside the caller's transaction.
+    async fn record_events_in(&self, tx: &mut sqlx::AnyConnection, events: &[JobEvent]) -> Result<Vec<Recorded>, StoreError> {
         let mut out = vec![Recorded { new: false, since: None }; events.len()];
         if events.is_empty() {
             return Ok(out);
@@ -233,7 +248,6 @@ impl Store {
             jobs.entry(e.job_id.as_str()).or_insert(e);
         }
         let ids: Vec<&str> = jobs.keys().copied().collect();
-        let mut tx = self.pool.begin().await.map_err(q("begin recording events"))?;
         // A write first, so SQLite takes its write lock now rather than failing to upgrade later.
         for chunk in jobs.values().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -261,7 +275,7 @@ impl Store {
         let sql = format!(
             "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({{}}) ORDER BY job_id{lock}"
         );
-        for r in self.select_in(&mut tx, &sql, &ids, "read job rows").await? {
+        for r in self.select_in(tx, &sql, &ids, "read job rows").await? {
             state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
         }
         // The run each event belongs to: one from before the latest replay belongs to the previous run.
@@ -322,11 +336,11 @@ impl Store {
                 specs.push((e.job_id.as_str(), spec));
             }
         }
-        self.update_specs(&mut tx, &specs).await?;
+        self.update_specs(tx, &specs).await?;
         let touched_ids: Vec<&str> = touched.keys().copied().collect();
         let mut run_events: HashMap<String, Vec<JobEvent>> = HashMap::with_capacity(touched_ids.len());
         let sql = "SELECT job_id, run, body FROM job_events WHERE job_id IN ({}) ORDER BY job_id, seq";
-        for r in self.select_in(&mut tx, sql, &touched_ids, "read events").await? {
+        for r in self.select_in(tx, sql, &touched_ids, "read events").await? {
             let job_id: String = r.get(0);
             if r.get::<i64, _>(1) == state[job_id.as_str()].0 {
                 let event = types::from_json::<JobEvent>("event", &r.get::<String, _>(2))?;
@@ -337,7 +351,7 @@ impl Store {
             .keys()
             .filter_map(|&job_id| projection::project(run_events.get(job_id).map(Vec::as_slice).unwrap_or_default()).map(|p| (job_id, p)))
             .collect();
-        self.update_projections(&mut tx, &projections).await?;
+        self.update_projections(tx, &projections).await?;
         for (job_id, new_events) in touched {
             let run = run_events.get(job_id).map(Vec::as_slice).unwrap_or_default();
             // A job's duration starts at its submission: the `queued` event's spec, else the row.
@@ -346,7 +360,6 @@ impl Store {
                 out[i].since = Some(since);
             }
         }
-        tx.commit().await.map_err(q("commit recorded events"))?;
         Ok(out)
     }
 

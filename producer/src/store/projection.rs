@@ -2,7 +2,9 @@
 //!
 //! Events of one run of a job are folded in `seq` order; a terminal status
 //! (`succeeded`, `failed`, `dead`, `cancelled`) wins over any later or earlier
-//! non-terminal one, and among the rest the latest by `seq` wins. The same set
+//! non-terminal one, and among the rest the latest by `seq` wins; a status this
+//! build does not know (`unknown`, from a newer minor version) sets the row's
+//! status only when the run has no other. The same set
 //! of events gives the same row whatever order they arrived in.
 
 use chrono::{DateTime, Utc};
@@ -38,7 +40,13 @@ pub fn project(events: &[JobEvent]) -> Option<Projection> {
     let mut sorted: Vec<&JobEvent> = events.iter().collect();
     sorted.sort_by_key(|e| e.seq);
     let last = *sorted.last()?;
-    let status_event = sorted.iter().rev().find(|e| e.status.is_terminal()).copied().unwrap_or(last);
+    let status_event = sorted
+        .iter()
+        .rev()
+        .find(|e| e.status.is_terminal())
+        .or_else(|| sorted.iter().rev().find(|e| e.status != JobStatus::Unknown))
+        .copied()
+        .unwrap_or(last);
     let mut p = Projection {
         status: status_event.status,
         status_seq: status_event.seq,
@@ -109,5 +117,10 @@ mod tests {
         let p = project(&events).unwrap();
         assert_eq!((p.status, p.attempts), (JobStatus::Started, 2));
         assert!(project(&[]).is_none());
+        // A status of a newer minor version is kept as an event but does not hide the known one.
+        let mut later = events.clone();
+        later.push(ev(&spec, JobStatus::Unknown, 2, 5));
+        assert_eq!(project(&later).unwrap().status, JobStatus::Started);
+        assert_eq!(project(&later[3..]).unwrap().status, JobStatus::Unknown);
     }
 }

@@ -4,9 +4,10 @@
 //! microseconds since the Unix epoch; JSON documents are `TEXT`.
 
 /// Migrations: (version, statements). Never edit an applied one; append.
-pub const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     job_type TEXT NOT NULL,
@@ -66,7 +67,21 @@ CREATE TABLE IF NOT EXISTS schedule_fires (
     PRIMARY KEY (schedule, fire_at)
 )
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE IF NOT EXISTS parked_events (
+    id TEXT PRIMARY KEY,
+    routing_key TEXT NOT NULL,
+    content_type TEXT,
+    reason TEXT NOT NULL,
+    body TEXT NOT NULL,
+    at BIGINT NOT NULL
+)
+"#,
+    ),
+];
 
 /// The statements of a migration, split on `;`.
 pub fn statements(sql: &str) -> impl Iterator<Item = &str> {

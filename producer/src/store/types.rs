@@ -168,3 +168,69 @@ pub(crate) fn dead_letter(row: &AnyRow) -> DeadLetter {
         replayed_at: row.get::<Option<i64>, _>(10).map(from_micros),
     }
 }
+
+/// An event the recorder could not record, kept with the reason until it can be
+/// (`trainyard events parked`, `trainyard events reprocess`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedEvent {
+    /// A hash of routing key, content type and body: the same delivery parks once.
+    pub id: String,
+    /// Its routing key on the events exchange (`<job_type>.<status>`).
+    pub routing_key: String,
+    /// Its content type, if it had one.
+    pub content_type: Option<String>,
+    /// Why it could not be recorded.
+    pub reason: String,
+    /// The body exactly as received, base64 (standard alphabet, padded).
+    pub body: String,
+    /// When it was parked.
+    pub at: DateTime<Utc>,
+}
+
+impl ParkedEvent {
+    /// Parks `body` (received with `routing_key` and `content_type`) for `reason`.
+    pub fn new(routing_key: &str, content_type: Option<&str>, body: &[u8], reason: &str) -> Self {
+        use base64::Engine;
+        let mut key = Vec::with_capacity(body.len() + 64);
+        for part in [routing_key.as_bytes(), content_type.unwrap_or("").as_bytes(), body] {
+            key.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            key.extend_from_slice(part);
+        }
+        Self {
+            id: uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &key).to_string(),
+            routing_key: text(routing_key),
+            content_type: content_type.map(text),
+            reason: text(reason),
+            body: base64::engine::general_purpose::STANDARD.encode(body),
+            at: Utc::now(),
+        }
+    }
+
+    /// The body as received.
+    pub fn body_bytes(&self) -> Result<Vec<u8>, StoreError> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.body)
+            .map_err(|e| StoreError::Decode { what: "parked event body", reason: e.to_string() })
+    }
+}
+
+/// `s` as a database text value: NUL (which PostgreSQL refuses in text) escaped as `\0`,
+/// and the backslash escaped so that the escaping is unambiguous.
+pub fn text(s: &str) -> String {
+    if !s.contains(['\0', '\\']) {
+        return s.to_string();
+    }
+    s.replace('\\', "\\\\").replace('\0', "\\0")
+}
+
+pub(crate) fn parked_event(row: &AnyRow) -> ParkedEvent {
+    ParkedEvent {
+        id: row.get(0),
+        routing_key: row.get(1),
+        content_type: row.get(2),
+        reason: row.get(3),
+        body: row.get(4),
+        at: from_micros(row.get(5)),
+    }
+}

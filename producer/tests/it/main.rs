@@ -7,3 +7,4 @@ mod cli;
 mod helpers;
 mod recorder;
 mod schedules;
+mod versions;

@@ -1,6 +1,6 @@
 //! Hostile input: a deterministic corpus of 1,000 malformed job messages —
 //! random bytes, truncated msgpack, wrong types, huge strings, deep nesting,
-//! unknown fields, bad UUIDs and versions, foreign content types, oversized
+//! unknown params, bad UUIDs and versions, foreign content types, oversized
 //! bodies, invalid UTF-8, job type mismatches, bad params and dataset paths
 //! that try to leave the data root. Every one must end in a dead-letter queue
 //! with a reason, the worker must stay up, and valid jobs after them must run.
@@ -128,7 +128,7 @@ fn hostile(i: usize, rng: &mut Rng) -> Hostile {
                 ("params", Value::Null),
                 ("trigger", json!("manual")),
                 ("submitted_at", json!(1_700_000_000)),
-                ("version", json!("1")),
+                ("version", json!("one")),
             ][rng.below(10)]
             .clone();
             let v = with_field(&noop, field, Some(value));
@@ -160,12 +160,13 @@ fn hostile(i: usize, rng: &mut Rng) -> Hostile {
             }
         }
         7 => {
+            // Unknown top-level and trigger fields are a newer minor version's, and read; unknown params are refused.
             let v = match rng.below(3) {
-                0 => with_field(&noop, "priority", Some(json!(9))),
-                1 => with_field(&noop, "trigger", Some(json!({"kind": "manual", "source": "x", "sudo": true}))),
-                _ => with_field(&noop, "params", Some(json!({"sleep_ms": 1, "rm_rf": "/"}))),
+                0 => with_field(&noop, "params", Some(json!({"sleep_ms": 1, "rm_rf": "/"}))),
+                1 => with_field(&noop, "params", Some(json!({"sleep_ms": 1, "sudo": true}))),
+                _ => with_field(&noop, "params", Some(json!({"sleep_ms": 1, "priority": 9}))),
             };
-            h("unknown field", if i.is_multiple_of(2) { msgpack(&v) } else { jsonb(&v) }, if i.is_multiple_of(2) { &mp } else { &js })
+            h("unknown param", if i.is_multiple_of(2) { msgpack(&v) } else { jsonb(&v) }, if i.is_multiple_of(2) { &mp } else { &js })
         }
         8 => {
             let id = ["", "not-a-uuid", "01936f5e-8c4a-7b2e-9d1f", "../../etc/passwd", "01936f5e-8c4a-7b2e-9d1f-3a5b7c9e1f2g", "\u{0}"]
@@ -209,7 +210,7 @@ fn hostile(i: usize, rng: &mut Rng) -> Hostile {
             let (field, value) = [
                 ("submitted_at", json!("yesterday")),
                 ("submitted_at", json!("2026-13-45T99:00:00Z")),
-                ("trigger", json!({"kind": "root"})),
+                ("trigger", json!({"source": "no kind"})),
                 ("max_attempts", json!(0)),
                 ("max_attempts", json!(11)),
                 ("timeout_s", json!(0)),
@@ -358,6 +359,19 @@ async fn a_thousand_malformed_messages_are_dead_lettered_and_the_worker_lives_on
     for spec in &good {
         let events = env.run_job(spec, Duration::from_secs(120)).await;
         assert_eq!(events.last().unwrap().status, JobStatus::Succeeded, "a valid job after the corpus");
+    }
+    // Jobs of a newer minor version (a field, a trigger field and kind this build does not know) run.
+    for (i, content_type) in [codec::JSON, codec::MSGPACK].into_iter().enumerate() {
+        let spec = env.spec("noop", json!({"sleep_ms": 1}));
+        let mut v = as_value(&spec);
+        v["version"] = json!(format!("1.{}", i + 1));
+        v["priority"] = json!(7);
+        v["trigger"] = json!({"kind": "webhook", "source": "ci", "signed": true});
+        let body = if content_type == codec::JSON { jsonb(&v) } else { msgpack(&v) };
+        let mut watch = env.watch(&spec).await;
+        env.publish_raw("noop", &body, BasicProperties::default().with_content_type(content_type.into())).await;
+        let events = crate::support::collect_until_terminal(&mut watch, Duration::from_secs(60)).await;
+        assert_eq!(events.last().unwrap().status, JobStatus::Succeeded, "a job of version 1.{} with unknown fields", i + 1);
     }
     // Every malformed message reaches a dead-letter queue.
     let (dq_noop, dq_intent) = (env.topo.dead_queue("noop"), env.topo.dead_queue("intent-train"));

@@ -48,7 +48,8 @@ pub enum Disposition {
 /// Decides what happens after attempt `attempt` (1-based) of `max_attempts` failed with `kind`.
 pub fn decide(kind: ErrorKind, attempt: u32, max_attempts: u32, backoff: &Backoff) -> Disposition {
     match kind {
-        ErrorKind::Permanent => Disposition::Dead,
+        // A kind this build does not know cannot come from its own handlers; treat it as permanent.
+        ErrorKind::Permanent | ErrorKind::Unknown => Disposition::Dead,
         ErrorKind::Cancelled => Disposition::Cancelled,
         ErrorKind::Transient | ErrorKind::Timeout if attempt < max_attempts => {
             Disposition::Retry { delay_ms: backoff.delay_ms(attempt), next_attempt: attempt + 1 }
@@ -78,6 +79,7 @@ mod tests {
             (Permanent, 1, 3, Dead),
             (Permanent, 3, 3, Dead),
             (ErrorKind::Cancelled, 1, 3, Disposition::Cancelled),
+            (ErrorKind::Unknown, 1, 3, Dead),
             (ErrorKind::Cancelled, 3, 3, Disposition::Cancelled),
             (Transient, 1, 1, Failed),
         ];
