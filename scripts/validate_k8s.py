@@ -495,6 +495,11 @@ def check_config(overlay: str, objs: list[dict], noisy: list[str], known_env: se
     for d in by_kind(objs, "Deployment"):
         for c in d["spec"]["template"]["spec"]["containers"]:
             names |= {e["name"] for e in c.get("env", []) if e["name"].startswith("TRAINYARD_")}
+            trainyard = c.get("command", [""])[0].startswith("/usr/local/bin/trainyard")
+            if trainyard and not any(src.get("configMapRef", {}).get("name") == "trainyard-config" for src in c.get("envFrom", [])):
+                fail(f"{overlay}/Deployment/{name(d)}", "must take its settings (log format, RUST_LOG) from the ConfigMap trainyard-config")
+            if trainyard and any(e["name"] in ("TRAINYARD_LOG_FORMAT", "RUST_LOG") for e in c.get("env", [])):
+                fail(f"{overlay}/Deployment/{name(d)}", "TRAINYARD_LOG_FORMAT and RUST_LOG come from trainyard-config, not per container")
     for n in sorted(names - known_env - help_env):
         fail(f"overlay {overlay}", f"{n} is set but read by no code (common/producer/worker src, or the binaries' --help)")
 
