@@ -24,6 +24,9 @@ use trainyard_common::{
     JobEvent, JobSpec, JobStatus, WorkerInfo,
 };
 
+use base64::Engine;
+use trainyard_common::job::{valid_bot_name, valid_job_type};
+
 use crate::store::{DeadLetter, ParkedEvent, Store, StoreError};
 
 /// Most event deliveries recorded in one store transaction.
@@ -164,10 +167,26 @@ impl Recorder {
         Ok(())
     }
 
-    /// Records one dead letter and acks it, or nacks it back to the queue when the store failed.
+    /// Records one dead letter and acks it, or nacks it back to the queue when the store
+    /// failed for a reason a retry can fix. A letter the store refuses for what it
+    /// contains is recorded in a plain form (every text value ASCII-escaped) instead:
+    /// requeueing it would block every letter behind it for ever.
     async fn settle_dead_letter(&self, delivery: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
-        match self.handle_dead_letter(delivery, publish).await {
+        let mut outcome = self.handle_dead_letter(delivery, publish).await;
+        if let Err(RecorderError::Store(e)) = &outcome {
+            if !e.retryable() {
+                tracing::error!(error = %e, "the store refuses a dead letter as received; recording it ASCII-escaped");
+                let (letter, _) = self.read_dead_letter(delivery);
+                outcome = self.store.record_dead_letter(&letter.ascii_escaped(&e.to_string())).await.map_err(RecorderError::from);
+            }
+        }
+        match outcome {
             Ok(()) => {
+                delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
+            }
+            Err(RecorderError::Store(e)) if !e.retryable() => {
+                // Not even the plain form: nothing a retry can change. Say so loudly, keep the queue moving.
+                tracing::error!(error = %e, routing_key = %delivery.routing_key, "cannot record a dead letter; it stays in its dead-letter queue");
                 delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
             }
             Err(e) => {
@@ -217,13 +236,17 @@ impl Recorder {
         Ok(())
     }
 
-    async fn handle_dead_letter(&self, d: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
-        let (letter, event) = dead_letter(
+    fn read_dead_letter(&self, d: &Delivery) -> (DeadLetter, Option<JobEvent>) {
+        dead_letter(
             d.properties.content_type().as_ref().map(|s| s.as_str()),
             d.properties.headers().as_ref(),
             d.routing_key.as_str(),
             &d.data,
-        );
+        )
+    }
+
+    async fn handle_dead_letter(&self, d: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
+        let (letter, event) = self.read_dead_letter(d);
         tracing::warn!(job_id = ?letter.job_id, job_type = %letter.job_type, reason = %letter.reason, "dead letter recorded");
         self.store.record_dead_letter(&letter).await?;
         if let Some(m) = &self.metrics {
@@ -253,6 +276,11 @@ pub fn decode_event(content_type: Option<&str>, body: &[u8]) -> Result<JobEvent,
 /// broker dead-lettered by itself at the delivery limit has only `x-death`.
 /// Kinds `transient` and `timeout` mean the attempts were used up: status
 /// `failed`; anything else is `dead`.
+///
+/// Hostile letters are listed as received: a job id that is not a UUID is kept (the
+/// store escapes what it cannot hold) but the letter's id is then a hash of the body
+/// and no job is recorded for it, since no worker ever ran such a job; the whole body
+/// is kept as base64.
 pub fn dead_letter(
     content_type: Option<&str>,
     hdrs: Option<&FieldTable>,
@@ -274,30 +302,33 @@ pub fn dead_letter(
         headers::string(hdrs, headers::DEAD_KIND).unwrap_or_else(|| if by_broker { "delivery-limit".into() } else { "unknown".into() });
     let attempt = headers::attempt(hdrs);
     let job_id = spec.as_ref().map(|s| s.job_id.clone()).or_else(|| headers::string(hdrs, headers::JOB_ID));
-    let job_type = spec.as_ref().map(|s| s.job_type.clone()).unwrap_or_else(|| {
-        if routing_key.is_empty() {
-            "unknown".into()
-        } else {
-            routing_key.to_string()
-        }
-    });
-    let id = job_id.clone().unwrap_or_else(|| format!("poison-{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, body)));
+    // A real job's id: one a worker could have run (it refuses any other).
+    let real_id = job_id.clone().filter(|id| uuid::Uuid::parse_str(id).is_ok());
+    let job_type = spec
+        .as_ref()
+        .map(|s| s.job_type.clone())
+        .filter(|t| valid_job_type(t))
+        .or_else(|| valid_job_type(routing_key).then(|| routing_key.to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let bot = spec.as_ref().map(|s| s.bot.clone());
+    let id = real_id.clone().unwrap_or_else(|| format!("poison-{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, body)));
     let preview: String =
         String::from_utf8_lossy(&body[..body.len().min(256)]).chars().map(|c| if c.is_control() { '.' } else { c }).collect();
     let letter = DeadLetter {
         id,
         job_id: job_id.clone(),
         job_type: job_type.clone(),
-        bot: spec.as_ref().map(|s| s.bot.clone()),
+        bot: bot.clone(),
         reason: reason.clone(),
         kind: kind.clone(),
         attempt,
         broker_dead_lettered: by_broker && worker_reason.is_none(),
         body_preview: preview,
+        body: Some(base64::engine::general_purpose::STANDARD.encode(body)),
         at: chrono::Utc::now(),
         replayed_at: None,
     };
-    let event = job_id.map(|job_id| {
+    let event = real_id.map(|job_id| {
         let (status, error_kind) = match kind.as_str() {
             "transient" => (JobStatus::Failed, ErrorKind::Transient),
             "timeout" => (JobStatus::Failed, ErrorKind::Timeout),
@@ -308,7 +339,7 @@ pub fn dead_letter(
             job_id,
             seq: DEAD_LETTER_SEQ,
             job_type,
-            bot: spec.as_ref().map(|s| s.bot.clone()).unwrap_or_default(),
+            bot: bot.filter(|b| valid_bot_name(b)).unwrap_or_default(),
             status,
             attempt,
             worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),

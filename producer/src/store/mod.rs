@@ -34,7 +34,7 @@ use sqlx::{
 };
 use trainyard_common::{JobEvent, JobSpec, JobStatus};
 
-pub use types::{from_micros, micros, DeadLetter, JobFilter, JobRow, ParkedEvent};
+pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobFilter, JobRow, ParkedEvent};
 
 /// Default store, under the data directory of the control plane.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./.trainyard/trainyard.db";
@@ -69,6 +69,29 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+}
+
+impl StoreError {
+    /// Can trying again fix this? `false` for what the data itself causes (a value the
+    /// database refuses, one too large for an index, a constraint, a document that does
+    /// not decode): retrying such a write only blocks what queues behind it.
+    pub fn retryable(&self) -> bool {
+        let StoreError::Query { source, .. } = self else { return matches!(self, StoreError::Open { .. }) };
+        match source {
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                // SQLite: extended result codes; the primary code is the low byte.
+                if let Ok(n) = code.parse::<i64>() {
+                    // TOOBIG (18), CONSTRAINT (19), MISMATCH (20), RANGE (25)
+                    return !matches!(n & 0xff, 18 | 19 | 20 | 25);
+                }
+                // PostgreSQL SQLSTATE classes: 22 data exception, 23 integrity, 54 program limit (index row size).
+                !(code.starts_with("22") || code.starts_with("23") || code.starts_with("54"))
+            }
+            sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::TypeNotFound { .. } => false,
+            _ => true,
+        }
+    }
 }
 
 fn q(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -528,21 +551,23 @@ impl Store {
     /// Records a dead letter (idempotent on its id; a later one for the same id replaces it).
     pub async fn record_dead_letter(&self, dl: &DeadLetter) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO dead_letters (id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL) ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, \
+            "INSERT INTO dead_letters (id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11) ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, \
              kind = excluded.kind, attempt = excluded.attempt, broker_dead_lettered = excluded.broker_dead_lettered, at = excluded.at, \
-             replayed_at = NULL",
+             replayed_at = NULL, body = excluded.body",
         )
-        .bind(&dl.id)
-        .bind(dl.job_id.clone())
-        .bind(&dl.job_type)
-        .bind(dl.bot.clone())
-        .bind(&dl.reason)
-        .bind(&dl.kind)
+        // Text as received, with what the database refuses (NUL) escaped.
+        .bind(types::text(&dl.id))
+        .bind(dl.job_id.as_deref().map(types::text))
+        .bind(types::text(&dl.job_type))
+        .bind(dl.bot.as_deref().map(types::text))
+        .bind(types::text(&dl.reason))
+        .bind(types::text(&dl.kind))
         .bind(i64::from(dl.attempt))
         .bind(i64::from(dl.broker_dead_lettered))
-        .bind(&dl.body_preview)
+        .bind(types::text(&dl.body_preview))
         .bind(micros(dl.at))
+        .bind(dl.body.clone())
         .execute(&self.pool)
         .await
         .map_err(q(format!("record dead letter {}", dl.id)))?;
@@ -551,7 +576,7 @@ impl Store {
 
     /// Dead letters not replayed yet, newest first, optionally of one job type.
     pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
-        let cols = "id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at";
+        let cols = "id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at, body";
         let rows = match job_type {
             Some(t) => {
                 sqlx::query(AssertSqlSafe(format!(

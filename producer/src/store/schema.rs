@@ -81,6 +81,12 @@ CREATE TABLE IF NOT EXISTS parked_events (
 )
 "#,
     ),
+    (
+        3,
+        r#"
+ALTER TABLE dead_letters ADD COLUMN body TEXT
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.

@@ -147,10 +147,40 @@ pub struct DeadLetter {
     pub broker_dead_lettered: bool,
     /// The first bytes of the body, for debugging poison messages.
     pub body_preview: String,
+    /// The whole body as received, base64 (standard alphabet, padded); absent for letters recorded before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
     /// When it was recorded.
     pub at: DateTime<Utc>,
     /// When it was replayed (then it no longer lists).
     pub replayed_at: Option<DateTime<Utc>>,
+}
+
+impl DeadLetter {
+    /// This letter with every text value ASCII-escaped (`\u{0}`, `\u{e9}`, …) and cut
+    /// to 1,000 characters, and `why` the store refused it as received added to the
+    /// reason: a form any database takes. The body stays as base64.
+    pub fn ascii_escaped(&self, why: &str) -> DeadLetter {
+        let esc = |s: &str| s.escape_default().take(1000).collect::<String>();
+        DeadLetter {
+            id: if self.id.is_ascii() && self.id.len() <= 200 {
+                self.id.clone()
+            } else {
+                format!("escaped-{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, self.id.as_bytes()))
+            },
+            job_id: self.job_id.as_deref().map(esc),
+            job_type: esc(&self.job_type),
+            bot: self.bot.as_deref().map(esc),
+            reason: format!("{} (recorded escaped: {})", esc(&self.reason), esc(why)),
+            kind: esc(&self.kind),
+            attempt: self.attempt,
+            broker_dead_lettered: self.broker_dead_lettered,
+            body_preview: esc(&self.body_preview),
+            body: self.body.clone(),
+            at: self.at,
+            replayed_at: self.replayed_at,
+        }
+    }
 }
 
 pub(crate) fn dead_letter(row: &AnyRow) -> DeadLetter {
@@ -166,6 +196,7 @@ pub(crate) fn dead_letter(row: &AnyRow) -> DeadLetter {
         body_preview: row.get(8),
         at: from_micros(row.get(9)),
         replayed_at: row.get::<Option<i64>, _>(10).map(from_micros),
+        body: row.get(11),
     }
 }
 

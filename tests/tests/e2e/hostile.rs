@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use serde_json::{json, Value};
-use trainyard_common::{artifacts::keys, codec, JobSpec, JobStatus};
+use trainyard::store::Store;
+use trainyard_common::{artifacts::keys, codec, headers, JobSpec, JobStatus};
 
 use crate::support::Env;
 
@@ -328,14 +329,41 @@ fn corpus() -> Vec<Hostile> {
     (0..CORPUS).map(|i| hostile(i, &mut rng)).collect()
 }
 
-/// 1,000 malformed messages: each is dead-lettered with a reason, the worker
-/// lives on, and valid jobs published after them succeed.
+/// 1,000 malformed messages on SQLite: see [`hostile_corpus`].
 #[tokio::test]
-async fn a_thousand_malformed_messages_are_dead_lettered_and_the_worker_lives_on() {
+async fn a_thousand_malformed_messages_are_dead_lettered_and_recorded_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    hostile_corpus(&format!("sqlite://{}/trainyard.db", dir.path().display())).await;
+}
+
+/// 1,000 malformed messages on PostgreSQL, which refuses NUL in text: see [`hostile_corpus`].
+#[tokio::test]
+async fn a_thousand_malformed_messages_are_dead_lettered_and_recorded_on_postgres() {
+    let schema = crate::support::PgSchema::new().await;
+    hostile_corpus(&schema.url).await;
+    schema.drop().await;
+}
+
+/// 1,000 malformed messages: each is dead-lettered with a reason, the worker
+/// lives on, and valid jobs published after them succeed; the recorder lists every
+/// one (`trainyard dlq list`), its queue drains, and a valid dead letter published
+/// after them is recorded within seconds; nothing is written outside the data root.
+async fn hostile_corpus(db_url: &str) {
     let env = Env::new(&["noop", "intent-train"]).await;
+    env.topo.declare_shared(&env.ch).await.unwrap();
+    let store = Store::open(db_url).await.unwrap();
+    let recorder = trainyard::recorder::Recorder::new(store.clone(), env.topo.clone(), crate::support::URL, None);
+    let stop_recorder = tokio_util::sync::CancellationToken::new();
+    let recorder_task = tokio::spawn({
+        let stop = stop_recorder.clone();
+        async move { recorder.run(stop).await }
+    });
+    // What the data root's parent holds before: nothing may be written outside the root.
+    let outside = tempfile::tempdir().unwrap();
     // A data root with a symlink that points out of it, and one good file name.
-    let data = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir_in(outside.path()).unwrap();
     std::os::unix::fs::symlink("/etc", data.path().join("escape")).unwrap();
+
     std::fs::write(data.path().join("ok.json"), "{}").unwrap();
     let data_dir = data.path().to_path_buf();
     let w = env.spawn_worker(&["noop", "intent-train"], move |c| {
@@ -384,12 +412,14 @@ async fn a_thousand_malformed_messages_are_dead_lettered_and_the_worker_lives_on
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(!w.join.is_finished(), "the worker is still running");
-    let mut dead = env.drain(&dq_noop).await;
-    let n_noop = dead.len();
-    dead.extend(env.drain(&dq_intent).await);
+    let mut letters = drain_letters(&env, &dq_noop).await;
+    let n_noop = letters.len();
+    letters.extend(drain_letters(&env, &dq_intent).await);
+    let dead: Vec<(Vec<u8>, Option<String>)> =
+        letters.iter().map(|(_, h, body)| (body.clone(), headers::string(h.as_ref(), headers::DEAD_REASON))).collect();
     assert_eq!((n_noop, dead.len() - n_noop), (sent[0], sent[1]), "every malformed message is dead-lettered, per queue");
     assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await + env.ready(&env.topo.jobs_queue("intent-train")).await, 0);
-    for (body, reason, _) in &dead {
+    for (body, reason) in &dead {
         let reason = reason.as_deref().unwrap_or("");
         assert!(!reason.is_empty(), "a dead letter without a reason: {:?}", String::from_utf8_lossy(&body[..body.len().min(200)]));
     }
@@ -408,16 +438,106 @@ async fn a_thousand_malformed_messages_are_dead_lettered_and_the_worker_lives_on
     ] {
         assert!(reasons.iter().any(|r| r.contains(needle)), "no dead-letter reason mentions {needle:?}");
     }
-    // Nothing was written outside the data root; the good jobs' outcomes exist.
+    // Nothing was written outside the data root (its parent holds only the root) nor into it;
+    // the good jobs' outcomes exist.
+    let beside: Vec<_> = std::fs::read_dir(outside.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(beside, vec![data.path().file_name().unwrap().to_owned()], "written beside the data root");
+    let mut inside = dir_listing(data.path());
+    inside.sort();
+    assert_eq!(inside, ["escape", "ok.json"], "written into the data root");
     for spec in &good {
         assert!(env.artifacts.exists(&keys::outcome(&spec.job_id)).await.unwrap());
     }
+    // The recorder lists every letter (hostile ones included, as received), and its queue drains.
+    let expected: std::collections::BTreeSet<String> =
+        letters.iter().map(|(ct, h, body)| trainyard::recorder::dead_letter(ct.as_deref(), h.as_ref(), "noop", body).0.id).collect();
+    let listed_ids = |v: &Value| -> std::collections::BTreeSet<String> {
+        v.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let listed = loop {
+        let listed = listed_ids(&dlq_list(db_url, &env).await);
+        if expected.iter().all(|id| listed.contains(&trainyard::store::escape_text(id))) || Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let missing: Vec<&String> = expected.iter().filter(|id| !listed.contains(&trainyard::store::escape_text(id))).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} dead letters not listed, e.g. {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(3)]
+    );
+    let recorder_q = env.topo.dead_recorder_queue();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.ready(&recorder_q).await > 0 {
+        assert!(Instant::now() < deadline, "{recorder_q} does not drain");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A valid dead letter published after the corpus is recorded within seconds.
+    let late = env.spec("noop", json!({"sleep_ms": 1}));
+    let mut h = lapin::types::FieldTable::default();
+    headers::set_str(&mut h, headers::DEAD_REASON, "late and valid");
+    headers::set_str(&mut h, headers::DEAD_KIND, "permanent");
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h);
+    trainyard_common::amqp::publish_confirmed(&env.ch, &env.topo.dead_exchange(), "noop", &codec::to_msgpack(&late).unwrap(), props, false)
+        .await
+        .unwrap();
+    let t_late = Instant::now();
+    loop {
+        if store.dead_letters(None).await.unwrap().iter().any(|d| d.id == late.job_id) {
+            break;
+        }
+        assert!(t_late.elapsed() < Duration::from_secs(10), "a valid dead letter after the corpus is not recorded within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{} distinct dead letters listed; a later valid one recorded in {:.2}s", expected.len(), t_late.elapsed().as_secs_f64());
+    stop_recorder.cancel();
+    recorder_task.await.unwrap();
+    store.close().await;
     eprintln!("{} malformed messages dead-lettered in {:.1}s", dead.len(), t0.elapsed().as_secs_f64());
     // The corpus covers every kind.
     let kinds: std::collections::BTreeSet<&str> = corpus.iter().map(|m| m.kind).collect();
     assert!(kinds.len() >= 24, "{kinds:?}");
     w.stop().await;
     env.cleanup().await;
+}
+
+/// Every message of `queue`: (content type, headers, body).
+async fn drain_letters(env: &Env, queue: &str) -> Vec<(Option<String>, Option<lapin::types::FieldTable>, Vec<u8>)> {
+    let ch = env.conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(msg) = ch.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: false }).await.unwrap() {
+        let p = &msg.delivery.properties;
+        out.push((p.content_type().as_ref().map(|c| c.to_string()), p.headers().clone(), msg.delivery.data.clone()));
+        msg.delivery.acker.ack(lapin::options::BasicAckOptions::default()).await.unwrap();
+    }
+    out
+}
+
+/// `trainyard dlq list --json` on `db_url`.
+async fn dlq_list(db_url: &str, env: &Env) -> Value {
+    let out = tokio::process::Command::new(crate::support::bin("trainyard"))
+        .args(["dlq", "list", "--json"])
+        .env("TRAINYARD_DATABASE_URL", db_url)
+        .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
+        .env("TRAINYARD_PREFIX", env.topo.prefix())
+        .env("TRAINYARD_AMQP_URL", crate::support::URL)
+        .env_remove("TRAINYARD_SERVER")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "trainyard dlq list: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The names in a directory (not following symlinks into it).
+fn dir_listing(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
 }
 
 /// The params validation of every built-in job type, fed the params of the

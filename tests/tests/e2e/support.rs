@@ -228,3 +228,33 @@ pub fn bin(name: &str) -> PathBuf {
     assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
     path
 }
+
+/// A PostgreSQL schema of its own in the test database (`TRAINYARD_TEST_DATABASE_URL`, default
+/// the local `test` database); drop it with [`PgSchema::drop`].
+pub struct PgSchema {
+    pub url: String,
+    name: String,
+}
+
+impl PgSchema {
+    fn base() -> String {
+        std::env::var("TRAINYARD_TEST_DATABASE_URL")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+    pub async fn new() -> Self {
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let base = Self::base();
+        let admin = trainyard::store::Store::open(&base).await.unwrap();
+        admin.execute_raw(&format!("CREATE SCHEMA {name}")).await.unwrap();
+        admin.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Self { url: format!("{base}{sep}options=-c%20search_path%3D{name}"), name }
+    }
+    pub async fn drop(self) {
+        let admin = trainyard::store::Store::open(&Self::base()).await.unwrap();
+        admin.execute_raw(&format!("DROP SCHEMA {} CASCADE", self.name)).await.unwrap();
+        admin.close().await;
+    }
+}
