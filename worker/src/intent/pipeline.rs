@@ -19,7 +19,7 @@ use super::{
     fit::{Stage, StageSummary},
     metrics::Metrics,
     params::{ModelKind, PromoteMode, TrainParams},
-    predict::{average, decide, probabilities, ModelConfig, Predictor},
+    predict::{average, decide, probabilities, tune_weights, ModelConfig, Predictor},
     promotion::{set_production, GateDecision, ProductionEntry},
     seq::{SeqConfig, SeqFeaturizer},
     train::TrainData,
@@ -226,9 +226,16 @@ fn fit_all<B: AutodiffBackend>(
         features: feats,
         seq,
         conv: h.model.has_conv().then_some((h.conv_dim, h.conv_filters)),
+        weights: None,
     };
-    let predictor = Predictor { config, bag, conv, device: device.clone() };
-    Ok(Fitted { predictor, val_probs: average(parts), stages })
+    let mut predictor = Predictor { config, bag, conv, device: device.clone() };
+    if parts.len() == 2 && !prep.y_val.is_empty() {
+        let w = tune_weights(&parts, prep.labels.len(), &prep.y_val);
+        env.log(format!("ensemble weights {:.2} (bag) / {:.2} (conv), tuned on validation", w[0], w[1]));
+        predictor.config.weights = Some(w);
+    }
+    let val_probs = average(&parts, predictor.config.weights.as_deref());
+    Ok(Fitted { predictor, val_probs, stages })
 }
 
 /// The whole run on backend `B` (`force_device_bag`: the bag takes the device path even on the CPU).

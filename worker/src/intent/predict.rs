@@ -48,6 +48,9 @@ pub struct ModelConfig {
     /// The word-order model's embedding width and filters per width.
     #[serde(default)]
     pub conv: Option<(usize, usize)>,
+    /// Weight of each network's probabilities in an ensemble (bag first); absent: equal.
+    #[serde(default)]
+    pub weights: Option<Vec<f32>>,
 }
 
 impl ModelConfig {
@@ -132,16 +135,31 @@ pub struct Predictor<B: Backend> {
     pub device: B::Device,
 }
 
-/// Element-wise mean of probability matrices of one shape.
-pub fn average(parts: Vec<Vec<f32>>) -> Vec<f32> {
-    let k = parts.len().max(1) as f32;
-    let mut it = parts.into_iter();
-    let mut acc = it.next().unwrap_or_default();
-    for p in it {
-        acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+/// Element-wise weighted mean of probability matrices of one shape (`weights`: one per part, absent = equal).
+pub fn average(parts: &[Vec<f32>], weights: Option<&[f32]>) -> Vec<f32> {
+    let equal = vec![1.0; parts.len()];
+    let w = weights.filter(|w| w.len() == parts.len()).unwrap_or(&equal);
+    let total: f32 = w.iter().sum::<f32>().max(f32::MIN_POSITIVE);
+    let mut acc = vec![0.0f32; parts.first().map_or(0, Vec::len)];
+    for (p, &wi) in parts.iter().zip(w) {
+        acc.iter_mut().zip(p).for_each(|(a, b)| *a += wi / total * b);
     }
-    acc.iter_mut().for_each(|a| *a /= k);
     acc
+}
+
+/// The ensemble weight of the first of two networks that maximises arg-max accuracy on `y`
+/// (0.2–0.8 in steps of 0.05; ties go to the weight nearest 0.5). Returns `[w, 1 - w]`.
+pub fn tune_weights(parts: &[Vec<f32>], labels: usize, y: &[usize]) -> Vec<f32> {
+    let mut best = (0.5f32, 0usize);
+    for step in 0..=12 {
+        let w = 0.2 + 0.05 * step as f32;
+        let p = average(parts, Some(&[w, 1.0 - w]));
+        let right = decide(&p, labels, None, None).iter().zip(y).filter(|(a, b)| a == b).count();
+        if right > best.1 || (right == best.1 && (w - 0.5).abs() < (best.0 - 0.5).abs()) {
+            best = (w, right);
+        }
+    }
+    vec![best.0, 1.0 - best.0]
 }
 
 impl<B: Backend> Predictor<B> {
@@ -161,7 +179,7 @@ impl<B: Backend> Predictor<B> {
             let x: Padded = seq.transform(texts);
             parts.push(device_probabilities(conv, &x, &self.device));
         }
-        average(parts)
+        average(&parts, self.config.weights.as_deref())
     }
 
     /// The predicted label of each text (OOS rule applied).
@@ -231,6 +249,22 @@ impl<B: Backend> Predictor<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ensemble_weights() {
+        let a = vec![0.9, 0.1, 0.2, 0.8];
+        let b = vec![0.3, 0.7, 0.6, 0.4];
+        assert_eq!(average(&[a.clone(), b.clone()], None), vec![0.6, 0.4, 0.4, 0.6]);
+        let w = average(&[a.clone(), b.clone()], Some(&[0.25, 0.75]));
+        assert!((w[0] - 0.45).abs() < 1e-6 && (w[1] - 0.55).abs() < 1e-6, "{w:?}");
+        // `a` is right on both rows when the labels are [0, 1]: every weight above 1/3 for it gets
+        // both right, and the one nearest 0.5 wins. With labels [1, 0] only `b` is right, and `a`'s weight
+        // must stay at or below 1/4 (at 1/4 the second row ties, and a tie goes to the first label).
+        let tuned = tune_weights(&[a.clone(), b.clone()], 2, &[0, 1]);
+        assert!((tuned[0] - 0.5).abs() < 1e-6, "{tuned:?}");
+        let tuned = tune_weights(&[a, b], 2, &[1, 0]);
+        assert!((tuned[0] - 0.25).abs() < 1e-6, "{tuned:?}");
+    }
 
     #[test]
     fn decide_applies_the_threshold() {
