@@ -83,6 +83,41 @@ pub enum CommonError {
         /// The cause.
         source: object_store::Error,
     },
+    /// The broker session went away before an operation that needs it (an ack on a
+    /// dead session would be lost): the broker redelivers what was not acked.
+    #[error("the broker session was lost before {what}; the broker redelivers what was not acked")]
+    SessionLost {
+        /// What could not be done.
+        what: &'static str,
+    },
+    /// The broker ended a consumer (the queue was deleted, the channel or connection closed).
+    #[error("the broker ended the consumer of {queue}")]
+    ConsumerEnded {
+        /// The queue consumed.
+        queue: String,
+    },
+    /// No pooled broker connection could be had (the pool timed out or is closed).
+    #[error("no broker connection to {url} is available: {reason}")]
+    PoolUnavailable {
+        /// The broker URL, credentials redacted.
+        url: String,
+        /// What the pool said.
+        reason: String,
+    },
+    /// A job has no trained model in the artifact store.
+    #[error("job {job_id} has no model under {prefix}/")]
+    ModelMissing {
+        /// The job.
+        job_id: String,
+        /// Where its model would be.
+        prefix: String,
+    },
+    /// A bot has no production model to roll back.
+    #[error("bot {bot:?} has no production model to roll back")]
+    NoProductionModel {
+        /// The bot.
+        bot: String,
+    },
     /// A setting is wrong.
     #[error("invalid setting {name}: {reason}")]
     Config {
@@ -98,5 +133,26 @@ impl CommonError {
     pub fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> CommonError {
         let what = what.into();
         move |source| CommonError::Amqp { what, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each failure says what happened; none of these is a settings problem.
+    #[test]
+    fn failures_are_not_settings_errors() {
+        let errors = [
+            CommonError::SessionLost { what: "the ack" },
+            CommonError::ConsumerEnded { queue: "p.recorder".into() },
+            CommonError::PoolUnavailable { url: "amqp://h".into(), reason: "timeout".into() },
+            CommonError::ModelMissing { job_id: "j".into(), prefix: "jobs/j/model".into() },
+            CommonError::NoProductionModel { bot: "b".into() },
+        ];
+        for e in &errors {
+            assert!(!e.to_string().contains("invalid setting"), "{e}");
+        }
+        assert_eq!(errors[1].to_string(), "the broker ended the consumer of p.recorder");
     }
 }

@@ -12,6 +12,7 @@
 //! - [`artifacts`]: the artifact store (object_store, local directory by default);
 //! - [`metrics`]: every Prometheus metric name and label, defined once;
 //! - [`models`]: bots' production pointers and promotion history;
+//! - [`reconnect`]: the one reconnect loop (backoff, jitter, reset) of every broker session;
 //! - [`version`]: [`SchemaVersion`](version::SchemaVersion), the contract version;
 //! - [`error`]: the error types of this layer.
 #![deny(missing_docs)]
@@ -28,6 +29,7 @@ pub mod job;
 pub mod metrics;
 pub mod models;
 pub mod paths;
+pub mod reconnect;
 pub mod topology;
 pub mod version;
 

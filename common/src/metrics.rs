@@ -185,6 +185,8 @@ pub struct ControlMetrics {
     pub events_recorded: IntCounterVec,
     /// See [`EVENTS_PARKED_TOTAL`]; exported from start-up, at 0.
     pub events_parked: prometheus::IntCounter,
+    /// See [`RECONNECTS_TOTAL`]: the recorder's and the trigger listener's reconnects.
+    pub reconnects_total: prometheus::IntCounter,
     /// See [`DEAD_LETTERS_TOTAL`].
     pub dead_letters: IntCounterVec,
     /// See [`JOBS_SUBMITTED_TOTAL`].
@@ -229,6 +231,7 @@ impl ControlMetrics {
                 EVENTS_PARKED_TOTAL,
                 "Events the recorder could not record, parked with the reason.",
             )?,
+            reconnects_total: prometheus::IntCounter::new(RECONNECTS_TOTAL, "Reconnects to the broker.")?,
             dead_letters: IntCounterVec::new(Opts::new(DEAD_LETTERS_TOTAL, "Dead letters recorded."), &[L_JOB_TYPE, L_REASON])?,
             jobs_submitted: IntCounterVec::new(
                 Opts::new(JOBS_SUBMITTED_TOTAL, "Jobs submitted by the control plane."),
@@ -249,6 +252,7 @@ impl ControlMetrics {
         registry.register(Box::new(m.jobs_finished.clone()))?;
         registry.register(Box::new(m.events_recorded.clone()))?;
         registry.register(Box::new(m.events_parked.clone()))?;
+        registry.register(Box::new(m.reconnects_total.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.jobs_submitted.clone()))?;
         registry.register(Box::new(m.schedule_fires.clone()))?;

@@ -130,11 +130,11 @@ pub async fn set_production(store: &ArtifactStore, bot: &str, entry: ProductionE
 
 /// Makes the model that job `job_id` trained the production model of `bot`, by hand.
 ///
-/// Fails with [`CommonError::Config`] when the job has no model in the store.
+/// Fails with [`CommonError::ModelMissing`] when the job has no model in the store.
 pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason: &str) -> Result<ProductionEntry, CommonError> {
     let prefix = model_prefix(job_id);
     if store.list(&prefix).await?.is_empty() {
-        return Err(CommonError::Config { name: "job_id".into(), reason: format!("job {job_id} has no model under {prefix}/") });
+        return Err(CommonError::ModelMissing { job_id: job_id.into(), prefix });
     }
     let metrics: serde_json::Value = store.get_json(&metrics_key(job_id)).await?.unwrap_or(serde_json::Value::Null);
     let headline = headline(&metrics);
@@ -152,10 +152,10 @@ pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason:
 
 /// Restores the production model that preceded the current one. Returns the new
 /// production entry (`None`: there was no earlier model; the pointer is removed).
-/// Fails with [`CommonError::Config`] when the bot has no production model.
+/// Fails with [`CommonError::NoProductionModel`] when the bot has no production model.
 pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str) -> Result<Option<ProductionEntry>, CommonError> {
     let Some(current) = production(store, bot).await? else {
-        return Err(CommonError::Config { name: "bot".into(), reason: format!("bot {bot:?} has no production model to roll back") });
+        return Err(CommonError::NoProductionModel { bot: bot.into() });
     };
     let mut h = history(store, bot).await?;
     let mut stack = h.stack();

@@ -325,7 +325,7 @@ impl Ops {
     pub async fn promote(&self, job_id: &str, by: &str) -> Result<ProductionEntry, OpsError> {
         let job = self.job(job_id).await?;
         models::promote_job(&self.artifacts, &job.bot, job_id, &format!("promoted by hand by {by}")).await.map_err(|e| match e {
-            CommonError::Config { reason, .. } => OpsError::Conflict(reason),
+            e @ CommonError::ModelMissing { .. } => OpsError::Conflict(e.to_string()),
             other => other.into(),
         })
     }
@@ -333,7 +333,7 @@ impl Ops {
     /// Restores the bot's previous production model.
     pub async fn rollback(&self, bot: &str, by: &str) -> Result<Option<ProductionEntry>, OpsError> {
         models::rollback(&self.artifacts, bot, &format!("rolled back by {by}")).await.map_err(|e| match e {
-            CommonError::Config { reason, .. } => OpsError::Conflict(reason),
+            e @ CommonError::NoProductionModel { .. } => OpsError::Conflict(e.to_string()),
             other => other.into(),
         })
     }

@@ -29,9 +29,9 @@ impl managed::Manager for ChannelManager {
     type Error = CommonError;
 
     async fn create(&self) -> Result<Channel, CommonError> {
-        let conn = self.connections.get().await.map_err(|e| CommonError::Config {
-            name: "TRAINYARD_AMQP_URL".into(),
-            reason: format!("failed to connect to the broker at {}: {e}", redact_url(&self.url)),
+        let conn = self.connections.get().await.map_err(|e| match e {
+            deadpool::managed::PoolError::Backend(source) => CommonError::Connect { url: redact_url(&self.url), source },
+            other => CommonError::PoolUnavailable { url: redact_url(&self.url), reason: other.to_string() },
         })?;
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(CommonError::amqp("enable publisher confirms"))?;
@@ -68,6 +68,22 @@ pub fn channel_pool(url: &str, name: &str, max: usize) -> Result<ChannelPool, Co
 pub async fn get(pool: &ChannelPool) -> Result<managed::Object<ChannelManager>, CommonError> {
     pool.get().await.map_err(|e| match e {
         managed::PoolError::Backend(inner) => inner,
-        other => CommonError::Config { name: "pool".into(), reason: other.to_string() },
+        other => CommonError::PoolUnavailable { url: "the channel pool".into(), reason: other.to_string() },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker that is down is an outage with its cause, never "invalid setting".
+    #[tokio::test]
+    async fn an_unreachable_broker_is_a_connect_error() {
+        let pool = channel_pool("amqp://guest:s3cret@127.0.0.1:1/%2f", "pool-test", 1).unwrap();
+        let err = get(&pool).await.unwrap_err();
+        assert!(matches!(err, CommonError::Connect { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("failed to connect to the broker at amqp://guest:***@127.0.0.1:1"), "{msg}");
+        assert!(!msg.contains("invalid setting") && !msg.contains("s3cret"), "{msg}");
+    }
 }

@@ -19,6 +19,7 @@ use lapin::{
     types::FieldTable,
 };
 use tokio_util::sync::CancellationToken;
+use trainyard_common::reconnect::{self, ReconnectPolicy, SessionEnd};
 use trainyard_common::{
     amqp::connect, codec, event::DEAD_LETTER_SEQ, headers, metrics::ControlMetrics, topology::Topology, CommonError, ErrorInfo, ErrorKind,
     JobEvent, JobSpec, JobStatus, WorkerInfo,
@@ -39,6 +40,10 @@ pub const LINGER: Duration = Duration::from_millis(20);
 /// Event deliveries the broker may have in flight to the recorder (two batches: one
 /// being recorded while the next arrives).
 pub const PREFETCH: u16 = 512;
+
+/// Reconnect backoff of the control plane's broker sessions (recorder, trigger listener).
+pub const CONTROL_PLANE_RECONNECT: ReconnectPolicy =
+    ReconnectPolicy { base: Duration::from_millis(200), max: Duration::from_secs(10), healthy_after: Duration::from_secs(30) };
 
 /// Reason recorded for a letter the broker dead-lettered by itself.
 pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
@@ -69,22 +74,22 @@ impl Recorder {
         Self { store, topology, url: url.to_string(), metrics }
     }
 
-    /// Runs until `shutdown`, reconnecting with backoff when the broker goes away.
+    /// Runs until `shutdown`, reconnecting with backoff ([`CONTROL_PLANE_RECONNECT`]) when the broker goes away.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            match self.session(&shutdown).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "recorder session ended; reconnecting in {backoff:?}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
+        let shutdown = &shutdown;
+        let session = || async move {
+            match self.session(shutdown).await {
+                Ok(()) => SessionEnd::Shutdown,
+                Err(e) => SessionEnd::Lost(e),
             }
-        }
+        };
+        reconnect::run(CONTROL_PLANE_RECONNECT, shutdown, session, |e, delay| {
+            tracing::warn!(error = %e, "recorder session ended; reconnecting in {delay:?}");
+            if let Some(m) = &self.metrics {
+                m.reconnects_total.inc();
+            }
+        })
+        .await
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), RecorderError> {
@@ -116,7 +121,8 @@ impl Recorder {
             })
             .buffer_unordered(16);
         tokio::pin!(batches, dead_work);
-        let ended = || CommonError::Config { name: "recorder".into(), reason: "consumer stream ended".into() };
+        let events_ended = || CommonError::ConsumerEnded { queue: self.topology.recorder_queue() };
+        let dead_ended = || CommonError::ConsumerEnded { queue: self.topology.dead_recorder_queue() };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -125,11 +131,11 @@ impl Recorder {
                 }
                 b = batches.next() => match b {
                     Some(batch) => self.settle_events(batch).await?,
-                    None => return Err(ended().into()),
+                    None => return Err(events_ended().into()),
                 },
                 d = dead_work.next() => match d {
                     Some(r) => r?,
-                    None => return Err(ended().into()),
+                    None => return Err(dead_ended().into()),
                 },
             }
         }

@@ -21,6 +21,7 @@ use lapin::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use trainyard_common::reconnect::{self, SessionEnd};
 use trainyard_common::{amqp::connect, metrics::ControlMetrics, CommonError, JobSpec, Trigger, TriggerKind};
 
 use crate::{config::TriggerRule, submit::Submitter};
@@ -144,19 +145,22 @@ impl Triggers {
         format!("{}.triggers.control-plane", self.submitter.topology().prefix())
     }
 
-    /// Runs until `shutdown`, reconnecting on broker trouble.
+    /// Runs until `shutdown`, reconnecting with backoff on broker trouble (the recorder's policy).
     pub async fn run(&self, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            if let Err(e) = self.session(&shutdown).await {
-                tracing::warn!(error = %e, "trigger session ended; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            } else {
-                return;
+        let shutdown = &shutdown;
+        let session = || async move {
+            match self.session(shutdown).await {
+                Ok(()) => SessionEnd::Shutdown,
+                Err(e) => SessionEnd::Lost(e),
             }
-        }
+        };
+        reconnect::run(crate::recorder::CONTROL_PLANE_RECONNECT, shutdown, session, |e, delay| {
+            tracing::warn!(error = %e, "trigger session ended; reconnecting in {delay:?}");
+            if let Some(m) = &self.metrics {
+                m.reconnects_total.inc();
+            }
+        })
+        .await
     }
 
     fn count(&self, rule: &str, outcome: &str) {
@@ -212,7 +216,7 @@ impl Triggers {
                     }
                 }
                 d = consumer.next() => {
-                    let Some(d) = d else { return Err(CommonError::Config { name: "triggers".into(), reason: "consumer ended".into() }) };
+                    let Some(d) = d else { return Err(CommonError::ConsumerEnded { queue: queue.clone() }) };
                     let d = d.map_err(CommonError::amqp("receive a trigger event"))?;
                     let key = d.routing_key.as_str().to_string();
                     let event: serde_json::Value = match serde_json::from_slice(&d.data) {

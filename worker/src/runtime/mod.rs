@@ -24,12 +24,19 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use trainyard_common::{artifacts::ArtifactStore, codec, metrics::WorkerMetrics, topology::Topology, CommonError, WorkerInfo};
+use trainyard_common::{
+    artifacts::ArtifactStore,
+    codec,
+    metrics::WorkerMetrics,
+    reconnect::{self, ReconnectPolicy, SessionEnd},
+    topology::Topology,
+    CommonError, WorkerInfo,
+};
 
 use crate::handler::Registry;
 pub use disposition::Backoff;
@@ -223,29 +230,23 @@ impl Worker {
     /// Runs until `shutdown` fires, then stops consuming, gives running jobs
     /// the grace period, requeues the unfinished ones and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
-        let shared = self.shared;
-        let mut delay = Duration::from_millis(250);
-        loop {
-            if shutdown.is_cancelled() {
-                return Ok(());
+        let shared = &self.shared;
+        let policy =
+            ReconnectPolicy { base: Duration::from_millis(250), max: shared.config.reconnect_max, healthy_after: Duration::from_secs(30) };
+        let shutdown = &shutdown;
+        let session = || async move {
+            match session::run(shared.clone(), shutdown).await {
+                Ok(session::End::Shutdown) => SessionEnd::Shutdown,
+                Ok(session::End::Lost(why)) => SessionEnd::Lost(why),
+                Err(e) => SessionEnd::Lost(format!("broker session failed: {e}")),
             }
-            let started = Instant::now();
-            match session::run(shared.clone(), &shutdown).await {
-                Ok(session::End::Shutdown) => return Ok(()),
-                Ok(session::End::Lost(why)) => tracing::warn!(reason = %why, "lost the broker session; reconnecting"),
-                Err(e) => tracing::warn!(error = %e, "broker session failed; reconnecting"),
-            }
+        };
+        reconnect::run(policy, shutdown, session, |why, delay| {
+            tracing::warn!(reason = %why, "lost the broker session; reconnecting in {delay:?}");
             shared.connected.store(false, Ordering::SeqCst);
             shared.metrics.reconnects_total.inc();
-            if started.elapsed() > Duration::from_secs(30) {
-                delay = Duration::from_millis(250);
-            }
-            let jitter = Duration::from_millis(rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1));
-            tokio::select! {
-                _ = tokio::time::sleep(delay + jitter) => {}
-                _ = shutdown.cancelled() => return Ok(()),
-            }
-            delay = (delay * 2).min(shared.config.reconnect_max);
-        }
+        })
+        .await;
+        Ok(())
     }
 }

@@ -354,7 +354,7 @@ async fn publish_event(sctx: &SessionCtx, shared: &Shared, ev: &JobEvent) -> Res
 
 async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonError> {
     if sctx.lost.is_cancelled() {
-        return Err(CommonError::Config { name: "session".into(), reason: "session lost before the ack".into() });
+        return Err(CommonError::SessionLost { what: "the ack" });
     }
     d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("ack a delivery"))
 }
