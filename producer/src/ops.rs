@@ -62,6 +62,10 @@ pub struct JobDetail {
     pub logs: Vec<u32>,
     /// The bot's production model now (to judge the promotion decision).
     pub production: Option<ProductionEntry>,
+    /// What the artifact store failed to give (the fields above it could not fill are
+    /// `null` because of it, not because the job has no such output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts_error: Option<String>,
 }
 
 /// A bot's models: production and history.
@@ -133,19 +137,45 @@ impl Ops {
     pub async fn show(&self, job_id: &str) -> Result<JobDetail, OpsError> {
         let job = self.job(job_id).await?;
         let events = self.store.events(job_id).await?;
-        let json = |key: String| async move { self.artifacts.get_json::<serde_json::Value>(&key).await.ok().flatten() };
-        let logs = self.log_attempts(job_id).await?;
+        // The job row and its events come from the job store; what the artifact store cannot
+        // give is reported in `artifacts_error`, never passed off as a missing output.
+        let mut errors: Vec<String> = Vec::new();
+        let mut keep = |r: Result<Option<serde_json::Value>, CommonError>| {
+            r.unwrap_or_else(|e| {
+                errors.push(e.to_string());
+                None
+            })
+        };
+        let metrics = keep(self.artifacts.get_json(&models::metrics_key(job_id)).await);
+        let confusion_matrix = keep(self.artifacts.get_json(&format!("{}/confusion_matrix.json", keys::job(job_id))).await);
+        let outcome = match self.artifacts.outcome_key(job_id).await {
+            Ok(Some(key)) => keep(self.artifacts.get_json(&key).await),
+            Ok(None) => None,
+            Err(e) => keep(Err(e)),
+        };
+        let production = match models::production(&self.artifacts, &job.bot).await {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(e.to_string());
+                None
+            }
+        };
+        let logs = match self.log_attempts(job_id).await {
+            Ok(l) => l,
+            Err(e) => {
+                errors.push(e.to_string());
+                Vec::new()
+            }
+        };
         Ok(JobDetail {
-            metrics: json(models::metrics_key(job_id)).await,
-            confusion_matrix: json(format!("{}/confusion_matrix.json", keys::job(job_id))).await,
-            outcome: match self.artifacts.outcome_key(job_id).await {
-                Ok(Some(key)) => json(key).await,
-                _ => None,
-            },
-            production: models::production(&self.artifacts, &job.bot).await.ok().flatten(),
+            metrics,
+            confusion_matrix,
+            outcome,
+            production,
             logs,
             events,
             job,
+            artifacts_error: (!errors.is_empty()).then(|| errors.join("; ")),
         })
     }
 

@@ -106,6 +106,37 @@ async fn every_cli_command_works_directly_and_through_the_api() {
     let cancel = cli(&server, &["jobs", "cancel", &queued.job_id, "--reason", "not needed"]).await;
     assert_eq!(cancel["job_id"], queued.job_id.as_str());
     assert!(artifacts.exists(&trainyard_common::artifacts::keys::cancel_marker(&queued.job_id)).await.unwrap());
+    for remote in [false, true] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainyard"))
+            .args(with(&["jobs", "cancel"], remote))
+            .arg(&id)
+            .env("TRAINYARD_DATABASE_URL", &server.db_url)
+            .env("TRAINYARD_ARTIFACTS", server.artifacts_dir.path())
+            .env("TRAINYARD_PREFIX", server.topo.prefix())
+            .env("TRAINYARD_AMQP_URL", AMQP_URL)
+            .env_remove("TRAINYARD_SERVER")
+            .env_remove("TRAINYARD_TOKEN")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "cancelling a finished job succeeded (remote: {remote}): {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is already succeeded"), "{out:?}");
+    }
+    assert!(
+        !artifacts.exists(&trainyard_common::artifacts::keys::cancel_marker(&id)).await.unwrap(),
+        "no cancel marker for a finished job"
+    );
+    // An artifact the store cannot give (here: a torn metrics.json) is reported, not shown as a missing output.
+    let broken = spec("intent-train", "bot-broken");
+    publish_event(&ch, &server.topo, &JobEvent::queued(&broken)).await;
+    eventually(20, "queued", || async { store.job(&broken.job_id).await.unwrap() }).await;
+    let job_dir = server.artifacts_dir.path().join(format!("jobs/{}", broken.job_id));
+    std::fs::create_dir_all(&job_dir).unwrap();
+    std::fs::write(job_dir.join("metrics.json"), b"{\"accuracy\": 0.9, trunc").unwrap();
+    let shown = cli(&server, &["jobs", "show", &broken.job_id]).await;
+    assert!(shown["metrics"].is_null());
+    assert!(shown["artifacts_error"].as_str().is_some_and(|e| e.contains("metrics.json")), "{shown}");
+    assert!(cli(&server, &["jobs", "show", &id]).await.get("artifacts_error").is_none());
 
     // Retry a finished job: a new job with the same type, bot and params.
     let retry = cli(&server, &["jobs", "retry", &id, "--server", &url, "--token", "admin-tok"]).await;
