@@ -13,8 +13,10 @@
 # and restarts the broker application once (`stop_app`/`start_app`; start_app
 # is also in the exit trap: the broker is never left stopped). Then it waits
 # until every job has a final status in the store, checks the store against
-# the artifact store, prints ONE JSON line and exits non-zero unless
-# lost == 0 and duplicate_results == 0.
+# the artifact store, prints ONE JSON line (last) and exits non-zero unless the
+# verdict of scripts/chaos_check.py passes: succeeded == expected_succeeded,
+# dead == expected_dead, no job lost or result duplicated, a training job killed
+# after a checkpoint resumed from it, and every planned fault really happened.
 #
 # --flood: (1) 100,000 queued noop jobs and one worker: its RSS, sampled every
 # second, stays flat (prefetch, not queue length, bounds it); (2) a training
@@ -22,7 +24,9 @@
 # time and ends `dead` at the broker's delivery limit with a clear reason;
 # (3) a job past its timeout_s fails cleanly (`failed`, kind timeout).
 # CHAOS_FLOOD_PARTS="memory kill timeout" picks parts; CHAOS_FLOOD_JOBS (100000)
-# and CHAOS_FLOOD_SECONDS (120) size the first.
+# and CHAOS_FLOOD_SECONDS (120) size the first, which fails when the worker's RSS
+# grows by more than CHAOS_FLOOD_RSS_GROWTH_MB (4) after its first 15 s; each part
+# fails unless what it shows happened.
 #
 # Disrupts the shared broker (every connection is closed, the app restarted):
 # run it alone. Needs rabbitmqctl (as root or a user allowed to run it) and python3.
@@ -37,7 +41,7 @@ while [[ $# -gt 0 ]]; do
     --workers) WORKERS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --flood) FLOOD=1; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -155,10 +159,14 @@ close_connections() {
 restart_broker() {
   log "restarting the broker application (stop_app / start_app)"
   BROKER_STOPPED=1
-  rabbitmqctl stop_app >/dev/null 2>&1
-  sleep 3
-  rabbitmqctl start_app >/dev/null 2>&1 && rabbitmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0
-  RESTARTS=$((RESTARTS + 1))
+  # Counted only when the broker really stopped and came back.
+  if rabbitmqctl stop_app >/dev/null 2>&1; then
+    sleep 3
+    rabbitmqctl start_app >/dev/null 2>&1 && rabbitmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0 && RESTARTS=$((RESTARTS + 1))
+  else
+    log "stop_app failed: the restart is not counted"
+  fi
+  if ((BROKER_STOPPED)); then rabbitmqctl start_app >/dev/null 2>&1 && rabbitmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0; fi
 }
 
 kill_worker() {
@@ -219,7 +227,8 @@ chaos_run() {
   # Let the recorder finish the queue, then judge.
   for _ in $(seq 20); do [[ $(queue_depth "$PREFIX.recorder") == 0 ]] && break; sleep 1; done
   python3 scripts/chaos_check.py verdict "$IDS" "$TRAINYARD_DATABASE_URL" "$TRAINYARD_ARTIFACTS" "$RSS_LOG" \
-    "kills=$KILLS" "sigterms=$TERMS" "connection_closes=$CLOSES" "broker_restarts=$RESTARTS" "seconds=$((SECONDS - T_START))"
+    "kills=$KILLS" "sigterms=$TERMS" "connection_closes=$CLOSES" "broker_restarts=$RESTARTS" "seconds=$((SECONDS - T_START))" \
+    "planned_kills=6" "planned_sigterms=3" "planned_connection_closes=2" "planned_broker_restarts=1"
 }
 
 # ---------------------------------------------------------------------------
@@ -239,7 +248,8 @@ flood_memory() {
   kill "$SAMPLER_PID" 2>/dev/null
   SAMPLER_PID=""
   # RSS after the first 10 s (start-up) vs the rest: flat means the max stays near the early level.
-  python3 - "$RSS_LOG" "$n" "$left" "$secs" <<'EOF'
+  # Fails when the worker's RSS grows by more than CHAOS_FLOOD_RSS_GROWTH_MB (4) after its first 15 s.
+  python3 - "$RSS_LOG" "$n" "$left" "$secs" "${CHAOS_FLOOD_RSS_GROWTH_MB:-4}" <<'EOF' || return 1
 import json, sys
 rows = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 3]
 mb = lambda kb: round(kb / 1024, 1)
@@ -249,6 +259,11 @@ n, left, secs = int(sys.argv[2]), int(sys.argv[3] or 0), int(sys.argv[4])
 print(json.dumps({"flood_queued": n, "processed": n - left, "seconds": secs, "rss_mb_min": mb(min(r for _, _, r in rows)),
                   "rss_mb_max": mb(max(r for _, _, r in rows)), "rss_mb_at_10s": mb(early[len(early) // 2]),
                   "rss_mb_last": mb(rows[-1][2]), "rss_growth_after_15s_mb": mb(max(late) - min(late))}, separators=(",", ":")))
+bound = float(sys.argv[5])
+if n - left <= 0:
+    sys.exit("flood: the worker processed no job")
+if mb(max(late) - min(late)) > bound:
+    sys.exit(f"flood: RSS grew by {mb(max(late) - min(late))} MB after the first 15 s (bound {bound} MB)")
 EOF
   # Drop the rest of the flood (and its piled-up events) before the next part.
   for q in jobs.noop recorder; do rabbitmqctl purge_queue "$PREFIX.$q" >/dev/null 2>&1; done
@@ -292,7 +307,7 @@ flood_kill_loop() {
     sleep 1
   done
   "$BIN/trainyard" jobs show "$id" --json >"$TMP/kill-job.json" 2>/dev/null
-  python3 - "$TMP/kill-job.json" "$kills" "${epochs_at_kill[*]}" <<'EOF'
+  python3 - "$TMP/kill-job.json" "$kills" "${epochs_at_kill[*]}" <<'EOF' || return 1
 import json, sys
 job = json.load(open(sys.argv[1])) if open(sys.argv[1]).read().strip() else {}
 epochs = [int(e) for e in sys.argv[3].split()]
@@ -300,6 +315,8 @@ err = job.get("error") or {}
 print(json.dumps({"kill_loop_job": job.get("job_id"), "status": job.get("status"), "sigkills": int(sys.argv[2]),
                   "checkpoint_epoch_at_each_kill": epochs, "resumed_every_time": epochs == sorted(epochs) and len(set(epochs)) == len(epochs),
                   "reason": err.get("message") if isinstance(err, dict) else err}, separators=(",", ":")))
+if job.get("status") != "dead" or not (epochs == sorted(epochs) and len(set(epochs)) == len(epochs)) or not epochs:
+    sys.exit("kill loop: the job did not resume at every kill and end dead")
 EOF
 }
 
@@ -308,7 +325,7 @@ flood_timeout() {
   start_worker
   local out
   out=$("$BIN/trainyard" submit noop --bot chaos --param sleep_ms=600000 --timeout 2 --max-attempts 1 --wait --json --wait-timeout 120 2>/dev/null)
-  echo "$out" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(json.dumps({"timeout_job": v.get("job_id"), "status": v.get("status"), "error": v.get("error")}, separators=(",", ":")))'
+  echo "$out" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(json.dumps({"timeout_job": v.get("job_id"), "status": v.get("status"), "error": v.get("error")}, separators=(",", ":"))); sys.exit(0 if v.get("status") == "failed" and (v.get("error") or {}).get("kind") == "timeout" else "timeout: the job did not end failed with kind timeout")'
 }
 
 if [[ $FLOOD == 1 ]]; then

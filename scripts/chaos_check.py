@@ -6,6 +6,16 @@ compares them with the list of jobs the broker confirmed at submit time.
   chaos_check.py progress IDS DB            -> prints "<final> <submitted>"
   chaos_check.py verdict IDS DB ARTIFACTS RSS_LOG [key=value ...]
                                               -> prints the one JSON line
+  chaos_check.py selftest                     -> checks that the verdict fails when it must
+
+The verdict fails (exit 1, the reasons on stderr) unless: succeeded equals the jobs
+meant to succeed (`expected_succeeded`: kinds ok, flaky, train), dead equals the jobs
+made to fail (`expected_dead`: kind fatal; `dead` counts dead and failed), lost and
+duplicate results are 0, `resumed_from_checkpoint` >= 1 whenever a training job was
+killed after its first checkpoint (`training_jobs_killed`: a training job whose
+attempt was redelivered after it had reported epoch >= 1), and every fault counted
+(key=value pairs kills, sigterms, connection_closes, broker_restarts) is at least the
+number planned (planned_<key>=N, not printed).
 
 A job is *lost* when the store has no final status for it (succeeded, failed,
 dead, cancelled). A result is *duplicated* when the store holds two different
@@ -75,6 +85,23 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
                 if ((ev.get("progress") or {}).get("redelivery") or 0) > 0:
                     redeliveries += 1
 
+    # Training jobs interrupted after their first checkpoint: a `started` with redelivery > 0
+    # after a progress event of epoch >= 1 of the same run.
+    training_killed = set()
+    if conn is not None:
+        seen_epoch = {}
+        for job_id, run, seq, status, body in conn.execute(
+            "SELECT job_id, run, seq, status, body FROM job_events WHERE status IN ('progress', 'started') ORDER BY job_id, run, seq"
+        ):
+            if job_id not in jobs or jobs[job_id][0] != "intent-train":
+                continue
+            ev = json.loads(body)
+            p = ev.get("progress") or {}
+            if status == "progress" and (p.get("epoch") or 0) >= 1:
+                seen_epoch[(job_id, run)] = True
+            elif status == "started" and (p.get("redelivery") or 0) > 0 and seen_epoch.get((job_id, run)):
+                training_killed.add(job_id)
+
     lost = [j for j in jobs if st.get(j) not in FINAL]
     duplicates = set(j for j, s in succeeded_events.items() if len(s) > 1)
     resumed = 0
@@ -108,17 +135,25 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
 
     out = {
         "submitted": len(jobs),
+        "expected_succeeded": sum(1 for _t, k in jobs.values() if k != "fatal"),
+        "expected_dead": sum(1 for _t, k in jobs.values() if k == "fatal"),
         "succeeded": sum(1 for j in jobs if st.get(j) == "succeeded"),
         "dead": sum(1 for j in jobs if st.get(j) in ("dead", "failed")),
         "lost": len(lost),
         "duplicate_results": len(duplicates),
         "redeliveries": redeliveries,
         "resumed_from_checkpoint": resumed,
+        "training_jobs_killed": len(training_killed),
         "max_worker_rss_mb": round(max_rss_kb / 1024, 1),
     }
+    planned = {}
     for kv in extra:
         k, _, v = kv.partition("=")
-        out[k] = int(v) if v.lstrip("-").isdigit() else v
+        v = int(v) if v.lstrip("-").isdigit() else v
+        if k.startswith("planned_"):
+            planned[k[len("planned_"):]] = v
+        else:
+            out[k] = v
     if outcome_missing:
         out["succeeded_without_outcome"] = len(outcome_missing)
     print(json.dumps(out, separators=(",", ":")))
@@ -126,13 +161,68 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
         print(f"lost: {j} {jobs[j][0]} {jobs[j][1]} store status {st.get(j)}", file=sys.stderr)
     for j in sorted(duplicates)[:20]:
         print(f"duplicate result: {j}", file=sys.stderr)
-    return 0 if not lost and not duplicates else 1
+    failures = judge(out, planned)
+    for f in failures:
+        print(f"verdict: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def judge(out, planned):
+    """Why the run fails; empty when it passes."""
+    f = []
+    if out["succeeded"] != out["expected_succeeded"]:
+        f.append(f"succeeded {out['succeeded']} != expected {out['expected_succeeded']}")
+    if out["dead"] != out["expected_dead"]:
+        f.append(f"dead (dead + failed) {out['dead']} != jobs made to fail {out['expected_dead']}")
+    if out["lost"]:
+        f.append(f"{out['lost']} jobs lost")
+    if out["duplicate_results"]:
+        f.append(f"{out['duplicate_results']} duplicate results")
+    if out.get("succeeded_without_outcome"):
+        f.append(f"{out['succeeded_without_outcome']} successes without an outcome record")
+    if out["training_jobs_killed"] >= 1 and out["resumed_from_checkpoint"] < 1:
+        f.append(f"{out['training_jobs_killed']} training jobs killed after a checkpoint, none resumed from it")
+    for k, n in planned.items():
+        if out.get(k, 0) < n:
+            f.append(f"{k}: {out.get(k, 0)} happened of {n} planned")
+    return f
+
+
+def selftest():
+    """The verdict fails on a run where every job ended dead, and passes on a clean one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        ids = os.path.join(d, "ids.txt")
+        with open(ids, "w") as f:
+            f.write("a noop ok\nb noop fatal\nc intent-train train\n")
+        for statuses_, want in [({"a": "dead", "b": "dead", "c": "dead"}, 1), ({"a": "succeeded", "b": "dead", "c": "succeeded"}, 0)]:
+            db = os.path.join(d, f"s{want}.db")
+            conn = sqlite3.connect(db)
+            conn.execute("CREATE TABLE jobs (job_id TEXT, status TEXT)")
+            conn.execute("CREATE TABLE job_events (job_id TEXT, run INT, seq INT, status TEXT, body TEXT)")
+            for j, s_ in statuses_.items():
+                conn.execute("INSERT INTO jobs VALUES (?, ?)", (j, s_))
+                if s_ == "succeeded":
+                    conn.execute("INSERT INTO job_events VALUES (?, 0, 7, 'succeeded', '{}')", (j,))
+                    os.makedirs(os.path.join(d, "art", "outcomes", j[-2:]), exist_ok=True)
+                    with open(os.path.join(d, "art", "outcomes", j[-2:], j + ".json"), "w") as f:
+                        json.dump({"event": {"seq": 7, "result": {"resumed_from_epoch": 1} if j == "c" else {}}}, f)
+            conn.commit()
+            conn.close()
+            got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["kills=1", "planned_kills=1"])
+            assert got == want, f"verdict {got} for {statuses_}, expected {want}"
+            got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["kills=0", "planned_kills=1"])
+            assert got == 1, "a planned fault that did not happen must fail the verdict"
+    print("chaos_check selftest: ok")
 
 
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "progress" and len(sys.argv) == 4:
         progress(sys.argv[2], sys.argv[3])
+    elif cmd == "selftest":
+        selftest()
     elif cmd == "verdict" and len(sys.argv) >= 6:
         sys.exit(verdict(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]))
     else:
