@@ -3,6 +3,11 @@
 //! published (`schedule_fires`, unique on schedule + fire time): replicas
 //! sharing a store never fire a schedule twice.
 //!
+//! A fire whose publication failed (broker down at fire time) stays claimed but
+//! unpublished; every tick retries such fires whose claim is older than
+//! [`RETRY_AFTER`], taking the retry over with a conditional update so that one
+//! replica at a time publishes it, until it is published.
+//!
 //! The clock is injected: [`Scheduler::tick`] takes `now`, so the logic is
 //! tested without sleeping.
 
@@ -21,6 +26,9 @@ use crate::{
 
 /// A fire older than this at tick time counts as missed.
 pub const GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// A claimed fire still unpublished this long after its claim is retried (by any replica).
+pub const RETRY_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
 /// Errors of a scheduler tick.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +111,20 @@ impl Scheduler {
     /// missed fires apply), or from `now` when it never fired.
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<Vec<JobSpec>, ScheduleError> {
         let mut published = Vec::new();
+        let mut failed = None;
         let mut last = self.last.lock().await;
         for s in &self.schedules {
+            // Fires claimed earlier whose publication failed: until published.
+            let stale = now - RETRY_AFTER;
+            for (at, job_id) in self.store.unpublished_fires(&s.cfg.name, stale).await? {
+                if !self.store.reclaim_fire(&s.cfg.name, at, stale, now).await? {
+                    continue; // Another replica is retrying it.
+                }
+                match self.publish(s, at, job_id).await {
+                    Ok(spec) => published.push(spec),
+                    Err(e) => failed = Some(e),
+                }
+            }
             let from = match last.get(&s.cfg.name) {
                 Some(t) => *t,
                 None => self.store.last_schedule_fire(&s.cfg.name).await?.unwrap_or(now),
@@ -113,28 +133,40 @@ impl Scheduler {
                 s.cron.after(&from.with_timezone(&s.tz)).map(|t| t.with_timezone(&Utc)).take_while(|t| *t <= now).take(10_000).collect();
             for at in select_fires(&times, now, s.cfg.missed) {
                 let job_id = fire_job_id(&s.cfg.name, at);
-                if !self.store.claim_schedule_fire(&s.cfg.name, at, &job_id).await? {
+                if !self.store.claim_schedule_fire_at(&s.cfg.name, at, &job_id, now).await? {
                     continue; // Another replica has it.
                 }
-                let mut spec = JobSpec::new(
-                    &s.cfg.job_type,
-                    &s.cfg.bot,
-                    s.cfg.params.clone(),
-                    Trigger { kind: TriggerKind::Schedule, source: s.cfg.name.clone() },
-                );
-                spec.job_id = job_id;
-                self.submitter.submit(&spec).await.map_err(|source| ScheduleError::Publish { schedule: s.cfg.name.clone(), at, source })?;
-                self.store.mark_fire_published(&s.cfg.name, at).await?;
-                if let Some(m) = &self.metrics {
-                    m.schedule_fires.with_label_values(&[s.cfg.name.as_str()]).inc();
-                    m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "schedule"]).inc();
+                match self.publish(s, at, job_id).await {
+                    Ok(spec) => published.push(spec),
+                    // Claimed, not published: a later tick retries it.
+                    Err(e) => failed = Some(e),
                 }
-                tracing::info!(schedule = %s.cfg.name, fire_at = %at, job_id = %spec.job_id, "schedule fired");
-                published.push(spec);
             }
             last.insert(s.cfg.name.clone(), now);
         }
-        Ok(published)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(published),
+        }
+    }
+
+    /// Publishes the fire of `s` at `at` (claimed by this replica) and notes it published.
+    async fn publish(&self, s: &Parsed, at: DateTime<Utc>, job_id: String) -> Result<JobSpec, ScheduleError> {
+        let mut spec = JobSpec::new(
+            &s.cfg.job_type,
+            &s.cfg.bot,
+            s.cfg.params.clone(),
+            Trigger { kind: TriggerKind::Schedule, source: s.cfg.name.clone() },
+        );
+        spec.job_id = job_id;
+        self.submitter.submit(&spec).await.map_err(|source| ScheduleError::Publish { schedule: s.cfg.name.clone(), at, source })?;
+        self.store.mark_fire_published(&s.cfg.name, at).await?;
+        if let Some(m) = &self.metrics {
+            m.schedule_fires.with_label_values(&[s.cfg.name.as_str()]).inc();
+            m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "schedule"]).inc();
+        }
+        tracing::info!(schedule = %s.cfg.name, fire_at = %at, job_id = %spec.job_id, "schedule fired");
+        Ok(spec)
     }
 
     /// Ticks every second until `shutdown`.

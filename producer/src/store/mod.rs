@@ -610,6 +610,17 @@ impl Store {
     /// Claims the fire of `schedule` at `fire_at` for `job_id`. Exactly one
     /// caller, across all replicas sharing the store, gets `true`.
     pub async fn claim_schedule_fire(&self, schedule: &str, fire_at: DateTime<Utc>, job_id: &str) -> Result<bool, StoreError> {
+        self.claim_schedule_fire_at(schedule, fire_at, job_id, Utc::now()).await
+    }
+
+    /// [`Store::claim_schedule_fire`] with the claim's time given.
+    pub async fn claim_schedule_fire_at(
+        &self,
+        schedule: &str,
+        fire_at: DateTime<Utc>,
+        job_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "INSERT INTO schedule_fires (schedule, fire_at, job_id, claimed_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (schedule, fire_at) DO NOTHING",
@@ -617,10 +628,47 @@ impl Store {
         .bind(schedule)
         .bind(micros(fire_at))
         .bind(job_id)
-        .bind(micros(Utc::now()))
+        .bind(micros(now))
         .execute(&self.pool)
         .await
         .map_err(q(format!("claim the fire of schedule {schedule} at {fire_at}")))?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Fires of `schedule` claimed but not published, whose claim is older than `stale`
+    /// (the replica that claimed them failed to publish, or died): (fire time, job id).
+    pub async fn unpublished_fires(&self, schedule: &str, stale: DateTime<Utc>) -> Result<Vec<(DateTime<Utc>, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT fire_at, job_id FROM schedule_fires WHERE schedule = $1 AND published_at IS NULL AND claimed_at <= $2 ORDER BY fire_at",
+        )
+        .bind(schedule)
+        .bind(micros(stale))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q(format!("list unpublished fires of schedule {schedule}")))?;
+        Ok(rows.iter().map(|r: &AnyRow| (from_micros(r.get::<i64, _>(0)), r.get::<String, _>(1))).collect())
+    }
+
+    /// Takes over the publication of an unpublished fire whose claim is older than
+    /// `stale`, as of `now`. Exactly one caller across replicas gets `true` per lease.
+    pub async fn reclaim_fire(
+        &self,
+        schedule: &str,
+        fire_at: DateTime<Utc>,
+        stale: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE schedule_fires SET claimed_at = $1 WHERE schedule = $2 AND fire_at = $3 AND published_at IS NULL AND claimed_at <= $4",
+        )
+        .bind(micros(now))
+        .bind(schedule)
+        .bind(micros(fire_at))
+        .bind(micros(stale))
+        .execute(&self.pool)
+        .await
+        .map_err(q(format!("reclaim the fire of schedule {schedule} at {fire_at}")))?
         .rows_affected();
         Ok(n == 1)
     }

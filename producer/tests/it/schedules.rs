@@ -147,3 +147,89 @@ async fn store_rebuild_replays_the_events_stream() {
     assert!(trainyard::rebuild::rebuild(&fresh, &topo, AMQP_URL, Duration::from_secs(1)).await.is_err());
     cleanup(&topo, &[]).await;
 }
+
+/// A TCP proxy to the local broker that can be taken down (every connection cut) and brought back on its port.
+struct Proxy {
+    port: u16,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
+        let t = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                t.lock().unwrap().push(conn);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Self { port, tasks }
+    }
+    /// Cuts every connection and stops listening.
+    fn down(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// The broker is unreachable at fire time: the fire stays claimed, is retried once the
+/// broker is back, and is published exactly once.
+#[tokio::test]
+async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let proxy = Proxy::start(0).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let cfg = ScheduleConfig {
+        name: "every-minute".into(),
+        cron: "* * * * *".into(),
+        timezone: "UTC".into(),
+        job_type: "noop".into(),
+        bot: "bot-r".into(),
+        params: serde_json::json!({"sleep_ms": 1}),
+        missed: MissedFire::Skip,
+    };
+    let s = Scheduler::new(vec![cfg], store.clone(), Submitter::new(&url, topo.clone()).unwrap(), None);
+    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    assert!(s.tick(t0).await.unwrap().is_empty());
+    // Connections cut at fire time: the claim is taken, the publish fails.
+    proxy.down();
+    let fire_at = t0 + chrono::TimeDelta::seconds(60);
+    assert!(s.tick(fire_at).await.is_err(), "the publish must fail while the broker is unreachable");
+    assert_eq!(store.schedule_fires("every-minute").await.unwrap().len(), 1, "claimed");
+    assert!(drain(&ch, &topo.jobs_queue("noop")).await.is_empty());
+    // Back: a later tick publishes it (retrying while the client reconnects), once.
+    let _proxy = Proxy::start(proxy.port).await;
+    let mut published = Vec::new();
+    for step in 1..=10 {
+        let now = fire_at + chrono::TimeDelta::seconds(6 * step);
+        if let Ok(p) = s.tick(now).await {
+            published.extend(p);
+            if !published.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(published.len(), 1, "{published:?}");
+    let first: chrono::DateTime<chrono::Utc> = "2026-06-01T10:01:00Z".parse().unwrap();
+    assert_eq!(published[0].job_id, fire_job_id("every-minute", first));
+    // Later ticks (before the next minute) publish nothing more.
+    for step in 11..=12 {
+        assert!(s.tick(fire_at + chrono::TimeDelta::seconds(2 * step)).await.unwrap().is_empty());
+    }
+    let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
+    assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [fire_job_id("every-minute", first).as_str()]);
+    cleanup(&topo, &["noop"]).await;
+}
