@@ -54,9 +54,18 @@ pub mod keys {
     pub fn production(bot: &str) -> String {
         format!("bots/{bot}/production.json")
     }
-    /// The promotion history of a bot (one JSON document, appended to).
+    /// The promotion history of a bot as one JSON document, as stores written before
+    /// [`promotion_record`] kept it; only read (its records come first).
     pub fn promotions(bot: &str) -> String {
         format!("bots/{bot}/promotions.json")
+    }
+    /// Prefix of a bot's promotion records, one object per change.
+    pub fn promotion_records(bot: &str) -> String {
+        format!("bots/{bot}/history")
+    }
+    /// The `seq`-th promotion record of a bot, written once (zero-padded, so keys sort as numbers).
+    pub fn promotion_record(bot: &str, seq: u64) -> String {
+        format!("bots/{bot}/history/{seq:010}.json")
     }
 }
 

@@ -5,13 +5,18 @@
 //! rolls back) without linking any ML code:
 //!
 //! - `bots/<bot>/production.json`: a [`ProductionEntry`], the model serving the bot;
-//! - `bots/<bot>/promotions.json`: a [`PromotionHistory`], every change, appended to;
+//! - `bots/<bot>/history/<seq>.json`: one [`PromotionRecord`] per change, numbered from 0
+//!   and each written once ([`PromotionHistory`] reads them in order; records an older
+//!   store kept in `bots/<bot>/promotions.json` come first);
 //! - a trained model lives under `jobs/<job_id>/model/` ([`model_prefix`]), with its
 //!   test metrics in `jobs/<job_id>/metrics.json` ([`metrics_key`]).
 //!
-//! Each object write is atomic. Writers of one bot are not serialised against
-//! each other (last writer wins): promotions of one bot are rare and come from
-//! one training queue or an operator.
+//! Concurrent writers of one bot lose no record, on every store (local directory,
+//! memory, S3): a change is computed from the history it read and created at the next
+//! number only if that number is still free (create-once); a writer that loses the race
+//! reads again and retries. The production pointer is then set to the last record's
+//! model, and set again until the history it was computed from is still the whole
+//! history, so after concurrent promotions the pointer matches the last record.
 //!
 //! Rollback replays the history as a stack: a promotion pushes a model, a
 //! rollback pops the current one and restores the one below it.
@@ -109,23 +114,71 @@ pub async fn production(store: &ArtifactStore, bot: &str) -> Result<Option<Produ
 
 /// The promotion history of `bot` (empty when none).
 pub async fn history(store: &ArtifactStore, bot: &str) -> Result<PromotionHistory, CommonError> {
-    Ok(store.get_json(&keys::promotions(bot)).await?.unwrap_or_default())
+    Ok(read_history(store, bot).await?.0)
+}
+
+/// The history and the number the next record gets.
+async fn read_history(store: &ArtifactStore, bot: &str) -> Result<(PromotionHistory, u64), CommonError> {
+    let mut h: PromotionHistory = store.get_json(&keys::promotions(bot)).await?.unwrap_or_default();
+    let keys = store.list(&keys::promotion_records(bot)).await?;
+    for key in &keys {
+        let record: PromotionRecord = store.get_json(key).await?.ok_or_else(|| CommonError::Artifacts {
+            what: "read",
+            path: key.clone(),
+            source: object_store::Error::NotFound { path: key.clone(), source: "listed, then gone".into() },
+        })?;
+        h.records.push(record);
+    }
+    Ok((h, keys.len() as u64))
+}
+
+/// Appends the record `change` makes of the history as it stands: created once at the
+/// next number; when another writer took that number first, reads again and retries.
+/// Then points production at the last record's model (see [`sync_production`]).
+async fn append(
+    store: &ArtifactStore,
+    bot: &str,
+    change: impl Fn(&PromotionHistory) -> PromotionRecord,
+) -> Result<PromotionRecord, CommonError> {
+    loop {
+        let (h, next) = read_history(store, bot).await?;
+        let record = change(&h);
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| crate::error::CodecError::Encode(e.to_string()))?;
+        if store.put_if_absent(&keys::promotion_record(bot, next), bytes).await? {
+            sync_production(store, bot).await?;
+            return Ok(record);
+        }
+    }
+}
+
+/// Sets the production pointer from the last record of the history, until the history
+/// read before the write is still the whole history after it: a writer that computed
+/// from an older history and wrote last sees the newer record and writes again.
+async fn sync_production(store: &ArtifactStore, bot: &str) -> Result<(), CommonError> {
+    loop {
+        let (h, count) = read_history(store, bot).await?;
+        match h.records.last().and_then(|r| r.to.as_ref()) {
+            Some(e) => store.put_json(&keys::production(bot), e).await?,
+            None => store.delete(&keys::production(bot)).await?,
+        }
+        if store.list(&keys::promotion_records(bot)).await?.len() as u64 == count {
+            return Ok(());
+        }
+    }
 }
 
 /// Makes `entry` the production model of `bot`: appends a `promote` record to the
-/// history first, then replaces the pointer (each write atomic).
+/// history first, then replaces the pointer.
 pub async fn set_production(store: &ArtifactStore, bot: &str, entry: ProductionEntry) -> Result<(), CommonError> {
-    let previous = production(store, bot).await?;
-    let mut h = history(store, bot).await?;
-    h.records.push(PromotionRecord {
+    append(store, bot, |h| PromotionRecord {
         action: PromotionAction::Promote,
-        from: previous.map(|p| p.job_id),
+        from: h.records.last().and_then(|r| r.to.as_ref()).map(|p| p.job_id.clone()),
         to: Some(entry.clone()),
         at: entry.promoted_at,
         reason: entry.reason.clone(),
-    });
-    store.put_json(&keys::promotions(bot), &h).await?;
-    store.put_json(&keys::production(bot), &entry).await
+    })
+    .await
+    .map(|_| ())
 }
 
 /// Makes the model that job `job_id` trained the production model of `bot`, by hand.
@@ -154,30 +207,22 @@ pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason:
 /// production entry (`None`: there was no earlier model; the pointer is removed).
 /// Fails with [`CommonError::NoProductionModel`] when the bot has no production model.
 pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str) -> Result<Option<ProductionEntry>, CommonError> {
-    let Some(current) = production(store, bot).await? else {
+    if production(store, bot).await?.is_none() {
         return Err(CommonError::NoProductionModel { bot: bot.into() });
-    };
-    let mut h = history(store, bot).await?;
-    let mut stack = h.stack();
-    stack.pop();
-    let to = stack.pop().map(|mut e| {
-        e.promoted_at = Utc::now();
-        e.reason = format!("rollback: {reason}");
-        e
-    });
-    h.records.push(PromotionRecord {
-        action: PromotionAction::Rollback,
-        from: Some(current.job_id),
-        to: to.clone(),
-        at: Utc::now(),
-        reason: reason.into(),
-    });
-    store.put_json(&keys::promotions(bot), &h).await?;
-    match &to {
-        Some(e) => store.put_json(&keys::production(bot), e).await?,
-        None => store.delete(&keys::production(bot)).await?,
     }
-    Ok(to)
+    let now = Utc::now();
+    let record = append(store, bot, |h| {
+        let mut stack = h.stack();
+        let current = stack.pop();
+        let to = stack.pop().map(|mut e| {
+            e.promoted_at = now;
+            e.reason = format!("rollback: {reason}");
+            e
+        });
+        PromotionRecord { action: PromotionAction::Rollback, from: current.map(|c| c.job_id), to, at: now, reason: reason.into() }
+    })
+    .await?;
+    Ok(record.to)
 }
 
 /// The [`PROMOTIONS_TOTAL`](crate::metrics::PROMOTIONS_TOTAL) status of a training job's
@@ -267,5 +312,51 @@ mod tests {
         let e = promote_job(&store, "b", "j9", "by hand").await.unwrap();
         assert_eq!(e.metrics, serde_json::json!({"accuracy": 0.5}));
         assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j9");
+    }
+
+    /// `n` promoters of one bot at once, each promoting its own job: every promotion is in
+    /// the history, and the production pointer is the last one recorded.
+    async fn concurrent_promotions_are_all_recorded(store: ArtifactStore) {
+        let n = 8;
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let (store, start) = (store.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    set_production(&store, "b", entry(&format!("j{i}"))).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let h = history(&store, "b").await.unwrap();
+        let mut promoted: Vec<String> = h.records.iter().filter_map(|r| r.to.as_ref().map(|e| e.job_id.clone())).collect();
+        let last = promoted.last().cloned().unwrap();
+        assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, last, "the pointer is the last record");
+        promoted.sort();
+        let mut want: Vec<String> = (0..n).map(|i| format!("j{i}")).collect();
+        want.sort();
+        assert_eq!(promoted, want, "every promotion is in the history once");
+        // Each record names the production model it replaced: the one recorded before it.
+        for w in h.records.windows(2) {
+            assert_eq!(w[1].from.as_deref(), w[0].to.as_ref().map(|e| e.job_id.as_str()));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_promotions_lose_no_record_in_memory() {
+        for _ in 0..20 {
+            concurrent_promotions_are_all_recorded(ArtifactStore::open("memory://").unwrap()).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_promotions_lose_no_record_in_a_local_directory() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            concurrent_promotions_are_all_recorded(ArtifactStore::open(dir.path().to_str().unwrap()).unwrap()).await;
+        }
     }
 }
