@@ -63,7 +63,7 @@ pub struct PredictArgs {
     /// How many intents to list.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
-    /// One JSON object per utterance on stdout.
+    /// One JSON object per utterance on stdout (with `ms`, the time to answer it, model loading excluded).
     #[arg(long)]
     pub json: bool,
 }
@@ -213,9 +213,11 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --bot or --model"),
     };
     for text in &args.text {
+        let t0 = std::time::Instant::now();
         let (decision, top) = predictor.top_k(text, args.top_k.max(1));
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
         if args.json {
-            println!("{}", serde_json::json!({"text": text, "intent": decision, "top": top}));
+            println!("{}", serde_json::json!({"text": text, "intent": decision, "top": top, "ms": ms}));
         } else {
             println!("{text:?} → {decision}");
             for s in top {

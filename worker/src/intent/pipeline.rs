@@ -371,3 +371,20 @@ fn gate_and_promote(
     env.log(format!("promotion: {verdict}: {}", decision.reasons.join("; ")));
     Ok(decision)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_panics_are_transient_and_name_out_of_memory() {
+        let oom: Box<dyn std::any::Any + Send> = Box::new(String::from("CUDA_ERROR_OUT_OF_MEMORY: out of memory while allocating 2 GiB"));
+        let e = cuda_failure(DeviceSpec::Cuda(1), oom.as_ref());
+        assert_eq!(e.kind, trainyard_common::ErrorKind::Transient);
+        assert!(e.message.starts_with("CUDA out of memory on cuda:1"), "{}", e.message);
+        let other: Box<dyn std::any::Any + Send> = Box::new("kernel launch failed");
+        let e = cuda_failure(DeviceSpec::Cuda(0), other.as_ref());
+        assert_eq!(e.kind, trainyard_common::ErrorKind::Transient);
+        assert!(e.message.contains("the CUDA backend failed on cuda:0: kernel launch failed"), "{}", e.message);
+    }
+}
