@@ -21,13 +21,26 @@ as_root() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
 }
 
+# RabbitMQ closes the channel of a delivery unacked for longer than its consumer_timeout
+# (30 min by default) and requeues the job; the default job timeout_s is 3,600 s. Raises the
+# local broker's to 2 h (at run time, rabbitmqctl eval) and tells the workers
+# started by the calling script (TRAINYARD_CONSUMER_TIMEOUT_S). A broker rabbitmqctl cannot
+# reach keeps its value, and the workers their default (1,800 s).
+configure_consumer_timeout() {
+  local ms=7200000 set="application:set_env(rabbit, consumer_timeout, 7200000)."
+  command -v rabbitmqctl >/dev/null || return 0
+  if as_root rabbitmqctl -q eval "$set" >/dev/null 2>&1 || rabbitmqctl -q eval "$set" >/dev/null 2>&1; then
+    export TRAINYARD_CONSUMER_TIMEOUT_S=$((ms / 1000))
+  fi
+}
+
 # Makes sure a RabbitMQ broker answers on localhost:5672: starts the local
 # rabbitmq-server if installed, else installs it with apt-get when root.
 ensure_rabbitmq() {
   if [[ -n "${TRAINYARD_AMQP_URL:-}" && "${TRAINYARD_AMQP_URL}" != *"127.0.0.1"* && "${TRAINYARD_AMQP_URL}" != *"localhost"* ]]; then
     return 0 # a remote broker was given: the caller knows where it is
   fi
-  port_open 5672 && return 0
+  port_open 5672 && { configure_consumer_timeout; return 0; }
   if ! command -v rabbitmq-server >/dev/null; then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
       echo "installing rabbitmq-server with apt-get"
@@ -41,7 +54,7 @@ ensure_rabbitmq() {
   echo "starting rabbitmq-server"
   as_root rabbitmq-server -detached >/dev/null 2>&1 || rabbitmq-server -detached >/dev/null 2>&1 || true
   for _ in $(seq 1 90); do
-    port_open 5672 && { sleep 2; return 0; }
+    port_open 5672 && { sleep 2; configure_consumer_timeout; return 0; }
     sleep 1
   done
   echo "error: rabbitmq-server did not start listening on 5672 within 90 s" >&2

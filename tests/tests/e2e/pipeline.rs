@@ -247,6 +247,31 @@ async fn a_job_past_its_timeout_is_stopped_and_fails_as_timeout() {
 }
 
 #[tokio::test]
+async fn a_job_longer_than_the_consumer_timeout_ends_at_once_naming_the_setting() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |cfg| cfg.consumer_timeout = Duration::from_secs(60));
+    // Past the broker's consumer timeout: refused before it starts, not retried.
+    let mut long = env.spec("noop", json!({"sleep_ms": 10}));
+    long.timeout_s = 61;
+    let t0 = std::time::Instant::now();
+    let events = env.run_job(&long, T).await;
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Dead]);
+    let error = events.last().unwrap().error.clone().unwrap();
+    assert_eq!(error.kind, ErrorKind::Permanent);
+    assert!(error.message.contains("timeout_s 61") && error.message.contains("consumer timeout of 60s"), "{}", error.message);
+    assert!(error.message.contains("TRAINYARD_CONSUMER_TIMEOUT_S") && error.message.contains("--consumer-timeout-s"), "{}", error.message);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let dead = env.drain(&env.topo.dead_queue("noop")).await;
+    assert_eq!(dead.len(), 1, "dead-lettered once, never retried");
+    // At the limit it runs.
+    let mut fits = env.spec("noop", json!({"sleep_ms": 10}));
+    fits.timeout_s = 60;
+    assert_eq!(env.run_job(&fits, T).await.last().unwrap().status, JobStatus::Succeeded);
+    w.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn cancel_stops_a_running_job_and_it_is_never_retried() {
     let env = Env::new(&["noop"]).await;
     let w = env.spawn_worker(&["noop"], |_| {});

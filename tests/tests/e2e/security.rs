@@ -74,6 +74,7 @@ fn worker(env: &Env, url: &str, log: &Path, extra_env: &[(&str, &str)]) -> std::
         .env("TRAINYARD_PREFIX", env.topo.prefix())
         .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
         .env("TRAINYARD_AMQP_URL", url)
+        .env("TRAINYARD_CONSUMER_TIMEOUT_S", crate::support::CONSUMER_TIMEOUT_S.to_string())
         .envs(extra_env.iter().copied())
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))

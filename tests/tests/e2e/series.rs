@@ -118,6 +118,7 @@ async fn exported_series_match_the_committed_list() {
             .env("TRAINYARD_AMQP_URL", URL)
             .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
             .env("TRAINYARD_DATA_DIR", dirs.0.path())
+            .env("TRAINYARD_CONSUMER_TIMEOUT_S", crate::support::CONSUMER_TIMEOUT_S.to_string())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());

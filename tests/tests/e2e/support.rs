@@ -18,6 +18,12 @@ use trainyard::submit::{JobWatch, Submitter};
 use trainyard_common::{amqp, artifacts::ArtifactStore, headers, topology::Topology, JobEvent, JobSpec, Trigger};
 use trainyard_worker::runtime::{joblog::JobLogs, Backoff, Worker, WorkerConfig};
 
+/// The broker consumer timeout the tests' workers are told (`WorkerConfig::consumer_timeout`,
+/// `TRAINYARD_CONSUMER_TIMEOUT_S`): the default job timeout, so that jobs with the default
+/// `timeout_s` run. The tests' jobs take seconds, far below the local broker's own value
+/// (30 min unless `scripts/lib.sh` raised it), so the broker never closes a channel on them.
+pub const CONSUMER_TIMEOUT_S: u64 = trainyard_common::job::DEFAULT_TIMEOUT_S;
+
 pub const URL: &str = trainyard_common::config::DEFAULT_AMQP_URL;
 
 pub struct Env {
@@ -60,6 +66,7 @@ impl Env {
         cfg.backoff = Backoff { base_ms: 100, max_ms: 400 };
         cfg.grace_period = Duration::from_secs(2);
         cfg.reconnect_max = Duration::from_secs(2);
+        cfg.consumer_timeout = Duration::from_secs(CONSUMER_TIMEOUT_S);
         cfg
     }
 
@@ -178,6 +185,7 @@ impl Env {
             .env("TRAINYARD_PREFIX", self.topo.prefix())
             .env("TRAINYARD_ARTIFACTS", self.artifacts_dir.path())
             .env("TRAINYARD_AMQP_URL", URL)
+            .env("TRAINYARD_CONSUMER_TIMEOUT_S", CONSUMER_TIMEOUT_S.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

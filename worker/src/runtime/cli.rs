@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// Seconds running jobs get to finish on SIGTERM/SIGINT before they are stopped and requeued.
     #[arg(long, default_value_t = 25)]
     pub grace_period: u64,
+    /// The broker's `consumer_timeout` in seconds (RabbitMQ's default: 1800). A job whose
+    /// `timeout_s` is longer fails at once: raise the broker's value and this one together.
+    #[arg(long, env = "TRAINYARD_CONSUMER_TIMEOUT_S", default_value_t = super::DEFAULT_CONSUMER_TIMEOUT_S)]
+    pub consumer_timeout_s: u64,
     /// Job messages larger than this are dead-lettered unread.
     #[arg(long, default_value_t = trainyard_common::codec::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -94,6 +98,7 @@ async fn run_async(args: RunArgs, logs: JobLogs) -> anyhow::Result<()> {
     cfg.concurrency = args.concurrency;
     cfg.grace_period = Duration::from_secs(args.grace_period);
     cfg.max_message_bytes = args.max_message_bytes;
+    cfg.consumer_timeout = Duration::from_secs(args.consumer_timeout_s);
     cfg.backoff = Backoff { base_ms: args.retry_base_ms, max_ms: args.retry_max_ms };
     cfg.data_dir = args.data_dir.clone();
     // On Kubernetes: node and GPU model from the downward API and the Node's labels.

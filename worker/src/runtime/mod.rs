@@ -65,7 +65,14 @@ pub struct WorkerConfig {
     pub worker: WorkerInfo,
     /// Longest wait between reconnect attempts.
     pub reconnect_max: Duration,
+    /// The broker's `consumer_timeout`: how long it lets a delivery stay unacked before it
+    /// closes the channel and requeues the job. RabbitMQ does not tell its clients, so it is
+    /// a setting; a job whose `timeout_s` is longer fails at once, permanently.
+    pub consumer_timeout: Duration,
 }
+
+/// RabbitMQ's default `consumer_timeout` (30 min), the default of [`WorkerConfig::consumer_timeout`].
+pub const DEFAULT_CONSUMER_TIMEOUT_S: u64 = 1800;
 
 impl WorkerConfig {
     /// Settings for `amqp_url` and `topology` with laptop defaults for the rest.
@@ -81,6 +88,7 @@ impl WorkerConfig {
             data_dir: trainyard_common::config::data_dir(),
             worker: WorkerInfo { id: default_worker_id(), attributes: Default::default() },
             reconnect_max: Duration::from_secs(30),
+            consumer_timeout: Duration::from_secs(DEFAULT_CONSUMER_TIMEOUT_S),
         }
     }
 }

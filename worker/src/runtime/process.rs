@@ -131,6 +131,9 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     if let Err(e) = handler.validate(&spec.params) {
         return finish_failed(d, at, shared, sctx, JobError::permanent(e.message)).await;
     }
+    if let Some(message) = beyond_consumer_timeout(spec.timeout_s, shared.config.consumer_timeout) {
+        return finish_failed(d, at, shared, sctx, JobError::permanent(message)).await;
+    }
 
     let token = sctx.stop_jobs.child_token();
     let user_cancel = shared.cancels.register(&spec.job_id, token.clone());
@@ -403,4 +406,18 @@ fn observe_epoch(shared: &Shared, p: &serde_json::Value) {
     {
         shared.metrics.epoch_seconds.with_label_values(&[device]).observe(secs);
     }
+}
+
+/// Why a job of `timeout_s` cannot run under a broker that closes a channel whose delivery
+/// stays unacked for `consumer_timeout`: the broker would requeue it mid-run, again and
+/// again. `None` when it fits.
+fn beyond_consumer_timeout(timeout_s: u64, consumer_timeout: Duration) -> Option<String> {
+    let limit = consumer_timeout.as_secs();
+    (timeout_s > limit).then(|| {
+        format!(
+            "timeout_s {timeout_s} exceeds the broker's consumer timeout of {limit}s, which would close the channel and requeue \
+             the job mid-run: lower the job's timeout_s, or raise the broker's consumer_timeout and this worker's \
+             --consumer-timeout-s (TRAINYARD_CONSUMER_TIMEOUT_S) together"
+        )
+    })
 }
