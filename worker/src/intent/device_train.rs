@@ -27,7 +27,7 @@ use super::{
     nets::{batch_tensors, load_bytes, record_bytes, DeviceNet},
     params::Hyper,
     seq::Padded,
-    train::{epoch_order, learning_rate, Hooks, TrainError},
+    train::{epoch_order, learning_rate, rec_err, Hooks, RunLog, TrainError},
 };
 
 /// Training and validation rows as fixed-width ids, with their labels.
@@ -48,18 +48,8 @@ pub struct DeviceData {
 pub struct DeviceTrained<M> {
     /// The model.
     pub model: M,
-    /// Every epoch (including those before a resume).
-    pub log: Vec<EpochLog>,
-    /// The epoch a checkpoint resumed from, if any.
-    pub resumed_from_epoch: Option<usize>,
-    /// The epoch whose weights were kept.
-    pub best_epoch: usize,
-    /// Did early stopping end the run?
-    pub stopped_early: bool,
-}
-
-fn rec_err(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Record(e.to_string())
+    /// How the run went.
+    pub run: RunLog,
 }
 
 /// Rows per forward pass outside training.
@@ -198,5 +188,6 @@ where
     if let Some(b) = best.filter(|_| meta.best_epoch != meta.epoch) {
         model = load_bytes(model, b, device).map_err(rec_err)?;
     }
-    Ok(DeviceTrained { model: model.valid(), log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early })
+    let run = RunLog { log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early };
+    Ok(DeviceTrained { model: model.valid(), run })
 }

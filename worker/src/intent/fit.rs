@@ -25,7 +25,7 @@ use super::{
     predict::BagNet,
     seq::{Padded, SeqFeaturizer},
     sparse::EmbeddingBag,
-    train::{train, Hooks, TrainData, TrainError},
+    train::{train, Hooks, RunLog, TrainData, TrainError},
 };
 use crate::handler::JobError;
 
@@ -187,7 +187,7 @@ impl Stage<'_> {
                 _ => None,
             };
             let t = self.with_hooks("bag", |hooks| train::<B>(h, data, &self.fingerprint, resume, device, hooks))?;
-            let summary = summary("bag", PATH_SPARSE, &t.log, t.best_epoch, t.stopped_early, t.resumed_from_epoch);
+            let summary = summary("bag", PATH_SPARSE, t.run);
             return Ok((BagNet { emb: t.emb, head: t.head }, summary));
         }
         let resume = match self.resume(PATH_DEVICE_BAG)? {
@@ -204,7 +204,7 @@ impl Stage<'_> {
         let init = DenseBag::<B>::init(feats.dim(), h.hidden, data.labels, &mut rng, device);
         let t = self.with_hooks("bag", |hooks| train_device(h, self.run_id(PATH_DEVICE_BAG), &dd, init, resume, device, hooks))?;
         let emb = EmbeddingBag::from_weights(feats.dim(), h.hidden, t.model.table_rows());
-        let summary = summary("bag", PATH_DEVICE_BAG, &t.log, t.best_epoch, t.stopped_early, t.resumed_from_epoch);
+        let summary = summary("bag", PATH_DEVICE_BAG, t.run);
         Ok((BagNet { emb, head: t.model.head }, summary))
     }
 
@@ -235,18 +235,19 @@ impl Stage<'_> {
         let mut rng = rand::SeedableRng::seed_from_u64(h.seed ^ 0xC0_4E);
         let init = ConvNet::<B>::init(shape, &mut rng, device);
         let t = self.with_hooks("conv", |hooks| train_device(h, self.run_id(PATH_CONV), &dd, init, resume, device, hooks))?;
-        let summary = summary("conv", PATH_CONV, &t.log, t.best_epoch, t.stopped_early, t.resumed_from_epoch);
+        let summary = summary("conv", PATH_CONV, t.run);
         Ok((t.model, summary))
     }
 }
 
-fn summary(
-    model: &'static str,
-    path: &'static str,
-    log: &[EpochLog],
-    best_epoch: usize,
-    stopped_early: bool,
-    resumed_from_epoch: Option<usize>,
-) -> StageSummary {
-    StageSummary { model, path, epochs_run: log.len(), best_epoch, stopped_early, resumed_from_epoch, log: log.to_vec() }
+fn summary(model: &'static str, path: &'static str, run: RunLog) -> StageSummary {
+    StageSummary {
+        model,
+        path,
+        epochs_run: run.log.len(),
+        best_epoch: run.best_epoch,
+        stopped_early: run.stopped_early,
+        resumed_from_epoch: run.resumed_from_epoch,
+        log: run.log,
+    }
 }

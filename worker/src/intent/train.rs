@@ -76,13 +76,9 @@ pub struct Hooks<'a> {
     pub progress: &'a mut dyn FnMut(&EpochLog),
 }
 
-/// A trained model (best validation epoch) and how the run went.
-#[derive(Debug)]
-pub struct Trained<B: AutodiffBackend> {
-    /// The table, weights only.
-    pub emb: EmbeddingBag,
-    /// The head, for inference.
-    pub head: Head<B::InnerBackend>,
+/// How a training run went (either path).
+#[derive(Debug, Clone)]
+pub struct RunLog {
     /// Every epoch (including those before a resume).
     pub log: Vec<EpochLog>,
     /// The epoch a checkpoint resumed from, if any.
@@ -93,7 +89,19 @@ pub struct Trained<B: AutodiffBackend> {
     pub stopped_early: bool,
 }
 
-fn rec_err(e: impl std::fmt::Display) -> TrainError {
+/// A trained model (best validation epoch) and how the run went.
+#[derive(Debug)]
+pub struct Trained<B: AutodiffBackend> {
+    /// The table, weights only.
+    pub emb: EmbeddingBag,
+    /// The head, for inference.
+    pub head: Head<B::InnerBackend>,
+    /// How the run went.
+    pub run: RunLog,
+}
+
+/// A burn record error as a training error.
+pub(crate) fn rec_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Record(e.to_string())
 }
 
@@ -234,7 +242,8 @@ pub fn train<B: AutodiffBackend>(
     }
     emb.m = Vec::new();
     emb.v = Vec::new();
-    Ok(Trained { emb, head: head_inner, log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early })
+    let run = RunLog { log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early };
+    Ok(Trained { emb, head: head_inner, run })
 }
 
 /// The shuffled example order of an epoch and the RNG it leaves (for dropout), from the job's seed.
