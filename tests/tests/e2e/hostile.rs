@@ -454,13 +454,16 @@ async fn hostile_corpus(db_url: &str) {
     let listed_ids = |v: &Value| -> std::collections::BTreeSet<String> {
         v.as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Polled every 5 s and for up to 300 s: each `dlq list` is a process that opens the store, and
+    // in the whole test suite on 2 cores only ~80 of 930 letters were listed after 120 s of 500 ms
+    // polling (the test alone passes in ~95 s); why the recorder is that slow under load is not known.
+    let deadline = Instant::now() + Duration::from_secs(300);
     let listed = loop {
         let listed = listed_ids(&dlq_list(db_url, &env).await);
         if expected.iter().all(|id| listed.contains(&trainyard::store::escape_text(id))) || Instant::now() > deadline {
             break listed;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     };
     let missing: Vec<&String> = expected.iter().filter(|id| !listed.contains(&trainyard::store::escape_text(id))).collect();
     assert!(
