@@ -14,13 +14,15 @@ phase "services" bash -c 'source scripts/lib.sh && ensure_cargo && ensure_rabbit
 
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --no-fail-fast "$@"; }
-  FILTER_ALL=(-E 'not test(/^disrupt::/)')
-  FILTER_SERIAL=(-E 'test(/^disrupt::/)' --test-threads 1)
+  # The 1,000-letter hostile corpus runs alone too: under the whole parallel suite on 2 cores its
+  # dead-letter recorder stalled (≤ 85 of ~930 letters listed in 300 s); alone it passes in ~95 s.
+  FILTER_ALL=(-E 'not test(/^disrupt::/) and not test(/^hostile::a_thousand/)')
+  FILTER_SERIAL=(-E 'test(/^disrupt::/) or test(/^hostile::a_thousand/)' --test-threads 1)
 else
   echo "cargo-nextest not found: using cargo test (install it with: cargo install cargo-nextest)"
   run_tests() { cargo test --no-fail-fast "$@"; }
-  FILTER_ALL=(-- --skip disrupt::)
-  FILTER_SERIAL=(-- disrupt:: --test-threads 1)
+  FILTER_ALL=(-- --skip disrupt:: --skip hostile::a_thousand)
+  FILTER_SERIAL=(-- disrupt:: hostile::a_thousand --test-threads 1)
 fi
 
 failed=()
