@@ -2,11 +2,9 @@
 //! survives a msgpack and a JSON round trip unchanged, and no input bytes make
 //! the job decoder panic.
 //!
-//! Floats: msgpack carries any finite `f64` exactly. JSON is read by serde_json
-//! without its `float_roundtrip` feature, which may be one ulp off for some
-//! 17-digit values (1.2822991541001633e-53 comes back as ...163e-53), so the
-//! JSON properties use floats with at most 9 significant digits, as people
-//! write them (`"lr": 0.002`).
+//! Floats: any finite `f64`, in msgpack and in JSON alike (the workspace enables
+//! serde_json's `float_roundtrip`; without it some 17-digit values came back one
+//! ulp off, 1.2822991541001633e-53 as ...163e-53).
 
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
@@ -18,20 +16,14 @@ use trainyard_common::{
 };
 
 /// Any JSON value a job's `params` could hold, nested a few levels deep.
-/// `exact_floats`: any finite `f64`; else decimals of at most 9 digits.
-fn json_value_with(exact_floats: bool) -> impl Strategy<Value = Value> {
-    let float = if exact_floats {
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).boxed()
-    } else {
-        (any::<i32>(), 0i32..12).prop_map(|(m, e)| f64::from(m) / 10f64.powi(e)).boxed()
-    };
+fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
         // Finite floats only: JSON has no NaN or infinity.
-        float.prop_map(Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
         ".{0,40}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
@@ -42,17 +34,13 @@ fn json_value_with(exact_floats: bool) -> impl Strategy<Value = Value> {
     })
 }
 
-fn json_value() -> impl Strategy<Value = Value> {
-    json_value_with(false)
-}
-
 /// A value for an optional field: `null` would come back as `None`.
 fn some_value() -> impl Strategy<Value = Value> {
     json_value().prop_filter("not null", |v| !v.is_null())
 }
 
-fn params_with(exact_floats: bool) -> impl Strategy<Value = Value> {
-    prop::collection::btree_map("[a-z_]{1,16}", json_value_with(exact_floats), 0..8).prop_map(|m| Value::Object(m.into_iter().collect()))
+fn params() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map("[a-z_]{1,16}", json_value(), 0..8).prop_map(|m| Value::Object(m.into_iter().collect()))
 }
 
 fn time() -> impl Strategy<Value = DateTime<Utc>> {
@@ -65,18 +53,13 @@ fn trigger() -> impl Strategy<Value = Trigger> {
     (kind, ".{0,40}").prop_map(|(kind, source)| Trigger { kind, source })
 }
 
-/// A `JobSpec` that passes `validate()`, with JSON-safe floats in its params.
-fn valid_spec() -> impl Strategy<Value = JobSpec> {
-    valid_spec_with(false)
-}
-
 /// A `JobSpec` that passes `validate()`.
-fn valid_spec_with(exact_floats: bool) -> impl Strategy<Value = JobSpec> {
+fn valid_spec() -> impl Strategy<Value = JobSpec> {
     (
         any::<u128>(),
         "[a-z0-9_-]{1,64}",
         "[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}",
-        params_with(exact_floats),
+        params(),
         trigger(),
         time(),
         1u32..=trainyard_common::job::MAX_ATTEMPTS_LIMIT,
@@ -94,6 +77,8 @@ fn valid_spec_with(exact_floats: bool) -> impl Strategy<Value = JobSpec> {
             max_attempts,
             timeout_s,
             idempotency_key,
+            priority: Default::default(),
+            coalesce_key: None,
         })
 }
 
@@ -131,7 +116,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn valid_job_specs_round_trip_through_msgpack(spec in valid_spec_with(true)) {
+    fn valid_job_specs_round_trip_through_msgpack(spec in valid_spec()) {
         let bytes = codec::to_msgpack(&spec).unwrap();
         prop_assert_eq!(decode_job(Some(MSGPACK), &bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap(), spec.clone());
         prop_assert_eq!(decode_job(None, &bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap(), spec);
@@ -187,4 +172,16 @@ proptest! {
             prop_assert!(spec.validate().is_ok());
         }
     }
+}
+
+/// The value the JSON property found one ulp off before the workspace enabled
+/// serde_json's `float_roundtrip`: it comes back exact, alone and inside a job.
+#[test]
+fn a_seventeen_digit_float_survives_json_exactly() {
+    let x = 1.2822991541001633e-53_f64;
+    let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+    assert_eq!(back.to_bits(), x.to_bits());
+    let spec = JobSpec::new("noop", "bot", serde_json::json!({"lr": x}), Trigger { kind: TriggerKind::Api, source: "test".into() });
+    let decoded = decode_job(Some(JSON), &codec::to_json(&spec).unwrap(), DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+    assert_eq!(decoded.params["lr"].as_f64().map(f64::to_bits), Some(x.to_bits()));
 }
