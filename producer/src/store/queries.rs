@@ -1,0 +1,101 @@
+//! Reading jobs: one job, its events, filtered lists and the counts behind the metrics.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{AssertSqlSafe, Row};
+use trainyard_common::{JobEvent, JobStatus};
+
+use super::{from_micros, micros, q, types, JobFilter, JobRow, Store, StoreError};
+
+impl Store {
+    /// One job.
+    pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {} FROM jobs WHERE job_id = $1", types::JOB_COLUMNS)))
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q(format!("read job {job_id}")))?;
+        row.as_ref().map(types::job_row).transpose()
+    }
+
+    /// All events of a job, every run, in order.
+    pub async fn events(&self, job_id: &str) -> Result<Vec<JobEvent>, StoreError> {
+        let rows = sqlx::query("SELECT body FROM job_events WHERE job_id = $1 ORDER BY run, seq")
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q(format!("read the events of job {job_id}")))?;
+        rows.iter().map(|r| types::from_json::<JobEvent>("event", &r.get::<String, _>(0))).collect()
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRow>, StoreError> {
+        let mut sql = format!("SELECT {} FROM jobs WHERE 1 = 1", types::JOB_COLUMNS);
+        let mut texts: Vec<String> = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            n
+        };
+        if let Some(s) = filter.status {
+            sql.push_str(&format!(" AND status = ${}", next()));
+            texts.push(s.as_str().into());
+        }
+        if let Some(t) = &filter.job_type {
+            sql.push_str(&format!(" AND job_type = ${}", next()));
+            texts.push(t.clone());
+        }
+        if let Some(b) = &filter.bot {
+            sql.push_str(&format!(" AND bot = ${}", next()));
+            texts.push(b.clone());
+        }
+        let since_idx = filter.since.map(|_| next());
+        if let Some(i) = since_idx {
+            sql.push_str(&format!(" AND created_at >= ${i}"));
+        }
+        sql.push_str(&format!(" ORDER BY created_at DESC, job_id DESC LIMIT {}", filter.limit.clamp(1, 10_000)));
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        for t in texts {
+            query = query.bind(t);
+        }
+        if let Some(since) = filter.since {
+            query = query.bind(micros(since));
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(q("list jobs"))?;
+        rows.iter().map(types::job_row).collect()
+    }
+
+    /// Jobs running now (latest status `started` or `progress`), by job type.
+    pub async fn running_by_type(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        let rows = sqlx::query("SELECT job_type, COUNT(*) FROM jobs WHERE status IN ('started', 'progress') GROUP BY job_type")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("count running jobs"))?;
+        Ok(rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))).collect())
+    }
+
+    /// Jobs by status, for the metrics.
+    pub async fn count_by_type_and_status(&self) -> Result<Vec<(String, JobStatus, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT job_type, status, COUNT(*) FROM jobs GROUP BY job_type, status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("count jobs by status"))?;
+        Ok(rows.iter().filter_map(|r| Some((r.get::<String, _>(0), r.get::<String, _>(1).parse().ok()?, r.get::<i64, _>(2)))).collect())
+    }
+
+    /// The oldest job still `queued`, by job type (submission time).
+    pub async fn oldest_queued_by_type(&self) -> Result<BTreeMap<String, DateTime<Utc>>, StoreError> {
+        let rows = sqlx::query("SELECT job_type, MIN(created_at) FROM jobs WHERE status = 'queued' GROUP BY job_type")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("find the oldest queued jobs"))?;
+        Ok(rows.iter().map(|r| (r.get::<String, _>(0), from_micros(r.get::<i64, _>(1)))).collect())
+    }
+
+    /// Is the store empty (no job)?
+    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM jobs").fetch_one(&self.pool).await.map_err(q("count jobs"))?;
+        Ok(row.get::<i64, _>(0) == 0)
+    }
+}

@@ -1,0 +1,236 @@
+//! Recording events: idempotent, set-based inserts and the projection of each
+//! touched job's current run into its row.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use sqlx::{any::AnyRow, AssertSqlSafe, Row};
+use trainyard_common::{JobEvent, JobSpec};
+
+use super::{
+    from_micros, micros, placeholders, projection, projection::Projection, q, types, update_from_values, values_list, Backend, Recorded,
+    Store, StoreError, ROWS_PER_STATEMENT,
+};
+
+impl Store {
+    /// Records an event. Returns `false` when it was already recorded (a duplicate).
+    pub async fn record_event(&self, event: &JobEvent) -> Result<bool, StoreError> {
+        Ok(self.record_events(std::slice::from_ref(event)).await?[0].new)
+    }
+
+    /// Records a batch of events in one transaction; one [`Recorded`] per event, in order.
+    ///
+    /// Set-based, so a batch costs a handful of statements rather than several per
+    /// event: create the missing job rows, read (and on PostgreSQL lock, in `job_id`
+    /// order, so concurrent recorders cannot deadlock) their run, insert the events
+    /// (`RETURNING` says which were new), then project each touched job once.
+    pub async fn record_events(&self, events: &[JobEvent]) -> Result<Vec<Recorded>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(q("begin recording events"))?;
+        let out = self.record_events_in(&mut tx, events).await?;
+        tx.commit().await.map_err(q("commit recorded events"))?;
+        Ok(out)
+    }
+
+    /// [`Store::record_events`] inside the caller's transaction.
+    pub(super) async fn record_events_in(&self, tx: &mut sqlx::AnyConnection, events: &[JobEvent]) -> Result<Vec<Recorded>, StoreError> {
+        let mut out = vec![Recorded { new: false, since: None }; events.len()];
+        if events.is_empty() {
+            return Ok(out);
+        }
+        let now = micros(Utc::now());
+        // The first event of each job stands for it when its row is created.
+        let mut jobs: BTreeMap<&str, &JobEvent> = BTreeMap::new();
+        for e in events {
+            jobs.entry(e.job_id.as_str()).or_insert(e);
+        }
+        let ids: Vec<&str> = jobs.keys().copied().collect();
+        // A write first, so SQLite takes its write lock now rather than failing to upgrade later.
+        for chunk in jobs.values().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO jobs (job_id, job_type, bot, status, status_seq, attempts, created_at, updated_at, run, run_since) \
+                 VALUES {} ON CONFLICT (job_id) DO NOTHING",
+                values_list(self.backend, chunk.len(), 8, "0, 0")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            for e in chunk {
+                query = query
+                    .bind(&e.job_id)
+                    .bind(&e.job_type)
+                    .bind(&e.bot)
+                    .bind(e.status.as_str())
+                    .bind(e.seq as i64)
+                    .bind(i64::from(e.attempt))
+                    .bind(micros(e.at))
+                    .bind(micros(e.at));
+            }
+            query.execute(&mut *tx).await.map_err(q("create job rows"))?;
+        }
+        // job_id → (run, run_since, when the job was submitted as far as the row knows)
+        let mut state: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(ids.len());
+        let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
+        let sql = format!(
+            "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({{}}) ORDER BY job_id{lock}"
+        );
+        for r in self.select_in(tx, &sql, &ids, "read job rows").await? {
+            state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+        }
+        // The run each event belongs to: one from before the latest replay belongs to the previous run.
+        let event_runs: Vec<i64> = events
+            .iter()
+            .map(|e| {
+                let (run, run_since, _) = state[e.job_id.as_str()];
+                if run > 0 && micros(e.at) < run_since {
+                    run - 1
+                } else {
+                    run
+                }
+            })
+            .collect();
+        // Each (job, run, seq) once; later copies in the batch are duplicates.
+        let mut keyed: HashMap<(&str, i64, u64), usize> = HashMap::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            keyed.entry((e.job_id.as_str(), event_runs[i], e.seq)).or_insert(i);
+        }
+        let mut unique: Vec<((&str, i64, u64), usize)> = keyed.into_iter().collect();
+        unique.sort_unstable();
+        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) VALUES {} \
+                 ON CONFLICT (job_id, run, seq) DO NOTHING RETURNING job_id, run, seq",
+                values_list(self.backend, chunk.len(), 8, "")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            for &((_, run, _), i) in chunk {
+                let e = &events[i];
+                let body = serde_json::to_string(e).map_err(|err| StoreError::Decode { what: "event", reason: err.to_string() })?;
+                query = query
+                    .bind(&e.job_id)
+                    .bind(run)
+                    .bind(e.seq as i64)
+                    .bind(e.status.as_str())
+                    .bind(i64::from(e.attempt))
+                    .bind(micros(e.at))
+                    .bind(body)
+                    .bind(now);
+            }
+            let index: HashMap<(&str, i64, u64), usize> = chunk.iter().copied().collect();
+            for r in query.fetch_all(&mut *tx).await.map_err(q("insert events"))? {
+                let (job_id, run, seq): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                if let Some(&i) = index.get(&(job_id.as_str(), run, seq as u64)) {
+                    out[i].new = true;
+                }
+            }
+        }
+        // Jobs with new events of their current run: store the spec, project the row.
+        let mut touched: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut specs = Vec::new();
+        for (i, e) in events.iter().enumerate().filter(|(i, _)| out[*i].new) {
+            if event_runs[i] == state[e.job_id.as_str()].0 {
+                touched.entry(e.job_id.as_str()).or_default().push(i);
+            }
+            if let Some(spec) = &e.spec {
+                specs.push((e.job_id.as_str(), spec));
+            }
+        }
+        self.update_specs(tx, &specs).await?;
+        let touched_ids: Vec<&str> = touched.keys().copied().collect();
+        let mut run_events: HashMap<String, Vec<JobEvent>> = HashMap::with_capacity(touched_ids.len());
+        let sql = "SELECT job_id, run, body FROM job_events WHERE job_id IN ({}) ORDER BY job_id, seq";
+        for r in self.select_in(tx, sql, &touched_ids, "read events").await? {
+            let job_id: String = r.get(0);
+            if r.get::<i64, _>(1) == state[job_id.as_str()].0 {
+                let event = types::from_json::<JobEvent>("event", &r.get::<String, _>(2))?;
+                run_events.entry(job_id).or_default().push(event);
+            }
+        }
+        let projections: Vec<(&str, Projection)> = touched
+            .keys()
+            .filter_map(|&job_id| projection::project(run_events.get(job_id).map(Vec::as_slice).unwrap_or_default()).map(|p| (job_id, p)))
+            .collect();
+        self.update_projections(tx, &projections).await?;
+        for (job_id, new_events) in touched {
+            let run = run_events.get(job_id).map(Vec::as_slice).unwrap_or_default();
+            // A job's duration starts at its submission: the `queued` event's spec, else the row.
+            let since = run.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(state[job_id].2));
+            for i in new_events.into_iter().filter(|&i| events[i].status.is_terminal()) {
+                out[i].since = Some(since);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `sql` (whose `{}` stands for the list of `ids`) over `ids` in chunks; all the rows.
+    async fn select_in(&self, conn: &mut sqlx::AnyConnection, sql: &str, ids: &[&str], what: &str) -> Result<Vec<AnyRow>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let text = sql.replacen("{}", &placeholders(self.backend, 1, chunk.len()), 1);
+            let query = chunk.iter().fold(sqlx::query(AssertSqlSafe(text)).persistent(false), |q, id| q.bind(*id));
+            out.extend(query.fetch_all(&mut *conn).await.map_err(q(what))?);
+        }
+        Ok(out)
+    }
+
+    /// Stores each job's spec (from its `queued` event) in its row: one statement per chunk.
+    async fn update_specs(&self, conn: &mut sqlx::AnyConnection, specs: &[(&str, &JobSpec)]) -> Result<(), StoreError> {
+        let set =
+            "spec = v.column2, trigger_kind = v.column3, trigger_source = v.column4, submitted_at = v.column5, created_at = v.column5";
+        for chunk in specs.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::query(AssertSqlSafe(update_from_values(self.backend, set, chunk.len(), 5))).persistent(false);
+            for (job_id, spec) in chunk {
+                let spec_json = serde_json::to_string(spec).map_err(|err| StoreError::Decode { what: "spec", reason: err.to_string() })?;
+                query = query
+                    .bind(*job_id)
+                    .bind(spec_json)
+                    .bind(spec.trigger.kind.to_string())
+                    .bind(spec.trigger.source.clone())
+                    .bind(micros(spec.submitted_at));
+            }
+            query.execute(&mut *conn).await.map_err(q("store job specs"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes each job's projection of its current-run events into its row: one statement per chunk.
+    async fn update_projections(&self, conn: &mut sqlx::AnyConnection, rows: &[(&str, Projection)]) -> Result<(), StoreError> {
+        let set = "status = v.column2, status_seq = v.column3, attempts = v.column4, worker = v.column5, progress = v.column6, \
+                   result = v.column7, error = v.column8, started_at = v.column9, finished_at = v.column10, updated_at = v.column11";
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::query(AssertSqlSafe(update_from_values(self.backend, set, chunk.len(), 11))).persistent(false);
+            for (job_id, p) in chunk {
+                query = query
+                    .bind(*job_id)
+                    .bind(p.status.as_str())
+                    .bind(p.status_seq as i64)
+                    .bind(i64::from(p.attempts))
+                    .bind(p.worker.as_ref().map(types::to_json))
+                    .bind(p.progress.as_ref().map(types::to_json))
+                    .bind(p.result.as_ref().map(types::to_json))
+                    .bind(p.error.as_ref().map(types::to_json))
+                    .bind(p.started_at.map(micros))
+                    .bind(p.finished_at.map(micros))
+                    .bind(micros(p.updated_at));
+            }
+            query.execute(&mut *conn).await.map_err(q("update job rows"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new run of a job (a dead-letter replay): the job is `queued`
+    /// again and its new events are kept apart from the old ones.
+    pub async fn start_new_run(&self, job_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET run = run + 1, run_since = $1, status = 'queued', status_seq = 0, attempts = 0, progress = NULL, \
+             result = NULL, error = NULL, finished_at = NULL, updated_at = $2 WHERE job_id = $3",
+        )
+        .bind(micros(at))
+        .bind(micros(at))
+        .bind(job_id)
+        .execute(&self.pool)
+        .await
+        .map_err(q(format!("start a new run of job {job_id}")))?;
+        Ok(())
+    }
+}
