@@ -21,3 +21,39 @@ pub struct CancelRequest {
     #[serde(default)]
     pub reason: String,
 }
+
+/// `by` of the cancel marker with which coalescing supersedes a job.
+pub const SUPERSEDED_BY: &str = "coalesce";
+/// Prefix of that marker's `reason`, followed by the newer job's id.
+pub const SUPERSEDED_REASON: &str = "superseded by ";
+
+impl CancelRequest {
+    /// The marker that supersedes `job_id` by the newer job `newer` (latest wins).
+    /// A worker that does not know coalescing reads it as a plain cancel.
+    pub fn superseded(job_id: &str, newer: &str) -> Self {
+        Self { job_id: job_id.to_string(), by: SUPERSEDED_BY.into(), reason: format!("{SUPERSEDED_REASON}{newer}") }
+    }
+
+    /// The newer job that supersedes this one, when coalescing wrote this request.
+    pub fn superseded_by(&self) -> Option<&str> {
+        if self.by == SUPERSEDED_BY {
+            self.reason.strip_prefix(SUPERSEDED_REASON)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_superseding_cancel_names_the_newer_job() {
+        let req = CancelRequest::superseded("a", "b");
+        assert_eq!(req.superseded_by(), Some("b"));
+        let json = String::from_utf8(crate::codec::to_json(&req).unwrap()).unwrap();
+        assert!(json.contains(r#""reason":"superseded by b""#), "{json}");
+        assert_eq!(CancelRequest { by: "alice".into(), ..req }.superseded_by(), None);
+    }
+}

@@ -25,7 +25,8 @@ use crate::{
 /// `queued → started → progress* → succeeded`, or after a failed attempt
 /// `retrying → (started …)`, ending in `succeeded`, `failed` (attempts used up
 /// on transient errors or timeouts), `dead` (permanent error, poison message,
-/// delivery limit) or `cancelled`.
+/// delivery limit), `cancelled` or `superseded` (a newer job with the same
+/// coalescing key replaced it before it ran).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -45,6 +46,9 @@ pub enum JobStatus {
     Dead,
     /// Cancelled on request. Terminal.
     Cancelled,
+    /// Replaced by a newer job with the same coalescing key before it ran (or, when the
+    /// job type's policy says so, while it ran). Terminal; `result.superseded_by` names it.
+    Superseded,
     /// A status this build does not know (a newer minor version wrote it). Never
     /// terminal; the job's row keeps the status of its other events.
     #[serde(other)]
@@ -53,7 +57,7 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in lifecycle order.
-    pub const ALL: [JobStatus; 8] = [
+    pub const ALL: [JobStatus; 9] = [
         JobStatus::Queued,
         JobStatus::Started,
         JobStatus::Progress,
@@ -62,11 +66,12 @@ impl JobStatus {
         JobStatus::Retrying,
         JobStatus::Dead,
         JobStatus::Cancelled,
+        JobStatus::Superseded,
     ];
 
     /// Is this a final status?
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Dead | JobStatus::Cancelled)
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Dead | JobStatus::Cancelled | JobStatus::Superseded)
     }
 
     /// The lower-case name, as on the wire.
@@ -80,6 +85,7 @@ impl JobStatus {
             JobStatus::Retrying => "retrying",
             JobStatus::Dead => "dead",
             JobStatus::Cancelled => "cancelled",
+            JobStatus::Superseded => "superseded",
             JobStatus::Unknown => "unknown",
         }
     }
@@ -98,7 +104,7 @@ impl std::str::FromStr for JobStatus {
             .into_iter()
             .chain([JobStatus::Unknown])
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown status {s:?} (one of queued, started, progress, succeeded, failed, retrying, dead, cancelled)"))
+            .ok_or_else(|| format!("unknown status {s:?} (one of queued, started, progress, succeeded, failed, retrying, dead, cancelled, superseded)"))
     }
 }
 

@@ -54,6 +54,67 @@ impl std::fmt::Display for TriggerKind {
     }
 }
 
+/// A job's priority tier. Workers never start a lower-tier job while a higher-tier
+/// job of their types is ready (each tier has its own queue, see
+/// [`Topology::tier_queue`](crate::topology::Topology::tier_queue)).
+///
+/// Absent on the wire means `normal`; a value this build does not know (a newer
+/// minor version's tier) is read as `normal`, so that the job still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Before everything else (an urgent fix).
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// Only when nothing else is ready (bulk imports).
+    Low,
+}
+
+impl Priority {
+    /// Every tier, highest first: the order workers take them in.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The lower-case name, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// Is this the default tier (left out on the wire)?
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+}
+
+impl std::fmt::Display for Priority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Priority::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| format!("unknown priority {s:?} (one of high, normal, low)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    /// Lenient: any value that is not a known tier name reads as `normal`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Ok(v.as_str().and_then(|s| s.parse().ok()).unwrap_or_default())
+    }
+}
+
+/// Longest coalescing key.
+pub const MAX_COALESCE_KEY: usize = 256;
+
 /// Who or what triggered a job, for the audit trail. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trigger {
@@ -102,6 +163,13 @@ pub struct JobSpec {
     /// Optional key that makes two submissions the same job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Priority tier (absent = normal).
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+    /// Latest wins: of the jobs with the same key, only the newest (by `submitted_at`,
+    /// then `job_id`) runs; an older one that has not started ends `superseded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coalesce_key: Option<String>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -146,7 +214,14 @@ impl JobSpec {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             timeout_s: DEFAULT_TIMEOUT_S,
             idempotency_key: None,
+            priority: Priority::Normal,
+            coalesce_key: None,
         }
+    }
+
+    /// The coalescing key `trainyard submit --coalesce` uses: `<job_type>/<bot>`.
+    pub fn bot_coalesce_key(&self) -> String {
+        format!("{}/{}", self.job_type, self.bot)
     }
 
     /// Checks what serde cannot: version, id, names, bounds.
@@ -173,6 +248,14 @@ impl JobSpec {
         }
         if self.timeout_s == 0 || self.timeout_s > MAX_TIMEOUT_S {
             return bad("timeout_s", format!("{} is outside 1..={MAX_TIMEOUT_S}", self.timeout_s));
+        }
+        if let Some(key) = &self.coalesce_key {
+            if key.is_empty() || key.len() > MAX_COALESCE_KEY || key.chars().any(char::is_control) {
+                return bad(
+                    "coalesce_key",
+                    format!("{:?} is not a key (1..={MAX_COALESCE_KEY} bytes, no control characters)", truncate(key)),
+                );
+            }
         }
         Ok(())
     }
@@ -233,5 +316,26 @@ mod tests {
         spec.bot = "b".into();
         spec.job_type = "No Such".into();
         assert!(spec.validate().is_err());
+        spec.job_type = "noop".into();
+        spec.coalesce_key = Some(String::new());
+        assert!(spec.validate().unwrap_err().to_string().contains("coalesce_key"));
+    }
+
+    #[test]
+    fn priority_and_key_are_optional_and_lenient() {
+        let base = r#"{"job_id":"01936f5e-8c4a-7b2e-9d1f-3a5b7c9e1f20","job_type":"noop","bot":"b",
+            "trigger":{"kind":"manual"},"submitted_at":"2026-11-24T12:00:00Z""#;
+        let old: JobSpec = serde_json::from_str(&format!("{base}}}")).unwrap();
+        assert_eq!((old.priority, old.coalesce_key.as_deref()), (Priority::Normal, None));
+        let new: JobSpec = serde_json::from_str(&format!(r#"{base},"priority":"high","coalesce_key":"noop/b"}}"#)).unwrap();
+        assert_eq!((new.priority, new.coalesce_key.as_deref()), (Priority::High, Some("noop/b")));
+        let newer: JobSpec = serde_json::from_str(&format!(r#"{base},"priority":"urgent"}}"#)).unwrap();
+        assert_eq!(newer.priority, Priority::Normal, "a tier this build does not know runs as normal");
+        // Written only when set, so that the release before reads the same bytes as always.
+        let json = serde_json::to_value(&old).unwrap();
+        assert!(json.get("priority").is_none() && json.get("coalesce_key").is_none());
+        let bytes = rmp_serde::to_vec_named(&new).unwrap();
+        assert_eq!(rmp_serde::from_slice::<JobSpec>(&bytes).unwrap(), new);
+        assert_eq!(new.bot_coalesce_key(), "noop/b");
     }
 }

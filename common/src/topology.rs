@@ -3,8 +3,9 @@
 //! | name | kind | purpose |
 //! |---|---|---|
 //! | `P.jobs` | direct exchange | routing key = job type |
-//! | `P.jobs.<type>` | quorum queue | work queue; delivery limit as crash-loop backstop, DLX `P.dead` |
-//! | `P.retry` + `P.retry.<type>.<ms>` | direct exchange + TTL queues | delayed retries back to `P.jobs` |
+//! | `P.jobs.<type>` | quorum queue | work queue (normal tier); delivery limit as crash-loop backstop, DLX `P.dead` |
+//! | `P.jobs.<type>.high`, `P.jobs.<type>.low` | quorum queues | the same for the high and low tiers (keys `<type>.high`, `<type>.low`) |
+//! | `P.retry` + `P.retry.<type>[.<tier>].<ms>` | direct exchange + TTL queues | delayed retries back to `P.jobs`, to the job's tier |
 //! | `P.dead` + `P.dead.<type>` + `P.dead.recorder` | topic exchange + quorum queues | dead letters per type, and a copy for the recorder |
 //! | `P.events` | topic exchange | routing key `<type>.<status>` |
 //! | `P.events.log` | stream | durable audit log |
@@ -21,7 +22,7 @@ use lapin::{
     Channel, ExchangeKind,
 };
 
-use crate::error::CommonError;
+use crate::{error::CommonError, job::Priority};
 
 /// Broker-side redelivery backstop. On RabbitMQ 3.10 every return of a
 /// delivery (crash, SIGTERM requeue, lost connection, broker restart) counts,
@@ -58,6 +59,15 @@ impl Topology {
     /// Work queue of a job type.
     pub fn jobs_queue(&self, job_type: &str) -> String {
         format!("{}.jobs.{job_type}", self.prefix)
+    }
+    /// Work queue of a job type's priority tier: the normal tier is [`Self::jobs_queue`]
+    /// (what workers of the release before consume), the others add `.high` / `.low`.
+    pub fn tier_queue(&self, job_type: &str, priority: Priority) -> String {
+        format!("{}.jobs.{}", self.prefix, jobs_routing_key(job_type, priority))
+    }
+    /// The work queues of a job type, highest tier first.
+    pub fn tier_queues(&self, job_type: &str) -> [String; 3] {
+        Priority::ALL.map(|p| self.tier_queue(job_type, p))
     }
     /// Retry exchange (direct, key = `<type>.<delay_ms>`).
     pub fn retry_exchange(&self) -> String {
@@ -132,22 +142,25 @@ impl Topology {
         work.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
         work.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
         work.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-        self.declare_bound(ch, &self.jobs_queue(job_type), work, &self.jobs_exchange(), job_type).await?;
+        for priority in Priority::ALL {
+            let key = jobs_routing_key(job_type, priority);
+            self.declare_bound(ch, &self.tier_queue(job_type, priority), work.clone(), &self.jobs_exchange(), &key).await?;
+        }
         self.declare_bound(ch, &self.dead_queue(job_type), quorum_args(), &self.dead_exchange(), job_type).await?;
         Ok(())
     }
 
-    /// Declares the retry queue for `delay_ms`: messages wait there, then go
-    /// back to the work exchange with the job type as routing key.
-    pub async fn declare_retry_queue(&self, ch: &Channel, job_type: &str, delay_ms: u64) -> Result<String, CommonError> {
+    /// Declares the retry queue for `delay_ms` of a tier: messages wait there, then go
+    /// back to the work exchange with `jobs_key` (see [`jobs_routing_key`]) as routing key.
+    pub async fn declare_retry_queue(&self, ch: &Channel, jobs_key: &str, delay_ms: u64) -> Result<String, CommonError> {
         let mut args = quorum_args();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms as i64));
         args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.jobs_exchange().into()));
-        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(job_type.into()));
+        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(jobs_key.into()));
         args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
         args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-        let queue = self.retry_queue(job_type, delay_ms);
-        let key = retry_routing_key(job_type, delay_ms);
+        let queue = self.retry_queue(jobs_key, delay_ms);
+        let key = retry_routing_key(jobs_key, delay_ms);
         self.declare_bound(ch, &queue, args, &self.retry_exchange(), &key).await?;
         Ok(key)
     }
@@ -160,6 +173,16 @@ impl Topology {
             .await
             .map_err(CommonError::amqp(format!("bind queue {queue} to {exchange} with key {key}")))?;
         Ok(())
+    }
+}
+
+/// The routing key on the work exchange of a job type's tier: `<type>` for normal
+/// (as always), `<type>.high`, `<type>.low`. Job type names have no dots, so these
+/// never name another type.
+pub fn jobs_routing_key(job_type: &str, priority: Priority) -> String {
+    match priority {
+        Priority::Normal => job_type.to_string(),
+        other => format!("{job_type}.{other}"),
     }
 }
 

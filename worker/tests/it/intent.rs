@@ -87,6 +87,8 @@ pub(super) fn spec(job_id: &str, job_type: &str, bot: &str, params: Value) -> Jo
         max_attempts: 3,
         timeout_s: 600,
         idempotency_key: None,
+        priority: Default::default(),
+        coalesce_key: None,
     }
 }
 
