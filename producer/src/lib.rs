@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod ops;
 pub mod pool;
 pub mod progress;

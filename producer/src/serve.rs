@@ -110,7 +110,7 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         });
     }
 
-    let state = ApiState { ops, tokens: Arc::new(settings.tokens.clone()), registry, metrics: Some(metrics) };
+    let state = ApiState { ops, tokens: Arc::new(settings.tokens.clone()), registry, metrics: Some(metrics), shutdown: shutdown.clone() };
     let app = api::router(state, settings.body_limit);
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, job_types = ?settings.job_types, "control plane serving");

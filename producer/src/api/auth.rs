@@ -27,6 +27,13 @@ pub struct Token {
     secret: Vec<u8>,
 }
 
+impl Token {
+    /// The secret, as the key that signs this token's console sessions.
+    pub(crate) fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+}
+
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Token").field("name", &self.name).field("scope", &self.scope).finish_non_exhaustive()
@@ -99,6 +106,11 @@ impl Tokens {
     /// No token configured (then every `/v1/` request is refused).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Every configured token.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Token> {
+        self.0.iter()
     }
 
     /// The token matching `presented`, comparing against every token in constant time.

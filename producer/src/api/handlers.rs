@@ -3,7 +3,7 @@
 use axum::{
     extract::{Path, Query, State},
     http::{header, StatusCode},
-    response::{Html, IntoResponse, Response},
+    response::{IntoResponse, Response},
     Extension, Json,
 };
 use chrono::{DateTime, Utc};
@@ -15,12 +15,7 @@ use crate::{ops::ReplayRequest, store::JobFilter};
 
 type ApiResult<T> = Result<T, ApiError>;
 
-const REPORT_PAGE: &str = include_str!("report.html");
 const OPENAPI: &str = include_str!("openapi.json");
-
-pub async fn report_page() -> Html<&'static str> {
-    Html(REPORT_PAGE)
-}
 
 pub async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()

@@ -1,13 +1,18 @@
 //! The HTTP API of the control plane (axum).
 //!
-//! `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the job report page
-//! `/jobs/{id}` are open; everything under `/v1/` needs a bearer token
+//! `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the console's page
+//! ([`crate::console`], at `/` and `/jobs/{id}`) are open; `/v1/session` signs a
+//! console in ([`session`]), `/v1/stream` is the live feed ([`stream`], bearer
+//! token or session cookie); everything else under `/v1/` needs a bearer token
 //! ([`auth`]) whose scope covers the route: `GET` needs `read`; submitting,
 //! cancelling and retrying need `submit`; dead-letter replay and model
 //! promotion/rollback need `admin`. Request bodies are limited in size.
 
 pub mod auth;
 mod handlers;
+pub mod queues;
+pub mod session;
+mod stream;
 
 use std::sync::Arc;
 
@@ -40,6 +45,8 @@ pub struct ApiState {
     pub registry: Registry,
     /// Control-plane metrics, when registered.
     pub metrics: Option<ControlMetrics>,
+    /// Cancelled when the control plane stops: open live streams end at once.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The caller of a `/v1/` request, for the audit trail.
@@ -60,6 +67,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/jobs/{id}/logs", get(handlers::job_logs))
         .route("/jobs/{id}/cancel", post(handlers::cancel))
         .route("/jobs/{id}/retry", post(handlers::retry))
+        .route("/queues", get(queues::queues))
         .route("/dlq", get(handlers::dlq_list))
         .route("/dlq/replay", post(handlers::dlq_replay))
         .route("/models/{bot}", get(handlers::models))
@@ -71,8 +79,10 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
         .route("/openapi.json", get(handlers::openapi))
-        .route("/jobs/{id}", get(handlers::report_page))
+        .route("/v1/session", post(session::sign_in).delete(session::sign_out))
+        .route("/v1/stream", get(stream::stream))
         .nest("/v1", v1)
+        .merge(crate::console::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
@@ -101,12 +111,7 @@ fn required_scope(method: &Method, path: &str) -> Scope {
 }
 
 async fn require_token(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let presented = session::bearer(req.headers());
     let Some(token) = presented.and_then(|p| state.tokens.check(p)) else {
         let msg = if presented.is_none() { "missing bearer token" } else { "invalid token" };
         return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(serde_json::json!({"error": msg}))).into_response();

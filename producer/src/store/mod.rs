@@ -17,6 +17,7 @@
 //! - A store can be rebuilt from the `events.log` stream (see `rebuild`).
 
 mod dead_letters;
+mod feed;
 mod parked;
 pub mod projection;
 mod queries;
@@ -30,6 +31,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use sqlx::{any::AnyPoolOptions, AnyPool, AssertSqlSafe, Row};
 
+pub use feed::Change;
 pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobFilter, JobRow, ParkedEvent};
 
 /// Default store, under the data directory of the control plane.

@@ -87,6 +87,12 @@ CREATE TABLE IF NOT EXISTS parked_events (
 ALTER TABLE dead_letters ADD COLUMN body TEXT
 "#,
     ),
+    (
+        4,
+        r#"
+CREATE INDEX IF NOT EXISTS job_events_recorded ON job_events (recorded_at)
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.

@@ -1,4 +1,5 @@
-//! The control plane end to end: API auth and limits, the demand gauge, the report page.
+//! The control plane end to end: API auth and limits, the demand gauge (the console's browser tests
+//! are in `tests/tests/e2e/console.rs`).
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -10,7 +11,7 @@ use trainyard::{
     serve::{serve, ServeSettings},
     submit::Submitter,
 };
-use trainyard_common::{artifacts::ArtifactStore, event::event_seq, topology::Topology, JobEvent, JobStatus, WorkerInfo};
+use trainyard_common::{event::event_seq, topology::Topology, JobEvent, JobStatus, WorkerInfo};
 
 use crate::helpers::*;
 
@@ -170,95 +171,4 @@ async fn demand_is_ready_plus_running() {
     ch.queue_purge(server.topo.jobs_queue("noop").into(), QueuePurgeOptions::default()).await.unwrap();
     eventually(20, "demand 0", || async { (gauge(&metrics().await, "trainyard_jobs_demand", "noop") == Some(0)).then_some(()) }).await;
     server.stop(&["noop", "intent-train"]).await;
-}
-
-/// Finds Debian's Chromium.
-fn chromium() -> Option<&'static str> {
-    ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|b| std::process::Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
-}
-
-#[tokio::test]
-async fn report_page_renders_the_confusion_matrix_in_chromium() {
-    let browser = chromium().expect("headless Chromium is needed for this test: apt-get install -y chromium");
-    let server = start(&["intent-train"], "viewer:read:view-tok", 64 * 1024, ControlConfig::default()).await;
-    let artifacts = ArtifactStore::open(server.artifacts_dir.path().to_str().unwrap()).unwrap();
-    // A finished training job, as a worker leaves it.
-    let spec = spec("intent-train", "banking");
-    let (_conn, ch) = channel().await;
-    publish_event(&ch, &server.topo, &JobEvent::queued(&spec)).await;
-    let mut started = JobEvent::new(&spec, JobStatus::Started, 1, event_seq(1, 0, 0));
-    started.worker = Some(WorkerInfo { id: "gpu-worker-7".into(), attributes: [("gpu".to_string(), "nvidia-l4".to_string())].into() });
-    publish_event(&ch, &server.topo, &started).await;
-    let mut progress = JobEvent::new(&spec, JobStatus::Progress, 1, event_seq(1, 0, 1));
-    progress.progress = Some(serde_json::json!({"epoch": 3, "epochs": 3, "loss": 0.41, "val_accuracy": 0.91, "examples_per_s": 12000}));
-    publish_event(&ch, &server.topo, &progress).await;
-    let mut done = JobEvent::new(&spec, JobStatus::Succeeded, 1, event_seq(1, 0, 2));
-    done.result = Some(
-        serde_json::json!({"accuracy": 0.9, "promotion": {"passed": true, "promoted": true, "mode": "auto", "reasons": ["first model of the bot"]}}),
-    );
-    publish_event(&ch, &server.topo, &done).await;
-    let job = &spec.job_id;
-    artifacts
-        .put_json(
-            &format!("jobs/{job}/metrics.json"),
-            &serde_json::json!({"accuracy": 0.9, "macro_f1": 0.88, "test_examples": 20,
-                "per_class": {"balance": {"precision": 1.0, "recall": 0.9, "f1": 0.947, "support": 10}, "transfer": {"precision": 0.8, "recall": 0.9, "f1": 0.85, "support": 8}, "oos": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}}}),
-        )
-        .await
-        .unwrap();
-    artifacts
-        .put_json(
-            &format!("jobs/{job}/confusion_matrix.json"),
-            &serde_json::json!({"labels": ["balance", "oos", "transfer"], "matrix": [[9, 0, 1], [0, 2, 0], [1, 0, 7]]}),
-        )
-        .await
-        .unwrap();
-    let store = trainyard::store::Store::open(&server.db_url).await.unwrap();
-    eventually(20, "the job succeeded in the store", || async {
-        store.job(job).await.unwrap().filter(|j| j.status == JobStatus::Succeeded)
-    })
-    .await;
-
-    let profile = tempfile::tempdir().unwrap();
-    let shot = profile.path().join("report.png");
-    let url = server.url(&format!("/jobs/{job}#token=view-tok"));
-    let common = [
-        "--headless".to_string(),
-        "--no-sandbox".into(),
-        "--disable-gpu".into(),
-        "--disable-dev-shm-usage".into(),
-        "--disable-background-networking".into(),
-        "--disable-component-update".into(),
-        "--disable-sync".into(),
-        "--no-first-run".into(),
-        format!("--user-data-dir={}", profile.path().join("p").display()),
-        "--virtual-time-budget=5000".into(),
-    ];
-    let dom = tokio::process::Command::new(browser).args(&common).arg("--dump-dom").arg(&url).output().await.unwrap();
-    let html = String::from_utf8_lossy(&dom.stdout);
-    assert!(html.contains("data-loaded=\"succeeded\""), "page did not load the job: {}\n{}", html, String::from_utf8_lossy(&dom.stderr));
-    // 9 matrix cells, each with its labels and count.
-    assert_eq!(html.matches("class=\"cell\"").count(), 9, "{html}");
-    assert!(html.contains(r#"data-row="balance" data-col="transfer" data-count="1""#), "{html}");
-    assert!(html.contains(r#"data-row="transfer" data-col="transfer" data-count="7""#));
-    assert!(html.contains("gpu-worker-7") && html.contains("nvidia-l4"));
-    assert!(html.contains("promoted to production"));
-    assert!(html.contains("0.9470")); // per-class table
-                                      // A screenshot for people (kept when TRAINYARD_KEEP_SCREENSHOT names a path).
-    let out = tokio::process::Command::new(browser)
-        .args(&common)
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg("--window-size=1200,1400")
-        .arg(&url)
-        .output()
-        .await
-        .unwrap();
-    assert!(shot.is_file(), "no screenshot: {}", String::from_utf8_lossy(&out.stderr));
-    if let Ok(keep) = std::env::var("TRAINYARD_KEEP_SCREENSHOT") {
-        std::fs::copy(&shot, keep).unwrap();
-    }
-    store.close().await;
-    server.stop(&["intent-train"]).await;
 }

@@ -1,0 +1,75 @@
+// The Jobs view: filters, the live list, and submitting a job.
+"use strict";
+
+Console.views.jobs = {
+  rows: new Map(),
+
+  init() {
+    $("job-filters").addEventListener("submit", ev => { ev.preventDefault(); this.load(); });
+    $("submit-form").addEventListener("submit", ev => { ev.preventDefault(); this.submit(new FormData(ev.target)); });
+  },
+
+  show() {
+    this.load();
+    Console.listeners.add(job => this.update(job));
+  },
+
+  filters() {
+    const f = Object.fromEntries(new FormData($("job-filters")));
+    if (f.since) f.since = new Date(f.since).toISOString();
+    return f;
+  },
+
+  // Does a job pass the filters the API cannot apply (trigger, id prefix) and those it did?
+  matches(job, f) {
+    return (!f.status || job.status === f.status) && (!f.type || job.job_type === f.type) && (!f.bot || job.bot === f.bot)
+      && (!f.trigger || (job.trigger && job.trigger.kind === f.trigger)) && (!f.q || job.job_id.startsWith(f.q))
+      && (!f.since || job.created_at >= f.since);
+  },
+
+  async load() {
+    const f = this.filters();
+    if (f.q && f.q.length >= 32) {
+      // A whole job id: open it.
+      Console.go(`/jobs/${encodeURIComponent(f.q)}`);
+      return;
+    }
+    const params = new URLSearchParams();
+    for (const k of ["status", "type", "bot", "since", "limit"]) if (f[k]) params.set(k, f[k]);
+    try {
+      const jobs = await Console.api("GET", `/v1/jobs?${params}`);
+      this.rows.clear();
+      $("jobs-table").tBodies[0].replaceChildren();
+      const shown = jobs.filter(j => this.matches(j, f));
+      for (const j of shown.reverse()) this.update(j);
+      $("jobs-summary").textContent = `${shown.length} jobs, newest first` + (jobs.length >= Number(f.limit) ? ` (the newest ${f.limit} that match)` : "");
+    } catch (e) {
+      $("error").textContent = `listing jobs failed: ${e.message || e}`;
+    }
+  },
+
+  // Shows a job: updates its row in place, or adds it on top when it matches the filters.
+  update(job) {
+    const tr = el("tr", { "data-job-id": job.job_id, "data-status": job.status },
+      el("td", {}, el("a", { href: `/jobs/${encodeURIComponent(job.job_id)}`, "data-internal": "" }, el("code", {}, job.job_id))),
+      el("td", {}, job.job_type), el("td", {}, job.bot), el("td", {}, el("span", { class: `badge ${job.status}` }, job.status)),
+      el("td", { class: "num" }, job.attempts), el("td", {}, job.trigger ? `${job.trigger.kind}: ${job.trigger.source}` : "–"),
+      el("td", {}, when(job.created_at)), el("td", {}, when(job.updated_at)));
+    const old = this.rows.get(job.job_id);
+    if (old) old.replaceWith(tr);
+    else if (this.matches(job, this.filters())) $("jobs-table").tBodies[0].prepend(tr);
+    else return;
+    this.rows.set(job.job_id, tr);
+  },
+
+  async submit(form) {
+    let params;
+    try { params = JSON.parse(form.get("params") || "{}"); } catch (e) {
+      $("error").textContent = `params must be JSON: ${e.message}`;
+      return;
+    }
+    const body = { job_type: form.get("job_type").trim(), bot: form.get("bot").trim(), params };
+    const out = await Console.act(`submitted a ${body.job_type} job for ${body.bot}`, () => Console.api("POST", "/v1/jobs", body));
+    if (out) $("message").append(" ", el("a", { href: `/jobs/${out.job_id}`, "data-internal": "", id: "submitted-job" }, out.job_id));
+  },
+};

@@ -1,0 +1,50 @@
+//! The operators' web console, served by the control plane at `/`.
+//!
+//! Plain HTML, CSS and JavaScript embedded in the binary (`include_str!`): no
+//! Node toolchain to build or run it. The page talks to the HTTP API like any
+//! client: it signs in with an API token (a form, or `/#token=…`, which it
+//! removes from the address bar), keeps the token in the tab's
+//! `sessionStorage`, calls `/v1/…` with it as a bearer token, and follows
+//! `/v1/stream` (server-sent events, authenticated by the session cookie) so
+//! that no view polls. Actions the token's scope does not allow are not offered;
+//! the API refuses them anyway.
+//!
+//! `/jobs/{id}` serves the same page, opened on that job.
+
+use axum::{
+    extract::Path,
+    http::{header, StatusCode},
+    response::{Html, IntoResponse, Response},
+    routing::get,
+    Router,
+};
+
+use crate::api::ApiState;
+
+const INDEX: &str = include_str!("index.html");
+
+/// The embedded assets: (file name, content type, content).
+const ASSETS: &[(&str, &str, &str)] = &[
+    ("console.css", "text/css; charset=utf-8", include_str!("console.css")),
+    ("app.js", "text/javascript; charset=utf-8", include_str!("app.js")),
+    ("jobs.js", "text/javascript; charset=utf-8", include_str!("jobs.js")),
+    ("job.js", "text/javascript; charset=utf-8", include_str!("job.js")),
+    ("admin.js", "text/javascript; charset=utf-8", include_str!("admin.js")),
+    ("queues.js", "text/javascript; charset=utf-8", include_str!("queues.js")),
+];
+
+/// The console's routes: the page at `/` and `/jobs/{id}`, its assets under `/console/`.
+pub fn router() -> Router<ApiState> {
+    Router::new().route("/", get(index)).route("/jobs/{id}", get(index)).route("/console/{file}", get(asset))
+}
+
+async fn index() -> Response {
+    ([(header::CACHE_CONTROL, "no-cache")], Html(INDEX)).into_response()
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match ASSETS.iter().find(|(name, _, _)| *name == file) {
+        Some((_, ty, body)) => ([(header::CONTENT_TYPE, *ty), (header::CACHE_CONTROL, "no-cache")], *body).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("no console asset {file:?}")).into_response(),
+    }
+}

@@ -1,0 +1,159 @@
+//! The console's page, its session cookie and the live stream, over HTTP (the browser tests are in
+//! `tests/tests/e2e/console.rs`).
+
+use std::time::Duration;
+
+use trainyard::config::ControlConfig;
+use trainyard_common::{JobEvent, JobStatus};
+
+use crate::{api::start, helpers::*};
+
+/// Reads a stream's body until `until` holds for what came so far, or it ends, or `secs` pass.
+async fn read_stream(mut resp: reqwest::Response, secs: u64, until: impl Fn(&str) -> bool) -> String {
+    let mut text = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(secs), async {
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if until(&text) {
+                break;
+            }
+        }
+    })
+    .await;
+    text
+}
+
+/// The id of the first event named `name` in a stream's text.
+fn event_id(text: &str, name: &str) -> Option<String> {
+    let block = text.split("\n\n").find(|b| b.lines().any(|l| l == format!("event: {name}")))?;
+    block.lines().find_map(|l| l.strip_prefix("id: ")).map(str::to_string)
+}
+
+#[tokio::test]
+async fn the_console_page_and_its_assets_are_served_at_the_root_and_for_a_job() {
+    let server = start(&["noop"], "viewer:read:v-tok", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    for path in ["/", "/jobs/some-job-id"] {
+        let page = http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(page.status(), 200, "{path}");
+        let html = page.text().await.unwrap();
+        // The sign-in form is in the page itself, not a prompt.
+        assert!(html.contains(r#"<form id="sign-in""#) && html.contains(r#"id="token-input""#), "{html}");
+        assert!(!html.contains("window.prompt"));
+    }
+    for asset in ["app.js", "jobs.js", "job.js", "admin.js", "console.css"] {
+        let r = http.get(server.url(&format!("/console/{asset}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{asset}");
+        assert!(r.headers()[reqwest::header::CONTENT_TYPE].to_str().unwrap().starts_with(if asset.ends_with(".js") {
+            "text/javascript"
+        } else {
+            "text/css"
+        }));
+    }
+    assert_eq!(http.get(server.url("/console/nope.js")).send().await.unwrap().status(), 404);
+    // The stream is in the API document, as an event stream.
+    let doc: serde_json::Value = http.get(server.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert!(doc["paths"]["/v1/stream"]["get"]["responses"]["200"]["content"]["text/event-stream"].is_object(), "{doc}");
+    server.stop(&["noop"]).await;
+}
+
+#[tokio::test]
+async fn the_stream_needs_a_token_or_a_session_cookie_and_never_the_token_in_the_url() {
+    let server = start(&["noop"], "viewer:read:v-tok,ops:admin:a-tok", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let stream = || http.get(server.url("/v1/stream?max_s=1"));
+    assert_eq!(stream().send().await.unwrap().status(), 401);
+    assert_eq!(
+        http.get(server.url("/v1/stream?max_s=1&token=v-tok")).send().await.unwrap().status(),
+        401,
+        "a token in the URL is not accepted"
+    );
+    assert_eq!(stream().header("cookie", "trainyard_stream=dmlld2Vy.99999999999.Zm9yZ2Vk").send().await.unwrap().status(), 401);
+    assert_eq!(http.post(server.url("/v1/session")).bearer_auth("wrong").send().await.unwrap().status(), 401);
+
+    // Signing in answers who the token is and sets a cookie valid only for the stream.
+    let session = http.post(server.url("/v1/session")).bearer_auth("v-tok").send().await.unwrap();
+    assert_eq!(session.status(), 200);
+    let set_cookie = session.headers()[reqwest::header::SET_COOKIE].to_str().unwrap().to_string();
+    assert!(
+        set_cookie.contains("Path=/v1/stream") && set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    assert!(!set_cookie.contains("v-tok"), "the cookie never carries the token: {set_cookie}");
+    let who: serde_json::Value = session.json().await.unwrap();
+    assert_eq!(who, serde_json::json!({"name": "viewer", "scope": "read"}));
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let ok = stream().header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()[reqwest::header::CONTENT_TYPE], "text/event-stream");
+    // The cookie does not open the rest of the API.
+    assert_eq!(http.get(server.url("/v1/jobs")).header("cookie", &cookie).send().await.unwrap().status(), 401);
+
+    // Bad queries and cursors are refused with a JSON error.
+    for (q, last) in [("max_s=31", None), ("max_s=0", None), ("nope=1", None), ("", Some("not-a-number"))] {
+        let mut r = http.get(server.url(&format!("/v1/stream?{q}"))).bearer_auth("v-tok");
+        if let Some(l) = last {
+            r = r.header("last-event-id", l);
+        }
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 400, "{q} {last:?}");
+        assert!(r.json::<serde_json::Value>().await.unwrap()["error"].is_string());
+    }
+    server.stop(&["noop"]).await;
+}
+
+#[tokio::test]
+async fn the_stream_pushes_job_changes_ends_in_time_and_catches_up_from_last_event_id() {
+    let server = start(&["noop"], "viewer:read:v-tok", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let (_conn, ch) = channel().await;
+    let store = trainyard::store::Store::open(&server.db_url).await.unwrap();
+
+    // A fresh stream says hello with the feed's head, then pushes the job as the recorder records it.
+    let started = std::time::Instant::now();
+    let resp = http.get(server.url("/v1/stream?max_s=3")).bearer_auth("v-tok").send().await.unwrap();
+    let first = spec("noop", "bot-live");
+    let publish = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        publish_event(&ch, &server.topo, &JobEvent::queued(&first)).await;
+    };
+    let (text, ()) = tokio::join!(read_stream(resp, 10, |_| false), publish);
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(6), "the stream ends after max_s: {elapsed:?}");
+    let hello = event_id(&text, "hello").unwrap_or_else(|| panic!("no hello: {text}"));
+    assert!(text.contains("retry: 1000"), "{text}");
+    assert!(text.contains(&first.job_id) && text.contains("\"status\":\"queued\""), "the change was pushed: {text}");
+    assert!(!text.contains("\"spec\""), "rows go out without their spec: {text}");
+    assert!(text.contains("event: queues") && text.contains("\"noop\":{"), "the queues' figures are pushed: {text}");
+    let queues: serde_json::Value = http.get(server.url("/v1/queues")).bearer_auth("v-tok").send().await.unwrap().json().await.unwrap();
+    assert!(queues["noop"]["ready"].is_number() && queues["noop"]["demand"].is_number(), "{queues}");
+
+    // While nobody listens, the job changes; a client that comes back with its last id catches up.
+    let mut done = JobEvent::new(&first, JobStatus::Succeeded, 1, 1);
+    done.result = Some(serde_json::json!({"ok": true}));
+    publish_event(&ch, &server.topo, &done).await;
+    eventually(20, "succeeded recorded", || async { store.job(&first.job_id).await.unwrap().filter(|j| j.status == JobStatus::Succeeded) })
+        .await;
+    let fresh = http.get(server.url("/v1/stream?max_s=1")).bearer_auth("v-tok").send().await.unwrap();
+    let fresh = read_stream(fresh, 5, |_| false).await;
+    assert!(!fresh.contains(&first.job_id), "a fresh stream starts at the head: {fresh}");
+    let resumed = http.get(server.url("/v1/stream?max_s=2")).bearer_auth("v-tok").header("last-event-id", &hello).send().await.unwrap();
+    let resumed = read_stream(resumed, 5, |t| t.contains(r#""status":"succeeded""#)).await;
+    assert!(resumed.contains("event: resume"), "{resumed}");
+    assert!(resumed.contains(&first.job_id) && resumed.contains("\"status\":\"succeeded\""), "caught up: {resumed}");
+
+    // `job=` narrows the stream to one job.
+    let other = spec("noop", "bot-other");
+    publish_event(&ch, &server.topo, &JobEvent::queued(&other)).await;
+    eventually(20, "other recorded", || async { store.job(&other.job_id).await.unwrap() }).await;
+    let only = http
+        .get(server.url(&format!("/v1/stream?max_s=1&job={}", first.job_id)))
+        .bearer_auth("v-tok")
+        .header("last-event-id", &hello)
+        .send()
+        .await
+        .unwrap();
+    let only = read_stream(only, 5, |_| false).await;
+    assert!(only.contains(&first.job_id) && !only.contains(&other.job_id), "{only}");
+    server.stop(&["noop"]).await;
+}
