@@ -306,8 +306,10 @@ async fn logs(conn: &Conn, id: &str, attempt: Option<u32>, follow: bool) -> anyh
         print!("{}", fetch(attempt).await?);
         return Ok(ExitCode::SUCCESS);
     }
-    // Logs are saved as attempts go; print what is new until the job is finished.
+    // Logs are saved as attempts go; print what is new until the job is finished: through the
+    // API, at each change the live stream reports; on the store, every 2 s.
     let mut shown = 0usize;
+    let mut last_event = None;
     loop {
         let terminal = status().await?.as_str().and_then(|s| s.parse::<JobStatus>().ok()).is_some_and(|s| s.is_terminal());
         if let Ok(text) = fetch(attempt).await {
@@ -319,7 +321,16 @@ async fn logs(conn: &Conn, id: &str, attempt: Option<u32>, follow: bool) -> anyh
         if terminal {
             return Ok(ExitCode::SUCCESS);
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        match conn {
+            Conn::Remote { base, token, http } => {
+                if let Err(e) = super::follow::next_change(http, base, token, id, &mut last_event).await {
+                    // A server without the stream, or a broken one: look again in 2 s.
+                    tracing::debug!(error = %e, "no live stream; following by asking again");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+            Conn::Direct(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
     }
 }
 

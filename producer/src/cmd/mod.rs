@@ -1,5 +1,6 @@
 //! Subcommands of the `trainyard` binary.
 
+mod follow;
 mod manage;
 mod serve;
 mod submit;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use trainyard::config::ControlConfig;
-use trainyard_common::{JobEvent, JobStatus};
+use trainyard_common::{event::event_seq, JobEvent, JobStatus};
 
 use crate::{api::start, helpers::*};
 
@@ -155,5 +155,40 @@ async fn the_stream_pushes_job_changes_ends_in_time_and_catches_up_from_last_eve
         .unwrap();
     let only = read_stream(only, 5, |_| false).await;
     assert!(only.contains(&first.job_id) && !only.contains(&other.job_id), "{only}");
+    server.stop(&["noop"]).await;
+}
+
+#[tokio::test]
+async fn jobs_logs_follow_through_the_api_waits_on_the_live_stream() {
+    let server = start(&["noop"], "ops:admin:a-tok", 64 * 1024, ControlConfig::default()).await;
+    let (_conn, ch) = channel().await;
+    let store = trainyard::store::Store::open(&server.db_url).await.unwrap();
+    let artifacts = trainyard_common::artifacts::ArtifactStore::open(server.artifacts_dir.path().to_str().unwrap()).unwrap();
+    let job = spec("noop", "bot-logs");
+    publish_event(&ch, &server.topo, &JobEvent::queued(&job)).await;
+    publish_event(&ch, &server.topo, &JobEvent::new(&job, JobStatus::Started, 1, event_seq(1, 0, 0))).await;
+    eventually(20, "started", || async { store.job(&job.job_id).await.unwrap().filter(|j| j.status == JobStatus::Started) }).await;
+
+    let follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_trainyard"))
+        .args(["jobs", "logs", &job.job_id, "--follow", "--server", &server.url(""), "--token", "a-tok"])
+        .env_remove("TRAINYARD_SERVER")
+        .env_remove("TRAINYARD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The attempt ends: its log is saved, then its final event recorded.
+    artifacts.put(&format!("jobs/{}/logs/attempt-1.log", job.job_id), "epoch 1 done\nall good\n").await.unwrap();
+    publish_event(&ch, &server.topo, &JobEvent::new(&job, JobStatus::Succeeded, 1, event_seq(1, 0, 1))).await;
+    let out = tokio::time::timeout(Duration::from_secs(20), follow.wait_with_output()).await.expect("--follow ends with the job").unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "==> attempt 1 <==\nepoch 1 done\nall good\n");
+    // It followed the job on the live stream, not by asking again and again.
+    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    let streams = metrics.lines().filter(|l| l.starts_with("trainyard_http_requests_total") && l.contains(r#"route="/v1/stream""#)).count();
+    assert!(streams >= 1, "no /v1/stream request: {metrics}");
+    store.close().await;
     server.stop(&["noop"]).await;
 }
