@@ -38,6 +38,7 @@ step "tests that disrupt the broker (serial)" run_tests -p trainyard-tests "${FI
 step "chaos verdict self-test" python3 scripts/chaos_check.py selftest
 step "chaos, small (serial)" scripts/chaos.sh --jobs 60 --workers 2 --duration 40
 step "flood, short (serial)" env CHAOS_BUILD=0 CHAOS_FLOOD_PARTS="memory timeout" CHAOS_FLOOD_JOBS=20000 CHAOS_FLOOD_SECONDS=45 scripts/chaos.sh --flood
+step "3-node cluster: start, status, stop" bash -c 'scripts/cluster.sh start && scripts/cluster.sh stop && ! scripts/cluster.sh status'
 step "k8s manifests" scripts/validate-k8s.sh
 step "cuda feature compiles" cargo check -p trainyard-worker --features cuda
 

@@ -1,5 +1,7 @@
 //! Connecting to RabbitMQ and publishing with confirms.
 
+use std::time::Duration;
+
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
@@ -8,9 +10,13 @@ use url::Url;
 
 use crate::{codec, error::CommonError, event::JobEvent, topology::Topology};
 
-/// Replaces the password (and user) of a URL with `***`, for logs and errors.
+/// Replaces the password of a URL (of each, for several separated by whitespace) with `***`, for logs and errors.
 pub fn redact_url(raw: &str) -> String {
-    match Url::parse(raw) {
+    let urls = broker_urls(raw);
+    if urls.len() > 1 {
+        return urls.into_iter().map(redact_url).collect::<Vec<_>>().join(" ");
+    }
+    match Url::parse(raw.trim()) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("***"));
@@ -25,10 +31,51 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
-/// Opens a connection named `name` (shown in the management UI).
-pub async fn connect(url: &str, name: &str) -> Result<Connection, CommonError> {
+/// How long one broker address gets to accept a connection before the next is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The broker addresses of a `TRAINYARD_AMQP_URL` value: one URL, or several separated
+/// by whitespace (the nodes of one cluster), in the order given.
+pub fn broker_urls(raw: &str) -> Vec<&str> {
+    raw.split_whitespace().collect()
+}
+
+/// The order in which `n` addresses are tried from `start`: each once, wrapping around.
+pub fn rotation(n: usize, start: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (start + i) % n)
+}
+
+/// Opens a connection named `name` (shown in the management UI) to one of the brokers
+/// of `urls` (see [`broker_urls`]). With several, it starts at a random one (clients
+/// spread over the nodes of a cluster) and tries each in turn until one answers, so a
+/// session lost with its node reconnects to another; the error is the last address's.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, CommonError> {
+    let list = broker_urls(urls);
+    if list.is_empty() {
+        return Err(CommonError::Config { name: "TRAINYARD_AMQP_URL".into(), reason: "no broker URL given".into() });
+    }
+    let start = rand::random::<u32>() as usize % list.len();
+    let mut last = None;
+    for i in rotation(list.len(), start) {
+        match connect_one(list[i], name).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if list.len() > 1 => {
+                tracing::warn!(broker = %redact_url(list[i]), error = %e, "broker unreachable: trying the next address");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one address was tried"))
+}
+
+async fn connect_one(url: &str, name: &str) -> Result<Connection, CommonError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await.map_err(|source| CommonError::Connect { url: redact_url(url), source })
+    let err = |source| CommonError::Connect { url: redact_url(url), source };
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(res) => res.map_err(err),
+        Err(_) => Err(err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")).into())),
+    }
 }
 
 /// Opens a channel with publisher confirms enabled.
@@ -78,10 +125,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn several_broker_urls_are_tried_each_once_from_the_start() {
+        let raw = " amqp://a:5672/%2f\n\tamqp://b:5672/%2f  amqp://c:5672/%2f ";
+        assert_eq!(broker_urls(raw), ["amqp://a:5672/%2f", "amqp://b:5672/%2f", "amqp://c:5672/%2f"]);
+        assert_eq!(broker_urls("amqp://one"), ["amqp://one"]);
+        assert!(broker_urls("  ").is_empty());
+        assert_eq!(rotation(3, 1).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(rotation(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(rotation(1, 0).collect::<Vec<_>>(), [0]);
+    }
+
+    /// Whatever address it starts at, `connect` skips the dead one and reaches the broker.
+    #[tokio::test]
+    async fn connect_fails_over_past_a_dead_address() {
+        let live = std::env::var("TRAINYARD_AMQP_URL").unwrap_or_else(|_| crate::config::DEFAULT_AMQP_URL.to_string());
+        let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f {}", broker_urls(&live)[0]);
+        for _ in 0..6 {
+            let conn = connect(&urls, "trainyard-failover-test").await.expect("the live address is reached");
+            assert!(conn.status().connected());
+            let _ = conn.close(200, "test over".into()).await;
+        }
+        let err = connect("amqp://guest:s3cret@127.0.0.1:1/%2f amqp://guest:s3cret@127.0.0.1:2/%2f", "t").await.unwrap_err();
+        assert!(matches!(err, CommonError::Connect { .. }) && !err.to_string().contains("s3cret"), "{err}");
+        let err = connect(" ", "t").await.unwrap_err();
+        assert!(err.to_string().contains("no broker URL"), "{err}");
+    }
+
+    #[test]
     fn redacts_passwords() {
         assert_eq!(redact_url("amqp://guest:s3cret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
         assert_eq!(redact_url("amqps://u:p@h/v"), "amqps://u:***@h/v");
         assert!(!redact_url("not a url with s3cret").contains("s3cret"));
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
+        assert_eq!(redact_url("amqp://u:p1@a/v amqp://u:p2@b/v"), "amqp://u:***@a/v amqp://u:***@b/v");
     }
 }

@@ -1,20 +1,47 @@
 //! Connection and channel pools for publishing.
 //!
-//! Connections come from `deadpool-lapin`; on top of them a `deadpool` pool of
-//! **confirm-mode channels**, so a publish never pays for opening a channel and
-//! a broken channel (closed by the broker, lost connection) is dropped on
-//! recycle instead of being handed out again.
+//! A `deadpool` pool of connections (each opened by [`amqp::connect`], which
+//! fails over between the brokers of a several-URL `TRAINYARD_AMQP_URL`) and on
+//! top of it a pool of **confirm-mode channels**, so a publish never pays for
+//! opening a channel and a broken channel or connection (closed by the broker,
+//! lost with its node) is dropped on recycle instead of being handed out again.
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use lapin::{options::ConfirmSelectOptions, Channel};
-use trainyard_common::{amqp::redact_url, CommonError};
+use lapin::{options::ConfirmSelectOptions, Channel, Connection};
+use trainyard_common::{
+    amqp::{self, redact_url},
+    CommonError,
+};
 
 /// Pool of confirm-mode channels.
 pub type ChannelPool = managed::Pool<ChannelManager>;
 
+/// Opens named connections to the broker (or to one of several).
+pub struct ConnectionManager {
+    url: String,
+    name: String,
+}
+
+impl managed::Manager for ConnectionManager {
+    type Type = Connection;
+    type Error = CommonError;
+
+    async fn create(&self) -> Result<Connection, CommonError> {
+        amqp::connect(&self.url, &self.name).await
+    }
+
+    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<CommonError> {
+        if conn.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message("connection is closed"))
+        }
+    }
+}
+
 /// Creates confirm-mode channels on pooled connections.
 pub struct ChannelManager {
-    connections: deadpool_lapin::Pool,
+    connections: managed::Pool<ConnectionManager>,
     url: String,
 }
 
@@ -30,7 +57,7 @@ impl managed::Manager for ChannelManager {
 
     async fn create(&self) -> Result<Channel, CommonError> {
         let conn = self.connections.get().await.map_err(|e| match e {
-            deadpool::managed::PoolError::Backend(source) => CommonError::Connect { url: redact_url(&self.url), source },
+            managed::PoolError::Backend(inner) => inner,
             other => CommonError::PoolUnavailable { url: redact_url(&self.url), reason: other.to_string() },
         })?;
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
@@ -49,14 +76,14 @@ impl managed::Manager for ChannelManager {
 
 /// Builds a channel pool of at most `max` channels over at most `max` connections.
 pub fn channel_pool(url: &str, name: &str, max: usize) -> Result<ChannelPool, CommonError> {
-    let name = name.to_string();
-    let cfg = deadpool_lapin::Config { url: Some(url.to_string()), pool: Some(deadpool_lapin::PoolConfig::new(max.clamp(1, 4))) };
-    let connections = cfg
-        .create_pool(
-            move || lapin::ConnectionProperties::default().with_connection_name(name.clone().into()),
-            deadpool_lapin::Runtime::Tokio1,
-        )
-        .map_err(|e| CommonError::Config { name: "TRAINYARD_AMQP_URL".into(), reason: e.to_string() })?;
+    if amqp::broker_urls(url).is_empty() {
+        return Err(CommonError::Config { name: "TRAINYARD_AMQP_URL".into(), reason: "no broker URL given".into() });
+    }
+    let connections = managed::Pool::builder(ConnectionManager { url: url.to_string(), name: name.to_string() })
+        .max_size(max.clamp(1, 4))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| CommonError::Config { name: "pool".into(), reason: e.to_string() })?;
     managed::Pool::builder(ChannelManager { connections, url: url.to_string() })
         .max_size(max.max(1))
         .runtime(deadpool::Runtime::Tokio1)

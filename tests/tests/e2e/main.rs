@@ -6,6 +6,7 @@
 //! a serial phase of their own, after the others.
 
 mod disrupt;
+mod failover;
 mod hostile;
 mod intent;
 mod pipeline;
