@@ -11,6 +11,7 @@ mod hostile;
 mod intent;
 mod pipeline;
 mod processes;
+mod replicas;
 mod security;
 mod series;
 mod support;

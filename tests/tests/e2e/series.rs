@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{bin, Env, URL};
 
-const TOKEN: &str = "series-test-token";
+pub(crate) const TOKEN: &str = "series-test-token";
 const WITHIN: Duration = Duration::from_secs(180);
 
 /// The committed list of series.
@@ -30,12 +30,12 @@ fn series_file() -> PathBuf {
 }
 
 /// A free port on localhost (bound, read, released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One HTTP/1.1 request with `Connection: close`: (status, body).
-async fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, String)> {
+pub(crate) async fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
@@ -72,7 +72,7 @@ async fn scrape(port: u16) -> String {
 }
 
 /// Polls `check` every 250 ms until it holds or [`WITHIN`] passes.
-async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+pub(crate) async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
     let start = Instant::now();
     while !check().await {
         assert!(start.elapsed() < WITHIN, "timed out waiting for {what}");
@@ -98,7 +98,7 @@ fn series(component: &str, text: &str) -> BTreeSet<String> {
     out
 }
 
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
