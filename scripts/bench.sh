@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks trainyard against its baselines, each measured in the same run:
 #   dispatch  N noop jobs through the whole pipeline vs raw lapin doing the same broker operations
-#   celery    the same no-op jobs through Celery with equivalent safety
+#   celery    the same no-op jobs through Celery with equivalent safety, bare and with task
+#             events, a Redis result backend and an event monitor (`celery_events`)
 #   pickup    submit -> `started` latency on an idle worker (and raw)
 #   footprint idle RSS of trainyard-worker (all job types) vs an idle Celery solo worker
 #   training  CLINC150 full: trainyard-worker train vs scikit-learn TF-IDF + LinearSVC
@@ -64,8 +65,8 @@ trap cleanup EXIT
 
 phase "release build" cargo build --release --bins
 
-if [[ ! -x $VENV/bin/celery ]] || ! "$VENV/bin/python" -c 'import sklearn, celery' 2>/dev/null; then
-  phase "python venv (celery, scikit-learn)" bash -c "python3 -m venv '$VENV' && '$VENV/bin/pip' install -q 'celery[amqp]>=5.5,<6' 'scikit-learn>=1.4,<2'"
+if [[ ! -x $VENV/bin/celery ]] || ! "$VENV/bin/python" -c 'import sklearn, celery, redis' 2>/dev/null; then
+  phase "python venv (celery, redis, scikit-learn)" bash -c "python3 -m venv '$VENV' && '$VENV/bin/pip' install -q 'celery>=5.5,<6' 'redis>=5,<7' 'scikit-learn>=1.4,<2'"
 fi
 
 # Celery >= 5.5 declares global delayed-delivery queues for quorum queues; remove them afterwards unless they were there.
@@ -111,6 +112,8 @@ fi
 
 # 2. Celery: prefork pool with one child per CPU (its default), prefetch 1, late acks, quorum queue, confirms.
 step "celery ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery.json'"
+# The same with task events, results in the local Redis and an event monitor.
+step "celery with events and results ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --events --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery-events.json'"
 
 # 3. Pickup latency.
 PREFIXES+=("$PREFIX-p" "$PREFIX-pr" "$PREFIX-f")

@@ -1,6 +1,10 @@
 """Celery dispatch benchmark: N no-op tasks published with confirms by K
 publisher processes, run by W Celery workers; jobs/s from the first publish
-to the last completion. Prints one JSON object."""
+to the last completion. Prints one JSON object.
+
+--events: task events and a Redis result backend on (tasks.py, BENCH_CELERY_EVENTS),
+and an event monitor consuming every task event (as Flower does), counted in the
+JSON line (`events`); the run's results are deleted from Redis afterwards."""
 
 import argparse
 import glob
@@ -130,6 +134,32 @@ def cleanup(app, queue, delayed_existed):
                 ch.exchange_delete(x)
 
 
+def monitor(counter, ready):
+    """Consumes every Celery event (its own queue on `celeryev`), as an event monitor does."""
+    from tasks import app
+
+    def on_event(ev):
+        if ev.get("type", "").startswith("task-"):
+            with counter.get_lock():
+                counter.value += 1
+
+    with app.connection() as conn:
+        recv = app.events.Receiver(conn, handlers={"*": on_event})
+        ready.release()
+        recv.capture(limit=None, timeout=None, wakeup=False)
+
+
+def drop_results(queue):
+    """Deletes the run's results from Redis (keys prefixed with the queue name)."""
+    import redis
+
+    from tasks import app
+
+    r = redis.Redis.from_url(app.conf.result_backend)
+    for key in r.scan_iter(match=f"{queue}-*", count=1000):
+        r.delete(key)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cleanup-only", action="store_true", help="only delete the queue (and the delayed-delivery objects)")
@@ -141,10 +171,13 @@ def main():
     ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--pool", default="prefork")
     ap.add_argument("--log-dir", default=".")
+    ap.add_argument("--events", action="store_true", help="task events, a Redis result backend and an event monitor on")
     a = ap.parse_args()
 
     count_dir = tempfile.mkdtemp(prefix="celery-bench-")
     os.environ["BENCH_COUNT_DIR"] = count_dir
+    if a.events:
+        os.environ["BENCH_CELERY_EVENTS"] = "1"
     sys.path.insert(0, HERE)
     from tasks import QUEUE, app
 
@@ -154,6 +187,13 @@ def main():
     if a.cleanup_only:
         cleanup(app, QUEUE, a.delayed_existed)
         return
+    if a.events:
+        import redis
+
+        try:
+            redis.Redis.from_url(app.conf.result_backend, socket_connect_timeout=5).ping()
+        except redis.RedisError as e:
+            raise SystemExit(f"no Redis at {app.conf.result_backend} for the results (set BENCH_CELERY_RESULT_URL): {e}")
     delayed_existed = a.delayed_existed or delayed_exists(app)
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
     procs = []
@@ -163,7 +203,14 @@ def main():
             [celery, "-A", "tasks", "worker", "-P", a.pool, "-c", str(a.concurrency), "-Q", QUEUE, "-n", f"bench{i}@%h",
              "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
             cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=HERE)))
+    mon, events = None, None
     try:
+        if a.events:
+            ctx = mp.get_context("fork")
+            events, up = ctx.Value("q", 0), ctx.Semaphore(0)
+            mon = ctx.Process(target=monitor, args=(events, up), daemon=True)
+            mon.start()
+            up.acquire()
         deadline = time.time() + 120
         while consumers(app, QUEUE) < a.workers:
             if time.time() > deadline:
@@ -192,11 +239,21 @@ def main():
             p.join()
         secs = last - t0
         per_job = lambda s: round(s / a.jobs * 1e6, 1)
-        print(json.dumps({"jobs": a.jobs, "seconds": secs, "jobs_per_s": a.jobs / secs, "workers": a.workers,
-                          "concurrency": a.concurrency, "pool": a.pool, "publishers": a.publishers,
-                          "cpu_us_per_job": {"celery_workers": per_job(w1 - w0), "publishers": per_job(publishers_cpu),
-                                             "broker": per_job(b1 - b0)}}))
+        out = {"jobs": a.jobs, "seconds": secs, "jobs_per_s": a.jobs / secs, "workers": a.workers,
+               "concurrency": a.concurrency, "pool": a.pool, "publishers": a.publishers,
+               "cpu_us_per_job": {"celery_workers": per_job(w1 - w0), "publishers": per_job(publishers_cpu),
+                                  "broker": per_job(b1 - b0)}}
+        if a.events:
+            time.sleep(1)  # the last events in flight to the monitor
+            out.update(events=events.value, result_backend="redis")
+        print(json.dumps(out))
     finally:
+        if mon is not None:
+            mon.terminate()
+            try:
+                drop_results(QUEUE)
+            except Exception as e:  # best effort
+                print(f"cleanup of the results: {e}", file=sys.stderr)
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:

@@ -64,6 +64,10 @@ def main():
             r["celery"]["celery_worker_cpu_us_per_job"] = cc["celery_workers"]
             r["celery"]["outside_broker_cpu_us_per_job"] = tc["worker"] + tc["recorder"] + tc["bench"]
             r["celery"]["celery_outside_broker_cpu_us_per_job"] = cc["celery_workers"] + cc["publishers"]
+    cv = load(os.path.join(raw_dir, "celery-events.json"))
+    if cv:
+        # Celery as a user who wants per job what trainyard shows: task events and a result backend.
+        r["celery_events"] = dict(cv, ratio=(ty["jobs_per_s"] / cv["jobs_per_s"]) if ty else None)
     pk, pr = load(os.path.join(raw_dir, "pickup.json")), load(os.path.join(raw_dir, "pickup-raw.json"))
     if pk:
         r["pickup"] = dict(pk)
@@ -117,6 +121,10 @@ def main():
             o, co = c["outside_broker_cpu_us_per_job"], c["celery_outside_broker_cpu_us_per_job"]
             rows.append(("CPU per job, worker (us)", num(w, 0), f"Celery workers {num(cw, 0)}", f"{cw / w:.1f}x less", "(diagnostic)", None))
             rows.append(("CPU per job, all but the broker (us)", num(o, 0), f"Celery {num(co, 0)}", f"{co / o:.1f}x less", "(diagnostic)", None))
+    cv = r.get("celery_events")
+    if cv and cv.get("ratio"):
+        rows.append(("Versus Celery with events + results", num(d["jobs_per_s"], 0) if d else "n/a", f"Celery {num(cv['jobs_per_s'], 0)}",
+                     f"{cv['ratio']:.1f}x", "(reported)", None))
     p = r.get("pickup")
     if p:
         rows.append(("Pickup p50 (ms)", num(p["p50_ms"], 2), f"raw {num(p.get('raw_p50_ms'), 2)}", "", "<= 2 ms", p["p50_ms"] <= 2))

@@ -1,7 +1,13 @@
 """Celery app of the benchmark: one no-op task on a quorum queue, with the
 same safety as trainyard: late acks, prefetch 1, persistent messages,
-publisher confirms. No result backend (trainyard's events are its results;
-Celery is given the lighter load).
+publisher confirms. Bare (the default): no result backend and no task events
+(trainyard's events are its results; Celery is given the lighter load).
+
+BENCH_CELERY_EVENTS=1 is what a Celery user turns on to see per job what
+trainyard shows (state changes, a result, a history): task events from the
+worker and the publisher (sent, received, started, succeeded), and results
+(extended: name, args, worker) stored in Redis (BENCH_CELERY_RESULT_URL,
+default the local Redis) under keys prefixed with the queue name.
 
 Completions are counted in-process (task_postrun) and flushed by a
 background thread to BENCH_COUNT_DIR/<pid>, so counting costs the tasks
@@ -37,6 +43,17 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_send_task_events=False,
 )
+EVENTS = os.environ.get("BENCH_CELERY_EVENTS") == "1"
+if EVENTS:
+    app.conf.update(
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_ignore_result=False,
+        result_backend=os.environ.get("BENCH_CELERY_RESULT_URL", "redis://127.0.0.1:6379/0"),
+        result_extended=True,
+        result_backend_transport_options={"global_keyprefix": f"{QUEUE}-"},
+        result_expires=3600,
+    )
 
 
 @app.task(name="bench.noop")
