@@ -120,7 +120,7 @@ pub async fn cleanup(url: &str, prefix: &str) -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
     let mut queues = vec![t.recorder_queue(), t.dead_recorder_queue(), t.events_log()];
     for jt in JOB_TYPES {
-        queues.push(t.jobs_queue(jt));
+        queues.extend(t.tier_queues(jt));
         queues.push(t.dead_queue(jt));
     }
     for q in &queues {

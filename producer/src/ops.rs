@@ -318,7 +318,8 @@ impl Ops {
                 let props = d.properties.clone().with_headers(fresh).with_delivery_mode(2);
                 let now = Utc::now();
                 self.store.start_new_run(&id, now).await?;
-                publish_confirmed(&ch, &topo.jobs_exchange(), &spec.job_type, &d.data, props, true).await?;
+                let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
+                publish_confirmed(&ch, &topo.jobs_exchange(), &key, &d.data, props, true).await?;
                 d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
                 self.store.mark_replayed(&id, now).await?;
                 let mut queued = JobEvent::queued(&spec);

@@ -161,7 +161,7 @@ async fn ready_count(ch: &Channel, queue: &str) -> Result<i64, CommonError> {
 }
 
 /// Refreshes the per-type gauges: `trainyard_jobs_demand` = ready messages in
-/// the work queue + jobs recorded as running; queue and dead-letter depths;
+/// the work queues (all priority tiers) + jobs recorded as running; queue and dead-letter depths;
 /// running jobs; jobs by status; the age of the oldest queued job.
 pub async fn update_demand(
     ch: &Channel,
@@ -174,7 +174,10 @@ pub async fn update_demand(
     let oldest = store.oldest_queued_by_type().await?;
     let now = chrono::Utc::now();
     for t in job_types {
-        let ready = ready_count(ch, &topo.jobs_queue(t)).await?;
+        let mut ready = 0;
+        for queue in topo.tier_queues(t) {
+            ready += ready_count(ch, &queue).await?;
+        }
         let dead = ready_count(ch, &topo.dead_queue(t)).await?;
         let run = running.get(t).copied().unwrap_or(0);
         let l = [t.as_str()];

@@ -67,7 +67,8 @@ impl Submitter {
         // The exchanges must exist for an unknown job type to come back as unroutable
         // (and for the `queued` event to reach the recorder); declared once per submitter.
         self.shared_declared.get_or_try_init(|| self.topology.declare_shared(&ch)).await?;
-        publish_confirmed(&ch, &self.topology.jobs_exchange(), &spec.job_type, &body, props, true).await?;
+        let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
+        publish_confirmed(&ch, &self.topology.jobs_exchange(), &key, &body, props, true).await?;
         self.publish_event(&ch, &JobEvent::queued(spec)).await
     }
 

@@ -122,7 +122,7 @@ async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> 
     let delays: Vec<u64> = arg(args, "--retry-delays").unwrap_or("").split(',').filter_map(|d| d.parse().ok()).collect();
     let mut queues = vec![t.events_log(), t.recorder_queue(), t.dead_recorder_queue()];
     for ty in &types {
-        queues.push(t.jobs_queue(ty));
+        queues.extend(t.tier_queues(ty));
         queues.push(t.dead_queue(ty));
         for d in &delays {
             queues.push(t.retry_queue(ty, *d));

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use trainyard::submit::Submitter;
-use trainyard_common::{topology::Topology, JobSpec, JobStatus, Trigger, TriggerKind};
+use trainyard_common::{job::Priority, topology::Topology, JobSpec, JobStatus, Trigger, TriggerKind};
 
 /// Arguments of `trainyard submit`.
 #[derive(Debug, clap::Args)]
@@ -29,6 +29,17 @@ pub struct SubmitArgs {
     /// Makes resubmissions with the same key the same job.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Priority tier: `high`, `normal` or `low`. Workers never start a lower-tier job while a
+    /// higher-tier one of their types is ready.
+    #[arg(long, default_value = "normal")]
+    priority: Priority,
+    /// Latest wins per bot: coalescing key `<job_type>/<bot>` (see `--coalesce-key`).
+    #[arg(long, conflicts_with = "coalesce_key")]
+    coalesce: bool,
+    /// Latest wins: of the jobs with this key, an older one that has not started ends
+    /// `superseded` once this one is recorded by the control plane.
+    #[arg(long)]
+    coalesce_key: Option<String>,
     /// Follow the job and exit 0 on `succeeded`, 1 on `failed`/`dead`/`cancelled`.
     #[arg(long)]
     wait: bool,
@@ -72,6 +83,8 @@ pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Res
     let mut spec = JobSpec::new(&args.job_type, &args.bot, params, Trigger { kind: TriggerKind::Manual, source: who });
     spec.max_attempts = args.max_attempts;
     spec.timeout_s = args.timeout_s;
+    spec.priority = args.priority;
+    spec.coalesce_key = if args.coalesce { Some(spec.bot_coalesce_key()) } else { args.coalesce_key.clone() };
     if let Some(key) = &args.idempotency_key {
         spec.job_id = idempotent_job_id(key);
         spec.idempotency_key = Some(key.clone());
@@ -83,7 +96,11 @@ pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Res
     submitter.submit(&spec).await.with_context(|| format!("failed to submit {} job for bot {}", spec.job_type, spec.bot))?;
     let Some(watch) = watch.as_mut() else {
         if args.json {
-            println!("{}", serde_json::json!({"job_id": spec.job_id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued"}));
+            println!(
+                "{}",
+                serde_json::json!({"job_id": spec.job_id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued",
+                "priority": spec.priority, "coalesce_key": spec.coalesce_key})
+            );
         } else {
             println!("{}", spec.job_id);
         }

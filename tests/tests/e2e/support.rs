@@ -154,9 +154,10 @@ impl Env {
     /// Deletes every queue and exchange of this prefix.
     pub async fn cleanup(self) {
         let t = &self.topo;
-        let mut queues = vec![t.events_log(), t.recorder_queue(), t.dead_recorder_queue()];
+        let coalesce = format!("{}.coalesce.control-plane", t.prefix());
+        let mut queues = vec![t.events_log(), t.recorder_queue(), t.dead_recorder_queue(), coalesce];
         for ty in &self.types {
-            queues.push(t.jobs_queue(ty));
+            queues.extend(t.tier_queues(ty));
             queues.push(t.dead_queue(ty));
             for d in [100u64, 200, 400] {
                 queues.push(t.retry_queue(ty, d));

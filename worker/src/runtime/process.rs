@@ -299,13 +299,14 @@ async fn publish_retry(
     next_attempt: u32,
 ) -> Result<(), CommonError> {
     let topo = &shared.config.topology;
-    let job_type = at.spec.job_type.as_str();
-    let key = trainyard_common::topology::retry_routing_key(job_type, delay_ms);
-    let declared = shared.retry_queues.lock().map(|s| s.contains(&(job_type.to_string(), delay_ms))).unwrap_or(false);
+    // Back to the job's own tier after the delay.
+    let jobs_key = trainyard_common::topology::jobs_routing_key(&at.spec.job_type, at.spec.priority);
+    let key = trainyard_common::topology::retry_routing_key(&jobs_key, delay_ms);
+    let declared = shared.retry_queues.lock().map(|s| s.contains(&(jobs_key.clone(), delay_ms))).unwrap_or(false);
     if !declared {
-        topo.declare_retry_queue(&sctx.publish, job_type, delay_ms).await?;
+        topo.declare_retry_queue(&sctx.publish, &jobs_key, delay_ms).await?;
         if let Ok(mut s) = shared.retry_queues.lock() {
-            s.insert((job_type.to_string(), delay_ms));
+            s.insert((jobs_key, delay_ms));
         }
     }
     let mut hdrs = d.properties.headers().clone().unwrap_or_default();

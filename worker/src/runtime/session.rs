@@ -1,5 +1,6 @@
 //! One broker session: a connection, a confirm channel for publishing, a
-//! consumer channel per job type, and the control consumer for cancels.
+//! consumer channel per job type (one consumer per priority tier, see
+//! [`tiers`]), and the control consumer for cancels.
 //!
 //! When anything in the session breaks (consumer stream error, failed publish
 //! or ack), the session ends as lost: running jobs are stopped, nothing is
@@ -21,7 +22,9 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use trainyard_common::{amqp, codec, control::CancelRequest, CommonError};
 
-use super::{process, Shared};
+use trainyard_common::job::Priority;
+
+use super::{tiers, Shared};
 
 /// After the grace period (or a lost session), how long stopped jobs get to unwind and
 /// requeue. With [`CLOSE_WAIT`] and the grace period it makes a worker's stop budget, which a
@@ -63,21 +66,25 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone() };
     let jobs = TaskTracker::new();
     let mut consumers = Vec::new();
+    let mut handles = Vec::new();
 
     for job_type in shared.registry.job_types() {
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a consumer channel"))?;
         ch.basic_qos(cfg.concurrency, BasicQosOptions { global: false })
             .await
             .map_err(CommonError::amqp(format!("set prefetch {} for {job_type}", cfg.concurrency)))?;
-        let queue = cfg.topology.jobs_queue(&job_type);
-        let tag = format!("{}/{job_type}", cfg.worker.id);
-        let consumer = ch
-            .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .map_err(CommonError::amqp(format!("consume {queue}")))?;
-        let (shared, sctx, jobs2, stop) = (shared.clone(), sctx.clone(), jobs.clone(), stop_consuming.clone());
-        let handle = tokio::spawn(consume_loop(consumer, job_type.clone(), shared, sctx, jobs2, stop));
-        consumers.push((ch, tag, handle));
+        let mut tier_consumers = Vec::new();
+        for (priority, queue) in Priority::ALL.into_iter().zip(cfg.topology.tier_queues(&job_type)) {
+            let tag = format!("{}/{job_type}/{priority}", cfg.worker.id);
+            let consumer = ch
+                .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await
+                .map_err(CommonError::amqp(format!("consume {queue}")))?;
+            tier_consumers.push(consumer);
+            consumers.push((ch.clone(), tag));
+        }
+        let ctx = tiers::Dispatch { job_type: job_type.clone(), shared: shared.clone(), sctx: sctx.clone(), jobs: jobs.clone() };
+        handles.push(tokio::spawn(tiers::run(tier_consumers, ctx, usize::from(cfg.concurrency), stop_consuming.clone())));
     }
     let control = start_control(&conn, &shared, &lost).await?;
     shared.connected.store(true, Ordering::SeqCst);
@@ -101,7 +108,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     }
 
     // Shutdown: no new deliveries, then the grace period for running jobs.
-    for (ch, tag, _) in &consumers {
+    for (ch, tag) in &consumers {
         let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     }
     jobs.close();
@@ -114,48 +121,12 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
         stop_jobs.cancel();
         let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
     }
-    for (_, _, handle) in consumers {
+    for handle in handles {
         handle.abort();
     }
     let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, "trainyard: worker shutdown".into())).await;
     tracing::info!("worker stopped");
     Ok(End::Shutdown)
-}
-
-async fn consume_loop(
-    mut consumer: lapin::Consumer,
-    job_type: String,
-    shared: Arc<Shared>,
-    sctx: SessionCtx,
-    jobs: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let next = tokio::select! {
-            d = consumer.next() => d,
-            _ = stop.cancelled() => return,
-            _ = sctx.lost.cancelled() => return,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                jobs.spawn(process::handle(delivery, job_type.clone(), shared.clone(), sctx.clone()));
-            }
-            Some(Err(e)) => {
-                if !stop.is_cancelled() {
-                    tracing::warn!(job_type = %job_type, error = %e, "consumer failed");
-                    sctx.lost.cancel();
-                }
-                return;
-            }
-            None => {
-                if !stop.is_cancelled() {
-                    tracing::warn!(job_type = %job_type, "consumer closed by the broker");
-                    sctx.lost.cancel();
-                }
-                return;
-            }
-        }
-    }
 }
 
 /// Consumes cancel requests from the control exchange on an exclusive queue.
