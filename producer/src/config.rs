@@ -20,6 +20,9 @@
 //! bot = "{{bot}}"                        # {{field}}: a field of the JSON event
 //! params = { dataset = "{{dataset}}", epochs = 20 }
 //! debounce_s = 300                       # a burst for one bot within this window → one job
+//!
+//! [policy.intent-train]
+//! supersede_running = true   # latest wins also cancels a running older job with the same coalescing key
 //! ```
 
 use std::{path::Path, str::FromStr};
@@ -80,6 +83,16 @@ pub struct TriggerRule {
     pub debounce_s: u64,
 }
 
+/// Per-job-type policy (`[policy.<job_type>]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobTypePolicy {
+    /// When a newer job with the same coalescing key is queued, cancel an older one
+    /// that is already running (default: let it finish; only not-started ones are superseded).
+    #[serde(default)]
+    pub supersede_running: bool,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +106,9 @@ pub struct ControlConfig {
     /// Trigger rules.
     #[serde(default, rename = "trigger")]
     pub triggers: Vec<TriggerRule>,
+    /// Policies by job type.
+    #[serde(default, rename = "policy")]
+    pub policies: std::collections::BTreeMap<String, JobTypePolicy>,
 }
 
 fn utc() -> String {
@@ -128,6 +144,9 @@ impl ControlConfig {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err("schedule names must be unique".into());
         }
+        if let Some(bad) = cfg.policies.keys().find(|t| !trainyard_common::job::valid_job_type(t)) {
+            return Err(format!("policy {bad:?}: not a job type name"));
+        }
         for t in &cfg.triggers {
             if t.routing_key.is_empty() || !trainyard_common::job::valid_job_type(&t.job_type) {
                 return Err(format!("trigger {:?}: needs a routing key and a valid job type", t.name));
@@ -156,6 +175,8 @@ mod tests {
         assert_eq!(cfg.schedules[0].missed, MissedFire::FireOnce);
         assert_eq!(cfg.triggers[0].debounce_s, 300);
         assert_eq!(cfg.schedules[0].params["epochs"], 20);
+        assert!(cfg.policies["intent-train"].supersede_running);
+        assert!(ControlConfig::parse("[policy.noop]\nsupersede_runing = true").is_err(), "a misspelt policy is refused");
         assert!(ControlConfig::parse("[[schedule]]\nname='x'\ncron='nope'\njob_type='noop'\nbot='b'").is_err());
         assert!(ControlConfig::parse("colour = 1").is_err());
     }

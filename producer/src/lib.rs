@@ -6,6 +6,7 @@
 //! - [`store`]: the job store, a projection of the event stream (SQLite or PostgreSQL);
 //! - [`recorder`]: feeds the store from `recorder` and `dead.recorder`;
 //! - [`scheduler`] and [`triggers`]: cron schedules and event triggers ([`config`]);
+//! - [`coalesce`]: latest wins among jobs that share a coalescing key;
 //! - [`ops`]: job management shared by the CLI and the HTTP [`api`];
 //! - [`serve`]: all of it in one process, with the demand metrics loop;
 //! - [`rebuild`]: the store rebuilt from the audit stream; [`progress`]: `submit --wait`'s bar.
@@ -15,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod coalesce;
 pub mod config;
 pub mod console;
 pub mod ops;

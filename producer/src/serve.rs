@@ -11,6 +11,7 @@ use trainyard_common::{amqp::connect, artifacts::ArtifactStore, metrics::Control
 
 use crate::{
     api::{self, ApiState, Tokens},
+    coalesce::Coalescer,
     config::ControlConfig,
     ops::{Ops, OpsError},
     recorder::Recorder,
@@ -77,7 +78,7 @@ pub enum ServeError {
 pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
     let store = Store::open(&settings.database_url).await?;
     let artifacts = ArtifactStore::open(&settings.artifacts)?;
-    let ops = Ops::new(store.clone(), artifacts, &settings.amqp_url, settings.topology.clone())?;
+    let ops = Ops::new(store.clone(), artifacts.clone(), &settings.amqp_url, settings.topology.clone())?;
     ops.submitter.declare_shared().await?;
     for t in &settings.job_types {
         ops.submitter.declare_job_type(t).await?;
@@ -90,6 +91,12 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
     tasks.spawn({
         let stop = shutdown.clone();
         async move { recorder.run(stop).await }
+    });
+    let coalescer =
+        Coalescer::new(store.clone(), artifacts, settings.topology.clone(), &settings.amqp_url, settings.config.policies.clone());
+    tasks.spawn({
+        let stop = shutdown.clone();
+        async move { coalescer.run(stop).await }
     });
     tasks.spawn({
         let (stop, store, metrics, s) = (shutdown.clone(), store.clone(), metrics.clone(), settings.clone());

@@ -23,7 +23,7 @@ pub struct Projection {
     pub worker: Option<WorkerInfo>,
     /// The latest progress.
     pub progress: Option<serde_json::Value>,
-    /// The result of a `succeeded` event.
+    /// The result of a `succeeded` (or `superseded`) event.
     pub result: Option<serde_json::Value>,
     /// The error of the status event, or of the latest event that had one.
     pub error: Option<ErrorInfo>,
@@ -73,7 +73,8 @@ pub fn project(events: &[JobEvent]) -> Option<Projection> {
     if status_event.error.is_some() {
         p.error = status_event.error.clone();
     }
-    if status_event.status == JobStatus::Succeeded {
+    if matches!(status_event.status, JobStatus::Succeeded | JobStatus::Superseded) {
+        // A superseded job's result names the job that replaced it.
         p.result = status_event.result.clone();
         p.error = None;
     }

@@ -3,7 +3,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sqlx::{any::AnyRow, Row};
-use trainyard_common::{ErrorInfo, JobSpec, JobStatus, Trigger, TriggerKind, WorkerInfo};
+use trainyard_common::{job::Priority, ErrorInfo, JobSpec, JobStatus, Trigger, TriggerKind, WorkerInfo};
 
 use super::StoreError;
 
@@ -63,6 +63,15 @@ pub struct JobRow {
     /// The exact job, for audit and replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<JobSpec>,
+    /// Its priority tier (from the spec; `normal` until its `queued` event is recorded).
+    #[serde(default)]
+    pub priority: Priority,
+    /// Its coalescing key (from the spec).
+    #[serde(default)]
+    pub coalesce_key: Option<String>,
+    /// The newer job with the same coalescing key that replaced it (status `superseded`).
+    #[serde(default)]
+    pub superseded_by: Option<String>,
 }
 
 pub(crate) const JOB_COLUMNS: &str = "job_id, job_type, bot, status, attempts, run, trigger_kind, trigger_source, submitted_at, \
@@ -90,11 +99,19 @@ pub(crate) fn job_row(row: &AnyRow) -> Result<JobRow, StoreError> {
         }),
         None => None,
     };
+    let spec: Option<JobSpec> = opt_json(row, "spec", "spec")?;
+    let result: Option<serde_json::Value> = opt_json(row, "result", "result")?;
+    let status: JobStatus = status.parse().map_err(|reason| StoreError::Decode { what: "status", reason })?;
+    let superseded_by =
+        (status == JobStatus::Superseded).then(|| result.as_ref()?.get("superseded_by")?.as_str().map(str::to_string)).flatten();
     Ok(JobRow {
+        priority: spec.as_ref().map(|s| s.priority).unwrap_or_default(),
+        coalesce_key: spec.as_ref().and_then(|s| s.coalesce_key.clone()),
+        superseded_by,
         job_id: col(row, "job_id")?,
         job_type: col(row, "job_type")?,
         bot: col(row, "bot")?,
-        status: status.parse().map_err(|reason| StoreError::Decode { what: "status", reason })?,
+        status,
         attempts: col::<i64>(row, "attempts")?.max(0) as u32,
         run: col::<i64>(row, "run")?.max(0) as u32,
         trigger,
@@ -105,9 +122,9 @@ pub(crate) fn job_row(row: &AnyRow) -> Result<JobRow, StoreError> {
         finished_at: col::<Option<i64>>(row, "finished_at")?.map(from_micros),
         worker: opt_json(row, "worker", "worker")?,
         progress: opt_json(row, "progress", "progress")?,
-        result: opt_json(row, "result", "result")?,
+        result,
         error: opt_json(row, "error", "error")?,
-        spec: opt_json(row, "spec", "spec")?,
+        spec,
     })
 }
 

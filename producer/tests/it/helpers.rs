@@ -58,10 +58,15 @@ pub async fn channel() -> (Connection, Channel) {
 /// Deletes every queue and exchange of `topo` for `types`.
 pub async fn cleanup(topo: &Topology, types: &[&str]) {
     let (conn, _) = channel().await;
-    let mut queues =
-        vec![topo.recorder_queue(), topo.dead_recorder_queue(), topo.events_log(), format!("{}.triggers.control-plane", topo.prefix())];
+    let mut queues = vec![
+        topo.recorder_queue(),
+        topo.dead_recorder_queue(),
+        topo.events_log(),
+        format!("{}.triggers.control-plane", topo.prefix()),
+        trainyard::coalesce::Coalescer::queue_name(topo),
+    ];
     for t in types {
-        queues.push(topo.jobs_queue(t));
+        queues.extend(topo.tier_queues(t));
         queues.push(topo.dead_queue(t));
     }
     for q in queues {

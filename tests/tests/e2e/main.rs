@@ -15,3 +15,4 @@ mod replicas;
 mod security;
 mod series;
 mod support;
+mod tenants;

@@ -23,7 +23,7 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use trainyard_common::{
-    amqp::publish_confirmed, artifacts::keys, codec, event::event_seq, headers, CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent,
+    amqp::publish_confirmed, artifacts::keys, codec, control::CancelRequest, event::event_seq, headers, CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent,
     JobSpec, JobStatus,
 };
 
@@ -120,8 +120,20 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         return ack(d, sctx).await;
     }
     if cancelled {
-        let mut ev = at.event(shared, JobStatus::Cancelled);
-        ev.error = Some(ErrorInfo { kind: ErrorKind::Cancelled, message: "cancelled before it started".into() });
+        // Coalescing writes the same marker naming the newer job: then it ends `superseded`.
+        let marker = store.get_json::<CancelRequest>(&keys::cancel_marker(&spec.job_id)).await?;
+        let ev = match marker.as_ref().and_then(CancelRequest::superseded_by) {
+            Some(newer) => {
+                let mut ev = at.event(shared, JobStatus::Superseded);
+                ev.result = Some(serde_json::json!({ "superseded_by": newer }));
+                ev
+            }
+            None => {
+                let mut ev = at.event(shared, JobStatus::Cancelled);
+                ev.error = Some(ErrorInfo { kind: ErrorKind::Cancelled, message: "cancelled before it started".into() });
+                ev
+            }
+        };
         publish_event(sctx, shared, &ev).await?;
         return ack(d, sctx).await;
     }

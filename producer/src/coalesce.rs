@@ -1,0 +1,196 @@
+//! Latest wins: of the jobs that share a coalescing key, only the newest runs.
+//!
+//! The control plane reads every `queued` event (its own queue on the events
+//! exchange, key `*.queued`, one active consumer across replicas). For a job with
+//! a `coalesce_key` it keeps a create-once record `coalesce/<key id>/<submitted_at>-<job_id>`
+//! in the artifact store, and every record but the newest (by `submitted_at`, then
+//! `job_id`: the same answer whatever order two racing submitters' events arrive
+//! in) gets a cancel marker `{"by": "coalesce", "reason": "superseded by <newest>"}`.
+//! A worker checks that marker before it starts a job, as it does for any cancel,
+//! and ends the job `superseded` with `result.superseded_by` (a worker one release
+//! older ends it `cancelled`: it never runs either way). A job already running is
+//! also sent a cancel request when its type's policy says `supersede_running`; it
+//! then ends `cancelled`. The older record is deleted once its marker is written,
+//! so a key keeps about one record.
+//!
+//! The event is acked only after that is durable; a failure leaves it for redelivery
+//! (writing a marker twice is harmless: markers are create-once).
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    Channel,
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use trainyard_common::{
+    amqp::{confirm_channel, connect, publish_confirmed},
+    artifacts::{keys, ArtifactStore},
+    codec,
+    control::CancelRequest,
+    reconnect::{self, SessionEnd},
+    topology::Topology,
+    CommonError, JobEvent, JobSpec, JobStatus,
+};
+
+use crate::{config::JobTypePolicy, store::Store};
+
+/// The folder of a key's records: a UUID v5 of the key (any key is a safe path).
+pub fn key_dir(key: &str) -> String {
+    format!("coalesce/{}/", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, key.as_bytes()))
+}
+
+/// A job's record under its key: the name sorts as (`submitted_at`, `job_id`).
+fn record_key(spec: &JobSpec, key: &str) -> String {
+    format!("{}{:020}-{}.json", key_dir(key), spec.submitted_at.timestamp_micros().max(0), spec.job_id)
+}
+
+/// What a record holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    job_id: String,
+    job_type: String,
+}
+
+/// Applies latest-wins to the `queued` events of jobs with a coalescing key.
+#[derive(Debug, Clone)]
+pub struct Coalescer {
+    store: Store,
+    artifacts: ArtifactStore,
+    topology: Topology,
+    url: String,
+    policies: BTreeMap<String, JobTypePolicy>,
+}
+
+impl Coalescer {
+    /// A coalescer writing markers to `artifacts`, reading job status from `store`.
+    pub fn new(store: Store, artifacts: ArtifactStore, topology: Topology, url: &str, policies: BTreeMap<String, JobTypePolicy>) -> Self {
+        Self { store, artifacts, topology, url: url.to_string(), policies }
+    }
+
+    /// The queue it consumes (bound to `<prefix>.events` with `*.queued`).
+    pub fn queue_name(topology: &Topology) -> String {
+        format!("{}.coalesce.control-plane", topology.prefix())
+    }
+
+    /// Runs until `shutdown`, reconnecting with backoff on broker trouble.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let shutdown = &shutdown;
+        let session = || async move {
+            match self.session(shutdown).await {
+                Ok(()) => SessionEnd::Shutdown,
+                Err(e) => SessionEnd::Lost(e),
+            }
+        };
+        reconnect::run(crate::recorder::CONTROL_PLANE_RECONNECT, shutdown, session, |e, delay| {
+            tracing::warn!(error = %e, "coalescing session ended; reconnecting in {delay:?}");
+        })
+        .await
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), CommonError> {
+        let conn = connect(&self.url, "trainyard-coalesce").await?;
+        let ch = confirm_channel(&conn).await?;
+        self.topology.declare_shared(&ch).await?;
+        let queue = Self::queue_name(&self.topology);
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .await
+            .map_err(CommonError::amqp(format!("declare {queue}")))?;
+        let exchange = self.topology.events_exchange();
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "*.queued".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(CommonError::amqp(format!("bind {queue} to {exchange}")))?;
+        ch.basic_qos(1, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
+        let mut consumer = ch
+            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("consume {queue}")))?;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                d = consumer.next() => d,
+            };
+            let d = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(CommonError::amqp(format!("consume {queue}"))(e)),
+                None => return Err(CommonError::ConsumerEnded { queue }),
+            };
+            let ct = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
+            // An event it cannot read is the recorder's business (it parks it); nothing to coalesce here.
+            if let Ok(JobEvent { status: JobStatus::Queued, spec: Some(spec), .. }) = crate::recorder::decode_event(ct.as_deref(), &d.data)
+            {
+                if spec.coalesce_key.is_some() {
+                    self.coalesce(&ch, &spec).await?;
+                }
+            }
+            d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp(format!("ack on {queue}")))?;
+        }
+    }
+
+    /// Records `spec` under its key and supersedes every older record's job.
+    pub async fn coalesce(&self, ch: &Channel, spec: &JobSpec) -> Result<(), CommonError> {
+        let Some(key) = spec.coalesce_key.as_deref() else { return Ok(()) };
+        let record = Record { job_id: spec.job_id.clone(), job_type: spec.job_type.clone() };
+        self.artifacts.put_if_absent(&record_key(spec, key), codec::to_json(&record)?).await?;
+        let mut records = self.artifacts.list(&key_dir(key)).await?;
+        records.sort();
+        let Some(newest_key) = records.pop() else { return Ok(()) };
+        let Some(newest) = self.artifacts.get_json::<Record>(&newest_key).await? else { return Ok(()) };
+        for older_key in records {
+            if let Some(older) = self.artifacts.get_json::<Record>(&older_key).await? {
+                self.supersede(ch, &older, &newest.job_id).await?;
+            }
+            self.artifacts.delete(&older_key).await?;
+        }
+        Ok(())
+    }
+
+    async fn supersede(&self, ch: &Channel, older: &Record, newest: &str) -> Result<(), CommonError> {
+        let status = self.store.job(&older.job_id).await.ok().flatten().map(|j| j.status);
+        if status.is_some_and(JobStatus::is_terminal) {
+            return Ok(());
+        }
+        let req = CancelRequest::superseded(&older.job_id, newest);
+        // Create-once: a person's cancel marker, or an earlier supersede, stays as it was.
+        self.artifacts.put_if_absent(&keys::cancel_marker(&older.job_id), codec::to_json(&req)?).await?;
+        let running = matches!(status, Some(JobStatus::Started | JobStatus::Progress));
+        let policy = self.policies.get(&older.job_type).copied().unwrap_or_default();
+        tracing::info!(job_id = %older.job_id, superseded_by = %newest, running, "job superseded");
+        if running && policy.supersede_running {
+            let props = lapin::BasicProperties::default().with_content_type(codec::JSON.into()).with_delivery_mode(2);
+            publish_confirmed(ch, &self.topology.control_exchange(), "", &codec::to_json(&req)?, props, false).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_sort_by_submit_time_then_id() {
+        let mut a = JobSpec::new("noop", "b", serde_json::json!({}), trainyard_common::Trigger::manual("t"));
+        let mut b = a.clone();
+        b.job_id = trainyard_common::job::new_job_id();
+        a.submitted_at = b.submitted_at + chrono::Duration::milliseconds(1);
+        assert!(record_key(&b, "k") < record_key(&a, "k"), "the later submit sorts last");
+        assert_eq!(key_dir("k"), key_dir("k"));
+        assert_ne!(key_dir("k"), key_dir("k2"));
+    }
+}

@@ -1,0 +1,258 @@
+//! Bots as tenants: priority tiers and latest-wins coalescing against the real
+//! RabbitMQ, including a worker SIGKILLed while it holds high-priority jobs.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use futures::StreamExt;
+use lapin::{
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use trainyard::{coalesce::Coalescer, recorder::Recorder, store::Store};
+use trainyard_common::{amqp, artifacts::keys, job::Priority, JobEvent, JobSpec, JobStatus, Trigger};
+
+use crate::support::{Env, URL};
+
+const T: Duration = Duration::from_secs(90);
+
+/// Every event of the environment's `noop` jobs, from a queue of its own.
+struct Events {
+    _conn: lapin::Connection,
+    consumer: lapin::Consumer,
+    seen: Vec<JobEvent>,
+}
+
+impl Events {
+    async fn open(env: &Env) -> Self {
+        let conn = amqp::connect(URL, "tenants-events").await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let q = ch.queue_declare("".into(), opts, FieldTable::default()).await.unwrap();
+        let exchange = env.topo.events_exchange();
+        ch.queue_bind(q.name().clone(), exchange.as_str().into(), "noop.*".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let consumer = ch.basic_consume(q.name().clone(), "".into(), opts, FieldTable::default()).await.unwrap();
+        Self { _conn: conn, consumer, seen: Vec::new() }
+    }
+
+    /// Reads events until `done(all seen so far)`, or panics after `within`.
+    async fn until(&mut self, within: Duration, done: impl Fn(&[JobEvent]) -> bool) -> &[JobEvent] {
+        let res = tokio::time::timeout(within, async {
+            while !done(&self.seen) {
+                let d = self.consumer.next().await.expect("events consumer ended").unwrap();
+                let ct = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
+                self.seen.push(trainyard::recorder::decode_event(ct.as_deref(), &d.data).unwrap());
+            }
+        })
+        .await;
+        assert!(res.is_ok(), "timed out; saw {} events: {:?}", self.seen.len(), count_by_status(&self.seen));
+        &self.seen
+    }
+}
+
+fn count_by_status(events: &[JobEvent]) -> BTreeMap<JobStatus, usize> {
+    let mut n = BTreeMap::new();
+    for e in events {
+        *n.entry(e.status).or_default() += 1;
+    }
+    n
+}
+
+fn terminal(events: &[JobEvent]) -> usize {
+    events.iter().filter(|e| e.status.is_terminal()).count()
+}
+
+fn noop(bot: &str, sleep_ms: u64, priority: Priority) -> JobSpec {
+    let mut spec = JobSpec::new("noop", bot, json!({ "sleep_ms": sleep_ms }), Trigger::manual("tests"));
+    spec.priority = priority;
+    spec
+}
+
+/// A worker busy with a backlog of low-priority jobs starts a high-priority one at
+/// the next free slot: in FIFO it would wait for the whole backlog.
+#[tokio::test]
+async fn a_high_priority_job_overtakes_a_backlog_of_low_ones() {
+    let env = Env::new(&["noop"]).await;
+    let mut events = Events::open(&env).await;
+    let sub = env.submitter();
+    let lows: Vec<JobSpec> = (0..60).map(|i| noop(&format!("bulk-{i}"), 100, Priority::Low)).collect();
+    for spec in &lows {
+        sub.submit(spec).await.unwrap();
+    }
+    let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 2);
+    events.until(T, |seen| seen.iter().filter(|e| e.status == JobStatus::Started).count() >= 2).await;
+    let high = noop("urgent", 10, Priority::High);
+    sub.submit(&high).await.unwrap();
+    let seen = events.until(T, |seen| terminal(seen) == 61).await;
+    let mut started: Vec<&JobEvent> = seen.iter().filter(|e| e.status == JobStatus::Started).collect();
+    started.sort_by_key(|e| e.at);
+    let at = started.iter().position(|e| e.job_id == high.job_id).expect("the high-priority job started");
+    let lows_after = started.len() - at - 1;
+    assert!(lows_after >= 50, "the high job started after {at} of 60 low ones (only {lows_after} started after it)");
+    assert_eq!(count_by_status(seen).get(&JobStatus::Succeeded), Some(&61));
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// Two submitters race ten jobs with one coalescing key while no worker is free:
+/// the control plane supersedes all but the newest, which alone runs; the store
+/// shows `superseded` with `superseded_by` and the key.
+#[tokio::test]
+async fn latest_wins_across_two_racing_submitters() {
+    let env = Env::new(&["noop"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
+    let stop = CancellationToken::new();
+    let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, BTreeMap::new());
+    let recorder = Recorder::new(store.clone(), env.topo.clone(), URL, None);
+    let tasks = [
+        tokio::spawn({
+            let stop = stop.clone();
+            async move { coalescer.run(stop).await }
+        }),
+        tokio::spawn({
+            let stop = stop.clone();
+            async move { recorder.run(stop).await }
+        }),
+    ];
+    wait_for_queue(&Coalescer::queue_name(&env.topo)).await;
+    let mut events = Events::open(&env).await;
+
+    let batch = |_: usize| {
+        (0..5)
+            .map(|_| {
+                let mut spec = noop("racing-bot", 10, Priority::Normal);
+                spec.coalesce_key = Some(spec.bot_coalesce_key());
+                spec
+            })
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (batch(0), batch(1));
+    let (sub_a, sub_b) = (env.submitter(), env.submitter());
+    let submit_all = |sub: trainyard::submit::Submitter, specs: Vec<JobSpec>| async move {
+        for spec in &specs {
+            sub.submit(spec).await.unwrap();
+        }
+    };
+    tokio::join!(submit_all(sub_a, a.clone()), submit_all(sub_b, b.clone()));
+    let all: Vec<JobSpec> = a.into_iter().chain(b).collect();
+    let newest = all.iter().max_by_key(|s| (s.submitted_at, s.job_id.clone())).unwrap().job_id.clone();
+
+    // The worker starts only once the control plane has marked the nine (the worker "was busy").
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let mut marked = 0;
+        for s in &all {
+            marked += usize::from(env.artifacts.exists(&keys::cancel_marker(&s.job_id)).await.unwrap());
+        }
+        if marked == 9 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {marked} of 9 jobs were superseded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!env.artifacts.exists(&keys::cancel_marker(&newest)).await.unwrap(), "the newest job is not superseded");
+    let worker = env.spawn_worker(&["noop"], |_| {});
+    let seen = events.until(T, |seen| terminal(seen) == 10).await.to_vec();
+    // `superseded_by` names the job that was newest when this one was superseded; following
+    // it always ends at the job that ran.
+    let mut replaced_by = BTreeMap::new();
+    for e in seen.iter().filter(|e| e.status.is_terminal()) {
+        if e.job_id == newest {
+            assert_eq!(e.status, JobStatus::Succeeded);
+        } else {
+            assert_eq!(e.status, JobStatus::Superseded, "{}", e.job_id);
+            let by = e.result.as_ref().unwrap()["superseded_by"].as_str().unwrap().to_string();
+            assert!(all.iter().any(|s| s.job_id == by && (s.submitted_at, &s.job_id) > (e_spec(&all, &e.job_id).submitted_at, &e.job_id)));
+            replaced_by.insert(e.job_id.clone(), by);
+        }
+    }
+    for start in replaced_by.keys() {
+        let mut at = start.clone();
+        for _ in 0..10 {
+            match replaced_by.get(&at) {
+                Some(next) => at = next.clone(),
+                None => break,
+            }
+        }
+        assert_eq!(at, newest, "the chain from {start} ends at the job that ran");
+    }
+    let started: Vec<&str> = seen.iter().filter(|e| e.status == JobStatus::Started).map(|e| e.job_id.as_str()).collect();
+    assert_eq!(started, [newest.as_str()], "only the newest job ran");
+
+    let loser = all.iter().find(|s| s.job_id != newest).unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    let row = loop {
+        match store.job(&loser.job_id).await.unwrap() {
+            Some(row) if row.status == JobStatus::Superseded => break row,
+            _ if tokio::time::Instant::now() > deadline => panic!("the store never recorded {} as superseded", loser.job_id),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_eq!(row.superseded_by.as_ref(), replaced_by.get(&loser.job_id));
+    assert_eq!(row.coalesce_key.as_deref(), Some("noop/racing-bot"));
+    assert_eq!(row.priority, Priority::Normal);
+
+    worker.stop().await;
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// A worker SIGKILLed while it runs high-priority jobs (and holds normal ones of
+/// other bots) loses none: another worker finishes every job, each exactly once.
+#[tokio::test]
+async fn a_worker_killed_holding_high_priority_jobs_loses_none() {
+    let env = Env::new(&["noop"]).await;
+    let mut events = Events::open(&env).await;
+    let sub = env.submitter();
+    let mut specs = Vec::new();
+    for i in 0..3 {
+        specs.push(noop(&format!("vip-{i}"), 1500, Priority::High));
+        specs.push(noop(&format!("bot-{i}"), 1500, Priority::Normal));
+        specs.push(noop(&format!("bulk-{i}"), 50, Priority::Low));
+    }
+    for spec in &specs {
+        sub.submit(spec).await.unwrap();
+    }
+    let mut first = env.worker_process("noop", &["--concurrency", "2"]);
+    events.until(T, |seen| seen.iter().filter(|e| e.status == JobStatus::Started).count() >= 2).await;
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let mut second = env.worker_process("noop", &["--concurrency", "2"]);
+    let seen = events.until(T, |seen| terminal(seen) >= specs.len()).await;
+    for spec in &specs {
+        let outcomes: Vec<JobStatus> =
+            seen.iter().filter(|e| e.job_id == spec.job_id && e.status.is_terminal()).map(|e| e.status).collect();
+        assert_eq!(outcomes, [JobStatus::Succeeded], "job {} ({})", spec.job_id, spec.priority);
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    env.cleanup().await;
+}
+
+fn e_spec<'a>(all: &'a [JobSpec], job_id: &str) -> &'a JobSpec {
+    all.iter().find(|s| s.job_id == job_id).unwrap()
+}
+
+/// Waits until `queue` exists (a passive declare on a fresh channel each time).
+async fn wait_for_queue(queue: &str) {
+    let conn = amqp::connect(URL, "tenants-wait").await.unwrap();
+    for _ in 0..300 {
+        let ch = conn.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        if ch.queue_declare(queue.into(), passive, FieldTable::default()).await.is_ok() {
+            let _ = conn.close(200, "done".into()).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{queue} was never declared");
+}
