@@ -133,6 +133,12 @@ impl ArtifactStore {
         Ok(Self { inner, local_root: None })
     }
 
+    /// A store over any `object_store` implementation (no local fast paths): for
+    /// backends `open` does not name, and for tests that wrap one (to inject faults).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> Self {
+        Self { inner, local_root: None }
+    }
+
     /// Opens the store named by `TRAINYARD_ARTIFACTS`.
     pub fn from_env() -> Result<Self, CommonError> {
         Self::open(&crate::config::artifacts())

@@ -9,6 +9,7 @@ mod disrupt;
 mod failover;
 mod hostile;
 mod intent;
+mod outage;
 mod pipeline;
 mod processes;
 mod replicas;

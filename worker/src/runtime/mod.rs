@@ -13,6 +13,7 @@ pub mod http;
 pub mod joblog;
 pub mod process;
 pub mod session;
+pub mod store_retry;
 pub mod tiers;
 
 /// The tracing target prefix of the runtime's own lines (`trainyard_worker::runtime`).

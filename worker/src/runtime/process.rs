@@ -2,9 +2,10 @@
 //!
 //! Order of operations for every outcome: make it durable first (outcome
 //! record, retry copy or dead letter, and the event, each confirmed by the
-//! broker), then ack. If anything on that path fails the delivery is not
-//! acked; the session ends and the broker redelivers it. A redelivered job
-//! whose outcome is already recorded is acked without running again.
+//! broker), then ack. If a broker operation on that path fails the delivery is
+//! not acked; the session ends and the broker redelivers it. An artifact-store
+//! failure is retried for that delivery alone ([`super::store_retry`]). A
+//! redelivered job whose outcome is already recorded is acked without running again.
 
 use std::{
     sync::{
@@ -31,6 +32,7 @@ use super::{
     disposition::{decide, Disposition},
     joblog::JobLogs,
     session::SessionCtx,
+    store_retry::StoreRetry,
     Shared,
 };
 use crate::handler::{JobContext, JobError, Progress};
@@ -52,9 +54,16 @@ struct Attempt {
     attempt: u32,
     redelivery: u32,
     n: AtomicU32,
+    /// When the delivery arrived (the broker's consumer timeout runs from then).
+    received: tokio::time::Instant,
 }
 
 impl Attempt {
+    /// Store operations of this delivery, retried while the store fails.
+    fn store_retry<'a>(&'a self, shared: &Shared, sctx: &'a SessionCtx) -> StoreRetry<'a> {
+        StoreRetry::new(&self.spec.job_id, self.received, shared.config.consumer_timeout, &sctx.stop_jobs)
+    }
+
     fn event(&self, shared: &Shared, status: JobStatus) -> JobEvent {
         let n = self.n.fetch_add(1, Ordering::SeqCst);
         let mut ev = JobEvent::new(&self.spec, status, self.attempt, event_seq(self.attempt, self.redelivery, n));
@@ -67,13 +76,30 @@ impl Attempt {
 /// whatever the bytes, the delivery ends acked with a durable outcome, or
 /// unacked for the broker to redeliver when the session is lost.
 pub(crate) async fn handle(delivery: Delivery, job_type: String, shared: Arc<Shared>, sctx: SessionCtx) {
-    if let Err(e) = handle_inner(&delivery, &job_type, &shared, &sctx).await {
-        tracing::warn!(job_type = %job_type, error = %e, "could not make an outcome durable; leaving the delivery for redelivery");
-        sctx.lost.cancel();
+    match handle_inner(&delivery, &job_type, &shared, &sctx).await {
+        Ok(()) => {}
+        // The store failed past its retries (shutdown, or the consumer timeout near): this
+        // delivery alone goes back to the queue; the session and the other jobs go on.
+        Err(e @ CommonError::Artifacts { .. }) => {
+            tracing::warn!(job_type = %job_type, error = %e, "artifact store unavailable; requeueing this delivery");
+            if sctx.lost.is_cancelled() {
+                return;
+            }
+            let nack = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            if let Err(e) = nack {
+                tracing::warn!(job_type = %job_type, error = %e, "could not requeue the delivery; ending the session");
+                sctx.lost.cancel();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(job_type = %job_type, error = %e, "could not make an outcome durable; leaving the delivery for redelivery");
+            sctx.lost.cancel();
+        }
     }
 }
 
 async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: &SessionCtx) -> Result<(), CommonError> {
+    let received = tokio::time::Instant::now();
     let hdrs = d.properties.headers().as_ref();
     let content_type = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
     let spec = match codec::decode_job(content_type.as_deref(), &d.data, shared.config.max_message_bytes) {
@@ -93,7 +119,8 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
             return poison(d, job_type, shared, sctx, class, &e.to_string(), job_id.as_deref()).await;
         }
     };
-    let attempt = Attempt { attempt: headers::attempt(hdrs), redelivery: headers::delivery_count(hdrs), spec, n: AtomicU32::new(0) };
+    let attempt =
+        Attempt { attempt: headers::attempt(hdrs), redelivery: headers::delivery_count(hdrs), n: AtomicU32::new(0), received, spec };
     let span =
         tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
     let result = run_attempt(d, &attempt, shared, sctx).instrument(span).await;
@@ -109,11 +136,22 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     // Effectively once: a job whose outcome is recorded is not run again; nor one
     // cancelled before it started. For a fresh job on a local store this is three
     // `stat`s on the calling thread: no outcome file, no directory of the job.
-    let outcome = match store.outcome_key(&spec.job_id).await? {
-        Some(key) => store.get_json::<Outcome>(&key).await?,
-        None => None,
-    };
-    let cancelled = store.may_hold(&keys::job(&spec.job_id)).await? && store.exists(&keys::cancel_marker(&spec.job_id)).await?;
+    // A failing store is retried for this delivery alone (`store_retry`).
+    let retry = at.store_retry(shared, sctx);
+    let id = spec.job_id.as_str();
+    let outcome = retry
+        .run("read the outcome record", || async move {
+            match store.outcome_key(id).await? {
+                Some(key) => store.get_json::<Outcome>(&key).await,
+                None => Ok(None),
+            }
+        })
+        .await?;
+    let cancelled = retry
+        .run("look for a cancel marker", || async move {
+            Ok(store.may_hold(&keys::job(id)).await? && store.exists(&keys::cancel_marker(id)).await?)
+        })
+        .await?;
     if let Some(outcome) = outcome {
         tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
         publish_event(sctx, shared, &outcome.event).await?;
@@ -249,14 +287,21 @@ async fn finish_succeeded(
         obj.entry("duration_s").or_insert(elapsed.into());
     }
     ev.result = Some(value);
-    let outcome = codec::to_json(&Outcome { event: ev.clone() })?;
-    let first = shared.config.artifacts.put_if_absent(&keys::outcome(&at.spec.job_id), outcome).await?;
-    if first {
+    let outcome = bytes::Bytes::from(codec::to_json(&Outcome { event: ev.clone() })?);
+    let (store, key) = (&shared.config.artifacts, keys::outcome(&at.spec.job_id));
+    let key = key.as_str();
+    let retry = at.store_retry(shared, sctx);
+    if retry.run("record the outcome", || store.put_if_absent(key, outcome.clone())).await? {
         publish_event(sctx, shared, &ev).await?;
         shared.metrics.jobs_total.with_label_values(&[at.spec.job_type.as_str(), "succeeded"]).inc();
         tracing::info!(duration_s = elapsed, "job succeeded");
     } else {
-        tracing::warn!("another delivery of this job recorded its outcome first; not recording a second result");
+        // Another delivery recorded it first, or an earlier try of this one whose reply was lost
+        // (a store error after the write): publish what is recorded, never a second result.
+        tracing::warn!("the outcome was already recorded; publishing the recorded event, not a second result");
+        if let Some(recorded) = retry.run("read the outcome record", || store.get_json::<Outcome>(key)).await? {
+            publish_event(sctx, shared, &recorded.event).await?;
+        }
     }
     ack(d, sctx).await
 }

@@ -1,0 +1,156 @@
+//! An artifact-store outage delays jobs; it does not end the worker's broker
+//! session, stop the jobs on it, or spend their delivery limit.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures::{stream::BoxStream, StreamExt};
+use object_store::{
+    memory::InMemory, path::Path, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+use serde_json::json;
+use trainyard_common::{artifacts::ArtifactStore, JobStatus};
+
+use crate::support::{collect_until_terminal, wait_for, Env};
+
+/// An in-memory store whose every operation fails while `failing` is set.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    inner: InMemory,
+    failing: AtomicBool,
+    injected: AtomicU64,
+}
+
+impl fmt::Display for FlakyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FlakyStore")
+    }
+}
+
+impl FlakyStore {
+    fn check(&self) -> object_store::Result<()> {
+        if !self.failing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.injected.fetch_add(1, Ordering::SeqCst);
+        let outage = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "injected outage");
+        Err(object_store::Error::Generic { store: "FlakyStore", source: Box::new(outage) })
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FlakyStore {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        self.check()?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.check()?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.check()?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+        match self.check() {
+            Ok(()) => self.inner.delete_stream(locations),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        }
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        match self.check() {
+            Ok(()) => self.inner.list(prefix),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        }
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.check()?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.check()?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// One job runs when the store goes down and must record its outcome during the outage;
+/// five more arrive during it and must look up their outcome records. All wait and
+/// succeed after it, each started once: no session lost, no redelivery, no dead letter.
+/// (Before the retry, the first store error ended the session: the running job was
+/// stopped and redelivered, and every held delivery counted a delivery.)
+#[tokio::test]
+async fn an_artifact_store_outage_delays_jobs_and_kills_none() {
+    const OUTAGE: Duration = Duration::from_secs(3);
+    let env = Env::new(&["noop"]).await;
+    let flaky = Arc::new(FlakyStore::default());
+    let metrics = prometheus::Registry::new();
+    let store = ArtifactStore::from_object_store(flaky.clone());
+    let w = env.spawn_worker_with_metrics(&["noop"], &metrics, |cfg| {
+        cfg.artifacts = store;
+        cfg.concurrency = 8;
+    });
+    let sub = env.submitter();
+    let running = env.spec("noop", json!({"sleep_ms": 1500}));
+    let mut running_watch = sub.watch(&running).await.unwrap();
+    sub.submit(&running).await.unwrap();
+    let mut seen = wait_for(&mut running_watch, JobStatus::Started, Duration::from_secs(30)).await;
+
+    flaky.failing.store(true, Ordering::SeqCst);
+    let later: Vec<_> = (0..5).map(|i| env.spec("noop", json!({"sleep_ms": 10 * i}))).collect();
+    let mut watches = Vec::new();
+    for spec in &later {
+        watches.push(sub.watch(spec).await.unwrap());
+        sub.submit(spec).await.unwrap();
+    }
+    // The running job finishes its work during the outage but cannot record it yet.
+    let during = tokio::time::timeout(OUTAGE, async {
+        while let Some(ev) = running_watch.next().await {
+            seen.push(ev.unwrap());
+        }
+    })
+    .await;
+    assert!(during.is_err() && seen.iter().all(|e| !e.status.is_terminal()), "{:?}", seen.iter().map(|e| e.status).collect::<Vec<_>>());
+    let outage_over = chrono::Utc::now();
+    flaky.failing.store(false, Ordering::SeqCst);
+
+    seen.extend(collect_until_terminal(&mut running_watch, Duration::from_secs(60)).await);
+    let mut all = vec![(running.job_id.clone(), seen)];
+    for (spec, watch) in later.iter().zip(watches.iter_mut()) {
+        all.push((spec.job_id.clone(), collect_until_terminal(watch, Duration::from_secs(60)).await));
+    }
+    assert!(flaky.injected.load(Ordering::SeqCst) >= 6, "the outage failed {} operations", flaky.injected.load(Ordering::SeqCst));
+    for (id, events) in &all {
+        let statuses: Vec<JobStatus> = events.iter().map(|e| e.status).collect();
+        let started = statuses.iter().filter(|s| **s == JobStatus::Started).count();
+        assert_eq!(started, 1, "job {id} started once, never stopped and redelivered: {statuses:?}");
+        assert_eq!(statuses.last(), Some(&JobStatus::Succeeded), "job {id}: {statuses:?}");
+        // The jobs that arrived during the outage start only after it (their look-ups waited).
+        let start = events.iter().find(|e| e.status == JobStatus::Started).unwrap();
+        assert!(*id == running.job_id || start.at >= outage_over, "job {id} started during the outage");
+        assert!(events.iter().all(|e| e.progress.as_ref().is_none_or(|p| p.get("redelivery").is_none())), "job {id} redelivered");
+    }
+    let reconnects = metrics
+        .gather()
+        .iter()
+        .find(|m| m.name() == "trainyard_amqp_reconnects_total")
+        .map(|m| m.get_metric()[0].get_counter().get_value());
+    assert_eq!(reconnects, Some(0.0), "the worker's broker session was never lost");
+    assert!(env.drain(&env.topo.dead_queue("noop")).await.is_empty(), "nothing dead-lettered");
+    w.stop().await;
+    env.cleanup().await;
+}
