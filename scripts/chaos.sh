@@ -3,6 +3,7 @@
 #
 #   scripts/chaos.sh [--jobs N] [--workers W] [--duration S]     (default 200 jobs, 3 workers, 60 s of chaos)
 #   scripts/chaos.sh --flood                                      (resource bounds; see below)
+#   scripts/chaos.sh --cluster [--jobs N ...]                     (against the 3-node cluster; see below)
 #
 # Starts the control plane (`trainyard serve`, SQLite store) and W workers on a
 # unique topology prefix with temporary artifact and data directories, submits
@@ -28,20 +29,28 @@
 # grows by more than CHAOS_FLOOD_RSS_GROWTH_MB (4) after its first 15 s; each part
 # fails unless what it shows happened.
 #
+# --cluster: the same run against the local 3-node cluster of scripts/cluster.sh (started
+# if it is not running, stopped again at the end if this run started it), clients given
+# all three node URLs; besides the faults above, twice it stops the node leading the quorum
+# of the `noop` job queue (`cluster.sh leader`), then brings it back after 5 s. The JSON line adds
+# leader_stops and leader_stop_recovery_s (node stop to the next job completion); the verdict
+# also fails when no job completed within CHAOS_RECOVERY_BOUND_S (10) of a stop.
+#
 # Disrupts the shared broker (every connection is closed, the app restarted):
 # run it alone. Needs rabbitmqctl (as root or a user allowed to run it) and python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-JOBS=200 WORKERS=3 DURATION=60 FLOOD=0
+JOBS=200 WORKERS=3 DURATION=60 FLOOD=0 CLUSTER=0
 while [[ $# -gt 0 ]]; do
   case $1 in
     --jobs) JOBS=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --flood) FLOOD=1; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    --cluster) CLUSTER=1; shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +65,21 @@ T_START=$SECONDS
 BIN=$ROOT/target/debug
 HELPER=$BIN/examples/chaos
 command -v rabbitmqctl >/dev/null || { echo "rabbitmqctl not found" >&2; exit 1; }
+
+# rabbitmqctl against the broker under test: the usual one, or a running node of the cluster.
+CLUSTER_STARTED=0 STOPPED_NODE="" LEADER_STOPS=0 STOP_TIMES=""
+if [[ $CLUSTER == 1 ]]; then
+  [[ $FLOOD == 1 ]] && { echo "--cluster and --flood do not combine" >&2; exit 2; }
+  rmqctl() { scripts/cluster.sh ctl "$@"; }
+  if ! scripts/cluster.sh status >/dev/null 2>&1; then
+    log "starting the 3-node cluster (scripts/cluster.sh start)"
+    scripts/cluster.sh start >/dev/null || exit 1
+    CLUSTER_STARTED=1
+  fi
+  TRAINYARD_AMQP_URL=$(scripts/cluster.sh urls)
+else
+  rmqctl() { rabbitmqctl "$@"; }
+fi
 
 PREFIX="chaos-$(date +%s)-$$"
 TMP=$(mktemp -d /tmp/trainyard-chaos.XXXXXX)
@@ -80,9 +104,10 @@ cleanup() {
   trap - EXIT INT TERM
   if [[ $BROKER_STOPPED == 1 ]]; then
     log "restoring the broker (start_app)"
-    rabbitmqctl start_app >/dev/null 2>&1
-    rabbitmqctl await_startup >/dev/null 2>&1
+    rmqctl start_app >/dev/null 2>&1
+    rmqctl await_startup >/dev/null 2>&1
   fi
+  [[ -n $STOPPED_NODE ]] && { log "restarting cluster node $STOPPED_NODE"; scripts/cluster.sh start-node "$STOPPED_NODE"; }
   for pid in "${WPIDS[@]}" $SERVE_PID; do kill -TERM "$pid" 2>/dev/null; done
   for pid in "${WPIDS[@]}" $SERVE_PID; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -91,11 +116,12 @@ cleanup() {
   [[ -n $SAMPLER_PID ]] && kill "$SAMPLER_PID" 2>/dev/null
   wait 2>/dev/null
   # Every queue of the prefix (also retry queues), then the exchanges.
-  rabbitmqctl list_queues -q --no-table-headers name 2>/dev/null | grep "^$PREFIX\." | while read -r q; do
-    rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1
+  rmqctl list_queues -q --no-table-headers name 2>/dev/null | grep "^$PREFIX\." | while read -r q; do
+    rmqctl delete_queue "$q" </dev/null >/dev/null 2>&1
   done
   "$HELPER" cleanup --types "$TYPES" >/dev/null 2>&1
   if [[ ${CHAOS_KEEP:-0} == 1 || $rc != 0 ]]; then log "kept logs and stores in $TMP"; else rm -rf "$TMP"; fi
+  [[ $CLUSTER_STARTED == 1 ]] && scripts/cluster.sh stop
   exit $rc
 }
 trap cleanup EXIT
@@ -148,25 +174,43 @@ start_serve() {
 }
 
 queue_depth() {
-  rabbitmqctl list_queues -q --no-table-headers name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'
+  rmqctl list_queues -q --no-table-headers name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'
 }
 
 close_connections() {
   log "closing every client connection at the broker"
-  rabbitmqctl close_all_connections "chaos" >/dev/null 2>&1 && CLOSES=$((CLOSES + 1))
+  rmqctl close_all_connections "chaos" >/dev/null 2>&1 && CLOSES=$((CLOSES + 1))
 }
 
 restart_broker() {
   log "restarting the broker application (stop_app / start_app)"
   BROKER_STOPPED=1
   # Counted only when the broker really stopped and came back.
-  if rabbitmqctl stop_app >/dev/null 2>&1; then
+  if rmqctl stop_app >/dev/null 2>&1; then
     sleep 3
-    rabbitmqctl start_app >/dev/null 2>&1 && rabbitmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0 && RESTARTS=$((RESTARTS + 1))
+    rmqctl start_app >/dev/null 2>&1 && rmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0 && RESTARTS=$((RESTARTS + 1))
   else
     log "stop_app failed: the restart is not counted"
   fi
-  if ((BROKER_STOPPED)); then rabbitmqctl start_app >/dev/null 2>&1 && rabbitmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0; fi
+  if ((BROKER_STOPPED)); then rmqctl start_app >/dev/null 2>&1 && rmqctl await_startup >/dev/null 2>&1 && BROKER_STOPPED=0; fi
+}
+
+# Stops the node leading the quorum of the noop job queue, and starts it again 5 s later.
+stop_leader() {
+  local leader n t
+  leader=$(scripts/cluster.sh leader "$PREFIX.jobs.noop") || { log "no leader found for $PREFIX.jobs.noop: not counted"; return 0; }
+  n=${leader#trainyard-c}
+  n=${n%@*}
+  log "stopping $leader, the leader of $PREFIX.jobs.noop"
+  t=$(date +%s.%N)
+  STOPPED_NODE=$n
+  if scripts/cluster.sh stop-node "$n"; then
+    LEADER_STOPS=$((LEADER_STOPS + 1))
+    STOP_TIMES+="$t,"
+  fi
+  sleep 5
+  log "starting $leader again"
+  scripts/cluster.sh start-node "$n" && STOPPED_NODE=""
 }
 
 kill_worker() {
@@ -188,9 +232,11 @@ term_worker() {
 
 # ---------------------------------------------------------------------------
 chaos_run() {
-  local slots=$((WORKERS * ${CHAOS_CONCURRENCY:-4}))
+  local slots=$((WORKERS * ${CHAOS_CONCURRENCY:-4})) work_s=$DURATION
+  # Each leader stop holds the plan up for ~25 s (stop, 5 s down, start): the work lasts that much longer.
+  [[ $CLUSTER == 1 ]] && work_s=$((DURATION + 50))
   # Pace the noop jobs so the work lasts about as long as the chaos: avg sleep = duration * slots / jobs * 0.9.
-  local avg=$((DURATION * 1000 * slots * 9 / 10 / JOBS))
+  local avg=$((work_s * 1000 * slots * 9 / 10 / JOBS))
   ((avg < 20)) && avg=20
   ((avg > 15000)) && avg=15000
   local intent=$((JOBS / 200 + 1))
@@ -200,8 +246,10 @@ chaos_run() {
   start_sampler
   log "prefix $PREFIX, $WORKERS workers, submitting $JOBS noop (sleep $((avg / 4))..$((avg * 7 / 4)) ms) + $intent intent-train jobs"
   "$HELPER" submit --count "$JOBS" --intent "$intent" --sleep-ms "$((avg / 4))..$((avg * 7 / 4))" --out "$IDS" --seed "$$" || return 1
-  # Twelve disruptions spread over the duration: 6 SIGKILLs, 3 SIGTERMs, 2 connection closes, 1 broker restart.
-  local plan=(kill term kill close kill restart kill term kill close kill term)
+  # Twelve disruptions spread over the duration: 6 SIGKILLs, 3 SIGTERMs, 2 connection closes, 1 broker restart;
+  # with --cluster the restart is node 1's application, and 2 leader stops come on top.
+  local plan=(kill term kill close kill restart kill term kill close kill term) extra=()
+  [[ $CLUSTER == 1 ]] && plan=(kill leader term kill close kill restart leader kill term kill close kill term)
   local step=$((DURATION * 10 / ${#plan[@]})) # tenths of a second
   local t0=$SECONDS action
   for action in "${plan[@]}"; do
@@ -211,6 +259,7 @@ chaos_run() {
       term) term_worker ;;
       close) close_connections ;;
       restart) restart_broker ;;
+      leader) stop_leader ;;
     esac
   done
   log "chaos over after $((SECONDS - t0)) s; waiting for every job to reach a final status"
@@ -226,9 +275,12 @@ chaos_run() {
   done
   # Let the recorder finish the queue, then judge.
   for _ in $(seq 20); do [[ $(queue_depth "$PREFIX.recorder") == 0 ]] && break; sleep 1; done
+  [[ $CLUSTER == 1 ]] && extra=("leader_stops=$LEADER_STOPS" "planned_leader_stops=2" "recovery_bound_s=${CHAOS_RECOVERY_BOUND_S:-10}"
+    "leader_stop_times=${STOP_TIMES%,}")
   python3 scripts/chaos_check.py verdict "$IDS" "$TRAINYARD_DATABASE_URL" "$TRAINYARD_ARTIFACTS" "$RSS_LOG" \
     "kills=$KILLS" "sigterms=$TERMS" "connection_closes=$CLOSES" "broker_restarts=$RESTARTS" "seconds=$((SECONDS - T_START))" \
-    "planned_kills=6" "planned_sigterms=3" "planned_connection_closes=2" "planned_broker_restarts=1"
+    "planned_kills=6" "planned_sigterms=3" "planned_connection_closes=2" "planned_broker_restarts=1" \
+    ${extra[@]+"${extra[@]}"}
 }
 
 # ---------------------------------------------------------------------------
@@ -266,7 +318,7 @@ if mb(max(late) - min(late)) > bound:
     sys.exit(f"flood: RSS grew by {mb(max(late) - min(late))} MB after the first 15 s (bound {bound} MB)")
 EOF
   # Drop the rest of the flood (and its piled-up events) before the next part.
-  for q in jobs.noop recorder; do rabbitmqctl purge_queue "$PREFIX.$q" >/dev/null 2>&1; done
+  for q in jobs.noop recorder; do rmqctl purge_queue "$PREFIX.$q" >/dev/null 2>&1; done
   WPIDS=()
   : >"$PIDS"
 }

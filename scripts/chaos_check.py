@@ -14,8 +14,11 @@ made to fail (`expected_dead`: kind fatal; `dead` counts dead and failed), lost 
 duplicate results are 0, `resumed_from_checkpoint` >= 1 whenever a training job was
 killed after its first checkpoint (`training_jobs_killed`: a training job whose
 attempt was redelivered after it had reported epoch >= 1), and every fault counted
-(key=value pairs kills, sigterms, connection_closes, broker_restarts) is at least the
-number planned (planned_<key>=N, not printed).
+(key=value pairs kills, sigterms, connection_closes, broker_restarts, leader_stops) is at
+least the number planned (planned_<key>=N, not printed). With leader_stop_times=T1,T2 (epoch
+seconds of node stops, `chaos.sh --cluster`), it reports `leader_stop_recovery_s`, the time from
+each stop to the next job completion, and fails when no job completed after a stop or, with
+recovery_bound_s=S, when one took longer than S.
 
 A job is *lost* when the store has no final status for it (succeeded, failed,
 dead, cancelled). A result is *duplicated* when the store holds two different
@@ -156,6 +159,9 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
             out[k] = v
     if outcome_missing:
         out["succeeded_without_outcome"] = len(outcome_missing)
+    if "leader_stop_times" in out:
+        stops = [float(t) for t in str(out.pop("leader_stop_times")).split(",") if t]
+        out["leader_stop_recovery_s"] = recoveries(conn, jobs, stops)
     print(json.dumps(out, separators=(",", ":")))
     for j in lost[:20]:
         print(f"lost: {j} {jobs[j][0]} {jobs[j][1]} store status {st.get(j)}", file=sys.stderr)
@@ -165,6 +171,19 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
     for f in failures:
         print(f"verdict: {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def recoveries(conn, jobs, stops):
+    """Seconds from each node stop (epoch seconds) to the next job completion (a `succeeded`
+    event of a chaos job, by the event's own time); None when no job completed after it."""
+    done = []
+    if conn is not None:
+        done = sorted(at / 1e6 for job_id, at in conn.execute("SELECT job_id, at FROM job_events WHERE status = 'succeeded'") if job_id in jobs)
+    out = []
+    for t in stops:
+        after = [a for a in done if a >= t]
+        out.append(round(after[0] - t, 2) if after else None)
+    return out
 
 
 def judge(out, planned):
@@ -182,6 +201,12 @@ def judge(out, planned):
         f.append(f"{out['succeeded_without_outcome']} successes without an outcome record")
     if out["training_jobs_killed"] >= 1 and out["resumed_from_checkpoint"] < 1:
         f.append(f"{out['training_jobs_killed']} training jobs killed after a checkpoint, none resumed from it")
+    bound = out.get("recovery_bound_s")
+    for i, r in enumerate(out.get("leader_stop_recovery_s", [])):
+        if r is None:
+            f.append(f"no job completed after leader stop {i + 1}")
+        elif bound is not None and r > bound:
+            f.append(f"leader stop {i + 1}: the next job completed after {r} s (bound {bound} s)")
     for k, n in planned.items():
         if out.get(k, 0) < n:
             f.append(f"{k}: {out.get(k, 0)} happened of {n} planned")
@@ -200,11 +225,11 @@ def selftest():
             db = os.path.join(d, f"s{want}.db")
             conn = sqlite3.connect(db)
             conn.execute("CREATE TABLE jobs (job_id TEXT, status TEXT)")
-            conn.execute("CREATE TABLE job_events (job_id TEXT, run INT, seq INT, status TEXT, body TEXT)")
+            conn.execute("CREATE TABLE job_events (job_id TEXT, run INT, seq INT, status TEXT, body TEXT, at INT DEFAULT 0)")
             for j, s_ in statuses_.items():
                 conn.execute("INSERT INTO jobs VALUES (?, ?)", (j, s_))
                 if s_ == "succeeded":
-                    conn.execute("INSERT INTO job_events VALUES (?, 0, 7, 'succeeded', '{}')", (j,))
+                    conn.execute("INSERT INTO job_events (job_id, run, seq, status, body) VALUES (?, 0, 7, 'succeeded', '{}')", (j,))
                     os.makedirs(os.path.join(d, "art", "outcomes", j[-2:]), exist_ok=True)
                     with open(os.path.join(d, "art", "outcomes", j[-2:], j + ".json"), "w") as f:
                         json.dump({"event": {"seq": 7, "result": {"resumed_from_epoch": 1} if j == "c" else {}}}, f)
@@ -214,6 +239,14 @@ def selftest():
             assert got == want, f"verdict {got} for {statuses_}, expected {want}"
             got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["kills=0", "planned_kills=1"])
             assert got == 1, "a planned fault that did not happen must fail the verdict"
+            if want == 0:
+                # Completions at t=0 (the events' `at` is 0): a leader stop after them has no recovery.
+                got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["leader_stop_times=5"])
+                assert got == 1, "a leader stop followed by no completion must fail the verdict"
+                got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["leader_stop_times=-20", "recovery_bound_s=10"])
+                assert got == 1, "a recovery over the bound must fail the verdict"
+                got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["leader_stop_times=-2", "recovery_bound_s=10"])
+                assert got == 0, "a recovery within the bound passes"
     print("chaos_check selftest: ok")
 
 

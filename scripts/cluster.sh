@@ -8,7 +8,7 @@
 #   scripts/cluster.sh urls              the three AMQP URLs on one line (a TRAINYARD_AMQP_URL value)
 #   scripts/cluster.sh stop-node N       stop node N (1..3) only;  start-node N: start it again and wait
 #   scripts/cluster.sh leader QUEUE      the node leading the quorum queue QUEUE
-#   scripts/cluster.sh ctl ARGS...       rabbitmqctl against node 1 of the cluster
+#   scripts/cluster.sh ctl ARGS...       rabbitmqctl against the first node whose Erlang VM answers
 #
 # Nodes trainyard-c1..3@localhost, AMQP ports CLUSTER_PORT (5681)..+2 on 127.0.0.1, Erlang
 # distribution ports 20000 above them; data, logs and configuration under target/cluster/nN,
@@ -80,11 +80,15 @@ cluster_partition_handling = pause_minority
 EOF
 }
 
-running() { ctl "$1" -q --timeout 5 status >/dev/null 2>&1; }
+# Node N's RabbitMQ application runs (status needs it); its Erlang VM answers (ping does not).
+running() { ctl "$1" -q --timeout 10 status >/dev/null 2>&1; }
+vm_up() { ctl "$1" -q --timeout 10 ping >/dev/null 2>&1; }
 
 start_node() {
   local n=$1
   running "$n" && return 0
+  # The VM is up with the application stopped (rabbitmqctl stop_app): start the application.
+  vm_up "$n" && { ctl "$n" -q start_app >/dev/null 2>&1; return 0; }
   write_config "$n"
   with_node_env "$n" "$(rmq_bin rabbitmq-server)" -detached >"$ROOT/n$n/log/start.out" 2>&1
 }
@@ -167,6 +171,7 @@ case ${1:-} in
   stop-node) n=$(node_number "${2:-}") && { ctl "$n" -q shutdown >/dev/null 2>&1 || die "could not stop $(node_name "$n")"; } ;;
   start-node) n=$(node_number "${2:-}") && start_node "$n" && await_node "$n" ;;
   leader) [[ -n ${2:-} ]] || die "usage: cluster.sh leader QUEUE"; cmd_leader "$2" ;;
-  ctl) n=1; for m in "${NODES[@]}"; do running "$m" && { n=$m; break; }; done; shift; ctl "$n" "$@" ;;
+  # The first node whose VM answers, so that stop_app and then start_app reach the same node.
+  ctl) n=1; for m in "${NODES[@]}"; do vm_up "$m" && { n=$m; break; }; done; shift; ctl "$n" "$@" ;;
   *) sed -n '2,18p' "$0"; exit 2 ;;
 esac
