@@ -132,9 +132,11 @@ cmd_start() {
   cmd_status
 }
 
+# Every node whose VM answers, also one whose application is stopped: the last node standing
+# pauses itself (pause_minority) rather than run alone.
 cmd_stop() {
   for n in "${NODES[@]}"; do
-    running "$n" && { ctl "$n" -q shutdown >/dev/null 2>&1 || echo "warning: $(node_name "$n") did not stop cleanly" >&2; }
+    vm_up "$n" && { ctl "$n" -q shutdown >/dev/null 2>&1 || echo "warning: $(node_name "$n") did not stop cleanly" >&2; }
   done
   return 0
 }
