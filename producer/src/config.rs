@@ -20,6 +20,8 @@
 //! bot = "{{bot}}"                        # {{field}}: a field of the JSON event
 //! params = { dataset = "{{dataset}}", epochs = 20 }
 //! debounce_s = 300                       # a burst for one bot within this window → one job
+//! priority = "high"                      # high, normal (default) or low
+//! coalesce_key = "intent-train/{{bot}}"  # latest wins per bot (optional; a template)
 //!
 //! [policy.intent-train]
 //! supersede_running = true   # latest wins also cancels a running older job with the same coalescing key
@@ -28,6 +30,7 @@
 use std::{path::Path, str::FromStr};
 
 use serde::Deserialize;
+use trainyard_common::job::Priority;
 
 /// What to do with fires missed while no scheduler ran.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -61,6 +64,12 @@ pub struct ScheduleConfig {
     /// Missed-fire policy.
     #[serde(default)]
     pub missed: MissedFire,
+    /// Priority tier of its jobs.
+    #[serde(default, deserialize_with = "priority")]
+    pub priority: Priority,
+    /// Coalescing key of its jobs (latest wins), e.g. `"intent-train/banking"`.
+    #[serde(default)]
+    pub coalesce_key: Option<String>,
 }
 
 /// An event-trigger rule.
@@ -81,6 +90,12 @@ pub struct TriggerRule {
     /// Debounce window per bot, seconds (0: every event fires).
     #[serde(default = "default_debounce")]
     pub debounce_s: u64,
+    /// Priority tier of its jobs.
+    #[serde(default, deserialize_with = "priority")]
+    pub priority: Priority,
+    /// Coalescing key of its jobs (latest wins), a template (`"{{bot}}"`).
+    #[serde(default)]
+    pub coalesce_key: Option<String>,
 }
 
 /// Per-job-type policy (`[policy.<job_type>]`).
@@ -109,6 +124,11 @@ pub struct ControlConfig {
     /// Policies by job type.
     #[serde(default, rename = "policy")]
     pub policies: std::collections::BTreeMap<String, JobTypePolicy>,
+}
+
+/// A tier name, strictly (a configuration file's typo is an error, not `normal`).
+fn priority<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Priority, D::Error> {
+    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
 }
 
 fn utc() -> String {
@@ -176,6 +196,10 @@ mod tests {
         assert_eq!(cfg.triggers[0].debounce_s, 300);
         assert_eq!(cfg.schedules[0].params["epochs"], 20);
         assert!(cfg.policies["intent-train"].supersede_running);
+        assert_eq!((cfg.triggers[0].priority, cfg.triggers[0].coalesce_key.as_deref()), (Priority::High, Some("intent-train/{{bot}}")));
+        assert_eq!(cfg.schedules[0].priority, Priority::Normal);
+        let typo = "[[schedule]]\nname='x'\ncron='* * * * *'\njob_type='noop'\nbot='b'\npriority='hihg'";
+        assert!(ControlConfig::parse(typo).unwrap_err().contains("hihg"), "a misspelt tier is refused");
         assert!(ControlConfig::parse("[policy.noop]\nsupersede_runing = true").is_err(), "a misspelt policy is refused");
         assert!(ControlConfig::parse("[[schedule]]\nname='x'\ncron='nope'\njob_type='noop'\nbot='b'").is_err());
         assert!(ControlConfig::parse("colour = 1").is_err());

@@ -159,6 +159,8 @@ impl Scheduler {
             Trigger { kind: TriggerKind::Schedule, source: s.cfg.name.clone() },
         );
         spec.job_id = job_id;
+        spec.priority = s.cfg.priority;
+        spec.coalesce_key = s.cfg.coalesce_key.clone();
         self.submitter.submit(&spec).await.map_err(|source| ScheduleError::Publish { schedule: s.cfg.name.clone(), at, source })?;
         self.store.mark_fire_published(&s.cfg.name, at).await?;
         if let Some(m) = &self.metrics {

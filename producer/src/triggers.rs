@@ -255,12 +255,17 @@ impl Triggers {
 
     async fn fire(&self, rule: &TriggerRule, bot: &str, event: &serde_json::Value, burst: usize) -> Result<(), CommonError> {
         let params = render(&rule.params, event);
-        let spec = JobSpec::new(
+        let mut spec = JobSpec::new(
             &rule.job_type,
             bot,
             params,
             Trigger { kind: TriggerKind::Event, source: format!("{} ({})", rule.routing_key, rule.name) },
         );
+        spec.priority = rule.priority;
+        spec.coalesce_key = rule.coalesce_key.as_ref().map(|t| match render(&serde_json::Value::String(t.clone()), event) {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        });
         match self.submitter.submit(&spec).await {
             Ok(()) => {
                 tracing::info!(rule = %rule.name, bot, burst, job_id = %spec.job_id, "trigger fired");

@@ -37,6 +37,8 @@ async fn a_schedule_fires_once_across_two_schedulers_sharing_postgres() {
         bot: "bot-s".into(),
         params: serde_json::json!({"sleep_ms": 1}),
         missed: MissedFire::Skip,
+        priority: Default::default(),
+        coalesce_key: None,
     };
     // Two replicas: their own store pools and publishers, one database.
     let a =
@@ -87,6 +89,8 @@ async fn a_burst_of_trigger_events_yields_one_job() {
         bot: "{{bot}}".into(),
         params: serde_json::json!({"sleep_ms": "{{n}}"}),
         debounce_s: 1,
+        priority: Default::default(),
+        coalesce_key: Some("noop/{{bot}}".into()),
     };
     let triggers = Triggers::new(vec![rule], Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None);
     let stop = CancellationToken::new();
@@ -109,6 +113,7 @@ async fn a_burst_of_trigger_events_yields_one_job() {
     assert_eq!(jobs.len(), 2, "{jobs:?}");
     assert_eq!((jobs[0].bot.as_str(), &jobs[0].params), ("banking", &serde_json::json!({"sleep_ms": 5})));
     assert_eq!(jobs[1].bot, "travel");
+    assert_eq!(jobs[1].coalesce_key.as_deref(), Some("noop/travel"), "the rule's key template is filled from the event");
     assert_eq!(jobs[0].trigger.kind, trainyard_common::TriggerKind::Event);
     stop.cancel();
     task.await.unwrap();
@@ -199,6 +204,8 @@ async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
         bot: "bot-r".into(),
         params: serde_json::json!({"sleep_ms": 1}),
         missed: MissedFire::Skip,
+        priority: Default::default(),
+        coalesce_key: None,
     };
     let s = Scheduler::new(vec![cfg], store.clone(), Submitter::new(&url, topo.clone()).unwrap(), None);
     let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();

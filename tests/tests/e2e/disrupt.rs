@@ -78,6 +78,8 @@ async fn a_broker_restart_is_survived_by_the_worker_the_recorder_and_the_trigger
         bot: "{{bot}}".into(),
         params: json!({"sleep_ms": 1}),
         debounce_s: 0,
+        priority: Default::default(),
+        coalesce_key: None,
     };
     let triggers = Triggers::new(vec![rule], env.submitter(), crate::support::URL, Some(metrics.clone()));
     let queue = triggers.queue_name();
