@@ -10,7 +10,7 @@ use lapin::{
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use trainyard::{coalesce::Coalescer, recorder::Recorder, store::Store};
+use trainyard::{coalesce::Coalescer, config::JobTypePolicy, recorder::Recorder, store::Store};
 use trainyard_common::{amqp, artifacts::keys, job::Priority, JobEvent, JobSpec, JobStatus, Trigger};
 
 use crate::support::{Env, URL};
@@ -197,6 +197,59 @@ async fn latest_wins_across_two_racing_submitters() {
     assert_eq!(row.coalesce_key.as_deref(), Some("noop/racing-bot"));
     assert_eq!(row.priority, Priority::Normal);
 
+    worker.stop().await;
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// With `[policy.noop] supersede_running = true`, a newer job with the same key
+/// cancels the older one while it runs; the newer one runs.
+#[tokio::test]
+async fn supersede_running_cancels_the_running_older_job() {
+    let env = Env::new(&["noop"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
+    let stop = CancellationToken::new();
+    let policies = BTreeMap::from([("noop".to_string(), JobTypePolicy { supersede_running: true })]);
+    let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, policies);
+    let recorder = Recorder::new(store.clone(), env.topo.clone(), URL, None);
+    let tasks = [
+        tokio::spawn({
+            let stop = stop.clone();
+            async move { coalescer.run(stop).await }
+        }),
+        tokio::spawn({
+            let stop = stop.clone();
+            async move { recorder.run(stop).await }
+        }),
+    ];
+    wait_for_queue(&Coalescer::queue_name(&env.topo)).await;
+    let mut events = Events::open(&env).await;
+    let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 2);
+    let keyed = |sleep_ms| {
+        let mut spec = noop("editing-bot", sleep_ms, Priority::Normal);
+        spec.coalesce_key = Some(spec.bot_coalesce_key());
+        spec
+    };
+    let (old, new) = (keyed(20_000), keyed(10));
+    let sub = env.submitter();
+    sub.submit(&old).await.unwrap();
+    // The store must know it runs before the newer job arrives.
+    let deadline = tokio::time::Instant::now() + T;
+    while store.job(&old.job_id).await.unwrap().map(|j| j.status) != Some(JobStatus::Started) {
+        assert!(tokio::time::Instant::now() < deadline, "the old job never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sub.submit(&new).await.unwrap();
+    let seen = events.until(T, |seen| terminal(seen) == 2).await;
+    let end = |id: &str| seen.iter().find(|e| e.job_id == id && e.status.is_terminal()).unwrap().clone();
+    let (old_end, new_end) = (end(&old.job_id), end(&new.job_id));
+    assert_eq!(old_end.status, JobStatus::Cancelled, "the running older job is stopped");
+    assert_eq!(new_end.status, JobStatus::Succeeded);
     worker.stop().await;
     stop.cancel();
     for t in tasks {
