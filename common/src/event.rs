@@ -166,6 +166,11 @@ pub struct JobEvent {
     pub status: JobStatus,
     /// The attempt this event belongs to (1-based; 0 for `queued`).
     pub attempt: u32,
+    /// The run of the job this event belongs to: 0 as submitted, one more after each
+    /// dead-letter replay (from the job message's `x-trainyard-run` header). `None` only
+    /// in events of releases before runs were carried; the store then files the event by time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u32>,
     /// The worker, for events published by one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerInfo>,
@@ -186,7 +191,7 @@ pub struct JobEvent {
 }
 
 impl JobEvent {
-    /// A bare event for `spec` with no worker, progress, result or error.
+    /// A bare event of run 0 for `spec` with no worker, progress, result or error.
     pub fn new(spec: &JobSpec, status: JobStatus, attempt: u32, seq: u64) -> Self {
         Self {
             version: SchemaVersion::CURRENT,
@@ -196,6 +201,7 @@ impl JobEvent {
             bot: spec.bot.clone(),
             status,
             attempt,
+            run: Some(0),
             worker: None,
             at: Utc::now(),
             progress: None,

@@ -16,6 +16,9 @@ pub const DEAD_WORKER: &str = "x-trainyard-dead-worker";
 pub const JOB_ID: &str = "x-trainyard-job-id";
 /// Set on a job republished from a dead-letter queue.
 pub const REPLAYED: &str = "x-trainyard-replayed";
+/// The run of a job message: 0 as first submitted, and one more on each dead-letter
+/// replay (set by the replay). Absent means 0. Every event of the run carries it.
+pub const RUN: &str = "x-trainyard-run";
 /// Broker-maintained redelivery count on quorum queues.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
 /// Broker-maintained dead-lettering history.
@@ -48,6 +51,11 @@ pub fn string(headers: Option<&FieldTable>, name: &str) -> Option<String> {
 /// The real attempt number carried by a job message (1 when absent or nonsense).
 pub fn attempt(headers: Option<&FieldTable>) -> u32 {
     int(headers, ATTEMPT).and_then(|v| u32::try_from(v).ok()).filter(|v| *v >= 1).unwrap_or(1)
+}
+
+/// The run carried by a job message (0 when absent or nonsense).
+pub fn run(headers: Option<&FieldTable>) -> u32 {
+    int(headers, RUN).and_then(|v| u32::try_from(v).ok()).unwrap_or(0)
 }
 
 /// How many times the broker has redelivered this message (0 on first delivery).

@@ -313,17 +313,24 @@ impl Ops {
                     }
                     fresh.insert(k.into(), v.clone());
                 }
+                // The next run: one past the letter's and the store's (a rebuild files each
+                // run's events by the number they carry, never by comparing clocks).
+                let known = self.store.job(&id).await?.map_or(0, |j| j.run);
+                let run = known.max(headers::run(hdrs)) + 1;
                 headers::set_int(&mut fresh, headers::ATTEMPT, 1);
+                headers::set_int(&mut fresh, headers::RUN, i64::from(run));
                 headers::set_str(&mut fresh, headers::REPLAYED, format!("{} by {by}", Utc::now().to_rfc3339()));
                 let props = d.properties.clone().with_headers(fresh).with_delivery_mode(2);
                 let now = Utc::now();
-                self.store.start_new_run(&id, now).await?;
                 let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
                 publish_confirmed(&ch, &topo.jobs_exchange(), &key, &d.data, props, true).await?;
                 d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
-                self.store.mark_replayed(&id, now).await?;
+                // The new run starts with its `queued` event, on the stream (so a rebuild
+                // sees the replay) and in the store at once (the recorder's copy is a duplicate).
                 let mut queued = JobEvent::queued(&spec);
-                queued.at = now;
+                (queued.at, queued.run) = (now, Some(run));
+                self.store.record_event(&queued).await?;
+                self.store.mark_replayed(&id, now).await?;
                 self.submitter.publish_event(&ch, &queued).await?;
                 tracing::info!(job_id = %id, by, "dead letter replayed");
                 replayed.push(id.clone());

@@ -260,10 +260,9 @@ impl Recorder {
         }
         if let Some(event) = event {
             self.record(&event).await?;
-            if letter.broker_dead_lettered {
-                // No worker reported this one: put it in the audit stream too, so a rebuild sees it.
-                trainyard_common::amqp::publish_event(publish, &self.topology, &event).await?;
-            }
+            // In the audit stream too, so that a rebuild records what the store has (a worker's
+            // own `dead` event sorts before it; one the broker dead-lettered has no other).
+            trainyard_common::amqp::publish_event(publish, &self.topology, &event).await?;
         }
         Ok(())
     }
@@ -348,6 +347,7 @@ pub fn dead_letter(
             bot: bot.filter(|b| valid_bot_name(b)).unwrap_or_default(),
             status,
             attempt,
+            run: Some(headers::run(hdrs)),
             worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),
             at: chrono::Utc::now(),
             progress: None,

@@ -177,6 +177,7 @@ impl JobWatch {
         }
         let reason = headers::string(hdrs, headers::DEAD_REASON).unwrap_or_else(|| "dead-lettered by the broker (delivery limit)".into());
         let mut event = JobEvent::new(&spec, JobStatus::Dead, headers::attempt(hdrs), trainyard_common::event::DEAD_LETTER_SEQ);
+        event.run = Some(headers::run(hdrs));
         event.error = Some(trainyard_common::ErrorInfo { kind: trainyard_common::ErrorKind::Permanent, message: reason });
         Some(event)
     }

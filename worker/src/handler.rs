@@ -66,6 +66,8 @@ pub struct JobContext {
     pub spec: JobSpec,
     /// The real attempt number (1-based).
     pub attempt: u32,
+    /// The job's run: 0 as submitted, one more after each dead-letter replay.
+    pub run: u32,
     /// How many times the broker redelivered this attempt (0 normally; > 0
     /// after a crash, preemption or lost connection: resume from a checkpoint).
     pub redelivery: u32,

@@ -77,18 +77,16 @@ impl Store {
         for r in self.select_in(tx, &sql, &ids, "read job rows").await? {
             state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
         }
-        // The run each event belongs to: one from before the latest replay belongs to the previous run.
+        // The run each event belongs to: the one it carries (a replay sets it in the job message).
+        // Events of releases before runs were carried are filed by time, as those releases did.
         let event_runs: Vec<i64> = events
             .iter()
-            .map(|e| {
-                let (run, run_since, _) = state[e.job_id.as_str()];
-                if run > 0 && micros(e.at) < run_since {
-                    run - 1
-                } else {
-                    run
-                }
+            .map(|e| match e.run {
+                Some(run) => i64::from(run),
+                None => legacy_run(state[e.job_id.as_str()], e.at),
             })
             .collect();
+        self.advance_runs(tx, events, &event_runs, &mut state).await?;
         // Each (job, run, seq) once; later copies in the batch are duplicates.
         let mut keyed: HashMap<(&str, i64, u64), usize> = HashMap::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
@@ -162,6 +160,45 @@ impl Store {
         Ok(out)
     }
 
+    /// Moves each job whose events carry a newer run than its row to that run (a dead-letter
+    /// replay started it), from the earliest of those events: its row is then projected
+    /// from the new run's events alone. Updates `state` to match.
+    async fn advance_runs(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        events: &[JobEvent],
+        event_runs: &[i64],
+        state: &mut HashMap<String, (i64, i64, i64)>,
+    ) -> Result<(), StoreError> {
+        // job_id → (newest run, when its first event in this batch happened)
+        let mut newest: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for (e, &run) in events.iter().zip(event_runs) {
+            if run <= state[e.job_id.as_str()].0 {
+                continue;
+            }
+            let at = micros(e.at);
+            let slot = newest.entry(e.job_id.as_str()).or_insert((run, at));
+            if run > slot.0 {
+                *slot = (run, at);
+            } else if run == slot.0 {
+                slot.1 = slot.1.min(at);
+            }
+        }
+        for (job_id, (run, since)) in newest {
+            sqlx::query("UPDATE jobs SET run = $1, run_since = $2 WHERE job_id = $3")
+                .bind(run)
+                .bind(since)
+                .bind(job_id)
+                .execute(&mut *conn)
+                .await
+                .map_err(q(format!("start run {run} of job {job_id}")))?;
+            if let Some(row) = state.get_mut(job_id) {
+                (row.0, row.1) = (run, since);
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `sql` (whose `{}` stands for the list of `ids`) over `ids` in chunks; all the rows.
     async fn select_in(&self, conn: &mut sqlx::AnyConnection, sql: &str, ids: &[&str], what: &str) -> Result<Vec<AnyRow>, StoreError> {
         let mut out = Vec::new();
@@ -217,20 +254,14 @@ impl Store {
         }
         Ok(())
     }
+}
 
-    /// Starts a new run of a job (a dead-letter replay): the job is `queued`
-    /// again and its new events are kept apart from the old ones.
-    pub async fn start_new_run(&self, job_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE jobs SET run = run + 1, run_since = $1, status = 'queued', status_seq = 0, attempts = 0, progress = NULL, \
-             result = NULL, error = NULL, finished_at = NULL, updated_at = $2 WHERE job_id = $3",
-        )
-        .bind(micros(at))
-        .bind(micros(at))
-        .bind(job_id)
-        .execute(&self.pool)
-        .await
-        .map_err(q(format!("start a new run of job {job_id}")))?;
-        Ok(())
+/// The run of an event that carries none (written before runs were carried): the row's
+/// run, or the one before if the event happened before the latest replay started.
+fn legacy_run((run, run_since, _): (i64, i64, i64), at: DateTime<Utc>) -> i64 {
+    if run > 0 && micros(at) < run_since {
+        run - 1
+    } else {
+        run
     }
 }

@@ -12,6 +12,7 @@ mod intent;
 mod outage;
 mod pipeline;
 mod processes;
+mod rebuild;
 mod replicas;
 mod security;
 mod series;

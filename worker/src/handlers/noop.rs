@@ -1,6 +1,8 @@
 //! `noop`: sleeps `sleep_ms` (default 0) and succeeds. Used by tests,
 //! benchmarks and chaos runs. `fail` makes it fail on purpose:
-//! `"transient"` (until attempt `fail_until`, default forever), `"permanent"`.
+//! `"transient"` (until attempt `fail_until`, default forever), `"permanent"`;
+//! with `fail_until_run`, only in runs before it (a dead letter replayed after the
+//! fault is gone).
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -21,6 +23,9 @@ struct Params {
     /// With `fail = "transient"`: succeed from this attempt on.
     #[serde(default)]
     fail_until: Option<u32>,
+    /// With `fail`: succeed from this run (dead-letter replay) on.
+    #[serde(default)]
+    fail_until_run: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -55,7 +60,8 @@ impl JobHandler for Noop {
                 _ = ctx.cancel.cancelled() => return Err(JobError::cancelled("noop stopped while sleeping")),
             }
         }
-        match p.fail {
+        let fail = p.fail.filter(|_| p.fail_until_run.is_none_or(|until| ctx.run < until));
+        match fail {
             Some(Fail::Permanent) => Err(JobError::permanent("noop failed on purpose (permanent)")),
             Some(Fail::Transient) if p.fail_until.is_none_or(|until| ctx.attempt < until) => {
                 Err(JobError::transient(format!("noop failed on purpose (transient, attempt {})", ctx.attempt)))

@@ -52,6 +52,8 @@ pub struct Outcome {
 struct Attempt {
     spec: JobSpec,
     attempt: u32,
+    /// The job's run (dead-letter replays), from the message; every event carries it.
+    run: u32,
     redelivery: u32,
     n: AtomicU32,
     /// When the delivery arrived (the broker's consumer timeout runs from then).
@@ -68,6 +70,7 @@ impl Attempt {
         let n = self.n.fetch_add(1, Ordering::SeqCst);
         let mut ev = JobEvent::new(&self.spec, status, self.attempt, event_seq(self.attempt, self.redelivery, n));
         ev.worker = Some(shared.config.worker.clone());
+        ev.run = Some(self.run);
         ev
     }
 }
@@ -120,7 +123,7 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
         }
     };
     let attempt =
-        Attempt { attempt: headers::attempt(hdrs), redelivery: headers::delivery_count(hdrs), n: AtomicU32::new(0), received, spec };
+        Attempt { attempt: headers::attempt(hdrs), run: headers::run(hdrs), redelivery: headers::delivery_count(hdrs), n: AtomicU32::new(0), received, spec };
     let span =
         tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
     let result = run_attempt(d, &attempt, shared, sctx).instrument(span).await;
@@ -154,7 +157,10 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         .await?;
     if let Some(outcome) = outcome {
         tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
-        publish_event(sctx, shared, &outcome.event).await?;
+        // Filed under this delivery's run: a job replayed after it succeeded (a crash loop
+        // between the outcome record and the ack) ends that run succeeded too.
+        let event = JobEvent { run: Some(at.run), ..outcome.event };
+        publish_event(sctx, shared, &event).await?;
         return ack(d, sctx).await;
     }
     if cancelled {
@@ -191,6 +197,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     let ctx = JobContext {
         spec: spec.clone(),
         attempt: at.attempt,
+        run: at.run,
         redelivery: at.redelivery,
         artifacts: store.clone(),
         data_dir: shared.config.data_dir.clone(),

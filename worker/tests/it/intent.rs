@@ -97,6 +97,7 @@ pub(super) fn ctx(f: &Fixture, spec: JobSpec, redelivery: u32) -> (JobContext, t
     let ctx = JobContext {
         spec,
         attempt: 1,
+        run: 0,
         redelivery,
         artifacts: f.store.clone(),
         data_dir: f.data.path().to_path_buf(),
