@@ -124,9 +124,16 @@ impl Ops {
         Ok(spec)
     }
 
-    /// Jobs matching `filter`.
+    /// Jobs matching `filter`; listed by bot, its queued jobs carry their queue position.
     pub async fn list(&self, filter: &JobFilter) -> Result<Vec<JobRow>, OpsError> {
-        Ok(self.store.list_jobs(filter).await?)
+        let mut jobs = self.store.list_jobs(filter).await?;
+        if filter.bot.is_some() {
+            let positions = self.store.queue_positions(&jobs).await?;
+            for j in &mut jobs {
+                j.queue_position = positions.get(&j.job_id).copied();
+            }
+        }
+        Ok(jobs)
     }
 
     async fn job(&self, job_id: &str) -> Result<JobRow, OpsError> {

@@ -210,15 +210,20 @@ pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> any
                 }
             };
             print(t.json, &v, |v| {
-                println!("{:<36}  {:<9}  {:<13}  {:<16}  {:>3}  CREATED", "JOB_ID", "STATUS", "TYPE", "BOT", "ATT");
+                println!(
+                    "{:<36}  {:<10}  {:<13}  {:<16}  {:<6}  {:>3}  {:>5}  CREATED",
+                    "JOB_ID", "STATUS", "TYPE", "BOT", "PRIO", "ATT", "POS"
+                );
                 for j in v.as_array().into_iter().flatten() {
                     println!(
-                        "{:<36}  {:<9}  {:<13}  {:<16}  {:>3}  {}",
+                        "{:<36}  {:<10}  {:<13}  {:<16}  {:<6}  {:>3}  {:>5}  {}",
                         s(&j["job_id"]),
                         s(&j["status"]),
                         s(&j["job_type"]),
                         s(&j["bot"]),
+                        s(&j["priority"]),
                         s(&j["attempts"]),
+                        s(&j["queue_position"]),
                         s(&j["created_at"])
                     );
                 }

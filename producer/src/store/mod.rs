@@ -19,6 +19,7 @@
 mod dead_letters;
 mod feed;
 mod parked;
+mod positions;
 pub mod projection;
 mod queries;
 mod record;

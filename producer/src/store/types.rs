@@ -72,6 +72,10 @@ pub struct JobRow {
     /// The newer job with the same coalescing key that replaced it (status `superseded`).
     #[serde(default)]
     pub superseded_by: Option<String>,
+    /// For a `queued` job listed by bot (`jobs list --bot B`): how many ready jobs of its
+    /// type a worker starts before it (higher tiers, then its tier in submit order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
 }
 
 pub(crate) const JOB_COLUMNS: &str = "job_id, job_type, bot, status, attempts, run, trigger_kind, trigger_source, submitted_at, \
@@ -108,6 +112,7 @@ pub(crate) fn job_row(row: &AnyRow) -> Result<JobRow, StoreError> {
         priority: spec.as_ref().map(|s| s.priority).unwrap_or_default(),
         coalesce_key: spec.as_ref().and_then(|s| s.coalesce_key.clone()),
         superseded_by,
+        queue_position: None,
         job_id: col(row, "job_id")?,
         job_type: col(row, "job_type")?,
         bot: col(row, "bot")?,

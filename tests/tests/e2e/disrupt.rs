@@ -1,4 +1,5 @@
-//! Tests that disrupt the broker for everyone (close every connection).
+//! Tests that disrupt the broker for everyone (close every connection, or change a
+//! broker-wide setting for a moment).
 //! `scripts/test.sh` runs `disrupt::` alone, after the other tests.
 
 use std::{process::Command, time::Duration};
@@ -175,4 +176,94 @@ async fn a_broker_restart_is_survived_by_the_worker_the_recorder_and_the_trigger
     let _ = conn.close(200, "bye".into()).await;
     store.close().await;
     env.cleanup().await;
+}
+
+/// A RabbitMQ setting changed with `rabbitmqctl eval` for as long as this lives (a channel
+/// reads it when it opens), then set back.
+struct BrokerSetting {
+    key: &'static str,
+    before: Option<u64>,
+}
+
+impl BrokerSetting {
+    fn set(key: &'static str, value: u64) -> Self {
+        let out =
+            Command::new("rabbitmqctl").args(["eval", &format!("application:get_env(rabbit, {key}).")]).output().expect("rabbitmqctl");
+        // `{ok,1800000}` or `undefined`.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let before = text.trim().strip_prefix("{ok,").and_then(|v| v.strip_suffix('}')).and_then(|v| v.parse().ok());
+        rabbitmqctl(&["eval", &format!("application:set_env(rabbit, {key}, {value}).")]);
+        Self { key, before }
+    }
+}
+
+impl Drop for BrokerSetting {
+    fn drop(&mut self) {
+        let restore = match self.before {
+            Some(v) => format!("application:set_env(rabbit, {}, {v}).", self.key),
+            None => format!("application:unset_env(rabbit, {}).", self.key),
+        };
+        let _ = Command::new("rabbitmqctl").args(["eval", &restore]).output();
+    }
+}
+
+/// A channel the broker closes because a delivery stayed unacked past its `consumer_timeout`
+/// is logged as an acknowledgement timeout, with the id of the job it held and the settings
+/// to raise. The worker is told a consumer timeout far above the broker's (the misconfiguration
+/// that leads there); the broker's is lowered to 2 s only while the worker opens its channels
+/// (RabbitMQ 3.10 reads it when a channel opens), and checked every 0.5 s during the test.
+#[tokio::test]
+async fn an_acknowledgement_timeout_is_logged_as_one_with_the_job_id() {
+    let env = Env::new(&["noop"]).await;
+    let log_path = env.artifacts_dir.path().join("worker.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    // Every channel re-reads the tick interval when it re-arms its timer: faster checks, for
+    // the whole test. The timeout is read once, when a channel opens: only the worker's.
+    let _tick = BrokerSetting::set("channel_tick_interval", 500);
+    let mut worker = {
+        let _timeout = BrokerSetting::set("consumer_timeout", 2000);
+        let child = Command::new(crate::support::bin("trainyard-worker"))
+            .args(["run", "--types", "noop", "--log-format", "text", "--consumer-timeout-s", "3600"])
+            .env("TRAINYARD_PREFIX", env.topo.prefix())
+            .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
+            .env("TRAINYARD_AMQP_URL", crate::support::URL)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("trainyard-worker");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while consumers(&env, &env.topo.jobs_queue("noop")).await == 0 {
+            assert!(std::time::Instant::now() < deadline, "the worker never consumed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        child
+    };
+    let spec = env.spec("noop", json!({"sleep_ms": 30_000}));
+    env.submitter().submit(&spec).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("acknowledgement timeout")) {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no acknowledgement timeout logged within 60 s:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(line.contains(&spec.job_id), "the line names the job held on the channel: {line}");
+    assert!(line.contains("delivery acknowledgement on channel"), "the broker's words: {line}");
+    assert!(line.contains("consumer_timeout") && line.contains("TRAINYARD_CONSUMER_TIMEOUT_S"), "the settings: {line}");
+    env.cleanup().await;
+}
+
+/// Consumers of a queue.
+async fn consumers(env: &Env, queue: &str) -> u32 {
+    let q = env
+        .ch
+        .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default())
+        .await
+        .unwrap();
+    q.consumer_count()
 }

@@ -251,12 +251,14 @@ async fn a_job_past_its_timeout_is_stopped_and_fails_as_timeout() {
 async fn a_job_longer_than_the_consumer_timeout_ends_at_once_naming_the_setting() {
     let env = Env::new(&["noop"]).await;
     let w = env.spawn_worker(&["noop"], |cfg| cfg.consumer_timeout = Duration::from_secs(60));
-    // Past the broker's consumer timeout: refused before it starts, not retried.
+    // Past the broker's consumer timeout: refused before it starts, `failed` (not `dead`:
+    // the job is fine, a setting is not), not retried although attempts are left.
     let mut long = env.spec("noop", json!({"sleep_ms": 10}));
     long.timeout_s = 61;
+    long.max_attempts = 3;
     let t0 = std::time::Instant::now();
     let events = env.run_job(&long, T).await;
-    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Dead]);
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Failed]);
     let error = events.last().unwrap().error.clone().unwrap();
     assert_eq!(error.kind, ErrorKind::Permanent);
     assert!(error.message.contains("timeout_s 61") && error.message.contains("consumer timeout of 60s"), "{}", error.message);

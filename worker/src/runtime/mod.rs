@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod disposition;
+mod held;
 pub mod http;
 pub mod joblog;
 pub mod process;

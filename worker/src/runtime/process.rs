@@ -79,7 +79,15 @@ impl Attempt {
 /// whatever the bytes, the delivery ends acked with a durable outcome, or
 /// unacked for the broker to redeliver when the session is lost.
 pub(crate) async fn handle(delivery: Delivery, job_type: String, shared: Arc<Shared>, sctx: SessionCtx) {
-    match handle_inner(&delivery, &job_type, &shared, &sctx).await {
+    let tag = delivery.delivery_tag;
+    sctx.held.hold(&job_type, &delivery);
+    settle(&delivery, &job_type, &shared, &sctx).await;
+    sctx.held.release(&job_type, tag);
+}
+
+/// Handles a delivery to the end: acked, requeued, or left for the broker with a lost session.
+async fn settle(delivery: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: &SessionCtx) {
+    match handle_inner(delivery, job_type, shared, sctx).await {
         Ok(()) => {}
         // The store failed past its retries (shutdown, or the consumer timeout near): this
         // delivery alone goes back to the queue; the session and the other jobs go on.
@@ -188,7 +196,8 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         return finish_failed(d, at, shared, sctx, JobError::permanent(e.message)).await;
     }
     if let Some(message) = beyond_consumer_timeout(spec.timeout_s, shared.config.consumer_timeout) {
-        return finish_failed(d, at, shared, sctx, JobError::permanent(message)).await;
+        // `failed` (a setting to change, not a malformed job), once, at once.
+        return finish_as(d, at, shared, sctx, JobError::permanent(message), Disposition::Failed).await;
     }
 
     let token = sctx.stop_jobs.child_token();
@@ -314,10 +323,24 @@ async fn finish_succeeded(
 }
 
 async fn finish_failed(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &SessionCtx, err: JobError) -> Result<(), CommonError> {
+    let disposition = decide(err.kind, at.attempt, at.spec.max_attempts, &shared.config.backoff);
+    finish_as(d, at, shared, sctx, err, disposition).await
+}
+
+/// Makes `disposition` of a failed attempt durable, then acks. `Failed` of a permanent
+/// error is a job this worker refuses to run (status `failed`, not retried).
+async fn finish_as(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    err: JobError,
+    disposition: Disposition,
+) -> Result<(), CommonError> {
     let spec = &at.spec;
     let job_type = spec.job_type.as_str();
     let info = ErrorInfo { kind: err.kind, message: err.message.clone() };
-    match decide(err.kind, at.attempt, spec.max_attempts, &shared.config.backoff) {
+    match disposition {
         Disposition::Retry { delay_ms, next_attempt } => {
             publish_retry(d, at, shared, sctx, delay_ms, next_attempt).await?;
             let mut ev = at.event(shared, JobStatus::Retrying);
@@ -328,8 +351,9 @@ async fn finish_failed(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &Sessi
             tracing::warn!(error = %err.message, kind = ?err.kind, delay_ms, next_attempt, "attempt failed; retry scheduled");
         }
         Disposition::Failed | Disposition::Dead => {
-            let failed = err.kind != ErrorKind::Permanent;
-            let reason = if failed {
+            let used_up = err.kind != ErrorKind::Permanent;
+            let failed = used_up || disposition == Disposition::Failed;
+            let reason = if used_up {
                 format!("attempts used up ({}/{}): {}", at.attempt, spec.max_attempts, err.message)
             } else {
                 err.message.clone()

@@ -24,7 +24,7 @@ use trainyard_common::{amqp, codec, control::CancelRequest, CommonError};
 
 use trainyard_common::job::Priority;
 
-use super::{tiers, Shared};
+use super::{held::Held, tiers, Shared};
 
 /// After the grace period (or a lost session), how long stopped jobs get to unwind and
 /// requeue. With [`CLOSE_WAIT`] and the grace period it makes a worker's stop budget, which a
@@ -51,6 +51,8 @@ pub(crate) struct SessionCtx {
     pub(crate) lost: CancellationToken,
     /// Fired when running jobs must stop (shutdown grace over, or session lost).
     pub(crate) stop_jobs: CancellationToken,
+    /// The deliveries held unacked, per job type: named when the broker closes a channel.
+    pub(crate) held: Held,
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Result<End, CommonError> {
@@ -63,7 +65,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     let lost = CancellationToken::new();
     let stop_jobs = lost.child_token();
     let stop_consuming = CancellationToken::new();
-    let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone() };
+    let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone(), held: Held::default() };
     let jobs = TaskTracker::new();
     let mut consumers = Vec::new();
     let mut handles = Vec::new();

@@ -113,7 +113,7 @@ async fn forward(
             }
             Some(Err(e)) => {
                 if !stop.is_cancelled() {
-                    tracing::warn!(job_type = %job_type, error = %e, "consumer failed");
+                    super::held::consumer_failed(&job_type, &e, &sctx.held);
                     sctx.lost.cancel();
                 }
                 return;
