@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks trainyard against its baselines, each measured in the same run:
 #   dispatch  N noop jobs through the whole pipeline vs raw lapin doing the same broker operations
+#   outcomes  the worker's durable outcome-record write alone (µs per record)
 #   celery    the same no-op jobs through Celery with equivalent safety, bare and with task
 #             events, a Redis result backend and an event monitor (`celery_events`)
 #   pickup    submit -> `started` latency on an idle worker (and raw)
@@ -111,6 +112,10 @@ if [[ -d /dev/shm && -w /dev/shm ]]; then
 fi
 
 # 2. Celery: prefork pool with one child per CPU (its default), prefetch 1, late acks, quorum queue, confirms.
+# The worker's one disk write per job, alone: a durable create-once outcome record (fsync of the
+# record and its directory) on the scratch disk, not tmpfs.
+step "outcome records (2,000, 64 at a time)" bash -c "'$BENCH' outcomes --records 2000 --concurrency 64 > '$RAW/outcomes.json'"
+
 step "celery ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery.json'"
 # The same with task events, results in the local Redis and an event monitor.
 step "celery with events and results ($CELERY_JOBS jobs)" bash -c "BENCH_CELERY_QUEUE='$PREFIX-celery' '$VENV/bin/python' bench/python/celery_bench.py $CELERY_KEEP --events --jobs $CELERY_JOBS --publishers $SUBMITTERS --log-dir '$RUN' > '$RAW/celery-events.json'"

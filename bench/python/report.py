@@ -54,6 +54,9 @@ def main():
         if tm:
             r["dispatch"].update(tmpfs_artifacts_jobs_per_s=tm["jobs_per_s"], tmpfs_artifacts_ratio=tm["jobs_per_s"] / rw["jobs_per_s"],
                                  tmpfs_artifacts_cpu_us_per_job=tm.get("cpu_us_per_job"))
+    oc = load(os.path.join(raw_dir, "outcomes.json"))
+    if oc:
+        r["outcome_records"] = {k: oc[k] for k in ("records", "us_per_record", "records_per_s")}
     ce = load(os.path.join(raw_dir, "celery.json"))
     if ce:
         r["celery"] = dict(ce, ratio=(ty["jobs_per_s"] / ce["jobs_per_s"]) if ty else None)
@@ -113,6 +116,9 @@ def main():
         if "tmpfs_artifacts_jobs_per_s" in d:
             rows.append(("Dispatch, artifacts on tmpfs", num(d["tmpfs_artifacts_jobs_per_s"], 0), f"raw lapin {num(d['raw_jobs_per_s'], 0)}",
                          f"{d['tmpfs_artifacts_ratio']:.2f}", "(diagnostic)", None))
+    o = r.get("outcome_records")
+    if o:
+        rows.append(("Outcome record, durable (us)", num(o["us_per_record"], 0), f"{num(o['records_per_s'], 0)} records/s", "", "(diagnostic)", None))
     c = r.get("celery")
     if c and c.get("ratio"):
         rows.append(("Versus Celery (jobs/s)", num(d["jobs_per_s"], 0) if d else "n/a", f"Celery {num(c['jobs_per_s'], 0)}", f"{c['ratio']:.1f}x", ">= 3x (stretch 5x)", c["ratio"] >= 3))

@@ -8,11 +8,13 @@
 //! - `pickup`: submit → `started` latency against an idle one-slot worker, or `--raw`;
 //! - `scaling`: dispatch over worker processes × slots, trainyard and raw;
 //! - `rss`: idle resident memory of any command once it consumes its queues;
+//! - `outcomes`: recording job outcomes on a local artifact directory, alone (µs per record);
 //! - `raw-worker`, `raw-drain`: the processes of the raw-lapin baseline;
 //! - `cleanup`: deletes a prefix's queues and exchanges.
 
 mod broker;
 mod dispatch;
+mod outcomes;
 mod pickup;
 mod procs;
 mod raw;
@@ -125,6 +127,16 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Recording outcome records on a local artifact directory (under the scratch
+    /// directory or `--artifacts-root`), `--concurrency` at a time.
+    Outcomes {
+        /// Records to write.
+        #[arg(long, default_value_t = 2000)]
+        records: usize,
+        /// Records written at a time (a worker's slots).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// The raw baseline's worker process.
     RawWorker {
         /// Queue and exchange prefix.
@@ -212,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
             let mb = |kb: Option<u64>| kb.map(|v| v as f64 / 1024.0);
             json!({"rss_mb": mb(rss), "peak_rss_mb": mb(hwm)})
         }
+        Cmd::Outcomes { records, concurrency } => outcomes::run(&env_of(&cli)?.artifacts_root, *records, *concurrency).await?,
         Cmd::RawWorker { prefix, prefetch } => {
             raw::worker(&cli.amqp_url, prefix, *prefetch).await?;
             return Ok(());

@@ -159,11 +159,15 @@ impl ArtifactStore {
     }
 
     /// Writes `bytes` at `key` only if nothing is there yet; `false` when
-    /// something already was. This is how a job's outcome is recorded once.
+    /// something already was. This is how a job's outcome is recorded once. On a local
+    /// directory a small record is on disk when this returns (file and directory synced),
+    /// so a machine crash cannot take it back.
     pub async fn put_if_absent(&self, key: &str, bytes: impl Into<Bytes>) -> Result<bool, CommonError> {
         let bytes = bytes.into();
         if let Some(path) = self.local_path(key).filter(|_| bytes.len() <= local::SMALL) {
-            return local::create(&path, &bytes).map_err(|e| local::error("create", key, e));
+            // Its fsyncs wait for the disk (milliseconds): on the blocking pool, not on a runtime thread.
+            let created = tokio::task::spawn_blocking(move || local::create(&path, &bytes)).await;
+            return created.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(|e| local::error("create", key, e));
         }
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.inner.put_opts(&Path::from(key), PutPayload::from(bytes), opts).await {
@@ -271,9 +275,10 @@ impl ArtifactStore {
     }
 }
 
-/// Local-directory fast paths. A handful of metadata syscalls on a local disk
-/// cost microseconds: they run on the calling thread instead of a hop to tokio's
-/// blocking pool and back, which costs more than the calls themselves.
+/// Local-directory fast paths. A `stat` on a local disk costs microseconds: it runs on
+/// the calling thread instead of a hop to tokio's blocking pool and back, which costs more
+/// than the call itself. A create-once record waits for the disk (two fsyncs) and runs on
+/// the blocking pool, but still without `object_store`'s extra calls.
 mod local {
     use std::{
         fs::OpenOptions,
@@ -283,18 +288,21 @@ mod local {
 
     use crate::error::CommonError;
 
-    /// Largest payload written on the calling thread; bigger ones go through `object_store`.
+    /// Largest payload the fast path writes; bigger ones go through `object_store`.
     pub(super) const SMALL: usize = 64 * 1024;
 
     /// Creates `path` with `bytes` unless it exists (`false` then). Atomic as
     /// `object_store`'s own create: a staged file (`<name>#<n>`, which its
     /// listings skip) is hard-linked into place, so a reader never sees half a file.
+    /// Durable before it returns `true`: the staged file's data is synced before the
+    /// link, the directory after it (the new name), and a directory it created in its
+    /// parent, so a machine crash cannot take back an outcome the broker was told of.
     pub(super) fn create(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
         let (mut file, staged) = staged_file(path)?;
-        let linked = file.write_all(bytes).and_then(|()| std::fs::hard_link(&staged, path));
+        let linked = file.write_all(bytes).and_then(|()| file.sync_data()).and_then(|()| std::fs::hard_link(&staged, path));
         let _ = std::fs::remove_file(&staged);
         match linked {
-            Ok(()) => Ok(true),
+            Ok(()) => sync_dir(parent(path)).map(|()| true),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(e),
         }
@@ -310,12 +318,41 @@ mod local {
                 Ok(f) => return Ok((f, staged)),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists && n < 1000 => n += 1,
                 Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
-                    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+                    create_dirs(parent(path))?;
                     made_dirs = true;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn parent(path: &Path) -> &Path {
+        path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Creates `dir` and the ancestors it lacks, syncing the parent of each one it
+    /// created (a new directory is durable only once its parent is).
+    fn create_dirs(dir: &Path) -> std::io::Result<()> {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                create_dirs(parent(dir))?;
+                match std::fs::create_dir(dir) {
+                    Ok(()) => {}
+                    // Created meanwhile by another writer, which syncs it too.
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        sync_dir(parent(dir))
+    }
+
+    /// `fsync` of a directory: makes the names created or removed in it durable.
+    fn sync_dir(dir: &Path) -> std::io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
     }
 
     pub(super) fn error(what: &'static str, key: &str, e: std::io::Error) -> CommonError {
