@@ -78,5 +78,6 @@ PY
 sleep 1
 echo "== the job as the control plane recorded it (trainyard jobs show $JOB_ID)"
 "$BIN/trainyard" jobs show "$JOB_ID" | head -25 || true
-echo "report page: http://$HTTP/jobs/$JOB_ID (token: $TRAINYARD_API_TOKENS) — press Enter to stop the demo"
+DEMO_TOKEN=${TRAINYARD_API_TOKENS%%,*}; DEMO_TOKEN=${DEMO_TOKEN##*:}
+echo "console: http://$HTTP/#token=$DEMO_TOKEN   this job: http://$HTTP/jobs/$JOB_ID#token=$DEMO_TOKEN — press Enter to stop the demo"
 if [[ -t 0 ]]; then read -r _; fi

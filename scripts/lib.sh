@@ -127,11 +127,12 @@ ensure_moto() {
 }
 
 ensure_chromium() {
-  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null && return 0
+  # The console's browser tests drive headless Chromium through chromedriver (WebDriver).
+  command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v google-chrome >/dev/null; } && return 0
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    echo "installing chromium with apt-get"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && return 0
+    echo "installing chromium and chromium-driver with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null && return 0
   fi
-  echo "error: headless Chromium is needed for the report page test: sudo apt-get install chromium" >&2
+  echo "error: headless Chromium and chromedriver are needed for the console tests: sudo apt-get install chromium chromium-driver" >&2
   return 1
 }

@@ -40,7 +40,7 @@ Console.views["dead-letters"] = {
       const b = el("button", { class: "replay" }, "Replay");
       b.onclick = async () => {
         if (!(await Console.confirm(`Replay the dead letter of job ${d.job_id}?`))) return;
-        const out = await Console.act(`replayed ${d.job_id}`, () => Console.api("POST", "/v1/dlq/replay", { job_id: d.job_id }));
+        const out = await Console.act(`replayed ${d.job_id}`, () => Console.api("POST", "/v1/dlq/replay", { job_id: d.job_id }).then(replayed));
         if (out) this.load();
       };
       tr.lastChild.append(" ", b);
@@ -52,10 +52,16 @@ Console.views["dead-letters"] = {
     const t = this.type();
     if (!t) { $("error").textContent = "name a job type to replay all of its dead letters"; return; }
     if (!(await Console.confirm(`Replay every dead letter of job type ${t}?`))) return;
-    const out = await Console.act(`replayed the dead letters of ${t}`, () => Console.api("POST", "/v1/dlq/replay", { job_type: t, all: true }));
+    const out = await Console.act(`replayed the dead letters of ${t}`, () => Console.api("POST", "/v1/dlq/replay", { job_type: t, all: true }).then(replayed));
     if (out) this.load();
   },
 };
+
+// The API's answer to a replay, or an error when it found nothing to replay in the dead-letter queue.
+function replayed(out) {
+  if (!out || !Array.isArray(out.replayed) || !out.replayed.length) throw new Error("nothing was replayed: the letter is no longer in the dead-letter queue");
+  return out;
+}
 
 // A letter's whole body decoded as UTF-8 (lossy) when kept, else its preview.
 function bodyText(d) {
@@ -93,7 +99,7 @@ Console.views.models = {
       prod ? el("div", { id: "production" }, el("a", { href: `/jobs/${prod.job_id}`, "data-internal": "" }, el("code", {}, prod.job_id)),
         ` since ${when(prod.promoted_at)} · ${prod.reason}`) : el("div", { id: "production" }, "none")];
     if (Console.can("admin")) parts.push(this.adminForm(bot, !!prod));
-    parts.push(el("h2", {}, "History"), history(m.history.records || []));
+    parts.push(el("h2", {}, "History"), historyTable(m.history.records || []));
     set("models", ...parts);
   },
 
@@ -119,7 +125,7 @@ Console.views.models = {
 };
 
 // Promotions and rollbacks, newest first, with the change of each headline metric against the model before.
-function history(records) {
+function historyTable(records) {
   let before = {};
   const rows = records.map(r => {
     const now = (r.to && r.to.metrics) || {};

@@ -152,6 +152,9 @@ const Console = {
   },
 
   start() {
+    // A failure in the page itself is shown, not lost in the browser's console.
+    window.addEventListener("error", e => { $("error").textContent = `console error: ${e.message}`; });
+    window.addEventListener("unhandledrejection", e => { $("error").textContent = `console error: ${(e.reason && e.reason.message) || e.reason}`; });
     // A token in the fragment signs in and leaves the address bar at once.
     const m = location.hash.match(/token=([^&]+)/);
     if (m) history.replaceState(null, "", location.pathname);

@@ -42,7 +42,8 @@ Console.views.jobs = {
       $("jobs-table").tBodies[0].replaceChildren();
       const shown = jobs.filter(j => this.matches(j, f));
       for (const j of shown.reverse()) this.update(j);
-      $("jobs-summary").textContent = `${shown.length} jobs, newest first` + (jobs.length >= Number(f.limit) ? ` (the newest ${f.limit} that match)` : "");
+      this.full = jobs.length >= Number(f.limit) ? f.limit : null;
+      this.count();
     } catch (e) {
       $("error").textContent = `listing jobs failed: ${e.message || e}`;
     }
@@ -60,6 +61,11 @@ Console.views.jobs = {
     else if (this.matches(job, this.filters())) $("jobs-table").tBodies[0].prepend(tr);
     else return;
     this.rows.set(job.job_id, tr);
+    this.count();
+  },
+
+  count() {
+    $("jobs-summary").textContent = `${this.rows.size} jobs, newest first` + (this.full ? ` (the newest ${this.full} that matched when the view opened, then live)` : "");
   },
 
   async submit(form) {
@@ -69,7 +75,7 @@ Console.views.jobs = {
       return;
     }
     const body = { job_type: form.get("job_type").trim(), bot: form.get("bot").trim(), params };
-    const out = await Console.act(`submitted a ${body.job_type} job for ${body.bot}`, () => Console.api("POST", "/v1/jobs", body));
+    const out = await Console.act(`submitted ${body.job_type} for ${body.bot}:`, () => Console.api("POST", "/v1/jobs", body));
     if (out) $("message").append(" ", el("a", { href: `/jobs/${out.job_id}`, "data-internal": "", id: "submitted-job" }, out.job_id));
   },
 };

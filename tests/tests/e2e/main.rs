@@ -5,6 +5,8 @@
 //! `disrupt::` close every broker connection; `scripts/test.sh` runs them in
 //! a serial phase of their own, after the others.
 
+mod browser;
+mod console;
 mod disrupt;
 mod failover;
 mod hostile;
