@@ -11,7 +11,10 @@ use serde::Deserialize;
 use trainyard_common::{JobSpec, JobStatus, Trigger, TriggerKind};
 
 use super::{ApiError, ApiState, Caller};
-use crate::{ops::ReplayRequest, store::JobFilter};
+use crate::{
+    ops::ReplayRequest,
+    store::{JobCursor, JobFilter},
+};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -42,13 +45,39 @@ pub struct ListQuery {
     #[serde(rename = "type")]
     job_type: Option<String>,
     bot: Option<String>,
+    trigger: Option<TriggerKind>,
     since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    /// Job id prefix.
+    q: Option<String>,
+    /// The `X-Next-Cursor` of the previous page.
+    before: Option<String>,
     limit: Option<i64>,
 }
 
+/// `GET /v1/jobs`: a page of jobs, newest first; when the page is full, the
+/// `X-Next-Cursor` header carries the `before` of the next one.
 pub async fn list_jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
-    let filter = JobFilter { status: q.status, job_type: q.job_type, bot: q.bot, since: q.since, limit: q.limit.unwrap_or(100) };
-    Ok(Json(s.ops.list(&filter).await?).into_response())
+    let before = q.before.as_deref().map(str::parse::<JobCursor>).transpose().map_err(crate::ops::OpsError::BadRequest)?;
+    let limit = q.limit.unwrap_or(100);
+    let filter = JobFilter {
+        status: q.status,
+        job_type: q.job_type,
+        bot: q.bot,
+        trigger: q.trigger,
+        since: q.since,
+        until: q.until,
+        id_prefix: q.q,
+        before,
+        limit,
+    };
+    let jobs = s.ops.list(&filter).await?;
+    let next = jobs.last().filter(|_| jobs.len() as i64 >= limit.clamp(1, 10_000)).map(JobCursor::after);
+    let mut resp = Json(jobs).into_response();
+    if let Some(c) = next.and_then(|c| header::HeaderValue::from_str(&c.to_string()).ok()) {
+        resp.headers_mut().insert("x-next-cursor", c);
+    }
+    Ok(resp)
 }
 
 /// Body of `POST /v1/jobs`.

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use trainyard::{
     ops::{Ops, ReplayRequest},
-    store::{JobFilter, Store},
+    store::{JobCursor, JobFilter, Store},
 };
 use trainyard_common::{artifacts::ArtifactStore, topology::Topology, JobStatus, TriggerKind};
 
@@ -45,9 +45,21 @@ pub enum JobsCmd {
         /// Only this bot.
         #[arg(long)]
         bot: Option<String>,
+        /// Only jobs triggered this way (manual, schedule, event, api).
+        #[arg(long, value_parser = parse_trigger)]
+        trigger: Option<TriggerKind>,
         /// Only jobs created since (RFC 3339, or a duration like `2h`, `30m`, `7d`).
         #[arg(long)]
         since: Option<String>,
+        /// Only jobs created before (RFC 3339, or a duration back from now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only jobs whose id starts with this.
+        #[arg(long)]
+        search: Option<String>,
+        /// The next page: the cursor printed after a full page (`next page: --before …`).
+        #[arg(long)]
+        before: Option<JobCursor>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: i64,
@@ -161,19 +173,53 @@ impl Conn {
     }
 }
 
-/// `--since`: RFC 3339 or a duration back from now.
-fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+/// One page of `jobs list` as JSON, and the cursor of the next page when this one is full.
+async fn list_page(conn: &Conn, f: &JobFilter) -> anyhow::Result<(Value, Option<String>)> {
+    if let Conn::Direct(ops) = conn {
+        let jobs = ops.list(f).await?;
+        let next = jobs.last().filter(|_| jobs.len() as i64 >= f.limit.clamp(1, 10_000)).map(|j| JobCursor::after(j).to_string());
+        return Ok((serde_json::to_value(jobs)?, next));
+    }
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|x| x.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    let pairs = [
+        ("status", f.status.map(|s| s.to_string())),
+        ("type", f.job_type.clone()),
+        ("bot", f.bot.clone()),
+        ("trigger", f.trigger.map(|k| k.to_string())),
+        ("since", time(f.since)),
+        ("until", time(f.until)),
+        ("q", f.id_prefix.clone()),
+        ("before", f.before.as_ref().map(JobCursor::to_string)),
+        ("limit", Some(f.limit.to_string())),
+    ];
+    let mut url = reqwest::Url::parse("http://query/").expect("a constant URL");
+    url.query_pairs_mut().extend_pairs(pairs.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))));
+    let resp = conn.call(reqwest::Method::GET, &format!("/jobs?{}", url.query().unwrap_or("")), None).await?;
+    let next = resp.headers().get("x-next-cursor").and_then(|h| h.to_str().ok()).map(String::from);
+    Ok((resp.json().await?, next))
+}
+
+/// `--trigger`: one of the trigger kinds.
+fn parse_trigger(s: &str) -> Result<TriggerKind, String> {
+    match serde_json::from_value::<TriggerKind>(Value::String(s.to_string())) {
+        Ok(TriggerKind::Unknown) | Err(_) => Err(format!("unknown trigger {s:?} (expected manual, schedule, event or api)")),
+        Ok(k) => Ok(k),
+    }
+}
+
+/// `--since` / `--until` (`flag`): RFC 3339 or a duration back from now.
+fn parse_since(flag: &str, s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.into());
     }
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = num.parse().with_context(|| format!("--since {s:?}: expected RFC 3339 or a duration like 30m, 2h, 7d"))?;
+    let n: i64 = num.parse().with_context(|| format!("{flag} {s:?}: expected RFC 3339 or a duration like 30m, 2h, 7d"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86400,
-        _ => bail!("--since {s:?}: unit must be s, m, h or d"),
+        _ => bail!("{flag} {s:?}: unit must be s, m, h or d"),
     };
     Ok(chrono::Utc::now() - chrono::TimeDelta::seconds(secs))
 }
@@ -197,18 +243,14 @@ fn s(v: &Value) -> String {
 pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> anyhow::Result<ExitCode> {
     let conn = open(&t, url, topology).await?;
     match cmd {
-        JobsCmd::List { status, job_type, bot, since, limit } => {
-            let since = since.as_deref().map(parse_since).transpose()?;
-            let v = match &conn {
-                Conn::Direct(ops) => serde_json::to_value(ops.list(&JobFilter { status, job_type, bot, since, limit }).await?)?,
-                Conn::Remote { .. } => {
-                    let since = since.map(|x| x.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-                    let pairs = [("status", status.map(|s| s.to_string())), ("type", job_type), ("bot", bot), ("since", since)];
-                    let mut q = vec![format!("limit={limit}")];
-                    q.extend(pairs.into_iter().filter_map(|(k, v)| Some(format!("{k}={}", v?))));
-                    conn.get(&format!("/jobs?{}", q.join("&"))).await?
-                }
-            };
+        JobsCmd::List { status, job_type, bot, trigger, since, until, search, before, limit } => {
+            let since = since.as_deref().map(|x| parse_since("--since", x)).transpose()?;
+            let until = until.as_deref().map(|x| parse_since("--until", x)).transpose()?;
+            let filter = JobFilter { status, job_type, bot, trigger, since, until, id_prefix: search, before, limit };
+            let (v, next) = list_page(&conn, &filter).await?;
+            if let Some(c) = next {
+                eprintln!("next page: --before {c}");
+            }
             print(t.json, &v, |v| {
                 println!(
                     "{:<36}  {:<10}  {:<13}  {:<16}  {:<6}  {:>3}  {:>5}  CREATED",

@@ -33,7 +33,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{any::AnyPoolOptions, AnyPool, AssertSqlSafe, Row};
 
 pub use feed::Change;
-pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobFilter, JobRow, ParkedEvent};
+pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobCursor, JobFilter, JobRow, ParkedEvent};
 
 /// Default store, under the data directory of the control plane.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./.trainyard/trainyard.db";

@@ -8,6 +8,12 @@ use trainyard_common::{JobEvent, JobStatus};
 
 use super::{from_micros, micros, q, types, JobFilter, JobRow, Store, StoreError};
 
+/// A bound value of a built query.
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
 impl Store {
     /// One job.
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
@@ -29,38 +35,54 @@ impl Store {
         rows.iter().map(|r| types::from_json::<JobEvent>("event", &r.get::<String, _>(0))).collect()
     }
 
-    /// Jobs matching `filter`, newest first.
+    /// Jobs matching `filter`, newest first (`created_at DESC, job_id DESC`), from
+    /// `filter.before` on. Each filter has an index ending in `(created_at, job_id)`
+    /// (migration 5), so a page reads about `limit` index entries whatever the store's size.
     pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRow>, StoreError> {
         let mut sql = format!("SELECT {} FROM jobs WHERE 1 = 1", types::JOB_COLUMNS);
-        let mut texts: Vec<String> = Vec::new();
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            n
+        let mut args: Vec<Arg> = Vec::new();
+        let mut cond = |sql_part: &str, values: Vec<Arg>| {
+            let mut part = sql_part.to_string();
+            for v in values {
+                args.push(v);
+                part = part.replacen('?', &format!("${}", args.len()), 1);
+            }
+            sql.push_str(" AND ");
+            sql.push_str(&part);
         };
         if let Some(s) = filter.status {
-            sql.push_str(&format!(" AND status = ${}", next()));
-            texts.push(s.as_str().into());
+            cond("status = ?", vec![Arg::Text(s.as_str().into())]);
         }
-        if let Some(t) = &filter.job_type {
-            sql.push_str(&format!(" AND job_type = ${}", next()));
-            texts.push(t.clone());
+        for (column, value) in [("job_type", &filter.job_type), ("bot", &filter.bot)] {
+            if let Some(v) = value {
+                cond(&format!("{column} = ?"), vec![Arg::Text(v.clone())]);
+            }
         }
-        if let Some(b) = &filter.bot {
-            sql.push_str(&format!(" AND bot = ${}", next()));
-            texts.push(b.clone());
+        if let Some(k) = filter.trigger {
+            cond("trigger_kind = ?", vec![Arg::Text(k.to_string())]);
         }
-        let since_idx = filter.since.map(|_| next());
-        if let Some(i) = since_idx {
-            sql.push_str(&format!(" AND created_at >= ${i}"));
+        if let Some(t) = filter.since {
+            cond("created_at >= ?", vec![Arg::Int(micros(t))]);
+        }
+        if let Some(t) = filter.until {
+            cond("created_at < ?", vec![Arg::Int(micros(t))]);
+        }
+        if let Some(p) = filter.id_prefix.as_deref().filter(|p| !p.is_empty()) {
+            // The range uses the primary key (byte order: SQLite, PostgreSQL with a C collation);
+            // `substr` keeps the match exact under any collation.
+            let range = vec![Arg::Text(p.into()), Arg::Text(format!("{p}\u{10FFFF}")), Arg::Text(p.into())];
+            cond(&format!("job_id >= ? AND job_id < ? AND substr(job_id, 1, {}) = ?", p.chars().count()), range);
+        }
+        if let Some(c) = &filter.before {
+            cond("(created_at, job_id) < (?, ?)", vec![Arg::Int(c.created_at), Arg::Text(c.job_id.clone())]);
         }
         sql.push_str(&format!(" ORDER BY created_at DESC, job_id DESC LIMIT {}", filter.limit.clamp(1, 10_000)));
         let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-        for t in texts {
-            query = query.bind(t);
-        }
-        if let Some(since) = filter.since {
-            query = query.bind(micros(since));
+        for a in args {
+            query = match a {
+                Arg::Text(t) => query.bind(t),
+                Arg::Int(i) => query.bind(i),
+            };
         }
         let rows = query.fetch_all(&self.pool).await.map_err(q("list jobs"))?;
         rows.iter().map(types::job_row).collect()

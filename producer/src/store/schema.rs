@@ -93,6 +93,20 @@ ALTER TABLE dead_letters ADD COLUMN body TEXT
 CREATE INDEX IF NOT EXISTS job_events_recorded ON job_events (recorded_at)
 "#,
     ),
+    (
+        5,
+        r#"
+CREATE INDEX IF NOT EXISTS jobs_created_id ON jobs (created_at, job_id);
+CREATE INDEX IF NOT EXISTS jobs_status_created_id ON jobs (status, created_at, job_id);
+CREATE INDEX IF NOT EXISTS jobs_type_created_id ON jobs (job_type, created_at, job_id);
+CREATE INDEX IF NOT EXISTS jobs_bot_created_id ON jobs (bot, created_at, job_id);
+CREATE INDEX IF NOT EXISTS jobs_trigger_created_id ON jobs (trigger_kind, created_at, job_id);
+CREATE INDEX IF NOT EXISTS jobs_status_type_created ON jobs (status, job_type, created_at);
+DROP INDEX IF EXISTS jobs_status;
+DROP INDEX IF EXISTS jobs_type_created;
+DROP INDEX IF EXISTS jobs_bot_created
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.

@@ -133,7 +133,7 @@ pub(crate) fn job_row(row: &AnyRow) -> Result<JobRow, StoreError> {
     })
 }
 
-/// Filter of `jobs list`.
+/// Filter of `jobs list`: every field narrows the list; pages continue with [`JobCursor`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JobFilter {
     /// Only this status.
@@ -142,10 +142,59 @@ pub struct JobFilter {
     pub job_type: Option<String>,
     /// Only this bot.
     pub bot: Option<String>,
+    /// Only jobs triggered this way.
+    #[serde(default)]
+    pub trigger: Option<TriggerKind>,
     /// Only jobs created at or after this time.
     pub since: Option<DateTime<Utc>>,
+    /// Only jobs created before this time.
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
+    /// Only jobs whose id starts with this text.
+    #[serde(default)]
+    pub id_prefix: Option<String>,
+    /// Only jobs after this one in the list's order (the next page).
+    #[serde(default)]
+    pub before: Option<JobCursor>,
     /// At most this many (newest first).
     pub limit: i64,
+}
+
+/// A position in the job list (`created_at DESC, job_id DESC`): the last job of a page.
+/// Written `<created_at µs since the epoch>:<job_id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCursor {
+    /// Creation time of the last job listed, µs since the epoch.
+    pub created_at: i64,
+    /// Its id.
+    pub job_id: String,
+}
+
+impl JobCursor {
+    /// The cursor that continues after `job`.
+    pub fn after(job: &JobRow) -> Self {
+        Self { created_at: micros(job.created_at), job_id: job.job_id.clone() }
+    }
+}
+
+impl std::fmt::Display for JobCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.created_at, self.job_id)
+    }
+}
+
+impl std::str::FromStr for JobCursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("bad cursor {s:?}: {why} (expected <created_at µs>:<job_id>, as returned in X-Next-Cursor)");
+        let (at, id) = s.split_once(':').ok_or_else(|| bad("no ':'"))?;
+        let created_at = at.parse::<i64>().map_err(|_| bad("the time is not an integer"))?;
+        if id.is_empty() {
+            return Err(bad("no job id"));
+        }
+        Ok(Self { created_at, job_id: id.to_string() })
+    }
 }
 
 /// A dead letter, as recorded from `<prefix>.dead.recorder`.

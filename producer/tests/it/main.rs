@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod console;
 mod helpers;
+mod listing;
 mod recorder;
 mod schedules;
 mod versions;
