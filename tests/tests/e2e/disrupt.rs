@@ -233,7 +233,7 @@ async fn an_acknowledgement_timeout_is_logged_as_one_with_the_job_id() {
             .spawn()
             .expect("trainyard-worker");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while consumers(&env, &env.topo.jobs_queue("noop")).await == 0 {
+        while env.consumers(&env.topo.jobs_queue("noop")).await == 0 {
             assert!(std::time::Instant::now() < deadline, "the worker never consumed");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -256,14 +256,4 @@ async fn an_acknowledgement_timeout_is_logged_as_one_with_the_job_id() {
     assert!(line.contains("delivery acknowledgement on channel"), "the broker's words: {line}");
     assert!(line.contains("consumer_timeout") && line.contains("TRAINYARD_CONSUMER_TIMEOUT_S"), "the settings: {line}");
     env.cleanup().await;
-}
-
-/// Consumers of a queue.
-async fn consumers(env: &Env, queue: &str) -> u32 {
-    let q = env
-        .ch
-        .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default())
-        .await
-        .unwrap();
-    q.consumer_count()
 }

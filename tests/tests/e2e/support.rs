@@ -143,12 +143,18 @@ impl Env {
 
     /// Number of ready messages in a queue.
     pub async fn ready(&self, queue: &str) -> u32 {
-        let q = self
-            .ch
-            .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-            .await
-            .unwrap();
-        q.message_count()
+        self.queue(queue).await.message_count()
+    }
+
+    /// Number of consumers of a queue.
+    pub async fn consumers(&self, queue: &str) -> u32 {
+        self.queue(queue).await.consumer_count()
+    }
+
+    /// A queue's counts, from a passive declare.
+    async fn queue(&self, queue: &str) -> lapin::Queue {
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        self.ch.queue_declare(queue.into(), passive, FieldTable::default()).await.unwrap()
     }
 
     /// Deletes every queue and exchange of this prefix.
