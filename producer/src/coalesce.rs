@@ -31,7 +31,6 @@ use trainyard_common::{
     artifacts::{keys, ArtifactStore},
     codec,
     control::CancelRequest,
-    reconnect::{self, SessionEnd},
     topology::Topology,
     CommonError, JobEvent, JobSpec, JobStatus,
 };
@@ -78,17 +77,7 @@ impl Coalescer {
 
     /// Runs until `shutdown`, reconnecting with backoff on broker trouble.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let shutdown = &shutdown;
-        let session = || async move {
-            match self.session(shutdown).await {
-                Ok(()) => SessionEnd::Shutdown,
-                Err(e) => SessionEnd::Lost(e),
-            }
-        };
-        reconnect::run(crate::recorder::CONTROL_PLANE_RECONNECT, shutdown, session, |e, delay| {
-            tracing::warn!(error = %e, "coalescing session ended; reconnecting in {delay:?}");
-        })
-        .await
+        crate::recorder::run_reconnecting("coalescing", &shutdown, None, || self.session(&shutdown)).await
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), CommonError> {

@@ -59,6 +59,33 @@ pub enum RecorderError {
     Store(#[from] StoreError),
 }
 
+/// Runs a control-plane `session` until `shutdown` (or until it returns `Ok`), again after
+/// each loss with [`CONTROL_PLANE_RECONNECT`]'s backoff; each loss is logged as `what`'s and
+/// counted in `metrics`' `trainyard_amqp_reconnects_total`.
+pub(crate) async fn run_reconnecting<E, F, Fut>(what: &str, shutdown: &CancellationToken, metrics: Option<&ControlMetrics>, mut session: F)
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    let session = || {
+        let fut = session();
+        async move {
+            match fut.await {
+                Ok(()) => SessionEnd::Shutdown,
+                Err(e) => SessionEnd::Lost(e),
+            }
+        }
+    };
+    reconnect::run(CONTROL_PLANE_RECONNECT, shutdown, session, |e, delay| {
+        tracing::warn!(error = %e, "{what} session ended; reconnecting in {delay:?}");
+        if let Some(m) = metrics {
+            m.reconnects_total.inc();
+        }
+    })
+    .await
+}
+
 /// Consumes the recorder queues into the store.
 #[derive(Debug, Clone)]
 pub struct Recorder {
@@ -76,20 +103,7 @@ impl Recorder {
 
     /// Runs until `shutdown`, reconnecting with backoff ([`CONTROL_PLANE_RECONNECT`]) when the broker goes away.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let shutdown = &shutdown;
-        let session = || async move {
-            match self.session(shutdown).await {
-                Ok(()) => SessionEnd::Shutdown,
-                Err(e) => SessionEnd::Lost(e),
-            }
-        };
-        reconnect::run(CONTROL_PLANE_RECONNECT, shutdown, session, |e, delay| {
-            tracing::warn!(error = %e, "recorder session ended; reconnecting in {delay:?}");
-            if let Some(m) = &self.metrics {
-                m.reconnects_total.inc();
-            }
-        })
-        .await
+        run_reconnecting("recorder", &shutdown, self.metrics.as_ref(), || self.session(&shutdown)).await
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), RecorderError> {

@@ -21,7 +21,6 @@ use lapin::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use trainyard_common::reconnect::{self, SessionEnd};
 use trainyard_common::{amqp::connect, metrics::ControlMetrics, CommonError, JobSpec, Trigger, TriggerKind};
 
 use crate::{config::TriggerRule, submit::Submitter};
@@ -147,20 +146,7 @@ impl Triggers {
 
     /// Runs until `shutdown`, reconnecting with backoff on broker trouble (the recorder's policy).
     pub async fn run(&self, shutdown: CancellationToken) {
-        let shutdown = &shutdown;
-        let session = || async move {
-            match self.session(shutdown).await {
-                Ok(()) => SessionEnd::Shutdown,
-                Err(e) => SessionEnd::Lost(e),
-            }
-        };
-        reconnect::run(crate::recorder::CONTROL_PLANE_RECONNECT, shutdown, session, |e, delay| {
-            tracing::warn!(error = %e, "trigger session ended; reconnecting in {delay:?}");
-            if let Some(m) = &self.metrics {
-                m.reconnects_total.inc();
-            }
-        })
-        .await
+        crate::recorder::run_reconnecting("trigger", &shutdown, self.metrics.as_ref(), || self.session(&shutdown)).await
     }
 
     fn count(&self, rule: &str, outcome: &str) {

@@ -113,7 +113,11 @@ const Console = {
     if (this.source) this.source.close();
     const s = new EventSource("/v1/stream");
     this.source = s;
-    s.addEventListener("hello", () => { this.live(true); this.route(); });
+    // The view loads on `hello` (then no change falls between its load and the stream); if the
+    // stream cannot open, it loads anyway after 3 s, without live updates.
+    let loaded = false;
+    setTimeout(() => { if (!loaded && this.source === s) { loaded = true; this.route(); } }, 3000);
+    s.addEventListener("hello", () => { loaded = true; this.live(true); this.route(); });
     s.addEventListener("resume", () => this.live(true));
     s.addEventListener("queues", ev => {
       const q = JSON.parse(ev.data);

@@ -54,6 +54,36 @@ impl Events {
     }
 }
 
+/// The parts of the control plane these tests need: a recorder into a SQLite store and the coalescer.
+struct ControlPlane {
+    _dir: tempfile::TempDir,
+    store: Store,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    async fn start(env: &Env, policies: BTreeMap<String, JobTypePolicy>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
+        let stop = CancellationToken::new();
+        let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, policies);
+        let recorder = Recorder::new(store.clone(), env.topo.clone(), URL, None);
+        let (s1, s2) = (stop.clone(), stop.clone());
+        let tasks = vec![tokio::spawn(async move { coalescer.run(s1).await }), tokio::spawn(async move { recorder.run(s2).await })];
+        wait_for_queue(&Coalescer::queue_name(&env.topo)).await;
+        Self { _dir: dir, store, stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.store.close().await;
+    }
+}
+
 fn count_by_status(events: &[JobEvent]) -> BTreeMap<JobStatus, usize> {
     let mut n = BTreeMap::new();
     for e in events {
@@ -104,22 +134,8 @@ async fn a_high_priority_job_overtakes_a_backlog_of_low_ones() {
 #[tokio::test]
 async fn latest_wins_across_two_racing_submitters() {
     let env = Env::new(&["noop"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
-    let stop = CancellationToken::new();
-    let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, BTreeMap::new());
-    let recorder = Recorder::new(store.clone(), env.topo.clone(), URL, None);
-    let tasks = [
-        tokio::spawn({
-            let stop = stop.clone();
-            async move { coalescer.run(stop).await }
-        }),
-        tokio::spawn({
-            let stop = stop.clone();
-            async move { recorder.run(stop).await }
-        }),
-    ];
-    wait_for_queue(&Coalescer::queue_name(&env.topo)).await;
+    let cp = ControlPlane::start(&env, BTreeMap::new()).await;
+    let store = &cp.store;
     let mut events = Events::open(&env).await;
 
     let batch = |_: usize| {
@@ -198,11 +214,7 @@ async fn latest_wins_across_two_racing_submitters() {
     assert_eq!(row.priority, Priority::Normal);
 
     worker.stop().await;
-    stop.cancel();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    store.close().await;
+    cp.stop().await;
     env.cleanup().await;
 }
 
@@ -211,23 +223,9 @@ async fn latest_wins_across_two_racing_submitters() {
 #[tokio::test]
 async fn supersede_running_cancels_the_running_older_job() {
     let env = Env::new(&["noop"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
-    let stop = CancellationToken::new();
     let policies = BTreeMap::from([("noop".to_string(), JobTypePolicy { supersede_running: true })]);
-    let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, policies);
-    let recorder = Recorder::new(store.clone(), env.topo.clone(), URL, None);
-    let tasks = [
-        tokio::spawn({
-            let stop = stop.clone();
-            async move { coalescer.run(stop).await }
-        }),
-        tokio::spawn({
-            let stop = stop.clone();
-            async move { recorder.run(stop).await }
-        }),
-    ];
-    wait_for_queue(&Coalescer::queue_name(&env.topo)).await;
+    let cp = ControlPlane::start(&env, policies).await;
+    let store = &cp.store;
     let mut events = Events::open(&env).await;
     let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 2);
     let keyed = |sleep_ms| {
@@ -251,11 +249,7 @@ async fn supersede_running_cancels_the_running_older_job() {
     assert_eq!(old_end.status, JobStatus::Cancelled, "the running older job is stopped");
     assert_eq!(new_end.status, JobStatus::Succeeded);
     worker.stop().await;
-    stop.cancel();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    store.close().await;
+    cp.stop().await;
     env.cleanup().await;
 }
 
