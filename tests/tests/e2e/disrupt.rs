@@ -182,16 +182,18 @@ async fn a_broker_restart_is_survived_by_the_worker_the_recorder_and_the_trigger
 /// reads it when it opens), then set back.
 struct BrokerSetting {
     key: &'static str,
-    before: Option<u64>,
+    before: u64,
 }
 
 impl BrokerSetting {
-    fn set(key: &'static str, value: u64) -> Self {
+    /// Sets `key` to `value`; `default` is what is set back when the value before cannot be
+    /// read (RabbitMQ's own default: a channel cannot live without either setting).
+    fn set(key: &'static str, value: u64, default: u64) -> Self {
         let out =
             Command::new("rabbitmqctl").args(["eval", &format!("application:get_env(rabbit, {key}).")]).output().expect("rabbitmqctl");
-        // `{ok,1800000}` or `undefined`.
+        // `{ok,1800000}`.
         let text = String::from_utf8_lossy(&out.stdout);
-        let before = text.trim().strip_prefix("{ok,").and_then(|v| v.strip_suffix('}')).and_then(|v| v.parse().ok());
+        let before = text.trim().strip_prefix("{ok,").and_then(|v| v.strip_suffix('}')).and_then(|v| v.parse().ok()).unwrap_or(default);
         rabbitmqctl(&["eval", &format!("application:set_env(rabbit, {key}, {value}).")]);
         Self { key, before }
     }
@@ -199,10 +201,7 @@ impl BrokerSetting {
 
 impl Drop for BrokerSetting {
     fn drop(&mut self) {
-        let restore = match self.before {
-            Some(v) => format!("application:set_env(rabbit, {}, {v}).", self.key),
-            None => format!("application:unset_env(rabbit, {}).", self.key),
-        };
+        let restore = format!("application:set_env(rabbit, {}, {}).", self.key, self.before);
         let _ = Command::new("rabbitmqctl").args(["eval", &restore]).output();
     }
 }
@@ -219,9 +218,9 @@ async fn an_acknowledgement_timeout_is_logged_as_one_with_the_job_id() {
     let log = std::fs::File::create(&log_path).unwrap();
     // Every channel re-reads the tick interval when it re-arms its timer: faster checks, for
     // the whole test. The timeout is read once, when a channel opens: only the worker's.
-    let _tick = BrokerSetting::set("channel_tick_interval", 500);
+    let _tick = BrokerSetting::set("channel_tick_interval", 500, 60_000);
     let mut worker = {
-        let _timeout = BrokerSetting::set("consumer_timeout", 2000);
+        let _timeout = BrokerSetting::set("consumer_timeout", 2000, 1_800_000);
         let child = Command::new(crate::support::bin("trainyard-worker"))
             .args(["run", "--types", "noop", "--log-format", "text", "--consumer-timeout-s", "3600"])
             .env("TRAINYARD_PREFIX", env.topo.prefix())
