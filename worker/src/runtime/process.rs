@@ -24,8 +24,8 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use trainyard_common::{
-    amqp::publish_confirmed, artifacts::keys, codec, control::CancelRequest, event::event_seq, headers, CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent,
-    JobSpec, JobStatus,
+    amqp::publish_confirmed, artifacts::keys, codec, control::CancelRequest, event::event_seq, headers, CodecError, CommonError, ErrorInfo,
+    ErrorKind, JobEvent, JobSpec, JobStatus,
 };
 
 use super::{
@@ -130,8 +130,14 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
             return poison(d, job_type, shared, sctx, class, &e.to_string(), job_id.as_deref()).await;
         }
     };
-    let attempt =
-        Attempt { attempt: headers::attempt(hdrs), run: headers::run(hdrs), redelivery: headers::delivery_count(hdrs), n: AtomicU32::new(0), received, spec };
+    let attempt = Attempt {
+        attempt: headers::attempt(hdrs),
+        run: headers::run(hdrs),
+        redelivery: headers::delivery_count(hdrs),
+        n: AtomicU32::new(0),
+        received,
+        spec,
+    };
     let span =
         tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
     let result = run_attempt(d, &attempt, shared, sctx).instrument(span).await;
