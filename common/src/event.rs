@@ -100,11 +100,9 @@ impl std::fmt::Display for JobStatus {
 impl std::str::FromStr for JobStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobStatus::ALL
-            .into_iter()
-            .chain([JobStatus::Unknown])
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown status {s:?} (one of queued, started, progress, succeeded, failed, retrying, dead, cancelled, superseded)"))
+        JobStatus::ALL.into_iter().chain([JobStatus::Unknown]).find(|st| st.as_str() == s).ok_or_else(|| {
+            format!("unknown status {s:?} (one of queued, started, progress, succeeded, failed, retrying, dead, cancelled, superseded)")
+        })
     }
 }
 
