@@ -35,6 +35,11 @@ const Console = {
 
   // Calls the API with the token; the answer's JSON (or text), or an Error with the API's message.
   async api(method, path, body) {
+    return (await this.call(method, path, body)).data;
+  },
+
+  // Like `api`, with the response's headers: { data, headers }.
+  async call(method, path, body) {
     const headers = { Authorization: `Bearer ${this.token}` };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -46,7 +51,7 @@ const Console = {
     let data = text;
     try { data = JSON.parse(text); } catch (_) { /* plain text (logs) */ }
     if (!r.ok) throw new Error(`${r.status}: ${(data && data.error) || r.statusText}`);
-    return data;
+    return { data, headers: r.headers };
   },
 
   // Asks for a confirmation in the page's dialog; resolves to true when confirmed.

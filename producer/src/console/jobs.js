@@ -7,6 +7,7 @@ Console.views.jobs = {
   init() {
     $("job-filters").addEventListener("submit", ev => { ev.preventDefault(); this.load(); });
     $("submit-form").addEventListener("submit", ev => { ev.preventDefault(); this.submit(new FormData(ev.target)); });
+    $("jobs-older").addEventListener("click", () => this.load(this.next));
   },
 
   show() {
@@ -27,22 +28,29 @@ Console.views.jobs = {
       && (!f.since || job.created_at >= f.since);
   },
 
-  async load() {
+  // The first page of the filtered list (the API filters and pages it: keyset on creation time),
+  // or with `before` (the previous page's X-Next-Cursor) the next, older page below it.
+  async load(before) {
     const f = this.filters();
-    if (f.q && f.q.length >= 32) {
+    if (!before && f.q && f.q.length >= 32) {
       // A whole job id: open it.
       Console.go(`/jobs/${encodeURIComponent(f.q)}`);
       return;
     }
     const params = new URLSearchParams();
-    for (const k of ["status", "type", "bot", "since", "limit"]) if (f[k]) params.set(k, f[k]);
+    for (const k of ["status", "type", "bot", "trigger", "since", "q", "limit"]) if (f[k]) params.set(k, f[k]);
+    if (before) params.set("before", before);
     try {
-      const jobs = await Console.api("GET", `/v1/jobs?${params}`);
-      this.rows.clear();
-      $("jobs-table").tBodies[0].replaceChildren();
-      const shown = jobs.filter(j => this.matches(j, f));
-      for (const j of shown.reverse()) this.update(j);
-      this.full = jobs.length >= Number(f.limit) ? f.limit : null;
+      const { data: jobs, headers } = await Console.call("GET", `/v1/jobs?${params}`);
+      if (!before) {
+        this.rows.clear();
+        $("jobs-table").tBodies[0].replaceChildren();
+        for (const j of [...jobs].reverse()) this.update(j);
+      } else {
+        for (const j of jobs) this.update(j, true);
+      }
+      this.next = headers.get("x-next-cursor");
+      $("jobs-older").hidden = !this.next;
       this.count();
     } catch (e) {
       $("error").textContent = `listing jobs failed: ${e.message || e}`;
@@ -50,7 +58,7 @@ Console.views.jobs = {
   },
 
   // Shows a job: updates its row in place, or adds it on top when it matches the filters.
-  update(job) {
+  update(job, older) {
     const tr = el("tr", { "data-job-id": job.job_id, "data-status": job.status },
       el("td", {}, el("a", { href: `/jobs/${encodeURIComponent(job.job_id)}`, "data-internal": "" }, el("code", {}, job.job_id))),
       el("td", {}, job.job_type), el("td", {}, job.bot), el("td", {}, el("span", { class: `badge ${job.status}` }, job.status)),
@@ -58,6 +66,7 @@ Console.views.jobs = {
       el("td", {}, when(job.created_at)), el("td", {}, when(job.updated_at)));
     const old = this.rows.get(job.job_id);
     if (old) old.replaceWith(tr);
+    else if (older) $("jobs-table").tBodies[0].append(tr);
     else if (this.matches(job, this.filters())) $("jobs-table").tBodies[0].prepend(tr);
     else return;
     this.rows.set(job.job_id, tr);
@@ -65,7 +74,7 @@ Console.views.jobs = {
   },
 
   count() {
-    $("jobs-summary").textContent = `${this.rows.size} jobs, newest first` + (this.full ? ` (the newest ${this.full} that matched when the view opened, then live)` : "");
+    $("jobs-summary").textContent = `${this.rows.size} jobs, newest first` + (this.next ? " (older ones on the next page)" : "");
   },
 
   async submit(form) {

@@ -162,6 +162,31 @@ async fn console_submits_cancels_replays_and_promotes_live_in_chromium() {
     b.wait_row(&during.job_id, "succeeded", 60).await;
     assert_eq!(b.client.execute("return window.noReload === true;", vec![]).await.unwrap(), json!(true), "no page load happened");
 
+    // Pages of the job list (keyset, from the API): five jobs, two a page.
+    b.client
+        .execute(
+            "const s = document.querySelector('#job-filters select[name=limit]'); s.add(new Option('2', '2')); s.value = '2'; return true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    b.click("#job-filters button[type=submit]").await;
+    b.wait_js(
+        "the first page",
+        10,
+        "return document.querySelectorAll('#jobs-table tbody tr').length === 2 && !document.getElementById('jobs-older').hidden;",
+    )
+    .await;
+    b.click("#jobs-older").await;
+    b.wait_js("the second page", 10, "return document.querySelectorAll('#jobs-table tbody tr').length === 4;").await;
+    b.click("#jobs-older").await;
+    b.wait_js(
+        "the last page",
+        10,
+        "return document.querySelectorAll('#jobs-table tbody tr').length === 5 && document.getElementById('jobs-older').hidden;",
+    )
+    .await;
+
     b.quit().await;
     worker.stop().await;
     store.close().await;
