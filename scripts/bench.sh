@@ -8,27 +8,35 @@
 #   footprint idle RSS of trainyard-worker (all job types) vs an idle Celery solo worker
 #   training  CLINC150 full: trainyard-worker train vs scikit-learn TF-IDF + LinearSVC
 #   scaling   1, 2, 4 worker processes x 1..64 slots, trainyard and raw
+#   store     a job store of 1,000,000 jobs (~5 events each, 10,000 bots) on SQLite and PostgreSQL:
+#             `jobs list` p95 by filter, demand query p95, a filtered page over HTTP, recorder events/s
 #   --gpu     the CUDA backend's epoch time vs CPU (only where nvidia-smi finds a GPU)
 # Writes target/bench/results.json and prints a Markdown table.
 #
-# Usage: scripts/bench.sh [--quick] [--gpu]
-#   --quick  fewer jobs (about 5 minutes after the release build)
+# Usage: scripts/bench.sh [--quick] [--gpu] [--only store]
+#   --quick  fewer jobs (about 5 minutes after the release build; the store: 100,000 jobs)
+#   --only store  the store scenario alone
 # Environment: TRAINYARD_AMQP_URL (default: local broker), BENCH_JOBS, BENCH_CELERY_JOBS,
-#   BENCH_WORKERS, BENCH_SLOTS, BENCH_SUBMITTERS to override the sizes.
+#   BENCH_WORKERS, BENCH_SLOTS, BENCH_SUBMITTERS, BENCH_STORE_JOBS to override the sizes;
+#   TRAINYARD_BENCH_DATABASE_URL the PostgreSQL of the store scenario (default: the local `test` database).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 QUICK=0
 GPU=0
-for arg in "$@"; do
-  case $arg in
+ONLY=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
     --quick) QUICK=1 ;;
     --gpu) GPU=1 ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg (use --quick, --gpu)" >&2; exit 2 ;;
+    --only) ONLY=${2:-}; shift ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (use --quick, --gpu, --only store)" >&2; exit 2 ;;
   esac
+  shift
 done
+[[ -z $ONLY || $ONLY == store ]] || { echo "--only: unknown scenario ${ONLY:-(none)} (known: store)" >&2; exit 2; }
 
 if [[ $QUICK == 1 ]]; then
   JOBS=${BENCH_JOBS:-5000}; CELERY_JOBS=${BENCH_CELERY_JOBS:-3000}; PICKUP_JOBS=300
@@ -40,6 +48,7 @@ fi
 WORKERS=${BENCH_WORKERS:-1}
 SLOTS=${BENCH_SLOTS:-64}
 SUBMITTERS=${BENCH_SUBMITTERS:-8}
+STORE_JOBS=${BENCH_STORE_JOBS:-$([[ $QUICK == 1 ]] && echo 100000 || echo 1000000)}
 
 OUT=target/bench
 RAW=$OUT/raw
@@ -64,15 +73,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-phase "release build" cargo build --release --bins
+if [[ $ONLY == store ]]; then
+  # The store scenario runs `trainyard serve` in-process: the bench binary is all it needs.
+  phase "release build (trainyard-bench)" cargo build --release -p trainyard-bench
+else
+  phase "release build" cargo build --release --bins
+fi
 
-if [[ ! -x $VENV/bin/celery ]] || ! "$VENV/bin/python" -c 'import sklearn, celery, redis' 2>/dev/null; then
+if [[ -z $ONLY ]] && [[ ! -x $VENV/bin/celery ]] || ! "$VENV/bin/python" -c 'import sklearn, celery, redis' 2>/dev/null; then
   phase "python venv (celery, redis, scikit-learn)" bash -c "python3 -m venv '$VENV' && '$VENV/bin/pip' install -q 'celery>=5.5,<6' 'redis>=5,<7' 'scikit-learn>=1.4,<2'"
 fi
 
 # Celery >= 5.5 declares global delayed-delivery queues for quorum queues; remove them afterwards unless they were there.
 CELERY_KEEP=""
-[[ $(BENCH_CELERY_QUEUE="$PREFIX-celery" "$VENV/bin/python" bench/python/celery_bench.py --check-delayed) == 1 ]] && CELERY_KEEP=--delayed-existed
+[[ -z $ONLY ]] && [[ $(BENCH_CELERY_QUEUE="$PREFIX-celery" "$VENV/bin/python" bench/python/celery_bench.py --check-delayed) == 1 ]] && CELERY_KEEP=--delayed-existed
 
 # A failed scenario is reported and the others still run; the exit status says so at the end.
 FAILED=()
@@ -95,6 +109,25 @@ step() { settle; phase "$@" || FAILED+=("$1"); }
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "load average before: $LOAD_BEFORE ($(nproc) CPUs)"
 T_START=$SECONDS
+
+# The store: generated through the store's recording path, then timed (see bench/src/store.rs).
+store_scenario() {
+  PREFIXES+=("$PREFIX-st-sqlite" "$PREFIX-st-postgres")
+  step "store ($STORE_JOBS jobs, SQLite and PostgreSQL)" bash -c "'$BENCH' --work-dir '$RUN' store --jobs $STORE_JOBS --prefix '$PREFIX-st' > '$RAW/store.json'"
+}
+finish() {
+  LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+  python3 bench/python/report.py "$RAW" "$OUT/results.json" "$LOAD_BEFORE" "$LOAD_AFTER" "$((SECONDS - T_START))" "$QUICK"
+  if [[ ${#FAILED[@]} -gt 0 ]]; then
+    echo "failed scenarios (see $RUN/logs and the output above): ${FAILED[*]}" >&2
+    exit 1
+  fi
+}
+if [[ $ONLY == store ]]; then
+  store_scenario
+  finish
+  exit 0
+fi
 
 # 1. Dispatch: trainyard and raw, interleaved so both see the same machine. The artifact
 #    store (outcome records, attempt logs) is a directory on disk, as on a laptop.
@@ -149,7 +182,10 @@ step "training scikit-learn (clinc150 full)" bash -c "'$VENV/bin/python' bench/p
 step "scaling (workers $SCALING_WORKERS x slots $SCALING_SLOTS, $SCALING_JOBS jobs)" bash -c "'$BENCH' scaling --prefix '$PREFIX-s' --jobs $SCALING_JOBS \
   --workers $SCALING_WORKERS --slots $SCALING_SLOTS --submitters $SUBMITTERS > '$RAW/scaling.json'"
 
-# 7. GPU: CUDA epoch time vs CPU, only where a GPU is present.
+# 7. The store.
+store_scenario
+
+# 8. GPU: CUDA epoch time vs CPU, only where a GPU is present.
 if [[ $GPU == 1 ]]; then
   if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     phase "cuda build" cargo build --release -p trainyard-worker --features cuda --target-dir target/cuda
@@ -167,9 +203,4 @@ if [[ $GPU == 1 ]]; then
   fi
 fi
 
-LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 bench/python/report.py "$RAW" "$OUT/results.json" "$LOAD_BEFORE" "$LOAD_AFTER" "$((SECONDS - T_START))" "$QUICK"
-if [[ ${#FAILED[@]} -gt 0 ]]; then
-  echo "failed scenarios (see $RUN/logs and the output above): ${FAILED[*]}" >&2
-  exit 1
-fi
+finish

@@ -98,6 +98,11 @@ def main():
     sc = load(os.path.join(raw_dir, "scaling.json"))
     if sc:
         r["scaling"] = {"points": [{k: p.get(k) for k in ("workers", "slots", "jobs_per_s", "raw_jobs_per_s", "ratio")} for p in sc]}
+    st = load(os.path.join(raw_dir, "store.json"))
+    if st:
+        keys = {"sqlite": ("jobs", "list_p95_ms", "demand_p95_ms"), "postgres": ("jobs", "list_p95_ms", "demand_p95_ms", "recorder_events_per_s")}
+        extra = ("http_page_p95_ms", "status_counts_p95_ms", "list_p95_ms_by_filter", "events", "fill_s")
+        r["store"] = {db: {k: st[db].get(k) for k in keys[db] + extra} for db in keys if db in st}
     gpu = {d: load(os.path.join(raw_dir, f"gpu-{d}.json")) for d in ("cpu", "cuda")}
     if all(gpu.values()):
         r["gpu"] = {"cpu_wall_s": gpu["cpu"]["wall_s"], "cuda_wall_s": gpu["cuda"]["wall_s"], "speedup": gpu["cpu"]["wall_s"] / gpu["cuda"]["wall_s"]}
@@ -144,6 +149,14 @@ def main():
         rows.append(("Training wall (s)", num(t["wall_s"]), f"sklearn fit {num(t['sklearn_fit_s'])}", f"{t['wall_over_sklearn_fit']:.1f}x", "<= 3x sklearn", t["wall_over_sklearn_fit"] <= 3))
         rows.append(("In-scope accuracy", num((t["in_scope_accuracy"] or 0) * 100, 2) + " %", f"sklearn {num(t['sklearn_in_scope_accuracy'] * 100, 2)} %", "", "> sklearn", better))
         rows.append(("OOS recall", num((t["oos_recall"] or 0) * 100, 2) + " %", f"sklearn {num(t['sklearn_oos_recall'] * 100, 2)} %", "", "", None))
+    for db, s_ in r.get("store", {}).items():
+        rows.append((f"Store {db}: jobs list p95 (ms)", num(s_["list_p95_ms"], 2), f"{s_['jobs']:,} jobs, worst filter", "", "<= 50 ms", s_["list_p95_ms"] <= 50))
+        rows.append((f"Store {db}: demand query p95 (ms)", num(s_["demand_p95_ms"], 2), f"status counts {num(s_['status_counts_p95_ms'], 2)}", "", "<= 50 ms",
+                     s_["demand_p95_ms"] <= 50))
+        rows.append((f"Store {db}: filtered page over HTTP p95 (ms)", num(s_["http_page_p95_ms"], 2), "100 requests", "", "<= 100 ms", s_["http_page_p95_ms"] <= 100))
+        if "recorder_events_per_s" in s_:
+            rows.append((f"Store {db}: recorder (events/s)", num(s_["recorder_events_per_s"], 0), "batches via Store::record_events", "", ">= 5,000",
+                         s_["recorder_events_per_s"] >= 5000))
     print()
     print(f"trainyard benchmarks, {r['meta']['date']}, {r['meta']['cpus']} x {r['meta']['cpu']}, "
           f"load {load_before} -> {load_after}{' (--quick)' if r['meta']['quick'] else ''}")

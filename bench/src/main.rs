@@ -8,6 +8,7 @@
 //! - `pickup`: submit → `started` latency against an idle one-slot worker, or `--raw`;
 //! - `scaling`: dispatch over worker processes × slots, trainyard and raw;
 //! - `rss`: idle resident memory of any command once it consumes its queues;
+//! - `store`: a job store of N jobs on SQLite and PostgreSQL: `jobs list` and demand p95, HTTP page p95, recorder events/s;
 //! - `outcomes`: recording job outcomes on a local artifact directory, alone (µs per record);
 //! - `raw-worker`, `raw-drain`: the processes of the raw-lapin baseline;
 //! - `cleanup`: deletes a prefix's queues and exchanges.
@@ -18,6 +19,7 @@ mod outcomes;
 mod pickup;
 mod procs;
 mod raw;
+mod store;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -137,6 +139,19 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// A job store of `--jobs` jobs (about 5 events each, 10,000 bots) on SQLite and PostgreSQL:
+    /// `jobs list` p95 by filter, demand query p95, a filtered page over HTTP, recorder events/s.
+    Store {
+        /// Jobs to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        jobs: usize,
+        /// PostgreSQL (a schema of its own is created and dropped).
+        #[arg(long, env = "TRAINYARD_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+        pg_url: String,
+        /// Name of this run (schema, file and queue names).
+        #[arg(long)]
+        prefix: String,
+    },
     /// The raw baseline's worker process.
     RawWorker {
         /// Queue and exchange prefix.
@@ -225,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
             json!({"rss_mb": mb(rss), "peak_rss_mb": mb(hwm)})
         }
         Cmd::Outcomes { records, concurrency } => outcomes::run(&env_of(&cli)?.artifacts_root, *records, *concurrency).await?,
+        Cmd::Store { jobs, pg_url, prefix } => store::run(&env_of(&cli)?.work_dir, pg_url, *jobs, &cli.amqp_url, prefix).await?,
         Cmd::RawWorker { prefix, prefetch } => {
             raw::worker(&cli.amqp_url, prefix, *prefetch).await?;
             return Ok(());

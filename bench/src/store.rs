@@ -1,0 +1,232 @@
+//! `store`: a job store with N jobs (about 5 events each) across 10,000 bots, filled
+//! through the store's own recording path, then timed: `jobs list` with each documented
+//! filter, the demand query, and a filtered page over HTTP from `trainyard serve`.
+//!
+//! The fill is the recorder's write path without the broker: `Store::record_events` in
+//! batches of the recorder's size ([`trainyard::recorder::BATCH`]), one batch at a time as
+//! the recorder writes them, so its events/s is the recorder's sustained store throughput.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use trainyard::{
+    api::Tokens,
+    config::ControlConfig,
+    serve::{serve, ServeSettings},
+    store::{JobCursor, JobFilter, Store},
+};
+use trainyard_common::{event::event_seq, topology::Topology, JobEvent, JobSpec, JobStatus, Trigger, TriggerKind};
+
+const BOTS: usize = 10_000;
+const TYPES: usize = 10;
+/// Jobs are spread over this many days back from now.
+const DAYS: i64 = 30;
+/// Queries per filter (the store) and requests (HTTP).
+const QUERIES: usize = 40;
+const REQUESTS: usize = 100;
+const PAGE: i64 = 50;
+
+fn job_type(i: usize) -> String {
+    format!("type-{}", i % TYPES)
+}
+
+fn bot(i: usize) -> String {
+    format!("bot-{:05}", i % BOTS)
+}
+
+/// The events a recorder receives for job `i` of `n` (0 the newest): the newest 0.2 % are
+/// still queued or running (the demand), the rest finished: 90 % succeeded, 10 % failed,
+/// after a start and two progress reports.
+fn job_events(i: usize, n: usize, now: DateTime<Utc>) -> Vec<JobEvent> {
+    let kinds = [TriggerKind::Manual, TriggerKind::Schedule, TriggerKind::Event, TriggerKind::Api];
+    let mut spec = JobSpec::new(job_type(i), bot(i * 7919), json!({}), Trigger { kind: kinds[i % 4], source: "bench".into() });
+    spec.submitted_at = now - TimeDelta::microseconds((i as i64) * DAYS * 86_400_000_000 / n as i64);
+    let at = |s: i64| spec.submitted_at + TimeDelta::seconds(s);
+    let mut events = vec![JobEvent::queued(&spec)];
+    let in_flight = i < n / 500;
+    if in_flight && i % 2 == 0 {
+        return events;
+    }
+    let mut ev = |status, n: u32, secs, f: &dyn Fn(&mut JobEvent)| {
+        let mut e = JobEvent::new(&spec, status, 1, event_seq(1, 0, n));
+        e.at = at(secs);
+        f(&mut e);
+        events.push(e);
+    };
+    ev(JobStatus::Started, 0, 1, &|_| {});
+    ev(JobStatus::Progress, 1, 30, &|e| e.progress = Some(json!({"epoch": 1, "loss": 0.9})));
+    if in_flight {
+        return events;
+    }
+    ev(JobStatus::Progress, 2, 60, &|e| e.progress = Some(json!({"epoch": 2, "loss": 0.5})));
+    let status = if i % 10 == 3 { JobStatus::Failed } else { JobStatus::Succeeded };
+    ev(status, 3, 90, &|e| e.result = (status == JobStatus::Succeeded).then(|| json!({"accuracy": 0.9})));
+    events
+}
+
+/// Fills `store` with `n` jobs; returns (events, seconds).
+async fn fill(store: &Store, n: usize) -> anyhow::Result<(usize, f64)> {
+    let now = Utc::now();
+    let t0 = Instant::now();
+    let (mut batch, mut total) = (Vec::with_capacity(trainyard::recorder::BATCH), 0);
+    for i in (0..n).rev() {
+        let evs = job_events(i, n, now);
+        if batch.len() + evs.len() > trainyard::recorder::BATCH {
+            store.record_events(&batch).await?;
+            total += batch.len();
+            batch.clear();
+        }
+        batch.extend(evs);
+        if i % 100_000 == 0 {
+            eprintln!("store: {} of {n} jobs recorded, {:.0} events/s", n - i, total as f64 / t0.elapsed().as_secs_f64());
+        }
+    }
+    store.record_events(&batch).await?;
+    Ok((total + batch.len(), t0.elapsed().as_secs_f64()))
+}
+
+fn p95_ms(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 * 0.95).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i].as_secs_f64() * 1000.0
+}
+
+/// The documented filters of `jobs list`, each with values drawn at random.
+fn filter(name: &str, rng: &mut StdRng, now: DateTime<Utc>) -> JobFilter {
+    let f = JobFilter { limit: PAGE, ..Default::default() };
+    let day = now - TimeDelta::days(rng.random_range(1..DAYS));
+    match name {
+        "status" => JobFilter { status: Some(JobStatus::Failed), ..f },
+        "status_queued" => JobFilter { status: Some(JobStatus::Queued), ..f },
+        "type" => JobFilter { job_type: Some(job_type(rng.random_range(0..TYPES))), ..f },
+        "bot" => JobFilter { bot: Some(bot(rng.random_range(0..BOTS))), ..f },
+        "trigger" => JobFilter { trigger: Some(TriggerKind::Schedule), ..f },
+        "since_until" => JobFilter { since: Some(day - TimeDelta::days(1)), until: Some(day), ..f },
+        "search" => JobFilter { id_prefix: Some(format!("{:03x}", rng.random_range(0..0x1000))), ..f },
+        "type_status" => JobFilter { job_type: Some(job_type(rng.random_range(0..TYPES))), status: Some(JobStatus::Failed), ..f },
+        "bot_status" => JobFilter { bot: Some(bot(rng.random_range(0..BOTS))), status: Some(JobStatus::Succeeded), ..f },
+        "next_page" => JobFilter { before: Some(JobCursor { created_at: trainyard::store::micros(day), job_id: "~".into() }), ..f },
+        _ => f,
+    }
+}
+
+const FILTERS: &[&str] =
+    &["none", "status", "status_queued", "type", "bot", "trigger", "since_until", "search", "type_status", "bot_status", "next_page"];
+
+/// p95 of each filter and of the demand query on a filled store.
+async fn measure(store: &Store) -> anyhow::Result<Value> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let now = Utc::now();
+    let mut per_filter = serde_json::Map::new();
+    for name in FILTERS {
+        let mut times = Vec::new();
+        for _ in 0..QUERIES {
+            let f = filter(name, &mut rng, now);
+            let t = Instant::now();
+            store.list_jobs(&f).await?;
+            times.push(t.elapsed());
+        }
+        per_filter.insert(name.to_string(), json!(p95_ms(times)));
+    }
+    let worst = per_filter.values().filter_map(Value::as_f64).fold(0.0, f64::max);
+    let (mut demand, mut counts) = (Vec::new(), Vec::new());
+    for _ in 0..QUERIES {
+        let t = Instant::now();
+        store.running_by_type().await?;
+        store.oldest_queued_by_type().await?;
+        demand.push(t.elapsed());
+        let t = Instant::now();
+        store.count_by_type_and_status().await?;
+        counts.push(t.elapsed());
+    }
+    Ok(json!({"list_p95_ms": worst, "list_p95_ms_by_filter": per_filter, "demand_p95_ms": p95_ms(demand),
+              "status_counts_p95_ms": p95_ms(counts)}))
+}
+
+/// p95 of a filtered page (`bot` and `status`, random bot) over HTTP from `trainyard serve`
+/// on `url`, over [`REQUESTS`] requests.
+async fn http_p95(amqp_url: &str, prefix: &str, url: &str) -> anyhow::Result<f64> {
+    let settings = ServeSettings {
+        amqp_url: amqp_url.into(),
+        topology: Topology::new(prefix),
+        database_url: url.into(),
+        artifacts: std::env::temp_dir().join(prefix).display().to_string(),
+        job_types: vec!["noop".into()],
+        tokens: Tokens::parse("bench:read:bench-token")?,
+        config: ControlConfig::default(),
+        body_limit: 1 << 20,
+        demand_interval: Duration::from_secs(5),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { serve(settings, listener, stop).await }
+    });
+    let http = reqwest::Client::new();
+    let get = |q: String| http.get(format!("http://{addr}/v1/jobs?{q}")).bearer_auth("bench-token").send();
+    let mut ready = false;
+    for _ in 0..200 {
+        if get("limit=1".into()).await.is_ok_and(|r| r.status().is_success()) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(ready, "trainyard serve did not answer on {addr}");
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut times = Vec::new();
+    for _ in 0..REQUESTS {
+        let q = format!("bot={}&status=succeeded&limit={PAGE}", bot(rng.random_range(0..BOTS)));
+        let t = Instant::now();
+        let resp = get(q).await?.error_for_status()?;
+        let _ = resp.bytes().await?;
+        times.push(t.elapsed());
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    crate::broker::cleanup(amqp_url, prefix).await?;
+    Ok(p95_ms(times))
+}
+
+/// Fills and measures one store.
+async fn one(name: &str, url: &str, jobs: usize, amqp_url: &str, prefix: &str) -> anyhow::Result<Value> {
+    let store = Store::open(url).await?;
+    let (events, secs) = fill(&store, jobs).await?;
+    eprintln!("store {name}: {jobs} jobs, {events} events in {secs:.1} s");
+    if name == "postgres" {
+        // What autovacuum does after a bulk load, done now rather than whenever it wakes up.
+        store.execute_raw("VACUUM ANALYZE jobs").await?;
+    }
+    let mut out = measure(&store).await?;
+    store.close().await;
+    out["jobs"] = json!(jobs);
+    out["events"] = json!(events);
+    out["fill_s"] = json!(secs);
+    out["recorder_events_per_s"] = json!(events as f64 / secs);
+    out["http_page_p95_ms"] = json!(http_p95(amqp_url, &format!("{prefix}-{name}"), url).await?);
+    eprintln!("store {name}: {out}");
+    Ok(out)
+}
+
+/// The scenario: SQLite under `work_dir`, PostgreSQL in a schema of its own on `pg_url`.
+pub async fn run(work_dir: &std::path::Path, pg_url: &str, jobs: usize, amqp_url: &str, prefix: &str) -> anyhow::Result<Value> {
+    let file = work_dir.join(format!("{prefix}-store.db"));
+    let sqlite = one("sqlite", &format!("sqlite://{}", file.display()), jobs, amqp_url, prefix).await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+    let schema = format!("bench_{}", prefix.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let admin = Store::open(pg_url).await?;
+    admin.execute_raw(&format!("CREATE SCHEMA {schema}")).await?;
+    let sep = if pg_url.contains('?') { '&' } else { '?' };
+    let url = format!("{pg_url}{sep}options=-c%20search_path%3D{schema}");
+    let postgres = one("postgres", &url, jobs, amqp_url, prefix).await;
+    admin.execute_raw(&format!("DROP SCHEMA {schema} CASCADE")).await?;
+    admin.close().await;
+    Ok(json!({"sqlite": sqlite?, "postgres": postgres?}))
+}
