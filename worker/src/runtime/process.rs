@@ -73,6 +73,12 @@ impl Attempt {
         ev.run = Some(self.run);
         ev
     }
+
+    /// The recorded outcome's event, filed under this delivery's run: a job replayed after it
+    /// succeeded (a crash loop between the outcome record and the ack) ends that run succeeded too.
+    fn recorded(&self, event: JobEvent) -> JobEvent {
+        JobEvent { run: Some(self.run), ..event }
+    }
 }
 
 /// Handles one delivery from the queue of `job_type`. Never panics the worker:
@@ -171,10 +177,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         .await?;
     if let Some(outcome) = outcome {
         tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
-        // Filed under this delivery's run: a job replayed after it succeeded (a crash loop
-        // between the outcome record and the ack) ends that run succeeded too.
-        let event = JobEvent { run: Some(at.run), ..outcome.event };
-        publish_event(sctx, shared, &event).await?;
+        publish_event(sctx, shared, &at.recorded(outcome.event)).await?;
         return ack(d, sctx).await;
     }
     if cancelled {
@@ -322,7 +325,7 @@ async fn finish_succeeded(
         // (a store error after the write): publish what is recorded, never a second result.
         tracing::warn!("the outcome was already recorded; publishing the recorded event, not a second result");
         if let Some(recorded) = retry.run("read the outcome record", || store.get_json::<Outcome>(key)).await? {
-            publish_event(sctx, shared, &recorded.event).await?;
+            publish_event(sctx, shared, &at.recorded(recorded.event)).await?;
         }
     }
     ack(d, sctx).await
