@@ -1,10 +1,13 @@
 //! Rebuilding the job store from the `<prefix>.events.log` stream.
 //!
-//! Reads the stream from its first offset into an (empty) store and stops
-//! when caught up: when no event arrived for `idle` (the stream's tail).
+//! Reads the stream from its first offset into an empty store, or from a time into
+//! a restored backup ([`rebuild_since`]: recording is idempotent on
+//! `(job_id, run, seq)`, so what the backup already has is recorded once), and
+//! stops when caught up: when no event arrived for `idle` (the stream's tail).
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
@@ -44,12 +47,30 @@ pub async fn rebuild(store: &Store, topology: &Topology, url: &str, idle: Durati
     if !store.is_empty().await? {
         return Err(RebuildError::NotEmpty);
     }
+    replay(store, topology, url, idle, AMQPValue::LongString("first".into())).await
+}
+
+/// Replays the audit stream from `since` into `store`, which may hold jobs: a backup restored
+/// into it, taken after `since`. Events the backup already has are duplicates (no-ops); the
+/// ones recorded after the backup was taken are recorded now.
+pub async fn rebuild_since(
+    store: &Store,
+    topology: &Topology,
+    url: &str,
+    idle: Duration,
+    since: DateTime<Utc>,
+) -> Result<RebuildReport, RebuildError> {
+    // A stream offset by time: seconds since the epoch; the broker starts at the chunk holding it.
+    replay(store, topology, url, idle, AMQPValue::Timestamp(since.timestamp().max(0) as u64)).await
+}
+
+async fn replay(store: &Store, topology: &Topology, url: &str, idle: Duration, offset: AMQPValue) -> Result<RebuildReport, RebuildError> {
     let conn = connect(url, "trainyard-rebuild").await?;
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
     topology.declare_shared(&ch).await?;
     ch.basic_qos(500, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
     let mut args = FieldTable::default();
-    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    args.insert("x-stream-offset".into(), offset);
     let mut consumer = ch
         .basic_consume(topology.events_log().into(), "trainyard-rebuild".into(), BasicConsumeOptions::default(), args)
         .await

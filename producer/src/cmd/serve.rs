@@ -90,18 +90,27 @@ pub async fn serve(t: Target, url: &str, topology: Topology, a: ServeArgs) -> an
 
 #[derive(Debug, Subcommand)]
 pub enum StoreCmd {
-    /// Replay the events.log stream into an empty store; stops when caught up.
+    /// Replay the events.log stream into an empty store; stops when caught up. With
+    /// `--since`, into a restored backup: the stream from that time (take it a little
+    /// before the backup was taken; what the backup has is recorded once).
     Rebuild {
         /// Seconds without a new event that mean "caught up".
         #[arg(long, default_value_t = 2)]
         idle: u64,
+        /// Replay from this time (RFC 3339, e.g. 2026-12-01T02:25:00Z) into a store that may hold jobs.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
     },
 }
 
 pub async fn store(t: Target, url: &str, topology: Topology, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
-    let StoreCmd::Rebuild { idle } = cmd;
+    let StoreCmd::Rebuild { idle, since } = cmd;
     let store = Store::open(&t.database_url).await?;
-    let report = trainyard::rebuild::rebuild(&store, &topology, url, Duration::from_secs(idle.max(1))).await?;
+    let idle = Duration::from_secs(idle.max(1));
+    let report = match since {
+        Some(since) => trainyard::rebuild::rebuild_since(&store, &topology, url, idle, since).await?,
+        None => trainyard::rebuild::rebuild(&store, &topology, url, idle).await?,
+    };
     if t.json {
         println!("{}", serde_json::to_value(report)?);
     } else {

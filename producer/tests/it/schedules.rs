@@ -153,6 +153,47 @@ async fn store_rebuild_replays_the_events_stream() {
     cleanup(&topo, &[]).await;
 }
 
+/// A restored backup catches up from the stream: `rebuild_since` from a little before the
+/// backup records what came after it (and what the backup has, once), so the restored store
+/// equals the live one.
+#[tokio::test]
+async fn a_restored_backup_catches_up_from_the_stream_since_it() {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let (live, dir, _) = sqlite_store().await;
+    let recorder = spawn_recorder(&live, &topo);
+    let (early, late) = (spec("noop", "backup-bot"), spec("noop", "after-backup-bot"));
+    publish_event(&ch, &topo, &JobEvent::queued(&early)).await;
+    publish_event(&ch, &topo, &JobEvent::new(&early, JobStatus::Started, 1, event_seq(1, 0, 0))).await;
+    eventually(20, "the early job started", || async {
+        live.job(&early.job_id).await.unwrap().filter(|j| j.status == JobStatus::Started).map(|_| ())
+    })
+    .await;
+    let backup_file = dir.path().join("backup.db");
+    live.execute_raw(&format!("VACUUM INTO '{}'", backup_file.display())).await.unwrap();
+    let backup_at = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the events after it are in later seconds
+    publish_event(&ch, &topo, &JobEvent::new(&early, JobStatus::Succeeded, 1, event_seq(1, 0, 1))).await;
+    publish_event(&ch, &topo, &JobEvent::queued(&late)).await;
+    publish_event(&ch, &topo, &JobEvent::new(&late, JobStatus::Started, 1, event_seq(1, 0, 0))).await;
+    eventually(20, "the late job started", || async { live.job(&late.job_id).await.unwrap().map(|_| ()) }).await;
+    recorder.stop().await;
+
+    let restored = Store::open(&format!("sqlite://{}", backup_file.display())).await.unwrap();
+    assert!(restored.job(&late.job_id).await.unwrap().is_none(), "the backup predates the late job");
+    let since = backup_at - chrono::Duration::seconds(2);
+    let report = trainyard::rebuild::rebuild_since(&restored, &topo, AMQP_URL, Duration::from_secs(1), since).await.unwrap();
+    assert!(report.recorded >= 3, "{report:?}");
+    let all = trainyard::store::JobFilter { limit: 100, ..Default::default() };
+    assert_eq!(live.list_jobs(&all).await.unwrap(), restored.list_jobs(&all).await.unwrap());
+    for s in [&early, &late] {
+        assert_eq!(live.events(&s.job_id).await.unwrap(), restored.events(&s.job_id).await.unwrap());
+    }
+    assert_eq!(restored.job(&early.job_id).await.unwrap().unwrap().status, JobStatus::Succeeded);
+    cleanup(&topo, &[]).await;
+}
+
 /// A TCP proxy to the local broker that can be taken down (every connection cut) and brought back on its port.
 struct Proxy {
     port: u16,
