@@ -59,7 +59,6 @@ pub struct ListQuery {
 /// `X-Next-Cursor` header carries the `before` of the next one.
 pub async fn list_jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
     let before = q.before.as_deref().map(str::parse::<JobCursor>).transpose().map_err(crate::ops::OpsError::BadRequest)?;
-    let limit = q.limit.unwrap_or(100);
     let filter = JobFilter {
         status: q.status,
         job_type: q.job_type,
@@ -69,10 +68,10 @@ pub async fn list_jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) ->
         until: q.until,
         id_prefix: q.q,
         before,
-        limit,
+        limit: q.limit.unwrap_or(100),
     };
     let jobs = s.ops.list(&filter).await?;
-    let next = jobs.last().filter(|_| jobs.len() as i64 >= limit.clamp(1, 10_000)).map(JobCursor::after);
+    let next = filter.next_cursor(&jobs);
     let mut resp = Json(jobs).into_response();
     if let Some(c) = next.and_then(|c| header::HeaderValue::from_str(&c.to_string()).ok()) {
         resp.headers_mut().insert("x-next-cursor", c);

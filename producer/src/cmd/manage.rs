@@ -177,7 +177,7 @@ impl Conn {
 async fn list_page(conn: &Conn, f: &JobFilter) -> anyhow::Result<(Value, Option<String>)> {
     if let Conn::Direct(ops) = conn {
         let jobs = ops.list(f).await?;
-        let next = jobs.last().filter(|_| jobs.len() as i64 >= f.limit.clamp(1, 10_000)).map(|j| JobCursor::after(j).to_string());
+        let next = f.next_cursor(&jobs).map(|c| c.to_string());
         return Ok((serde_json::to_value(jobs)?, next));
     }
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|x| x.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));

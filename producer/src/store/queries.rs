@@ -76,7 +76,7 @@ impl Store {
         if let Some(c) = &filter.before {
             cond("(created_at, job_id) < (?, ?)", vec![Arg::Int(c.created_at), Arg::Text(c.job_id.clone())]);
         }
-        sql.push_str(&format!(" ORDER BY created_at DESC, job_id DESC LIMIT {}", filter.limit.clamp(1, 10_000)));
+        sql.push_str(&format!(" ORDER BY created_at DESC, job_id DESC LIMIT {}", filter.page_size()));
         let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
         for a in args {
             query = match a {

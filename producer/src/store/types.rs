@@ -160,6 +160,18 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
+impl JobFilter {
+    /// The page size in effect: `limit` within 1..=10,000.
+    pub fn page_size(&self) -> i64 {
+        self.limit.clamp(1, 10_000)
+    }
+
+    /// The cursor of the page after `page` (a page this filter listed), when `page` is full.
+    pub fn next_cursor(&self, page: &[JobRow]) -> Option<JobCursor> {
+        page.last().filter(|_| page.len() as i64 >= self.page_size()).map(JobCursor::after)
+    }
+}
+
 /// A position in the job list (`created_at DESC, job_id DESC`): the last job of a page.
 /// Written `<created_at µs since the epoch>:<job_id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
