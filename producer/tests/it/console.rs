@@ -192,3 +192,40 @@ async fn jobs_logs_follow_through_the_api_waits_on_the_live_stream() {
     store.close().await;
     server.stop(&["noop"]).await;
 }
+
+/// The change feed behind the stream, on both backends: jobs changed after a cursor, oldest change first.
+async fn change_feed_on(url: &str) {
+    let store = trainyard::store::Store::open(url).await.unwrap();
+    assert_eq!(store.feed_head().await.unwrap(), 0, "an empty store");
+    let (a, b) = (spec("noop", "bot-a"), spec("noop", "bot-b"));
+    store.record_event(&JobEvent::queued(&a)).await.unwrap();
+    let after_a = store.feed_head().await.unwrap();
+    assert!(after_a > 0);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.record_event(&JobEvent::queued(&b)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store.record_event(&JobEvent::new(&a, JobStatus::Succeeded, 1, event_seq(1, 0, 0))).await.unwrap();
+    let all = store.changed_since(0, 100).await.unwrap();
+    let order: Vec<(&str, JobStatus)> = all.iter().map(|c| (c.job.job_id.as_str(), c.job.status)).collect();
+    assert_eq!(
+        order,
+        vec![(b.job_id.as_str(), JobStatus::Queued), (a.job_id.as_str(), JobStatus::Succeeded)],
+        "one row a job, by its latest change"
+    );
+    assert!(all[0].cursor < all[1].cursor && all[1].cursor == store.feed_head().await.unwrap());
+    let later = store.changed_since(all[0].cursor, 100).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].job.job_id, a.job_id);
+    assert!(store.changed_since(all[1].cursor, 100).await.unwrap().is_empty());
+    assert_eq!(store.changed_since(0, 1).await.unwrap().len(), 1, "limit");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn the_change_feed_lists_jobs_changed_after_a_cursor_on_sqlite_and_postgres() {
+    let (_store, _dir, url) = sqlite_store().await;
+    change_feed_on(&url).await;
+    let pg = PgSchema::new().await;
+    change_feed_on(&pg.url).await;
+    pg.drop().await;
+}
