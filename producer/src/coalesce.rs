@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions},
+    types::FieldTable,
     Channel,
 };
 use serde::{Deserialize, Serialize};
@@ -85,12 +85,7 @@ impl Coalescer {
         let ch = confirm_channel(&conn).await?;
         self.topology.declare_shared(&ch).await?;
         let queue = Self::queue_name(&self.topology);
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-            .await
-            .map_err(CommonError::amqp(format!("declare {queue}")))?;
+        crate::recorder::declare_single_consumer_queue(&ch, &queue).await?;
         let exchange = self.topology.events_exchange();
         ch.queue_bind(
             queue.as_str().into(),

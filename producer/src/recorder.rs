@@ -15,8 +15,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::FieldTable,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
 };
 use tokio_util::sync::CancellationToken;
 use trainyard_common::reconnect::{self, ReconnectPolicy, SessionEnd};
@@ -84,6 +84,18 @@ where
         }
     })
     .await
+}
+
+/// Declares a durable quorum queue with one active consumer at a time across the control
+/// plane's replicas (the others wait as standbys).
+pub(crate) async fn declare_single_consumer_queue(ch: &lapin::Channel, queue: &str) -> Result<(), CommonError> {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await
+        .map_err(CommonError::amqp(format!("declare {queue}")))?;
+    Ok(())
 }
 
 /// Consumes the recorder queues into the store.

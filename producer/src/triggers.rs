@@ -15,8 +15,8 @@ use std::{collections::HashMap, time::Duration};
 
 use futures::StreamExt;
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions},
+    types::FieldTable,
     Acker,
 };
 use tokio::time::Instant;
@@ -161,12 +161,7 @@ impl Triggers {
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         topo.declare_shared(&ch).await?;
         let queue = self.queue_name();
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
-            .await
-            .map_err(CommonError::amqp(format!("declare {queue}")))?;
+        crate::recorder::declare_single_consumer_queue(&ch, &queue).await?;
         for r in &self.rules {
             ch.queue_bind(
                 queue.as_str().into(),
