@@ -107,6 +107,13 @@ DROP INDEX IF EXISTS jobs_type_created;
 DROP INDEX IF EXISTS jobs_bot_created
 "#,
     ),
+    (
+        6,
+        r#"
+CREATE INDEX IF NOT EXISTS jobs_status_type_created_id ON jobs (status, job_type, created_at, job_id);
+DROP INDEX IF EXISTS jobs_status_type_created
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.
