@@ -15,7 +15,7 @@
 #
 # Usage: scripts/bench.sh [--quick] [--gpu] [--only store]
 #   --quick  fewer jobs (about 5 minutes after the release build; the store: 100,000 jobs)
-#   --only store  the store scenario alone
+#   --only store  the store scenario alone (the other scenarios' raw outputs of an earlier run are kept)
 # Environment: TRAINYARD_AMQP_URL (default: local broker), BENCH_JOBS, BENCH_CELERY_JOBS,
 #   BENCH_WORKERS, BENCH_SLOTS, BENCH_SUBMITTERS, BENCH_STORE_JOBS to override the sizes;
 #   TRAINYARD_BENCH_DATABASE_URL the PostgreSQL of the store scenario (default: the local `test` database).
@@ -54,7 +54,8 @@ OUT=target/bench
 RAW=$OUT/raw
 RUN=$OUT/run
 mkdir -p "$RAW" "$RUN"
-rm -f "$RAW"/*.json
+# --only re-runs one scenario and reports it with the other scenarios' outputs of an earlier run.
+if [[ -z $ONLY ]]; then rm -f "$RAW"/*.json; else rm -f "$RAW/$ONLY.json"; fi
 PREFIX="bench-$(date +%s)-$$"
 BENCH=target/release/trainyard-bench
 VENV=$OUT/venv
