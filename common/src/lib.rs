@@ -12,6 +12,7 @@
 //! - [`artifacts`]: the artifact store (object_store, local directory by default);
 //! - [`metrics`]: every Prometheus metric name and label, defined once;
 //! - [`models`]: bots' production pointers and promotion history;
+//! - [`heartbeat`]: what live workers publish every few seconds for the console;
 //! - [`reconnect`]: the one reconnect loop (backoff, jitter, reset) of every broker session;
 //! - [`version`]: [`SchemaVersion`](version::SchemaVersion), the contract version;
 //! - [`error`]: the error types of this layer.
@@ -25,6 +26,7 @@ pub mod control;
 pub mod error;
 pub mod event;
 pub mod headers;
+pub mod heartbeat;
 pub mod job;
 pub mod metrics;
 pub mod models;

@@ -105,6 +105,10 @@ impl Topology {
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.prefix)
     }
+    /// Heartbeats exchange (fanout, not durable): workers' heartbeats ([`crate::heartbeat`]).
+    pub fn heartbeats_exchange(&self) -> String {
+        format!("{}.heartbeats", self.prefix)
+    }
     /// Trigger exchange (topic): events from other systems.
     pub fn triggers_exchange(&self) -> String {
         format!("{}.triggers", self.prefix)

@@ -29,3 +29,4 @@ pub mod serve;
 pub mod store;
 pub mod submit;
 pub mod triggers;
+pub mod workers;

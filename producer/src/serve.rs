@@ -18,6 +18,7 @@ use crate::{
     scheduler::Scheduler,
     store::{Store, StoreError},
     triggers::Triggers,
+    workers::WorkerTable,
 };
 
 /// Job types known when no configuration names any.
@@ -117,7 +118,14 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         });
     }
 
-    let state = ApiState { ops, tokens: Arc::new(settings.tokens.clone()), registry, metrics: Some(metrics), shutdown: shutdown.clone() };
+    let workers = WorkerTable::default();
+    tasks.spawn({
+        let (stop, workers, metrics, s) = (shutdown.clone(), workers.clone(), metrics.clone(), settings.clone());
+        async move { workers.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
+    });
+
+    let tokens = Arc::new(settings.tokens.clone());
+    let state = ApiState { ops, tokens, registry, metrics: Some(metrics), shutdown: shutdown.clone(), workers };
     let app = api::router(state, settings.body_limit);
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, job_types = ?settings.job_types, "control plane serving");

@@ -47,6 +47,8 @@ pub struct ApiState {
     pub metrics: Option<ControlMetrics>,
     /// Cancelled when the control plane stops: open live streams end at once.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The live workers, from their heartbeats.
+    pub workers: crate::workers::WorkerTable,
 }
 
 /// The caller of a `/v1/` request, for the audit trail.
@@ -68,6 +70,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/jobs/{id}/cancel", post(handlers::cancel))
         .route("/jobs/{id}/retry", post(handlers::retry))
         .route("/queues", get(queues::queues))
+        .route("/workers", get(workers))
         .route("/dlq", get(handlers::dlq_list))
         .route("/dlq/replay", post(handlers::dlq_replay))
         .route("/models/{bot}", get(handlers::models))
@@ -87,6 +90,11 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
         .with_state(state)
+}
+
+/// `GET /v1/workers`: every worker heard from in the last minutes, live ones first.
+async fn workers(State(state): State<ApiState>) -> Json<Vec<crate::workers::WorkerRow>> {
+    Json(state.workers.rows(chrono::Utc::now()))
 }
 
 /// Counts requests by route template (never the raw path: ids would explode the label set).

@@ -1,6 +1,7 @@
 //! `GET /v1/stream`: the console's live feed, as server-sent events.
 //!
-//! A `queues` event carries the figures of `GET /v1/queues`, every [`QUEUES_EVERY`].
+//! A `queues` event carries the figures of `GET /v1/queues`, and a `workers` event the rows of
+//! `GET /v1/workers` (from the workers' heartbeats), every [`QUEUES_EVERY`].
 //! Each `job` event carries a job row (without its spec) that changed, with the
 //! recording time of its latest event as the event id. The stream tails the job
 //! store's change feed ([`crate::store::Store::changed_since`]) every
@@ -96,6 +97,7 @@ pub async fn stream(
         deadline: Instant::now() + max,
         shutdown: s.shutdown.clone(),
         registry: s.registry.clone(),
+        workers: s.workers.clone(),
         queues_at: Instant::now(),
     };
     // `hello` for a fresh stream (load the page's data now), `resume` after a reconnect.
@@ -113,6 +115,7 @@ struct Tail {
     deadline: Instant,
     shutdown: tokio_util::sync::CancellationToken,
     registry: prometheus::Registry,
+    workers: crate::workers::WorkerTable,
     queues_at: Instant,
 }
 
@@ -139,6 +142,8 @@ impl Tail {
             self.queues_at = Instant::now() + QUEUES_EVERY;
             let data = serde_json::to_string(&super::queues::snapshot(&self.registry)).unwrap_or_else(|_| "{}".into());
             self.pending.push_back(Event::default().event("queues").data(data));
+            let data = serde_json::to_string(&self.workers.rows(chrono::Utc::now())).unwrap_or_else(|_| "[]".into());
+            self.pending.push_back(Event::default().event("workers").data(data));
         }
         match self.store.changed_since(self.cursor, BATCH).await {
             Ok(changes) => {

@@ -26,6 +26,7 @@ const Console = {
   views: {},
   listeners: new Set(),
   queueListeners: [],
+  workerListeners: [],
   source: null,
 
   // Does the signed-in token's scope include `needed`?
@@ -128,6 +129,10 @@ const Console = {
       const q = JSON.parse(ev.data);
       for (const f of this.queueListeners) f(q);
     });
+    s.addEventListener("workers", ev => {
+      const w = JSON.parse(ev.data);
+      for (const f of this.workerListeners) f(w);
+    });
     s.addEventListener("job", ev => {
       const job = JSON.parse(ev.data);
       for (const f of this.listeners) f(job);
@@ -151,6 +156,7 @@ const Console = {
     for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
     this.listeners.clear();
     this.queueListeners = [];
+    this.workerListeners = [];
     set("error"); set("message");
     this.views[view].show(decodeURIComponent(path[1] || ""));
   },

@@ -151,6 +151,14 @@ async fn console_submits_cancels_replays_and_promotes_live_in_chromium() {
     b.wait_js("the queues", 20, "return document.querySelectorAll('#queues-table tr').length === 3;").await;
     b.shot("queues").await;
 
+    // Workers: the test's worker, live, from its heartbeats pushed by the stream.
+    open(&b, "nav a[data-view=workers]").await;
+    b.wait_js("the live worker", 20, "return document.querySelectorAll('#workers-table tbody tr[data-state=live]').length === 1;").await;
+    let types =
+        b.client.execute("return document.querySelector('#workers-table tbody tr td:nth-child(8)').textContent;", vec![]).await.unwrap();
+    assert_eq!(types, json!("intent-train, noop"), "the worker's job types");
+    b.shot("workers").await;
+
     // The control plane restarts; the open page reconnects and catches up without a reload.
     b.click("nav a[data-view=jobs]").await;
     b.wait_row(&noop, "succeeded", 20).await;

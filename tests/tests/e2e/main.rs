@@ -20,3 +20,4 @@ mod security;
 mod series;
 mod support;
 mod tenants;
+mod workers;

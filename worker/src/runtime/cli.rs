@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// device when this build has the `cuda` feature and a GPU is visible, else the CPU), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "TRAINYARD_DEVICE", default_value = "auto", value_parser = parse_device)]
     pub device: DeviceSpec,
+    /// Seconds between two heartbeats to the control plane (1–10; it shows a worker as gone after three missed).
+    #[arg(long, env = "TRAINYARD_HEARTBEAT_S", default_value_t = trainyard_common::heartbeat::DEFAULT_INTERVAL_S)]
+    pub heartbeat_s: u64,
     /// Log format on stdout: `json` or `text`.
     #[arg(long, env = "TRAINYARD_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
@@ -101,6 +104,8 @@ async fn run_async(args: RunArgs, logs: JobLogs) -> anyhow::Result<()> {
     cfg.consumer_timeout = Duration::from_secs(args.consumer_timeout_s);
     cfg.backoff = Backoff { base_ms: args.retry_base_ms, max_ms: args.retry_max_ms };
     cfg.data_dir = args.data_dir.clone();
+    cfg.heartbeat_interval = Duration::from_secs(args.heartbeat_s);
+    cfg.device = args.device.to_string();
     // On Kubernetes: node and GPU model from the downward API and the Node's labels.
     cfg.worker.attributes.extend(crate::k8s::attributes_from_env().await);
     tracing::info!(worker = %cfg.worker.id, broker = %redact_url(&args.amqp_url), types = ?args.types, "starting worker");

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod disposition;
+mod heartbeat;
 mod held;
 pub mod http;
 pub mod joblog;
@@ -68,6 +69,11 @@ pub struct WorkerConfig {
     pub worker: WorkerInfo,
     /// Longest wait between reconnect attempts.
     pub reconnect_max: Duration,
+    /// Seconds between two heartbeats ([`heartbeat`]); at most
+    /// [`trainyard_common::heartbeat::MAX_INTERVAL_S`] so that a stopped worker shows as gone within 30 s.
+    pub heartbeat_interval: Duration,
+    /// The training device setting, as reported in heartbeats.
+    pub device: String,
     /// The broker's `consumer_timeout`: how long it lets a delivery stay unacked before it
     /// closes the channel and requeues the job. RabbitMQ does not tell its clients, so it is
     /// a setting; a job whose `timeout_s` is longer fails at once, permanently.
@@ -91,6 +97,8 @@ impl WorkerConfig {
             data_dir: trainyard_common::config::data_dir(),
             worker: WorkerInfo { id: default_worker_id(), attributes: Default::default() },
             reconnect_max: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(trainyard_common::heartbeat::DEFAULT_INTERVAL_S),
+            device: "auto".into(),
             consumer_timeout: Duration::from_secs(DEFAULT_CONSUMER_TIMEOUT_S),
         }
     }
@@ -98,18 +106,25 @@ impl WorkerConfig {
 
 /// `POD_NAME`, else `<hostname>-<pid>`.
 pub fn default_worker_id() -> String {
-    if let Ok(pod) = std::env::var("POD_NAME") {
-        if !pod.is_empty() {
-            return pod;
-        }
+    match pod_name() {
+        Some(pod) => pod,
+        None => format!("{}-{}", host_name(), std::process::id()),
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+}
+
+/// `POD_NAME` when set.
+pub(crate) fn pod_name() -> Option<String> {
+    std::env::var("POD_NAME").ok().filter(|p| !p.is_empty())
+}
+
+/// The machine's (or container's) host name.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "worker".into());
-    format!("{host}-{}", std::process::id())
+        .unwrap_or_else(|| "worker".into())
 }
 
 /// Errors that stop a worker from starting.
@@ -136,6 +151,12 @@ impl Cancels {
             r.insert(job_id.to_string(), (token, flag.clone()));
         }
         flag
+    }
+    /// Ids of the running jobs, sorted.
+    pub(crate) fn running_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.running.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
+        ids.sort();
+        ids
     }
     fn unregister(&self, job_id: &str) {
         if let Ok(mut r) = self.running.lock() {
@@ -167,6 +188,8 @@ pub(crate) struct Shared {
     pub(crate) running_count: AtomicUsize,
     pub(crate) connected: AtomicBool,
     pub(crate) retry_queues: Mutex<HashSet<(String, u64)>>,
+    /// Fired when the worker stopped (after its jobs were settled): the heartbeat says goodbye.
+    pub(crate) stopped: CancellationToken,
 }
 
 impl Shared {
@@ -209,6 +232,11 @@ impl Worker {
         if config.concurrency == 0 {
             return Err(RuntimeError::Config("concurrency must be at least 1".into()));
         }
+        let beat = config.heartbeat_interval;
+        if beat.is_zero() || beat > Duration::from_secs(trainyard_common::heartbeat::MAX_INTERVAL_S) {
+            let max = trainyard_common::heartbeat::MAX_INTERVAL_S;
+            return Err(RuntimeError::Config(format!("the heartbeat interval must be 1 to {max} s, not {beat:?}")));
+        }
         let metrics =
             WorkerMetrics::new(metrics_registry, &registry.job_types()).map_err(|e| RuntimeError::Config(format!("metrics: {e}")))?;
         let (running, _) = watch::channel(0);
@@ -222,6 +250,7 @@ impl Worker {
             running_count: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             retry_queues: Mutex::new(HashSet::new()),
+            stopped: CancellationToken::new(),
         };
         shared.update_free_slots(0);
         Ok(Self { shared: Arc::new(shared) })
@@ -244,6 +273,7 @@ impl Worker {
         let shared = &self.shared;
         let policy =
             ReconnectPolicy { base: Duration::from_millis(250), max: shared.config.reconnect_max, healthy_after: Duration::from_secs(30) };
+        let beats = tokio::spawn(heartbeat::run(shared.clone()));
         let shutdown = &shutdown;
         let session = || async move {
             match session::run(shared.clone(), shutdown).await {
@@ -258,6 +288,9 @@ impl Worker {
             shared.metrics.reconnects_total.inc();
         })
         .await;
+        // The goodbye goes after the running jobs were settled.
+        shared.stopped.cancel();
+        let _ = beats.await;
         Ok(())
     }
 }

@@ -1,0 +1,61 @@
+//! Worker heartbeats: what a live worker tells the control plane every few seconds.
+//!
+//! Workers publish a [`Heartbeat`] (JSON) to the heartbeats exchange
+//! ([`crate::topology::Topology::heartbeats_exchange`], fanout, not durable: a heartbeat is only
+//! worth its freshness) and a last one with `goodbye` set on a clean shutdown. Nothing records
+//! them: the control plane keeps the latest of each worker in memory and shows a worker as gone
+//! when nothing came for [`MISSED_BEATS`] intervals. They never go to the events exchange, whose
+//! every message the recorder and the events stream keep.
+
+use chrono::{DateTime, Utc};
+use lapin::{options::ExchangeDeclareOptions, types::FieldTable, Channel, ExchangeKind};
+use serde::{Deserialize, Serialize};
+
+use crate::{topology::Topology, CommonError, WorkerInfo};
+
+/// Default seconds between two heartbeats of a worker.
+pub const DEFAULT_INTERVAL_S: u64 = 5;
+/// A worker is gone when this many intervals passed without a heartbeat.
+pub const MISSED_BEATS: u32 = 3;
+/// The longest interval a worker may choose: gone is then shown within 30 s.
+pub const MAX_INTERVAL_S: u64 = 10;
+
+/// One heartbeat of a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The worker's id and attributes (`node`, `gpu`, … as in events).
+    pub worker: WorkerInfo,
+    /// Host name of the machine or container.
+    pub host: String,
+    /// Pod name, on Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Job types it consumes.
+    pub job_types: Vec<String>,
+    /// Training device setting (`auto`, `cpu`, `cuda:0`, …).
+    pub device: String,
+    /// Jobs it may run at once, all job types together.
+    pub slots: usize,
+    /// Jobs it runs now.
+    pub slots_in_use: usize,
+    /// Ids of the jobs it runs now.
+    pub current_jobs: Vec<String>,
+    /// The worker's release.
+    pub version: String,
+    /// Seconds until its next heartbeat.
+    pub interval_s: u64,
+    /// When it was sent.
+    pub sent_at: DateTime<Utc>,
+    /// The last one: the worker stops cleanly.
+    #[serde(default)]
+    pub goodbye: bool,
+}
+
+/// Declares the heartbeats exchange (fanout, not durable, idempotent).
+pub async fn declare_exchange(ch: &Channel, topology: &Topology) -> Result<String, CommonError> {
+    let name = topology.heartbeats_exchange();
+    ch.exchange_declare(name.as_str().into(), ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
+        .await
+        .map_err(CommonError::amqp(format!("declare exchange {name}")))?;
+    Ok(name)
+}

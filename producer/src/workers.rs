@@ -1,0 +1,157 @@
+//! The live workers, from their heartbeats ([`trainyard_common::heartbeat`]).
+//!
+//! Each control-plane replica consumes the heartbeats exchange from an exclusive, auto-delete
+//! queue of its own and keeps the latest heartbeat of every worker in memory ([`WorkerTable`]);
+//! nothing is written to the job store. A worker is `gone` when it said goodbye or when nothing
+//! came from it for [`MISSED_BEATS`] of its intervals (at most 30 s); gone workers are forgotten
+//! after [`FORGET_AFTER`]. A replica that just started knows every live worker after one interval.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use lapin::{
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use trainyard_common::{
+    amqp::connect,
+    heartbeat::{self, Heartbeat, MISSED_BEATS},
+    metrics::ControlMetrics,
+    topology::Topology,
+    CommonError,
+};
+
+/// Gone workers are dropped from the table after this long.
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// A worker as the console shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRow {
+    /// Its latest heartbeat.
+    #[serde(flatten)]
+    pub beat: Heartbeat,
+    /// When this control plane received it.
+    pub last_seen: DateTime<Utc>,
+    /// `live` or `gone`.
+    pub state: &'static str,
+}
+
+/// A worker's latest heartbeat and when it arrived.
+type Seen = (Heartbeat, DateTime<Utc>);
+
+/// The latest heartbeat of each worker, by worker id.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerTable {
+    seen: Arc<RwLock<BTreeMap<String, Seen>>>,
+}
+
+impl WorkerTable {
+    /// Records a heartbeat received at `now`.
+    pub fn record(&self, beat: Heartbeat, now: DateTime<Utc>) {
+        if let Ok(mut seen) = self.seen.write() {
+            seen.insert(beat.worker.id.clone(), (beat, now));
+            seen.retain(|_, (_, at)| now - *at < chrono::Duration::from_std(FORGET_AFTER).unwrap_or_default());
+        }
+    }
+
+    /// Every known worker at `now`, live ones first, then by id.
+    pub fn rows(&self, now: DateTime<Utc>) -> Vec<WorkerRow> {
+        let seen = match self.seen.read() {
+            Ok(s) => s.clone(),
+            Err(_) => return Vec::new(),
+        };
+        let mut rows: Vec<WorkerRow> = seen
+            .into_values()
+            .map(|(beat, last_seen)| {
+                let silent = (now - last_seen).num_milliseconds() as f64 / 1000.0;
+                let gone = beat.goodbye || silent > (beat.interval_s * u64::from(MISSED_BEATS)) as f64;
+                WorkerRow { beat, last_seen, state: if gone { "gone" } else { "live" } }
+            })
+            .collect();
+        rows.sort_by(|a, b| (a.state != "live", &a.beat.worker.id).cmp(&(b.state != "live", &b.beat.worker.id)));
+        rows
+    }
+
+    /// Consumes the heartbeats exchange into the table until `shutdown`, reconnecting when lost.
+    pub async fn run(&self, url: &str, topology: &Topology, metrics: Option<&ControlMetrics>, shutdown: CancellationToken) {
+        crate::recorder::run_reconnecting("heartbeats", &shutdown, metrics, || self.session(url, topology, &shutdown)).await
+    }
+
+    async fn session(&self, url: &str, topology: &Topology, shutdown: &CancellationToken) -> Result<(), CommonError> {
+        let conn = connect(url, "trainyard-heartbeats").await?;
+        let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+        let exchange = heartbeat::declare_exchange(&ch, topology).await?;
+        let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let queue =
+            ch.queue_declare("".into(), own, FieldTable::default()).await.map_err(CommonError::amqp("declare a heartbeat queue"))?;
+        let name = queue.name().as_str().to_string();
+        ch.queue_bind(name.as_str().into(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("bind {name} to {exchange}")))?;
+        let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let mut consumer = ch
+            .basic_consume(name.as_str().into(), "".into(), no_ack, FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("consume {name}")))?;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                next = consumer.next() => {
+                    let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: name }) };
+                    let d = d.map_err(CommonError::amqp("receive a heartbeat"))?;
+                    match serde_json::from_slice::<Heartbeat>(&d.data) {
+                        Ok(beat) => self.record(beat, Utc::now()),
+                        Err(e) => tracing::warn!(error = %e, "ignored a message on the heartbeats exchange that is not a heartbeat"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainyard_common::WorkerInfo;
+
+    fn beat(id: &str, interval_s: u64, goodbye: bool, now: DateTime<Utc>) -> Heartbeat {
+        Heartbeat {
+            worker: WorkerInfo { id: id.into(), attributes: Default::default() },
+            host: "h".into(),
+            pod: None,
+            job_types: vec!["noop".into()],
+            device: "cpu".into(),
+            slots: 1,
+            slots_in_use: 0,
+            current_jobs: vec![],
+            version: "0".into(),
+            interval_s,
+            sent_at: now,
+            goodbye,
+        }
+    }
+
+    #[test]
+    fn a_worker_is_gone_after_three_missed_intervals_or_a_goodbye_and_forgotten_later() {
+        let t0 = Utc::now();
+        let table = WorkerTable::default();
+        table.record(beat("a", 5, false, t0), t0);
+        table.record(beat("b", 5, true, t0), t0);
+        let states = |at| table.rows(at).into_iter().map(|r| (r.beat.worker.id, r.state)).collect::<Vec<_>>();
+        assert_eq!(states(t0 + chrono::Duration::seconds(14)), [("a".into(), "live"), ("b".to_string(), "gone")]);
+        assert_eq!(states(t0 + chrono::Duration::seconds(16)), [("a".into(), "gone"), ("b".to_string(), "gone")]);
+        let later = t0 + chrono::Duration::seconds(601);
+        table.record(beat("c", 5, false, later), later);
+        assert_eq!(states(later), [("c".to_string(), "live")], "gone workers are forgotten after FORGET_AFTER");
+    }
+}
