@@ -151,6 +151,9 @@ enum Cmd {
         /// Name of this run (schema, file and queue names).
         #[arg(long)]
         prefix: String,
+        /// The stores to measure.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres", value_parser = ["sqlite", "postgres"])]
+        backends: Vec<String>,
     },
     /// The raw baseline's worker process.
     RawWorker {
@@ -240,7 +243,9 @@ async fn main() -> anyhow::Result<()> {
             json!({"rss_mb": mb(rss), "peak_rss_mb": mb(hwm)})
         }
         Cmd::Outcomes { records, concurrency } => outcomes::run(&env_of(&cli)?.artifacts_root, *records, *concurrency).await?,
-        Cmd::Store { jobs, pg_url, prefix } => store::run(&env_of(&cli)?.work_dir, pg_url, *jobs, &cli.amqp_url, prefix).await?,
+        Cmd::Store { jobs, pg_url, prefix, backends } => {
+            store::run(&env_of(&cli)?.work_dir, pg_url, *jobs, &cli.amqp_url, prefix, backends).await?
+        }
         Cmd::RawWorker { prefix, prefetch } => {
             raw::worker(&cli.amqp_url, prefix, *prefetch).await?;
             return Ok(());
