@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod coalesce;
 pub mod config;
 pub mod console;

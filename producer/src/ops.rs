@@ -20,7 +20,8 @@ use trainyard_common::{
 };
 
 use crate::{
-    store::{DeadLetter, JobFilter, JobRow, Store, StoreError},
+    audit::AuditRecord,
+    store::{AuditFilter, DeadLetter, JobFilter, JobRow, Store, StoreError},
     submit::Submitter,
 };
 
@@ -121,7 +122,23 @@ impl Ops {
             CommonError::Unroutable { .. } => OpsError::BadRequest(e.to_string()),
             other => other.into(),
         })?;
+        let detail = serde_json::json!({"job_type": spec.job_type, "bot": spec.bot, "trigger": spec.trigger.kind});
+        self.audit(&spec.trigger.source, "submit", &spec.job_id, Some(detail)).await?;
         Ok(spec)
+    }
+
+    /// Keeps an operator action in the audit trail: in the store at once, and on the events
+    /// stream (so that `store rebuild` restores it; the recorder's copy is a duplicate).
+    async fn audit(&self, by: &str, action: &str, target: &str, detail: Option<serde_json::Value>) -> Result<(), OpsError> {
+        let record = AuditRecord::new(by, action, target, detail);
+        self.store.record_audit(std::slice::from_ref(&record)).await?;
+        self.submitter.publish_audit(&record).await?;
+        Ok(())
+    }
+
+    /// The audit trail, newest first.
+    pub async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, OpsError> {
+        Ok(self.store.audit(filter).await?)
     }
 
     /// Jobs matching `filter`; listed by bot, its queued jobs carry their queue position.
@@ -241,6 +258,7 @@ impl Ops {
         let res = publish_confirmed(&ch, &self.topology().control_exchange(), "", &body, props, false).await;
         let _ = conn.close(200, "done".into()).await;
         res?;
+        self.audit(by, "cancel", job_id, (!reason.is_empty()).then(|| serde_json::json!({"reason": reason}))).await?;
         Ok(req)
     }
 
@@ -256,7 +274,9 @@ impl Ops {
         let mut spec = JobSpec::new(old.job_type, old.bot, old.params, Trigger { kind, source: format!("{by} (retry of {job_id})") });
         spec.max_attempts = old.max_attempts;
         spec.timeout_s = old.timeout_s;
-        self.submit(spec).await
+        let spec = self.submit(spec).await?;
+        self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": spec.job_id}))).await?;
+        Ok(spec)
     }
 
     /// Dead letters not replayed yet, with the depth of each dead-letter queue.
@@ -339,6 +359,7 @@ impl Ops {
                 self.store.record_event(&queued).await?;
                 self.store.mark_replayed(&id, now).await?;
                 self.submitter.publish_event(&ch, &queued).await?;
+                self.audit(by, "replay", &id, Some(serde_json::json!({"run": run}))).await?;
                 tracing::info!(job_id = %id, by, "dead letter replayed");
                 replayed.push(id.clone());
                 if req.job_id.is_some() {
@@ -369,17 +390,23 @@ impl Ops {
     /// Makes the model job `job_id` trained the production model of its bot.
     pub async fn promote(&self, job_id: &str, by: &str) -> Result<ProductionEntry, OpsError> {
         let job = self.job(job_id).await?;
-        models::promote_job(&self.artifacts, &job.bot, job_id, &format!("promoted by hand by {by}")).await.map_err(|e| match e {
-            e @ CommonError::ModelMissing { .. } => OpsError::Conflict(e.to_string()),
-            other => other.into(),
-        })
+        let entry =
+            models::promote_job(&self.artifacts, &job.bot, job_id, &format!("promoted by hand by {by}")).await.map_err(|e| match e {
+                e @ CommonError::ModelMissing { .. } => OpsError::Conflict(e.to_string()),
+                other => other.into(),
+            })?;
+        self.audit(by, "promote", &job.bot, Some(serde_json::json!({"job_id": job_id}))).await?;
+        Ok(entry)
     }
 
     /// Restores the bot's previous production model.
     pub async fn rollback(&self, bot: &str, by: &str) -> Result<Option<ProductionEntry>, OpsError> {
-        models::rollback(&self.artifacts, bot, &format!("rolled back by {by}")).await.map_err(|e| match e {
+        let entry = models::rollback(&self.artifacts, bot, &format!("rolled back by {by}")).await.map_err(|e| match e {
             e @ CommonError::NoProductionModel { .. } => OpsError::Conflict(e.to_string()),
             other => other.into(),
-        })
+        })?;
+        let detail = entry.as_ref().map(|e| serde_json::json!({"job_id": e.job_id}));
+        self.audit(by, "rollback", bot, detail).await?;
+        Ok(entry)
     }
 }

@@ -38,6 +38,8 @@ pub struct RebuildReport {
     pub read: u64,
     /// Events recorded (new).
     pub recorded: u64,
+    /// Audit records (operator actions) read.
+    pub audit: u64,
     /// Entries that were not events.
     pub skipped: u64,
 }
@@ -80,6 +82,20 @@ async fn replay(store: &Store, topology: &Topology, url: &str, idle: Duration, o
         let d = d.map_err(CommonError::amqp("read the events stream"))?;
         report.read += 1;
         let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+        if crate::audit::is_audit(&d.properties) {
+            match crate::audit::decode(ct, &d.data) {
+                Ok(record) => {
+                    store.record_audit(std::slice::from_ref(&record)).await?;
+                    report.audit += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an audit record that cannot be read");
+                    report.skipped += 1;
+                }
+            }
+            d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a stream entry"))?;
+            continue;
+        }
         match codec::decode::<JobEvent>(ct, &d.data) {
             Ok(ev) => {
                 if store.record_event(&ev).await? {

@@ -173,9 +173,16 @@ impl Recorder {
         let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("receive a delivery"))?;
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { return Ok(()) };
         let mut events = Vec::with_capacity(deliveries.len());
-        let mut parked = Vec::new();
+        let (mut parked, mut audit) = (Vec::new(), Vec::new());
         for d in &deliveries {
             let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+            if crate::audit::is_audit(&d.properties) {
+                match crate::audit::decode(ct, &d.data) {
+                    Ok(record) => audit.push(record),
+                    Err(reason) => parked.push(ParkedEvent::new(d.routing_key.as_str(), ct, &d.data, &reason)),
+                }
+                continue;
+            }
             match decode_event(ct, &d.data) {
                 Ok(event) => events.push(event),
                 Err(reason) => {
@@ -186,7 +193,12 @@ impl Recorder {
             }
         }
         tracing::debug!(deliveries = deliveries.len(), "recording a batch");
-        match self.record_batch(&events, &parked).await {
+        // Audit records first (idempotent on their id): a failure after them returns the whole batch.
+        let recorded = match self.store.record_audit(&audit).await {
+            Ok(()) => self.record_batch(&events, &parked).await,
+            Err(e) => Err(e),
+        };
+        match recorded {
             Ok(()) => {
                 last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack deliveries"))?;
             }

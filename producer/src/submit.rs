@@ -77,6 +77,13 @@ impl Submitter {
         publish_event(ch, &self.topology, event).await
     }
 
+    /// Publishes an audit record to the events exchange, confirmed.
+    pub async fn publish_audit(&self, record: &crate::audit::AuditRecord) -> Result<(), CommonError> {
+        let ch = pool::get(&self.pool).await?;
+        self.shared_declared.get_or_try_init(|| self.topology.declare_shared(&ch)).await?;
+        crate::audit::publish(&ch, &self.topology, record).await
+    }
+
     /// Opens a subscription to one job's events. Open it **before** submitting
     /// so no event is missed.
     pub async fn watch(&self, spec: &JobSpec) -> Result<JobWatch, CommonError> {

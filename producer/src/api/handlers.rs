@@ -164,6 +164,11 @@ pub struct DlqQuery {
     job_type: Option<String>,
 }
 
+/// `GET /v1/audit`: the audit trail, newest first.
+pub async fn audit(State(s): State<ApiState>, Query(f): Query<crate::store::AuditFilter>) -> ApiResult<Response> {
+    Ok(Json(s.ops.audit_trail(&f).await?).into_response())
+}
+
 pub async fn dlq_list(State(s): State<ApiState>, Query(q): Query<DlqQuery>) -> ApiResult<Response> {
     Ok(Json(s.ops.dead_letters(q.job_type.as_deref()).await?).into_response())
 }

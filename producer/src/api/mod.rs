@@ -71,6 +71,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .route("/jobs/{id}/retry", post(handlers::retry))
         .route("/queues", get(queues::queues))
         .route("/workers", get(workers))
+        .route("/audit", get(handlers::audit))
         .route("/dlq", get(handlers::dlq_list))
         .route("/dlq/replay", post(handlers::dlq_replay))
         .route("/models/{bot}", get(handlers::models))

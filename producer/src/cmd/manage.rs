@@ -130,16 +130,16 @@ pub enum EventsCmd {
     Reprocess,
 }
 
-enum Conn {
+pub(super) enum Conn {
     Direct(Ops),
     Remote { base: String, token: String, http: reqwest::Client },
 }
 
-fn who() -> String {
+pub(super) fn who() -> String {
     std::env::var("USER").unwrap_or_else(|_| "cli".into())
 }
 
-async fn open(t: &Target, url: &str, topology: Topology) -> anyhow::Result<Conn> {
+pub(super) async fn open(t: &Target, url: &str, topology: Topology) -> anyhow::Result<Conn> {
     if let Some(server) = &t.server {
         let token = t.token.clone().context("--server needs --token (or TRAINYARD_TOKEN)")?;
         return Ok(Conn::Remote { base: server.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() });
@@ -165,7 +165,7 @@ impl Conn {
         }
         Ok(resp)
     }
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub(super) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         Ok(self.call(reqwest::Method::GET, path, None).await?.json().await?)
     }
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
@@ -224,7 +224,7 @@ fn parse_since(flag: &str, s: &str) -> anyhow::Result<chrono::DateTime<chrono::U
     Ok(chrono::Utc::now() - chrono::TimeDelta::seconds(secs))
 }
 
-fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
+pub(super) fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
     if json_out {
         println!("{v}");
     } else {
@@ -232,7 +232,7 @@ fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
     }
 }
 
-fn s(v: &Value) -> String {
+pub(super) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),

@@ -1,5 +1,6 @@
 //! Subcommands of the `trainyard` binary.
 
+mod audit;
 mod follow;
 mod manage;
 mod serve;
@@ -39,6 +40,8 @@ enum Command {
     /// Bots' production models.
     #[command(subcommand)]
     Models(manage::ModelsCmd),
+    /// The audit trail: who submitted, cancelled, retried, replayed, promoted or rolled back what.
+    Audit(audit::AuditArgs),
     /// Events the recorder parked because it could not record them.
     #[command(subcommand)]
     Events(manage::EventsCmd),
@@ -64,6 +67,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(cmd) => manage::dlq(cli.target, &cli.amqp_url, topology, cmd).await,
         Command::Models(cmd) => manage::models(cli.target, &cli.amqp_url, topology, cmd).await,
         Command::Events(cmd) => manage::events(cli.target, cmd).await,
+        Command::Audit(args) => audit::run(cli.target, &cli.amqp_url, topology, args).await,
         Command::Serve(args) => serve::serve(cli.target, &cli.amqp_url, topology, args).await,
         Command::Store(cmd) => serve::store(cli.target, &cli.amqp_url, topology, cmd).await,
         Command::Topology { types } => {

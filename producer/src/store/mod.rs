@@ -16,6 +16,7 @@
 //!   and re-recorded later ([`parked`]).
 //! - A store can be rebuilt from the `events.log` stream (see `rebuild`).
 
+mod audit;
 mod dead_letters;
 mod feed;
 mod parked;
@@ -32,6 +33,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use sqlx::{any::AnyPoolOptions, AnyPool, AssertSqlSafe, Row};
 
+pub use audit::AuditFilter;
 pub use feed::Change;
 pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobCursor, JobFilter, JobRow, ParkedEvent};
 

@@ -114,6 +114,21 @@ CREATE INDEX IF NOT EXISTS jobs_status_type_created_id ON jobs (status, job_type
 DROP INDEX IF EXISTS jobs_status_type_created
 "#,
     ),
+    (
+        7,
+        r#"
+CREATE TABLE IF NOT EXISTS audit (
+    id TEXT PRIMARY KEY,
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT,
+    recorded_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at, id)
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.

@@ -5,7 +5,8 @@
 //! as processes and make a history: retries, a dead letter replayed to success, a cancel,
 //! a scheduled fire, an event trigger, a trained model promoted by hand. The store is then
 //! rebuilt from the events stream into a fresh database, and `jobs list --json` and
-//! `jobs show --json` of every job must read the same from both, on SQLite and PostgreSQL.
+//! `jobs show --json` of every job and the audit trail must read the same from both, on
+//! SQLite and PostgreSQL.
 
 use std::{
     path::Path,
@@ -187,6 +188,21 @@ async fn history_then_rebuild(live: &str, fresh: &str) {
     let (a, b) = (cli_json(&env, live, &list).await, cli_json(&env, fresh, &list).await);
     assert_eq!(a.as_array().unwrap().len(), 6, "{a}");
     assert_eq!(a, b, "jobs list --json differs after a rebuild");
+    // The audit trail too: every action through the API, by the token's name.
+    let trail = ["audit", "--json", "--limit", "100"];
+    let (audit, rebuilt) = (cli_json(&env, live, &trail).await, cli_json(&env, fresh, &trail).await);
+    assert_eq!(audit, rebuilt, "the audit trail differs after a rebuild");
+    let done: Vec<(&str, &str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["actor"].as_str().unwrap(), r["action"].as_str().unwrap(), r["target"].as_str().unwrap()))
+        .collect();
+    for want in
+        [("tests", "submit", dead.as_str()), ("tests", "cancel", &long), ("tests", "replay", &dead), ("tests", "promote", "model-bot")]
+    {
+        assert!(done.contains(&want), "{want:?} not in the audit trail {done:?}");
+    }
     for row in a.as_array().unwrap() {
         let id = row["job_id"].as_str().unwrap();
         let show = ["jobs", "show", "--json", id];
