@@ -32,6 +32,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     ("admin.js", "text/javascript; charset=utf-8", include_str!("admin.js")),
     ("queues.js", "text/javascript; charset=utf-8", include_str!("queues.js")),
     ("workers.js", "text/javascript; charset=utf-8", include_str!("workers.js")),
+    ("audit.js", "text/javascript; charset=utf-8", include_str!("audit.js")),
 ];
 
 /// The console's routes: the page at `/` and `/jobs/{id}`, its assets under `/console/`.

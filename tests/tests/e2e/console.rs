@@ -1,7 +1,8 @@
 //! The operators' console in headless Chromium against a real control plane, worker and RabbitMQ:
 //! sign in, submit a noop and an intent job and watch them succeed without a reload, cancel a
 //! running job, replay a dead letter, roll back and promote a model, survive a control-plane
-//! restart; a read-only token sees the job view but no action, and a forged request is refused.
+//! restart; the Workers view shows the worker and the Audit view every action by the token's name;
+//! a read-only token sees the job view but no action, and a forged request is refused.
 //! Every view is saved as a screenshot under `target/console-screenshots/`.
 
 use std::time::Duration;
@@ -158,6 +159,30 @@ async fn console_submits_cancels_replays_and_promotes_live_in_chromium() {
         b.client.execute("return document.querySelector('#workers-table tbody tr td:nth-child(8)').textContent;", vec![]).await.unwrap();
     assert_eq!(types, json!("intent-train, noop"), "the worker's job types");
     b.shot("workers").await;
+
+    // Audit: every action above by the token's name, newest first; filtered by action.
+    open(&b, "nav a[data-view=audit]").await;
+    b.wait_js("the audit trail", 20, "return document.querySelectorAll('#audit-table tbody tr').length === 8;").await;
+    let trail = "return [...document.querySelectorAll('#audit-table tbody tr')].map(r => [r.querySelector('.actor').textContent, r.dataset.action, r.querySelector('.target').textContent]);";
+    let ops = |action: &str, target: &str| json!(["ops", action, target]);
+    let expected = json!([
+        ops("promote", "console-bot"),
+        ops("rollback", "console-bot"),
+        ops("replay", &dead),
+        ops("submit", &dead),
+        ops("cancel", &long),
+        ops("submit", &long),
+        ops("submit", &intent),
+        ops("submit", &noop)
+    ]);
+    assert_eq!(b.client.execute(trail, vec![]).await.unwrap(), expected, "the console's actions, newest first");
+    b.shot("audit").await;
+    b.client.execute("document.querySelector('#audit-filters select[name=action]').value = 'cancel'; return true;", vec![]).await.unwrap();
+    b.click("#audit-filters button[type=submit]").await;
+    b.wait_js("the cancel only", 10, "return document.querySelectorAll('#audit-table tbody tr').length === 1;").await;
+    assert_eq!(b.client.execute(trail, vec![]).await.unwrap(), json!([ops("cancel", &long)]));
+    b.click(&format!(r#"#audit-table a[href="/jobs/{long}"]"#)).await;
+    b.wait_js("the cancelled job's view from its audit link", 20, "return document.body.dataset.loaded === 'cancelled';").await;
 
     // The control plane restarts; the open page reconnects and catches up without a reload.
     b.click("nav a[data-view=jobs]").await;
