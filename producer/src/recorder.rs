@@ -149,21 +149,28 @@ impl Recorder {
         tokio::pin!(batches, dead_work);
         let events_ended = || CommonError::ConsumerEnded { queue: self.topology.recorder_queue() };
         let dead_ended = || CommonError::ConsumerEnded { queue: self.topology.dead_recorder_queue() };
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let _ = conn.close(200, "shutdown".into()).await;
-                    return Ok(());
-                }
-                b = batches.next() => match b {
-                    Some(batch) => self.settle_events(batch).await?,
-                    None => return Err(events_ended().into()),
-                },
-                d = dead_work.next() => match d {
-                    Some(r) => r?,
-                    None => return Err(dead_ended().into()),
-                },
+        // Two loops polled side by side, never one inside the other's arm: a dead letter's
+        // future suspended mid-transaction (holding SQLite's write lock or a pooled connection)
+        // while an event batch waits for that lock would stall both until the store timed out.
+        let events_loop = async {
+            while let Some(batch) = batches.next().await {
+                self.settle_events(batch).await?;
             }
+            Err::<(), RecorderError>(events_ended().into())
+        };
+        let dead_loop = async {
+            while let Some(r) = dead_work.next().await {
+                r?;
+            }
+            Err::<(), RecorderError>(dead_ended().into())
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = conn.close(200, "shutdown".into()).await;
+                Ok(())
+            }
+            r = events_loop => r,
+            r = dead_loop => r,
         }
     }
 
