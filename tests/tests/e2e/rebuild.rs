@@ -8,11 +8,7 @@
 //! `jobs show --json` of every job and the audit trail must read the same from both, on
 //! SQLite and PostgreSQL.
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use chrono::{Timelike, Utc};
 use serde_json::{json, Value};
@@ -113,16 +109,7 @@ async fn history_then_rebuild(live: &str, fresh: &str) {
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::write(dirs.0.path().join("tiny.csv"), crate::intent::tiny_csv()).unwrap();
     let api = free_port();
-    let common = |c: &mut Command| {
-        c.env("TRAINYARD_PREFIX", env.topo.prefix())
-            .env("TRAINYARD_AMQP_URL", URL)
-            .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
-            .env("TRAINYARD_DATA_DIR", dirs.0.path())
-            .env("TRAINYARD_CONSUMER_TIMEOUT_S", crate::support::CONSUMER_TIMEOUT_S.to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-    };
+    let common = |c: &mut Command| env.quiet_process(c, dirs.0.path());
     let mut serve = Command::new(bin("trainyard"));
     serve.args(["serve", "--listen", &format!("127.0.0.1:{api}"), "--types", "noop,intent-train"]);
     serve.arg("--config").arg(config(dirs.1.path()));

@@ -11,7 +11,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use lapin::BasicProperties;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{bin, Env, URL};
+use crate::support::{bin, Env};
 
 pub(crate) const TOKEN: &str = "series-test-token";
 const WITHIN: Duration = Duration::from_secs(180);
@@ -113,16 +113,7 @@ async fn exported_series_match_the_committed_list() {
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::write(dirs.0.path().join("tiny.csv"), crate::intent::tiny_csv()).unwrap();
     let (api, metrics) = (free_port(), free_port());
-    let common = |c: &mut Command| {
-        c.env("TRAINYARD_PREFIX", env.topo.prefix())
-            .env("TRAINYARD_AMQP_URL", URL)
-            .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
-            .env("TRAINYARD_DATA_DIR", dirs.0.path())
-            .env("TRAINYARD_CONSUMER_TIMEOUT_S", crate::support::CONSUMER_TIMEOUT_S.to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-    };
+    let common = |c: &mut Command| env.quiet_process(c, dirs.0.path());
     let mut serve = Command::new(bin("trainyard"));
     serve.args(["serve", "--listen", &format!("127.0.0.1:{api}"), "--types", "noop,intent-train"]);
     serve.env("TRAINYARD_DATABASE_URL", format!("sqlite://{}/store.db", dirs.1.path().display()));

@@ -70,6 +70,19 @@ impl Env {
         cfg
     }
 
+    /// Points a `trainyard` or `trainyard-worker` process at this environment (prefix, broker,
+    /// artifacts, `data_dir`), with warnings only and its output discarded.
+    pub fn quiet_process(&self, c: &mut Command, data_dir: &std::path::Path) {
+        c.env("TRAINYARD_PREFIX", self.topo.prefix())
+            .env("TRAINYARD_AMQP_URL", URL)
+            .env("TRAINYARD_ARTIFACTS", self.artifacts_dir.path())
+            .env("TRAINYARD_DATA_DIR", data_dir)
+            .env("TRAINYARD_CONSUMER_TIMEOUT_S", CONSUMER_TIMEOUT_S.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+    }
+
     /// Starts an in-process worker for `types`.
     pub fn spawn_worker(&self, types: &[&str], tweak: impl FnOnce(&mut WorkerConfig)) -> WorkerHandle {
         self.spawn_worker_with_metrics(types, &prometheus::Registry::new(), tweak)
