@@ -73,6 +73,20 @@ pub fn decode(content_type: Option<&str>, body: &[u8]) -> Result<AuditRecord, St
     Ok(record)
 }
 
+/// What a parked message reads as now (`trainyard events reprocess`). Audit records are told
+/// apart by their routing key (`audit.<action>`; the AMQP `type` is not kept with a parked
+/// message); one that does not read as an audit record is tried as a job event (a job type
+/// named `audit`), and the audit reason is kept when neither reads.
+pub fn decode_parked(routing_key: &str, content_type: Option<&str>, body: &[u8]) -> Result<crate::store::Unparked, String> {
+    use crate::store::Unparked;
+    let event = || crate::recorder::decode_event(content_type, body).map(Unparked::Event);
+    if routing_key.starts_with("audit.") {
+        decode(content_type, body).map(Unparked::Audit).or_else(|reason| event().map_err(|_| reason))
+    } else {
+        event()
+    }
+}
+
 /// Publishes `record` on the events exchange (confirmed).
 pub async fn publish(ch: &Channel, topology: &Topology, record: &AuditRecord) -> Result<(), CommonError> {
     let body = codec::to_json(record)?;

@@ -453,7 +453,7 @@ pub async fn events(t: Target, cmd: EventsCmd) -> anyhow::Result<ExitCode> {
         }
         EventsCmd::Reprocess => {
             let (recorded, parked) =
-                store.reprocess_parked(|p, body| trainyard::recorder::decode_event(p.content_type.as_deref(), body)).await?;
+                store.reprocess_parked(|p, body| trainyard::audit::decode_parked(&p.routing_key, p.content_type.as_deref(), body)).await?;
             let v = json!({"recorded": recorded, "still_parked": parked});
             print(t.json, &v, |_| println!("recorded {recorded} parked event(s); {parked} still parked"));
         }

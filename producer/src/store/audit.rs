@@ -28,6 +28,12 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(q("begin recording audit records"))?;
+        self.record_audit_in(&mut tx, records).await?;
+        tx.commit().await.map_err(q("commit audit records"))
+    }
+
+    /// Records audit records (idempotent on their id) in the caller's transaction.
+    pub(super) async fn record_audit_in(&self, conn: &mut sqlx::AnyConnection, records: &[AuditRecord]) -> Result<(), StoreError> {
         let now = micros(Utc::now());
         for chunk in records.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -45,9 +51,9 @@ impl Store {
                     .bind(r.detail.as_ref().map(types::to_json))
                     .bind(now);
             }
-            query.execute(&mut *tx).await.map_err(q("record audit records"))?;
+            query.execute(&mut *conn).await.map_err(q("record audit records"))?;
         }
-        tx.commit().await.map_err(q("commit audit records"))
+        Ok(())
     }
 
     /// Audit records matching `filter`, newest first.

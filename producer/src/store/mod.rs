@@ -35,6 +35,7 @@ use sqlx::{any::AnyPoolOptions, AnyPool, AssertSqlSafe, Row};
 
 pub use audit::AuditFilter;
 pub use feed::Change;
+pub use parked::Unparked;
 pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobCursor, JobFilter, JobRow, ParkedEvent};
 
 /// Default store, under the data directory of the control plane.

@@ -7,7 +7,18 @@
 use sqlx::{AssertSqlSafe, Row};
 use trainyard_common::JobEvent;
 
+use crate::audit::AuditRecord;
+
 use super::{micros, q, types, values_list, ParkedEvent, Recorded, Store, StoreError, ROWS_PER_STATEMENT};
+
+/// What a parked message reads as now: a job event or an audit record.
+#[derive(Debug)]
+pub enum Unparked {
+    /// A job event.
+    Event(JobEvent),
+    /// An operator action of the audit trail.
+    Audit(AuditRecord),
+}
 
 impl Store {
     /// Records `events` and parks `parked`, in one transaction.
@@ -47,27 +58,30 @@ impl Store {
         Ok(rows.iter().map(types::parked_event).collect())
     }
 
-    /// Records every parked event that `decode` now reads and removes it from the
-    /// parked ones, in one transaction; the others stay parked (with the new reason).
-    /// Returns (recorded, still parked).
+    /// Records every parked event or audit record that `decode` now reads and
+    /// removes it from the parked ones, in one transaction; the others stay parked
+    /// (with the new reason). Returns (recorded, still parked).
     pub async fn reprocess_parked(
         &self,
-        decode: impl Fn(&ParkedEvent, &[u8]) -> Result<JobEvent, String>,
+        decode: impl Fn(&ParkedEvent, &[u8]) -> Result<Unparked, String>,
     ) -> Result<(usize, usize), StoreError> {
         let parked = self.parked_events().await?;
-        let mut events = Vec::new();
+        let (mut events, mut audit) = (Vec::new(), Vec::new());
         let mut done = Vec::new();
         let mut still = Vec::new();
         for p in &parked {
             match decode(p, &p.body_bytes()?) {
-                Ok(e) => {
-                    events.push(e);
-                    done.push(p.id.as_str());
+                Ok(Unparked::Event(e)) => events.push(e),
+                Ok(Unparked::Audit(r)) => audit.push(r),
+                Err(reason) => {
+                    still.push((p.id.as_str(), reason));
+                    continue;
                 }
-                Err(reason) => still.push((p.id.as_str(), reason)),
             }
+            done.push(p.id.as_str());
         }
         let mut tx = self.pool.begin().await.map_err(q("begin reprocessing parked events"))?;
+        self.record_audit_in(&mut tx, &audit).await?;
         self.record_events_in(&mut tx, &events).await?;
         for id in &done {
             sqlx::query("DELETE FROM parked_events WHERE id = $1")

@@ -104,9 +104,20 @@ async fn newer_and_garbage_events(store: Store, db_url: &str) {
     old["priority"] = 5.into();
     let old_body = serde_json::to_vec(&old).unwrap();
     store.record_batch(&[], &[ParkedEvent::new("noop.queued", Some(codec::JSON), &old_body, "unknown field `priority`")]).await.unwrap();
-    assert_eq!(store.parked_count().await.unwrap(), 3);
+    // ... and so is an audit record parked the same way (told apart by its routing key).
+    let action = trainyard::audit::AuditRecord::new("ops-token", "cancel", &d.job_id, None);
+    let mut old_action = serde_json::to_value(&action).unwrap();
+    old_action["ip"] = "10.0.0.7".into();
+    let old_action = serde_json::to_vec(&old_action).unwrap();
+    store.record_batch(&[], &[ParkedEvent::new("audit.cancel", Some(codec::JSON), &old_action, "unknown field `ip`")]).await.unwrap();
+    assert_eq!(store.parked_count().await.unwrap(), 4);
     let done = cli_json(db_url, &topo, &["events", "reprocess"]).await;
-    assert_eq!(done, json!({"recorded": 1, "still_parked": 2}));
+    assert_eq!(done, json!({"recorded": 2, "still_parked": 2}));
+    let trail = store.audit(&trainyard::store::AuditFilter { target: Some(d.job_id.clone()), ..Default::default() }).await.unwrap();
+    assert_eq!(
+        trail.iter().map(|r| (r.id.as_str(), r.actor.as_str(), r.action.as_str())).collect::<Vec<_>>(),
+        [(action.id.as_str(), "ops-token", "cancel")]
+    );
     let job_d = store.job(&d.job_id).await.unwrap().expect("reprocessed event recorded");
     assert_eq!((job_d.status, job_d.spec.as_ref().map(|s| s.job_id.as_str())), (JobStatus::Queued, Some(d.job_id.as_str())));
     assert_eq!(store.parked_count().await.unwrap(), 2);
