@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// `cancelled`. So that a job still waiting in a queue is cancelled too, the
 /// sender also writes [`cancel_marker`](crate::artifacts::keys::cancel_marker)
 /// in the artifact store; a worker checks it before starting a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelRequest {
     /// The job to cancel.

@@ -27,7 +27,7 @@ use crate::{
 /// on transient errors or timeouts), `dead` (permanent error, poison message,
 /// delivery limit), `cancelled` or `superseded` (a newer job with the same
 /// coalescing key replaced it before it ran).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Published and confirmed by the broker.
@@ -107,7 +107,7 @@ impl std::str::FromStr for JobStatus {
 }
 
 /// How an error should be handled; also reported in events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorKind {
     /// Might work next time: retried with backoff.
@@ -124,7 +124,7 @@ pub enum ErrorKind {
 }
 
 /// An error as reported in an event. Unknown fields are ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorInfo {
     /// Its disposition class.
     pub kind: ErrorKind,
@@ -133,7 +133,7 @@ pub struct ErrorInfo {
 }
 
 /// The worker that ran an attempt, with its attributes (`node`, `gpu`, …). Unknown fields are ignored.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerInfo {
     /// Unique worker id (host name and process id, or pod name).
     pub id: String,
@@ -146,7 +146,7 @@ pub struct WorkerInfo {
 ///
 /// Never `deny_unknown_fields`: an event of a newer minor version (a worker one
 /// release ahead during a rolling upgrade) must still be recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobEvent {
     /// Contract version: omitted means 1.0, and 1.0 is written by leaving it out, so
     /// that readers of the release before (which refused unknown fields) still read it.

@@ -21,7 +21,7 @@ pub const MISSED_BEATS: u32 = 3;
 pub const MAX_INTERVAL_S: u64 = 10;
 
 /// One heartbeat of a worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Heartbeat {
     /// The worker's id and attributes (`node`, `gpu`, … as in events).
     pub worker: WorkerInfo,

@@ -26,7 +26,7 @@ pub const MAX_TIMEOUT_S: u64 = 6 * 3600;
 pub const MAX_ATTEMPTS_LIMIT: u32 = 10;
 
 /// What started a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TriggerKind {
     /// A person, through the CLI.
@@ -60,7 +60,7 @@ impl std::fmt::Display for TriggerKind {
 ///
 /// Absent on the wire means `normal`; a value this build does not know (a newer
 /// minor version's tier) is read as `normal`, so that the job still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Before everything else (an urgent fix).
@@ -116,7 +116,7 @@ impl<'de> Deserialize<'de> for Priority {
 pub const MAX_COALESCE_KEY: usize = 256;
 
 /// Who or what triggered a job, for the audit trail. Unknown fields are ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Trigger {
     /// The kind of trigger.
     pub kind: TriggerKind,
@@ -136,7 +136,7 @@ impl Trigger {
 ///
 /// Never `deny_unknown_fields`: a job written by a newer minor version (a field this
 /// build does not know) must still run here; the unknown fields are ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSpec {
     /// Schema version: `1` (an integer; omitted means 1) or `"MAJOR.MINOR"`.
     #[serde(default)]

@@ -40,7 +40,7 @@ pub fn metrics_key(job_id: &str) -> String {
 }
 
 /// The model serving a bot (`bots/<bot>/production.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProductionEntry {
     /// The bot.
     pub bot: String,
@@ -59,7 +59,7 @@ pub struct ProductionEntry {
 }
 
 /// What a history record did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PromotionAction {
     /// A model became production.
@@ -69,7 +69,7 @@ pub enum PromotionAction {
 }
 
 /// One change of a bot's production model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PromotionRecord {
     /// Promote or rollback.
     pub action: PromotionAction,
@@ -85,7 +85,7 @@ pub struct PromotionRecord {
 }
 
 /// A bot's promotion history (`bots/<bot>/promotions.json`), oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PromotionHistory {
     /// Every change, oldest first.
     pub records: Vec<PromotionRecord>,

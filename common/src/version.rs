@@ -96,6 +96,20 @@ impl<'de> Deserialize<'de> for SchemaVersion {
     }
 }
 
+/// In the API document: an integer (`1`, meaning `1.0`) or a string `"MAJOR.MINOR"`.
+impl utoipa::PartialSchema for SchemaVersion {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)))
+            .item(ObjectBuilder::new().schema_type(Type::String).pattern(Some(r"^[0-9]+(\.[0-9]+)?$")))
+            .description(Some("Contract version: an integer (1, meaning 1.0) or \"MAJOR.MINOR\"; omitted means 1.0."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SchemaVersion {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

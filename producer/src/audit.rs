@@ -15,7 +15,7 @@ use trainyard_common::{amqp::publish_confirmed, codec, topology::Topology, versi
 pub const AUDIT_TYPE: &str = "trainyard.audit";
 
 /// One operator action. Unknown fields are ignored (a newer minor version).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     /// Contract version (omitted: 1.0).
     #[serde(default, skip_serializing_if = "SchemaVersion::is_current")]

@@ -46,7 +46,7 @@ pub enum OpsError {
 }
 
 /// A job as shown by `jobs show` and `GET /v1/jobs/{id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobDetail {
     /// The job row.
     #[serde(flatten)]
@@ -70,7 +70,7 @@ pub struct JobDetail {
 }
 
 /// A bot's models: production and history.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BotModels {
     /// The bot.
     pub bot: String,
@@ -81,7 +81,7 @@ pub struct BotModels {
 }
 
 /// What to replay from the dead-letter queues.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplayRequest {
     /// One job.
     pub job_id: Option<String>,

@@ -32,7 +32,7 @@ use trainyard_common::{
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 /// A worker as the console shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WorkerRow {
     /// Its latest heartbeat.
     #[serde(flatten)]

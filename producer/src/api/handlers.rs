@@ -7,56 +7,89 @@ use axum::{
     Extension, Json,
 };
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use trainyard_common::{JobSpec, JobStatus, Trigger, TriggerKind};
+use serde::{Deserialize, Serialize};
+use trainyard_common::{control::CancelRequest, models::ProductionEntry, JobEvent, JobSpec, JobStatus, Trigger, TriggerKind};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, ApiState, Caller};
+use super::{
+    doc::Document,
+    errors::{AuthResponses, BodyResponses, ScopeResponses, UnavailableResponses},
+    ApiError, ApiState, Caller, ErrorBody,
+};
 use crate::{
-    ops::ReplayRequest,
-    store::{JobCursor, JobFilter},
+    ops::{BotModels, JobDetail, ReplayRequest},
+    store::{DeadLetter, JobCursor, JobFilter, JobRow},
 };
 
 type ApiResult<T> = Result<T, ApiError>;
 
-const OPENAPI: &str = include_str!("openapi.json");
-
-pub async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// `GET /openapi.json`: this document, generated from the code.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "the OpenAPI 3.1 document of this API", content_type = "application/json", body = Object)))]
+pub async fn openapi(Extension(doc): Extension<Document>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], doc.0.as_str().to_string()).into_response()
 }
 
+/// `GET /healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /metrics`: Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(s): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], trainyard_common::metrics::render(&s.registry)).into_response()
 }
 
+/// `GET /readyz`: the job store and the broker answer.
+#[utoipa::path(get, path = "/readyz", tag = "service",
+    responses((status = 200, description = "`ready`", content_type = "text/plain", body = String),
+        (status = 503, description = "the job store or the broker does not answer", body = ErrorBody)))]
 pub async fn readyz(State(s): State<ApiState>) -> Response {
     if let Err(e) = s.ops.store.is_empty().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("job store: {e}")).into_response();
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("job store: {e}")).into_response();
     }
     if let Err(e) = s.ops.submitter.declare_shared().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("broker: {e}")).into_response();
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("broker: {e}")).into_response();
     }
     "ready".into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// Query of `GET /v1/jobs`; an unknown parameter is refused.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this status.
     status: Option<JobStatus>,
+    /// Only this job type.
     #[serde(rename = "type")]
     job_type: Option<String>,
+    /// Only this bot.
     bot: Option<String>,
+    /// Only jobs triggered this way.
     trigger: Option<TriggerKind>,
+    /// RFC 3339: only jobs created at or after.
     since: Option<DateTime<Utc>>,
+    /// RFC 3339: only jobs created before.
     until: Option<DateTime<Utc>>,
     /// Job id prefix.
     q: Option<String>,
     /// The `X-Next-Cursor` of the previous page.
     before: Option<String>,
+    /// Page size, 1 to 10,000 (default 100).
     limit: Option<i64>,
 }
 
 /// `GET /v1/jobs`: a page of jobs, newest first; when the page is full, the
 /// `X-Next-Cursor` header carries the `before` of the next one.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", security(("bearer" = [])), params(ListQuery),
+    responses((status = 200, description = "a page of jobs, newest first", body = Vec<JobRow>,
+            headers(("X-Next-Cursor" = String, description = "when the page is full: the `before` of the next page"))),
+        (status = 400, description = "a bad query: an unknown parameter, a bad value or cursor", body = ErrorBody),
+        AuthResponses, UnavailableResponses))]
 pub async fn list_jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
     let before = q.before.as_deref().map(str::parse::<JobCursor>).transpose().map_err(crate::ops::OpsError::BadRequest)?;
     let filter = JobFilter {
@@ -79,19 +112,50 @@ pub async fn list_jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) ->
     Ok(resp)
 }
 
-/// Body of `POST /v1/jobs`.
-#[derive(Debug, Deserialize)]
+/// Body of `POST /v1/jobs`; an unknown field is refused.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
+    /// A job type this control plane knows.
     job_type: String,
+    /// The bot.
     bot: String,
+    /// Per-type parameters (default `{}`).
     #[serde(default)]
     params: Option<serde_json::Value>,
+    /// Attempts allowed in total.
     max_attempts: Option<u32>,
+    /// Wall-clock limit of one attempt, seconds.
     timeout_s: Option<u64>,
+    /// Submitting the same key again is the same job.
     idempotency_key: Option<String>,
 }
 
+/// A job submitted (`POST /v1/jobs`, and `retry` with `retry_of`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Submitted {
+    /// The new job.
+    job_id: String,
+    /// The job it retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_of: Option<String>,
+    /// Its type.
+    job_type: String,
+    /// Its bot.
+    bot: String,
+    /// `queued`.
+    status: JobStatus,
+}
+
+impl Submitted {
+    fn queued(spec: &JobSpec, retry_of: Option<String>) -> Self {
+        Self { job_id: spec.job_id.clone(), retry_of, job_type: spec.job_type.clone(), bot: spec.bot.clone(), status: JobStatus::Queued }
+    }
+}
+
+/// `POST /v1/jobs`: submits a job (confirmed by the broker before the answer).
+#[utoipa::path(post, path = "/jobs", tag = "jobs", security(("bearer" = [])), request_body = SubmitBody,
+    responses((status = 201, description = "queued", body = Submitted), BodyResponses, ScopeResponses, UnavailableResponses))]
 pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Json(b): Json<SubmitBody>) -> ApiResult<Response> {
     let params = b.params.unwrap_or_else(|| serde_json::json!({}));
     let mut spec = JobSpec::new(b.job_type, b.bot, params, Trigger { kind: TriggerKind::Api, source: caller.name.clone() });
@@ -109,14 +173,21 @@ pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Call
     if let Some(m) = &s.metrics {
         m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "api"]).inc();
     }
-    let body = serde_json::json!({"job_id": spec.job_id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued"});
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((StatusCode::CREATED, Json(Submitted::queued(&spec, None))).into_response())
 }
 
+/// `GET /v1/jobs/{id}`: everything about one job.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", security(("bearer" = [])), params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "the job, its events and outputs", body = JobDetail),
+        (status = 404, description = "no such job", body = ErrorBody), AuthResponses, UnavailableResponses))]
 pub async fn show_job(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
     Ok(Json(s.ops.show(&id).await?).into_response())
 }
 
+/// `GET /v1/jobs/{id}/events`: a job's events, in order.
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", security(("bearer" = [])), params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "its events, in order", body = Vec<JobEvent>),
+        (status = 404, description = "no such job", body = ErrorBody), AuthResponses, UnavailableResponses))]
 pub async fn job_events(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
     if s.ops.store.job(&id).await.map_err(crate::ops::OpsError::from)?.is_none() {
         return Err(crate::ops::OpsError::NotFound(format!("no job {id:?} in the job store")).into());
@@ -124,23 +195,40 @@ pub async fn job_events(State(s): State<ApiState>, Path(id): Path<String>) -> Ap
     Ok(Json(s.ops.store.events(&id).await.map_err(crate::ops::OpsError::from)?).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Query of `GET /v1/jobs/{id}/logs`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
+    /// One attempt's log (default: every saved one, each after a header line).
     attempt: Option<u32>,
 }
 
+/// `GET /v1/jobs/{id}/logs`: the saved logs of a job's attempts.
+#[utoipa::path(get, path = "/jobs/{id}/logs", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "job id"), LogsQuery),
+    responses((status = 200, description = "the log text", content_type = "text/plain", body = String),
+        (status = 400, description = "a bad query (`attempt` not a number)", body = ErrorBody),
+        (status = 404, description = "no saved log for this job or attempt", body = ErrorBody), AuthResponses, UnavailableResponses))]
 pub async fn job_logs(State(s): State<ApiState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<Response> {
     let text = s.ops.logs(&id, q.attempt).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Optional body of `POST /v1/jobs/{id}/cancel`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReasonBody {
+    /// Why, for the audit trail.
     #[serde(default)]
     reason: String,
 }
 
+/// `POST /v1/jobs/{id}/cancel`: asks the workers to cancel a job.
+#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])), params(("id" = String, Path, description = "job id")),
+    request_body(content = Option<ReasonBody>, description = "optional: why"),
+    responses((status = 202, description = "the cancel request, sent", body = CancelRequest),
+        (status = 409, description = "the job has already finished", body = ErrorBody),
+        BodyResponses, ScopeResponses, UnavailableResponses))]
 pub async fn cancel(
     State(s): State<ApiState>,
     Extension(caller): Extension<Caller>,
@@ -152,40 +240,76 @@ pub async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(req)).into_response())
 }
 
+/// `POST /v1/jobs/{id}/retry`: submits a finished job again as a new job.
+#[utoipa::path(post, path = "/jobs/{id}/retry", tag = "jobs", security(("bearer" = [])), params(("id" = String, Path, description = "job id")),
+    responses((status = 201, description = "the new job, queued", body = Submitted),
+        (status = 404, description = "no such job", body = ErrorBody),
+        (status = 409, description = "the job has not finished, or has no recorded spec", body = ErrorBody),
+        ScopeResponses, UnavailableResponses))]
 pub async fn retry(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> ApiResult<Response> {
     let spec = s.ops.retry(&id, &caller.name, TriggerKind::Api).await?;
-    let body = serde_json::json!({"job_id": spec.job_id, "retry_of": id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued"});
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((StatusCode::CREATED, Json(Submitted::queued(&spec, Some(id)))).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Query of `GET /v1/dlq`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DlqQuery {
+    /// Only this job type.
     #[serde(rename = "type")]
     job_type: Option<String>,
 }
 
 /// `GET /v1/audit`: the audit trail, newest first.
+#[utoipa::path(get, path = "/audit", tag = "ops", security(("bearer" = [])), params(crate::store::AuditFilter),
+    responses((status = 200, description = "the audit trail, newest first", body = Vec<crate::audit::AuditRecord>),
+        (status = 400, description = "a bad query (`limit` not a number)", body = ErrorBody), AuthResponses, UnavailableResponses))]
 pub async fn audit(State(s): State<ApiState>, Query(f): Query<crate::store::AuditFilter>) -> ApiResult<Response> {
     Ok(Json(s.ops.audit_trail(&f).await?).into_response())
 }
 
+/// `GET /v1/dlq`: dead letters not replayed yet.
+#[utoipa::path(get, path = "/dlq", tag = "ops", security(("bearer" = [])), params(DlqQuery),
+    responses((status = 200, description = "dead letters not replayed yet", body = Vec<DeadLetter>), AuthResponses, UnavailableResponses))]
 pub async fn dlq_list(State(s): State<ApiState>, Query(q): Query<DlqQuery>) -> ApiResult<Response> {
     Ok(Json(s.ops.dead_letters(q.job_type.as_deref()).await?).into_response())
 }
 
+/// What `POST /v1/dlq/replay` replayed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    /// The jobs republished.
+    replayed: Vec<String>,
+}
+
+/// `POST /v1/dlq/replay`: republishes one dead letter, or every one of a job type.
+#[utoipa::path(post, path = "/dlq/replay", tag = "ops", security(("bearer" = [])), request_body = ReplayRequest,
+    responses((status = 200, description = "the jobs replayed", body = Replayed),
+        (status = 404, description = "no dead letter of this job", body = ErrorBody),
+        BodyResponses, ScopeResponses, UnavailableResponses))]
 pub async fn dlq_replay(
     State(s): State<ApiState>,
     Extension(caller): Extension<Caller>,
     Json(req): Json<ReplayRequest>,
 ) -> ApiResult<Response> {
     let replayed = s.ops.replay(&req, &caller.name).await?;
-    Ok(Json(serde_json::json!({"replayed": replayed})).into_response())
+    Ok(Json(Replayed { replayed }).into_response())
 }
 
+/// `GET /v1/models/{bot}`: a bot's production model and promotion history.
+#[utoipa::path(get, path = "/models/{bot}", tag = "models", security(("bearer" = [])), params(("bot" = String, Path, description = "bot")),
+    responses((status = 200, description = "production model and history", body = BotModels), AuthResponses, UnavailableResponses))]
 pub async fn models(State(s): State<ApiState>, Path(bot): Path<String>) -> ApiResult<Response> {
     Ok(Json(s.ops.models(&bot).await?).into_response())
 }
 
+/// `POST /v1/models/promote/{job_id}`: makes a training job's model the bot's production model.
+#[utoipa::path(post, path = "/models/promote/{job_id}", tag = "models", security(("bearer" = [])),
+    params(("job_id" = String, Path, description = "the training job")),
+    responses((status = 200, description = "the new production entry", body = ProductionEntry),
+        (status = 404, description = "no such job", body = ErrorBody),
+        (status = 409, description = "the job has no model to promote", body = ErrorBody),
+        ScopeResponses, UnavailableResponses))]
 pub async fn promote(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult<Response> {
     let entry = s.ops.promote(&job_id, &caller.name).await?;
     if let Some(m) = &s.metrics {
@@ -194,10 +318,24 @@ pub async fn promote(State(s): State<ApiState>, Extension(caller): Extension<Cal
     Ok(Json(entry).into_response())
 }
 
+/// What `POST /v1/models/{bot}/rollback` left in production.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RolledBack {
+    /// The bot.
+    bot: String,
+    /// Its production model now (`null`: none left).
+    production: Option<ProductionEntry>,
+}
+
+/// `POST /v1/models/{bot}/rollback`: the previous production model serves again.
+#[utoipa::path(post, path = "/models/{bot}/rollback", tag = "models", security(("bearer" = [])), params(("bot" = String, Path, description = "bot")),
+    responses((status = 200, description = "the production model now", body = RolledBack),
+        (status = 409, description = "the bot has no production model", body = ErrorBody),
+        ScopeResponses, UnavailableResponses))]
 pub async fn rollback(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(bot): Path<String>) -> ApiResult<Response> {
     let now = s.ops.rollback(&bot, &caller.name).await?;
     if let Some(m) = &s.metrics {
         m.promotions.with_label_values(&["rollback"]).inc();
     }
-    Ok(Json(serde_json::json!({"bot": bot, "production": now})).into_response())
+    Ok(Json(RolledBack { bot, production: now }).into_response())
 }

@@ -9,6 +9,8 @@
 //! promotion/rollback need `admin`. Request bodies are limited in size.
 
 pub mod auth;
+mod doc;
+pub mod errors;
 mod handlers;
 pub mod queues;
 pub mod session;
@@ -18,18 +20,20 @@ use std::sync::Arc;
 
 use axum::{
     extract::{DefaultBodyLimit, Request, State},
-    http::{header, Method, StatusCode},
+    http::{Method, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
 };
 use prometheus::Registry;
 use tower_http::limit::RequestBodyLimitLayer;
 use trainyard_common::metrics::ControlMetrics;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::ops::{Ops, OpsError};
+use crate::ops::Ops;
 pub use auth::{Scope, Tokens};
+use errors::AuthResponses;
+pub use errors::{ApiError, ErrorBody};
 
 /// Default limit on a request body.
 pub const DEFAULT_BODY_LIMIT: usize = 256 * 1024;
@@ -60,40 +64,57 @@ pub struct Caller {
     pub scope: Scope,
 }
 
-/// The router, with a body limit of `body_limit` bytes.
+/// The router, with a body limit of `body_limit` bytes, and the API document made from the
+/// same registrations (served at `/openapi.json`): a route is added with `routes!` of a handler
+/// annotated with `#[utoipa::path]`, so it is in the document by construction (`tests/it/openapi.rs`
+/// checks that every route the router serves is documented, and every documented response).
 pub fn router(state: ApiState, body_limit: usize) -> Router {
-    let v1 = Router::new()
-        .route("/jobs", get(handlers::list_jobs).post(handlers::submit))
-        .route("/jobs/{id}", get(handlers::show_job))
-        .route("/jobs/{id}/events", get(handlers::job_events))
-        .route("/jobs/{id}/logs", get(handlers::job_logs))
-        .route("/jobs/{id}/cancel", post(handlers::cancel))
-        .route("/jobs/{id}/retry", post(handlers::retry))
-        .route("/queues", get(queues::queues))
-        .route("/workers", get(workers))
-        .route("/audit", get(handlers::audit))
-        .route("/dlq", get(handlers::dlq_list))
-        .route("/dlq/replay", post(handlers::dlq_replay))
-        .route("/models/{bot}", get(handlers::models))
-        .route("/models/{bot}/rollback", post(handlers::rollback))
-        .route("/models/promote/{job_id}", post(handlers::promote))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(handlers::metrics))
-        .route("/openapi.json", get(handlers::openapi))
-        .route("/v1/session", post(session::sign_in).delete(session::sign_out))
-        .route("/v1/stream", get(stream::stream))
-        .nest("/v1", v1)
-        .merge(crate::console::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
+    let (app, document) = documented_router(state.clone()).split_for_parts();
+    // Like axum's own refusal of overlapping routes: a programming error, caught by any test that starts the router.
+    if let Err(e) = doc::check_documented(&app, &document) {
+        panic!("{e}");
+    }
+    let document = Arc::new(document.to_pretty_json().expect("the API document serializes"));
+    app.route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(Extension(doc::Document(document)))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
+        .layer(middleware::from_fn(errors::json_errors))
         .with_state(state)
 }
 
+/// Every route, with its part of the API document.
+fn documented_router(state: ApiState) -> OpenApiRouter<ApiState> {
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(handlers::list_jobs, handlers::submit))
+        .routes(routes!(handlers::show_job))
+        .routes(routes!(handlers::job_events))
+        .routes(routes!(handlers::job_logs))
+        .routes(routes!(handlers::cancel))
+        .routes(routes!(handlers::retry))
+        .routes(routes!(queues::queues))
+        .routes(routes!(workers))
+        .routes(routes!(handlers::audit))
+        .routes(routes!(handlers::dlq_list))
+        .routes(routes!(handlers::dlq_replay))
+        .routes(routes!(handlers::models))
+        .routes(routes!(handlers::rollback))
+        .routes(routes!(handlers::promote))
+        .route_layer(middleware::from_fn_with_state(state, require_token));
+    OpenApiRouter::with_openapi(doc::base())
+        .routes(routes!(handlers::healthz))
+        .routes(routes!(handlers::readyz))
+        .routes(routes!(handlers::metrics))
+        .routes(routes!(handlers::openapi))
+        .routes(routes!(session::sign_in, session::sign_out))
+        .routes(routes!(stream::stream))
+        .nest("/v1", v1)
+        .merge(crate::console::router())
+}
+
 /// `GET /v1/workers`: every worker heard from in the last minutes, live ones first.
+#[utoipa::path(get, path = "/workers", tag = "workers", security(("bearer" = [])),
+    responses((status = 200, description = "the workers, live ones first", body = Vec<crate::workers::WorkerRow>), AuthResponses))]
 async fn workers(State(state): State<ApiState>) -> Json<Vec<crate::workers::WorkerRow>> {
     Json(state.workers.rows(chrono::Utc::now()))
 }
@@ -123,38 +144,13 @@ async fn require_token(State(state): State<ApiState>, mut req: Request, next: Ne
     let presented = session::bearer(req.headers());
     let Some(token) = presented.and_then(|p| state.tokens.check(p)) else {
         let msg = if presented.is_none() { "missing bearer token" } else { "invalid token" };
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(serde_json::json!({"error": msg}))).into_response();
+        return errors::unauthorized(msg);
     };
     let needed = required_scope(req.method(), req.uri().path());
     if token.scope < needed {
         let msg = format!("token {:?} has scope {:?}; this needs {:?}", token.name, token.scope, needed);
-        return (StatusCode::FORBIDDEN, Json(serde_json::json!({"error": msg}))).into_response();
+        return ApiError(StatusCode::FORBIDDEN, msg).into_response();
     }
     req.extensions_mut().insert(Caller { name: token.name.clone(), scope: token.scope });
     next.run(req).await
-}
-
-/// An error as a JSON response.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, String);
-
-impl From<OpsError> for ApiError {
-    fn from(e: OpsError) -> Self {
-        let code = match &e {
-            OpsError::NotFound(_) => StatusCode::NOT_FOUND,
-            OpsError::Conflict(_) => StatusCode::CONFLICT,
-            OpsError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            OpsError::Store(_) | OpsError::Common(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        if code == StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(error = %e, "API request failed");
-        }
-        ApiError(code, e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
-    }
 }

@@ -50,7 +50,32 @@ pub fn snapshot(registry: &Registry) -> BTreeMap<String, Map<String, Value>> {
     out
 }
 
+/// One job type's figures in `GET /v1/queues` (present once measured).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only its schema is used: the figures are built from the metrics registry
+pub struct QueueFigures {
+    /// Messages ready in its queues.
+    ready: Option<f64>,
+    /// Jobs recorded as running.
+    running: Option<f64>,
+    /// Ready plus running.
+    demand: Option<f64>,
+    /// Consumers of its work queue.
+    consumers: Option<f64>,
+    /// Dead letters waiting.
+    dead_letters: Option<f64>,
+    /// Age of the oldest queued job, seconds.
+    oldest_waiting_s: Option<f64>,
+    /// Jobs submitted (a counter).
+    submitted: Option<f64>,
+    /// Jobs finished, by status (counters).
+    finished: Option<BTreeMap<String, f64>>,
+}
+
 /// `GET /v1/queues`.
+#[utoipa::path(get, path = "/queues", tag = "ops", security(("bearer" = [])),
+    responses((status = 200, description = "per job type, the figures last measured", body = BTreeMap<String, QueueFigures>),
+        super::errors::AuthResponses))]
 pub async fn queues(State(s): State<ApiState>) -> Json<BTreeMap<String, Map<String, Value>>> {
     Json(snapshot(&s.registry))
 }

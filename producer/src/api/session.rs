@@ -75,10 +75,14 @@ pub fn cookie(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn refused(msg: &str) -> Response {
-    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(serde_json::json!({"error": msg}))).into_response()
+    super::errors::unauthorized(msg)
 }
 
 /// `POST /v1/session`: who the bearer token is, and the stream cookie.
+#[utoipa::path(post, path = "/v1/session", tag = "console", security(("bearer" = [])),
+    responses((status = 200, description = "who the token is; sets the stream cookie", body = Whoami,
+            headers(("Set-Cookie" = String, description = "`trainyard_stream=...; Path=/v1/stream; HttpOnly; SameSite=Strict`"))),
+        super::errors::AuthResponses))]
 pub async fn sign_in(State(s): State<ApiState>, headers: HeaderMap) -> Response {
     let Some(presented) = bearer(&headers) else { return refused("missing bearer token") };
     let Some(token) = s.tokens.check(presented) else { return refused("invalid token") };
@@ -88,13 +92,15 @@ pub async fn sign_in(State(s): State<ApiState>, headers: HeaderMap) -> Response 
 }
 
 /// `DELETE /v1/session`: clears the stream cookie.
+#[utoipa::path(delete, path = "/v1/session", tag = "console",
+    responses((status = 204, description = "the cookie cleared", headers(("Set-Cookie" = String, description = "an expired `trainyard_stream` cookie")))))]
 pub async fn sign_out() -> Response {
     let set = format!("{COOKIE}=; Path=/v1/stream; HttpOnly; SameSite=Strict; Max-Age=0");
     (StatusCode::NO_CONTENT, [(header::SET_COOKIE, set)]).into_response()
 }
 
 /// Who a token is.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Whoami {
     /// The token's name.
     pub name: String,

@@ -21,12 +21,11 @@ use std::{collections::VecDeque, convert::Infallible, time::Duration};
 
 use axum::{
     extract::{Query, State},
-    http::{header, HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode},
     response::{
         sse::{Event, KeepAlive},
         IntoResponse, Response, Sse,
     },
-    Json,
 };
 use futures::stream;
 use serde::Deserialize;
@@ -43,9 +42,10 @@ pub const MAX_OPEN: Duration = Duration::from_secs(30);
 pub const QUEUES_EVERY: Duration = Duration::from_secs(2);
 const BATCH: i64 = 200;
 
-/// Query of `GET /v1/stream`.
-#[derive(Debug, Deserialize)]
+/// Query of `GET /v1/stream`; an unknown parameter is refused.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// Only changes of this job.
     job: Option<String>,
@@ -54,10 +54,18 @@ pub struct StreamQuery {
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(serde_json::json!({"error": msg.into()}))).into_response()
+    super::ApiError(code, msg.into()).into_response()
 }
 
 /// `GET /v1/stream`.
+#[utoipa::path(get, path = "/v1/stream", tag = "console", security(("bearer" = []), ("session" = [])),
+    params(StreamQuery, ("Last-Event-ID" = Option<String>, Header, description = "resume after this event id (browsers send it on reconnect)")),
+    responses((status = 200, content_type = "text/event-stream", body = String,
+            description = "server-sent events: `hello`/`resume` first, then `job` (a job row, id = its change cursor), `queues`, `workers` and, \
+                for one job, `log`; `error` then the end when the store fails; ends after `max_s`"),
+        (status = 400, description = "a bad query, `max_s` outside 1..=30, or a bad `Last-Event-ID`", body = super::ErrorBody),
+        (status = 401, description = "neither a valid bearer token nor a valid session cookie", body = super::ErrorBody),
+        super::errors::UnavailableResponses))]
 pub async fn stream(
     State(s): State<ApiState>,
     headers: HeaderMap,
@@ -68,8 +76,7 @@ pub async fn stream(
         None => session::cookie(&headers).and_then(|c| session::verify(&s.tokens, c, chrono::Utc::now())).is_some(),
     };
     if !authorized {
-        let msg = "the stream needs a bearer token or a session cookie from POST /v1/session";
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(serde_json::json!({"error": msg}))).into_response();
+        return super::errors::unauthorized("the stream needs a bearer token or a session cookie from POST /v1/session");
     }
     let Query(q) = match query {
         Ok(q) => q,

@@ -15,9 +15,8 @@ use axum::{
     extract::Path,
     http::{header, StatusCode},
     response::{Html, IntoResponse, Response},
-    routing::get,
-    Router,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::api::ApiState;
 
@@ -36,17 +35,31 @@ const ASSETS: &[(&str, &str, &str)] = &[
 ];
 
 /// The console's routes: the page at `/` and `/jobs/{id}`, its assets under `/console/`.
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/", get(index)).route("/jobs/{id}", get(index)).route("/console/{file}", get(asset))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(index)).routes(routes!(job_page)).routes(routes!(asset))
 }
 
+/// `GET /`: the console.
+#[utoipa::path(get, path = "/", tag = "console",
+    responses((status = 200, description = "the console's page (signs in with its form or `/#token=`)", content_type = "text/html", body = String)))]
 async fn index() -> Response {
     ([(header::CACHE_CONTROL, "no-cache")], Html(INDEX)).into_response()
 }
 
+/// `GET /jobs/{id}`: the console, opened on one job.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "console", params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "the console's page", content_type = "text/html", body = String)))]
+async fn job_page() -> Response {
+    index().await
+}
+
+/// `GET /console/{file}`: an embedded asset.
+#[utoipa::path(get, path = "/console/{file}", tag = "console", params(("file" = String, Path, description = "asset file name")),
+    responses((status = 200, description = "the asset", content((String = "text/javascript"), (String = "text/css"))),
+        (status = 404, description = "no such asset", body = crate::api::ErrorBody)))]
 async fn asset(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, ty, body)) => ([(header::CONTENT_TYPE, *ty), (header::CACHE_CONTROL, "no-cache")], *body).into_response(),
-        None => (StatusCode::NOT_FOUND, format!("no console asset {file:?}")).into_response(),
+        None => crate::api::ApiError(StatusCode::NOT_FOUND, format!("no console asset {file:?}")).into_response(),
     }
 }

@@ -8,7 +8,8 @@ use super::{from_micros, micros, q, types, values_list, Store, StoreError, ROWS_
 use crate::audit::AuditRecord;
 
 /// Filter of `trainyard audit` and `GET /v1/audit`: every field narrows the list.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditFilter {
     /// Only this actor.
     pub actor: Option<String>,

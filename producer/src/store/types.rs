@@ -26,7 +26,7 @@ pub(crate) fn from_json<T: DeserializeOwned>(what: &'static str, s: &str) -> Res
 }
 
 /// A job as the store knows it (the projection of its events).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRow {
     /// The job id.
     pub job_id: String,
@@ -210,7 +210,7 @@ impl std::str::FromStr for JobCursor {
 }
 
 /// A dead letter, as recorded from `<prefix>.dead.recorder`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// The job id when known, else a hash of the body (`poison-…`).
     pub id: String,

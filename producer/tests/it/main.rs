@@ -7,6 +7,8 @@ mod cli;
 mod console;
 mod helpers;
 mod listing;
+mod openapi;
+mod openapi_cases;
 mod recorder;
 mod schedules;
 mod versions;
