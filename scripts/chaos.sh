@@ -273,8 +273,14 @@ chaos_run() {
     while (($(alive | wc -l) < WORKERS)); do start_worker; done
     sleep 3
   done
-  # Let the recorder finish the queue, then judge.
-  for _ in $(seq 20); do [[ $(queue_depth "$PREFIX.recorder") == 0 ]] && break; sleep 1; done
+  # Let the recorder read the rest of the events stream (its stored position stops moving), then judge.
+  local pos=-2 now
+  for _ in $(seq 20); do
+    now=$(python3 scripts/chaos_check.py position "$TRAINYARD_DATABASE_URL")
+    [[ $now == "$pos" ]] && break
+    pos=$now
+    sleep 1
+  done
   [[ $CLUSTER == 1 ]] && extra=("leader_stops=$LEADER_STOPS" "planned_leader_stops=2" "recovery_bound_s=${CHAOS_RECOVERY_BOUND_S:-10}"
     "leader_stop_times=${STOP_TIMES%,}")
   python3 scripts/chaos_check.py verdict "$IDS" "$TRAINYARD_DATABASE_URL" "$TRAINYARD_ARTIFACTS" "$RSS_LOG" \
@@ -317,8 +323,8 @@ if n - left <= 0:
 if mb(max(late) - min(late)) > bound:
     sys.exit(f"flood: RSS grew by {mb(max(late) - min(late))} MB after the first 15 s (bound {bound} MB)")
 EOF
-  # Drop the rest of the flood (and its piled-up events) before the next part.
-  for q in jobs.noop recorder; do rmqctl purge_queue "$PREFIX.$q" >/dev/null 2>&1; done
+  # Drop the rest of the flood before the next part (its events stay in the stream; the recorder reads on).
+  rmqctl purge_queue "$PREFIX.jobs.noop" >/dev/null 2>&1
   WPIDS=()
   : >"$PIDS"
 }

@@ -6,6 +6,7 @@ compares them with the list of jobs the broker confirmed at submit time.
   chaos_check.py progress IDS DB            -> prints "<final> <submitted>"
   chaos_check.py verdict IDS DB ARTIFACTS RSS_LOG [key=value ...]
                                               -> prints the one JSON line
+  chaos_check.py position DB                -> prints the recorder's stream offset (-1 before any)
   chaos_check.py selftest                     -> checks that the verdict fails when it must
 
 The verdict fails (exit 1, the reasons on stderr) unless: succeeded equals the jobs
@@ -67,6 +68,16 @@ def progress(ids_path, db):
     st = statuses(connect(db))
     final = sum(1 for j in jobs if st.get(j) in FINAL)
     print(final, len(jobs))
+
+
+def position(db):
+    """The recorder's position in the events stream (offset of the last entry recorded), -1 before any."""
+    conn = connect(db)
+    try:
+        row = conn.execute("SELECT MAX(last_offset) FROM stream_positions").fetchone() if conn else None
+    except sqlite3.OperationalError:  # not created yet
+        row = None
+    print(row[0] if row and row[0] is not None else -1)
 
 
 def verdict(ids_path, db, artifacts, rss_log, extra):
@@ -254,6 +265,8 @@ if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "progress" and len(sys.argv) == 4:
         progress(sys.argv[2], sys.argv[3])
+    elif cmd == "position" and len(sys.argv) == 3:
+        position(sys.argv[2])
     elif cmd == "selftest":
         selftest()
     elif cmd == "verdict" and len(sys.argv) >= 6:

@@ -47,7 +47,7 @@ def main():
             "jobs_per_s": ty["jobs_per_s"], "raw_jobs_per_s": rw["jobs_per_s"], "ratio": ty["jobs_per_s"] / rw["jobs_per_s"],
             "recorded_jobs_per_s": ty.get("recorded_jobs_per_s"), "raw_recorded_jobs_per_s": rw.get("recorded_jobs_per_s"),
             "cpu_us_per_job": ty.get("cpu_us_per_job"), "raw_cpu_us_per_job": rw.get("cpu_us_per_job"),
-            "worker_peak_rss_mb": ty.get("worker_peak_rss_mb"),
+            "worker_peak_rss_mb": ty.get("worker_peak_rss_mb"), "broker_ops": ty.get("broker_ops"),
             "runs": {"trainyard": [x["jobs_per_s"] for x in ty_runs], "raw": [x["jobs_per_s"] for x in rw_runs]},
         }
         tm = load(os.path.join(raw_dir, "dispatch-tmpfs.json"))

@@ -45,18 +45,6 @@ pub async fn wait_consumers(conn: &Connection, queues: &[String], n: u32, timeou
     Ok(())
 }
 
-/// Waits until a queue has no ready messages; returns when that was seen.
-pub async fn wait_drained(conn: &Connection, queue: &str, timeout: Duration) -> anyhow::Result<Instant> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some((0, _)) = queue_counts(conn, queue).await? {
-            return Ok(Instant::now());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "queue {queue} not drained within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// One event seen by the observer: job id (from the `message_id` `<job_id>/<seq>`),
 /// status (from the routing key `<type>.<status>`) and when it arrived.
 #[derive(Debug)]
@@ -118,7 +106,7 @@ pub async fn cleanup(url: &str, prefix: &str) -> anyhow::Result<()> {
     let t = Topology::new(prefix);
     let conn = amqp::connect(url, "trainyard-bench cleanup").await?;
     let ch = conn.create_channel().await?;
-    let mut queues = vec![t.recorder_queue(), t.dead_recorder_queue(), t.events_log()];
+    let mut queues = vec![t.legacy_recorder_queue(), t.dead_recorder_queue(), t.events_log()];
     for jt in JOB_TYPES {
         queues.extend(t.tier_queues(jt));
         queues.push(t.dead_queue(jt));

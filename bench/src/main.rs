@@ -169,6 +169,9 @@ enum Cmd {
         /// Queue and exchange prefix.
         #[arg(long)]
         prefix: String,
+        /// Where to write the offset of the last stream entry read, after each batch.
+        #[arg(long)]
+        offset_file: PathBuf,
     },
     /// Deletes the queues and exchanges of prefixes.
     Cleanup {
@@ -250,8 +253,8 @@ async fn main() -> anyhow::Result<()> {
             raw::worker(&cli.amqp_url, prefix, *prefetch).await?;
             return Ok(());
         }
-        Cmd::RawDrain { prefix } => {
-            raw::drain(&cli.amqp_url, prefix).await?;
+        Cmd::RawDrain { prefix, offset_file } => {
+            raw::drain(&cli.amqp_url, prefix, offset_file).await?;
             return Ok(());
         }
         Cmd::Cleanup { prefix } => {

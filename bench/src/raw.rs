@@ -3,12 +3,13 @@
 //!
 //! - publisher: the job (mandatory, persistent, to `<p>.jobs`, routed to the
 //!   quorum queue `<p>.jobs.noop`), wait for its confirm; a `queued` event
-//!   (persistent, to `<p>.events`, routed to the stream `<p>.events.log` and the
-//!   quorum queue `<p>.recorder`), wait for its confirm;
+//!   (persistent, to `<p>.events`, routed to the stream `<p>.events.log`), wait for
+//!   its confirm;
 //! - worker (`raw-worker`, prefetch C): per delivery a `started` event, wait for
 //!   its confirm, a `succeeded` event, wait for its confirm, then the ack;
-//! - drainer (`raw-drain`): consumes `<p>.recorder` with prefetch 64 and acks
-//!   each event, as the recorder does (without the job store).
+//! - drainer (`raw-drain`): reads the stream `<p>.events.log` from its first entry
+//!   with the recorder's prefetch and batches and acks each batch, as the recorder
+//!   does (without the job store).
 //!
 //! Bodies are real encoded jobs and events of the same sizes, made once.
 
@@ -151,17 +152,21 @@ async fn handle(ctx: &WorkerCtx, d: &Delivery) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `raw-drain`: consumes `<prefix>.recorder` and acks every event, until killed — in
-/// batches exactly as the recorder does (same prefetch, batch size and linger, one
-/// `multiple` ack per batch), so both do the same broker operations.
-pub async fn drain(url: &str, prefix: &str) -> anyhow::Result<()> {
-    use trainyard::recorder::{BATCH, LINGER, PREFETCH};
+/// `raw-drain`: reads the events stream `<prefix>.events.log` and acks every entry, until
+/// killed — in batches exactly as the recorder does (same prefetch, batch size and linger,
+/// one `multiple` ack per batch), so both do the same broker operations. After each batch
+/// it writes the last offset read to `offset_file` (the recorder keeps it in its store).
+/// It also consumes `<prefix>.dead.recorder`, as the recorder does (empty in this benchmark).
+pub async fn drain(url: &str, prefix: &str, offset_file: &std::path::Path) -> anyhow::Result<()> {
+    use trainyard::recorder::{stream, BATCH, LINGER, PREFETCH};
     let topology = Topology::new(prefix);
     let conn = amqp::connect(url, "trainyard-bench raw drain").await?;
     let ch = conn.create_channel().await?;
-    ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let consumer = ch
-        .basic_consume(topology.recorder_queue().into(), "raw-drain".into(), BasicConsumeOptions::default(), FieldTable::default())
+    let consumer = stream::subscribe(&ch, &topology, stream::Start::First, PREFETCH, "raw-drain").await?;
+    let dead_ch = conn.create_channel().await?;
+    dead_ch.basic_qos(16, BasicQosOptions::default()).await?;
+    let _dead = dead_ch
+        .basic_consume(topology.dead_recorder_queue().into(), "raw-drain".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
     let batches = tokio_stream::StreamExt::chunks_timeout(consumer, BATCH, LINGER);
     tokio::pin!(batches);
@@ -169,6 +174,8 @@ pub async fn drain(url: &str, prefix: &str) -> anyhow::Result<()> {
         let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().context("consume")?;
         if let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            let offset = deliveries.iter().filter_map(stream::offset).max().unwrap_or(-1);
+            std::fs::write(offset_file, offset.to_string())?;
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 //!
 //! Events are published (confirmed) to the `trainyard.events` topic exchange
 //! with routing key `<job_type>.<status>`; the stream `trainyard.events.log`
-//! keeps them all (the audit log) and `trainyard.recorder` feeds the job store.
+//! keeps them all (the audit log), and the recorder reads it into the job store.
 //!
 //! The contract is versioned like the job's ([`SchemaVersion`]): readers accept
 //! unknown fields, unknown statuses and error kinds (read as `unknown`) and every

@@ -8,8 +8,7 @@
 //! | `P.retry` + `P.retry.<type>[.<tier>].<ms>` | direct exchange + TTL queues | delayed retries back to `P.jobs`, to the job's tier |
 //! | `P.dead` + `P.dead.<type>` + `P.dead.recorder` | topic exchange + quorum queues | dead letters per type, and a copy for the recorder |
 //! | `P.events` | topic exchange | routing key `<type>.<status>` |
-//! | `P.events.log` | stream | durable audit log |
-//! | `P.recorder` | quorum queue | feeds the job store |
+//! | `P.events.log` | stream | durable audit log; the recorder reads it into the job store from its stored offset |
 //! | `P.control` | fanout exchange | cancel requests to workers |
 //! | `P.triggers` | topic exchange | events from other systems that trigger jobs |
 //!
@@ -97,8 +96,9 @@ impl Topology {
     pub fn events_log(&self) -> String {
         format!("{}.events.log", self.prefix)
     }
-    /// The recorder's queue.
-    pub fn recorder_queue(&self) -> String {
+    /// The recorder's own queue of releases before the recorder read the stream (a copy
+    /// of every event): no longer declared; the recorder drains and deletes one it finds.
+    pub fn legacy_recorder_queue(&self) -> String {
         format!("{}.recorder", self.prefix)
     }
     /// Control exchange (fanout): cancel requests.
@@ -114,7 +114,7 @@ impl Topology {
         format!("{}.triggers", self.prefix)
     }
 
-    /// Declares the shared part: exchanges, the audit stream, the recorder queues.
+    /// Declares the shared part: exchanges, the audit stream, the dead-letter recorder queue.
     pub async fn declare_shared(&self, ch: &Channel) -> Result<(), CommonError> {
         for (name, kind) in [
             (self.jobs_exchange(), ExchangeKind::Direct),
@@ -133,7 +133,6 @@ impl Topology {
         stream.insert("x-max-age".into(), AMQPValue::LongString(EVENTS_LOG_MAX_AGE.into()));
         stream.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(50_000_000));
         self.declare_bound(ch, &self.events_log(), stream, &self.events_exchange(), "#").await?;
-        self.declare_bound(ch, &self.recorder_queue(), quorum_args(), &self.events_exchange(), "#").await?;
         self.declare_bound(ch, &self.dead_recorder_queue(), quorum_args(), &self.dead_exchange(), "#").await?;
         Ok(())
     }

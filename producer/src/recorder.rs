@@ -1,14 +1,26 @@
-//! The recorder: feeds the job store from `<prefix>.recorder` (every event)
-//! and `<prefix>.dead.recorder` (a copy of every dead letter).
+//! The recorder: feeds the job store from the events stream `<prefix>.events.log` (every
+//! event and audit record) and `<prefix>.dead.recorder` (a copy of every dead letter).
 //!
-//! Events are recorded in batches (up to [`BATCH`], or what arrived within
-//! [`LINGER`] of the first, in one store transaction), acked together only after the store has them; a
-//! store failure nacks the whole batch back to the queue. Duplicates are harmless (the store is idempotent) and
-//! order does not matter (the projection is order-free), so several replicas
-//! may consume the same queues. An event that cannot be recorded (undecodable, a
-//! major version this build does not read, ids that are not ids) is parked in the
-//! store with the reason, in the batch's transaction, and counted
+//! Stream entries are recorded in batches (up to [`BATCH`], or what arrived within
+//! [`LINGER`] of the first) in one store transaction each, **together with the offset of
+//! the batch's last entry** ([`crate::store::StreamPosition`]); a session starts reading at
+//! the stored offset + 1, so a crash can neither skip an entry nor record one twice. A
+//! store failure ends the session: the next one reads again from the stored offset.
+//! Duplicates are harmless anyway (the store is idempotent on `(job_id, run, seq)`) and
+//! order does not matter (the projection is order-free), so several replicas may read the
+//! stream at once; the stored offset only moves forward. An entry that cannot be recorded
+//! (undecodable, a major version this build does not read, ids that are not ids) is parked
+//! in the store with the reason, in the batch's transaction, and counted
 //! (`trainyard_events_parked_total`); `trainyard events reprocess` records it later.
+//!
+//! Releases before this one fed the recorder through a quorum queue `<prefix>.recorder`
+//! bound to the events exchange; [`legacy`] drains what such a release left there, once.
+
+mod legacy;
+mod letters;
+pub mod stream;
+
+pub use letters::{dead_letter, DELIVERY_LIMIT_REASON};
 
 use std::time::Duration;
 
@@ -20,15 +32,9 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 use trainyard_common::reconnect::{self, ReconnectPolicy, SessionEnd};
-use trainyard_common::{
-    amqp::connect, codec, event::DEAD_LETTER_SEQ, headers, metrics::ControlMetrics, topology::Topology, CommonError, ErrorInfo, ErrorKind,
-    JobEvent, JobSpec, JobStatus, WorkerInfo,
-};
+use trainyard_common::{amqp::connect, codec, metrics::ControlMetrics, topology::Topology, CommonError, JobEvent};
 
-use base64::Engine;
-use trainyard_common::job::{valid_bot_name, valid_job_type};
-
-use crate::store::{DeadLetter, ParkedEvent, Store, StoreError};
+use crate::store::{DeadLetter, Recorded, Store, StoreError};
 
 /// Most event deliveries recorded in one store transaction.
 pub const BATCH: usize = 256;
@@ -37,16 +43,13 @@ pub const BATCH: usize = 256;
 /// delay in the job store buy several times fewer transactions under load.
 pub const LINGER: Duration = Duration::from_millis(20);
 
-/// Event deliveries the broker may have in flight to the recorder (two batches: one
+/// Stream entries the broker may have in flight to the recorder (two batches: one
 /// being recorded while the next arrives).
 pub const PREFETCH: u16 = 512;
 
 /// Reconnect backoff of the control plane's broker sessions (recorder, trigger listener).
 pub const CONTROL_PLANE_RECONNECT: ReconnectPolicy =
     ReconnectPolicy { base: Duration::from_millis(200), max: Duration::from_secs(10), healthy_after: Duration::from_secs(30) };
-
-/// Reason recorded for a letter the broker dead-lettered by itself.
-pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
 
 /// Errors of the recorder.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,12 @@ pub enum RecorderError {
     /// Store trouble.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A delivery from the events stream without its offset.
+    #[error("an entry of {stream} came without its offset (header x-stream-offset)")]
+    NoOffset {
+        /// The stream.
+        stream: String,
+    },
 }
 
 /// Runs a control-plane `session` until `shutdown` (or until it returns `Ok`), again after
@@ -98,7 +107,7 @@ pub(crate) async fn declare_single_consumer_queue(ch: &lapin::Channel, queue: &s
     Ok(())
 }
 
-/// Consumes the recorder queues into the store.
+/// Consumes the events stream and the dead-letter recorder queue into the store.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     store: Store,
@@ -122,22 +131,22 @@ impl Recorder {
         let conn = connect(&self.url, "trainyard-recorder").await?;
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         self.topology.declare_shared(&ch).await?;
+        self.drain_legacy_queue(&conn).await?;
         let publish = trainyard_common::amqp::confirm_channel(&conn).await?;
-        // Events and dead letters on channels of their own: events are acked in
+        // Where this session starts: after the last entry the store has.
+        let stream = self.topology.events_log();
+        let mut after = self.store.stream_position(&stream).await?.map(|p| p.last_offset);
+        let events = stream::subscribe(&ch, &self.topology, stream::Start::after(after), PREFETCH, "").await?;
+        // Events and dead letters on channels of their own: stream entries are acked in
         // batches (`multiple`), which must never cover an unrecorded dead letter.
-        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
-        let events = ch
-            .basic_consume(self.topology.recorder_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .map_err(CommonError::amqp(format!("consume {}", self.topology.recorder_queue())))?;
         let dead_ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         dead_ch.basic_qos(16, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
         let dead = dead_ch
             .basic_consume(self.topology.dead_recorder_queue().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(CommonError::amqp(format!("consume {}", self.topology.dead_recorder_queue())))?;
-        tracing::info!("recorder consuming {} and {}", self.topology.recorder_queue(), self.topology.dead_recorder_queue());
-        // Up to BATCH deliveries, or what arrived within LINGER of the first, go into one store transaction.
+        tracing::info!(after = ?after, "recorder reading {stream} and {}", self.topology.dead_recorder_queue());
+        // Up to BATCH entries, or what arrived within LINGER of the first, go into one store transaction.
         let batches = tokio_stream::StreamExt::chunks_timeout(events, BATCH, LINGER);
         let publish = &publish;
         let dead_work = dead
@@ -147,14 +156,14 @@ impl Recorder {
             })
             .buffer_unordered(16);
         tokio::pin!(batches, dead_work);
-        let events_ended = || CommonError::ConsumerEnded { queue: self.topology.recorder_queue() };
+        let events_ended = || CommonError::ConsumerEnded { queue: self.topology.events_log() };
         let dead_ended = || CommonError::ConsumerEnded { queue: self.topology.dead_recorder_queue() };
         // Two loops polled side by side, never one inside the other's arm: a dead letter's
         // future suspended mid-transaction (holding SQLite's write lock or a pooled connection)
         // while an event batch waits for that lock would stall both until the store timed out.
         let events_loop = async {
             while let Some(batch) = batches.next().await {
-                self.settle_events(batch).await?;
+                self.settle_entries(batch, &mut after).await?;
             }
             Err::<(), RecorderError>(events_ended().into())
         };
@@ -174,47 +183,30 @@ impl Recorder {
         }
     }
 
-    /// Records a batch of event deliveries in one transaction, then acks them
-    /// all at once; when the store fails, returns them all to the queue.
-    async fn settle_events(&self, batch: Vec<lapin::Result<Delivery>>) -> Result<(), RecorderError> {
-        let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("receive a delivery"))?;
+    /// Records a batch of stream entries (those after `after`) and the offset of its last
+    /// entry in one transaction, then acks them all at once (a stream's acks only give
+    /// credit). When the store fails the session ends, and the next one reads the stream
+    /// again from the stored offset.
+    async fn settle_entries(&self, batch: Vec<lapin::Result<Delivery>>, after: &mut Option<i64>) -> Result<(), RecorderError> {
+        let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("read the events stream"))?;
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { return Ok(()) };
-        let mut events = Vec::with_capacity(deliveries.len());
-        let (mut parked, mut audit) = (Vec::new(), Vec::new());
+        let stream = self.topology.events_log();
+        let mut fresh = Vec::with_capacity(deliveries.len());
         for d in &deliveries {
-            let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
-            if crate::audit::is_audit(&d.properties) {
-                match crate::audit::decode(ct, &d.data) {
-                    Ok(record) => audit.push(record),
-                    Err(reason) => parked.push(ParkedEvent::new(d.routing_key.as_str(), ct, &d.data, &reason)),
-                }
-                continue;
-            }
-            match decode_event(ct, &d.data) {
-                Ok(event) => events.push(event),
-                Err(reason) => {
-                    // Never dropped: parked with the reason, in the same transaction as the batch.
-                    tracing::warn!(reason = %reason, routing_key = %d.routing_key, "parking an event that cannot be recorded");
-                    parked.push(ParkedEvent::new(d.routing_key.as_str(), ct, &d.data, &reason));
-                }
+            let offset = stream::offset(d).ok_or_else(|| RecorderError::NoOffset { stream: stream.clone() })?;
+            // The broker may start a little before the offset asked for (at its chunk).
+            if after.is_none_or(|a| offset > a) {
+                fresh.push(d);
             }
         }
-        tracing::debug!(deliveries = deliveries.len(), "recording a batch");
-        // Audit records first (idempotent on their id): a failure after them returns the whole batch.
-        let recorded = match self.store.record_audit(&audit).await {
-            Ok(()) => self.record_batch(&events, &parked).await,
-            Err(e) => Err(e),
-        };
-        match recorded {
-            Ok(()) => {
-                last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack deliveries"))?;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, events = events.len(), "failed to record events; returning them to the queue");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                last.acker.nack(BasicNackOptions { requeue: true, multiple: true }).await.map_err(CommonError::amqp("nack deliveries"))?;
-            }
+        if !fresh.is_empty() {
+            let batch = stream::sort(fresh);
+            tracing::debug!(entries = batch.entries, last_offset = batch.last_offset, "recording a batch");
+            let recorded = self.store.record_stream_batch(Some(&stream), &batch).await?;
+            self.count(&batch.events, batch.parked.len(), &recorded);
+            *after = Some(batch.last_offset);
         }
+        last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack stream entries"))?;
         Ok(())
     }
 
@@ -260,17 +252,15 @@ impl Recorder {
 
     /// Records events in one transaction, updating the metrics.
     pub async fn record_all(&self, events: &[JobEvent]) -> Result<(), StoreError> {
-        self.record_batch(events, &[]).await
+        let recorded = self.store.record_events(events).await?;
+        self.count(events, 0, &recorded);
+        Ok(())
     }
 
-    /// Records events and parks `parked` in one transaction, updating the metrics.
-    async fn record_batch(&self, events: &[JobEvent], parked: &[ParkedEvent]) -> Result<(), StoreError> {
-        if events.is_empty() && parked.is_empty() {
-            return Ok(());
-        }
-        let recorded = self.store.record_batch(events, parked).await?;
-        let Some(m) = &self.metrics else { return Ok(()) };
-        m.events_parked.inc_by(parked.len() as u64);
+    /// Updates the metrics for recorded `events` and `parked` parked entries.
+    fn count(&self, events: &[JobEvent], parked: usize, recorded: &[Recorded]) {
+        let Some(m) = &self.metrics else { return };
+        m.events_parked.inc_by(parked as u64);
         for (event, r) in events.iter().zip(recorded).filter(|(_, r)| r.new) {
             m.events_recorded.with_label_values(&[event.status.as_str()]).inc();
             if let Some(status) = event.result.as_ref().and_then(trainyard_common::models::promotion_status) {
@@ -284,7 +274,6 @@ impl Recorder {
                 }
             }
         }
-        Ok(())
     }
 
     fn read_dead_letter(&self, d: &Delivery) -> (DeadLetter, Option<JobEvent>) {
@@ -318,88 +307,4 @@ pub fn decode_event(content_type: Option<&str>, body: &[u8]) -> Result<JobEvent,
     let event: JobEvent = codec::decode(content_type, body).map_err(|e| format!("undecodable event: {e}"))?;
     event.check()?;
     Ok(event)
-}
-
-/// Reads a dead letter: what to list, and the final event of its job (when the job is known).
-///
-/// A worker's dead letter carries `x-trainyard-dead-reason`/`-kind`; one the
-/// broker dead-lettered by itself at the delivery limit has only `x-death`.
-/// Kinds `transient` and `timeout` mean the attempts were used up: status
-/// `failed`; anything else is `dead`.
-///
-/// Hostile letters are listed as received: a job id that is not a UUID is kept (the
-/// store escapes what it cannot hold) but the letter's id is then a hash of the body
-/// and no job is recorded for it, since no worker ever ran such a job; the whole body
-/// is kept as base64.
-pub fn dead_letter(
-    content_type: Option<&str>,
-    hdrs: Option<&FieldTable>,
-    routing_key: &str,
-    body: &[u8],
-) -> (DeadLetter, Option<JobEvent>) {
-    let spec: Option<JobSpec> = codec::decode(content_type, body).ok().or_else(|| {
-        // Content type lost or wrong: try the other encoding.
-        codec::decode(Some(codec::JSON), body).ok()
-    });
-    let by_broker = hdrs.is_some_and(|h| h.inner().contains_key(headers::X_DEATH));
-    let worker_reason = headers::string(hdrs, headers::DEAD_REASON);
-    let reason = match (&worker_reason, by_broker) {
-        (Some(r), _) => r.clone(),
-        (None, true) => DELIVERY_LIMIT_REASON.to_string(),
-        (None, false) => "dead-lettered without a reason".to_string(),
-    };
-    let kind =
-        headers::string(hdrs, headers::DEAD_KIND).unwrap_or_else(|| if by_broker { "delivery-limit".into() } else { "unknown".into() });
-    let attempt = headers::attempt(hdrs);
-    let job_id = spec.as_ref().map(|s| s.job_id.clone()).or_else(|| headers::string(hdrs, headers::JOB_ID));
-    // A real job's id: one a worker could have run (it refuses any other).
-    let real_id = job_id.clone().filter(|id| uuid::Uuid::parse_str(id).is_ok());
-    let job_type = spec
-        .as_ref()
-        .map(|s| s.job_type.clone())
-        .filter(|t| valid_job_type(t))
-        .or_else(|| valid_job_type(routing_key).then(|| routing_key.to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    let bot = spec.as_ref().map(|s| s.bot.clone());
-    let id = real_id.clone().unwrap_or_else(|| format!("poison-{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, body)));
-    let preview: String =
-        String::from_utf8_lossy(&body[..body.len().min(256)]).chars().map(|c| if c.is_control() { '.' } else { c }).collect();
-    let letter = DeadLetter {
-        id,
-        job_id: job_id.clone(),
-        job_type: job_type.clone(),
-        bot: bot.clone(),
-        reason: reason.clone(),
-        kind: kind.clone(),
-        attempt,
-        broker_dead_lettered: by_broker && worker_reason.is_none(),
-        body_preview: preview,
-        body: Some(base64::engine::general_purpose::STANDARD.encode(body)),
-        at: chrono::Utc::now(),
-        replayed_at: None,
-    };
-    let event = real_id.map(|job_id| {
-        let (status, error_kind) = match kind.as_str() {
-            "transient" => (JobStatus::Failed, ErrorKind::Transient),
-            "timeout" => (JobStatus::Failed, ErrorKind::Timeout),
-            _ => (JobStatus::Dead, ErrorKind::Permanent),
-        };
-        JobEvent {
-            version: Default::default(),
-            job_id,
-            seq: DEAD_LETTER_SEQ,
-            job_type,
-            bot: bot.filter(|b| valid_bot_name(b)).unwrap_or_default(),
-            status,
-            attempt,
-            run: Some(headers::run(hdrs)),
-            worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),
-            at: chrono::Utc::now(),
-            progress: None,
-            result: None,
-            error: Some(ErrorInfo { kind: error_kind, message: reason }),
-            spec: None,
-        }
-    });
-    (letter, event)
 }

@@ -120,7 +120,7 @@ async fn submit(url: &str, topology: Topology, args: &[String]) -> anyhow::Resul
 async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> {
     let types: Vec<&str> = arg(args, "--types").unwrap_or("noop,intent-train").split(',').collect();
     let delays: Vec<u64> = arg(args, "--retry-delays").unwrap_or("").split(',').filter_map(|d| d.parse().ok()).collect();
-    let mut queues = vec![t.events_log(), t.recorder_queue(), t.dead_recorder_queue()];
+    let mut queues = vec![t.events_log(), t.legacy_recorder_queue(), t.dead_recorder_queue()];
     for ty in &types {
         queues.extend(t.tier_queues(ty));
         queues.push(t.dead_queue(ty));

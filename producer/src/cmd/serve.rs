@@ -114,7 +114,7 @@ pub async fn store(t: Target, url: &str, topology: Topology, cmd: StoreCmd) -> a
     if t.json {
         println!("{}", serde_json::to_value(report)?);
     } else {
-        println!("read {} stream entries, recorded {} events, skipped {}", report.read, report.recorded, report.skipped);
+        println!("read {} stream entries, recorded {} events, parked {}", report.read, report.recorded, report.skipped);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -14,11 +14,14 @@
 //! - An event the recorder cannot record is parked (`parked_events`, written in
 //!   the same transaction as the batch it came with) with the reason, to be listed
 //!   and re-recorded later ([`parked`]).
+//! - The recorder's offset in the `events.log` stream is kept in the same transaction
+//!   as the entries it recorded ([`offsets`]): it resumes where it stopped.
 //! - A store can be rebuilt from the `events.log` stream (see `rebuild`).
 
 mod audit;
 mod dead_letters;
 mod feed;
+mod offsets;
 mod parked;
 mod positions;
 pub mod projection;
@@ -35,6 +38,7 @@ use sqlx::{any::AnyPoolOptions, AnyPool, AssertSqlSafe, Row};
 
 pub use audit::AuditFilter;
 pub use feed::Change;
+pub use offsets::{StreamBatch, StreamPosition};
 pub use parked::Unparked;
 pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobCursor, JobFilter, JobRow, ParkedEvent};
 

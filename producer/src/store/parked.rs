@@ -33,7 +33,7 @@ impl Store {
         Ok(out)
     }
 
-    async fn park_in(&self, conn: &mut sqlx::AnyConnection, parked: &[ParkedEvent]) -> Result<(), StoreError> {
+    pub(super) async fn park_in(&self, conn: &mut sqlx::AnyConnection, parked: &[ParkedEvent]) -> Result<(), StoreError> {
         for chunk in parked.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO parked_events (id, routing_key, content_type, reason, body, at) VALUES {} ON CONFLICT (id) DO NOTHING",

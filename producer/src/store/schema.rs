@@ -129,6 +129,17 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at, id)
 "#,
     ),
+    (
+        8,
+        r#"
+CREATE TABLE IF NOT EXISTS stream_positions (
+    stream TEXT PRIMARY KEY,
+    last_offset BIGINT NOT NULL,
+    entries BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+)
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.

@@ -59,7 +59,7 @@ pub async fn channel() -> (Connection, Channel) {
 pub async fn cleanup(topo: &Topology, types: &[&str]) {
     let (conn, _) = channel().await;
     let mut queues = vec![
-        topo.recorder_queue(),
+        topo.legacy_recorder_queue(),
         topo.dead_recorder_queue(),
         topo.events_log(),
         format!("{}.triggers.control-plane", topo.prefix()),

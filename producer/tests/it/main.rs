@@ -11,4 +11,5 @@ mod openapi;
 mod openapi_cases;
 mod recorder;
 mod schedules;
+mod stream_position;
 mod versions;

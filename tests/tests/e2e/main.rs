@@ -15,6 +15,7 @@ mod outage;
 mod pipeline;
 mod processes;
 mod rebuild;
+mod recording;
 mod replicas;
 mod security;
 mod series;

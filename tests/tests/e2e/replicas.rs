@@ -1,8 +1,8 @@
 //! Two control planes on one PostgreSQL store and one broker: two `trainyard serve`
-//! processes consume the same recorder queue (recording is idempotent on
-//! `(job_id, run, seq)`), both serve the API, both run the same one-second cron
-//! schedule (a fire is claimed once in the store), and SIGKILLing one mid-run loses
-//! nothing: its unacked event deliveries go back to the queue and the other records them.
+//! processes read the same events stream (recording is idempotent on
+//! `(job_id, run, seq)`, and the stored stream offset only moves forward), both serve the
+//! API, both run the same one-second cron schedule (a fire is claimed once in the store),
+//! and SIGKILLing one mid-run loses nothing: the other reads every entry itself.
 
 use std::{
     path::Path,
@@ -86,7 +86,7 @@ async fn two_control_planes_share_one_store_and_a_sigkill_of_one_loses_nothing()
     wait_succeeded(ports[0], &ids[1]).await;
     wait_succeeded(ports[1], &ids[0]).await;
 
-    // SIGKILL replica A mid-run: B records the rest, A's unacked deliveries included.
+    // SIGKILL replica A mid-run: B records the rest (it reads every stream entry itself).
     let left = {
         let mut n = 0;
         for id in &ids {

@@ -174,7 +174,7 @@ impl Env {
     pub async fn cleanup(self) {
         let t = &self.topo;
         let coalesce = format!("{}.coalesce.control-plane", t.prefix());
-        let mut queues = vec![t.events_log(), t.recorder_queue(), t.dead_recorder_queue(), coalesce];
+        let mut queues = vec![t.events_log(), t.legacy_recorder_queue(), t.dead_recorder_queue(), coalesce];
         for ty in &self.types {
             queues.extend(t.tier_queues(ty));
             queues.push(t.dead_queue(ty));

@@ -1,0 +1,95 @@
+//! Reading a dead letter of `<prefix>.dead.recorder`: what to list, and the final event of its job.
+
+use base64::Engine;
+use lapin::types::FieldTable;
+use trainyard_common::job::{valid_bot_name, valid_job_type};
+use trainyard_common::{codec, event::DEAD_LETTER_SEQ, headers, ErrorInfo, ErrorKind, JobEvent, JobSpec, JobStatus, WorkerInfo};
+
+use crate::store::DeadLetter;
+
+/// Reason recorded for a letter the broker dead-lettered by itself.
+pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
+
+/// Reads a dead letter: what to list, and the final event of its job (when the job is known).
+///
+/// A worker's dead letter carries `x-trainyard-dead-reason`/`-kind`; one the
+/// broker dead-lettered by itself at the delivery limit has only `x-death`.
+/// Kinds `transient` and `timeout` mean the attempts were used up: status
+/// `failed`; anything else is `dead`.
+///
+/// Hostile letters are listed as received: a job id that is not a UUID is kept (the
+/// store escapes what it cannot hold) but the letter's id is then a hash of the body
+/// and no job is recorded for it, since no worker ever ran such a job; the whole body
+/// is kept as base64.
+pub fn dead_letter(
+    content_type: Option<&str>,
+    hdrs: Option<&FieldTable>,
+    routing_key: &str,
+    body: &[u8],
+) -> (DeadLetter, Option<JobEvent>) {
+    let spec: Option<JobSpec> = codec::decode(content_type, body).ok().or_else(|| {
+        // Content type lost or wrong: try the other encoding.
+        codec::decode(Some(codec::JSON), body).ok()
+    });
+    let by_broker = hdrs.is_some_and(|h| h.inner().contains_key(headers::X_DEATH));
+    let worker_reason = headers::string(hdrs, headers::DEAD_REASON);
+    let reason = match (&worker_reason, by_broker) {
+        (Some(r), _) => r.clone(),
+        (None, true) => DELIVERY_LIMIT_REASON.to_string(),
+        (None, false) => "dead-lettered without a reason".to_string(),
+    };
+    let kind =
+        headers::string(hdrs, headers::DEAD_KIND).unwrap_or_else(|| if by_broker { "delivery-limit".into() } else { "unknown".into() });
+    let attempt = headers::attempt(hdrs);
+    let job_id = spec.as_ref().map(|s| s.job_id.clone()).or_else(|| headers::string(hdrs, headers::JOB_ID));
+    // A real job's id: one a worker could have run (it refuses any other).
+    let real_id = job_id.clone().filter(|id| uuid::Uuid::parse_str(id).is_ok());
+    let job_type = spec
+        .as_ref()
+        .map(|s| s.job_type.clone())
+        .filter(|t| valid_job_type(t))
+        .or_else(|| valid_job_type(routing_key).then(|| routing_key.to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let bot = spec.as_ref().map(|s| s.bot.clone());
+    let id = real_id.clone().unwrap_or_else(|| format!("poison-{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, body)));
+    let preview: String =
+        String::from_utf8_lossy(&body[..body.len().min(256)]).chars().map(|c| if c.is_control() { '.' } else { c }).collect();
+    let letter = DeadLetter {
+        id,
+        job_id: job_id.clone(),
+        job_type: job_type.clone(),
+        bot: bot.clone(),
+        reason: reason.clone(),
+        kind: kind.clone(),
+        attempt,
+        broker_dead_lettered: by_broker && worker_reason.is_none(),
+        body_preview: preview,
+        body: Some(base64::engine::general_purpose::STANDARD.encode(body)),
+        at: chrono::Utc::now(),
+        replayed_at: None,
+    };
+    let event = real_id.map(|job_id| {
+        let (status, error_kind) = match kind.as_str() {
+            "transient" => (JobStatus::Failed, ErrorKind::Transient),
+            "timeout" => (JobStatus::Failed, ErrorKind::Timeout),
+            _ => (JobStatus::Dead, ErrorKind::Permanent),
+        };
+        JobEvent {
+            version: Default::default(),
+            job_id,
+            seq: DEAD_LETTER_SEQ,
+            job_type,
+            bot: bot.filter(|b| valid_bot_name(b)).unwrap_or_default(),
+            status,
+            attempt,
+            run: Some(headers::run(hdrs)),
+            worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),
+            at: chrono::Utc::now(),
+            progress: None,
+            result: None,
+            error: Some(ErrorInfo { kind: error_kind, message: reason }),
+            spec: None,
+        }
+    });
+    (letter, event)
+}

@@ -1,0 +1,84 @@
+//! Reading the events stream `<prefix>.events.log` from an offset: the recorder and
+//! `store rebuild` both consume it this way (a RabbitMQ stream over AMQP 0.9.1: prefetch,
+//! manual acks for credit, `x-stream-offset` to start) and sort what they read into a
+//! [`StreamBatch`] recorded in one transaction with the position it reached.
+
+use chrono::{DateTime, Utc};
+use lapin::{
+    message::Delivery,
+    options::{BasicConsumeOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable},
+    Channel, Consumer,
+};
+use trainyard_common::{headers, topology::Topology, CommonError};
+
+use crate::store::{ParkedEvent, StreamBatch};
+
+/// The argument that says where a stream consumer starts, and the header that gives
+/// each delivery's offset.
+pub const STREAM_OFFSET: &str = "x-stream-offset";
+
+/// Where to start reading the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At its first entry still kept.
+    First,
+    /// At the entry after this offset.
+    After(i64),
+    /// At the chunk holding this time (entries a little before it may come too).
+    Since(DateTime<Utc>),
+}
+
+impl Start {
+    /// From a stored position: after it, or from the first entry when there is none.
+    pub fn after(position: Option<i64>) -> Self {
+        position.map_or(Start::First, Start::After)
+    }
+
+    fn argument(self) -> AMQPValue {
+        match self {
+            Start::First => AMQPValue::LongString("first".into()),
+            Start::After(offset) => AMQPValue::LongLongInt(offset.saturating_add(1)),
+            // Seconds since the epoch: the broker starts at the chunk holding it.
+            Start::Since(t) => AMQPValue::Timestamp(t.timestamp().max(0) as u64),
+        }
+    }
+}
+
+/// Consumes the events stream from `start` on `ch` with `prefetch` unacked entries at most.
+pub async fn subscribe(ch: &Channel, topology: &Topology, start: Start, prefetch: u16, tag: &str) -> Result<Consumer, CommonError> {
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
+    let mut args = FieldTable::default();
+    args.insert(STREAM_OFFSET.into(), start.argument());
+    let stream = topology.events_log();
+    ch.basic_consume(stream.as_str().into(), tag.into(), BasicConsumeOptions::default(), args)
+        .await
+        .map_err(CommonError::amqp(format!("consume {stream} from {start:?}")))
+}
+
+/// The stream offset of a delivery from a stream.
+pub fn offset(d: &Delivery) -> Option<i64> {
+    headers::int(d.properties.headers().as_ref(), STREAM_OFFSET)
+}
+
+/// Sorts stream deliveries into a batch: job events, audit records, and what cannot be
+/// recorded (parked with the reason, never dropped). The batch's last offset is the
+/// largest delivery offset (-1 when none carries one: the recorder queue of earlier releases).
+pub fn sort<'a>(deliveries: impl IntoIterator<Item = &'a Delivery>) -> StreamBatch {
+    let mut batch = StreamBatch { last_offset: -1, ..Default::default() };
+    for d in deliveries {
+        batch.entries += 1;
+        batch.last_offset = batch.last_offset.max(offset(d).unwrap_or(-1));
+        let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+        let read = if crate::audit::is_audit(&d.properties) {
+            crate::audit::decode(ct, &d.data).map(|r| batch.audit.push(r))
+        } else {
+            super::decode_event(ct, &d.data).map(|e| batch.events.push(e))
+        };
+        if let Err(reason) = read {
+            tracing::warn!(reason = %reason, routing_key = %d.routing_key, "parking an event that cannot be recorded");
+            batch.parked.push(ParkedEvent::new(d.routing_key.as_str(), ct, &d.data, &reason));
+        }
+    }
+    batch
+}

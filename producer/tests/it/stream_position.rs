@@ -1,0 +1,110 @@
+//! The recorder's position in the events stream: stored with what it recorded, resumed
+//! after a restart (not read again from the stream's first entry), and what an earlier
+//! release left in its own recorder queue recorded before that queue is deleted.
+
+use lapin::{
+    options::{QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    BasicProperties,
+};
+use trainyard::store::{Store, StreamPosition};
+use trainyard_common::{codec, event::event_seq, JobEvent, JobStatus};
+
+use crate::helpers::*;
+
+async fn position(store: &Store, topo: &trainyard_common::topology::Topology) -> Option<StreamPosition> {
+    store.stream_position(&topo.events_log()).await.unwrap()
+}
+
+/// Publishes a queued and a started event for each of `n` new jobs.
+async fn publish_jobs(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let s = spec("noop", &format!("bot-{i}"));
+        publish_event(ch, topo, &JobEvent::queued(&s)).await;
+        publish_event(ch, topo, &JobEvent::new(&s, JobStatus::Started, 1, event_seq(1, 0, 0))).await;
+        ids.push(s.job_id);
+    }
+    ids
+}
+
+async fn resumes_after_its_position(store: Store) {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let first = publish_jobs(&ch, &topo, 10).await;
+    let recorder = spawn_recorder(&store, &topo);
+    let want = StreamPosition { last_offset: 19, entries: 20 };
+    eventually(20, "20 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    recorder.stop().await;
+    // Restarted: it reads on after offset 19; read from the first entry again, the count would be 20 higher.
+    let recorder = spawn_recorder(&store, &topo);
+    let second = publish_jobs(&ch, &topo, 5).await;
+    let want = StreamPosition { last_offset: 29, entries: 30 };
+    eventually(20, "10 more entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    // Nothing read again after a while either.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(position(&store, &topo).await, Some(want));
+    recorder.stop().await;
+    for id in first.iter().chain(&second) {
+        assert_eq!(store.job(id).await.unwrap().map(|j| j.status), Some(JobStatus::Started), "job {id}");
+    }
+    cleanup(&topo, &[]).await;
+}
+
+#[tokio::test]
+async fn the_recorder_resumes_after_its_stored_position_on_sqlite() {
+    let (store, _dir, _) = sqlite_store().await;
+    resumes_after_its_position(store).await;
+}
+
+#[tokio::test]
+async fn the_recorder_resumes_after_its_stored_position_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    resumes_after_its_position(store.clone()).await;
+    store.close().await;
+    schema.drop().await;
+}
+
+/// An installation of an earlier release: `<prefix>.recorder` bound to the events exchange,
+/// holding events the stream does not have (published to the queue alone). The recorder
+/// records them, unbinds and deletes the queue.
+#[tokio::test]
+async fn the_recorder_queue_of_an_earlier_release_is_recorded_then_deleted() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let legacy = topo.legacy_recorder_queue();
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(legacy.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
+    ch.queue_bind(
+        legacy.as_str().into(),
+        topo.events_exchange().as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let left = spec("noop", "legacy-bot");
+    let props = BasicProperties::default().with_content_type(codec::JSON.into()).with_delivery_mode(2);
+    let body = codec::to_json(&JobEvent::queued(&left)).unwrap();
+    publish_raw(&ch, "", &legacy, &body, props.clone()).await;
+    publish_raw(&ch, "", &legacy, b"{not an event", props).await;
+    let recorder = spawn_recorder(&store, &topo);
+    let job = eventually(20, "the left-over event recorded", || async { store.job(&left.job_id).await.unwrap() }).await;
+    assert_eq!(job.status, JobStatus::Queued);
+    eventually(20, "the unreadable one parked", || async { (store.parked_count().await.unwrap() == 1).then_some(()) }).await;
+    // Deleted: a passive declare fails (and closes its channel).
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    eventually(20, "the queue deleted", || async {
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(legacy.as_str().into(), passive, FieldTable::default()).await.is_err().then_some(())
+    })
+    .await;
+    recorder.stop().await;
+    cleanup(&topo, &[]).await;
+}
