@@ -27,6 +27,9 @@ pub const JOBS_DEMAND: &str = "trainyard_jobs_demand";
 pub const QUEUE_READY: &str = "trainyard_queue_ready";
 /// Messages in the dead-letter queue, by type (control plane).
 pub const QUEUE_DEAD: &str = "trainyard_queue_dead";
+/// Consumers of the work queue, by type: each worker consumes every priority tier of the types it
+/// runs, so this is the most consumers of one tier queue (control plane).
+pub const QUEUE_CONSUMERS: &str = "trainyard_queue_consumers";
 /// Events written to the job store (control plane).
 pub const EVENTS_RECORDED_TOTAL: &str = "trainyard_events_recorded_total";
 /// Events the recorder could not record and parked with the reason (control plane).
@@ -69,6 +72,7 @@ pub const ALL_NAMES: &[&str] = &[
     JOBS_DEMAND,
     QUEUE_READY,
     QUEUE_DEAD,
+    QUEUE_CONSUMERS,
     EVENTS_RECORDED_TOTAL,
     EVENTS_PARKED_TOTAL,
     JOBS_SUBMITTED_TOTAL,
@@ -171,6 +175,8 @@ pub struct ControlMetrics {
     pub queue_ready: IntGaugeVec,
     /// See [`QUEUE_DEAD`].
     pub queue_dead: IntGaugeVec,
+    /// See [`QUEUE_CONSUMERS`].
+    pub queue_consumers: IntGaugeVec,
     /// See [`JOBS_RUNNING_RECORDED`].
     pub jobs_running: IntGaugeVec,
     /// See [`JOBS_BY_STATUS`].
@@ -208,6 +214,7 @@ impl ControlMetrics {
             jobs_demand: IntGaugeVec::new(Opts::new(JOBS_DEMAND, "Ready plus running jobs, by type (autoscaling signal)."), &[L_JOB_TYPE])?,
             queue_ready: IntGaugeVec::new(Opts::new(QUEUE_READY, "Ready messages in the work queue, by type."), &[L_JOB_TYPE])?,
             queue_dead: IntGaugeVec::new(Opts::new(QUEUE_DEAD, "Messages in the dead-letter queue, by type."), &[L_JOB_TYPE])?,
+            queue_consumers: IntGaugeVec::new(Opts::new(QUEUE_CONSUMERS, "Consumers of the work queue, by type."), &[L_JOB_TYPE])?,
             jobs_running: IntGaugeVec::new(Opts::new(JOBS_RUNNING_RECORDED, "Jobs recorded as running, by type."), &[L_JOB_TYPE])?,
             jobs_by_status: IntGaugeVec::new(
                 Opts::new(JOBS_BY_STATUS, "Jobs in the job store by type and status."),
@@ -245,6 +252,7 @@ impl ControlMetrics {
         registry.register(Box::new(m.jobs_demand.clone()))?;
         registry.register(Box::new(m.queue_ready.clone()))?;
         registry.register(Box::new(m.queue_dead.clone()))?;
+        registry.register(Box::new(m.queue_consumers.clone()))?;
         registry.register(Box::new(m.jobs_running.clone()))?;
         registry.register(Box::new(m.jobs_by_status.clone()))?;
         registry.register(Box::new(m.oldest_waiting.clone()))?;
@@ -271,6 +279,7 @@ impl ControlMetrics {
             m.jobs_demand.with_label_values(&[t]).set(0);
             m.queue_ready.with_label_values(&[t]).set(0);
             m.queue_dead.with_label_values(&[t]).set(0);
+            m.queue_consumers.with_label_values(&[t]).set(0);
             m.jobs_running.with_label_values(&[t]).set(0);
             m.oldest_waiting.with_label_values(&[t]).set(0.0);
         }

@@ -167,16 +167,18 @@ async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics,
     }
 }
 
-async fn ready_count(ch: &Channel, queue: &str) -> Result<i64, CommonError> {
+/// A queue's ready messages and consumers, from a passive declare.
+async fn queue_counts(ch: &Channel, queue: &str) -> Result<(i64, i64), CommonError> {
     let q = ch
         .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
         .await
         .map_err(CommonError::amqp(format!("inspect queue {queue}")))?;
-    Ok(i64::from(q.message_count()))
+    Ok((i64::from(q.message_count()), i64::from(q.consumer_count())))
 }
 
 /// Refreshes the per-type gauges: `trainyard_jobs_demand` = ready messages in
 /// the work queues (all priority tiers) + jobs recorded as running; queue and dead-letter depths;
+/// consumers (of the busiest tier queue: every worker consumes each tier of its types);
 /// running jobs; jobs by status; the age of the oldest queued job.
 pub async fn update_demand(
     ch: &Channel,
@@ -189,15 +191,18 @@ pub async fn update_demand(
     let oldest = store.oldest_queued_by_type().await?;
     let now = chrono::Utc::now();
     for t in job_types {
-        let mut ready = 0;
+        let (mut ready, mut consumers) = (0, 0);
         for queue in topo.tier_queues(t) {
-            ready += ready_count(ch, &queue).await?;
+            let (n, c) = queue_counts(ch, &queue).await?;
+            ready += n;
+            consumers = consumers.max(c);
         }
-        let dead = ready_count(ch, &topo.dead_queue(t)).await?;
+        let dead = queue_counts(ch, &topo.dead_queue(t)).await?.0;
         let run = running.get(t).copied().unwrap_or(0);
         let l = [t.as_str()];
         m.queue_ready.with_label_values(&l).set(ready);
         m.queue_dead.with_label_values(&l).set(dead);
+        m.queue_consumers.with_label_values(&l).set(consumers);
         m.jobs_running.with_label_values(&l).set(run);
         m.jobs_demand.with_label_values(&l).set(ready + run);
         let age = oldest.get(t).map(|at| (now - *at).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);

@@ -1,7 +1,8 @@
 //! `GET /v1/queues`: per job type, what the control plane's demand loop last measured
-//! (`serve.rs`, every few seconds): ready messages, jobs recorded as running, demand, dead
-//! letters waiting in the dead-letter queue, the age of the oldest queued job, and the
-//! counters of submitted and finished jobs (clients derive rates from two readings). Read
+//! (`serve.rs`, every few seconds): ready messages, jobs recorded as running, demand, consumers
+//! of the work queue (workers consuming it), dead letters waiting in the dead-letter queue, the
+//! age of the oldest queued job, and the counters of submitted and finished jobs (clients derive
+//! rates from two readings). Read
 //! from the metrics registry, so it costs no query; the live stream pushes it too.
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ const FIELDS: &[(&str, &str, Option<&str>)] = &[
     (m::JOBS_RUNNING_RECORDED, "running", None),
     (m::JOBS_DEMAND, "demand", None),
     (m::QUEUE_DEAD, "dead_letters", None),
+    (m::QUEUE_CONSUMERS, "consumers", None),
     (m::OLDEST_WAITING_SECONDS, "oldest_waiting_s", None),
     (m::JOBS_SUBMITTED_TOTAL, "submitted", None),
     (m::JOBS_FINISHED_TOTAL, "finished", Some("status")),

@@ -1,4 +1,5 @@
-// The Queues view: per job type, ready, running, demand, dead letters, the oldest wait, and the
+// The Queues view: per job type, ready, running, demand, consumers (workers consuming the work
+// queue, from the broker), dead letters, the oldest wait, and the
 // submission and completion rates between two readings pushed by the stream.
 "use strict";
 
@@ -18,8 +19,8 @@ Console.views.queues = {
       if (!prev || !prev.q[t] || now === prev.at) return "–";
       return `${((total(q[t][key]) - total(prev.q[t][key])) * 60000 / (now - prev.at)).toFixed(1)}/min`;
     };
-    const rows = Object.entries(q).map(([t, v]) => [t, v.ready || 0, v.running || 0, v.demand || 0, v.dead_letters || 0,
+    const rows = Object.entries(q).map(([t, v]) => [t, v.ready || 0, v.running || 0, v.demand || 0, v.consumers || 0, v.dead_letters || 0,
       `${fmt(v.oldest_waiting_s || 0, 1)} s`, total(v.submitted), rate(t, "submitted"), total(v.finished), rate(t, "finished")]);
-    set("queues", table(["job type", "ready", "running", "demand", "dead letters", "oldest waiting", "submitted", "submission rate", "finished", "completion rate"], rows, { id: "queues-table" }));
+    set("queues", table(["job type", "ready", "running", "demand", "consumers", "dead letters", "oldest waiting", "submitted", "submission rate", "finished", "completion rate"], rows, { id: "queues-table" }));
   },
 };
