@@ -28,6 +28,7 @@ pub mod event;
 pub mod headers;
 pub mod heartbeat;
 pub mod job;
+pub mod livelog;
 pub mod metrics;
 pub mod models;
 pub mod paths;

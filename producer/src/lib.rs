@@ -20,6 +20,8 @@ pub mod audit;
 pub mod coalesce;
 pub mod config;
 pub mod console;
+pub mod fanout;
+pub mod livelogs;
 pub mod ops;
 pub mod pool;
 pub mod progress;

@@ -13,6 +13,7 @@ use crate::{
     api::{self, ApiState, Tokens},
     coalesce::Coalescer,
     config::ControlConfig,
+    livelogs::LiveLogs,
     ops::{Ops, OpsError},
     recorder::Recorder,
     scheduler::Scheduler,
@@ -124,8 +125,14 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         async move { workers.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
     });
 
+    let live_logs = LiveLogs::default();
+    tasks.spawn({
+        let (stop, logs, metrics, s) = (shutdown.clone(), live_logs.clone(), metrics.clone(), settings.clone());
+        async move { logs.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
+    });
+
     let tokens = Arc::new(settings.tokens.clone());
-    let state = ApiState { ops, tokens, registry, metrics: Some(metrics), shutdown: shutdown.clone(), workers };
+    let state = ApiState { ops, tokens, registry, metrics: Some(metrics), shutdown: shutdown.clone(), workers, live_logs };
     let app = api::router(state, settings.body_limit);
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, job_types = ?settings.job_types, "control plane serving");

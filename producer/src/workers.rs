@@ -13,19 +13,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use trainyard_common::{
-    amqp::connect,
-    heartbeat::{self, Heartbeat, MISSED_BEATS},
+    heartbeat::{Heartbeat, MISSED_BEATS},
     metrics::ControlMetrics,
     topology::Topology,
-    CommonError,
 };
 
 /// Gone workers are dropped from the table after this long.
@@ -81,41 +74,13 @@ impl WorkerTable {
 
     /// Consumes the heartbeats exchange into the table until `shutdown`, reconnecting when lost.
     pub async fn run(&self, url: &str, topology: &Topology, metrics: Option<&ControlMetrics>, shutdown: CancellationToken) {
-        crate::recorder::run_reconnecting("heartbeats", &shutdown, metrics, || self.session(url, topology, &shutdown)).await
-    }
-
-    async fn session(&self, url: &str, topology: &Topology, shutdown: &CancellationToken) -> Result<(), CommonError> {
-        let conn = connect(url, "trainyard-heartbeats").await?;
-        let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
-        let exchange = heartbeat::declare_exchange(&ch, topology).await?;
-        let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        let queue =
-            ch.queue_declare("".into(), own, FieldTable::default()).await.map_err(CommonError::amqp("declare a heartbeat queue"))?;
-        let name = queue.name().as_str().to_string();
-        ch.queue_bind(name.as_str().into(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .map_err(CommonError::amqp(format!("bind {name} to {exchange}")))?;
-        let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
-        let mut consumer = ch
-            .basic_consume(name.as_str().into(), "".into(), no_ack, FieldTable::default())
-            .await
-            .map_err(CommonError::amqp(format!("consume {name}")))?;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let _ = conn.close(200, "shutdown".into()).await;
-                    return Ok(());
-                }
-                next = consumer.next() => {
-                    let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: name }) };
-                    let d = d.map_err(CommonError::amqp("receive a heartbeat"))?;
-                    match serde_json::from_slice::<Heartbeat>(&d.data) {
-                        Ok(beat) => self.record(beat, Utc::now()),
-                        Err(e) => tracing::warn!(error = %e, "ignored a message on the heartbeats exchange that is not a heartbeat"),
-                    }
-                }
+        crate::fanout::run("heartbeats", url, &topology.heartbeats_exchange(), metrics, shutdown, |body| {
+            match serde_json::from_slice::<Heartbeat>(body) {
+                Ok(beat) => self.record(beat, Utc::now()),
+                Err(e) => tracing::warn!(error = %e, "ignored a message on the heartbeats exchange that is not a heartbeat"),
             }
-        }
+        })
+        .await
     }
 }
 

@@ -53,6 +53,8 @@ pub struct ApiState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The live workers, from their heartbeats.
     pub workers: crate::workers::WorkerTable,
+    /// The live log lines of running attempts, from the workers.
+    pub live_logs: crate::livelogs::LiveLogs,
 }
 
 /// The caller of a `/v1/` request, for the audit trail.

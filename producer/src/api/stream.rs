@@ -1,7 +1,10 @@
 //! `GET /v1/stream`: the console's live feed, as server-sent events.
 //!
 //! A `queues` event carries the figures of `GET /v1/queues`, and a `workers` event the rows of
-//! `GET /v1/workers` (from the workers' heartbeats), every [`QUEUES_EVERY`].
+//! `GET /v1/workers` (from the workers' heartbeats), every [`QUEUES_EVERY`]. A stream of one job
+//! (`?job=ID`) also carries `log` events: the live log lines of its running attempt
+//! ([`crate::livelogs`]), `{attempt, offset, text, worker}`, the whole held text first, then
+//! what is new at each tick (a page joins them by offset).
 //! Each `job` event carries a job row (without its spec) that changed, with the
 //! recording time of its latest event as the event id. The stream tails the job
 //! store's change feed ([`crate::store::Store::changed_since`]) every
@@ -106,6 +109,8 @@ pub async fn stream(
         registry: s.registry.clone(),
         workers: s.workers.clone(),
         queues_at: Instant::now(),
+        live_logs: s.live_logs.clone(),
+        log_shown: None,
     };
     // `hello` for a fresh stream (load the page's data now), `resume` after a reconnect.
     let first = Event::default().retry(Duration::from_secs(1)).event(if hello { "hello" } else { "resume" });
@@ -124,6 +129,9 @@ struct Tail {
     registry: prometheus::Registry,
     workers: crate::workers::WorkerTable,
     queues_at: Instant,
+    live_logs: crate::livelogs::LiveLogs,
+    /// The live log sent so far: (attempt, offset after it).
+    log_shown: Option<(u32, u64)>,
 }
 
 impl Tail {
@@ -151,6 +159,11 @@ impl Tail {
             self.pending.push_back(Event::default().event("queues").data(data));
             let data = serde_json::to_string(&self.workers.rows(chrono::Utc::now())).unwrap_or_else(|_| "[]".into());
             self.pending.push_back(Event::default().event("workers").data(data));
+        }
+        if let Some(live) = self.job.as_deref().and_then(|j| self.live_logs.since(j, self.log_shown)) {
+            self.log_shown = Some((live.attempt, live.end()));
+            let data = serde_json::to_string(&live).unwrap_or_else(|_| "{}".into());
+            self.pending.push_back(Event::default().event("log").data(data));
         }
         match self.store.changed_since(self.cursor, BATCH).await {
             Ok(changes) => {

@@ -27,6 +27,8 @@ const Console = {
   listeners: new Set(),
   queueListeners: [],
   workerListeners: [],
+  // Called when the view is left (a view's own stream is closed).
+  leaving: [],
   source: null,
 
   // Does the signed-in token's scope include `needed`?
@@ -101,6 +103,7 @@ const Console = {
     this.token = null; this.who = null;
     if (this.source) this.source.close();
     this.source = null;
+    this.leave();
     fetch("/v1/session", { method: "DELETE" }).catch(() => {});
     for (const v of document.querySelectorAll(".view")) v.hidden = true;
     $("nav").hidden = true; $("sign-out").hidden = true; $("who").textContent = "";
@@ -154,11 +157,17 @@ const Console = {
     const view = this.views[name] ? name : "jobs";
     for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== `view-${view}`;
     for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.view === view);
+    this.leave();
     this.listeners.clear();
     this.queueListeners = [];
     this.workerListeners = [];
     set("error"); set("message");
     this.views[view].show(decodeURIComponent(path[1] || ""));
+  },
+
+  leave() {
+    for (const f of this.leaving) f();
+    this.leaving = [];
   },
 
   go(url) {

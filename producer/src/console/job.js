@@ -1,5 +1,7 @@
 // The Job view: status, runs, timeline, progress with ETA, curves, confusion matrix, per-class table,
 // promotion, worker, logs and the actions the token may take. It reloads when the stream says the job changed.
+// The running attempt's log lines come live on a stream of the job's own (`/v1/stream?job=ID`,
+// `log` events with their byte offset in the attempt's log, joined here once each).
 "use strict";
 
 Console.views.job = {
@@ -12,6 +14,46 @@ Console.views.job = {
     document.body.removeAttribute("data-loaded");
     this.load();
     Console.listeners.add(job => { if (job.job_id === this.id) this.load(); });
+    this.follow(id);
+  },
+
+  // Follows the job's live log lines while the view is open.
+  follow(id) {
+    this.live = null;
+    this.status = null;
+    $("live-log").hidden = true;
+    const s = new EventSource(`/v1/stream?job=${encodeURIComponent(id)}`);
+    s.addEventListener("log", ev => this.addLive(JSON.parse(ev.data)));
+    Console.leaving.push(() => s.close());
+  },
+
+  // Adds a `log` event's text: a new attempt starts again; text already shown is skipped (offsets are bytes).
+  addLive(d) {
+    const bytes = new TextEncoder().encode(d.text);
+    if (!this.live || this.live.attempt !== d.attempt) this.live = { attempt: d.attempt, end: d.offset, text: d.offset ? "…\n" : "" };
+    const live = this.live;
+    if (d.offset > live.end) live.text += "… (lines missed)\n";
+    const skip = Math.max(0, live.end - d.offset);
+    if (skip >= bytes.length) return;
+    live.text += new TextDecoder().decode(bytes.slice(skip));
+    live.end = d.offset + bytes.length;
+    this.showLive();
+  },
+
+  // Shows the live lines until the attempt's saved log replaces them.
+  showLive() {
+    const live = this.live, box = $("live-log");
+    if (!live || (TERMINAL.includes(this.status) && (this.saved || []).includes(live.attempt))) { box.hidden = true; return; }
+    let pre = $("live-log-text");
+    if (!pre) {
+      pre = el("pre", { class: "logs", id: "live-log-text" });
+      box.replaceChildren(el("div", { class: "muted", id: "live-log-title" }), pre);
+    }
+    $("live-log-title").textContent = `attempt ${live.attempt}, live from ${TERMINAL.includes(this.status) ? "its run" : "the worker"}`;
+    const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = live.text;
+    if (atBottom) pre.scrollTop = pre.scrollHeight;
+    box.hidden = false;
   },
 
   async load() {
@@ -111,6 +153,9 @@ Console.views.job = {
   },
 
   async logs(job) {
+    this.status = job.status;
+    this.saved = job.logs || [];
+    this.showLive();
     if (!job.logs || !job.logs.length) { set("logs", TERMINAL.includes(job.status) ? "no saved log" : "the attempt's log is saved when it ends"); return; }
     const attempt = job.logs[job.logs.length - 1];
     try {

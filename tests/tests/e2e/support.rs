@@ -196,6 +196,7 @@ impl Env {
             t.control_exchange(),
             t.triggers_exchange(),
             t.heartbeats_exchange(),
+            trainyard_common::livelog::exchange(t),
         ] {
             let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
         }

@@ -1,5 +1,6 @@
 //! `noop`: sleeps `sleep_ms` (default 0) and succeeds. Used by tests,
-//! benchmarks and chaos runs. `fail` makes it fail on purpose:
+//! benchmarks and chaos runs. With `log_every_ms`, it logs a line that often while it
+//! sleeps (the console's live log). `fail` makes it fail on purpose:
 //! `"transient"` (until attempt `fail_until`, default forever), `"permanent"`;
 //! with `fail_until_run`, only in runs before it (a dead letter replayed after the
 //! fault is gone).
@@ -18,6 +19,9 @@ pub struct Noop;
 struct Params {
     #[serde(default)]
     sleep_ms: u64,
+    /// Log a line this often while sleeping.
+    #[serde(default)]
+    log_every_ms: Option<u64>,
     #[serde(default)]
     fail: Option<Fail>,
     /// With `fail = "transient"`: succeed from this attempt on.
@@ -43,7 +47,29 @@ fn parse(params: &serde_json::Value) -> Result<Params, JobError> {
     if p.sleep_ms > MAX_SLEEP_MS {
         return Err(JobError::permanent(format!("invalid noop params: sleep_ms {} is over {MAX_SLEEP_MS}", p.sleep_ms)));
     }
+    if p.log_every_ms == Some(0) {
+        return Err(JobError::permanent("invalid noop params: log_every_ms must be at least 1"));
+    }
     Ok(p)
+}
+
+/// Sleeps `ms`, logging a line every `log_every_ms`; an error when cancelled.
+async fn sleep(ctx: &JobContext, ms: u64, log_every_ms: Option<u64>) -> Result<(), JobError> {
+    let mut left = ms;
+    let mut lines = 0u64;
+    while left > 0 {
+        let step = log_every_ms.unwrap_or(left).min(left);
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(step)) => {}
+            _ = ctx.cancel.cancelled() => return Err(JobError::cancelled("noop stopped while sleeping")),
+        }
+        left -= step;
+        if log_every_ms.is_some() && left > 0 {
+            lines += 1;
+            tracing::info!(line = lines, left_ms = left, "noop still sleeping");
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -54,12 +80,7 @@ impl JobHandler for Noop {
 
     async fn run(&self, ctx: JobContext) -> Result<serde_json::Value, JobError> {
         let p = parse(&ctx.spec.params)?;
-        if p.sleep_ms > 0 {
-            tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(p.sleep_ms)) => {}
-                _ = ctx.cancel.cancelled() => return Err(JobError::cancelled("noop stopped while sleeping")),
-            }
-        }
+        sleep(&ctx, p.sleep_ms, p.log_every_ms).await?;
         let fail = p.fail.filter(|_| p.fail_until_run.is_none_or(|until| ctx.run < until));
         match fail {
             Some(Fail::Permanent) => Err(JobError::permanent("noop failed on purpose (permanent)")),

@@ -49,6 +49,29 @@ impl JobLogs {
         self.buffers.lock().map(|mut b| b.remove(key)).ok().flatten().unwrap_or_default()
     }
 
+    /// The text of running attempts not yet in `sent` (bytes sent so far, by key), at most
+    /// `max` bytes per attempt (cut at a character boundary): (job id, attempt, offset, text).
+    /// Advances `sent`, and forgets the attempts whose buffer was taken.
+    pub fn unsent(&self, sent: &mut HashMap<String, usize>, max: usize) -> Vec<(String, u32, usize, String)> {
+        let Ok(buffers) = self.buffers.lock() else { return Vec::new() };
+        sent.retain(|k, _| buffers.contains_key(k));
+        let mut out = Vec::new();
+        for (key, captured) in buffers.iter() {
+            let from = sent.get(key).copied().unwrap_or(0);
+            let text = &captured.text;
+            let mut end = text.len().min(from + max);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let Some((job_id, attempt)) = key.rsplit_once('/').and_then(|(j, a)| Some((j, a.parse::<u32>().ok()?))) else { continue };
+            if end > from {
+                out.push((job_id.to_string(), attempt, from, text[from..end].to_string()));
+                sent.insert(key.clone(), end);
+            }
+        }
+        out
+    }
+
     fn append(&self, key: &str, line: &str, notable: bool) {
         if let Ok(mut b) = self.buffers.lock() {
             let buf = b.entry(key.to_string()).or_default();
@@ -177,6 +200,23 @@ mod tests {
         assert!(!text.contains("outside"), "{text}");
         assert!(got.notable, "lines from job code are worth saving");
         assert_eq!(logs.take(&JobLogs::key("j1", 2)), Captured::default());
+    }
+
+    #[test]
+    fn unsent_text_comes_once_in_order_and_finished_attempts_are_forgotten() {
+        let logs = JobLogs::default();
+        let mut sent = HashMap::new();
+        logs.append("j1/1", "a line\n", true);
+        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 0, "a line\n".to_string())]);
+        assert!(logs.unsent(&mut sent, 1024).is_empty(), "nothing new");
+        logs.append("j1/1", "é and more\n", true);
+        // Cut at a character boundary: 'é' is two bytes, so 1 byte gives nothing, 2 give it.
+        assert!(logs.unsent(&mut sent, 1).is_empty());
+        assert_eq!(logs.unsent(&mut sent, 2), vec![("j1".to_string(), 1, 7, "é".to_string())]);
+        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 9, " and more\n".to_string())]);
+        logs.take("j1/1");
+        assert!(logs.unsent(&mut sent, 1024).is_empty());
+        assert!(sent.is_empty(), "a taken attempt is forgotten");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod heartbeat;
 mod held;
 pub mod http;
 pub mod joblog;
+mod livelog;
 pub mod process;
 pub mod session;
 pub mod store_retry;
@@ -274,6 +275,7 @@ impl Worker {
         let policy =
             ReconnectPolicy { base: Duration::from_millis(250), max: shared.config.reconnect_max, healthy_after: Duration::from_secs(30) };
         let beats = tokio::spawn(heartbeat::run(shared.clone()));
+        let live_logs = tokio::spawn(livelog::run(shared.clone()));
         let shutdown = &shutdown;
         let session = || async move {
             match session::run(shared.clone(), shutdown).await {
@@ -291,6 +293,7 @@ impl Worker {
         // The goodbye goes after the running jobs were settled.
         shared.stopped.cancel();
         let _ = beats.await;
+        let _ = live_logs.await;
         Ok(())
     }
 }
