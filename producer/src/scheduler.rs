@@ -74,6 +74,14 @@ pub fn fire_job_id(schedule: &str, at: DateTime<Utc>) -> String {
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("trainyard-schedule:{schedule}@{}", at.to_rfc3339()).as_bytes()).to_string()
 }
 
+/// The first fire time of `cfg` after `after`; `None` for an expression that never fires again
+/// or a schedule the config loader would refuse.
+pub fn next_fire(cfg: &ScheduleConfig, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let cron = parse_cron(&cfg.cron).ok()?;
+    let tz = cfg.timezone.parse::<chrono_tz::Tz>().ok()?;
+    cron.after(&after.with_timezone(&tz)).next().map(|t| t.with_timezone(&Utc))
+}
+
 /// Which of the fire times in `(last, now]` to fire under `policy`: those
 /// within [`GRACE`] of `now`; with `fire_once`, also the latest missed one
 /// when none is on time.
@@ -209,9 +217,8 @@ mod tests {
         let at = t("2026-03-01T02:00:00Z");
         assert_eq!(fire_job_id("a", at), fire_job_id("a", at));
         assert_ne!(fire_job_id("a", at), fire_job_id("b", at));
-        let cron = parse_cron("0 2 * * *").unwrap();
-        let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
-        let next = cron.after(&at.with_timezone(&tz)).next().unwrap().with_timezone(&Utc);
-        assert_eq!(next, t("2026-03-02T01:00:00Z")); // 02:00 in Berlin (UTC+1).
+        let cfg: ScheduleConfig =
+            toml::from_str("name = 'n'\ncron = '0 2 * * *'\ntimezone = 'Europe/Berlin'\njob_type = 'noop'\nbot = 'b'").unwrap();
+        assert_eq!(next_fire(&cfg, at), Some(t("2026-03-02T01:00:00Z"))); // 02:00 in Berlin (UTC+1).
     }
 }

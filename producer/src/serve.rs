@@ -132,7 +132,8 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
     });
 
     let tokens = Arc::new(settings.tokens.clone());
-    let state = ApiState { ops, tokens, registry, metrics: Some(metrics), shutdown: shutdown.clone(), workers, live_logs };
+    let control = Arc::new(settings.config.clone());
+    let state = ApiState { ops, tokens, registry, metrics: Some(metrics), shutdown: shutdown.clone(), workers, live_logs, control };
     let app = api::router(state, settings.body_limit);
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, job_types = ?settings.job_types, "control plane serving");

@@ -39,6 +39,11 @@ pub fn topic_matches(pattern: &str, key: &str) -> bool {
     go(&pattern.split('.').collect::<Vec<_>>(), &key.split('.').collect::<Vec<_>>())
 }
 
+/// The trigger source recorded on the jobs of `rule`: `<routing key> (<name>)`.
+pub fn source(rule: &TriggerRule) -> String {
+    format!("{} ({})", rule.routing_key, rule.name)
+}
+
 /// Fills `{{field}}` placeholders of `template` from `event`.
 pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
@@ -236,12 +241,7 @@ impl Triggers {
 
     async fn fire(&self, rule: &TriggerRule, bot: &str, event: &serde_json::Value, burst: usize) -> Result<(), CommonError> {
         let params = render(&rule.params, event);
-        let mut spec = JobSpec::new(
-            &rule.job_type,
-            bot,
-            params,
-            Trigger { kind: TriggerKind::Event, source: format!("{} ({})", rule.routing_key, rule.name) },
-        );
+        let mut spec = JobSpec::new(&rule.job_type, bot, params, Trigger { kind: TriggerKind::Event, source: source(rule) });
         spec.priority = rule.priority;
         spec.coalesce_key = rule.coalesce_key.as_ref().map(|t| match render(&serde_json::Value::String(t.clone()), event) {
             serde_json::Value::String(s) => s,

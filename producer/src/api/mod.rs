@@ -13,6 +13,7 @@ mod doc;
 pub mod errors;
 mod handlers;
 pub mod queues;
+mod schedules;
 pub mod session;
 mod stream;
 
@@ -55,6 +56,8 @@ pub struct ApiState {
     pub workers: crate::workers::WorkerTable,
     /// The live log lines of running attempts, from the workers.
     pub live_logs: crate::livelogs::LiveLogs,
+    /// The schedules and trigger rules this control plane runs.
+    pub control: Arc<crate::config::ControlConfig>,
 }
 
 /// The caller of a `/v1/` request, for the audit trail.
@@ -96,6 +99,8 @@ fn documented_router(state: ApiState) -> OpenApiRouter<ApiState> {
         .routes(routes!(handlers::retry))
         .routes(routes!(queues::queues))
         .routes(routes!(workers))
+        .routes(routes!(schedules::schedules))
+        .routes(routes!(schedules::triggers))
         .routes(routes!(handlers::audit))
         .routes(routes!(handlers::dlq_list))
         .routes(routes!(handlers::dlq_replay))

@@ -32,6 +32,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
     ("queues.js", "text/javascript; charset=utf-8", include_str!("queues.js")),
     ("workers.js", "text/javascript; charset=utf-8", include_str!("workers.js")),
     ("audit.js", "text/javascript; charset=utf-8", include_str!("audit.js")),
+    ("schedules.js", "text/javascript; charset=utf-8", include_str!("schedules.js")),
 ];
 
 /// The console's routes: the page at `/` and `/jobs/{id}`, its assets under `/console/`.

@@ -104,3 +104,44 @@ impl Store {
         Ok(rows.iter().map(|r: &AnyRow| (from_micros(r.get::<i64, _>(0)), r.get::<String, _>(1))).collect())
     }
 }
+
+/// A fire or a match as the console shows it: (time, job id, the job's status when recorded).
+pub type Fired = (DateTime<Utc>, String, Option<String>);
+
+/// How many of a trigger kind's newest jobs [`Store::triggered_jobs`] looks through.
+pub const TRIGGERED_SCAN: i64 = 10_000;
+
+impl Store {
+    /// The newest `limit` fires of `schedule` (fire time, job id, its job's status), newest first.
+    pub async fn recent_schedule_fires(&self, schedule: &str, limit: i64) -> Result<Vec<Fired>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT f.fire_at, f.job_id, j.status FROM schedule_fires f LEFT JOIN jobs j ON j.job_id = f.job_id \
+             WHERE f.schedule = $1 ORDER BY f.fire_at DESC LIMIT $2",
+        )
+        .bind(schedule)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q(format!("list the recent fires of schedule {schedule}")))?;
+        Ok(rows.iter().map(|r: &AnyRow| (from_micros(r.get::<i64, _>(0)), r.get::<String, _>(1), r.get::<Option<String>, _>(2))).collect())
+    }
+
+    /// The newest `limit` jobs triggered by `kind` from `source` (submission time, job id,
+    /// status), newest first, among the [`TRIGGERED_SCAN`] newest jobs of that kind: the
+    /// `(trigger_kind, created_at, job_id)` index bounds the read whatever the store's size.
+    pub async fn triggered_jobs(&self, kind: &str, source: &str, limit: i64) -> Result<Vec<Fired>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT created_at, job_id, status FROM (SELECT created_at, job_id, status, trigger_source FROM jobs \
+             WHERE trigger_kind = $1 ORDER BY created_at DESC, job_id DESC LIMIT $2) recent \
+             WHERE trigger_source = $3 ORDER BY created_at DESC, job_id DESC LIMIT $4",
+        )
+        .bind(kind)
+        .bind(TRIGGERED_SCAN)
+        .bind(source)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q(format!("list the jobs triggered by {source}")))?;
+        Ok(rows.iter().map(|r: &AnyRow| (from_micros(r.get::<i64, _>(0)), r.get::<String, _>(1), r.get::<Option<String>, _>(2))).collect())
+    }
+}

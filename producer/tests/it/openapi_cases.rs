@@ -83,7 +83,9 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 401),
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 403).token("s-tok"),
     ];
-    for (route, path) in [("/v1/queues", "/v1/queues"), ("/v1/workers", "/v1/workers")] {
+    for (route, path) in
+        [("/v1/queues", "/v1/queues"), ("/v1/workers", "/v1/workers"), ("/v1/schedules", "/v1/schedules"), ("/v1/triggers", "/v1/triggers")]
+    {
         c.push(case("GET", route, path, 200).token("r-tok"));
         c.push(case("GET", route, path, 401));
     }
@@ -110,6 +112,8 @@ pub fn unavailable(a: &str, b: &str) -> Vec<Case> {
         case("GET", "/v1/audit", "/v1/audit", 503).token("r-tok"),
         case("GET", "/v1/dlq", "/v1/dlq", 503).token("r-tok"),
         case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 503).token("a-tok").json(json!({"job_id": a})),
+        case("GET", "/v1/schedules", "/v1/schedules", 503).token("r-tok"),
+        case("GET", "/v1/triggers", "/v1/triggers", 503).token("r-tok"),
         case("GET", "/v1/models/{bot}", "/v1/models/bot-b", 503).token("r-tok"),
         case("POST", "/v1/models/promote/{job_id}", format!("/v1/models/promote/{b}"), 503).token("a-tok"),
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 503).token("a-tok"),

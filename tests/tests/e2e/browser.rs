@@ -27,6 +27,11 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub async fn start(env: &Env, db_url: &str, tokens: &str, addr: Option<SocketAddr>) -> Self {
+        Self::start_with(env, db_url, tokens, addr, ControlConfig::default()).await
+    }
+
+    /// [`ControlPlane::start`] with schedules and trigger rules.
+    pub async fn start_with(env: &Env, db_url: &str, tokens: &str, addr: Option<SocketAddr>, config: ControlConfig) -> Self {
         let settings = ServeSettings {
             amqp_url: URL.into(),
             topology: env.topo.clone(),
@@ -34,7 +39,7 @@ impl ControlPlane {
             artifacts: env.artifacts_dir.path().display().to_string(),
             job_types: env.types.clone(),
             tokens: Tokens::parse(tokens).unwrap(),
-            config: ControlConfig::default(),
+            config,
             body_limit: 64 * 1024,
             demand_interval: Duration::from_millis(500),
         };

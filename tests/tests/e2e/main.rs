@@ -7,6 +7,7 @@
 
 mod browser;
 mod console;
+mod console_live;
 mod disrupt;
 mod failover;
 mod hostile;

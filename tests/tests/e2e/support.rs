@@ -175,6 +175,7 @@ impl Env {
         let t = &self.topo;
         let coalesce = format!("{}.coalesce.control-plane", t.prefix());
         let mut queues = vec![t.events_log(), t.legacy_recorder_queue(), t.dead_recorder_queue(), coalesce];
+        queues.push(format!("{}.triggers.control-plane", t.prefix()));
         for ty in &self.types {
             queues.extend(t.tier_queues(ty));
             queues.push(t.dead_queue(ty));
