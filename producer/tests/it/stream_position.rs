@@ -108,3 +108,46 @@ async fn the_recorder_queue_of_an_earlier_release_is_recorded_then_deleted() {
     recorder.stop().await;
     cleanup(&topo, &[]).await;
 }
+
+/// A crash between recording a batch and storing its offset, made certain: a trigger fails the
+/// first update of the stored position once (a sequence counts the tries; it is not rolled
+/// back). With the offset in the batch's transaction, the whole batch rolls back, the session
+/// ends, and the next one records it once. Another trigger counts every row written to
+/// `job_events` in committed transactions (duplicates included: `BEFORE INSERT` fires for rows
+/// `ON CONFLICT DO NOTHING` then skips): it must equal the events published. Were the offset
+/// committed apart from (after) the events, the failed batch would be written twice (30, not
+/// 20); were it not stored, all of it would.
+#[tokio::test]
+async fn a_failure_between_the_events_and_their_offset_records_them_once_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    for sql in [
+        "CREATE SEQUENCE position_fault",
+        "CREATE TABLE written (n BIGINT)",
+        "CREATE FUNCTION count_written() RETURNS trigger AS $$ BEGIN INSERT INTO written VALUES (1); RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER count_written BEFORE INSERT ON job_events FOR EACH ROW EXECUTE FUNCTION count_written()",
+        "CREATE FUNCTION fail_once() RETURNS trigger AS $$ BEGIN IF nextval('position_fault') = 1 THEN \
+         RAISE EXCEPTION 'injected: the offset cannot be stored'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER fail_once BEFORE UPDATE ON stream_positions FOR EACH ROW EXECUTE FUNCTION fail_once()",
+    ] {
+        store.execute_raw(sql).await.unwrap();
+    }
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let recorder = spawn_recorder(&store, &topo);
+    publish_jobs(&ch, &topo, 5).await;
+    let want = StreamPosition { last_offset: 9, entries: 10 };
+    eventually(20, "the first 10 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    // The next batch's offset update fails once.
+    publish_jobs(&ch, &topo, 5).await;
+    let want = StreamPosition { last_offset: 19, entries: 20 };
+    eventually(20, "20 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    recorder.stop().await;
+    // `SELECT` reports the rows it returned.
+    assert_eq!(store.execute_raw("SELECT 1 FROM position_fault WHERE last_value >= 2").await.unwrap(), 1, "the fault fired");
+    assert_eq!(store.execute_raw("SELECT n FROM written").await.unwrap(), 20, "each event written once in a committed transaction");
+    store.close().await;
+    schema.drop().await;
+    cleanup(&topo, &[]).await;
+}
