@@ -7,8 +7,9 @@
 //! twice counts twice. After the kills, that count must equal the number of entries
 //! published and the stored offset must be the last one: an offset not stored, or not used
 //! on start, makes the restarted recorder read from the first entry again (count too
-//! high); an offset committed apart from its entries re-reads (count too high) or skips
-//! (jobs missing) the batch a kill lands between the two commits.
+//! high). An offset committed apart from its entries is caught here only when a kill lands
+//! between the two commits (rare); producer `stream_position::a_failure_between_…` makes
+//! that failure certain.
 
 use std::{
     process::{Command, Stdio},
