@@ -4,7 +4,7 @@
 //! confirm-mode channels ([`pool`]), and the control plane:
 //!
 //! - [`store`]: the job store, a projection of the event stream (SQLite or PostgreSQL);
-//! - [`recorder`]: feeds the store from `recorder` and `dead.recorder`;
+//! - [`recorder`]: feeds the store from the `events.log` stream (from its stored offset) and `dead.recorder`;
 //! - [`scheduler`] and [`triggers`]: cron schedules and event triggers ([`config`]);
 //! - [`coalesce`]: latest wins among jobs that share a coalescing key;
 //! - [`ops`]: job management shared by the CLI and the HTTP [`api`];
