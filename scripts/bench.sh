@@ -13,9 +13,10 @@
 #   --gpu     the CUDA backend's epoch time vs CPU (only where nvidia-smi finds a GPU)
 # Writes target/bench/results.json and prints a Markdown table.
 #
-# Usage: scripts/bench.sh [--quick] [--gpu] [--only store]
+# Usage: scripts/bench.sh [--quick] [--gpu] [--only store|fairness]
 #   --quick  fewer jobs (about 5 minutes after the release build; the store: 100,000 jobs)
 #   --only store  the store scenario alone (the other scenarios' raw outputs of an earlier run are kept)
+#   --only fairness  the fairness scenario alone (fair share, tiers, coalescing; ~3 min)
 # Environment: TRAINYARD_AMQP_URL (default: local broker), BENCH_JOBS, BENCH_CELERY_JOBS,
 #   BENCH_WORKERS, BENCH_SLOTS, BENCH_SUBMITTERS, BENCH_STORE_JOBS to override the sizes;
 #   TRAINYARD_BENCH_DATABASE_URL the PostgreSQL of the store scenario (default: the local `test` database).
@@ -32,11 +33,11 @@ while [[ $# -gt 0 ]]; do
     --gpu) GPU=1 ;;
     --only) ONLY=${2:-}; shift ;;
     -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "unknown argument: $1 (use --quick, --gpu, --only store)" >&2; exit 2 ;;
+    *) echo "unknown argument: $1 (use --quick, --gpu, --only store|fairness)" >&2; exit 2 ;;
   esac
   shift
 done
-[[ -z $ONLY || $ONLY == store ]] || { echo "--only: unknown scenario ${ONLY:-(none)} (known: store)" >&2; exit 2; }
+[[ -z $ONLY || $ONLY == store || $ONLY == fairness ]] || { echo "--only: unknown scenario ${ONLY:-(none)} (known: store, fairness)" >&2; exit 2; }
 
 if [[ $QUICK == 1 ]]; then
   JOBS=${BENCH_JOBS:-5000}; CELERY_JOBS=${BENCH_CELERY_JOBS:-3000}; PICKUP_JOBS=300
@@ -116,6 +117,13 @@ store_scenario() {
   PREFIXES+=("$PREFIX-st-sqlite" "$PREFIX-st-postgres")
   step "store ($STORE_JOBS jobs, SQLite and PostgreSQL)" bash -c "'$BENCH' --work-dir '$RUN' store --jobs $STORE_JOBS --prefix '$PREFIX-st' > '$RAW/store.json'"
 }
+# Fairness: fair share, tiers and coalescing on one 4-slot worker (bench/src/fairness.rs); ~3 min.
+fairness_scenario() {
+  local backlog=5000 tp=3000
+  [[ $QUICK == 1 ]] && { backlog=2000; tp=1000; }
+  PREFIXES+=("$PREFIX-fa-af" "$PREFIX-fa-ap" "$PREFIX-fa-h" "$PREFIX-fa-c" "$PREFIX-fa-tf" "$PREFIX-fa-tp")
+  step "fairness (backlog $backlog, 50 bots; high priority; coalescing; throughput $tp)" bash -c "'$BENCH' --work-dir '$RUN' fairness --prefix '$PREFIX-fa' --backlog $backlog --throughput-jobs $tp > '$RAW/fairness.json'"
+}
 finish() {
   LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
   python3 bench/python/report.py "$RAW" "$OUT/results.json" "$LOAD_BEFORE" "$LOAD_AFTER" "$((SECONDS - T_START))" "$QUICK"
@@ -126,6 +134,11 @@ finish() {
 }
 if [[ $ONLY == store ]]; then
   store_scenario
+  finish
+  exit 0
+fi
+if [[ $ONLY == fairness ]]; then
+  fairness_scenario
   finish
   exit 0
 fi
@@ -185,6 +198,9 @@ step "scaling (workers $SCALING_WORKERS x slots $SCALING_SLOTS, $SCALING_JOBS jo
 
 # 7. The store.
 store_scenario
+
+# 7b. Fairness between bots.
+fairness_scenario
 
 # 8. GPU: CUDA epoch time vs CPU, only where a GPU is present.
 if [[ $GPU == 1 ]]; then

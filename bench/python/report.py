@@ -103,6 +103,9 @@ def main():
         keys = {"sqlite": ("jobs", "list_p95_ms", "demand_p95_ms"), "postgres": ("jobs", "list_p95_ms", "demand_p95_ms", "recorder_events_per_s")}
         extra = ("http_page_p95_ms", "http_error", "status_counts_p95_ms", "list_p95_ms_by_filter", "events", "fill_s")
         r["store"] = {db: {k: st[db].get(k) for k in keys[db] + extra} for db in keys if db in st}
+    fa = load(os.path.join(raw_dir, "fairness.json"))
+    if fa:
+        r["fairness"] = fa
     gpu = {d: load(os.path.join(raw_dir, f"gpu-{d}.json")) for d in ("cpu", "cuda")}
     if all(gpu.values()):
         r["gpu"] = {"cpu_wall_s": gpu["cpu"]["wall_s"], "cuda_wall_s": gpu["cuda"]["wall_s"], "speedup": gpu["cpu"]["wall_s"] / gpu["cuda"]["wall_s"]}
@@ -158,6 +161,18 @@ def main():
         if "recorder_events_per_s" in s_:
             rows.append((f"Store {db}: recorder (events/s)", num(s_["recorder_events_per_s"], 0), "batches via Store::record_events", "", ">= 5,000",
                          s_["recorder_events_per_s"] >= 5000))
+    fa = r.get("fairness")
+    if fa:
+        bf, bp = fa["backlog_fair_share"], fa["backlog_fifo"]
+        rows.append(("Fairness: 1-job bots behind a backlog, start p95 (ms)", num(bf["p95_ms"], 0), f"plain FIFO {num(bp['p95_ms'], 0)}", "",
+                     "<= 2,000 ms", bf["p95_ms"] <= 2000))
+        h = fa["high_priority"]
+        rows.append(("Fairness: high job behind 500 low, start p95 (ms)", num(h["p95_ms"], 0), f"{h['trials']} trials", "", "<= 100 ms", h["p95_ms"] <= 100))
+        c = fa["coalesce"]
+        rows.append(("Fairness: 10 submits, one key: ran / superseded", f"{c['ran']} / {c['superseded']}", "", "", "1 / 9", c["ran"] == 1 and c["superseded"] == 9))
+        t = fa["throughput"]
+        rows.append(("Fairness: dispatch with tiers + fair share (jobs/s)", num(t["fair_share_jobs_per_s"], 0), f"plain {num(t['plain_jobs_per_s'], 0)}",
+                     f"{t['ratio']:.2f}", ">= 0.8 of plain", t["ratio"] >= 0.8))
     print()
     print(f"trainyard benchmarks, {r['meta']['date']}, {r['meta']['cpus']} x {r['meta']['cpu']}, "
           f"load {load_before} -> {load_after}{' (--quick)' if r['meta']['quick'] else ''}")

@@ -9,12 +9,14 @@
 //! - `scaling`: dispatch over worker processes × slots, trainyard and raw;
 //! - `rss`: idle resident memory of any command once it consumes its queues;
 //! - `store`: a job store of N jobs on SQLite and PostgreSQL: `jobs list` and demand p95, HTTP page p95, recorder events/s;
+//! - `fairness`: fair share, priority tiers and coalescing on one 4-slot worker (see `fairness.rs`);
 //! - `outcomes`: recording job outcomes on a local artifact directory, alone (µs per record);
 //! - `raw-worker`, `raw-drain`: the processes of the raw-lapin baseline;
 //! - `cleanup`: deletes a prefix's queues and exchanges.
 
 mod broker;
 mod dispatch;
+mod fairness;
 mod outcomes;
 mod pickup;
 mod procs;
@@ -155,6 +157,25 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres", value_parser = ["sqlite", "postgres"])]
         backends: Vec<String>,
     },
+    /// Fair share, a high-priority job behind low ones, coalescing, and dispatch with admission
+    /// against the plain pipeline, on one worker with 4 slots (see `fairness.rs`).
+    Fairness {
+        /// Queue and exchange prefix of this run (each part adds a suffix).
+        #[arg(long)]
+        prefix: String,
+        /// Bot A's backlog.
+        #[arg(long, default_value_t = 5000)]
+        backlog: usize,
+        /// Bots with one job each behind it.
+        #[arg(long, default_value_t = 50)]
+        others: usize,
+        /// High-priority trials.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Jobs of the throughput part (each pipeline).
+        #[arg(long, default_value_t = 3000)]
+        throughput_jobs: usize,
+    },
     /// The raw baseline's worker process.
     RawWorker {
         /// Queue and exchange prefix.
@@ -248,6 +269,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Outcomes { records, concurrency } => outcomes::run(&env_of(&cli)?.artifacts_root, *records, *concurrency).await?,
         Cmd::Store { jobs, pg_url, prefix, backends } => {
             store::run(&env_of(&cli)?.work_dir, pg_url, *jobs, &cli.amqp_url, prefix, backends).await?
+        }
+        Cmd::Fairness { prefix, backlog, others, trials, throughput_jobs } => {
+            let sizes = fairness::Sizes { backlog: *backlog, others: *others, trials: *trials, throughput_jobs: *throughput_jobs };
+            fairness::run(&env_of(&cli)?, prefix, sizes).await?
         }
         Cmd::RawWorker { prefix, prefetch } => {
             raw::worker(&cli.amqp_url, prefix, *prefetch).await?;

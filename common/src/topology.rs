@@ -2,6 +2,8 @@
 //!
 //! | name | kind | purpose |
 //! |---|---|---|
+//! | `P.submit` | direct exchange | where jobs are submitted; alternate exchange `P.jobs`, so a key nothing binds here goes on to the workers |
+//! | `P.admit.<type>` | quorum queue | a job type's jobs waiting for the control plane's admission (bound to `P.submit` only while its policy asks for fair share or a per-bot limit) |
 //! | `P.jobs` | direct exchange | routing key = job type |
 //! | `P.jobs.<type>` | quorum queue | work queue (normal tier); delivery limit as crash-loop backstop, DLX `P.dead` |
 //! | `P.jobs.<type>.high`, `P.jobs.<type>.low` | quorum queues | the same for the high and low tiers (keys `<type>.high`, `<type>.low`) |
@@ -54,6 +56,15 @@ impl Topology {
     /// Work exchange (direct, key = job type).
     pub fn jobs_exchange(&self) -> String {
         format!("{}.jobs", self.prefix)
+    }
+    /// Submit exchange (direct, key as on [`Self::jobs_exchange`]); what it does not route goes
+    /// on to the jobs exchange (its alternate exchange).
+    pub fn submit_exchange(&self) -> String {
+        format!("{}.submit", self.prefix)
+    }
+    /// A job type's admission queue (jobs waiting for the control plane to admit them).
+    pub fn admission_queue(&self, job_type: &str) -> String {
+        format!("{}.admit.{job_type}", self.prefix)
     }
     /// Work queue of a job type.
     pub fn jobs_queue(&self, job_type: &str) -> String {
@@ -128,6 +139,12 @@ impl Topology {
                 .await
                 .map_err(CommonError::amqp(format!("declare exchange {name}")))?;
         }
+        let mut alternate = FieldTable::default();
+        alternate.insert("alternate-exchange".into(), AMQPValue::LongString(self.jobs_exchange().into()));
+        let submit = self.submit_exchange();
+        ch.exchange_declare(submit.as_str().into(), ExchangeKind::Direct, durable_exchange(), alternate)
+            .await
+            .map_err(CommonError::amqp(format!("declare exchange {submit}")))?;
         let mut stream = FieldTable::default();
         stream.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
         stream.insert("x-max-age".into(), AMQPValue::LongString(EVENTS_LOG_MAX_AGE.into()));

@@ -153,7 +153,7 @@ impl Coalescer {
         // Create-once: a person's cancel marker, or an earlier supersede, stays as it was.
         self.artifacts.put_if_absent(&keys::cancel_marker(&older.job_id), codec::to_json(&req)?).await?;
         let running = matches!(status, Some(JobStatus::Started | JobStatus::Progress));
-        let policy = self.policies.get(&older.job_type).copied().unwrap_or_default();
+        let policy = self.policies.get(&older.job_type).cloned().unwrap_or_default();
         tracing::info!(job_id = %older.job_id, superseded_by = %newest, running, "job superseded");
         if running && policy.supersede_running {
             let props = lapin::BasicProperties::default().with_content_type(codec::JSON.into()).with_delivery_mode(2);

@@ -25,6 +25,9 @@
 //!
 //! [policy.intent-train]
 //! supersede_running = true   # latest wins also cancels a running older job with the same coalescing key
+//! fair_share = true          # admit jobs bot by bot, the bot with the fewest admitted (per weight) first
+//! max_running_per_bot = 2    # at most 2 of one bot's jobs admitted and unfinished
+//! weights = { banking = 2 }  # fair-share weights (default 1)
 //! ```
 
 use std::{path::Path, str::FromStr};
@@ -99,13 +102,34 @@ pub struct TriggerRule {
 }
 
 /// Per-job-type policy (`[policy.<job_type>]`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobTypePolicy {
     /// When a newer job with the same coalescing key is queued, cancel an older one
     /// that is already running (default: let it finish; only not-started ones are superseded).
     #[serde(default)]
     pub supersede_running: bool,
+    /// Fair share between bots: the control plane admits this type's jobs to the workers
+    /// a few at a time, the bot with the fewest admitted jobs (per weight) first.
+    #[serde(default)]
+    pub fair_share: bool,
+    /// At most this many of one bot's jobs of this type admitted and not finished.
+    #[serde(default)]
+    pub max_running_per_bot: Option<u32>,
+    /// Fair-share weights by bot (default 1): a bot of weight 2 gets twice the slots.
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<String, u32>,
+    /// With fair share: how many jobs beyond the workers' free slots are admitted ahead
+    /// (default 2), so that a worker never waits for the control plane.
+    #[serde(default)]
+    pub admit_ahead: Option<u32>,
+}
+
+impl JobTypePolicy {
+    /// Do this type's jobs go through the control plane's admission step?
+    pub fn admission(&self) -> bool {
+        self.fair_share || self.max_running_per_bot.is_some()
+    }
 }
 
 /// The whole file.
@@ -167,6 +191,11 @@ impl ControlConfig {
         if let Some(bad) = cfg.policies.keys().find(|t| !trainyard_common::job::valid_job_type(t)) {
             return Err(format!("policy {bad:?}: not a job type name"));
         }
+        for (t, p) in &cfg.policies {
+            if p.max_running_per_bot == Some(0) || p.weights.values().any(|w| *w == 0) {
+                return Err(format!("policy {t:?}: max_running_per_bot and weights must be at least 1"));
+            }
+        }
         for t in &cfg.triggers {
             if t.routing_key.is_empty() || !trainyard_common::job::valid_job_type(&t.job_type) {
                 return Err(format!("trigger {:?}: needs a routing key and a valid job type", t.name));
@@ -196,6 +225,10 @@ mod tests {
         assert_eq!(cfg.triggers[0].debounce_s, 300);
         assert_eq!(cfg.schedules[0].params["epochs"], 20);
         assert!(cfg.policies["intent-train"].supersede_running);
+        let p = &cfg.policies["intent-train"];
+        assert_eq!((p.fair_share, p.max_running_per_bot, p.weights.get("banking")), (true, Some(2), Some(&2)));
+        assert!(p.admission() && !JobTypePolicy::default().admission());
+        assert!(ControlConfig::parse("[policy.noop]\nmax_running_per_bot = 0").is_err(), "a limit of 0 would admit nothing");
         assert_eq!((cfg.triggers[0].priority, cfg.triggers[0].coalesce_key.as_deref()), (Priority::High, Some("intent-train/{{bot}}")));
         assert_eq!(cfg.schedules[0].priority, Priority::Normal);
         let typo = "[[schedule]]\nname='x'\ncron='* * * * *'\njob_type='noop'\nbot='b'\npriority='hihg'";

@@ -7,6 +7,7 @@
 //! - [`recorder`]: feeds the store from the `events.log` stream (from its stored offset) and `dead.recorder`;
 //! - [`scheduler`] and [`triggers`]: cron schedules and event triggers ([`config`]);
 //! - [`coalesce`]: latest wins among jobs that share a coalescing key;
+//! - [`admission`]: fair share between bots and per-bot limits (jobs admitted to the workers);
 //! - [`ops`]: job management shared by the CLI and the HTTP [`api`];
 //! - [`serve`]: all of it in one process, with the demand metrics loop;
 //! - [`rebuild`]: the store rebuilt from the audit stream; [`progress`]: `submit --wait`'s bar.
@@ -15,6 +16,7 @@
 //! Never links burn: training lives in `trainyard-worker`.
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod coalesce;

@@ -101,13 +101,15 @@ pub struct Ops {
     pub artifacts: ArtifactStore,
     /// Publishes jobs and events.
     pub submitter: Submitter,
+    /// Admission snapshots (in `trainyard serve`): bots' usage against their limit and share.
+    pub admission: Option<crate::admission::board::AdmissionBoard>,
     url: String,
 }
 
 impl Ops {
     /// Operations on `store`, `artifacts` and the broker at `url`.
     pub fn new(store: Store, artifacts: ArtifactStore, url: &str, topology: Topology) -> Result<Self, OpsError> {
-        Ok(Self { store, artifacts, submitter: Submitter::new(url, topology)?, url: url.to_string() })
+        Ok(Self { store, artifacts, submitter: Submitter::new(url, topology)?, admission: None, url: url.to_string() })
     }
 
     /// The topology in use.
@@ -141,16 +143,25 @@ impl Ops {
         Ok(self.store.audit(filter).await?)
     }
 
-    /// Jobs matching `filter`; listed by bot, its queued jobs carry their queue position.
+    /// Jobs matching `filter`; listed by bot, its queued jobs carry their queue position and
+    /// each job of a type with admission its bot's usage of that type.
     pub async fn list(&self, filter: &JobFilter) -> Result<Vec<JobRow>, OpsError> {
         let mut jobs = self.store.list_jobs(filter).await?;
-        if filter.bot.is_some() {
+        if let Some(bot) = &filter.bot {
             let positions = self.store.queue_positions(&jobs).await?;
+            let usage = self.bot_usage(bot);
             for j in &mut jobs {
                 j.queue_position = positions.get(&j.job_id).copied();
+                j.bot_usage = usage.get(&j.job_type).cloned();
             }
         }
         Ok(jobs)
+    }
+
+    /// A bot's usage of every job type with admission, against its limit and share (empty
+    /// outside `trainyard serve` or when no admitter published a snapshot lately).
+    pub fn bot_usage(&self, bot: &str) -> std::collections::BTreeMap<String, crate::admission::state::BotUsage> {
+        self.admission.as_ref().map(|b| b.bot(bot)).unwrap_or_default()
     }
 
     async fn job(&self, job_id: &str) -> Result<JobRow, OpsError> {

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use trainyard_common::{amqp::connect, artifacts::ArtifactStore, metrics::ControlMetrics, topology::Topology, CommonError};
 
 use crate::{
+    admission::{board::AdmissionBoard, Admitter},
     api::{self, ApiState, Tokens},
     coalesce::Coalescer,
     config::ControlConfig,
@@ -80,7 +81,9 @@ pub enum ServeError {
 pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
     let store = Store::open(&settings.database_url).await?;
     let artifacts = ArtifactStore::open(&settings.artifacts)?;
-    let ops = Ops::new(store.clone(), artifacts.clone(), &settings.amqp_url, settings.topology.clone())?;
+    let mut ops = Ops::new(store.clone(), artifacts.clone(), &settings.amqp_url, settings.topology.clone())?;
+    let admission = AdmissionBoard::default();
+    ops.admission = Some(admission.clone());
     ops.submitter.declare_shared().await?;
     for t in &settings.job_types {
         ops.submitter.declare_job_type(t).await?;
@@ -94,6 +97,16 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         let stop = shutdown.clone();
         async move { recorder.run(stop).await }
     });
+    let workers = WorkerTable::default();
+    let policies = &settings.config.policies;
+    for admitter in Admitter::all(&settings.job_types, policies, &store, &artifacts, &settings.topology, &settings.amqp_url, &workers) {
+        let stop = shutdown.clone();
+        tasks.spawn(async move { admitter.run(stop).await });
+    }
+    tasks.spawn({
+        let (stop, board, s) = (shutdown.clone(), admission.clone(), settings.clone());
+        async move { board.run(&s.amqp_url, &s.topology, stop).await }
+    });
     let coalescer =
         Coalescer::new(store.clone(), artifacts, settings.topology.clone(), &settings.amqp_url, settings.config.policies.clone());
     tasks.spawn({
@@ -101,8 +114,8 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         async move { coalescer.run(stop).await }
     });
     tasks.spawn({
-        let (stop, store, metrics, s) = (shutdown.clone(), store.clone(), metrics.clone(), settings.clone());
-        async move { demand_loop(&s, &store, &metrics, stop).await }
+        let (stop, store, metrics, s, board) = (shutdown.clone(), store.clone(), metrics.clone(), settings.clone(), admission.clone());
+        async move { demand_loop(&s, &store, &metrics, &board, stop).await }
     });
     if !settings.config.schedules.is_empty() {
         let scheduler = Scheduler::new(settings.config.schedules.clone(), store.clone(), ops.submitter.clone(), Some(metrics.clone()));
@@ -119,7 +132,6 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         });
     }
 
-    let workers = WorkerTable::default();
     tasks.spawn({
         let (stop, workers, metrics, s) = (shutdown.clone(), workers.clone(), metrics.clone(), settings.clone());
         async move { workers.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
@@ -145,7 +157,7 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
     served.map_err(ServeError::Http)
 }
 
-async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics, shutdown: CancellationToken) {
+async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics, board: &AdmissionBoard, shutdown: CancellationToken) {
     let mut conn: Option<(Connection, Channel)> = None;
     loop {
         if conn.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
@@ -164,7 +176,7 @@ async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics,
             };
         }
         if let Some((_, ch)) = &conn {
-            if let Err(e) = update_demand(ch, &s.topology, store, metrics, &s.job_types).await {
+            if let Err(e) = update_demand(ch, &s.topology, store, metrics, board, &s.job_types).await {
                 tracing::warn!(error = %e, "failed to refresh the demand gauges");
             }
         }
@@ -185,7 +197,8 @@ async fn queue_counts(ch: &Channel, queue: &str) -> Result<(i64, i64), CommonErr
 }
 
 /// Refreshes the per-type gauges: `trainyard_jobs_demand` = ready messages in
-/// the work queues (all priority tiers) + jobs recorded as running; queue and dead-letter depths;
+/// the work queues (all priority tiers) + jobs recorded as running + jobs waiting for admission
+/// (not those latest wins will supersede); queue and dead-letter depths;
 /// consumers (of the busiest tier queue: every worker consumes each tier of its types);
 /// running jobs; jobs by status; the age of the oldest queued job.
 pub async fn update_demand(
@@ -193,6 +206,7 @@ pub async fn update_demand(
     topo: &Topology,
     store: &Store,
     m: &ControlMetrics,
+    board: &AdmissionBoard,
     job_types: &[String],
 ) -> Result<(), ServeError> {
     let running = store.running_by_type().await?;
@@ -212,7 +226,8 @@ pub async fn update_demand(
         m.queue_dead.with_label_values(&l).set(dead);
         m.queue_consumers.with_label_values(&l).set(consumers);
         m.jobs_running.with_label_values(&l).set(run);
-        m.jobs_demand.with_label_values(&l).set(ready + run);
+        let waiting = board.get(t).map_or(0, |snap| snap.waiting as i64);
+        m.jobs_demand.with_label_values(&l).set(ready + run + waiting);
         let age = oldest.get(t).map(|at| (now - *at).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
         m.oldest_waiting.with_label_values(&l).set(age);
     }

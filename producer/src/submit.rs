@@ -68,7 +68,9 @@ impl Submitter {
         // (and for the `queued` event to reach the recorder); declared once per submitter.
         self.shared_declared.get_or_try_init(|| self.topology.declare_shared(&ch)).await?;
         let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
-        publish_confirmed(&ch, &self.topology.jobs_exchange(), &key, &body, props, true).await?;
+        // Through the submit exchange: to the admission queue when the control plane admits
+        // this type (fair share, per-bot limit), else on to the work queues (its alternate exchange).
+        publish_confirmed(&ch, &self.topology.submit_exchange(), &key, &body, props, true).await?;
         self.publish_event(&ch, &JobEvent::queued(spec)).await
     }
 

@@ -296,6 +296,15 @@ pub async fn dlq_replay(
     Ok(Json(Replayed { replayed }).into_response())
 }
 
+/// `GET /v1/bots/{bot}/usage`: per job type with admission, the bot's jobs admitted and
+/// waiting against its `max_running_per_bot` and fair share.
+#[utoipa::path(get, path = "/bots/{bot}/usage", tag = "ops", security(("bearer" = [])), params(("bot" = String, Path, description = "bot")),
+    responses((status = 200, description = "per job type with admission, the bot's usage",
+        body = std::collections::BTreeMap<String, crate::admission::state::BotUsage>), AuthResponses))]
+pub async fn bot_usage(State(s): State<ApiState>, Path(bot): Path<String>) -> ApiResult<Response> {
+    Ok(Json(s.ops.bot_usage(&bot)).into_response())
+}
+
 /// `GET /v1/models/{bot}`: a bot's production model and promotion history.
 #[utoipa::path(get, path = "/models/{bot}", tag = "models", security(("bearer" = [])), params(("bot" = String, Path, description = "bot")),
     responses((status = 200, description = "production model and history", body = BotModels), AuthResponses, UnavailableResponses))]

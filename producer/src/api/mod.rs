@@ -104,6 +104,7 @@ fn documented_router(state: ApiState) -> OpenApiRouter<ApiState> {
         .routes(routes!(handlers::audit))
         .routes(routes!(handlers::dlq_list))
         .routes(routes!(handlers::dlq_replay))
+        .routes(routes!(handlers::bot_usage))
         .routes(routes!(handlers::models))
         .routes(routes!(handlers::rollback))
         .routes(routes!(handlers::promote))

@@ -240,6 +240,27 @@ pub(super) fn s(v: &Value) -> String {
     }
 }
 
+/// Under a `--bot` listing: the bot's usage of each type with admission (running against its
+/// limit, waiting, weight and share), from the rows' `bot_usage`.
+fn print_bot_usage(v: &Value) {
+    let mut seen = std::collections::BTreeSet::new();
+    for j in v.as_array().into_iter().flatten() {
+        let u = &j["bot_usage"];
+        if u.is_object() && seen.insert(s(&j["job_type"])) {
+            let limit = u["limit"].as_u64().map_or("no limit".to_string(), |l| format!("limit {l}"));
+            println!(
+                "bot {} on {}: {} running ({limit}), {} waiting, weight {}, share {:.0}%",
+                s(&j["bot"]),
+                s(&j["job_type"]),
+                s(&u["running"]),
+                s(&u["waiting"]),
+                s(&u["weight"]),
+                u["share"].as_f64().unwrap_or(0.0) * 100.0
+            );
+        }
+    }
+}
+
 pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> anyhow::Result<ExitCode> {
     let conn = open(&t, url, topology).await?;
     match cmd {
@@ -269,6 +290,7 @@ pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> any
                         s(&j["created_at"])
                     );
                 }
+                print_bot_usage(v);
             });
         }
         JobsCmd::Show { id } => {

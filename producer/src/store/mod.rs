@@ -18,6 +18,7 @@
 //!   as the entries it recorded ([`offsets`]): it resumes where it stopped.
 //! - A store can be rebuilt from the `events.log` stream (see `rebuild`).
 
+mod admission;
 mod audit;
 mod dead_letters;
 mod feed;

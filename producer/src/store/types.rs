@@ -76,6 +76,10 @@ pub struct JobRow {
     /// type a worker starts before it (higher tiers, then its tier in submit order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
+    /// Listed by bot, for a type with admission (fair share, per-bot limit): the bot's usage
+    /// of that type against its limit and share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_usage: Option<crate::admission::state::BotUsage>,
 }
 
 pub(crate) const JOB_COLUMNS: &str = "job_id, job_type, bot, status, attempts, run, trigger_kind, trigger_source, submitted_at, \
@@ -113,6 +117,7 @@ pub(crate) fn job_row(row: &AnyRow) -> Result<JobRow, StoreError> {
         coalesce_key: spec.as_ref().and_then(|s| s.coalesce_key.clone()),
         superseded_by,
         queue_position: None,
+        bot_usage: None,
         job_id: col(row, "job_id")?,
         job_type: col(row, "job_type")?,
         bot: col(row, "bot")?,

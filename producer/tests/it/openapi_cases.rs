@@ -83,9 +83,13 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 401),
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 403).token("s-tok"),
     ];
-    for (route, path) in
-        [("/v1/queues", "/v1/queues"), ("/v1/workers", "/v1/workers"), ("/v1/schedules", "/v1/schedules"), ("/v1/triggers", "/v1/triggers")]
-    {
+    for (route, path) in [
+        ("/v1/queues", "/v1/queues"),
+        ("/v1/workers", "/v1/workers"),
+        ("/v1/schedules", "/v1/schedules"),
+        ("/v1/triggers", "/v1/triggers"),
+        ("/v1/bots/{bot}/usage", "/v1/bots/bot-a/usage"),
+    ] {
         c.push(case("GET", route, path, 200).token("r-tok"));
         c.push(case("GET", route, path, 401));
     }

@@ -10,6 +10,7 @@ mod console;
 mod console_live;
 mod disrupt;
 mod failover;
+mod fairness;
 mod hostile;
 mod intent;
 mod outage;

@@ -190,6 +190,7 @@ impl Env {
             let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
         for x in [
+            t.submit_exchange(),
             t.jobs_exchange(),
             t.retry_exchange(),
             t.dead_exchange(),

@@ -223,7 +223,7 @@ async fn latest_wins_across_two_racing_submitters() {
 #[tokio::test]
 async fn supersede_running_cancels_the_running_older_job() {
     let env = Env::new(&["noop"]).await;
-    let policies = BTreeMap::from([("noop".to_string(), JobTypePolicy { supersede_running: true })]);
+    let policies = BTreeMap::from([("noop".to_string(), JobTypePolicy { supersede_running: true, ..Default::default() })]);
     let cp = ControlPlane::start(&env, policies).await;
     let store = &cp.store;
     let mut events = Events::open(&env).await;
