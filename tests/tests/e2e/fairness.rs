@@ -220,7 +220,7 @@ async fn max_running_per_bot_holds_under_redelivery() {
 
 fn start_serve(env: &Env, db: &str, config: &std::path::Path, port: u16) -> Killed {
     let child = Command::new(bin("trainyard"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .args(["serve", "--demand-interval", "1", "--listen", &format!("127.0.0.1:{port}"), "--config"])
         .arg(config)
         .env("TRAINYARD_PREFIX", env.topo.prefix())
         .env("TRAINYARD_AMQP_URL", URL)
@@ -252,7 +252,7 @@ async fn nothing_is_lost_when_the_control_plane_is_sigkilled_during_admission() 
     let mut events = Events::open(&env).await;
     let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 3);
     let sub = env.submitter();
-    let jobs: Vec<JobSpec> = (0..30).map(|i| noop(&format!("bot-{}", i % 3), 150)).collect();
+    let jobs: Vec<JobSpec> = (0..30).map(|i| noop(&format!("bot-{}", i % 3), 400)).collect();
     for spec in &jobs {
         sub.submit(spec).await.unwrap();
     }
@@ -262,6 +262,13 @@ async fn nothing_is_lost_when_the_control_plane_is_sigkilled_during_admission() 
         let Some((200, body)) = http(port, "GET", "/v1/bots/bot-0/usage", None).await else { return false };
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         v["noop"]["limit"] == 1 && v["noop"]["waiting"].as_u64().unwrap_or(0) > 0 && v["noop"]["running"].as_u64() <= Some(1)
+    })
+    .await;
+    // The demand counts the jobs waiting for admission (at most 3 are admitted: 3 bots, limit 1).
+    until("trainyard_jobs_demand to count the waiting jobs", || async move {
+        let Some((200, body)) = http(port, "GET", "/metrics", None).await else { return false };
+        let demand = body.lines().find_map(|l| l.strip_prefix("trainyard_jobs_demand{job_type=\"noop\"} ")?.trim().parse::<f64>().ok());
+        demand.is_some_and(|d| d >= 10.0)
     })
     .await;
     let done_at_kill = finished(&events.seen).len();
