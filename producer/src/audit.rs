@@ -79,7 +79,7 @@ pub fn decode(content_type: Option<&str>, body: &[u8]) -> Result<AuditRecord, St
 /// named `audit`), and the audit reason is kept when neither reads.
 pub fn decode_parked(routing_key: &str, content_type: Option<&str>, body: &[u8]) -> Result<crate::store::Unparked, String> {
     use crate::store::Unparked;
-    let event = || crate::recorder::decode_event(content_type, body).map(Unparked::Event);
+    let event = || crate::recorder::decode_event(content_type, body).map(|e| Unparked::Event(Box::new(e)));
     if routing_key.starts_with("audit.") {
         decode(content_type, body).map(Unparked::Audit).or_else(|reason| event().map_err(|_| reason))
     } else {

@@ -15,7 +15,7 @@ use super::{micros, q, types, values_list, ParkedEvent, Recorded, Store, StoreEr
 #[derive(Debug)]
 pub enum Unparked {
     /// A job event.
-    Event(JobEvent),
+    Event(Box<JobEvent>),
     /// An operator action of the audit trail.
     Audit(AuditRecord),
 }
@@ -71,7 +71,7 @@ impl Store {
         let mut still = Vec::new();
         for p in &parked {
             match decode(p, &p.body_bytes()?) {
-                Ok(Unparked::Event(e)) => events.push(e),
+                Ok(Unparked::Event(e)) => events.push(*e),
                 Ok(Unparked::Audit(r)) => audit.push(r),
                 Err(reason) => {
                     still.push((p.id.as_str(), reason));
