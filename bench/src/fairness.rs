@@ -37,6 +37,10 @@ pub struct Sizes {
     pub trials: usize,
     /// Jobs of the throughput part.
     pub throughput_jobs: usize,
+    /// `admit_ahead` of the fair-share policy (`None`: its default).
+    pub admit_ahead: Option<u32>,
+    /// Only the throughput part.
+    pub throughput_only: bool,
 }
 
 fn spec(bot: &str, sleep_ms: u64, priority: Priority) -> JobSpec {
@@ -66,12 +70,13 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    async fn start(env: &Env, prefix: &str, fair: bool) -> anyhow::Result<Self> {
+    async fn start(env: &Env, prefix: &str, fair: bool, ahead: Option<u32>) -> anyhow::Result<Self> {
         let topology = Topology::new(prefix);
         let dir = env.work_dir.join(prefix);
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("control.toml");
-        let policy = if fair { "\n[policy.noop]\nfair_share = true\n" } else { "" };
+        let ahead = ahead.map(|n| format!("admit_ahead = {n}\n")).unwrap_or_default();
+        let policy = if fair { format!("\n[policy.noop]\nfair_share = true\n{ahead}") } else { String::new() };
         std::fs::write(&config, format!("job_types = [\"noop\"]\n{policy}"))?;
         let envs = vec![
             ("TRAINYARD_PREFIX", prefix.to_string()),
@@ -166,7 +171,8 @@ fn started(seen: &HashMap<(String, String), Instant>, id: &str) -> Option<Instan
 
 /// Bot A's backlog, then one job each of `others` bots: their submit → start p95 (ms).
 async fn backlog(env: &Env, prefix: &str, fair: bool, sizes: Sizes) -> anyhow::Result<Value> {
-    let mut p = Pipeline::start(env, prefix, fair).await?;
+    let ahead = sizes.admit_ahead;
+    let mut p = Pipeline::start(env, prefix, fair, ahead).await?;
     let out = async {
         p.submit_all((0..sizes.backlog).map(|_| spec("bot-a", 50, Priority::Normal)).collect()).await?;
         let mut sent = Vec::new();
@@ -189,7 +195,7 @@ async fn backlog(env: &Env, prefix: &str, fair: bool, sizes: Sizes) -> anyhow::R
 
 /// 500 low-priority jobs ready, one high-priority job arrives: its submit → start (ms), per trial.
 async fn high(env: &Env, prefix: &str, trials: usize) -> anyhow::Result<Value> {
-    let mut p = Pipeline::start(env, prefix, true).await?;
+    let mut p = Pipeline::start(env, prefix, true, None).await?;
     let out = async {
         let mut seen = HashMap::new();
         let mut lows: Vec<String> = Vec::new();
@@ -217,7 +223,7 @@ async fn high(env: &Env, prefix: &str, trials: usize) -> anyhow::Result<Value> {
 
 /// 10 submits with one coalescing key while the 4 slots run 3 s jobs.
 async fn coalesce(env: &Env, prefix: &str) -> anyhow::Result<Value> {
-    let mut p = Pipeline::start(env, prefix, true).await?;
+    let mut p = Pipeline::start(env, prefix, true, None).await?;
     let out = async {
         let mut seen = HashMap::new();
         let busy: Vec<JobSpec> = (0..4).map(|i| spec(&format!("busy-{i}"), 3000, Priority::Normal)).collect();
@@ -246,8 +252,8 @@ async fn coalesce(env: &Env, prefix: &str) -> anyhow::Result<Value> {
 }
 
 /// Jobs per second from the first submit to the last `succeeded`.
-async fn throughput(env: &Env, prefix: &str, fair: bool, jobs: usize) -> anyhow::Result<f64> {
-    let mut p = Pipeline::start(env, prefix, fair).await?;
+async fn throughput(env: &Env, prefix: &str, fair: bool, jobs: usize, ahead: Option<u32>) -> anyhow::Result<f64> {
+    let mut p = Pipeline::start(env, prefix, fair, ahead).await?;
     let out = async {
         let tier = |i: usize| match i % 10 {
             0 => Priority::High,
@@ -271,6 +277,12 @@ async fn throughput(env: &Env, prefix: &str, fair: bool, jobs: usize) -> anyhow:
 
 /// The whole scenario.
 pub async fn run(env: &Env, prefix: &str, sizes: Sizes) -> anyhow::Result<Value> {
+    if sizes.throughput_only {
+        let fair_tp = throughput(env, &format!("{prefix}-tf"), true, sizes.throughput_jobs, sizes.admit_ahead).await?;
+        let plain_tp = throughput(env, &format!("{prefix}-tp"), false, sizes.throughput_jobs, None).await?;
+        let t = json!({"jobs": sizes.throughput_jobs, "admit_ahead": sizes.admit_ahead, "fair_share_jobs_per_s": fair_tp, "plain_jobs_per_s": plain_tp, "ratio": fair_tp / plain_tp});
+        return Ok(json!({ "throughput": t }));
+    }
     let fair = backlog(env, &format!("{prefix}-af"), true, sizes).await?;
     eprintln!("fairness backlog, fair share: {fair}");
     let fifo = backlog(env, &format!("{prefix}-ap"), false, sizes).await?;
@@ -279,13 +291,13 @@ pub async fn run(env: &Env, prefix: &str, sizes: Sizes) -> anyhow::Result<Value>
     eprintln!("fairness high priority: {high}");
     let coalesce = coalesce(env, &format!("{prefix}-c")).await?;
     eprintln!("fairness coalescing: {coalesce}");
-    let fair_tp = throughput(env, &format!("{prefix}-tf"), true, sizes.throughput_jobs).await?;
-    let plain_tp = throughput(env, &format!("{prefix}-tp"), false, sizes.throughput_jobs).await?;
+    let fair_tp = throughput(env, &format!("{prefix}-tf"), true, sizes.throughput_jobs, sizes.admit_ahead).await?;
+    let plain_tp = throughput(env, &format!("{prefix}-tp"), false, sizes.throughput_jobs, None).await?;
     Ok(json!({
         "backlog_fair_share": fair,
         "backlog_fifo": fifo,
         "high_priority": high,
         "coalesce": coalesce,
-        "throughput": {"jobs": sizes.throughput_jobs, "fair_share_jobs_per_s": fair_tp, "plain_jobs_per_s": plain_tp, "ratio": fair_tp / plain_tp},
+        "throughput": {"jobs": sizes.throughput_jobs, "admit_ahead": sizes.admit_ahead, "fair_share_jobs_per_s": fair_tp, "plain_jobs_per_s": plain_tp, "ratio": fair_tp / plain_tp},
     }))
 }

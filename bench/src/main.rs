@@ -175,6 +175,12 @@ enum Cmd {
         /// Jobs of the throughput part (each pipeline).
         #[arg(long, default_value_t = 3000)]
         throughput_jobs: usize,
+        /// `admit_ahead` of the fair-share policy (default: the policy's default, 2).
+        #[arg(long)]
+        admit_ahead: Option<u32>,
+        /// Only the throughput part (fair share against the plain pipeline).
+        #[arg(long)]
+        throughput_only: bool,
     },
     /// The raw baseline's worker process.
     RawWorker {
@@ -270,8 +276,15 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Store { jobs, pg_url, prefix, backends } => {
             store::run(&env_of(&cli)?.work_dir, pg_url, *jobs, &cli.amqp_url, prefix, backends).await?
         }
-        Cmd::Fairness { prefix, backlog, others, trials, throughput_jobs } => {
-            let sizes = fairness::Sizes { backlog: *backlog, others: *others, trials: *trials, throughput_jobs: *throughput_jobs };
+        Cmd::Fairness { prefix, backlog, others, trials, throughput_jobs, admit_ahead, throughput_only } => {
+            let sizes = fairness::Sizes {
+                backlog: *backlog,
+                others: *others,
+                trials: *trials,
+                throughput_jobs: *throughput_jobs,
+                admit_ahead: *admit_ahead,
+                throughput_only: *throughput_only,
+            };
             fairness::run(&env_of(&cli)?, prefix, sizes).await?
         }
         Cmd::RawWorker { prefix, prefetch } => {
