@@ -17,7 +17,7 @@ pub mod state;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
@@ -45,6 +45,16 @@ const TICK: Duration = Duration::from_secs(1);
 /// Every this many ticks, admitted jobs the store has seen end are forgotten (their final event
 /// may have been published while no admitter followed the events: a failover).
 const CHECK_EVERY: u64 = 3;
+
+/// A job's event: a final one frees its bot's place.
+fn follow(state: &mut Admission<Delivery>, d: &Delivery) {
+    let ct = d.properties.content_type().as_ref().map(|c| c.as_str().to_string());
+    if let Ok(ev) = codec::decode::<JobEvent>(ct.as_deref(), &d.data) {
+        if ev.status.is_terminal() {
+            state.finished(&ev.job_id);
+        }
+    }
+}
 
 /// The admission step of one job type.
 #[derive(Debug, Clone)]
@@ -189,12 +199,10 @@ impl Admitter {
                 }
                 next = s.events.next() => {
                     let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: "admission events".into() }) };
-                    let d = d.map_err(CommonError::amqp("receive an event"))?;
-                    let ct = d.properties.content_type().as_ref().map(|c| c.as_str().to_string());
-                    if let Ok(ev) = codec::decode::<JobEvent>(ct.as_deref(), &d.data) {
-                        if ev.status.is_terminal() {
-                            state.finished(&ev.job_id);
-                        }
+                    follow(&mut state, &d.map_err(CommonError::amqp("receive an event"))?);
+                    // The events that came in meanwhile too, so that one release admits them all.
+                    while let Some(Some(Ok(d))) = s.events.next().now_or_never() {
+                        follow(&mut state, &d);
                     }
                 }
                 _ = tick.tick() => {
@@ -226,9 +234,11 @@ impl Admitter {
         }
     }
 
-    /// Admits what may go now.
+    /// Admits what may go now: published back to back, their confirms awaited together, each
+    /// acknowledged in the admission queue after its own confirm.
     async fn release(&self, ch: &Channel, state: &mut Admission<Delivery>) -> Result<(), CommonError> {
         let window = if self.policy.fair_share { self.window() } else { u64::MAX };
+        let mut batch = Vec::new();
         while let Some(held) = state.next(window) {
             let superseded = held.coalesce_key.is_some() && self.artifacts.exists(&keys::cancel_marker(&held.job_id)).await?;
             if superseded {
@@ -236,7 +246,12 @@ impl Admitter {
                 state.finished(&held.job_id);
             }
             tracing::debug!(job_id = %held.job_id, bot = %held.bot, superseded, "admitted");
-            self.pass_on(ch, held.priority, held.payload).await?;
+            batch.push(held);
+        }
+        let confirmed = futures::future::join_all(batch.iter().map(|h| self.publish(ch, h.priority, &h.payload))).await;
+        for (held, result) in batch.into_iter().zip(confirmed) {
+            result?;
+            held.payload.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("acknowledge an admitted job"))?;
         }
         Ok(())
     }
@@ -270,10 +285,14 @@ impl Admitter {
     /// Publishes the delivery's exact bytes and properties to its tier's work queue
     /// (confirmed, mandatory), then acknowledges it in the admission queue.
     async fn pass_on(&self, ch: &Channel, priority: Priority, d: Delivery) -> Result<(), CommonError> {
-        let key = jobs_routing_key(&self.job_type, priority);
-        let props: BasicProperties = d.properties.clone();
-        publish_confirmed(ch, &self.topology.jobs_exchange(), &key, &d.data, props, true).await?;
+        self.publish(ch, priority, &d).await?;
         d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("acknowledge an admitted job"))
+    }
+
+    /// Publishes a delivery's exact bytes and properties to its tier's work queue, confirmed.
+    async fn publish(&self, ch: &Channel, priority: Priority, d: &Delivery) -> Result<(), CommonError> {
+        let key = jobs_routing_key(&self.job_type, priority);
+        publish_confirmed(ch, &self.topology.jobs_exchange(), &key, &d.data, d.properties.clone(), true).await
     }
 
     async fn publish_snapshot(&self, ch: &Channel, exchange: &str, state: &Admission<Delivery>) -> Result<(), CommonError> {
