@@ -124,3 +124,27 @@ impl AdmissionBoard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(at: DateTime<Utc>, waiting: u64) -> Snapshot {
+        let bots = BTreeMap::from([("a".to_string(), BotUsage { running: 2, waiting, limit: Some(2), weight: 1, share: 1.0 })]);
+        Snapshot { job_type: "noop".into(), at, waiting, admitted: 2, window: Some(6), bots }
+    }
+
+    #[test]
+    fn the_newest_live_snapshot_is_shown_and_a_stale_one_is_not() {
+        let board = AdmissionBoard::default();
+        let now = Utc::now();
+        board.record(snap(now, 5));
+        board.record(snap(now - chrono::Duration::seconds(1), 9));
+        assert_eq!(board.get("noop").map(|s| s.waiting), Some(5), "an older snapshot does not replace a newer one");
+        assert_eq!(board.bot("a")["noop"].limit, Some(2));
+        assert_eq!(board.bot("nobody")["noop"], BotUsage::default(), "a bot without jobs: zeros");
+        let stale = AdmissionBoard::default();
+        stale.record(snap(now - chrono::Duration::seconds(11), 5));
+        assert!(stale.get("noop").is_none() && stale.bot("a").is_empty(), "an admitter gone for 10 s shows nothing");
+    }
+}
