@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
+    types::FieldTable,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use url::Url;
 
@@ -76,6 +77,14 @@ async fn connect_one(url: &str, name: &str) -> Result<Connection, CommonError> {
         Ok(res) => res.map_err(err),
         Err(_) => Err(err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")).into())),
     }
+}
+
+/// Declares a fanout exchange for fleeting messages (heartbeats, live logs, admission
+/// snapshots): not durable, idempotent.
+pub async fn declare_fleeting_fanout(ch: &Channel, name: &str) -> Result<(), CommonError> {
+    ch.exchange_declare(name.into(), ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
+        .await
+        .map_err(CommonError::amqp(format!("declare exchange {name}")))
 }
 
 /// Opens a channel with publisher confirms enabled.

@@ -8,7 +8,7 @@
 //! every message the recorder and the events stream keep.
 
 use chrono::{DateTime, Utc};
-use lapin::{options::ExchangeDeclareOptions, types::FieldTable, Channel, ExchangeKind};
+use lapin::Channel;
 use serde::{Deserialize, Serialize};
 
 use crate::{topology::Topology, CommonError, WorkerInfo};
@@ -54,8 +54,6 @@ pub struct Heartbeat {
 /// Declares the heartbeats exchange (fanout, not durable, idempotent).
 pub async fn declare_exchange(ch: &Channel, topology: &Topology) -> Result<String, CommonError> {
     let name = topology.heartbeats_exchange();
-    ch.exchange_declare(name.as_str().into(), ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
-        .await
-        .map_err(CommonError::amqp(format!("declare exchange {name}")))?;
+    crate::amqp::declare_fleeting_fanout(ch, &name).await?;
     Ok(name)
 }

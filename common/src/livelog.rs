@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use lapin::{options::ExchangeDeclareOptions, types::FieldTable, Channel, ExchangeKind};
+use lapin::Channel;
 use serde::{Deserialize, Serialize};
 
 use crate::{topology::Topology, CommonError};
@@ -42,8 +42,6 @@ pub fn exchange(topology: &Topology) -> String {
 /// Declares the logs exchange (fanout, not durable, idempotent).
 pub async fn declare_exchange(ch: &Channel, topology: &Topology) -> Result<String, CommonError> {
     let name = exchange(topology);
-    ch.exchange_declare(name.as_str().into(), ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
-        .await
-        .map_err(CommonError::amqp(format!("declare exchange {name}")))?;
+    crate::amqp::declare_fleeting_fanout(ch, &name).await?;
     Ok(name)
 }

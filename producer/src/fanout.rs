@@ -5,12 +5,15 @@
 
 use futures::StreamExt;
 use lapin::{
-    options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
-    ExchangeKind,
 };
 use tokio_util::sync::CancellationToken;
-use trainyard_common::{amqp::connect, metrics::ControlMetrics, CommonError};
+use trainyard_common::{
+    amqp::{connect, declare_fleeting_fanout},
+    metrics::ControlMetrics,
+    CommonError,
+};
 
 /// Consumes `exchange` (declared fanout, not durable) into `handle` until `shutdown`,
 /// reconnecting when lost; `what` names the connection and the logs.
@@ -28,9 +31,7 @@ pub async fn run(
 async fn session(what: &str, url: &str, exchange: &str, shutdown: &CancellationToken, handle: &impl Fn(&[u8])) -> Result<(), CommonError> {
     let conn = connect(url, &format!("trainyard-{what}")).await?;
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
-    ch.exchange_declare(exchange.into(), ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
-        .await
-        .map_err(CommonError::amqp(format!("declare exchange {exchange}")))?;
+    declare_fleeting_fanout(&ch, exchange).await?;
     let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
     let queue =
         ch.queue_declare("".into(), own, FieldTable::default()).await.map_err(CommonError::amqp(format!("declare a {what} queue")))?;

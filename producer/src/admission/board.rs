@@ -10,15 +10,10 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-    Channel, ExchangeKind,
-};
+use lapin::Channel;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use trainyard_common::{amqp::connect, topology::Topology, CommonError};
+use trainyard_common::{topology::Topology, CommonError};
 
 use super::state::BotUsage;
 
@@ -50,9 +45,7 @@ pub fn exchange(topology: &Topology) -> String {
 /// Declares the snapshot exchange (fanout, not durable: a snapshot is only worth a few seconds).
 pub async fn declare_exchange(ch: &Channel, topology: &Topology) -> Result<String, CommonError> {
     let name = exchange(topology);
-    ch.exchange_declare(name.as_str().into(), ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
-        .await
-        .map_err(CommonError::amqp(format!("declare exchange {name}")))?;
+    trainyard_common::amqp::declare_fleeting_fanout(ch, &name).await?;
     Ok(name)
 }
 
@@ -88,40 +81,13 @@ impl AdmissionBoard {
 
     /// Consumes the snapshot exchange until `shutdown`, reconnecting when lost.
     pub async fn run(&self, url: &str, topology: &Topology, shutdown: CancellationToken) {
-        crate::recorder::run_reconnecting("admission snapshots", &shutdown, None, || self.session(url, topology, &shutdown)).await
-    }
-
-    async fn session(&self, url: &str, topology: &Topology, shutdown: &CancellationToken) -> Result<(), CommonError> {
-        let conn = connect(url, "trainyard-admission-board").await?;
-        let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
-        let exchange = declare_exchange(&ch, topology).await?;
-        let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        let queue = ch.queue_declare("".into(), own, FieldTable::default()).await.map_err(CommonError::amqp("declare a snapshot queue"))?;
-        let name = queue.name().as_str().to_string();
-        ch.queue_bind(name.as_str().into(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .map_err(CommonError::amqp(format!("bind {name} to {exchange}")))?;
-        let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
-        let mut consumer = ch
-            .basic_consume(name.as_str().into(), "".into(), no_ack, FieldTable::default())
-            .await
-            .map_err(CommonError::amqp(format!("consume {name}")))?;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let _ = conn.close(200, "shutdown".into()).await;
-                    return Ok(());
-                }
-                next = consumer.next() => {
-                    let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: name }) };
-                    let d = d.map_err(CommonError::amqp("receive an admission snapshot"))?;
-                    match serde_json::from_slice::<Snapshot>(&d.data) {
-                        Ok(snap) => self.record(snap),
-                        Err(e) => tracing::warn!(error = %e, "ignored a message on the admission exchange that is not a snapshot"),
-                    }
-                }
+        crate::fanout::run("admission-board", url, &exchange(topology), None, shutdown, |body| {
+            match serde_json::from_slice::<Snapshot>(body) {
+                Ok(snap) => self.record(snap),
+                Err(e) => tracing::warn!(error = %e, "ignored a message on the admission exchange that is not a snapshot"),
             }
-        }
+        })
+        .await
     }
 }
 
