@@ -167,7 +167,13 @@ start_sampler() {
 start_serve() {
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$BIN/trainyard" serve --listen "127.0.0.1:$port" --types "$TYPES" >"$TMP/serve.log" 2>&1 &
+  # With "tenants": noop jobs go through fair-share admission (the chaos jobs mix bots and priorities).
+  local config=()
+  if [[ ${1:-} == tenants ]]; then
+    printf '[policy.noop]\nfair_share = true\n' >"$TMP/serve.toml"
+    config=(--config "$TMP/serve.toml")
+  fi
+  "$BIN/trainyard" serve --listen "127.0.0.1:$port" --types "$TYPES" "${config[@]}" >"$TMP/serve.log" 2>&1 &
   SERVE_PID=$!
   sleep 2
   kill -0 "$SERVE_PID" 2>/dev/null || { log "trainyard serve did not start: $(tail -3 "$TMP/serve.log")"; return 1; }
@@ -240,7 +246,7 @@ chaos_run() {
   ((avg < 20)) && avg=20
   ((avg > 15000)) && avg=15000
   local intent=$((JOBS / 200 + 1))
-  start_serve || return 1
+  start_serve tenants || return 1
   "$BIN/trainyard" topology --types "$TYPES" 2>/dev/null || { log "cannot declare the topology"; return 1; }
   for _ in $(seq "$WORKERS"); do start_worker; done
   start_sampler

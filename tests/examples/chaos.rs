@@ -18,7 +18,7 @@ use futures::{stream, StreamExt, TryStreamExt};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use serde_json::json;
 use trainyard::submit::Submitter;
-use trainyard_common::{amqp, config, topology::Topology, JobSpec, Trigger};
+use trainyard_common::{amqp, config, job::Priority, topology::Topology, JobSpec, Trigger};
 
 /// Deterministic xorshift, so a run's mix of jobs is reproducible from its seed.
 struct Rng(u64);
@@ -83,8 +83,16 @@ async fn submit(url: &str, topology: Topology, args: &[String]) -> anyhow::Resul
             2 if !plain => (json!({"sleep_ms": sleep, "fail": "permanent"}), "fatal"),
             _ => (json!({"sleep_ms": sleep}), "ok"),
         };
-        let mut spec = JobSpec::new("noop", format!("chaos-{}", i % 7), params, Trigger::manual("chaos"));
+        // Tenants mixed in: half the jobs are one bot's backlog, the rest spread over 6 bots
+        // (fair share admits them bot by bot when serve's policy asks); a tenth high, a tenth low.
+        let bot = if i % 2 == 0 { 0 } else { 1 + i % 6 };
+        let mut spec = JobSpec::new("noop", format!("chaos-{bot}"), params, Trigger::manual("chaos"));
         spec.timeout_s = 120;
+        spec.priority = match i % 10 {
+            0 => Priority::High,
+            1 => Priority::Low,
+            _ => Priority::Normal,
+        };
         jobs.push((spec, kind));
     }
     for i in 0..intent {
@@ -124,6 +132,7 @@ async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> 
     for ty in &types {
         queues.extend(t.tier_queues(ty));
         queues.push(t.dead_queue(ty));
+        queues.push(t.admission_queue(ty));
         for d in &delays {
             queues.push(t.retry_queue(ty, *d));
         }
@@ -133,7 +142,15 @@ async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> 
     for q in &queues {
         let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
     }
-    for x in [t.jobs_exchange(), t.retry_exchange(), t.dead_exchange(), t.events_exchange(), t.control_exchange(), t.triggers_exchange()] {
+    for x in [
+        t.submit_exchange(),
+        t.jobs_exchange(),
+        t.retry_exchange(),
+        t.dead_exchange(),
+        t.events_exchange(),
+        t.control_exchange(),
+        t.triggers_exchange(),
+    ] {
         let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
     let _ = conn.close(200, "chaos cleanup".into()).await;
