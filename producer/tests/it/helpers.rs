@@ -65,6 +65,8 @@ pub async fn cleanup(topo: &Topology, types: &[&str]) {
         format!("{}.triggers.control-plane", topo.prefix()),
         trainyard::coalesce::Coalescer::queue_name(topo),
     ];
+    // Every control plane declares an admission queue per job type it knows (the built-in ones by default).
+    queues.extend(["noop", "intent-train"].iter().chain(types).map(|t| topo.admission_queue(t)));
     for t in types {
         queues.extend(topo.tier_queues(t));
         queues.push(topo.dead_queue(t));
