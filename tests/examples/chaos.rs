@@ -83,7 +83,7 @@ async fn submit(url: &str, topology: Topology, args: &[String]) -> anyhow::Resul
             2 if !plain => (json!({"sleep_ms": sleep, "fail": "permanent"}), "fatal"),
             _ => (json!({"sleep_ms": sleep}), "ok"),
         };
-        // Tenants mixed in: half the jobs are one bot's backlog, the rest spread over 6 bots
+        // Tenants mixed in: half the jobs are one bot's backlog, the rest spread over 3 bots
         // (fair share admits them bot by bot when serve's policy asks); a tenth high, a tenth low.
         let bot = if i % 2 == 0 { 0 } else { 1 + i % 6 };
         let mut spec = JobSpec::new("noop", format!("chaos-{bot}"), params, Trigger::manual("chaos"));

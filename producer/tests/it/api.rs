@@ -159,10 +159,15 @@ async fn demand_is_ready_plus_running() {
     let mut started = JobEvent::new(&taken_spec, JobStatus::Started, 1, event_seq(1, 0, 0));
     started.worker = Some(WorkerInfo { id: "w-1".into(), attributes: [("node".to_string(), "n1".to_string())].into() });
     publish_event(&ch, &server.topo, &started).await;
-    eventually(20, "demand 6", || async { (gauge(&metrics().await, "trainyard_jobs_demand", "noop") == Some(6)).then_some(()) }).await;
-    let m = metrics().await;
-    assert_eq!(gauge(&m, "trainyard_queue_ready", "noop"), Some(5));
-    assert_eq!(gauge(&m, "trainyard_jobs_running_recorded", "noop"), Some(1));
+    // Demand is 6 both before the gauges see the take (6 ready + 0 running) and after it
+    // (5 + 1): wait for the second, on one scrape.
+    let m = eventually(20, "5 ready + 1 running", || async {
+        let m = metrics().await;
+        (gauge(&m, "trainyard_queue_ready", "noop") == Some(5) && gauge(&m, "trainyard_jobs_running_recorded", "noop") == Some(1))
+            .then_some(m)
+    })
+    .await;
+    assert_eq!(gauge(&m, "trainyard_jobs_demand", "noop"), Some(6));
     assert_eq!(gauge(&m, "trainyard_jobs_demand", "intent-train"), Some(0));
 
     // They finish: the running one succeeds, the queue drains.
