@@ -150,6 +150,7 @@ async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> 
         t.events_exchange(),
         t.control_exchange(),
         t.triggers_exchange(),
+        trainyard::admission::board::exchange(&t),
     ] {
         let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
     }

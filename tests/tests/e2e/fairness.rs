@@ -9,11 +9,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
-    types::FieldTable,
-};
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use trainyard::{admission::Admitter, config::JobTypePolicy, store::Store, workers::WorkerTable};
@@ -21,48 +17,10 @@ use trainyard_common::{amqp, JobEvent, JobSpec, JobStatus, Trigger};
 
 use crate::{
     series::{free_port, http, until, Killed, TOKEN},
-    support::{bin, Env, URL},
+    support::{bin, Env, NoopEvents, URL},
 };
 
 const T: Duration = Duration::from_secs(120);
-
-/// Every event of the environment's `noop` jobs, from a queue of its own.
-struct Events {
-    _conn: lapin::Connection,
-    consumer: lapin::Consumer,
-    seen: Vec<JobEvent>,
-}
-
-impl Events {
-    async fn open(env: &Env) -> Self {
-        let conn = amqp::connect(URL, "fairness-events").await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        let q = ch.queue_declare("".into(), opts, FieldTable::default()).await.unwrap();
-        let exchange = env.topo.events_exchange();
-        ch.queue_bind(q.name().clone(), exchange.as_str().into(), "noop.*".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .unwrap();
-        let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
-        let consumer = ch.basic_consume(q.name().clone(), "".into(), opts, FieldTable::default()).await.unwrap();
-        Self { _conn: conn, consumer, seen: Vec::new() }
-    }
-
-    /// Reads events until `done(all seen so far)`, or panics after `within`.
-    async fn until(&mut self, within: Duration, done: impl Fn(&[JobEvent]) -> bool) -> &[JobEvent] {
-        let res = tokio::time::timeout(within, async {
-            while !done(&self.seen) {
-                let d = self.consumer.next().await.expect("events consumer ended").unwrap();
-                let ct = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
-                self.seen.push(trainyard::recorder::decode_event(ct.as_deref(), &d.data).unwrap());
-            }
-        })
-        .await;
-        let finished = finished(&self.seen).len();
-        assert!(res.is_ok(), "timed out; saw {} events, {finished} jobs finished", self.seen.len());
-        &self.seen
-    }
-}
 
 /// Jobs with a terminal event.
 fn finished(events: &[JobEvent]) -> HashSet<&str> {
@@ -71,17 +29,6 @@ fn finished(events: &[JobEvent]) -> HashSet<&str> {
 
 fn noop(bot: &str, sleep_ms: u64) -> JobSpec {
     JobSpec::new("noop", bot, json!({ "sleep_ms": sleep_ms }), Trigger::manual("tests"))
-}
-
-/// The admission queue and the submit exchange are this module's; `Env::cleanup` does the rest.
-async fn cleanup(env: Env) {
-    let conn = amqp::connect(URL, "fairness-cleanup").await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let _ = ch.queue_delete(env.topo.admission_queue("noop").as_str().into(), QueueDeleteOptions::default()).await;
-    let _ = ch.exchange_delete(env.topo.submit_exchange().as_str().into(), ExchangeDeleteOptions::default()).await;
-    let _ = ch.exchange_delete(format!("{}.admission", env.topo.prefix()).as_str().into(), ExchangeDeleteOptions::default()).await;
-    let _ = conn.close(200, "done".into()).await;
-    env.cleanup().await;
 }
 
 /// An in-process admitter of `noop` under `policy`, on a SQLite store of its own.
@@ -133,7 +80,7 @@ async fn a_bot_with_one_job_starts_before_another_bots_backlog_drains() {
     let env = Env::new(&["noop"]).await;
     let policy = JobTypePolicy { fair_share: true, admit_ahead: Some(2), ..Default::default() };
     let cp = InProcess::start(&env, policy).await;
-    let mut events = Events::open(&env).await;
+    let mut events = NoopEvents::open(&env, "fairness-events").await;
     let sub = env.submitter();
     let backlog: Vec<JobSpec> = (0..40).map(|_| noop("bulk-bot", 200)).collect();
     for spec in &backlog {
@@ -153,7 +100,7 @@ async fn a_bot_with_one_job_starts_before_another_bots_backlog_drains() {
     assert_eq!(succeeded, 45, "each job succeeds once");
     worker.stop().await;
     cp.stop().await;
-    cleanup(env).await;
+    env.cleanup().await;
 }
 
 /// A job's running interval per attempt: from a `started` event to the job's next event that
@@ -187,7 +134,7 @@ async fn max_running_per_bot_holds_under_redelivery() {
     let env = Env::new(&["noop"]).await;
     let policy = JobTypePolicy { max_running_per_bot: Some(2), ..Default::default() };
     let cp = InProcess::start(&env, policy).await;
-    let mut events = Events::open(&env).await;
+    let mut events = NoopEvents::open(&env, "fairness-events").await;
     let sub = env.submitter();
     let heavy: Vec<JobSpec> = (0..8).map(|_| noop("heavy-bot", 1200)).collect();
     let light: Vec<JobSpec> = (0..2).map(|_| noop("light-bot", 1200)).collect();
@@ -215,7 +162,7 @@ async fn max_running_per_bot_holds_under_redelivery() {
     }
     second.stop().await;
     cp.stop().await;
-    cleanup(env).await;
+    env.cleanup().await;
 }
 
 fn start_serve(env: &Env, db: &str, config: &std::path::Path, port: u16) -> Killed {
@@ -249,7 +196,7 @@ async fn nothing_is_lost_when_the_control_plane_is_sigkilled_during_admission() 
     let mut a = start_serve(&env, &db, &config, port);
     let queue = env.topo.admission_queue("noop");
     until("serve to admit", || async { consumers(&queue).await >= 1 }).await;
-    let mut events = Events::open(&env).await;
+    let mut events = NoopEvents::open(&env, "fairness-events").await;
     let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 3);
     let sub = env.submitter();
     let jobs: Vec<JobSpec> = (0..30).map(|i| noop(&format!("bot-{}", i % 3), 400)).collect();
@@ -297,5 +244,5 @@ async fn nothing_is_lost_when_the_control_plane_is_sigkilled_during_admission() 
     }
     store.close().await;
     worker.stop().await;
-    cleanup(env).await;
+    env.cleanup().await;
 }

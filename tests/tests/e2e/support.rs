@@ -7,8 +7,12 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use lapin::{
-    options::{BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions},
+    options::{
+        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
     types::FieldTable,
     BasicProperties, Channel, Connection,
 };
@@ -201,6 +205,7 @@ impl Env {
             t.triggers_exchange(),
             t.heartbeats_exchange(),
             trainyard_common::livelog::exchange(t),
+            trainyard::admission::board::exchange(t),
         ] {
             let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
@@ -296,4 +301,52 @@ impl PgSchema {
         admin.execute_raw(&format!("DROP SCHEMA {} CASCADE", self.name)).await.unwrap();
         admin.close().await;
     }
+}
+
+/// Every event of an environment's `noop` jobs, from an exclusive queue of its own.
+pub struct NoopEvents {
+    _conn: Connection,
+    consumer: lapin::Consumer,
+    /// Every event read so far, in arrival order.
+    pub seen: Vec<JobEvent>,
+}
+
+impl NoopEvents {
+    /// Binds the queue before returning: every event published afterwards is seen.
+    pub async fn open(env: &Env, name: &str) -> Self {
+        let conn = amqp::connect(URL, name).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let q = ch.queue_declare("".into(), opts, FieldTable::default()).await.unwrap();
+        let exchange = env.topo.events_exchange();
+        ch.queue_bind(q.name().clone(), exchange.as_str().into(), "noop.*".into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let consumer = ch.basic_consume(q.name().clone(), "".into(), opts, FieldTable::default()).await.unwrap();
+        Self { _conn: conn, consumer, seen: Vec::new() }
+    }
+
+    /// Reads events until `done(all seen so far)`, or panics after `within`.
+    pub async fn until(&mut self, within: Duration, done: impl Fn(&[JobEvent]) -> bool) -> &[JobEvent] {
+        let res = tokio::time::timeout(within, async {
+            while !done(&self.seen) {
+                let d = self.consumer.next().await.expect("events consumer ended").unwrap();
+                let ct = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
+                self.seen.push(trainyard::recorder::decode_event(ct.as_deref(), &d.data).unwrap());
+            }
+        })
+        .await;
+        assert!(res.is_ok(), "timed out; saw {} events: {:?}", self.seen.len(), count_by_status(&self.seen));
+        &self.seen
+    }
+}
+
+/// How many of `events` have each status.
+pub fn count_by_status(events: &[JobEvent]) -> std::collections::BTreeMap<trainyard_common::JobStatus, usize> {
+    let mut n = std::collections::BTreeMap::new();
+    for e in events {
+        *n.entry(e.status).or_default() += 1;
+    }
+    n
 }

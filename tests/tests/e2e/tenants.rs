@@ -3,56 +3,15 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use futures::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use trainyard::{coalesce::Coalescer, config::JobTypePolicy, recorder::Recorder, store::Store};
 use trainyard_common::{amqp, artifacts::keys, job::Priority, JobEvent, JobSpec, JobStatus, Trigger};
 
-use crate::support::{Env, URL};
+use crate::support::{count_by_status, Env, NoopEvents, URL};
 
 const T: Duration = Duration::from_secs(90);
-
-/// Every event of the environment's `noop` jobs, from a queue of its own.
-struct Events {
-    _conn: lapin::Connection,
-    consumer: lapin::Consumer,
-    seen: Vec<JobEvent>,
-}
-
-impl Events {
-    async fn open(env: &Env) -> Self {
-        let conn = amqp::connect(URL, "tenants-events").await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        let q = ch.queue_declare("".into(), opts, FieldTable::default()).await.unwrap();
-        let exchange = env.topo.events_exchange();
-        ch.queue_bind(q.name().clone(), exchange.as_str().into(), "noop.*".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .unwrap();
-        let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
-        let consumer = ch.basic_consume(q.name().clone(), "".into(), opts, FieldTable::default()).await.unwrap();
-        Self { _conn: conn, consumer, seen: Vec::new() }
-    }
-
-    /// Reads events until `done(all seen so far)`, or panics after `within`.
-    async fn until(&mut self, within: Duration, done: impl Fn(&[JobEvent]) -> bool) -> &[JobEvent] {
-        let res = tokio::time::timeout(within, async {
-            while !done(&self.seen) {
-                let d = self.consumer.next().await.expect("events consumer ended").unwrap();
-                let ct = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
-                self.seen.push(trainyard::recorder::decode_event(ct.as_deref(), &d.data).unwrap());
-            }
-        })
-        .await;
-        assert!(res.is_ok(), "timed out; saw {} events: {:?}", self.seen.len(), count_by_status(&self.seen));
-        &self.seen
-    }
-}
 
 /// The parts of the control plane these tests need: a recorder into a SQLite store and the coalescer.
 struct ControlPlane {
@@ -84,14 +43,6 @@ impl ControlPlane {
     }
 }
 
-fn count_by_status(events: &[JobEvent]) -> BTreeMap<JobStatus, usize> {
-    let mut n = BTreeMap::new();
-    for e in events {
-        *n.entry(e.status).or_default() += 1;
-    }
-    n
-}
-
 fn terminal(events: &[JobEvent]) -> usize {
     events.iter().filter(|e| e.status.is_terminal()).count()
 }
@@ -107,7 +58,7 @@ fn noop(bot: &str, sleep_ms: u64, priority: Priority) -> JobSpec {
 #[tokio::test]
 async fn a_high_priority_job_overtakes_a_backlog_of_low_ones() {
     let env = Env::new(&["noop"]).await;
-    let mut events = Events::open(&env).await;
+    let mut events = NoopEvents::open(&env, "tenants-events").await;
     let sub = env.submitter();
     let lows: Vec<JobSpec> = (0..60).map(|i| noop(&format!("bulk-{i}"), 100, Priority::Low)).collect();
     for spec in &lows {
@@ -136,7 +87,7 @@ async fn latest_wins_across_two_racing_submitters() {
     let env = Env::new(&["noop"]).await;
     let cp = ControlPlane::start(&env, BTreeMap::new()).await;
     let store = &cp.store;
-    let mut events = Events::open(&env).await;
+    let mut events = NoopEvents::open(&env, "tenants-events").await;
 
     let batch = |_: usize| {
         (0..5)
@@ -226,7 +177,7 @@ async fn supersede_running_cancels_the_running_older_job() {
     let policies = BTreeMap::from([("noop".to_string(), JobTypePolicy { supersede_running: true, ..Default::default() })]);
     let cp = ControlPlane::start(&env, policies).await;
     let store = &cp.store;
-    let mut events = Events::open(&env).await;
+    let mut events = NoopEvents::open(&env, "tenants-events").await;
     let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 2);
     let keyed = |sleep_ms| {
         let mut spec = noop("editing-bot", sleep_ms, Priority::Normal);
@@ -258,7 +209,7 @@ async fn supersede_running_cancels_the_running_older_job() {
 #[tokio::test]
 async fn a_worker_killed_holding_high_priority_jobs_loses_none() {
     let env = Env::new(&["noop"]).await;
-    let mut events = Events::open(&env).await;
+    let mut events = NoopEvents::open(&env, "tenants-events").await;
     let sub = env.submitter();
     let mut specs = Vec::new();
     for i in 0..3 {
