@@ -1,10 +1,12 @@
 //! Consuming a fanout exchange of fleeting messages (workers' heartbeats, live log lines): each
 //! control-plane replica binds an exclusive, auto-delete queue of its own, consumes it without
 //! acks, and hands every body to a callback. Nothing is recorded: the messages are only worth
-//! their freshness.
+//! their freshness. [`run_with`] binds the same kind of queue to more than one exchange
+//! (`jobs logs --follow` on the store: the logs fanout and one job type's events).
 
 use futures::StreamExt;
 use lapin::{
+    message::Delivery,
     options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
 };
@@ -14,6 +16,34 @@ use trainyard_common::{
     metrics::ControlMetrics,
     CommonError,
 };
+
+/// One binding of the fleeting queue.
+#[derive(Debug, Clone)]
+pub struct Bind {
+    /// The exchange.
+    pub exchange: String,
+    /// The routing key (ignored by a fanout exchange).
+    pub routing_key: String,
+    /// Declare `exchange` as a fleeting fanout first ([`declare_fleeting_fanout`]); otherwise it
+    /// must exist (a durable exchange of the topology).
+    pub declare_fanout: bool,
+}
+
+impl Bind {
+    /// A fleeting fanout exchange, declared when missing.
+    pub fn fanout(exchange: &str) -> Self {
+        Self { exchange: exchange.to_string(), routing_key: String::new(), declare_fanout: true }
+    }
+}
+
+/// What a session tells [`run_with`]'s caller besides the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// The queue is bound and consumed: messages published from now on arrive.
+    Bound,
+    /// The session ended (it reconnects): messages published meanwhile are lost.
+    Lost,
+}
 
 /// Consumes `exchange` (declared fanout, not durable) into `handle` until `shutdown`,
 /// reconnecting when lost; `what` names the connection and the logs.
@@ -25,25 +55,58 @@ pub async fn run(
     shutdown: CancellationToken,
     handle: impl Fn(&[u8]),
 ) {
-    crate::recorder::run_reconnecting(what, &shutdown, metrics, || session(what, url, exchange, &shutdown, &handle)).await
+    run_with(what, url, &[Bind::fanout(exchange)], metrics, shutdown, |_| {}, |d| handle(&d.data)).await
 }
 
-async fn session(what: &str, url: &str, exchange: &str, shutdown: &CancellationToken, handle: &impl Fn(&[u8])) -> Result<(), CommonError> {
+/// [`run`] with a queue bound to each of `binds`; `link` hears when a session is bound and when
+/// it ends, and `handle` gets whole deliveries (their exchange and properties too).
+pub async fn run_with(
+    what: &str,
+    url: &str,
+    binds: &[Bind],
+    metrics: Option<&ControlMetrics>,
+    shutdown: CancellationToken,
+    link: impl Fn(Link),
+    handle: impl Fn(&Delivery),
+) {
+    let (stop, link, handle) = (&shutdown, &link, &handle);
+    crate::recorder::run_reconnecting(what, &shutdown, metrics, move || async move {
+        let r = session(what, url, binds, stop, link, handle).await;
+        link(Link::Lost);
+        r
+    })
+    .await
+}
+
+async fn session(
+    what: &str,
+    url: &str,
+    binds: &[Bind],
+    shutdown: &CancellationToken,
+    link: &impl Fn(Link),
+    handle: &impl Fn(&Delivery),
+) -> Result<(), CommonError> {
     let conn = connect(url, &format!("trainyard-{what}")).await?;
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
-    declare_fleeting_fanout(&ch, exchange).await?;
     let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
     let queue =
         ch.queue_declare("".into(), own, FieldTable::default()).await.map_err(CommonError::amqp(format!("declare a {what} queue")))?;
     let name = queue.name().as_str().to_string();
-    ch.queue_bind(name.as_str().into(), exchange.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .map_err(CommonError::amqp(format!("bind {name} to {exchange}")))?;
+    for b in binds {
+        if b.declare_fanout {
+            declare_fleeting_fanout(&ch, &b.exchange).await?;
+        }
+        let (exchange, key) = (b.exchange.as_str(), b.routing_key.as_str());
+        ch.queue_bind(name.as_str().into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .map_err(CommonError::amqp(format!("bind {name} to {exchange}")))?;
+    }
     let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
     let mut consumer = ch
         .basic_consume(name.as_str().into(), "".into(), no_ack, FieldTable::default())
         .await
         .map_err(CommonError::amqp(format!("consume {name}")))?;
+    link(Link::Bound);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -52,8 +115,8 @@ async fn session(what: &str, url: &str, exchange: &str, shutdown: &CancellationT
             }
             next = consumer.next() => {
                 let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: name }) };
-                let d = d.map_err(CommonError::amqp(format!("receive from {exchange}")))?;
-                handle(&d.data);
+                let d = d.map_err(CommonError::amqp(format!("receive from {what}")))?;
+                handle(&d);
             }
         }
     }

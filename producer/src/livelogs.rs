@@ -57,16 +57,17 @@ pub struct LiveLogs {
 }
 
 impl LiveLogs {
-    /// Adds a chunk received at `now`. A chunk of a newer attempt, or one after a gap (chunks
-    /// lost), starts the job's text again; overlapping text is added once; an older attempt's
-    /// chunk is ignored.
+    /// Adds a chunk received at `now`. A chunk of a newer attempt, of the same attempt from
+    /// another worker (redelivered: its log starts again there), or one after a gap (chunks lost)
+    /// starts the job's text again; overlapping text is added once; an older attempt's chunk is
+    /// ignored.
     pub fn record(&self, c: LogChunk, now: DateTime<Utc>) {
         let Ok(mut jobs) = self.jobs.write() else { return };
         let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or_default();
         jobs.retain(|_, (_, at)| now - *at < forget);
         match jobs.get_mut(&c.job_id) {
             Some((held, _)) if held.attempt > c.attempt => {}
-            Some((held, at)) if held.attempt == c.attempt && c.offset <= held.end() => {
+            Some((held, at)) if held.attempt == c.attempt && held.worker == c.worker && c.offset <= held.end() => {
                 let skip = (held.end() - c.offset) as usize;
                 if skip < c.text.len() && c.text.is_char_boundary(skip) {
                     held.text.push_str(&c.text[skip..]);
@@ -82,13 +83,13 @@ impl LiveLogs {
         }
     }
 
-    /// The live text of `job_id` after `after` (attempt, offset already shown): all of it for
-    /// another attempt or an offset no longer held; `None` when nothing is new.
-    pub fn since(&self, job_id: &str, after: Option<(u32, u64)>) -> Option<LiveText> {
+    /// The live text of `job_id` after `after` (attempt, worker, offset already shown): all of
+    /// it for another attempt or worker, or an offset no longer held; `None` when nothing is new.
+    pub fn since(&self, job_id: &str, after: Option<(u32, &str, u64)>) -> Option<LiveText> {
         let jobs = self.jobs.read().ok()?;
         let (held, _) = jobs.get(job_id)?;
         let from = match after {
-            Some((attempt, offset)) if attempt == held.attempt && offset >= held.offset => offset,
+            Some((attempt, worker, offset)) if attempt == held.attempt && worker == held.worker && offset >= held.offset => offset,
             _ => held.offset,
         };
         let skip = usize::try_from(from - held.offset).ok()?;
@@ -143,16 +144,21 @@ mod tests {
         logs.record(chunk(1, 4, "two\n"), now);
         logs.record(chunk(1, 4, "two\n"), now); // A duplicate adds nothing.
         assert_eq!(text(logs.since("j", None)), Some((1, 0, "one\ntwo\n".into())));
-        assert_eq!(text(logs.since("j", Some((1, 4)))), Some((1, 4, "two\n".into())));
-        assert_eq!(logs.since("j", Some((1, 8))), None, "nothing new");
+        assert_eq!(text(logs.since("j", Some((1, "w", 4)))), Some((1, 4, "two\n".into())));
+        assert_eq!(logs.since("j", Some((1, "w", 8))), None, "nothing new");
         // A newer attempt starts again; an older attempt's late chunk is ignored.
         logs.record(chunk(2, 0, "retry\n"), now);
         logs.record(chunk(1, 8, "late\n"), now);
-        assert_eq!(text(logs.since("j", Some((1, 8)))), Some((2, 0, "retry\n".into())));
+        assert_eq!(text(logs.since("j", Some((1, "w", 8)))), Some((2, 0, "retry\n".into())));
         // A gap (lost chunks) starts the text at the chunk after it.
         logs.record(chunk(2, 100, "after a gap\n"), now);
         assert_eq!(text(logs.since("j", None)), Some((2, 100, "after a gap\n".into())));
         assert_eq!(logs.since("other", None), None);
+        // Redelivered to another worker, the attempt's log starts again there: all of it is new.
+        logs.record(LogChunk { worker: "w2".into(), ..chunk(2, 0, "again\n") }, now);
+        logs.record(LogChunk { worker: "w2".into(), ..chunk(2, 6, "more\n") }, now);
+        let held = logs.since("j", Some((2, "w", 112))).unwrap();
+        assert_eq!((held.offset, held.text.as_str(), held.worker.as_str()), (0, "again\nmore\n", "w2"));
     }
 
     #[test]

@@ -203,15 +203,37 @@ pub struct LogsQuery {
     attempt: Option<u32>,
 }
 
-/// `GET /v1/jobs/{id}/logs`: the saved logs of a job's attempts.
+/// `GET /v1/jobs/{id}/logs`: the saved logs of a job's attempts; while the job runs, without
+/// `attempt`, also the running attempt's live lines that this control plane holds.
 #[utoipa::path(get, path = "/jobs/{id}/logs", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path, description = "job id"), LogsQuery),
-    responses((status = 200, description = "the log text", content_type = "text/plain", body = String),
+    responses((status = 200, content_type = "text/plain", body = String,
+            description = "the log text: with `attempt`, that attempt's saved log; without, each saved log after a line \
+                `==> attempt N <==`, and while the job runs, the running attempt's live lines held by this control plane \
+                (its newest 256 KiB) after a line `==> attempt N (running: its lines so far) <==`"),
         (status = 400, description = "a bad query (`attempt` not a number)", body = ErrorBody),
-        (status = 404, description = "no saved log for this job or attempt", body = ErrorBody), AuthResponses, UnavailableResponses))]
+        (status = 404, description = "no saved log for this job or attempt (and no live lines of a running attempt)", body = ErrorBody),
+        AuthResponses, UnavailableResponses))]
 pub async fn job_logs(State(s): State<ApiState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<Response> {
-    let text = s.ops.logs(&id, q.attempt).await?;
+    let saved = s.ops.logs(&id, q.attempt).await;
+    let live = if q.attempt.is_none() { running_attempt_log(&s, &id).await? } else { None };
+    let text = match (saved, live) {
+        (Ok(saved), live) => saved + live.as_deref().unwrap_or_default(),
+        (Err(crate::ops::OpsError::NotFound(_)), Some(live)) => live,
+        (Err(e), _) => return Err(e.into()),
+    };
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// The live lines held of the job's running attempt, after a header line; `None` when the job is
+/// finished, none are held, or that attempt has a saved log already.
+async fn running_attempt_log(s: &ApiState, id: &str) -> Result<Option<String>, crate::ops::OpsError> {
+    let Some(live) = s.live_logs.since(id, None) else { return Ok(None) };
+    if s.ops.store.job(id).await?.is_none_or(|job| job.status.is_terminal()) || s.ops.log_attempts(id).await?.contains(&live.attempt) {
+        return Ok(None);
+    }
+    let gap = if live.offset > 0 { format!("[… the first {} bytes are no longer held …]\n", live.offset) } else { String::new() };
+    Ok(Some(format!("==> attempt {} (running: its lines so far) <==\n{gap}{}", live.attempt, live.text)))
 }
 
 /// Optional body of `POST /v1/jobs/{id}/cancel`.

@@ -130,8 +130,8 @@ struct Tail {
     workers: crate::workers::WorkerTable,
     queues_at: Instant,
     live_logs: crate::livelogs::LiveLogs,
-    /// The live log sent so far: (attempt, offset after it).
-    log_shown: Option<(u32, u64)>,
+    /// The live log sent so far: (attempt, worker, offset after it).
+    log_shown: Option<(u32, String, u64)>,
 }
 
 impl Tail {
@@ -160,8 +160,9 @@ impl Tail {
             let data = serde_json::to_string(&self.workers.rows(chrono::Utc::now())).unwrap_or_else(|_| "[]".into());
             self.pending.push_back(Event::default().event("workers").data(data));
         }
-        if let Some(live) = self.job.as_deref().and_then(|j| self.live_logs.since(j, self.log_shown)) {
-            self.log_shown = Some((live.attempt, live.end()));
+        let shown = self.log_shown.as_ref().map(|(a, w, o)| (*a, w.as_str(), *o));
+        if let Some(live) = self.job.as_deref().and_then(|j| self.live_logs.since(j, shown)) {
+            self.log_shown = Some((live.attempt, live.worker.clone(), live.end()));
             let data = serde_json::to_string(&live).unwrap_or_else(|_| "{}".into());
             self.pending.push_back(Event::default().event("log").data(data));
         }

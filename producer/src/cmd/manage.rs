@@ -1,7 +1,7 @@
 //! `trainyard jobs|dlq|models|store`: job management, through the store and
 //! the broker directly, or through the API with `--server URL --token T`.
 
-use std::{process::ExitCode, time::Duration};
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -72,7 +72,8 @@ pub enum JobsCmd {
         /// One attempt only.
         #[arg(long)]
         attempt: Option<u32>,
-        /// Keep printing new log output until the job is finished.
+        /// Keep printing the log as it is written until the job is finished: the running attempt's
+        /// lines live, then the rest of each attempt's saved log.
         #[arg(long)]
         follow: bool,
     },
@@ -300,7 +301,7 @@ pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> any
             };
             print(t.json, &v, show_human);
         }
-        JobsCmd::Logs { id, attempt, follow } => return logs(&conn, &id, attempt, follow).await,
+        JobsCmd::Logs { id, attempt, follow } => return logs(&conn, url, &id, attempt, follow).await,
         JobsCmd::Cancel { id, reason } => {
             let v = match &conn {
                 Conn::Direct(ops) => serde_json::to_value(ops.cancel(&id, &who(), &reason).await?)?,
@@ -355,52 +356,19 @@ fn show_human(v: &Value) {
     }
 }
 
-async fn logs(conn: &Conn, id: &str, attempt: Option<u32>, follow: bool) -> anyhow::Result<ExitCode> {
-    let fetch = |a: Option<u32>| async move {
-        match conn {
-            Conn::Direct(ops) => Ok::<String, anyhow::Error>(ops.logs(id, a).await?),
-            Conn::Remote { .. } => {
-                let q = a.map(|a| format!("?attempt={a}")).unwrap_or_default();
-                Ok(conn.call(reqwest::Method::GET, &format!("/jobs/{id}/logs{q}"), None).await?.text().await?)
-            }
+async fn logs(conn: &Conn, url: &str, id: &str, attempt: Option<u32>, follow: bool) -> anyhow::Result<ExitCode> {
+    use super::follow::{api::Api, direct::Direct};
+    match (conn, follow) {
+        (Conn::Direct(ops), false) => print!("{}", ops.logs(id, attempt).await?),
+        (Conn::Remote { .. }, false) => {
+            let q = attempt.map(|a| format!("?attempt={a}")).unwrap_or_default();
+            print!("{}", conn.call(reqwest::Method::GET, &format!("/jobs/{id}/logs{q}"), None).await?.text().await?);
         }
-    };
-    let status = || async move {
-        match conn {
-            Conn::Direct(ops) => Ok::<Value, anyhow::Error>(serde_json::to_value(ops.show(id).await?)?["status"].clone()),
-            Conn::Remote { .. } => Ok(conn.get(&format!("/jobs/{id}")).await?["status"].clone()),
-        }
-    };
-    if !follow {
-        print!("{}", fetch(attempt).await?);
-        return Ok(ExitCode::SUCCESS);
+        // Live: the running attempt's lines as the worker logs them, then the rest of its saved log.
+        (Conn::Direct(ops), true) => Direct { ops, url, job_id: id }.follow(attempt).await?,
+        (Conn::Remote { base, token, http }, true) => Api { http, base, token, job_id: id }.follow(attempt).await?,
     }
-    // Logs are saved as attempts go; print what is new until the job is finished: through the
-    // API, at each change the live stream reports; on the store, every 2 s.
-    let mut shown = 0usize;
-    let mut last_event = None;
-    loop {
-        let terminal = status().await?.as_str().and_then(|s| s.parse::<JobStatus>().ok()).is_some_and(|s| s.is_terminal());
-        if let Ok(text) = fetch(attempt).await {
-            if text.len() > shown {
-                print!("{}", &text[shown..]);
-                shown = text.len();
-            }
-        }
-        if terminal {
-            return Ok(ExitCode::SUCCESS);
-        }
-        match conn {
-            Conn::Remote { base, token, http } => {
-                if let Err(e) = super::follow::next_change(http, base, token, id, &mut last_event).await {
-                    // A server without the stream, or a broken one: look again in 2 s.
-                    tracing::debug!(error = %e, "no live stream; following by asking again");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            }
-            Conn::Direct(_) => tokio::time::sleep(Duration::from_secs(2)).await,
-        }
-    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn dlq(t: Target, url: &str, topology: Topology, cmd: DlqCmd) -> anyhow::Result<ExitCode> {

@@ -7,6 +7,8 @@
 Console.views.job = {
   id: null,
   loading: null,
+  // The message this view's last failed load put on screen, taken away when a load succeeds.
+  failed: null,
 
   show(id) {
     this.id = id;
@@ -60,9 +62,14 @@ Console.views.job = {
     if (this.loading) { this.again = true; return; }
     this.loading = Console.api("GET", `/v1/jobs/${encodeURIComponent(this.id)}`);
     try {
-      this.render(await this.loading);
+      const job = await this.loading;
+      // The job loaded: a message of an earlier load (a 404 before the job was recorded) is stale.
+      if (this.failed && $("error").textContent === this.failed) $("error").textContent = "";
+      this.failed = null;
+      this.render(job);
     } catch (e) {
-      $("error").textContent = String(e.message || e);
+      this.failed = String(e.message || e);
+      $("error").textContent = this.failed;
     }
     this.loading = null;
     if (this.again) { this.again = false; this.load(); }

@@ -233,23 +233,18 @@ async fn read_only_token_sees_the_job_view_but_no_action_and_a_forged_request_is
     let db = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite://{}/cp.db", db.path().display());
     let cp = ControlPlane::start(&env, &db_url, TOKENS, None).await;
-    // A training job as a worker leaves it: events, metrics and confusion matrix.
     let spec = env.spec("intent-train", json!({}));
     let job = spec.job_id.clone();
-    amqp::publish_event(&env.ch, &env.topo, &JobEvent::queued(&spec)).await.unwrap();
-    let mut started = JobEvent::new(&spec, JobStatus::Started, 1, event_seq(1, 0, 0));
-    started.worker = Some(WorkerInfo { id: "gpu-worker-7".into(), attributes: [("gpu".to_string(), "nvidia-l4".to_string())].into() });
-    amqp::publish_event(&env.ch, &env.topo, &started).await.unwrap();
-    for epoch in 1..=3 {
-        let mut p = JobEvent::new(&spec, JobStatus::Progress, 1, event_seq(1, 0, epoch));
-        p.progress = Some(json!({"epoch": epoch, "epochs": 3, "loss": 1.0 / epoch as f64, "val_accuracy": 0.6 + 0.1 * epoch as f64}));
-        amqp::publish_event(&env.ch, &env.topo, &p).await.unwrap();
-    }
-    let mut done = JobEvent::new(&spec, JobStatus::Succeeded, 1, event_seq(1, 0, 4));
-    done.result = Some(
-        json!({"accuracy": 0.9, "promotion": {"passed": true, "promoted": false, "mode": "manual", "reasons": ["manual promotion mode"]}}),
-    );
-    amqp::publish_event(&env.ch, &env.topo, &done).await.unwrap();
+    // `/jobs/<id>#token=…` signs in and opens the job, and the token leaves the address bar. The
+    // job is not recorded yet: the view says so, and the message goes when the job loads.
+    let b = Browser::start().await;
+    b.client.goto(&cp.url(&format!("/jobs/{job}#token=read-tok"))).await.unwrap();
+    let error = "return document.getElementById('error').textContent;";
+    let missing = b
+        .wait_js("the job not found yet", 30, "const t = document.getElementById('error').textContent; return t.startsWith('404') && t;")
+        .await;
+    assert!(missing.as_str().unwrap().contains(&job), "{missing}");
+    // Then a training job as a worker leaves it: metrics, confusion matrix and events.
     env.artifacts
         .put_json(
             &format!("jobs/{job}/metrics.json"),
@@ -266,10 +261,22 @@ async fn read_only_token_sees_the_job_view_but_no_action_and_a_forged_request_is
         .await
         .unwrap();
 
-    // `/jobs/<id>#token=…` signs in, opens the job, and the token leaves the address bar.
-    let b = Browser::start().await;
-    b.client.goto(&cp.url(&format!("/jobs/{job}#token=read-tok"))).await.unwrap();
+    amqp::publish_event(&env.ch, &env.topo, &JobEvent::queued(&spec)).await.unwrap();
+    let mut started = JobEvent::new(&spec, JobStatus::Started, 1, event_seq(1, 0, 0));
+    started.worker = Some(WorkerInfo { id: "gpu-worker-7".into(), attributes: [("gpu".to_string(), "nvidia-l4".to_string())].into() });
+    amqp::publish_event(&env.ch, &env.topo, &started).await.unwrap();
+    for epoch in 1..=3 {
+        let mut p = JobEvent::new(&spec, JobStatus::Progress, 1, event_seq(1, 0, epoch));
+        p.progress = Some(json!({"epoch": epoch, "epochs": 3, "loss": 1.0 / epoch as f64, "val_accuracy": 0.6 + 0.1 * epoch as f64}));
+        amqp::publish_event(&env.ch, &env.topo, &p).await.unwrap();
+    }
+    let mut done = JobEvent::new(&spec, JobStatus::Succeeded, 1, event_seq(1, 0, 4));
+    done.result = Some(
+        json!({"accuracy": 0.9, "promotion": {"passed": true, "promoted": false, "mode": "manual", "reasons": ["manual promotion mode"]}}),
+    );
+    amqp::publish_event(&env.ch, &env.topo, &done).await.unwrap();
     b.wait_js("the job loaded", 30, "return document.body.dataset.loaded === 'succeeded';").await;
+    assert_eq!(b.client.execute(error, vec![]).await.unwrap(), json!(""), "the 404 message is gone once the job loaded");
     let url = b.client.current_url().await.unwrap();
     assert!(!url.as_str().contains("read-tok") && url.fragment().is_none(), "{url}");
     assert_eq!(b.client.execute("return document.getElementById('who').textContent;", vec![]).await.unwrap(), json!("viewer (read)"));

@@ -11,6 +11,7 @@ mod console_live;
 mod disrupt;
 mod failover;
 mod fairness;
+mod follow;
 mod hostile;
 mod intent;
 mod outage;
