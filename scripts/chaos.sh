@@ -8,7 +8,8 @@
 # Starts the control plane (`trainyard serve`, SQLite store) and W workers on a
 # unique topology prefix with temporary artifact and data directories, submits
 # N jobs (mostly `noop` with random `sleep_ms`, a few transient and permanent
-# failures, and N/200+1 small `intent-train` jobs), and for S seconds:
+# failures, and N/200+1 small `intent-train` jobs; the noop jobs mix bots under fair share,
+# priorities, and a tenth of them share one of two coalescing keys), and for S seconds:
 # SIGKILLs random workers and starts replacements, SIGTERMs others, closes
 # every client connection at the broker (`rabbitmqctl close_all_connections`)
 # and restarts the broker application once (`stop_app`/`start_app`; start_app
@@ -16,7 +17,8 @@
 # until every job has a final status in the store, checks the store against
 # the artifact store, prints ONE JSON line (last) and exits non-zero unless the
 # verdict of scripts/chaos_check.py passes: succeeded == expected_succeeded,
-# dead == expected_dead, no job lost or result duplicated, a training job killed
+# dead == expected_dead, no job lost or result duplicated, the newest job of each
+# coalescing key succeeded and the older ones were superseded (or finished first), a training job killed
 # after a checkpoint resumed from it, and every planned fault really happened.
 #
 # --flood: (1) 100,000 queued noop jobs and one worker: its RSS, sampled every
@@ -167,10 +169,11 @@ start_sampler() {
 start_serve() {
   local port
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  # With "tenants": noop jobs go through fair-share admission (the chaos jobs mix bots and priorities).
+  # With "tenants": noop jobs go through fair-share admission (the chaos jobs mix bots and
+  # priorities) and latest wins also cancels a running older job of a coalescing key.
   local config=()
   if [[ ${1:-} == tenants ]]; then
-    printf '[policy.noop]\nfair_share = true\n' >"$TMP/serve.toml"
+    printf '[policy.noop]\nfair_share = true\nsupersede_running = true\n' >"$TMP/serve.toml"
     config=(--config "$TMP/serve.toml")
   fi
   "$BIN/trainyard" serve --listen "127.0.0.1:$port" --types "$TYPES" "${config[@]}" >"$TMP/serve.log" 2>&1 &

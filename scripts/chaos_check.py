@@ -10,9 +10,11 @@ compares them with the list of jobs the broker confirmed at submit time.
   chaos_check.py selftest                     -> checks that the verdict fails when it must
 
 The verdict fails (exit 1, the reasons on stderr) unless: succeeded equals the jobs
-meant to succeed (`expected_succeeded`: kinds ok, flaky, train), dead equals the jobs
+meant to succeed (`expected_succeeded`: kinds ok, flaky, train, latest), dead equals the jobs
 made to fail (`expected_dead`: kind fatal; `dead` counts dead and failed), lost and
-duplicate results are 0, `resumed_from_checkpoint` >= 1 whenever a training job was
+duplicate results are 0, every older job of a coalescing key (kind keyed) ended superseded
+(naming a job of its key in `superseded_by`), cancelled (it was running when a newer one came:
+`supersede_running`) or succeeded (it finished first), and at least one was superseded, `resumed_from_checkpoint` >= 1 whenever a training job was
 killed after its first checkpoint (`training_jobs_killed`: a training job whose
 attempt was redelivered after it had reported epoch >= 1), and every fault counted
 (key=value pairs kills, sigterms, connection_closes, broker_restarts, leader_stops) is at
@@ -32,17 +34,22 @@ import os
 import sqlite3
 import sys
 
-FINAL = ("succeeded", "failed", "dead", "cancelled")
+FINAL = ("succeeded", "failed", "dead", "cancelled", "superseded")
+# What an older job of a coalescing key may end as.
+KEYED_ENDS = ("superseded", "cancelled", "succeeded")
 
 
 def read_ids(path):
-    jobs = {}
+    """job id -> (job type, kind); coalescing key -> job ids."""
+    jobs, keys = {}, {}
     with open(path) as f:
         for line in f:
             parts = line.split()
             if len(parts) >= 3:
                 jobs[parts[0]] = (parts[1], parts[2])
-    return jobs
+            if len(parts) >= 4:
+                keys.setdefault(parts[3], set()).add(parts[0])
+    return jobs, keys
 
 
 def connect(db):
@@ -64,7 +71,7 @@ def statuses(conn):
 
 
 def progress(ids_path, db):
-    jobs = read_ids(ids_path)
+    jobs, _keys = read_ids(ids_path)
     st = statuses(connect(db))
     final = sum(1 for j in jobs if st.get(j) in FINAL)
     print(final, len(jobs))
@@ -80,8 +87,33 @@ def position(db):
     print(row[0] if row and row[0] is not None else -1)
 
 
+def superseded_by(conn):
+    """job id -> the job named in a superseded job's result."""
+    if conn is None:
+        return {}
+    return {j: (json.loads(r or "{}") or {}).get("superseded_by") for j, r in conn.execute("SELECT job_id, result FROM jobs WHERE status = 'superseded'")}
+
+
+def coalescing(jobs, keys, st, replaced_by):
+    """Counts of the older jobs of coalescing keys, and what is wrong with them."""
+    key_of = {j: k for k, ids in keys.items() for j in ids}
+    keyed = [j for j, (_t, kind) in jobs.items() if kind == "keyed"]
+    wrong = []
+    for j in keyed:
+        if st.get(j) in FINAL and st.get(j) not in KEYED_ENDS:
+            wrong.append(f"older job {j} of key {key_of.get(j)} ended {st.get(j)}")
+        if st.get(j) == "superseded" and replaced_by.get(j) not in keys.get(key_of.get(j), set()) - {j}:
+            wrong.append(f"{j} superseded by {replaced_by.get(j)!r}, not a newer job of key {key_of.get(j)}")
+    counts = {
+        "coalesced": len(keyed),
+        "superseded": sum(1 for j in keyed if st.get(j) in ("superseded", "cancelled")),
+        "keyed_ran_first": sum(1 for j in keyed if st.get(j) == "succeeded"),
+    }
+    return counts, wrong
+
+
 def verdict(ids_path, db, artifacts, rss_log, extra):
-    jobs = read_ids(ids_path)
+    jobs, keys = read_ids(ids_path)
     conn = connect(db)
     st = statuses(conn)
     succeeded_events = {}
@@ -147,11 +179,12 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
                 if len(parts) == 3 and parts[2].isdigit():
                     max_rss_kb = max(max_rss_kb, int(parts[2]))
 
+    counts, keyed_wrong = coalescing(jobs, keys, st, superseded_by(conn))
     out = {
         "submitted": len(jobs),
-        "expected_succeeded": sum(1 for _t, k in jobs.values() if k != "fatal"),
+        "expected_succeeded": sum(1 for _t, k in jobs.values() if k not in ("fatal", "keyed")),
         "expected_dead": sum(1 for _t, k in jobs.values() if k == "fatal"),
-        "succeeded": sum(1 for j in jobs if st.get(j) == "succeeded"),
+        "succeeded": sum(1 for j, (_t, k) in jobs.items() if st.get(j) == "succeeded" and k != "keyed"),
         "dead": sum(1 for j in jobs if st.get(j) in ("dead", "failed")),
         "lost": len(lost),
         "duplicate_results": len(duplicates),
@@ -159,6 +192,7 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
         "resumed_from_checkpoint": resumed,
         "training_jobs_killed": len(training_killed),
         "max_worker_rss_mb": round(max_rss_kb / 1024, 1),
+        **counts,
     }
     planned = {}
     for kv in extra:
@@ -178,7 +212,9 @@ def verdict(ids_path, db, artifacts, rss_log, extra):
         print(f"lost: {j} {jobs[j][0]} {jobs[j][1]} store status {st.get(j)}", file=sys.stderr)
     for j in sorted(duplicates)[:20]:
         print(f"duplicate result: {j}", file=sys.stderr)
-    failures = judge(out, planned)
+    for w in keyed_wrong[:20]:
+        print(f"coalescing: {w}", file=sys.stderr)
+    failures = judge(out, planned) + ([f"{len(keyed_wrong)} older jobs of a coalescing key ended wrongly"] if keyed_wrong else [])
     for f in failures:
         print(f"verdict: {f}", file=sys.stderr)
     return 1 if failures else 0
@@ -208,6 +244,8 @@ def judge(out, planned):
         f.append(f"{out['lost']} jobs lost")
     if out["duplicate_results"]:
         f.append(f"{out['duplicate_results']} duplicate results")
+    if out.get("coalesced") and not out.get("superseded"):
+        f.append(f"none of the {out['coalesced']} older jobs of a coalescing key was superseded")
     if out.get("succeeded_without_outcome"):
         f.append(f"{out['succeeded_without_outcome']} successes without an outcome record")
     if out["training_jobs_killed"] >= 1 and out["resumed_from_checkpoint"] < 1:
@@ -225,39 +263,51 @@ def judge(out, planned):
 
 
 def selftest():
-    """The verdict fails on a run where every job ended dead, and passes on a clean one."""
+    """The verdict fails on runs that break a guarantee, and passes on a clean one."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         ids = os.path.join(d, "ids.txt")
         with open(ids, "w") as f:
-            f.write("a noop ok\nb noop fatal\nc intent-train train\n")
-        for statuses_, want in [({"a": "dead", "b": "dead", "c": "dead"}, 1), ({"a": "succeeded", "b": "dead", "c": "succeeded"}, 0)]:
-            db = os.path.join(d, f"s{want}.db")
+            f.write("a noop ok\nb noop fatal\nc intent-train train\nd noop keyed k1\ne noop latest k1\ng noop keyed k1\n")
+        art = os.path.join(d, "art")
+
+        def run(name, statuses_, extra=(), results=None):
+            db = os.path.join(d, f"{name}.db")
             conn = sqlite3.connect(db)
-            conn.execute("CREATE TABLE jobs (job_id TEXT, status TEXT)")
+            conn.execute("CREATE TABLE jobs (job_id TEXT, status TEXT, result TEXT)")
             conn.execute("CREATE TABLE job_events (job_id TEXT, run INT, seq INT, status TEXT, body TEXT, at INT DEFAULT 0)")
             for j, s_ in statuses_.items():
-                conn.execute("INSERT INTO jobs VALUES (?, ?)", (j, s_))
+                conn.execute("INSERT INTO jobs VALUES (?, ?, ?)", (j, s_, json.dumps((results or {}).get(j, {}))))
+                path = os.path.join(art, name, "outcomes", j[-2:], j + ".json")
                 if s_ == "succeeded":
                     conn.execute("INSERT INTO job_events (job_id, run, seq, status, body) VALUES (?, 0, 7, 'succeeded', '{}')", (j,))
-                    os.makedirs(os.path.join(d, "art", "outcomes", j[-2:]), exist_ok=True)
-                    with open(os.path.join(d, "art", "outcomes", j[-2:], j + ".json"), "w") as f:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w") as f:
                         json.dump({"event": {"seq": 7, "result": {"resumed_from_epoch": 1} if j == "c" else {}}}, f)
             conn.commit()
             conn.close()
-            got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["kills=1", "planned_kills=1"])
-            assert got == want, f"verdict {got} for {statuses_}, expected {want}"
-            got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["kills=0", "planned_kills=1"])
-            assert got == 1, "a planned fault that did not happen must fail the verdict"
-            if want == 0:
-                # Completions at t=0 (the events' `at` is 0): a leader stop after them has no recovery.
-                got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["leader_stop_times=5"])
-                assert got == 1, "a leader stop followed by no completion must fail the verdict"
-                got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["leader_stop_times=-20", "recovery_bound_s=10"])
-                assert got == 1, "a recovery over the bound must fail the verdict"
-                got = verdict(ids, "sqlite://" + db, os.path.join(d, "art"), os.path.join(d, "none"), ["leader_stop_times=-2", "recovery_bound_s=10"])
-                assert got == 0, "a recovery within the bound passes"
+            return verdict(ids, "sqlite://" + db, os.path.join(art, name), os.path.join(d, "none"), list(extra))
+
+        ok = {"a": "succeeded", "b": "dead", "c": "succeeded", "d": "superseded", "e": "succeeded", "g": "succeeded"}
+        by_e = {"d": {"superseded_by": "e"}}
+        assert run("clean", ok, ["kills=1", "planned_kills=1"], by_e) == 0, "a clean run passes"
+        assert run("cancelled", dict(ok, g="cancelled"), results=by_e) == 0, "an older keyed job cancelled while running passes"
+        failing = [
+            ("all dead", {j: "dead" for j in ok}, (), by_e),
+            ("fault missing", ok, ["kills=0", "planned_kills=1"], by_e),
+            ("leader stop, no completion after", ok, ["leader_stop_times=5"], by_e),
+            ("recovery over bound", ok, ["leader_stop_times=-20", "recovery_bound_s=10"], by_e),
+            ("keyed job dead", dict(ok, d="dead"), (), {}),
+            ("superseded by a stranger", ok, (), {"d": {"superseded_by": "a"}}),
+            ("latest superseded", dict(ok, e="superseded", d="succeeded"), (), {"e": {"superseded_by": "d"}}),
+            ("nothing superseded", dict(ok, d="succeeded"), (), {}),
+            ("keyed job lost", dict(ok, d="queued"), (), {}),
+        ]
+        for name, statuses_, extra, results in failing:
+            assert run(name.replace(" ", "-"), statuses_, extra, results) == 1, f"the verdict must fail: {name}"
+        # Completions at t=0 (the events' `at` is 0): a recovery within the bound passes.
+        assert run("recovered", ok, ["leader_stop_times=-2", "recovery_bound_s=10"], by_e) == 0, "a recovery within the bound passes"
     print("chaos_check selftest: ok")
 
 

@@ -7,11 +7,13 @@
 //! chaos cleanup --types noop,intent-train
 //! ```
 //! Broker URL and prefix come from `TRAINYARD_AMQP_URL` and `TRAINYARD_PREFIX`.
-//! `IDS` gets one line per job: `<job_id> <job_type> <kind>` where kind is
+//! `IDS` gets one line per job: `<job_id> <job_type> <kind> [<coalescing key>]` where kind is
 //! `ok`, `flaky` (fails transiently once, then succeeds), `fatal` (fails
-//! permanently: ends `dead`) or `train`.
+//! permanently: ends `dead`), `train`, `latest` (the newest job of its coalescing key: must
+//! succeed) or `keyed` (an older job of a key: superseded, cancelled while running, or
+//! succeeded when it finished before a newer one came; never dead, never two results).
 
-use std::{io::Write, time::Instant};
+use std::{collections::HashMap, io::Write, time::Instant};
 
 use anyhow::{bail, Context};
 use futures::{stream, StreamExt, TryStreamExt};
@@ -93,8 +95,13 @@ async fn submit(url: &str, topology: Topology, args: &[String]) -> anyhow::Resul
             1 => Priority::Low,
             _ => Priority::Normal,
         };
+        // Coalescing mixed in: a tenth of the plain jobs share one of 2 keys (latest wins).
+        if !plain && kind == "ok" && i % 10 == 5 {
+            spec.coalesce_key = Some(format!("noop/chaos-key-{}", (i / 10) % 2));
+        }
         jobs.push((spec, kind));
     }
+    mark_newest_per_key(&mut jobs);
     for i in 0..intent {
         let params = json!({"dataset": "clinc150/data_small.json", "epochs": epochs, "seed": 7 + i, "promote": "manual"});
         let mut spec = JobSpec::new("intent-train", format!("chaos-intent-{i}"), params, Trigger::manual("chaos"));
@@ -116,13 +123,34 @@ async fn submit(url: &str, topology: Topology, args: &[String]) -> anyhow::Resul
     .buffer_unordered(concurrency);
     let mut n = 0u64;
     while let Some((spec, kind)) = confirmed.try_next().await? {
-        writeln!(file, "{} {} {kind}", spec.job_id, spec.job_type)?;
+        let key = spec.coalesce_key.as_deref().unwrap_or_default();
+        writeln!(file, "{} {} {kind} {key}", spec.job_id, spec.job_type)?;
         n += 1;
     }
     file.flush()?;
     let secs = t0.elapsed().as_secs_f64();
     eprintln!("submitted {n} jobs in {secs:.1}s ({:.0}/s)", n as f64 / secs.max(1e-3));
     Ok(())
+}
+
+/// Kind `latest` for the job of each coalescing key that wins (the newest by `submitted_at`,
+/// then `job_id`: the control plane's rule), `keyed` for the others.
+fn mark_newest_per_key(jobs: &mut [(JobSpec, &str)]) {
+    let mut newest: HashMap<String, (i64, String)> = HashMap::new();
+    for (spec, _) in jobs.iter() {
+        if let Some(key) = &spec.coalesce_key {
+            let rank = (spec.submitted_at.timestamp_micros(), spec.job_id.clone());
+            let slot = newest.entry(key.clone()).or_insert_with(|| rank.clone());
+            if rank > *slot {
+                *slot = rank;
+            }
+        }
+    }
+    for (spec, kind) in jobs.iter_mut() {
+        if let Some(key) = &spec.coalesce_key {
+            *kind = if newest[key].1 == spec.job_id { "latest" } else { "keyed" };
+        }
+    }
 }
 
 async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> {
