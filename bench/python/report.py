@@ -101,7 +101,7 @@ def main():
     st = load(os.path.join(raw_dir, "store.json"))
     if st:
         keys = {"sqlite": ("jobs", "list_p95_ms", "demand_p95_ms"), "postgres": ("jobs", "list_p95_ms", "demand_p95_ms", "recorder_events_per_s")}
-        extra = ("http_page_p95_ms", "http_error", "status_counts_p95_ms", "list_p95_ms_by_filter", "events", "fill_s")
+        extra = ("http_page_p95_ms", "readyz_p95_ms", "http_error", "status_counts_p95_ms", "list_p95_ms_by_filter", "events", "fill_s")
         r["store"] = {db: {k: st[db].get(k) for k in keys[db] + extra} for db in keys if db in st}
     fa = load(os.path.join(raw_dir, "fairness.json"))
     if fa:

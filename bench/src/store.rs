@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use trainyard::{
     api::Tokens,
     config::ControlConfig,
-    serve::{serve, ServeSettings},
+    serve::{serve, ServeError, ServeSettings},
     store::{JobCursor, JobFilter, Store},
 };
 use trainyard_common::{event::event_seq, topology::Topology, JobEvent, JobSpec, JobStatus, Trigger, TriggerKind};
@@ -152,9 +152,12 @@ async fn measure(store: &Store) -> anyhow::Result<Value> {
               "status_counts_p95_ms": p95_ms(counts)}))
 }
 
-/// p95 of a filtered page (`bot` and `status`, random bot) over HTTP from `trainyard serve`
-/// on `url`, over [`REQUESTS`] requests.
-async fn http_p95(amqp_url: &str, prefix: &str, url: &str) -> anyhow::Result<f64> {
+/// A `trainyard serve` running in this process.
+type Serving = tokio::task::JoinHandle<Result<(), ServeError>>;
+
+/// `trainyard serve` on `url` in this process, on a port of its own: its address, the token
+/// that stops it and its task.
+async fn start_serve(amqp_url: &str, prefix: &str, url: &str) -> anyhow::Result<(std::net::SocketAddr, CancellationToken, Serving)> {
     let settings = ServeSettings {
         amqp_url: amqp_url.into(),
         topology: Topology::new(prefix),
@@ -173,32 +176,71 @@ async fn http_p95(amqp_url: &str, prefix: &str, url: &str) -> anyhow::Result<f64
         let stop = stop.clone();
         async move { serve(settings, listener, stop).await }
     });
-    let http = reqwest::Client::new();
-    let get = |q: String| http.get(format!("http://{addr}/v1/jobs?{q}")).bearer_auth("bench-token").send();
-    let mut ready = false;
+    Ok((addr, stop, task))
+}
+
+/// Waits up to 120 s for the first page from `trainyard serve` on `addr`; the error says
+/// why not: serve's own error when it ended, else the last answer or failure.
+async fn wait_ready(http: &reqwest::Client, addr: std::net::SocketAddr, task: &mut Serving) -> anyhow::Result<()> {
     let started = Instant::now();
-    for _ in 0..1200 {
-        if get("limit=1".into()).await.is_ok_and(|r| r.status().is_success()) {
-            ready = true;
-            break;
+    loop {
+        if task.is_finished() {
+            let ended = match task.await {
+                Ok(Ok(())) => "it returned".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            anyhow::bail!("trainyard serve ended before answering on {addr}: {ended}");
         }
+        let last = match http.get(format!("http://{addr}/v1/jobs?limit=1")).bearer_auth("bench-token").send().await {
+            Ok(r) if r.status().is_success() => break,
+            Ok(r) => format!("HTTP {}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => format!("{e:#}"),
+        };
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "trainyard serve did not answer on {addr} within 120 s (last: {last})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::ensure!(ready, "trainyard serve did not answer on {addr} within 120 s");
     eprintln!("store: trainyard serve answered after {:.1} s", started.elapsed().as_secs_f64());
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut times = Vec::new();
-    for _ in 0..REQUESTS {
-        let q = format!("bot={}&status=succeeded&limit={PAGE}", bot(rng.random_range(0..BOTS)));
-        let t = Instant::now();
-        let resp = get(q).await?.error_for_status()?;
-        let _ = resp.bytes().await?;
-        times.push(t.elapsed());
+    Ok(())
+}
+
+/// p95 of a filtered page (`bot` and `status`, random bot) over HTTP from `trainyard serve`
+/// on `url`, over [`REQUESTS`] requests, and of `GET /readyz` (what a readiness probe asks).
+/// Serve is stopped and its broker objects deleted whatever the outcome.
+async fn http_p95(amqp_url: &str, prefix: &str, url: &str) -> anyhow::Result<(f64, f64)> {
+    let (addr, stop, mut task) = start_serve(amqp_url, prefix, url).await?;
+    // A request that hangs is a failure to answer too, not a bench that waits for ever.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let timed = async {
+        wait_ready(&http, addr, &mut task).await?;
+        let mut rng = StdRng::seed_from_u64(11);
+        let (mut pages, mut ready) = (Vec::new(), Vec::new());
+        for _ in 0..REQUESTS {
+            let q = format!("bot={}&status=succeeded&limit={PAGE}", bot(rng.random_range(0..BOTS)));
+            let t = Instant::now();
+            http.get(format!("http://{addr}/v1/jobs?{q}")).bearer_auth("bench-token").send().await?.error_for_status()?.bytes().await?;
+            pages.push(t.elapsed());
+        }
+        for _ in 0..QUERIES {
+            let t = Instant::now();
+            http.get(format!("http://{addr}/readyz")).send().await?.error_for_status()?;
+            ready.push(t.elapsed());
+        }
+        anyhow::Ok((p95_ms(pages), p95_ms(ready)))
     }
+    .await;
     stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    crate::broker::cleanup(amqp_url, prefix).await?;
-    Ok(p95_ms(times))
+    if !task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    // What went wrong with serve first: a broker that is down fails the clean-up too.
+    let cleaned = crate::broker::cleanup(amqp_url, prefix).await;
+    let out = timed?;
+    cleaned?;
+    Ok(out)
 }
 
 /// Fills and measures one store.
@@ -219,7 +261,10 @@ async fn one(name: &str, url: &str, jobs: usize, amqp_url: &str, prefix: &str) -
     eprintln!("store {name}: {out}");
     // A failed HTTP measurement is reported, not allowed to lose the store's figures.
     match http_p95(amqp_url, &format!("{prefix}-{name}"), url).await {
-        Ok(ms) => out["http_page_p95_ms"] = json!(ms),
+        Ok((page, ready)) => {
+            out["http_page_p95_ms"] = json!(page);
+            out["readyz_p95_ms"] = json!(ready);
+        }
         Err(e) => out["http_error"] = json!(format!("{e:#}")),
     }
     eprintln!("store {name}: {out}");

@@ -53,8 +53,10 @@ async fn walk<F: AsyncFnMut()>(store: &Store, filter: JobFilter, page: i64, mut 
 }
 
 async fn pages_and_filters(store: Store) {
+    assert!(store.is_empty().await.unwrap(), "a new store is empty");
     let base = Utc::now() - TimeDelta::hours(1);
     let specs = seed(&store, 120, base).await;
+    assert!(!store.is_empty().await.unwrap(), "a store with jobs is not empty");
     // New jobs arrive while the pages are read: the walk still sees each old job once.
     let mut added = 0;
     let seen = walk(&store, JobFilter::default(), 7, async || {
