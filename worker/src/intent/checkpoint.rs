@@ -1,7 +1,8 @@
 //! Training checkpoints: everything needed to continue a run where it stopped.
 //!
 //! One object per model of a job, `<prefix>/checkpoints/latest.ckpt` (the word-order
-//! model of an ensemble: `checkpoints/conv.ckpt`), replaced atomically
+//! model of an ensemble: `checkpoints/conv.ckpt`; the bag of a `refit`:
+//! `checkpoints/refit.ckpt`), replaced atomically
 //! after every epoch (plus `latest.json`, its metadata, for people): the
 //! embedding table with its Adam moments, the head and its optimizer state (burn
 //! records), the early-stopping state and the epoch log. A run is resumed only

@@ -21,7 +21,7 @@ use super::{
     env::RunEnv,
     eval::{eval_job, load_predictor, load_predictor_dir},
     params::{EvalParams, TrainParams},
-    pipeline::{train_job, CHECKPOINT_KEY, CONV_CHECKPOINT_KEY},
+    pipeline::{train_job, CHECKPOINT_KEYS},
 };
 use crate::handler::Progress;
 
@@ -128,8 +128,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     env.apply_promotion = false;
     env.resume = args.resume;
     if !args.resume {
-        rt.block_on(store.delete(CHECKPOINT_KEY))?;
-        rt.block_on(store.delete(CONV_CHECKPOINT_KEY))?;
+        for key in CHECKPOINT_KEYS {
+            rt.block_on(store.delete(key))?;
+        }
     }
     eprintln!("{} job {} (bot {:?}) → {}", spec.job_type, spec.job_id, spec.bot, out.display());
     let job_type = spec.job_type.clone();

@@ -159,7 +159,8 @@ where
         let train_secs = t0.elapsed().as_secs_f64();
         let val = accuracy(&model.valid(), &data.x_val, &data.y_val, device);
         let model_bytes = record_bytes(model.clone()).map_err(rec_err)?;
-        if val > meta.best_val + 1e-9 {
+        // Without validation data every epoch is the best so far: the last one is kept.
+        if data.y_val.is_empty() || val > meta.best_val + 1e-9 {
             (meta.best_val, meta.best_epoch, meta.stale) = (val, epoch, 0);
             best = Some(model_bytes.clone());
         } else {

@@ -33,6 +33,10 @@ use crate::handler::JobError;
 pub const CHECKPOINT_KEY: &str = "checkpoints/latest.ckpt";
 /// Key of the word-order model's checkpoint in an ensemble.
 pub const CONV_CHECKPOINT_KEY: &str = "checkpoints/conv.ckpt";
+/// Key of the checkpoint of the bag retrained on train + validation (`refit`).
+pub const REFIT_CHECKPOINT_KEY: &str = "checkpoints/refit.ckpt";
+/// Every checkpoint a run may write.
+pub const CHECKPOINT_KEYS: [&str; 3] = [CHECKPOINT_KEY, CONV_CHECKPOINT_KEY, REFIT_CHECKPOINT_KEY];
 
 /// The bag's device training path.
 pub const PATH_DEVICE_BAG: &str = "device-bag";
@@ -42,7 +46,7 @@ pub const PATH_CONV: &str = "conv";
 /// How a stage went.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StageSummary {
-    /// `bag` or `conv`.
+    /// `bag`, `conv` or `bag-refit`.
     pub model: &'static str,
     /// The training path (`sparse`, `device-bag`, `conv`).
     pub path: &'static str,
@@ -61,6 +65,8 @@ pub struct StageSummary {
 
 /// What a stage needs besides its data.
 pub struct Stage<'a> {
+    /// The network's name in logs, progress and the result (`bag`, `conv`, `bag-refit`).
+    pub name: &'static str,
     /// The run.
     pub env: &'a RunEnv,
     /// Settings.
@@ -186,8 +192,8 @@ impl Stage<'_> {
                 Some(Resumable::Sparse(ck)) => Some(ck),
                 _ => None,
             };
-            let t = self.with_hooks("bag", |hooks| train::<B>(h, data, &self.fingerprint, resume, device, hooks))?;
-            let summary = summary("bag", PATH_SPARSE, t.run);
+            let t = self.with_hooks(self.name, |hooks| train::<B>(h, data, &self.fingerprint, resume, device, hooks))?;
+            let summary = summary(self.name, PATH_SPARSE, t.run);
             return Ok((BagNet { emb: t.emb, head: t.head }, summary));
         }
         let resume = match self.resume(PATH_DEVICE_BAG)? {
@@ -202,9 +208,9 @@ impl Stage<'_> {
         };
         let mut rng = rand::SeedableRng::seed_from_u64(h.seed);
         let init = DenseBag::<B>::init(feats.dim(), h.hidden, data.labels, &mut rng, device);
-        let t = self.with_hooks("bag", |hooks| train_device(h, self.run_id(PATH_DEVICE_BAG), &dd, init, resume, device, hooks))?;
+        let t = self.with_hooks(self.name, |hooks| train_device(h, self.run_id(PATH_DEVICE_BAG), &dd, init, resume, device, hooks))?;
         let emb = EmbeddingBag::from_weights(feats.dim(), h.hidden, t.model.table_rows());
-        let summary = summary("bag", PATH_DEVICE_BAG, t.run);
+        let summary = summary(self.name, PATH_DEVICE_BAG, t.run);
         Ok((BagNet { emb, head: t.model.head }, summary))
     }
 
@@ -234,8 +240,8 @@ impl Stage<'_> {
         };
         let mut rng = rand::SeedableRng::seed_from_u64(h.seed ^ 0xC0_4E);
         let init = ConvNet::<B>::init(shape, &mut rng, device);
-        let t = self.with_hooks("conv", |hooks| train_device(h, self.run_id(PATH_CONV), &dd, init, resume, device, hooks))?;
-        let summary = summary("conv", PATH_CONV, t.run);
+        let t = self.with_hooks(self.name, |hooks| train_device(h, self.run_id(PATH_CONV), &dd, init, resume, device, hooks))?;
+        let summary = summary(self.name, PATH_CONV, t.run);
         Ok((t.model, summary))
     }
 }

@@ -107,6 +107,12 @@ pub struct Hyper {
     pub oos_threshold: Option<f32>,
     /// The out-of-scope label. Default `oos`.
     pub oos_label: String,
+    /// After the run has chosen on validation what it can (epochs, ensemble weights, OOS
+    /// threshold), retrain the bag on train + validation for its best epoch count and
+    /// answer with that bag. Needs a model with a bag and a validation set. Default false
+    /// (and then left out of the settings' JSON, so fingerprints of older runs still match).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refit: bool,
 }
 
 impl Default for Hyper {
@@ -134,6 +140,7 @@ impl Default for Hyper {
             test_fraction: 0.2,
             oos_threshold: None,
             oos_label: "oos".into(),
+            refit: false,
         }
     }
 }
@@ -197,6 +204,7 @@ const HYPER_KEYS: &[&str] = &[
     "test_fraction",
     "oos_threshold",
     "oos_label",
+    "refit",
 ];
 
 fn check_keys(what: &str, params: &serde_json::Value, allowed: &[&[&str]]) -> Result<(), JobError> {
@@ -219,7 +227,7 @@ impl TrainParams {
         p.data.check().map_err(|e| bad("intent-train", e))?;
         p.gate.check().map_err(|e| bad("intent-train", e))?;
         let h = &p.hyper;
-        let checks: [(bool, String); 18] = [
+        let checks: [(bool, String); 19] = [
             ((8..=1024).contains(&h.conv_dim), format!("conv_dim {} must be in 8..=1024", h.conv_dim)),
             ((8..=2048).contains(&h.conv_filters), format!("conv_filters {} must be in 8..=2048", h.conv_filters)),
             ((3..=256).contains(&h.max_tokens), format!("max_tokens {} must be in 3..=256", h.max_tokens)),
@@ -241,6 +249,7 @@ impl TrainParams {
             ((0.0..0.9).contains(&h.val_fraction), format!("val_fraction {} must be in [0, 0.9)", h.val_fraction)),
             (h.test_fraction > 0.0 && h.test_fraction < 0.9, format!("test_fraction {} must be in (0, 0.9)", h.test_fraction)),
             (h.oos_threshold.is_none_or(|t| (0.0..=1.0).contains(&t)), "oos_threshold must be in 0..=1".to_string()),
+            (!h.refit || h.model.has_bag(), format!("refit retrains the bag, and model {} has none", h.model)),
         ];
         for (ok, msg) in checks {
             if !ok {
@@ -285,6 +294,10 @@ mod tests {
         let e = TrainParams::parse(&json!({"dataset": "x.csv", "model": "transformer"})).unwrap_err();
         assert!(e.message.contains("transformer"), "{}", e.message);
         assert!(TrainParams::parse(&json!({"dataset": "x.csv", "max_tokens": 2})).is_err());
+        assert!(!p.hyper.refit);
+        assert!(TrainParams::parse(&json!({"dataset": "x.csv", "model": "bag+conv", "refit": true})).unwrap().hyper.refit);
+        let e = TrainParams::parse(&json!({"dataset": "x.csv", "model": "conv", "refit": true})).unwrap_err();
+        assert!(e.message.contains("refit retrains the bag, and model conv has none"), "{}", e.message);
         let e = TrainParams::parse(&json!({"dataset": "x.csv", "epochz": 3})).unwrap_err();
         assert!(e.message.contains("unknown parameter `epochz`"), "{}", e.message);
         assert!(TrainParams::parse(&json!({"epochs": 3})).unwrap_err().message.contains("dataset"));

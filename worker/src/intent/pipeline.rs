@@ -1,7 +1,9 @@
 //! An `intent-train` run from params to result, as named stages:
 //! [`resolve`] the device → [`prepare`] the data → fit the networks ([`super::fit`]) →
-//! tune the OOS threshold on validation → evaluate on test and write the model and
-//! reports → run the promotion gate.
+//! tune the ensemble weights and the OOS threshold on validation → with `refit`, retrain
+//! the bag on train + validation for its best epoch count (it replaces the first bag; the
+//! weights and threshold stay) → evaluate on test and write the model and reports → run
+//! the promotion gate.
 //!
 //! Synchronous and CPU-heavy (or GPU-bound): callers run it on a dedicated thread.
 
@@ -18,15 +20,15 @@ use super::{
     features::{FeatureConfig, Featurizer},
     fit::{Stage, StageSummary},
     metrics::Metrics,
-    params::{ModelKind, PromoteMode, TrainParams},
-    predict::{average, decide, probabilities, tune_weights, ModelConfig, Predictor},
+    params::{Hyper, ModelKind, PromoteMode, TrainParams},
+    predict::{average, decide, probabilities, tune_weights, BagNet, Combine, ModelConfig, Predictor},
     promotion::{set_production, GateDecision, ProductionEntry},
     seq::{SeqConfig, SeqFeaturizer},
     train::TrainData,
 };
 use crate::handler::JobError;
 
-pub use super::fit::{CHECKPOINT_KEY, CONV_CHECKPOINT_KEY};
+pub use super::fit::{CHECKPOINT_KEY, CHECKPOINT_KEYS, CONV_CHECKPOINT_KEY, REFIT_CHECKPOINT_KEY};
 
 fn permanent(e: impl std::fmt::Display) -> JobError {
     JobError::permanent(e.to_string())
@@ -159,21 +161,33 @@ struct Fitted<B: AutodiffBackend> {
     stages: Vec<StageSummary>,
 }
 
-/// Fits every network the run's `model` names, one after the other.
-fn fit_all<B: AutodiffBackend>(
-    env: &RunEnv,
-    params: &TrainParams,
-    prep: &Prepared,
+/// What every stage of a run shares.
+struct Ctx<'a, B: AutodiffBackend> {
+    env: &'a RunEnv,
+    params: &'a TrainParams,
+    prep: &'a Prepared,
     spec: DeviceSpec,
-    device: &B::Device,
+    device: &'a B::Device,
+    /// The bag takes the device path even on the CPU.
     force_device_bag: bool,
-) -> Result<Fitted<B>, JobError> {
-    let h = &params.hyper;
-    let (train_texts, val_texts) = (texts(&prep.splits.train), texts(&prep.splits.val));
-    let stage = |fp: String, key| Stage { env, hyper: h, device: spec, fingerprint: fp, checkpoint_key: key };
-    let (mut bag, mut conv, mut feats, mut seq) = (None, None, None, None);
-    let (mut parts, mut stages) = (Vec::new(), Vec::new());
-    if h.model.has_bag() {
+}
+
+/// A fitted bag and its featurizer.
+type BagFit<B> = (BagNet<B>, Featurizer, StageSummary);
+
+impl<B: AutodiffBackend> Ctx<'_, B> {
+    fn stage<'s>(&'s self, name: &'static str, hyper: &'s Hyper, fingerprint: String, checkpoint_key: &'static str) -> Stage<'s> {
+        Stage { name, env: self.env, hyper, device: self.spec, fingerprint, checkpoint_key }
+    }
+
+    /// Featurises `train` (the featurizer is fitted on it) and `val`, and fits the bag as stage `name`.
+    fn fit_bag_on(
+        &self,
+        (name, key, hyper): (&'static str, &'static str, &Hyper),
+        train: &[Example],
+        val: &[Example],
+    ) -> Result<BagFit<B::InnerBackend>, JobError> {
+        let h = hyper;
         let fcfg = FeatureConfig {
             word_ngrams: h.word_ngrams,
             char_min: h.char_ngram_min,
@@ -181,61 +195,96 @@ fn fit_all<B: AutodiffBackend>(
             min_df: h.min_df,
             char_weight: h.char_weight,
         };
+        let train_texts = texts(train);
         let f = Featurizer::fit(fcfg, &train_texts);
-        env.log(format!(
-            "bag features: {} (word 1..={}-grams, char {}..={}-grams, min_df {})",
+        self.env.log(format!(
+            "{name} features: {} (word 1..={}-grams, char {}..={}-grams, min_df {}) from {} examples",
             f.dim(),
             h.word_ngrams,
             h.char_ngram_min,
             h.char_ngram_max,
-            h.min_df
+            h.min_df,
+            train.len()
         ));
+        let labels = &self.prep.labels;
         let data = TrainData {
             x_train: f.transform(&train_texts),
-            y_train: prep.y_train.clone(),
-            x_val: f.transform(&val_texts),
-            y_val: prep.y_val.clone(),
-            labels: prep.labels.len(),
+            y_train: label_ids(train, labels),
+            x_val: f.transform(&texts(val)),
+            y_val: label_ids(val, labels),
+            labels: labels.len(),
             features: f.dim(),
         };
-        let fp = fingerprint(params, &prep.labels, f.dim(), &prep.splits.train);
-        let (net, summary) = stage(fp, CHECKPOINT_KEY).fit_bag::<B>(&f, &data, device, force_device_bag)?;
-        parts.push(probabilities(&net.emb, &net.head, &data.x_val, prep.labels.len(), device));
-        stages.push(summary);
-        (bag, feats) = (Some(net), Some(f));
+        let fp = fingerprint(self.params, labels, f.dim(), train);
+        let (net, summary) = self.stage(name, h, fp, key).fit_bag::<B>(&f, &data, self.device, self.force_device_bag)?;
+        Ok((net, f, summary))
     }
-    if h.model.has_conv() {
-        let s = SeqFeaturizer::fit(SeqConfig { max_tokens: h.max_tokens, subwords: 8, min_df: h.min_df }, &train_texts);
-        env.log(format!("word-order model: {} words and subwords, {} tokens × {} slots", s.vocab() - 1, h.max_tokens, 8));
-        let (x_train, x_val) = (s.transform(&train_texts), s.transform(&val_texts));
-        let fp = fingerprint(params, &prep.labels, s.vocab(), &prep.splits.train);
-        let key = if h.model == ModelKind::Conv { CHECKPOINT_KEY } else { CONV_CHECKPOINT_KEY };
-        let (net, summary) =
-            stage(fp, key).fit_conv::<B>(&s, (&x_train, &prep.y_train), (&x_val, &prep.y_val), prep.labels.len(), device)?;
-        parts.push(super::device_train::device_probabilities(&net, &x_val, device));
-        stages.push(summary);
-        (conv, seq) = (Some(net), Some(s));
+
+    /// Retrains the bag on train + validation for `epochs` (the first fit's best epoch count).
+    fn refit_bag(&self, epochs: usize) -> Result<BagFit<B::InnerBackend>, JobError> {
+        let hyper = Hyper { epochs: epochs.max(1), ..self.params.hyper.clone() };
+        let all: Vec<Example> = self.prep.splits.train.iter().chain(&self.prep.splits.val).cloned().collect();
+        self.env.log(format!("refit: retraining the bag on train + validation ({} examples) for {} epochs", all.len(), hyper.epochs));
+        self.fit_bag_on(("bag-refit", REFIT_CHECKPOINT_KEY, &hyper), &all, &[])
     }
-    let config = ModelConfig {
-        format: ModelConfig::format_for(h.model),
-        model: h.model,
-        labels: prep.labels.clone(),
-        hidden: h.hidden,
-        oos_label: prep.oos_label.clone(),
-        oos_threshold: None,
-        features: feats,
-        seq,
-        conv: h.model.has_conv().then_some((h.conv_dim, h.conv_filters)),
-        weights: None,
-    };
-    let mut predictor = Predictor { config, bag, conv, device: device.clone() };
-    if parts.len() == 2 && !prep.y_val.is_empty() {
-        let w = tune_weights(&parts, prep.labels.len(), &prep.y_val);
-        env.log(format!("ensemble weights {:.2} (bag) / {:.2} (conv), tuned on validation", w[0], w[1]));
-        predictor.config.weights = Some(w);
+
+    /// Fits every network the run's `model` names, one after the other.
+    fn fit_all(&self) -> Result<Fitted<B>, JobError> {
+        let (h, prep, device) = (&self.params.hyper, self.prep, self.device);
+        let (mut bag, mut conv, mut feats, mut seq) = (None, None, None, None);
+        let (mut parts, mut stages) = (Vec::new(), Vec::new());
+        if h.model.has_bag() {
+            let (net, f, summary) = self.fit_bag_on(("bag", CHECKPOINT_KEY, h), &prep.splits.train, &prep.splits.val)?;
+            parts.push(probabilities(&net.emb, &net.head, &f.transform(&texts(&prep.splits.val)), prep.labels.len(), device));
+            stages.push(summary);
+            (bag, feats) = (Some(net), Some(f));
+        }
+        if h.model.has_conv() {
+            let (train_texts, val_texts) = (texts(&prep.splits.train), texts(&prep.splits.val));
+            let s = SeqFeaturizer::fit(SeqConfig { max_tokens: h.max_tokens, subwords: 8, min_df: h.min_df }, &train_texts);
+            self.env.log(format!("word-order model: {} words and subwords, {} tokens × {} slots", s.vocab() - 1, h.max_tokens, 8));
+            let (x_train, x_val) = (s.transform(&train_texts), s.transform(&val_texts));
+            let fp = fingerprint(self.params, &prep.labels, s.vocab(), &prep.splits.train);
+            let key = if h.model == ModelKind::Conv { CHECKPOINT_KEY } else { CONV_CHECKPOINT_KEY };
+            let (net, summary) = self.stage("conv", h, fp, key).fit_conv::<B>(
+                &s,
+                (&x_train, &prep.y_train),
+                (&x_val, &prep.y_val),
+                prep.labels.len(),
+                device,
+            )?;
+            parts.push(super::device_train::device_probabilities(&net, &x_val, device));
+            stages.push(summary);
+            (conv, seq) = (Some(net), Some(s));
+        }
+        if h.refit {
+            let (net, f, summary) = self.refit_bag(stages[0].best_epoch)?;
+            stages.push(summary);
+            (bag, feats) = (Some(net), Some(f));
+        }
+        let config = ModelConfig {
+            format: ModelConfig::format_for(h.model),
+            model: h.model,
+            labels: prep.labels.clone(),
+            hidden: h.hidden,
+            oos_label: prep.oos_label.clone(),
+            oos_threshold: None,
+            features: feats,
+            seq,
+            conv: h.model.has_conv().then_some((h.conv_dim, h.conv_filters)),
+            weights: None,
+            combine: if parts.len() > 1 { Combine::Geometric } else { Combine::Mean },
+        };
+        let mut predictor = Predictor { config, bag, conv, device: device.clone() };
+        let how = predictor.config.combine;
+        if parts.len() == 2 && !prep.y_val.is_empty() {
+            let w = tune_weights(&parts, prep.labels.len(), &prep.y_val, how);
+            self.env.log(format!("ensemble weights {:.2} (bag) / {:.2} (conv), {how:?} combination, tuned on validation", w[0], w[1]));
+            predictor.config.weights = Some(w);
+        }
+        let val_probs = average(&parts, prep.labels.len(), predictor.config.weights.as_deref(), how);
+        Ok(Fitted { predictor, val_probs, stages })
     }
-    let val_probs = average(&parts, predictor.config.weights.as_deref());
-    Ok(Fitted { predictor, val_probs, stages })
 }
 
 /// The whole run on backend `B` (`force_device_bag`: the bag takes the device path even on the CPU).
@@ -255,7 +304,11 @@ pub fn run<B: AutodiffBackend>(
         rayon::current_num_threads()
     ));
     let prep = prepare(env, params)?;
-    let Fitted { mut predictor, val_probs, stages } = fit_all::<B>(env, params, &prep, spec, device, force_device_bag)?;
+    if h.refit && prep.splits.val.is_empty() {
+        return Err(JobError::permanent("refit retrains the bag on train + validation, and this run has no validation data"));
+    }
+    let ctx = Ctx::<B> { env, params, prep: &prep, spec, device, force_device_bag };
+    let Fitted { mut predictor, val_probs, stages } = ctx.fit_all()?;
     let log: Vec<_> = stages.iter().flat_map(|s| s.log.clone()).collect();
     env.log(format!(
         "training done: {}",
@@ -302,6 +355,9 @@ pub fn run<B: AutodiffBackend>(
     artifacts.insert("checkpoint", env.key(CHECKPOINT_KEY));
     if h.model == ModelKind::BagConv {
         artifacts.insert("conv_checkpoint", env.key(CONV_CHECKPOINT_KEY));
+    }
+    if h.refit {
+        artifacts.insert("refit_checkpoint", env.key(REFIT_CHECKPOINT_KEY));
     }
     let last = stages.last().expect("at least one network");
     let result = json!({

@@ -23,6 +23,18 @@ pub const MODEL_FORMAT: u32 = 1;
 /// Version of model files with a word-order network.
 pub const MODEL_FORMAT_CONV: u32 = 2;
 
+/// How an ensemble combines its networks' probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Combine {
+    /// Weighted arithmetic mean (what models written before `geometric` existed use).
+    #[default]
+    Mean,
+    /// Weighted geometric mean, renormalised per row: a weighted sum of log-probabilities,
+    /// so a network that rules a label out counts for more than in the mean.
+    Geometric,
+}
+
 /// `config.json` of a model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -51,6 +63,9 @@ pub struct ModelConfig {
     /// Weight of each network's probabilities in an ensemble (bag first); absent: equal.
     #[serde(default)]
     pub weights: Option<Vec<f32>>,
+    /// How an ensemble combines them (absent: the arithmetic mean).
+    #[serde(default)]
+    pub combine: Combine,
 }
 
 impl ModelConfig {
@@ -135,25 +150,41 @@ pub struct Predictor<B: Backend> {
     pub device: B::Device,
 }
 
-/// Element-wise weighted mean of probability matrices of one shape (`weights`: one per part, absent = equal).
-pub fn average(parts: &[Vec<f32>], weights: Option<&[f32]>) -> Vec<f32> {
+/// Weighted combination (`how`) of probability matrices of one shape, `labels` per row
+/// (`weights`: one per part, absent = equal). One part comes back as it is.
+pub fn average(parts: &[Vec<f32>], labels: usize, weights: Option<&[f32]>, how: Combine) -> Vec<f32> {
+    if let [one] = parts {
+        return one.clone();
+    }
     let equal = vec![1.0; parts.len()];
     let w = weights.filter(|w| w.len() == parts.len()).unwrap_or(&equal);
     let total: f32 = w.iter().sum::<f32>().max(f32::MIN_POSITIVE);
     let mut acc = vec![0.0f32; parts.first().map_or(0, Vec::len)];
     for (p, &wi) in parts.iter().zip(w) {
-        acc.iter_mut().zip(p).for_each(|(a, b)| *a += wi / total * b);
+        match how {
+            Combine::Mean => acc.iter_mut().zip(p).for_each(|(a, b)| *a += wi / total * b),
+            Combine::Geometric => acc.iter_mut().zip(p).for_each(|(a, b)| *a += wi / total * b.max(1e-30).ln()),
+        }
+    }
+    if how == Combine::Geometric {
+        for row in acc.chunks_mut(labels.max(1)) {
+            let top = row.iter().copied().fold(f32::MIN, f32::max);
+            row.iter_mut().for_each(|v| *v = (*v - top).exp());
+            let sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
     }
     acc
 }
 
 /// The ensemble weight of the first of two networks that maximises arg-max accuracy on `y`
-/// (0.2–0.8 in steps of 0.05; ties go to the weight nearest 0.5). Returns `[w, 1 - w]`.
-pub fn tune_weights(parts: &[Vec<f32>], labels: usize, y: &[usize]) -> Vec<f32> {
+/// when combined by `how` (0.2–0.8 in steps of 0.05; ties go to the weight nearest 0.5).
+/// Returns `[w, 1 - w]`.
+pub fn tune_weights(parts: &[Vec<f32>], labels: usize, y: &[usize], how: Combine) -> Vec<f32> {
     let mut best = (0.5f32, 0usize);
     for step in 0..=12 {
         let w = 0.2 + 0.05 * step as f32;
-        let p = average(parts, Some(&[w, 1.0 - w]));
+        let p = average(parts, labels, Some(&[w, 1.0 - w]), how);
         let right = decide(&p, labels, None, None).iter().zip(y).filter(|(a, b)| a == b).count();
         if right > best.1 || (right == best.1 && (w - 0.5).abs() < (best.0 - 0.5).abs()) {
             best = (w, right);
@@ -169,7 +200,7 @@ impl<B: Backend> Predictor<B> {
         self.config.labels.iter().position(|l| l == o)
     }
 
-    /// Probabilities of each text over the labels (`texts × labels`): the mean over the networks.
+    /// Probabilities of each text over the labels (`texts × labels`): the networks' combined.
     pub fn probabilities(&self, texts: &[&str]) -> Vec<f32> {
         let mut parts = Vec::new();
         if let (Some(bag), Some(f)) = (&self.bag, &self.config.features) {
@@ -179,7 +210,7 @@ impl<B: Backend> Predictor<B> {
             let x: Padded = seq.transform(texts);
             parts.push(device_probabilities(conv, &x, &self.device));
         }
-        average(&parts, self.config.weights.as_deref())
+        average(&parts, self.config.labels.len(), self.config.weights.as_deref(), self.config.combine)
     }
 
     /// The predicted label of each text (OOS rule applied).
@@ -254,16 +285,42 @@ mod tests {
     fn ensemble_weights() {
         let a = vec![0.9, 0.1, 0.2, 0.8];
         let b = vec![0.3, 0.7, 0.6, 0.4];
-        assert_eq!(average(&[a.clone(), b.clone()], None), vec![0.6, 0.4, 0.4, 0.6]);
-        let w = average(&[a.clone(), b.clone()], Some(&[0.25, 0.75]));
+        let mean = Combine::Mean;
+        assert_eq!(average(&[a.clone(), b.clone()], 2, None, mean), vec![0.6, 0.4, 0.4, 0.6]);
+        let w = average(&[a.clone(), b.clone()], 2, Some(&[0.25, 0.75]), mean);
         assert!((w[0] - 0.45).abs() < 1e-6 && (w[1] - 0.55).abs() < 1e-6, "{w:?}");
         // `a` is right on both rows when the labels are [0, 1]: every weight above 1/3 for it gets
         // both right, and the one nearest 0.5 wins. With labels [1, 0] only `b` is right, and `a`'s weight
         // must stay at or below 1/4 (at 1/4 the second row ties, and a tie goes to the first label).
-        let tuned = tune_weights(&[a.clone(), b.clone()], 2, &[0, 1]);
+        let tuned = tune_weights(&[a.clone(), b.clone()], 2, &[0, 1], mean);
         assert!((tuned[0] - 0.5).abs() < 1e-6, "{tuned:?}");
-        let tuned = tune_weights(&[a, b], 2, &[1, 0]);
+        let tuned = tune_weights(&[a, b], 2, &[1, 0], mean);
         assert!((tuned[0] - 0.25).abs() < 1e-6, "{tuned:?}");
+    }
+
+    #[test]
+    fn geometric_combination_is_a_renormalised_weighted_product() {
+        let a = vec![0.5, 0.5, 0.0, 0.9, 0.05, 0.05];
+        let b = vec![0.8, 0.1, 0.1, 0.5, 0.4, 0.1];
+        let g = average(&[a.clone(), b.clone()], 3, Some(&[0.25, 0.75]), Combine::Geometric);
+        for r in 0..2 {
+            let raw: Vec<f32> = (0..3).map(|i| a[r * 3 + i].max(1e-30).powf(0.25) * b[r * 3 + i].powf(0.75)).collect();
+            let sum: f32 = raw.iter().sum();
+            for i in 0..3 {
+                assert!((g[r * 3 + i] - raw[i] / sum).abs() < 1e-5, "row {r}: {g:?}");
+            }
+        }
+        // A label one network rules out is out: the mean would give it 0.075.
+        assert!(g[2] < 1e-6, "{g:?}");
+        // Row 2, equal weights: both networks prefer label 0; the product is surer of it than the mean.
+        let m = average(&[a.clone(), b.clone()], 3, Some(&[0.5, 0.5]), Combine::Mean);
+        let p = average(&[a, b], 3, Some(&[0.5, 0.5]), Combine::Geometric);
+        assert!((m[3] - 0.7).abs() < 1e-6 && (p[3] - 0.7597).abs() < 1e-3, "{m:?} {p:?}");
+        assert!((p[3..].iter().sum::<f32>() - 1.0).abs() < 1e-5, "{p:?}");
+        assert_eq!(average(&[vec![0.2, 0.8]], 2, None, Combine::Geometric), vec![0.2, 0.8], "one part as it is");
+        // Models written before `combine` existed read as the mean.
+        let old = r#"{"format": 2, "model": "bag+conv", "labels": ["a"], "hidden": 4, "oos_label": null, "oos_threshold": null}"#;
+        assert_eq!(serde_json::from_str::<ModelConfig>(old).unwrap().combine, Combine::Mean);
     }
 
     #[test]

@@ -202,7 +202,8 @@ pub fn train<B: AutodiffBackend>(
         let train_secs = t0.elapsed().as_secs_f64();
         let val = val_accuracy(&emb, &head, data, device);
         let head_bytes = recorder.record(head.clone().into_record(), ()).map_err(rec_err)?;
-        if val > meta.best_val + 1e-9 {
+        // Without validation data every epoch is the best so far: the last one is kept.
+        if data.y_val.is_empty() || val > meta.best_val + 1e-9 {
             meta.best_val = val;
             meta.best_epoch = epoch;
             meta.stale = 0;

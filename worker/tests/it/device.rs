@@ -85,7 +85,7 @@ async fn a_checkpoint_resumes_only_on_the_path_that_wrote_it() {
     assert_eq!(res["resumed_from_epoch"], 3, "{res:#}");
 }
 
-fn conv_params(extra: Value) -> Value {
+pub(super) fn conv_params(extra: Value) -> Value {
     let mut p = params(json!({"model": "conv", "conv_dim": 32, "conv_filters": 32, "max_tokens": 8, "lr": 0.005}));
     p.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     p
@@ -133,6 +133,8 @@ async fn ensemble_passes_the_gate_and_intent_eval_reads_it() {
     for k in ["model/model.bin", "model/conv.bin", "checkpoints/latest.ckpt", "checkpoints/conv.ckpt"] {
         assert!(f.store.exists(&format!("jobs/ens/{k}")).await.unwrap(), "{k} missing");
     }
+    let config: Value = f.store.get_json("jobs/ens/model/config.json").await.unwrap().unwrap();
+    assert_eq!(config["combine"], "geometric", "an ensemble combines by the weighted geometric mean");
     let (c, _rx) = ctx(&f, spec("eval-ens", "intent-eval", "bank", json!({"dataset": "bank.csv"})), 0);
     let ev = IntentEval.run(c).await.unwrap();
     assert_eq!(ev["model_job_id"], "ens");
