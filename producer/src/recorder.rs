@@ -10,7 +10,9 @@
 //! order does not matter (the projection is order-free), so several replicas may read the
 //! stream at once; the stored offset only moves forward. An entry that cannot be recorded
 //! (undecodable, a major version this build does not read, ids that are not ids) is parked
-//! in the store with the reason, in the batch's transaction, and counted
+//! in the store with the reason, in the batch's transaction, and counted; so is one the
+//! store itself refuses for what it holds (a batch refused that way is recorded again entry
+//! by entry, to find it), and counted
 //! (`trainyard_events_parked_total`); `trainyard events reprocess` records it later.
 //!
 //! Releases before this one fed the recorder through a quorum queue `<prefix>.recorder`
@@ -200,13 +202,39 @@ impl Recorder {
             }
         }
         if !fresh.is_empty() {
-            let batch = stream::sort(fresh);
+            let batch = stream::sort(fresh.iter().copied());
             tracing::debug!(entries = batch.entries, last_offset = batch.last_offset, "recording a batch");
-            let recorded = self.store.record_stream_batch(Some(&stream), &batch).await?;
-            self.count(&batch.events, batch.parked.len(), &recorded);
+            match self.store.record_stream_batch(Some(&stream), &batch).await {
+                Ok(recorded) => self.count(&batch.events, batch.parked.len(), &recorded),
+                Err(e) if !e.retryable() => {
+                    tracing::error!(error = %e, entries = batch.entries, "the store refuses a batch of stream entries; recording them one by one");
+                    self.record_one_by_one(&stream, &fresh).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
             *after = Some(batch.last_offset);
         }
         last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack stream entries"))?;
+        Ok(())
+    }
+
+    /// Records `entries` one at a time, each with its offset. An entry the store refuses for
+    /// what it holds (a retry cannot change that) is parked with the store's reason instead,
+    /// where `trainyard events parked` shows it: read again and again, it would stop the
+    /// recorder for good.
+    async fn record_one_by_one(&self, stream: &str, entries: &[&Delivery]) -> Result<(), RecorderError> {
+        for d in entries {
+            let one = stream::sort([*d]);
+            match self.store.record_stream_batch(Some(stream), &one).await {
+                Ok(recorded) => self.count(&one.events, one.parked.len(), &recorded),
+                Err(e) if !e.retryable() => {
+                    tracing::error!(error = %e, routing_key = %d.routing_key, offset = one.last_offset, "the store refuses a stream entry; parking it");
+                    self.store.record_stream_batch(Some(stream), &stream::parked(d, &format!("the job store refused it: {e}"))).await?;
+                    self.count(&[], 1, &[]);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 

@@ -77,8 +77,18 @@ pub fn sort<'a>(deliveries: impl IntoIterator<Item = &'a Delivery>) -> StreamBat
         };
         if let Err(reason) = read {
             tracing::warn!(reason = %reason, routing_key = %d.routing_key, "parking an event that cannot be recorded");
-            batch.parked.push(ParkedEvent::new(d.routing_key.as_str(), ct, &d.data, &reason));
+            batch.parked.push(park(d, &reason));
         }
     }
     batch
+}
+
+/// A stream entry parked for `reason`, with its offset as the batch's: what is stored
+/// instead of an entry the store refuses.
+pub fn parked(d: &Delivery, reason: &str) -> StreamBatch {
+    StreamBatch { parked: vec![park(d, reason)], last_offset: offset(d).unwrap_or(-1), entries: 1, ..Default::default() }
+}
+
+fn park(d: &Delivery, reason: &str) -> ParkedEvent {
+    ParkedEvent::new(d.routing_key.as_str(), d.properties.content_type().as_ref().map(|s| s.as_str()), &d.data, reason)
 }

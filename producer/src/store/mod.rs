@@ -87,13 +87,15 @@ impl StoreError {
         match source {
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
-                // SQLite: extended result codes; the primary code is the low byte.
-                if let Ok(n) = code.parse::<i64>() {
-                    // TOOBIG (18), CONSTRAINT (19), MISMATCH (20), RANGE (25)
-                    return !matches!(n & 0xff, 18 | 19 | 20 | 25);
+                // PostgreSQL SQLSTATE classes: 22 data exception, 23 integrity, 54 program limit
+                // (index row size). Told apart by the error's type, not the code's form: most
+                // SQLSTATEs are digits too ("23505"), which read as a SQLite code would be retried.
+                if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+                    return !(code.starts_with("22") || code.starts_with("23") || code.starts_with("54"));
                 }
-                // PostgreSQL SQLSTATE classes: 22 data exception, 23 integrity, 54 program limit (index row size).
-                !(code.starts_with("22") || code.starts_with("23") || code.starts_with("54"))
+                // SQLite: extended result codes; the primary code is the low byte:
+                // TOOBIG (18), CONSTRAINT (19), MISMATCH (20), RANGE (25).
+                code.parse::<i64>().map_or(true, |n| !matches!(n & 0xff, 18 | 19 | 20 | 25))
             }
             sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::TypeNotFound { .. } => false,
             _ => true,

@@ -151,3 +151,64 @@ async fn a_failure_between_the_events_and_their_offset_records_them_once_on_post
     schema.drop().await;
     cleanup(&topo, &[]).await;
 }
+
+/// An entry the store refuses for what it holds (here a trigger refuses one job's events with
+/// a data error, which no retry changes) is parked with the store's reason, and the entries
+/// around it, in its batch and after it, are recorded: read again and again, it would stop
+/// the recorder for good (without the entry-by-entry fallback this test times out at the
+/// first `eventually`).
+async fn an_entry_the_store_refuses_is_parked(store: Store, refuse: impl FnOnce(&str) -> Vec<String>) {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let refused = spec("noop", "refused-bot");
+    for sql in refuse(&refused.job_id) {
+        store.execute_raw(&sql).await.unwrap();
+    }
+    let before = publish_jobs(&ch, &topo, 3).await;
+    publish_event(&ch, &topo, &JobEvent::queued(&refused)).await;
+    let after = publish_jobs(&ch, &topo, 3).await;
+    // Published before the recorder starts, so the refused entry most likely shares a batch.
+    let recorder = spawn_recorder(&store, &topo);
+    let want = StreamPosition { last_offset: 12, entries: 13 };
+    eventually(20, "13 entries past", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    recorder.stop().await;
+    for id in before.iter().chain(&after) {
+        assert_eq!(store.job(id).await.unwrap().map(|j| j.status), Some(JobStatus::Started), "job {id}");
+    }
+    assert_eq!(store.job(&refused.job_id).await.unwrap().map(|j| j.status), None, "the refused job is not recorded");
+    let parked = store.parked_events().await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].reason.starts_with("the job store refused it") && parked[0].reason.contains("injected"), "{}", parked[0].reason);
+    assert_eq!(parked[0].routing_key, "noop.queued");
+    cleanup(&topo, &[]).await;
+}
+
+#[tokio::test]
+async fn an_entry_the_store_refuses_is_parked_and_the_rest_recorded_on_sqlite() {
+    let (store, _dir, _) = sqlite_store().await;
+    an_entry_the_store_refuses_is_parked(store, |id| {
+        vec![format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON job_events WHEN NEW.job_id = '{id}' BEGIN SELECT RAISE(ABORT, 'injected: refused'); END"
+        )]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_entry_the_store_refuses_is_parked_and_the_rest_recorded_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    an_entry_the_store_refuses_is_parked(store.clone(), |id| {
+        vec![
+            format!(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.job_id = '{id}' THEN \
+                 RAISE EXCEPTION 'injected: refused' USING ERRCODE = '22023'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+            ),
+            "CREATE TRIGGER refuse BEFORE INSERT ON job_events FOR EACH ROW EXECUTE FUNCTION refuse()".into(),
+        ]
+    })
+    .await;
+    store.close().await;
+    schema.drop().await;
+}
