@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -16,8 +15,8 @@ use trainyard::{admission::Admitter, config::JobTypePolicy, store::Store, worker
 use trainyard_common::{amqp, JobEvent, JobSpec, JobStatus, Trigger};
 
 use crate::{
-    series::{free_port, http, until, Killed, TOKEN},
-    support::{bin, Env, NoopEvents, URL},
+    series::{free_port, http, spawn_serve, until, Killed},
+    support::{Env, NoopEvents, URL},
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -166,20 +165,8 @@ async fn max_running_per_bot_holds_under_redelivery() {
 }
 
 fn start_serve(env: &Env, db: &str, config: &std::path::Path, port: u16) -> Killed {
-    let child = Command::new(bin("trainyard"))
-        .args(["serve", "--demand-interval", "1", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(config)
-        .env("TRAINYARD_PREFIX", env.topo.prefix())
-        .env("TRAINYARD_AMQP_URL", URL)
-        .env("TRAINYARD_DATABASE_URL", db)
-        .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
-        .env("TRAINYARD_API_TOKENS", format!("tests:admin:{TOKEN}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start trainyard serve");
-    Killed(child)
+    let data = config.parent().expect("the config's folder");
+    spawn_serve(env, db, data, port, &["--demand-interval".as_ref(), "1".as_ref(), "--config".as_ref(), config.as_os_str()])
 }
 
 /// A control plane SIGKILLed while it holds waiting jobs loses none: its unacknowledged

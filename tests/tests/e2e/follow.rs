@@ -115,12 +115,14 @@ async fn follow_prints_the_running_attempts_lines_before_the_job_ends(through_ap
     env.cleanup().await;
 }
 
-#[tokio::test]
+// Several threads: the test waits for the follow's lines by blocking, and the control plane
+// it follows runs in this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_logs_follow_through_the_api_prints_live_lines_before_the_job_ends() {
     follow_prints_the_running_attempts_lines_before_the_job_ends(true).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_logs_follow_on_the_store_prints_live_lines_before_the_job_ends() {
     follow_prints_the_running_attempts_lines_before_the_job_ends(false).await;
 }

@@ -11,18 +11,15 @@
 //! between the two commits (rare); producer `stream_position::a_failure_between_…` makes
 //! that failure certain.
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use trainyard::store::{Store, StreamPosition};
 use trainyard_common::{amqp, event::event_seq, JobEvent, JobStatus};
 
 use crate::{
-    series::{free_port, Killed},
-    support::{bin, Env, PgSchema, URL},
+    series::{free_port, spawn_serve, Killed},
+    support::{Env, PgSchema},
 };
 
 const JOBS: usize = 4_000;
@@ -30,11 +27,7 @@ const EVENTS_PER_JOB: usize = 3;
 const KILLS: usize = 3;
 
 fn start_serve(env: &Env, db_url: &str, data: &std::path::Path) -> Killed {
-    let mut c = Command::new(bin("trainyard"));
-    c.args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--types", "noop"]);
-    env.quiet_process(&mut c, data);
-    c.env("TRAINYARD_AMQP_URL", URL).env("TRAINYARD_DATABASE_URL", db_url).stdout(Stdio::null()).stderr(Stdio::null());
-    Killed(c.spawn().expect("start trainyard serve"))
+    spawn_serve(env, db_url, data, free_port(), &["--types".as_ref(), "noop".as_ref()])
 }
 
 /// Publishes `JOBS` jobs' queued, started and succeeded events (confirmed) before any recorder runs.

@@ -4,37 +4,22 @@
 //! API, both run the same one-second cron schedule (a fire is claimed once in the store),
 //! and SIGKILLing one mid-run loses nothing: the other reads every entry itself.
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::path::Path;
 
 use serde_json::{json, Value};
 use trainyard::store::Store;
 
 use crate::{
-    series::{free_port, http, until, Killed, TOKEN},
-    support::{bin, Env, PgSchema, URL},
+    series::{free_port, http, spawn_serve, until, Killed},
+    support::{Env, PgSchema},
 };
 
 const JOBS: usize = 30;
 const SCHEDULE: &str = "every-second";
 
 fn start_serve(env: &Env, pg: &PgSchema, config: &Path, port: u16) -> Killed {
-    let child = Command::new(bin("trainyard"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(config)
-        .env("TRAINYARD_PREFIX", env.topo.prefix())
-        .env("TRAINYARD_AMQP_URL", URL)
-        .env("TRAINYARD_DATABASE_URL", &pg.url)
-        .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
-        .env("TRAINYARD_API_TOKENS", format!("tests:admin:{TOKEN}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start trainyard serve");
-    Killed(child)
+    let data = config.parent().expect("the config's folder");
+    spawn_serve(env, &pg.url, data, port, &["--config".as_ref(), config.as_os_str()])
 }
 
 async fn status(port: u16, id: &str) -> Option<String> {

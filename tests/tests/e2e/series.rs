@@ -10,6 +10,7 @@
 
 use std::{
     collections::BTreeSet,
+    ffi::OsStr,
     path::{Path, PathBuf},
     process::{Child, Command},
     time::{Duration, Instant},
@@ -99,6 +100,16 @@ fn series(component: &str, text: &str) -> BTreeSet<String> {
 }
 
 pub(crate) struct Killed(pub(crate) Child);
+
+/// A quiet `trainyard serve` of `env` (see [`Env::quiet_process`]) listening on `port`, on the
+/// store `db`, with the admin token [`TOKEN`] and `args` after `serve --listen …`.
+pub(crate) fn spawn_serve(env: &Env, db: &str, data: &Path, port: u16, args: &[&OsStr]) -> Killed {
+    let mut c = Command::new(bin("trainyard"));
+    c.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(args);
+    env.quiet_process(&mut c, data);
+    c.env("TRAINYARD_DATABASE_URL", db).env("TRAINYARD_API_TOKENS", format!("tests:admin:{TOKEN}"));
+    Killed(c.spawn().expect("start trainyard serve"))
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
