@@ -114,7 +114,7 @@ pub async fn cleanup(url: &str, prefix: &str) -> anyhow::Result<()> {
     for q in &queues {
         ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.with_context(|| format!("delete queue {q}"))?;
     }
-    for x in [t.jobs_exchange(), t.retry_exchange(), t.dead_exchange(), t.events_exchange(), t.control_exchange(), t.triggers_exchange()] {
+    for x in trainyard::serve::exchanges(&t) {
         ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await.with_context(|| format!("delete exchange {x}"))?;
     }
     let _ = conn.close(200, "bench cleanup".into()).await;

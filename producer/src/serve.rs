@@ -237,3 +237,21 @@ pub async fn update_demand(
     }
     Ok(())
 }
+
+/// Every exchange that submitters, control planes and workers of `t` declare, the fleeting
+/// fanouts (heartbeats, live logs, admission snapshots) included: what tearing down a prefix
+/// deletes (the tests, `scripts/chaos.sh`, the bench).
+pub fn exchanges(t: &Topology) -> [String; 10] {
+    [
+        t.submit_exchange(),
+        t.jobs_exchange(),
+        t.retry_exchange(),
+        t.dead_exchange(),
+        t.events_exchange(),
+        t.control_exchange(),
+        t.triggers_exchange(),
+        t.heartbeats_exchange(),
+        trainyard_common::livelog::exchange(t),
+        crate::admission::board::exchange(t),
+    ]
+}

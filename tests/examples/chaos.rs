@@ -170,16 +170,7 @@ async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> 
     for q in &queues {
         let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
     }
-    for x in [
-        t.submit_exchange(),
-        t.jobs_exchange(),
-        t.retry_exchange(),
-        t.dead_exchange(),
-        t.events_exchange(),
-        t.control_exchange(),
-        t.triggers_exchange(),
-        trainyard::admission::board::exchange(&t),
-    ] {
+    for x in trainyard::serve::exchanges(&t) {
         let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
     let _ = conn.close(200, "chaos cleanup".into()).await;

@@ -195,18 +195,7 @@ impl Env {
         for q in queues {
             let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        for x in [
-            t.submit_exchange(),
-            t.jobs_exchange(),
-            t.retry_exchange(),
-            t.dead_exchange(),
-            t.events_exchange(),
-            t.control_exchange(),
-            t.triggers_exchange(),
-            t.heartbeats_exchange(),
-            trainyard_common::livelog::exchange(t),
-            trainyard::admission::board::exchange(t),
-        ] {
+        for x in trainyard::serve::exchanges(t) {
             let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
         let _ = conn.close(200, "done".into()).await;
