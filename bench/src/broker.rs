@@ -106,12 +106,7 @@ pub async fn cleanup(url: &str, prefix: &str) -> anyhow::Result<()> {
     let t = Topology::new(prefix);
     let conn = amqp::connect(url, "trainyard-bench cleanup").await?;
     let ch = conn.create_channel().await?;
-    let mut queues = vec![t.legacy_recorder_queue(), t.dead_recorder_queue(), t.events_log()];
-    for jt in JOB_TYPES {
-        queues.extend(t.tier_queues(jt));
-        queues.push(t.dead_queue(jt));
-    }
-    for q in &queues {
+    for q in &trainyard::serve::queues(&t, &JOB_TYPES) {
         ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.with_context(|| format!("delete queue {q}"))?;
     }
     for x in trainyard::serve::exchanges(&t) {

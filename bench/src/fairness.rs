@@ -110,7 +110,7 @@ impl Pipeline {
 
     async fn stop(mut self, env: &Env) -> anyhow::Result<()> {
         procs::stop(&mut self.procs).await;
-        cleanup(env, &self.prefix).await
+        broker::cleanup(&env.amqp_url, &self.prefix).await
     }
 
     /// Submits `specs` over 8 concurrent submitters.
@@ -149,21 +149,6 @@ impl Pipeline {
     }
 }
 
-/// Deletes a prefix's queues and exchanges, this scenario's included.
-async fn cleanup(env: &Env, prefix: &str) -> anyhow::Result<()> {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let t = Topology::new(prefix);
-    let conn = trainyard_common::amqp::connect(&env.amqp_url, "trainyard-bench cleanup").await?;
-    let ch = conn.create_channel().await?;
-    for q in [t.admission_queue("noop"), format!("{prefix}.coalesce.control-plane")] {
-        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
-    }
-    for x in [t.submit_exchange(), format!("{prefix}.admission"), t.heartbeats_exchange()] {
-        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await?;
-    }
-    let _ = conn.close(200, "bench cleanup".into()).await;
-    broker::cleanup(&env.amqp_url, prefix).await
-}
 
 fn started(seen: &HashMap<(String, String), Instant>, id: &str) -> Option<Instant> {
     seen.get(&(id.to_string(), "started".to_string())).copied()

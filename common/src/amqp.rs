@@ -4,12 +4,18 @@ use std::time::Duration;
 
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use url::Url;
 
-use crate::{codec, error::CommonError, event::JobEvent, topology::Topology};
+use crate::{
+    codec,
+    error::CommonError,
+    event::JobEvent,
+    topology::{Topology, COALESCE_ROUTING_KEY},
+    JobStatus,
+};
 
 /// Replaces the password of a URL (of each, for several separated by whitespace) with `***`, for logs and errors.
 pub fn redact_url(raw: &str) -> String {
@@ -119,13 +125,21 @@ pub async fn publish_confirmed(
 }
 
 /// Publishes an event (JSON, persistent) to `<prefix>.events` with routing key
-/// `<job_type>.<status>`, and waits for the broker's confirm.
+/// `<job_type>.<status>`, and waits for the broker's confirm. The `queued` event of a
+/// job with a coalescing key is also routed with [`COALESCE_ROUTING_KEY`] (a `BCC` header,
+/// which the broker removes before delivery), so only those reach the coalescing queue.
 pub async fn publish_event(ch: &Channel, topology: &Topology, event: &JobEvent) -> Result<(), CommonError> {
     let body = codec::to_json(event)?;
-    let props = BasicProperties::default()
+    let mut props = BasicProperties::default()
         .with_content_type(codec::JSON.into())
         .with_delivery_mode(2)
         .with_message_id(format!("{}/{}", event.job_id, event.seq).into());
+    if event.status == JobStatus::Queued && event.spec.as_ref().is_some_and(|s| s.coalesce_key.is_some()) {
+        let mut headers = FieldTable::default();
+        let keys = vec![AMQPValue::LongString(COALESCE_ROUTING_KEY.into())];
+        headers.insert("BCC".into(), AMQPValue::FieldArray(keys.into()));
+        props = props.with_headers(headers);
+    }
     publish_confirmed(ch, &topology.events_exchange(), &event.routing_key(), &body, props, false).await
 }
 
@@ -158,6 +172,55 @@ mod tests {
         assert!(matches!(err, CommonError::Connect { .. }) && !err.to_string().contains("s3cret"), "{err}");
         let err = connect(" ", "t").await.unwrap_err();
         assert!(err.to_string().contains("no broker URL"), "{err}");
+    }
+
+    /// Only the `queued` event of a job with a coalescing key reaches a queue bound with
+    /// [`COALESCE_ROUTING_KEY`]; every event still reaches a `#` queue (the stream's
+    /// binding) and a `*.queued` one exactly once, without the `BCC` header.
+    #[tokio::test]
+    async fn only_keyed_queued_events_reach_the_coalescing_key() {
+        use futures::StreamExt as _;
+        use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+        let url = std::env::var("TRAINYARD_AMQP_URL").unwrap_or_else(|_| crate::config::DEFAULT_AMQP_URL.to_string());
+        let topo = Topology::new(format!("bcc-{}", uuid::Uuid::new_v4().simple()));
+        let conn = connect(&url, "trainyard-bcc-test").await.unwrap();
+        let ch = confirm_channel(&conn).await.unwrap();
+        let exchange = topo.events_exchange();
+        ch.exchange_declare(exchange.as_str().into(), ExchangeKind::Topic, ExchangeDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        let mut consumers = Vec::new();
+        for key in [COALESCE_ROUTING_KEY, "#", "*.queued"] {
+            let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+            let q = ch.queue_declare("".into(), opts, FieldTable::default()).await.unwrap();
+            ch.queue_bind(q.name().clone(), exchange.as_str().into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+                .await
+                .unwrap();
+            let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+            consumers.push(ch.basic_consume(q.name().clone(), "".into(), no_ack, FieldTable::default()).await.unwrap());
+        }
+        let plain = crate::JobSpec::new("noop", "b", serde_json::json!({}), crate::Trigger::manual("t"));
+        let mut keyed = crate::JobSpec::new("noop", "b", serde_json::json!({}), crate::Trigger::manual("t"));
+        keyed.coalesce_key = Some(keyed.bot_coalesce_key());
+        let mut started = JobEvent::queued(&keyed);
+        started.status = JobStatus::Started;
+        for ev in [JobEvent::queued(&plain), JobEvent::queued(&keyed), started] {
+            publish_event(&ch, &topo, &ev).await.unwrap();
+        }
+        let mut got = Vec::new();
+        for (consumer, expected) in consumers.iter_mut().zip([1, 3, 2]) {
+            let mut ids = Vec::new();
+            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+                assert!(d.properties.headers().as_ref().is_none_or(|h| !h.inner().contains_key("BCC")), "BCC is removed");
+                let ev: JobEvent = serde_json::from_slice(&d.data).unwrap();
+                ids.push((ev.job_id, ev.status));
+            }
+            assert_eq!(ids.len(), expected, "{ids:?}");
+            got.push(ids);
+        }
+        assert_eq!(got[0], [(keyed.job_id.clone(), JobStatus::Queued)]);
+        let _ = ch.exchange_delete(exchange.as_str().into(), Default::default()).await;
+        let _ = conn.close(200, "test over".into()).await;
     }
 
     #[test]

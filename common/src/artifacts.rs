@@ -74,6 +74,9 @@ pub mod keys {
 pub struct ArtifactStore {
     inner: Arc<dyn ObjectStore>,
     local_root: Option<PathBuf>,
+    /// Creates the local store's records in batches (Linux; started on the first record).
+    #[cfg(target_os = "linux")]
+    committer: Arc<std::sync::OnceLock<commit::Committer>>,
 }
 
 impl ArtifactStore {
@@ -87,7 +90,7 @@ impl ArtifactStore {
     /// (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_ALLOW_HTTP`, …; empty ones are ignored).
     pub fn open_with(location: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, CommonError> {
         if location == "memory://" {
-            return Ok(Self { inner: Arc::new(InMemory::new()), local_root: None });
+            return Ok(Self::new(Arc::new(InMemory::new()), None));
         }
         if location.starts_with("s3://") {
             return Self::open_s3(location, vars);
@@ -110,7 +113,7 @@ impl ArtifactStore {
             path: root.display().to_string(),
             source,
         })?;
-        Ok(Self { inner: Arc::new(fs), local_root: Some(root) })
+        Ok(Self::new(Arc::new(fs), Some(root)))
     }
 
     fn open_s3(location: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, CommonError> {
@@ -130,13 +133,22 @@ impl ArtifactStore {
         let s3 = builder.build().map_err(|source| CommonError::Artifacts { what: "open", path: location.into(), source })?;
         let prefix = url.path().trim_matches('/');
         let inner: Arc<dyn ObjectStore> = if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
-        Ok(Self { inner, local_root: None })
+        Ok(Self::new(inner, None))
     }
 
     /// A store over any `object_store` implementation (no local fast paths): for
     /// backends `open` does not name, and for tests that wrap one (to inject faults).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>) -> Self {
-        Self { inner, local_root: None }
+        Self::new(inner, None)
+    }
+
+    fn new(inner: Arc<dyn ObjectStore>, local_root: Option<PathBuf>) -> Self {
+        Self {
+            inner,
+            local_root,
+            #[cfg(target_os = "linux")]
+            committer: Arc::default(),
+        }
     }
 
     /// Opens the store named by `TRAINYARD_ARTIFACTS`.
@@ -165,9 +177,7 @@ impl ArtifactStore {
     pub async fn put_if_absent(&self, key: &str, bytes: impl Into<Bytes>) -> Result<bool, CommonError> {
         let bytes = bytes.into();
         if let Some(path) = self.local_path(key).filter(|_| bytes.len() <= local::SMALL) {
-            // Its fsyncs wait for the disk (milliseconds): on the blocking pool, not on a runtime thread.
-            let created = tokio::task::spawn_blocking(move || local::create(&path, &bytes)).await;
-            return created.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(|e| local::error("create", key, e));
+            return self.create_local(path, bytes).await.map_err(|e| local::error("create", key, e));
         }
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.inner.put_opts(&Path::from(key), PutPayload::from(bytes), opts).await {
@@ -175,6 +185,28 @@ impl ArtifactStore {
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(source) => Err(CommonError::Artifacts { what: "create", path: key.into(), source }),
         }
+    }
+
+    /// A small create-once record on the local directory, in the committer's next batch.
+    #[cfg(target_os = "linux")]
+    async fn create_local(&self, path: PathBuf, bytes: Bytes) -> std::io::Result<bool> {
+        let committer = match self.committer.get() {
+            Some(c) => c,
+            // Two racing first records may start two threads: the one not kept ends at once.
+            None => {
+                let started = commit::Committer::start()?;
+                self.committer.get_or_init(|| started)
+            }
+        };
+        committer.create(path, bytes).await
+    }
+
+    /// A small create-once record on the local directory, synced on its own (two flushes;
+    /// on the blocking pool, not on a runtime thread).
+    #[cfg(not(target_os = "linux"))]
+    async fn create_local(&self, path: PathBuf, bytes: Bytes) -> std::io::Result<bool> {
+        let created = tokio::task::spawn_blocking(move || local::create(&path, &bytes)).await;
+        created.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
     /// The key of a job's recorded outcome, if it has one (also where older stores kept it).
@@ -275,94 +307,9 @@ impl ArtifactStore {
     }
 }
 
-/// Local-directory fast paths. A `stat` on a local disk costs microseconds: it runs on
-/// the calling thread instead of a hop to tokio's blocking pool and back, which costs more
-/// than the call itself. A create-once record waits for the disk (two fsyncs) and runs on
-/// the blocking pool, but still without `object_store`'s extra calls.
-mod local {
-    use std::{
-        fs::OpenOptions,
-        io::{ErrorKind, Write},
-        path::{Path, PathBuf},
-    };
-
-    use crate::error::CommonError;
-
-    /// Largest payload the fast path writes; bigger ones go through `object_store`.
-    pub(super) const SMALL: usize = 64 * 1024;
-
-    /// Creates `path` with `bytes` unless it exists (`false` then). Atomic as
-    /// `object_store`'s own create: a staged file (`<name>#<n>`, which its
-    /// listings skip) is hard-linked into place, so a reader never sees half a file.
-    /// Durable before it returns `true`: the staged file's data is synced before the
-    /// link, the directory after it (the new name), and a directory it created in its
-    /// parent, so a machine crash cannot take back an outcome the broker was told of.
-    pub(super) fn create(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
-        let (mut file, staged) = staged_file(path)?;
-        let linked = file.write_all(bytes).and_then(|()| file.sync_data()).and_then(|()| std::fs::hard_link(&staged, path));
-        let _ = std::fs::remove_file(&staged);
-        match linked {
-            Ok(()) => sync_dir(parent(path)).map(|()| true),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn staged_file(path: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
-        let (mut n, mut made_dirs) = (1u32, false);
-        loop {
-            let mut staged = path.as_os_str().to_owned();
-            staged.push(format!("#{n}"));
-            let staged = PathBuf::from(staged);
-            match OpenOptions::new().write(true).create_new(true).open(&staged) {
-                Ok(f) => return Ok((f, staged)),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists && n < 1000 => n += 1,
-                Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
-                    create_dirs(parent(path))?;
-                    made_dirs = true;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn parent(path: &Path) -> &Path {
-        path.parent().unwrap_or(Path::new("."))
-    }
-
-    /// Creates `dir` and the ancestors it lacks, syncing the parent of each one it
-    /// created (a new directory is durable only once its parent is).
-    fn create_dirs(dir: &Path) -> std::io::Result<()> {
-        match std::fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                create_dirs(parent(dir))?;
-                match std::fs::create_dir(dir) {
-                    Ok(()) => {}
-                    // Created meanwhile by another writer, which syncs it too.
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        sync_dir(parent(dir))
-    }
-
-    /// `fsync` of a directory: makes the names created or removed in it durable.
-    fn sync_dir(dir: &Path) -> std::io::Result<()> {
-        std::fs::File::open(dir)?.sync_all()
-    }
-
-    pub(super) fn error(what: &'static str, key: &str, e: std::io::Error) -> CommonError {
-        CommonError::Artifacts {
-            what,
-            path: key.into(),
-            source: object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) },
-        }
-    }
-}
+#[cfg(target_os = "linux")]
+mod commit;
+mod local;
 
 #[cfg(test)]
 mod tests {

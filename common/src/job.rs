@@ -18,8 +18,11 @@ pub use crate::version::SchemaVersion;
 pub const SCHEMA_VERSION: SchemaVersion = SchemaVersion::CURRENT;
 /// Default number of attempts (first run plus retries).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// Default job timeout. Stays below the broker's `consumer_timeout`.
-pub const DEFAULT_TIMEOUT_S: u64 = 3600;
+/// Default job timeout: 25 minutes, below RabbitMQ's default `consumer_timeout` (30 minutes),
+/// so that a job submitted with defaults runs on a worker started with defaults
+/// (`--consumer-timeout-s` 1800). Longer jobs say so (`--timeout`, up to [`MAX_TIMEOUT_S`])
+/// and need a broker that allows it (docs/operations.md).
+pub const DEFAULT_TIMEOUT_S: u64 = 1500;
 /// Longest allowed job timeout: the broker's `consumer_timeout` must be above it.
 pub const MAX_TIMEOUT_S: u64 = 6 * 3600;
 /// Upper bound on `max_attempts`, below the quorum queue's delivery limit.

@@ -9,7 +9,7 @@
 //! | `P.jobs.<type>.high`, `P.jobs.<type>.low` | quorum queues | the same for the high and low tiers (keys `<type>.high`, `<type>.low`) |
 //! | `P.retry` + `P.retry.<type>[.<tier>].<ms>` | direct exchange + TTL queues | delayed retries back to `P.jobs`, to the job's tier |
 //! | `P.dead` + `P.dead.<type>` + `P.dead.recorder` | topic exchange + quorum queues | dead letters per type, and a copy for the recorder |
-//! | `P.events` | topic exchange | routing key `<type>.<status>` |
+//! | `P.events` | topic exchange | routing key `<type>.<status>`; a `queued` event of a job with a coalescing key also goes to key [`COALESCE_ROUTING_KEY`] (a `BCC` header) |
 //! | `P.events.log` | stream | durable audit log; the recorder reads it into the job store from its stored offset |
 //! | `P.control` | fanout exchange | cancel requests to workers |
 //! | `P.triggers` | topic exchange | events from other systems that trigger jobs |
@@ -29,6 +29,12 @@ use crate::{error::CommonError, job::Priority};
 /// delivery (crash, SIGTERM requeue, lost connection, broker restart) counts,
 /// so it is far above `max_attempts`; real attempts are counted in a header.
 pub const DELIVERY_LIMIT: i64 = 20;
+/// The extra routing key on the events exchange of a `queued` event whose job has a
+/// coalescing key (sent as a `BCC` header, so the event is published once): the control
+/// plane's coalescing queue binds to it and so gets only these events. It has no dot, so no
+/// `<type>.<status>` pattern (`*.queued`, `<type>.*`) matches it; `#` does, and a queue
+/// bound both ways still gets the event once.
+pub const COALESCE_ROUTING_KEY: &str = "coalesce";
 /// How long the audit stream keeps events.
 pub const EVENTS_LOG_MAX_AGE: &str = "90D";
 

@@ -255,3 +255,23 @@ pub fn exchanges(t: &Topology) -> [String; 10] {
         crate::admission::board::exchange(t),
     ]
 }
+
+/// Every queue that submitters, control planes and workers of `t` declare for the job types
+/// `job_types` (work tiers, dead letters, admission), and the shared ones (the audit stream,
+/// the dead-letter recorder queue, the coalescing and trigger queues, the recorder queue of
+/// releases before): what tearing down a prefix deletes, besides retry queues (named by delay).
+pub fn queues(t: &Topology, job_types: &[&str]) -> Vec<String> {
+    let mut queues = vec![
+        t.events_log(),
+        t.dead_recorder_queue(),
+        t.legacy_recorder_queue(),
+        crate::coalesce::Coalescer::queue_name(t),
+        crate::triggers::queue_name(t),
+    ];
+    for ty in job_types {
+        queues.extend(t.tier_queues(ty));
+        queues.push(t.dead_queue(ty));
+        queues.push(t.admission_queue(ty));
+    }
+    queues
+}

@@ -21,7 +21,7 @@ use lapin::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use trainyard_common::{amqp::connect, metrics::ControlMetrics, CommonError, JobSpec, Trigger, TriggerKind};
+use trainyard_common::{amqp::connect, metrics::ControlMetrics, topology::Topology, CommonError, JobSpec, Trigger, TriggerKind};
 
 use crate::{config::TriggerRule, submit::Submitter};
 
@@ -138,6 +138,11 @@ pub struct Triggers {
     metrics: Option<ControlMetrics>,
 }
 
+/// The queue the control plane of `t` consumes trigger events from.
+pub fn queue_name(t: &Topology) -> String {
+    format!("{}.triggers.control-plane", t.prefix())
+}
+
 impl Triggers {
     /// Trigger handling for `rules`.
     pub fn new(rules: Vec<TriggerRule>, submitter: Submitter, url: &str, metrics: Option<ControlMetrics>) -> Self {
@@ -146,7 +151,7 @@ impl Triggers {
 
     /// The queue the control plane consumes.
     pub fn queue_name(&self) -> String {
-        format!("{}.triggers.control-plane", self.submitter.topology().prefix())
+        queue_name(self.submitter.topology())
     }
 
     /// Runs until `shutdown`, reconnecting with backoff on broker trouble (the recorder's policy).

@@ -156,11 +156,8 @@ fn mark_newest_per_key(jobs: &mut [(JobSpec, &str)]) {
 async fn cleanup(url: &str, t: Topology, args: &[String]) -> anyhow::Result<()> {
     let types: Vec<&str> = arg(args, "--types").unwrap_or("noop,intent-train").split(',').collect();
     let delays: Vec<u64> = arg(args, "--retry-delays").unwrap_or("").split(',').filter_map(|d| d.parse().ok()).collect();
-    let mut queues = vec![t.events_log(), t.legacy_recorder_queue(), t.dead_recorder_queue()];
+    let mut queues = trainyard::serve::queues(&t, &types);
     for ty in &types {
-        queues.extend(t.tier_queues(ty));
-        queues.push(t.dead_queue(ty));
-        queues.push(t.admission_queue(ty));
         for d in &delays {
             queues.push(t.retry_queue(ty, *d));
         }

@@ -31,7 +31,7 @@ use trainyard_common::{
     codec,
     job::Priority,
     topology::{jobs_routing_key, Topology},
-    CommonError, JobEvent, JobSpec,
+    CommonError, JobEvent, JobSpec, JobStatus,
 };
 
 use self::{board::Snapshot, state::Admission};
@@ -56,6 +56,14 @@ fn follow(state: &mut Admission<Delivery>, d: &Delivery) {
     }
 }
 
+/// The next final event, or never when the session follows none (a type without admission).
+async fn next_event(events: &mut Option<Consumer>) -> Option<Result<Delivery, lapin::Error>> {
+    match events {
+        Some(consumer) => consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The admission step of one job type.
 #[derive(Debug, Clone)]
 pub struct Admitter {
@@ -72,7 +80,7 @@ pub struct Admitter {
 struct Session {
     ch: Channel,
     waiting: Consumer,
-    events: Consumer,
+    events: Option<Consumer>,
     board: String,
 }
 
@@ -150,7 +158,8 @@ impl Admitter {
             done.map_err(CommonError::amqp(format!("bind or unbind {queue} on {submit} ({key})")))?;
         }
         let board = board::declare_exchange(&ch, &self.topology).await?;
-        let events = self.follow_events(&conn).await?;
+        // A type without admission only passes on what is left in its queue: no events to follow.
+        let events = if self.policy.admission() { Some(self.follow_events(&conn).await?) } else { None };
         let consume_ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         consume_ch.basic_qos(HOLD, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
         let waiting = consume_ch
@@ -160,16 +169,20 @@ impl Admitter {
         Ok((conn, Session { ch, waiting, events, board }))
     }
 
-    /// A queue of this session's own with the type's events (to see admitted jobs finish).
+    /// A queue of this session's own with the type's final events (to see admitted jobs
+    /// finish): one write per job, not one per event. A final status this release does not
+    /// know is not bound; such a job is forgotten from the store instead ([`CHECK_EVERY`]).
     async fn follow_events(&self, conn: &lapin::Connection) -> Result<Consumer, CommonError> {
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
         let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         let q = ch.queue_declare("".into(), own, FieldTable::default()).await.map_err(CommonError::amqp("declare an events queue"))?;
         let exchange = self.topology.events_exchange();
-        let key = format!("{}.*", self.job_type);
-        ch.queue_bind(q.name().clone(), exchange.as_str().into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .map_err(CommonError::amqp(format!("bind an events queue to {exchange}")))?;
+        for status in JobStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            let key = format!("{}.{status}", self.job_type);
+            ch.queue_bind(q.name().clone(), exchange.as_str().into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+                .await
+                .map_err(CommonError::amqp(format!("bind an events queue to {exchange}")))?;
+        }
         let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
         ch.basic_consume(q.name().clone(), "".into(), no_ack, FieldTable::default()).await.map_err(CommonError::amqp("consume events"))
     }
@@ -197,11 +210,11 @@ impl Admitter {
                     active = true;
                     self.arrive(&s.ch, &mut state, d).await?;
                 }
-                next = s.events.next() => {
+                next = next_event(&mut s.events) => {
                     let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: "admission events".into() }) };
                     follow(&mut state, &d.map_err(CommonError::amqp("receive an event"))?);
                     // The events that came in meanwhile too, so that one release admits them all.
-                    while let Some(Some(Ok(d))) = s.events.next().now_or_never() {
+                    while let Some(Some(Ok(d))) = next_event(&mut s.events).now_or_never() {
                         follow(&mut state, &d);
                     }
                 }

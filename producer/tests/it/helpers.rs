@@ -8,7 +8,7 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 use trainyard::{recorder::Recorder, store::Store};
-use trainyard_common::{amqp, codec, topology::Topology, JobEvent, JobSpec, Trigger};
+use trainyard_common::{amqp, codec, metrics::ControlMetrics, topology::Topology, JobEvent, JobSpec, Trigger};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -20,7 +20,12 @@ pub struct RunningRecorder {
 
 /// Starts a recorder for `topo` writing into `store`.
 pub fn spawn_recorder(store: &Store, topo: &Topology) -> RunningRecorder {
-    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, None);
+    spawn_recorder_with(store, topo, None)
+}
+
+/// [`spawn_recorder`] counting in `metrics`.
+pub fn spawn_recorder_with(store: &Store, topo: &Topology, metrics: Option<ControlMetrics>) -> RunningRecorder {
+    let recorder = Recorder::new(store.clone(), topo.clone(), AMQP_URL, metrics);
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let stop = stop.clone();
@@ -58,33 +63,16 @@ pub async fn channel() -> (Connection, Channel) {
 /// Deletes every queue and exchange of `topo` for `types`.
 pub async fn cleanup(topo: &Topology, types: &[&str]) {
     let (conn, _) = channel().await;
-    let mut queues = vec![
-        topo.legacy_recorder_queue(),
-        topo.dead_recorder_queue(),
-        topo.events_log(),
-        format!("{}.triggers.control-plane", topo.prefix()),
-        trainyard::coalesce::Coalescer::queue_name(topo),
-    ];
     // Every control plane declares an admission queue per job type it knows (the built-in ones by default).
-    queues.extend(["noop", "intent-train"].iter().chain(types).map(|t| topo.admission_queue(t)));
-    for t in types {
-        queues.extend(topo.tier_queues(t));
-        queues.push(topo.dead_queue(t));
-    }
+    let known: Vec<&str> = ["noop", "intent-train"].iter().chain(types).copied().collect();
+    let queues = trainyard::serve::queues(topo, &known);
     for q in queues {
         // A failed delete closes the channel: one channel per delete.
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
     }
-    for x in [
-        topo.jobs_exchange(),
-        topo.retry_exchange(),
-        topo.dead_exchange(),
-        topo.events_exchange(),
-        topo.control_exchange(),
-        topo.triggers_exchange(),
-    ] {
+    for x in trainyard::serve::exchanges(topo) {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
         }

@@ -5,6 +5,7 @@
 //! `disrupt::` close every broker connection; `scripts/test.sh` runs them in
 //! a serial phase of their own, after the others.
 
+mod bindings;
 mod browser;
 mod console;
 mod console_live;

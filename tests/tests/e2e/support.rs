@@ -177,14 +177,10 @@ impl Env {
     /// Deletes every queue and exchange of this prefix.
     pub async fn cleanup(self) {
         let t = &self.topo;
-        let coalesce = format!("{}.coalesce.control-plane", t.prefix());
-        let mut queues = vec![t.events_log(), t.legacy_recorder_queue(), t.dead_recorder_queue(), coalesce];
-        queues.push(format!("{}.triggers.control-plane", t.prefix()));
         // Every `trainyard serve` declares an admission queue per job type it knows (the built-in ones by default).
-        queues.extend(["noop", "intent-train"].into_iter().chain(self.types.iter().map(String::as_str)).map(|ty| t.admission_queue(ty)));
+        let types: Vec<&str> = ["noop", "intent-train"].into_iter().chain(self.types.iter().map(String::as_str)).collect();
+        let mut queues = trainyard::serve::queues(t, &types);
         for ty in &self.types {
-            queues.extend(t.tier_queues(ty));
-            queues.push(t.dead_queue(ty));
             for d in [100u64, 200, 400] {
                 queues.push(t.retry_queue(ty, d));
             }
