@@ -149,7 +149,6 @@ impl Pipeline {
     }
 }
 
-
 fn started(seen: &HashMap<(String, String), Instant>, id: &str) -> Option<Instant> {
     seen.get(&(id.to_string(), "started".to_string())).copied()
 }

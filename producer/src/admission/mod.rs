@@ -179,7 +179,8 @@ impl Admitter {
         let exchange = self.topology.events_exchange();
         for status in JobStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
             let key = format!("{}.{status}", self.job_type);
-            ch.queue_bind(q.name().clone(), exchange.as_str().into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+            let (name, x) = (q.name().clone(), exchange.as_str().into());
+            ch.queue_bind(name, x, key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
                 .await
                 .map_err(CommonError::amqp(format!("bind an events queue to {exchange}")))?;
         }
