@@ -34,6 +34,9 @@ pub const QUEUE_CONSUMERS: &str = "trainyard_queue_consumers";
 pub const EVENTS_RECORDED_TOTAL: &str = "trainyard_events_recorded_total";
 /// Events the recorder could not record and parked with the reason (control plane).
 pub const EVENTS_PARKED_TOTAL: &str = "trainyard_events_parked_total";
+/// Times the recorder found the events stream short of its stored position (deleted and
+/// declared again) and read it again from its first entry (control plane).
+pub const STREAM_RESTARTS_TOTAL: &str = "trainyard_stream_restarts_total";
 /// Jobs submitted by the control plane, by type and trigger kind.
 pub const JOBS_SUBMITTED_TOTAL: &str = "trainyard_jobs_submitted_total";
 /// Seconds per training epoch, by device.
@@ -75,6 +78,7 @@ pub const ALL_NAMES: &[&str] = &[
     QUEUE_CONSUMERS,
     EVENTS_RECORDED_TOTAL,
     EVENTS_PARKED_TOTAL,
+    STREAM_RESTARTS_TOTAL,
     JOBS_SUBMITTED_TOTAL,
     TRAINING_EPOCH_SECONDS,
     PROMOTIONS_TOTAL,
@@ -191,6 +195,8 @@ pub struct ControlMetrics {
     pub events_recorded: IntCounterVec,
     /// See [`EVENTS_PARKED_TOTAL`]; exported from start-up, at 0.
     pub events_parked: prometheus::IntCounter,
+    /// See [`STREAM_RESTARTS_TOTAL`]; exported from start-up, at 0.
+    pub stream_restarts: prometheus::IntCounter,
     /// See [`RECONNECTS_TOTAL`]: the recorder's and the trigger listener's reconnects.
     pub reconnects_total: prometheus::IntCounter,
     /// See [`DEAD_LETTERS_TOTAL`].
@@ -238,6 +244,10 @@ impl ControlMetrics {
                 EVENTS_PARKED_TOTAL,
                 "Events the recorder could not record, parked with the reason.",
             )?,
+            stream_restarts: prometheus::IntCounter::new(
+                STREAM_RESTARTS_TOTAL,
+                "Times the recorder found the events stream short of its stored position and read it from the first entry.",
+            )?,
             reconnects_total: prometheus::IntCounter::new(RECONNECTS_TOTAL, "Reconnects to the broker.")?,
             dead_letters: IntCounterVec::new(Opts::new(DEAD_LETTERS_TOTAL, "Dead letters recorded."), &[L_JOB_TYPE, L_REASON])?,
             jobs_submitted: IntCounterVec::new(
@@ -260,6 +270,7 @@ impl ControlMetrics {
         registry.register(Box::new(m.jobs_finished.clone()))?;
         registry.register(Box::new(m.events_recorded.clone()))?;
         registry.register(Box::new(m.events_parked.clone()))?;
+        registry.register(Box::new(m.stream_restarts.clone()))?;
         registry.register(Box::new(m.reconnects_total.clone()))?;
         registry.register(Box::new(m.dead_letters.clone()))?;
         registry.register(Box::new(m.jobs_submitted.clone()))?;

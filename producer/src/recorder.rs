@@ -8,7 +8,10 @@
 //! store failure ends the session: the next one reads again from the stored offset.
 //! Duplicates are harmless anyway (the store is idempotent on `(job_id, run, seq)`) and
 //! order does not matter (the projection is order-free), so several replicas may read the
-//! stream at once; the stored offset only moves forward. An entry that cannot be recorded
+//! stream at once; the stored offset only moves forward, except when the stream no longer
+//! reaches it: deleted and declared again, its offsets start at 0, and a session that finds
+//! its last offset short of the stored one resets the position and reads the stream from
+//! its first entry ([`Recorder::check_position`]). An entry that cannot be recorded
 //! (undecodable, a major version this build does not read, ids that are not ids) is parked
 //! in the store with the reason, in the batch's transaction, and counted; so is one the
 //! store itself refuses for what it holds (a batch refused that way is recorded again entry
@@ -138,6 +141,9 @@ impl Recorder {
         // Where this session starts: after the last entry the store has.
         let stream = self.topology.events_log();
         let mut after = self.store.stream_position(&stream).await?.map(|p| p.last_offset);
+        if let Some(stored) = after {
+            after = self.check_position(&conn, &stream, stored).await?;
+        }
         let events = stream::subscribe(&ch, &self.topology, stream::Start::after(after), PREFETCH, "").await?;
         // Events and dead letters on channels of their own: stream entries are acked in
         // batches (`multiple`), which must never cover an unrecorded dead letter.
@@ -183,6 +189,32 @@ impl Recorder {
             r = events_loop => r,
             r = dead_loop => r,
         }
+    }
+
+    /// Where to read on from, given the `stored` position in `stream`: after it, or from the
+    /// first entry (`None`) when the stream ends before it. A stream deleted and declared again
+    /// starts its offsets at 0, and reading after `stored` would skip every entry of the new
+    /// stream up to it; the position is reset then (logged as an error and counted in
+    /// `trainyard_stream_restarts_total`). Entries read twice are recorded once. A stream that
+    /// reaches `stored` costs one read of its last chunk; one that does not, [`stream::PROBE_IDLE`].
+    async fn check_position(&self, conn: &lapin::Connection, stream: &str, stored: i64) -> Result<Option<i64>, RecorderError> {
+        let last = stream::last_offset_until(conn, &self.topology, stored).await?;
+        if last.is_some_and(|l| l >= stored) {
+            return Ok(Some(stored));
+        }
+        let reset = self.store.reset_stream_position(stream, stored).await?;
+        tracing::error!(
+            stream,
+            stored_offset = stored,
+            stream_last_offset = ?last,
+            position_reset = reset,
+            "{stream} ends before the recorder's stored offset {stored}: it was deleted and declared again \
+             (what the old stream held past that offset went with it); recording the new one from its first entry"
+        );
+        if let Some(m) = &self.metrics {
+            m.stream_restarts.inc();
+        }
+        Ok(None)
     }
 
     /// Records a batch of stream entries (those after `after`) and the offset of its last

@@ -3,12 +3,15 @@
 //! manual acks for credit, `x-stream-offset` to start) and sort what they read into a
 //! [`StreamBatch`] recorded in one transaction with the position it reached.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{BasicConsumeOptions, BasicQosOptions},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
-    Channel, Consumer,
+    Channel, Connection, Consumer,
 };
 use trainyard_common::{headers, topology::Topology, CommonError};
 
@@ -23,6 +26,8 @@ pub const STREAM_OFFSET: &str = "x-stream-offset";
 pub enum Start {
     /// At its first entry still kept.
     First,
+    /// At its last chunk: the entries written last, a few or many.
+    Last,
     /// At the entry after this offset.
     After(i64),
     /// At the chunk holding this time (entries a little before it may come too).
@@ -38,6 +43,7 @@ impl Start {
     fn argument(self) -> AMQPValue {
         match self {
             Start::First => AMQPValue::LongString("first".into()),
+            Start::Last => AMQPValue::LongString("last".into()),
             Start::After(offset) => AMQPValue::LongLongInt(offset.saturating_add(1)),
             // Seconds since the epoch: the broker starts at the chunk holding it.
             Start::Since(t) => AMQPValue::Timestamp(t.timestamp().max(0) as u64),
@@ -54,6 +60,33 @@ pub async fn subscribe(ch: &Channel, topology: &Topology, start: Start, prefetch
     ch.basic_consume(stream.as_str().into(), tag.into(), BasicConsumeOptions::default(), args)
         .await
         .map_err(CommonError::amqp(format!("consume {stream} from {start:?}")))
+}
+
+/// How long [`last_offset_until`] waits for another entry before it takes the stream as
+/// ending at the last one it read (or as empty when none came).
+pub const PROBE_IDLE: Duration = Duration::from_millis(1000);
+
+/// The events stream's last offset, or the first one at or past `until` it reads, whichever
+/// comes first; `None` when the stream is empty. Reads the stream's last chunk (`last`) on a
+/// channel of its own, closed after: when the stream reaches `until` that chunk holds an
+/// offset at or past it and the answer comes at once; otherwise it comes after
+/// [`PROBE_IDLE`] without another entry.
+pub async fn last_offset_until(conn: &Connection, topology: &Topology, until: i64) -> Result<Option<i64>, CommonError> {
+    let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+    let mut entries = subscribe(&ch, topology, Start::Last, 256, "").await?;
+    let stream = topology.events_log();
+    let mut last = None;
+    while let Ok(Some(d)) = tokio::time::timeout(PROBE_IDLE, entries.next()).await {
+        let d = d.map_err(CommonError::amqp(format!("read the last chunk of {stream}")))?;
+        // Acks give a stream consumer credit for more.
+        d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a stream entry"))?;
+        last = last.max(offset(&d));
+        if last.is_some_and(|l| l >= until) {
+            break;
+        }
+    }
+    let _ = ch.close(200, "read the last chunk".into()).await;
+    Ok(last)
 }
 
 /// The stream offset of a delivery from a stream.

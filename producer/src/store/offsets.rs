@@ -11,6 +11,9 @@
 //! store stood when it started, so every offset at or below the stored one is recorded.
 //! `entries` counts the stream entries recorded in all: one per entry and transaction, so
 //! a re-read entry counts twice (tests read it to prove "exactly once").
+//!
+//! The one way back: a stream deleted and declared again starts its offsets at 0, so the
+//! recorder resets a position its stream no longer reaches ([`Store::reset_stream_position`]).
 
 use chrono::Utc;
 use sqlx::Row;
@@ -87,5 +90,19 @@ impl Store {
             .await
             .map_err(q(format!("read the position in {stream}")))?;
         Ok(row.map(|r| StreamPosition { last_offset: r.get(0), entries: r.get(1) }))
+    }
+
+    /// Forgets `stream`'s position (its row, `entries` included) if it still stands at
+    /// `last_offset`: the stream was deleted and declared again, its offsets restarted at 0,
+    /// and reading on after the old one would skip every entry up to it. A position another
+    /// recorder moved since (reading the new stream) is kept. Whether it was forgotten.
+    pub async fn reset_stream_position(&self, stream: &str, last_offset: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM stream_positions WHERE stream = $1 AND last_offset = $2")
+            .bind(stream)
+            .bind(last_offset)
+            .execute(&self.pool)
+            .await
+            .map_err(q(format!("reset the position in {stream}")))?;
+        Ok(done.rows_affected() > 0)
     }
 }

@@ -3,12 +3,12 @@
 //! release left in its own recorder queue recorded before that queue is deleted.
 
 use lapin::{
-    options::{QueueBindOptions, QueueDeclareOptions},
+    options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},
     BasicProperties,
 };
 use trainyard::store::{Store, StreamPosition};
-use trainyard_common::{codec, event::event_seq, JobEvent, JobStatus};
+use trainyard_common::{codec, event::event_seq, metrics::ControlMetrics, JobEvent, JobStatus};
 
 use crate::helpers::*;
 
@@ -63,6 +63,86 @@ async fn the_recorder_resumes_after_its_stored_position_on_postgres() {
     let schema = PgSchema::new().await;
     let store = Store::open(&schema.url).await.unwrap();
     resumes_after_its_position(store.clone()).await;
+    store.close().await;
+    schema.drop().await;
+}
+
+/// Deletes the events stream (its consumers are cancelled) and declares it again, empty.
+async fn recreate_stream(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology) {
+    let (conn, del) = channel().await;
+    del.queue_delete(topo.events_log().as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    topo.declare_shared(ch).await.unwrap();
+}
+
+/// Waits until every job of `ids` is recorded as started.
+async fn all_started(store: &Store, ids: &[String]) {
+    for id in ids {
+        let started = || async { store.job(id).await.unwrap().filter(|j| j.status == JobStatus::Started) };
+        eventually(20, &format!("job {id} recorded as started"), started).await;
+    }
+}
+
+/// A stream deleted and declared again starts its offsets at 0, below the stored position: the
+/// recorder finds its last offset short of it, resets the position, counts the restart and
+/// records the new stream from its first entry, whether the stream is recreated while it reads
+/// (its consumer cancelled, the next session reads the new one) or between two sessions. Without
+/// the check every entry up to the old offset is skipped and the first `all_started` times out.
+async fn a_recreated_stream_is_read_from_its_first_entry(store: Store) {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let metrics = ControlMetrics::new(&prometheus::Registry::new(), &[]).unwrap();
+    let restarts = |n| {
+        let m = metrics.clone();
+        move || {
+            let m = m.clone();
+            async move { (m.stream_restarts.get() == n).then_some(()) }
+        }
+    };
+    let recorder = spawn_recorder_with(&store, &topo, Some(metrics.clone()));
+    publish_jobs(&ch, &topo, 10).await;
+    let want = StreamPosition { last_offset: 19, entries: 20 };
+    eventually(20, "20 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    // Recreated while the recorder reads it: 6 entries, offsets 0 to 5.
+    recreate_stream(&ch, &topo).await;
+    let second = publish_jobs(&ch, &topo, 3).await;
+    all_started(&store, &second).await;
+    eventually(20, "one restart counted", restarts(1)).await;
+    let want = StreamPosition { last_offset: 5, entries: 6 };
+    eventually(20, "the position in the new stream", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    recorder.stop().await;
+    // Recreated between two sessions: 4 entries, offsets 0 to 3.
+    recreate_stream(&ch, &topo).await;
+    let third = publish_jobs(&ch, &topo, 2).await;
+    let recorder = spawn_recorder_with(&store, &topo, Some(metrics.clone()));
+    all_started(&store, &third).await;
+    let want = StreamPosition { last_offset: 3, entries: 4 };
+    eventually(20, "the position in the third stream", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    recorder.stop().await;
+    assert_eq!(metrics.stream_restarts.get(), 2);
+    // A stream that reaches the position is read on after it, without a restart.
+    let recorder = spawn_recorder_with(&store, &topo, Some(metrics.clone()));
+    let fourth = publish_jobs(&ch, &topo, 1).await;
+    all_started(&store, &fourth).await;
+    let want = StreamPosition { last_offset: 5, entries: 6 };
+    eventually(20, "read on after the position", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    recorder.stop().await;
+    assert_eq!(metrics.stream_restarts.get(), 2);
+    cleanup(&topo, &[]).await;
+}
+
+#[tokio::test]
+async fn a_recreated_stream_is_read_from_its_first_entry_on_sqlite() {
+    let (store, _dir, _) = sqlite_store().await;
+    a_recreated_stream_is_read_from_its_first_entry(store).await;
+}
+
+#[tokio::test]
+async fn a_recreated_stream_is_read_from_its_first_entry_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    a_recreated_stream_is_read_from_its_first_entry(store.clone()).await;
     store.close().await;
     schema.drop().await;
 }
