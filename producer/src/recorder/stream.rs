@@ -70,13 +70,16 @@ pub const PROBE_IDLE: Duration = Duration::from_millis(1000);
 /// comes first; `None` when the stream is empty. Reads the stream's last chunk (`last`) on a
 /// channel of its own, closed after: when the stream reaches `until` that chunk holds an
 /// offset at or past it and the answer comes at once; otherwise it comes after
-/// [`PROBE_IDLE`] without another entry.
+/// [`PROBE_IDLE`] without another entry, or after twice that in all, so that a new stream
+/// that keeps growing is not followed up to `until` (which would skip all it holds).
 pub async fn last_offset_until(conn: &Connection, topology: &Topology, until: i64) -> Result<Option<i64>, CommonError> {
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
     let mut entries = subscribe(&ch, topology, Start::Last, 256, "").await?;
     let stream = topology.events_log();
     let mut last = None;
-    while let Ok(Some(d)) = tokio::time::timeout(PROBE_IDLE, entries.next()).await {
+    let deadline = tokio::time::Instant::now() + 2 * PROBE_IDLE;
+    let next_wait = || (tokio::time::Instant::now() + PROBE_IDLE).min(deadline);
+    while let Ok(Some(d)) = tokio::time::timeout_at(next_wait(), entries.next()).await {
         let d = d.map_err(CommonError::amqp(format!("read the last chunk of {stream}")))?;
         // Acks give a stream consumer credit for more.
         d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a stream entry"))?;
