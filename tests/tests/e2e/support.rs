@@ -23,10 +23,11 @@ use trainyard_common::{amqp, artifacts::ArtifactStore, headers, topology::Topolo
 use trainyard_worker::runtime::{joblog::JobLogs, Backoff, Worker, WorkerConfig};
 
 /// The broker consumer timeout the tests' workers are told (`WorkerConfig::consumer_timeout`,
-/// `TRAINYARD_CONSUMER_TIMEOUT_S`): the default job timeout, so that jobs with the default
-/// `timeout_s` run. The tests' jobs take seconds, far below the local broker's own value
-/// (30 min unless `scripts/lib.sh` raised it), so the broker never closes a channel on them.
-pub const CONSUMER_TIMEOUT_S: u64 = trainyard_common::job::DEFAULT_TIMEOUT_S;
+/// `TRAINYARD_CONSUMER_TIMEOUT_S`): an hour, so that jobs of the default `timeout_s` and of
+/// the wire contract's example (3,600 s, `../shared/DESIGN.md`) run. The tests' jobs take
+/// seconds, far below the local broker's own value (30 min unless `scripts/lib.sh` raised it),
+/// so the broker never closes a channel on them.
+pub const CONSUMER_TIMEOUT_S: u64 = 3600;
 
 pub const URL: &str = trainyard_common::config::DEFAULT_AMQP_URL;
 
