@@ -72,13 +72,7 @@ fn run(rx: &mpsc::Receiver<Request>) {
 fn commit(batch: Vec<Request>, flush: &mut dyn FnMut(&File) -> std::io::Result<()>) {
     let mut staged = Vec::with_capacity(batch.len());
     for r in batch {
-        match local::staged_file(&r.path).and_then(|(mut file, path)| match file.write_all(&r.bytes) {
-            Ok(()) => Ok((file, path)),
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
-        }) {
+        match stage(&r) {
             Ok((file, path)) => staged.push((r, file, path)),
             Err(e) => {
                 let _ = r.done.send(Err(e));
@@ -111,6 +105,16 @@ fn commit(batch: Vec<Request>, flush: &mut dyn FnMut(&File) -> std::io::Result<(
         };
         let _ = r.done.send(answer);
     }
+}
+
+/// A staged file beside the request's path holding its bytes, not yet flushed.
+fn stage(r: &Request) -> std::io::Result<(File, PathBuf)> {
+    let (mut file, path) = local::staged_file(&r.path)?;
+    if let Err(e) = file.write_all(&r.bytes) {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok((file, path))
 }
 
 /// Calls `flush` once per filesystem (device) among `files`.
