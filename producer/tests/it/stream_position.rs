@@ -16,6 +16,11 @@ async fn position(store: &Store, topo: &trainyard_common::topology::Topology) ->
     store.stream_position(&topo.events_log()).await.unwrap()
 }
 
+/// Waits until the stored position is `want`.
+async fn until_position(store: &Store, topo: &trainyard_common::topology::Topology, want: StreamPosition, what: &str) {
+    eventually(20, what, || async { (position(store, topo).await == Some(want)).then_some(()) }).await;
+}
+
 /// Publishes a queued and a started event for each of `n` new jobs.
 async fn publish_jobs(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
@@ -35,13 +40,13 @@ async fn resumes_after_its_position(store: Store) {
     let first = publish_jobs(&ch, &topo, 10).await;
     let recorder = spawn_recorder(&store, &topo);
     let want = StreamPosition { last_offset: 19, entries: 20 };
-    eventually(20, "20 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "20 entries recorded").await;
     recorder.stop().await;
     // Restarted: it reads on after offset 19; read from the first entry again, the count would be 20 higher.
     let recorder = spawn_recorder(&store, &topo);
     let second = publish_jobs(&ch, &topo, 5).await;
     let want = StreamPosition { last_offset: 29, entries: 30 };
-    eventually(20, "10 more entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "10 more entries recorded").await;
     // Nothing read again after a while either.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(position(&store, &topo).await, Some(want));
@@ -103,14 +108,14 @@ async fn a_recreated_stream_is_read_from_its_first_entry(store: Store) {
     let recorder = spawn_recorder_with(&store, &topo, Some(metrics.clone()));
     publish_jobs(&ch, &topo, 10).await;
     let want = StreamPosition { last_offset: 19, entries: 20 };
-    eventually(20, "20 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "20 entries recorded").await;
     // Recreated while the recorder reads it: 6 entries, offsets 0 to 5.
     recreate_stream(&ch, &topo).await;
     let second = publish_jobs(&ch, &topo, 3).await;
     all_started(&store, &second).await;
     eventually(20, "one restart counted", restarts(1)).await;
     let want = StreamPosition { last_offset: 5, entries: 6 };
-    eventually(20, "the position in the new stream", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "the position in the new stream").await;
     recorder.stop().await;
     // Recreated between two sessions: 4 entries, offsets 0 to 3.
     recreate_stream(&ch, &topo).await;
@@ -118,7 +123,7 @@ async fn a_recreated_stream_is_read_from_its_first_entry(store: Store) {
     let recorder = spawn_recorder_with(&store, &topo, Some(metrics.clone()));
     all_started(&store, &third).await;
     let want = StreamPosition { last_offset: 3, entries: 4 };
-    eventually(20, "the position in the third stream", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "the position in the third stream").await;
     recorder.stop().await;
     assert_eq!(metrics.stream_restarts.get(), 2);
     // A stream that reaches the position is read on after it, without a restart.
@@ -126,7 +131,7 @@ async fn a_recreated_stream_is_read_from_its_first_entry(store: Store) {
     let fourth = publish_jobs(&ch, &topo, 1).await;
     all_started(&store, &fourth).await;
     let want = StreamPosition { last_offset: 5, entries: 6 };
-    eventually(20, "read on after the position", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "read on after the position").await;
     recorder.stop().await;
     assert_eq!(metrics.stream_restarts.get(), 2);
     cleanup(&topo, &[]).await;
@@ -218,11 +223,11 @@ async fn a_failure_between_the_events_and_their_offset_records_them_once_on_post
     let recorder = spawn_recorder(&store, &topo);
     publish_jobs(&ch, &topo, 5).await;
     let want = StreamPosition { last_offset: 9, entries: 10 };
-    eventually(20, "the first 10 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "the first 10 entries recorded").await;
     // The next batch's offset update fails once.
     publish_jobs(&ch, &topo, 5).await;
     let want = StreamPosition { last_offset: 19, entries: 20 };
-    eventually(20, "20 entries recorded", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "20 entries recorded").await;
     recorder.stop().await;
     // `SELECT` reports the rows it returned.
     assert_eq!(store.execute_raw("SELECT 1 FROM position_fault WHERE last_value >= 2").await.unwrap(), 1, "the fault fired");
@@ -251,7 +256,7 @@ async fn an_entry_the_store_refuses_is_parked(store: Store, refuse: impl FnOnce(
     // Published before the recorder starts, so the refused entry most likely shares a batch.
     let recorder = spawn_recorder(&store, &topo);
     let want = StreamPosition { last_offset: 12, entries: 13 };
-    eventually(20, "13 entries past", || async { (position(&store, &topo).await == Some(want)).then_some(()) }).await;
+    until_position(&store, &topo, want, "13 entries past").await;
     recorder.stop().await;
     for id in before.iter().chain(&after) {
         assert_eq!(store.job(id).await.unwrap().map(|j| j.status), Some(JobStatus::Started), "job {id}");
