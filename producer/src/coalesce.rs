@@ -36,10 +36,10 @@ use trainyard_common::{
     CommonError, JobEvent, JobSpec, JobStatus,
 };
 
+use crate::{config::JobTypePolicy, store::Store};
+
 /// How the release before bound the coalescing queue (every job's `queued` event); unbound at start.
 const LEGACY_BINDING: &str = "*.queued";
-
-use crate::{config::JobTypePolicy, store::Store};
 
 /// The folder of a key's records: a UUID v5 of the key (any key is a safe path).
 pub fn key_dir(key: &str) -> String {
