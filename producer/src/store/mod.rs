@@ -22,6 +22,7 @@ mod admission;
 mod audit;
 mod dead_letters;
 mod feed;
+mod fresh;
 mod offsets;
 mod parked;
 mod positions;

@@ -1,15 +1,17 @@
 //! Recording events: idempotent, set-based inserts and the projection of each
 //! touched job's current run into its row.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{any::AnyRow, AssertSqlSafe, Row};
 use trainyard_common::{JobEvent, JobSpec};
 
 use super::{
-    from_micros, micros, placeholders, projection, projection::Projection, q, types, update_from_values, values_list, Backend, Recorded,
-    Store, StoreError, ROWS_PER_STATEMENT,
+    fresh::{self, FreshRow},
+    from_micros, micros, placeholders, projection,
+    projection::Projection,
+    q, types, update_from_values, values_list, Backend, Recorded, Store, StoreError, ROWS_PER_STATEMENT,
 };
 
 impl Store {
@@ -41,33 +43,10 @@ impl Store {
             return Ok(out);
         }
         let now = micros(Utc::now());
-        // The first event of each job stands for it when its row is created.
-        let mut jobs: BTreeMap<&str, &JobEvent> = BTreeMap::new();
-        for e in events {
-            jobs.entry(e.job_id.as_str()).or_insert(e);
-        }
-        let ids: Vec<&str> = jobs.keys().copied().collect();
         // A write first, so SQLite takes its write lock now rather than failing to upgrade later.
-        for chunk in jobs.values().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO jobs (job_id, job_type, bot, status, status_seq, attempts, created_at, updated_at, run, run_since) \
-                 VALUES {} ON CONFLICT (job_id) DO NOTHING",
-                values_list(self.backend, chunk.len(), 8, "0, 0")
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-            for e in chunk {
-                query = query
-                    .bind(&e.job_id)
-                    .bind(&e.job_type)
-                    .bind(&e.bot)
-                    .bind(e.status.as_str())
-                    .bind(e.seq as i64)
-                    .bind(i64::from(e.attempt))
-                    .bind(micros(e.at))
-                    .bind(micros(e.at));
-            }
-            query.execute(&mut *tx).await.map_err(q("create job rows"))?;
-        }
+        let rows = fresh::rows(events);
+        let created = self.create_rows(tx, &rows).await?;
+        let ids: Vec<&str> = rows.keys().copied().filter(|id| !created.contains(id)).collect();
         // job_id → (run, run_since, when the job was submitted as far as the row knows)
         let mut state: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(ids.len());
         let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
@@ -77,12 +56,17 @@ impl Store {
         for r in self.select_in(tx, &sql, &ids, "read job rows").await? {
             state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
         }
+        for &id in &created {
+            let row = &rows[id];
+            state.insert(id.to_string(), (row.run, row.run_since, row.created_at));
+        }
         // The run each event belongs to: the one it carries (a replay sets it in the job message).
         // Events of releases before runs were carried are filed by time, as those releases did.
         let event_runs: Vec<i64> = events
             .iter()
             .map(|e| match e.run {
                 Some(run) => i64::from(run),
+                None if created.contains(e.job_id.as_str()) => fresh::run_of(e),
                 None => legacy_run(state[e.job_id.as_str()], e.at),
             })
             .collect();
@@ -122,10 +106,18 @@ impl Store {
                 }
             }
         }
-        // Jobs with new events of their current run: store the spec, project the row.
+        // A row this batch created holds its spec and projection already: its terminal events
+        // only need their duration's start.
+        for (i, e) in events.iter().enumerate() {
+            let Some(row) = created.contains(e.job_id.as_str()).then(|| &rows[e.job_id.as_str()]) else { continue };
+            if out[i].new && e.status.is_terminal() && event_runs[i] == row.run {
+                out[i].since = Some(row.since);
+            }
+        }
+        // Other jobs with new events of their current run: store the spec, project the row.
         let mut touched: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         let mut specs = Vec::new();
-        for (i, e) in events.iter().enumerate().filter(|(i, _)| out[*i].new) {
+        for (i, e) in events.iter().enumerate().filter(|(i, e)| out[*i].new && !created.contains(e.job_id.as_str())) {
             if event_runs[i] == state[e.job_id.as_str()].0 {
                 touched.entry(e.job_id.as_str()).or_default().push(i);
             }
@@ -158,6 +150,48 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Creates the row of each job of the batch that has none, as the batch alone makes it
+    /// ([`fresh`]); which rows it created. One statement per chunk.
+    async fn create_rows<'a>(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        rows: &BTreeMap<&'a str, FreshRow<'a>>,
+    ) -> Result<HashSet<&'a str>, StoreError> {
+        let mut created = HashSet::with_capacity(rows.len());
+        for chunk in rows.values().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO jobs (job_id, job_type, bot, run, run_since, spec, trigger_kind, trigger_source, submitted_at, \
+                 created_at, status, status_seq, attempts, worker, progress, result, error, started_at, finished_at, updated_at) \
+                 VALUES {} ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+                values_list(self.backend, chunk.len(), 20, "")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            for row in chunk {
+                let spec = row.spec.map(types::to_json);
+                let p = &row.projection;
+                query = query
+                    .bind(row.job_id)
+                    .bind(row.job_type)
+                    .bind(row.bot)
+                    .bind(row.run)
+                    .bind(row.run_since)
+                    .bind(spec)
+                    .bind(row.spec.map(|s| s.trigger.kind.to_string()))
+                    .bind(row.spec.map(|s| s.trigger.source.clone()))
+                    .bind(row.spec.map(|s| micros(s.submitted_at)))
+                    .bind(row.created_at);
+                query = bind_projection(query, p);
+            }
+            for r in query.fetch_all(&mut *conn).await.map_err(q("create job rows"))? {
+                let id: String = r.get(0);
+                if let Some((&key, _)) = rows.get_key_value(id.as_str()) {
+                    created.insert(key);
+                }
+            }
+        }
+        Ok(created)
     }
 
     /// Moves each job whose events carry a newer run than its row to that run (a dead-letter
@@ -237,18 +271,7 @@ impl Store {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut query = sqlx::query(AssertSqlSafe(update_from_values(self.backend, set, chunk.len(), 11))).persistent(false);
             for (job_id, p) in chunk {
-                query = query
-                    .bind(*job_id)
-                    .bind(p.status.as_str())
-                    .bind(p.status_seq as i64)
-                    .bind(i64::from(p.attempts))
-                    .bind(p.worker.as_ref().map(types::to_json))
-                    .bind(p.progress.as_ref().map(types::to_json))
-                    .bind(p.result.as_ref().map(types::to_json))
-                    .bind(p.error.as_ref().map(types::to_json))
-                    .bind(p.started_at.map(micros))
-                    .bind(p.finished_at.map(micros))
-                    .bind(micros(p.updated_at));
+                query = bind_projection(query.bind(*job_id), p);
             }
             query.execute(&mut *conn).await.map_err(q("update job rows"))?;
         }
@@ -264,4 +287,23 @@ fn legacy_run((run, run_since, _): (i64, i64, i64), at: DateTime<Utc>) -> i64 {
     } else {
         run
     }
+}
+
+/// Binds a projection's ten columns: status, status_seq, attempts, worker, progress,
+/// result, error, started_at, finished_at, updated_at.
+fn bind_projection<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    p: &Projection,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    query
+        .bind(p.status.as_str())
+        .bind(p.status_seq as i64)
+        .bind(i64::from(p.attempts))
+        .bind(p.worker.as_ref().map(types::to_json))
+        .bind(p.progress.as_ref().map(types::to_json))
+        .bind(p.result.as_ref().map(types::to_json))
+        .bind(p.error.as_ref().map(types::to_json))
+        .bind(p.started_at.map(micros))
+        .bind(p.finished_at.map(micros))
+        .bind(micros(p.updated_at))
 }

@@ -222,6 +222,82 @@ async fn a_batch_is_recorded_like_its_events_one_by_one_on_postgres() {
     schema.drop().await;
 }
 
+/// Jobs whose events all come in one batch (the store creates their rows from the batch
+/// alone) get the rows, events and durations their events give one at a time: shuffled and
+/// duplicated, a replayed run, events without a run (older releases), errors and retries.
+async fn whole_jobs_in_one_batch(one_batch: Store, one_by_one: Store) {
+    let worker = trainyard_common::WorkerInfo { id: "w-1".into(), attributes: Default::default() };
+    let ev = |spec: &trainyard_common::JobSpec, status, attempt, n, ms: i64| {
+        let mut e = JobEvent::new(spec, status, attempt, event_seq(attempt, 0, n));
+        e.at = spec.submitted_at + chrono::Duration::milliseconds(ms);
+        e.worker = Some(worker.clone());
+        e
+    };
+    let (a, b, c, d) = (spec("noop", "bot-a"), spec("noop", "bot-b"), spec("noop", "bot-c"), spec("noop", "bot-d"));
+    let mut events = vec![JobEvent::queued(&a), ev(&a, JobStatus::Started, 1, 0, 10), ev(&a, JobStatus::Progress, 1, 1, 20)];
+    let mut a_done = ev(&a, JobStatus::Succeeded, 1, 2, 30);
+    a_done.result = Some(serde_json::json!({"ok": 1}));
+    events.push(a_done);
+    // b failed, then a replay (run 1) succeeded.
+    let mut b_failed = ev(&b, JobStatus::Failed, 1, 1, 40);
+    b_failed.error = Some(trainyard_common::ErrorInfo { kind: trainyard_common::ErrorKind::Permanent, message: "no".into() });
+    let mut b_again = ev(&b, JobStatus::Started, 1, 0, 900);
+    b_again.run = Some(1);
+    let mut b_done = ev(&b, JobStatus::Succeeded, 1, 2, 950);
+    b_done.run = Some(1);
+    events.extend([JobEvent::queued(&b), ev(&b, JobStatus::Started, 1, 0, 5), b_failed, b_again, b_done]);
+    // c: from an older release, no run and no queued event.
+    let (mut c_started, mut c_done) = (ev(&c, JobStatus::Started, 1, 0, 1), ev(&c, JobStatus::Succeeded, 1, 1, 2));
+    (c_started.run, c_done.run) = (None, None);
+    events.extend([c_started, c_done]);
+    // d: a retry, still running.
+    let mut d_retry = ev(&d, JobStatus::Retrying, 1, 1, 8);
+    d_retry.error = Some(trainyard_common::ErrorInfo { kind: trainyard_common::ErrorKind::Transient, message: "later".into() });
+    events.extend([JobEvent::queued(&d), ev(&d, JobStatus::Started, 1, 0, 3), d_retry, ev(&d, JobStatus::Started, 2, 0, 60)]);
+
+    let mut since_by_one = Vec::new();
+    for e in &events {
+        since_by_one.push(one_by_one.record_events(std::slice::from_ref(e)).await.unwrap()[0].since);
+    }
+    // The batch shuffled (reversed, every other event twice).
+    let mut batch: Vec<JobEvent> = events.iter().rev().cloned().collect();
+    batch.extend(events.iter().step_by(2).cloned());
+    let got = one_batch.record_events(&batch).await.unwrap();
+    let since_in_batch: Vec<_> = got[..events.len()].iter().rev().map(|r| r.since).collect();
+    // b's failure belongs to a run the same batch replaced: no duration is reported for it.
+    let b_failed = events.iter().position(|e| e.job_id == b.job_id && e.status == JobStatus::Failed).unwrap();
+    assert!(since_by_one[b_failed].is_some());
+    since_by_one[b_failed] = None;
+    assert_eq!(since_in_batch, since_by_one, "durations start at the same time");
+    assert_eq!(since_in_batch.iter().filter(|s| s.is_some()).count(), 3, "a, b's replay and c succeeded");
+    assert!(got[events.len()..].iter().all(|r| !r.new), "the second copies are duplicates");
+    for s in [&a, &b, &c, &d] {
+        let (row, expected) = (one_batch.job(&s.job_id).await.unwrap(), one_by_one.job(&s.job_id).await.unwrap());
+        assert_eq!(row, expected, "job {}", s.bot);
+        assert_eq!(one_batch.events(&s.job_id).await.unwrap(), one_by_one.events(&s.job_id).await.unwrap(), "job {}", s.bot);
+    }
+    let b_row = one_batch.job(&b.job_id).await.unwrap().unwrap();
+    assert_eq!((b_row.run, b_row.status, b_row.error), (1, JobStatus::Succeeded, None), "the replay's run makes the row");
+    assert_eq!(one_batch.job(&d.job_id).await.unwrap().unwrap().attempts, 2);
+}
+
+#[tokio::test]
+async fn whole_jobs_in_one_batch_get_the_rows_of_their_events_one_by_one_on_sqlite() {
+    let ((one_batch, _d1, _), (one_by_one, _d2, _)) = (sqlite_store().await, sqlite_store().await);
+    whole_jobs_in_one_batch(one_batch, one_by_one).await;
+}
+
+#[tokio::test]
+async fn whole_jobs_in_one_batch_get_the_rows_of_their_events_one_by_one_on_postgres() {
+    let (s1, s2) = (PgSchema::new().await, PgSchema::new().await);
+    let (one_batch, one_by_one) = (Store::open(&s1.url).await.unwrap(), Store::open(&s2.url).await.unwrap());
+    whole_jobs_in_one_batch(one_batch.clone(), one_by_one.clone()).await;
+    one_batch.close().await;
+    one_by_one.close().await;
+    s1.drop().await;
+    s2.drop().await;
+}
+
 /// While the store fails, a batch goes back to the queue, nothing is lost, and it is
 /// recorded once the store works again.
 #[tokio::test]
