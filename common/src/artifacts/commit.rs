@@ -8,14 +8,20 @@
 //! per filesystem, links each into place, and flushes the new names with one more: two
 //! flushes per batch, however many records it holds. Records that arrive while a batch is
 //! flushed form the next one, so batches grow with the load and a lone record waits only
-//! for its own flushes. `syncfs` also writes back whatever else is dirty on that filesystem
+//! for its own flushes; while records keep arriving, one flush serves as the second of a
+//! batch and the first of the next. `syncfs` also writes back whatever else is dirty on that filesystem
 //! (a checkpoint a job just wrote, say), which a record naming such outputs needs anyway.
+//!
+//! A record is staged in an unnamed file of its directory (`O_TMPFILE`) and linked from
+//! `/proc/self/fd`: no name to create and remove per record, which cost this disk more than
+//! the data. Where the filesystem or `/proc` cannot do that, it is staged in a named file
+//! beside its place (`<name>#<n>`, which listings skip), linked, and the staged name removed.
 
 use std::{
     fs::File,
     io::{ErrorKind, Write},
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
     sync::mpsc,
 };
 
@@ -45,7 +51,8 @@ impl Committer {
     /// Starts the thread.
     pub(super) fn start() -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name("trainyard-commit".into()).spawn(move || run(&rx))?;
+        let unnamed = Path::new("/proc/self/fd").is_dir();
+        std::thread::Builder::new().name("trainyard-commit".into()).spawn(move || run(&rx, unnamed))?;
         Ok(Self { tx })
     }
 
@@ -59,44 +66,89 @@ impl Committer {
     }
 }
 
-fn run(rx: &mpsc::Receiver<Request>) {
-    while let Ok(first) = rx.recv() {
+fn run(rx: &mpsc::Receiver<Request>, unnamed: bool) {
+    let flush = &mut |file: &File| rustix::fs::syncfs(file).map_err(Into::into);
+    // The batch linked last, until a flush makes its names durable.
+    let mut linked: Option<Linked> = None;
+    loop {
+        let first = match linked {
+            // Records waiting: their flush also makes the linked batch's names durable.
+            Some(_) => match rx.try_recv() {
+                Ok(first) => first,
+                Err(_) => {
+                    finish(linked.take(), flush);
+                    continue;
+                }
+            },
+            None => match rx.recv() {
+                Ok(first) => first,
+                Err(_) => return,
+            },
+        };
         let mut batch = vec![first];
         batch.extend(rx.try_iter().take(MAX_BATCH - 1));
-        commit(batch, &mut |file| rustix::fs::syncfs(file).map_err(Into::into));
+        linked = step(batch, linked.take(), unnamed, flush);
     }
 }
 
-/// Stages, flushes, links and flushes again one batch, then answers each request. `flush`
-/// makes everything written on the filesystem of a file durable (`syncfs`).
-fn commit(batch: Vec<Request>, flush: &mut dyn FnMut(&File) -> std::io::Result<()>) {
+/// Stages, flushes, links and flushes again one batch, then answers each request.
+#[cfg(test)]
+fn commit(batch: Vec<Request>, unnamed: bool, flush: &mut dyn FnMut(&File) -> std::io::Result<()>) {
+    let linked = step(batch, None, unnamed, flush);
+    finish(linked, flush);
+}
+
+/// Records linked under their names (or refused one), not yet answered: their names are
+/// durable after the next flush.
+struct Linked(Vec<(Request, Staged, std::io::Result<()>)>);
+
+/// Stages `batch`; flushes it together with the names `before` linked and answers those;
+/// links `batch`, whose names the next flush makes durable. `flush` makes everything written
+/// on the filesystem of a file durable (`syncfs`); `unnamed`: stage in unnamed files where
+/// the filesystem can. One flush per batch under load: the second flush of each batch is the
+/// first of the next.
+fn step(batch: Vec<Request>, before: Option<Linked>, unnamed: bool, flush: &mut dyn FnMut(&File) -> std::io::Result<()>) -> Option<Linked> {
     let mut staged = Vec::with_capacity(batch.len());
     for r in batch {
-        match stage(&r) {
-            Ok((file, path)) => staged.push((r, file, path)),
+        match stage(&r, unnamed) {
+            Ok(s) => staged.push((r, s)),
             Err(e) => {
                 let _ = r.done.send(Err(e));
             }
         }
     }
     // Every staged file's data is on disk before a name points at it.
-    if let Err(e) = flush_each_filesystem(staged.iter().map(|(_, file, _)| file), flush) {
-        for (r, _, path) in staged {
-            let _ = std::fs::remove_file(&path);
+    let before = before.map_or_else(Vec::new, |l| l.0);
+    let names = before.iter().filter(|(_, _, l)| l.is_ok()).map(|(_, s, _)| &s.file);
+    let flushed = flush_each_filesystem(staged.iter().map(|(_, s)| &s.file).chain(names), flush);
+    answer(before, &flushed);
+    if let Err(e) = flushed {
+        for (r, s) in staged {
+            s.discard();
             let _ = r.done.send(Err(copy(&e)));
         }
-        return;
+        return None;
     }
-    let linked: Vec<_> = staged
-        .into_iter()
-        .map(|(r, file, path)| {
-            let linked = std::fs::hard_link(&path, &r.path);
-            let _ = std::fs::remove_file(&path);
-            (r, file, linked)
-        })
-        .collect();
-    // The new names are on disk before anyone is told.
-    let flushed = flush_each_filesystem(linked.iter().filter(|(_, _, l)| l.is_ok()).map(|(_, file, _)| file), flush);
+    Some(Linked(
+        staged
+            .into_iter()
+            .map(|(r, s)| {
+                let linked = s.link(&r.path);
+                (r, s, linked)
+            })
+            .collect(),
+    ))
+}
+
+/// Flushes the names of a linked batch and answers it.
+fn finish(linked: Option<Linked>, flush: &mut dyn FnMut(&File) -> std::io::Result<()>) {
+    let Some(Linked(linked)) = linked else { return };
+    let flushed = flush_each_filesystem(linked.iter().filter(|(_, _, l)| l.is_ok()).map(|(_, s, _)| &s.file), flush);
+    answer(linked, &flushed);
+}
+
+/// Answers each linked record once `flushed` made the names durable (or failed to).
+fn answer(linked: Vec<(Request, Staged, std::io::Result<()>)>, flushed: &std::io::Result<()>) {
     for (r, _, linked) in linked {
         let answer = match linked {
             Ok(()) => flushed.as_ref().map(|()| true).map_err(copy),
@@ -107,14 +159,71 @@ fn commit(batch: Vec<Request>, flush: &mut dyn FnMut(&File) -> std::io::Result<(
     }
 }
 
-/// A staged file beside the request's path holding its bytes, not yet flushed.
-fn stage(r: &Request) -> std::io::Result<(File, PathBuf)> {
-    let (mut file, path) = local::staged_file(&r.path)?;
-    if let Err(e) = file.write_all(&r.bytes) {
-        let _ = std::fs::remove_file(&path);
+/// A record's bytes, not yet flushed, in a file no reader can see under the record's name.
+struct Staged {
+    file: File,
+    /// The staged file's name; `None` for an unnamed file.
+    name: Option<PathBuf>,
+}
+
+impl Staged {
+    /// Gives the staged data the record's name (`AlreadyExists` when it is taken), and
+    /// removes a staged name.
+    fn link(&self, path: &Path) -> std::io::Result<()> {
+        match &self.name {
+            Some(staged) => {
+                let linked = std::fs::hard_link(staged, path);
+                let _ = std::fs::remove_file(staged);
+                linked
+            }
+            None => {
+                let fd = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                let cwd = rustix::fs::CWD;
+                rustix::fs::linkat(cwd, fd.as_str(), cwd, path, rustix::fs::AtFlags::SYMLINK_FOLLOW).map_err(Into::into)
+            }
+        }
+    }
+
+    fn discard(&self) {
+        if let Some(staged) = &self.name {
+            let _ = std::fs::remove_file(staged);
+        }
+    }
+}
+
+/// The request's bytes in a staged file: unnamed in its directory when `unnamed` and the
+/// filesystem can, else named beside it.
+fn stage(r: &Request, unnamed: bool) -> std::io::Result<Staged> {
+    let unnamed = if unnamed { unnamed_file(&r.path)? } else { None };
+    let mut staged = match unnamed {
+        Some(file) => Staged { file, name: None },
+        None => local::staged_file(&r.path).map(|(file, name)| Staged { file, name: Some(name) })?,
+    };
+    if let Err(e) = staged.file.write_all(&r.bytes) {
+        staged.discard();
         return Err(e);
     }
-    Ok((file, path))
+    Ok(staged)
+}
+
+/// An unnamed file in the directory of `path` (created with its missing ancestors), or
+/// `None` where the filesystem makes none.
+fn unnamed_file(path: &Path) -> std::io::Result<Option<File>> {
+    use rustix::{fs::Mode, fs::OFlags, io::Errno};
+    let dir = local::parent(path);
+    let open = || rustix::fs::open(dir, OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_bits_truncate(0o644));
+    let opened = match open() {
+        Err(Errno::NOENT) => {
+            local::create_dirs(dir)?;
+            open()
+        }
+        other => other,
+    };
+    match opened {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Calls `flush` once per filesystem (device) among `files`.
@@ -167,53 +276,100 @@ mod tests {
     }
 
     /// A batch of any size costs two flushes; each request gets its own answer: created,
-    /// already there (before the batch, or earlier in the same batch).
+    /// already there (before the batch, or earlier in the same batch). Staged unnamed, no
+    /// name appears before the links; staged named, only `#` names do.
     #[test]
     fn a_batch_is_flushed_twice_and_each_record_created_once() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("outcomes/ab")).unwrap();
-        std::fs::write(dir.path().join("outcomes/ab/old.json"), "old").unwrap();
-        let mut batch = Vec::new();
-        let mut answers = Vec::new();
-        for i in 0..50 {
-            // Half in a shard directory that does not exist yet.
-            let shard = if i % 2 == 0 { "ab" } else { "cd" };
-            let (r, a) = request(dir.path().join(format!("outcomes/{shard}/{i}.json")), &format!("{i}"));
-            batch.push(r);
-            answers.push((a, true));
+        for unnamed in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("outcomes/ab")).unwrap();
+            std::fs::write(dir.path().join("outcomes/ab/old.json"), "old").unwrap();
+            let mut batch = Vec::new();
+            let mut answers = Vec::new();
+            for i in 0..50 {
+                // Half in a shard directory that does not exist yet.
+                let shard = if i % 2 == 0 { "ab" } else { "cd" };
+                let (r, a) = request(dir.path().join(format!("outcomes/{shard}/{i}.json")), &format!("{i}"));
+                batch.push(r);
+                answers.push((a, true));
+            }
+            for (name, expected) in [("outcomes/ab/old.json", false), ("outcomes/ab/0.json", false)] {
+                let (r, a) = request(dir.path().join(name), "again");
+                batch.push(r);
+                answers.push((a, expected));
+            }
+            let mut flushes = 0;
+            let mut staged_names = 0;
+            commit(batch, unnamed, &mut |_| {
+                if flushes == 0 {
+                    let names = walk(dir.path());
+                    assert_eq!(names.iter().filter(|n| n.ends_with(".json")).count(), 1, "only the old record: {names:?}");
+                    staged_names = leftovers(dir.path()).len();
+                }
+                flushes += 1;
+                Ok(())
+            });
+            assert_eq!(flushes, 2, "one flush before the links, one after");
+            assert_eq!(staged_names, if unnamed { 0 } else { 52 }, "unnamed: {unnamed}");
+            for (i, (mut answer, expected)) in answers.into_iter().enumerate() {
+                assert_eq!(answer.try_recv().unwrap().unwrap(), expected, "request {i}");
+            }
+            assert_eq!(std::fs::read_to_string(dir.path().join("outcomes/cd/7.json")).unwrap(), "7");
+            assert_eq!(std::fs::read_to_string(dir.path().join("outcomes/ab/0.json")).unwrap(), "0", "the first one wins");
+            assert_eq!(std::fs::read_to_string(dir.path().join("outcomes/ab/old.json")).unwrap(), "old");
+            assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
         }
-        for (name, expected) in [("outcomes/ab/old.json", false), ("outcomes/ab/0.json", false)] {
-            let (r, a) = request(dir.path().join(name), "again");
-            batch.push(r);
-            answers.push((a, expected));
-        }
-        let mut flushes = 0;
-        commit(batch, &mut |_| {
-            flushes += 1;
-            Ok(())
-        });
-        assert_eq!(flushes, 2, "one flush before the links, one after");
-        for (i, (mut answer, expected)) in answers.into_iter().enumerate() {
-            assert_eq!(answer.try_recv().unwrap().unwrap(), expected, "request {i}");
-        }
-        assert_eq!(std::fs::read_to_string(dir.path().join("outcomes/cd/7.json")).unwrap(), "7");
-        assert_eq!(std::fs::read_to_string(dir.path().join("outcomes/ab/0.json")).unwrap(), "0", "the first one wins");
-        assert_eq!(std::fs::read_to_string(dir.path().join("outcomes/ab/old.json")).unwrap(), "old");
-        assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
     }
 
     /// When the data cannot be flushed, no record is created and every request is told.
     #[test]
     fn a_failed_flush_creates_nothing_and_fails_every_request() {
+        for unnamed in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (r1, mut a1) = request(dir.path().join("outcomes/ab/1.json"), "1");
+            let (r2, mut a2) = request(dir.path().join("outcomes/ab/2.json"), "2");
+            commit(vec![r1, r2], unnamed, &mut |_| Err(std::io::Error::other("disk on fire")));
+            for a in [&mut a1, &mut a2] {
+                assert!(a.try_recv().unwrap().unwrap_err().to_string().contains("disk on fire"));
+            }
+            assert!(walk(dir.path()).iter().all(|n| !n.ends_with(".json")), "{:?}", walk(dir.path()));
+            assert!(leftovers(dir.path()).is_empty());
+        }
+    }
+
+    /// Under load a batch's names are made durable by the next batch's flush: two batches,
+    /// three flushes; each batch answered only after the flush that follows its links. A failed
+    /// flush fails the batch linked before it as well as its own, and creates none of its own.
+    #[test]
+    fn the_next_batch_flushes_the_names_of_the_one_before() {
         let dir = tempfile::tempdir().unwrap();
-        let (r1, mut a1) = request(dir.path().join("outcomes/ab/1.json"), "1");
-        let (r2, mut a2) = request(dir.path().join("outcomes/ab/2.json"), "2");
-        commit(vec![r1, r2], &mut |_| Err(std::io::Error::other("disk on fire")));
-        for a in [&mut a1, &mut a2] {
+        let path = |i: u32| dir.path().join(format!("outcomes/ab/{i}.json"));
+        let flushes = std::cell::Cell::new(0);
+        let mut count = |_: &File| {
+            flushes.set(flushes.get() + 1);
+            Ok(())
+        };
+        let (r1, mut a1) = request(path(1), "1");
+        let linked = step(vec![r1], None, true, &mut count);
+        assert!(a1.try_recv().is_err(), "not answered before its names are flushed");
+        assert!(path(1).exists());
+        let (r2, mut a2) = request(path(2), "2");
+        let linked = step(vec![r2], linked, true, &mut count);
+        assert!(a1.try_recv().unwrap().unwrap());
+        assert!(a2.try_recv().is_err());
+        finish(linked, &mut count);
+        assert!(a2.try_recv().unwrap().unwrap());
+        assert_eq!(flushes.get(), 3);
+
+        let (r3, mut a3) = request(path(3), "3");
+        let linked = step(vec![r3], None, true, &mut count);
+        let (r4, mut a4) = request(path(4), "4");
+        let linked = step(vec![r4], linked, true, &mut |_| Err(std::io::Error::other("disk on fire")));
+        assert!(linked.is_none());
+        for a in [&mut a3, &mut a4] {
             assert!(a.try_recv().unwrap().unwrap_err().to_string().contains("disk on fire"));
         }
-        assert!(walk(dir.path()).iter().all(|n| !n.ends_with(".json")), "{:?}", walk(dir.path()));
-        assert!(leftovers(dir.path()).is_empty());
+        assert!(!path(4).exists());
     }
 
     /// Through the thread: concurrent creates of the same key make one record, one `true`.

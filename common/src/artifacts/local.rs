@@ -52,13 +52,13 @@ pub(super) fn staged_file(path: &Path) -> std::io::Result<(std::fs::File, PathBu
     }
 }
 
-fn parent(path: &Path) -> &Path {
+pub(super) fn parent(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("."))
 }
 
 /// Creates `dir` and the ancestors it lacks, syncing the parent of each one it
 /// created (a new directory is durable only once its parent is).
-fn create_dirs(dir: &Path) -> std::io::Result<()> {
+pub(super) fn create_dirs(dir: &Path) -> std::io::Result<()> {
     match std::fs::create_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
