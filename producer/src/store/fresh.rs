@@ -55,13 +55,13 @@ pub(super) fn rows(events: &[JobEvent]) -> BTreeMap<&str, FreshRow<'_>> {
 fn row<'a>(evs: &[&'a JobEvent]) -> FreshRow<'a> {
     let first = evs[0];
     let run = evs.iter().map(|e| run_of(e)).max().unwrap_or(0);
-    let of_run: Vec<JobEvent> = evs.iter().filter(|e| run_of(e) == run).map(|e| (*e).clone()).collect();
+    let of_run: Vec<&JobEvent> = evs.iter().copied().filter(|e| run_of(e) == run).collect();
     let run_since = if run > 0 { of_run.iter().map(|e| micros(e.at)).min().unwrap_or(0) } else { 0 };
     let spec = evs.iter().rev().find_map(|e| e.spec.as_ref());
     let created_at = spec.map_or_else(|| evs.iter().map(|e| micros(e.at)).min().unwrap_or(0), |s| micros(s.submitted_at));
-    let mut by_seq: Vec<&JobEvent> = of_run.iter().collect();
-    by_seq.sort_by_key(|e| e.seq);
-    let since = by_seq.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(created_at));
+    // The run's first event (by seq) that carries a spec, as the store reads a run's events.
+    let run_spec = of_run.iter().filter_map(|e| e.spec.as_ref().map(|s| (e.seq, s.submitted_at))).min_by_key(|(seq, _)| *seq);
+    let since = run_spec.map_or_else(|| from_micros(created_at), |(_, at)| at);
     FreshRow {
         job_id: &first.job_id,
         job_type: &first.job_type,
@@ -69,7 +69,7 @@ fn row<'a>(evs: &[&'a JobEvent]) -> FreshRow<'a> {
         run,
         run_since,
         spec,
-        projection: projection::project(&of_run).expect("a job of the batch has an event"),
+        projection: projection::project(of_run).expect("a job of the batch has an event"),
         created_at,
         since,
     }

@@ -36,8 +36,8 @@ pub struct Projection {
 }
 
 /// Folds the events of one run. `None` when there are none.
-pub fn project(events: &[JobEvent]) -> Option<Projection> {
-    let mut sorted: Vec<&JobEvent> = events.iter().collect();
+pub fn project<'a>(events: impl IntoIterator<Item = &'a JobEvent>) -> Option<Projection> {
+    let mut sorted: Vec<&JobEvent> = events.into_iter().collect();
     sorted.sort_by_key(|e| e.seq);
     let last = *sorted.last()?;
     let status_event = sorted
