@@ -4,6 +4,9 @@
 //! ([`rebuild_since`]: recording is idempotent on `(job_id, run, seq)`, so what the backup
 //! already has is recorded once) from the backup's stored stream position, else from a
 //! time, and stops when caught up: when no entry arrived for `idle` (the stream's tail).
+//! A stream deleted and declared again since the backup restarted its offsets at 0: reading
+//! on after the backup's position would skip the new stream up to it, so that case (the
+//! stream ends before the position, as the recorder checks) reads it from its first entry.
 //! It reads and records as the recorder does ([`crate::recorder::stream`]: batches, each in
 //! one transaction with the stream position), so `trainyard serve` afterwards resumes
 //! where the rebuild stopped instead of reading the stream again.
@@ -46,6 +49,9 @@ pub struct RebuildReport {
     pub audit: u64,
     /// Entries that could not be recorded (parked, listed by `trainyard events parked`).
     pub skipped: u64,
+    /// The restored backup's stream position was past the end of the stream (deleted and
+    /// declared again since): the position was forgotten and the stream read from its first entry.
+    pub stream_restarted: bool,
 }
 
 /// Replays the audit stream into `store`, which must be empty.
@@ -53,13 +59,16 @@ pub async fn rebuild(store: &Store, topology: &Topology, url: &str, idle: Durati
     if !store.is_empty().await? {
         return Err(RebuildError::NotEmpty);
     }
-    replay(store, topology, url, idle, Start::First).await
+    let conn = connect(url, "trainyard-rebuild").await?;
+    replay(store, topology, &conn, idle, Start::First, RebuildReport::default()).await
 }
 
 /// Replays the audit stream into `store`, which may hold jobs: a backup restored into it,
 /// taken after `since`. It reads on from the backup's stream position when the backup has
 /// one (everything before it is in the backup), else from `since`. Events the backup
 /// already has are duplicates (no-ops); the ones recorded after it was taken are recorded now.
+/// When the stream ends before the backup's position (deleted and declared again since), the
+/// position is forgotten and the stream read from its first entry (`stream_restarted`).
 pub async fn rebuild_since(
     store: &Store,
     topology: &Topology,
@@ -67,20 +76,56 @@ pub async fn rebuild_since(
     idle: Duration,
     since: DateTime<Utc>,
 ) -> Result<RebuildReport, RebuildError> {
-    let position = store.stream_position(&topology.events_log()).await?;
-    let start = position.map_or(Start::Since(since), |p| Start::After(p.last_offset));
-    replay(store, topology, url, idle, start).await
+    let conn = connect(url, "trainyard-rebuild").await?;
+    let stream = topology.events_log();
+    let mut report = RebuildReport::default();
+    let start = match store.stream_position(&stream).await? {
+        None => Start::Since(since),
+        Some(p) => {
+            declare(&conn, topology).await?;
+            let last = stream::last_offset_until(&conn, topology, p.last_offset).await?;
+            if last.is_some_and(|l| l >= p.last_offset) {
+                Start::After(p.last_offset)
+            } else {
+                store.reset_stream_position(&stream, p.last_offset).await?;
+                tracing::warn!(
+                    stream,
+                    stored_offset = p.last_offset,
+                    stream_last_offset = ?last,
+                    "{stream} ends before the backup's stored offset {}: it was deleted and declared again since; \
+                     reading it from its first entry",
+                    p.last_offset
+                );
+                report.stream_restarted = true;
+                Start::First
+            }
+        }
+    };
+    replay(store, topology, &conn, idle, start, report).await
 }
 
-async fn replay(store: &Store, topology: &Topology, url: &str, idle: Duration, start: Start) -> Result<RebuildReport, RebuildError> {
-    let conn = connect(url, "trainyard-rebuild").await?;
+/// Declares the shared topology (the events stream among it) on a channel of its own.
+async fn declare(conn: &lapin::Connection, topology: &Topology) -> Result<(), RebuildError> {
+    let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+    topology.declare_shared(&ch).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+async fn replay(
+    store: &Store,
+    topology: &Topology,
+    conn: &lapin::Connection,
+    idle: Duration,
+    start: Start,
+    mut report: RebuildReport,
+) -> Result<RebuildReport, RebuildError> {
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
     topology.declare_shared(&ch).await?;
     let consumer = stream::subscribe(&ch, topology, start, PREFETCH, "trainyard-rebuild").await?;
     let batches = tokio_stream::StreamExt::chunks_timeout(consumer, BATCH, LINGER);
     tokio::pin!(batches);
     let stream = topology.events_log();
-    let mut report = RebuildReport::default();
     while let Ok(Some(batch)) = tokio::time::timeout(idle, batches.next()).await {
         let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("read the events stream"))?;
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { continue };

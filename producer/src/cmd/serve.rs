@@ -114,6 +114,9 @@ pub async fn store(t: Target, url: &str, topology: Topology, cmd: StoreCmd) -> a
     if t.json {
         println!("{}", serde_json::to_value(report)?);
     } else {
+        if report.stream_restarted {
+            println!("the events stream ends before the backup's stored position (deleted and declared again since): read it from its first entry");
+        }
         println!("read {} stream entries, recorded {} events, parked {}", report.read, report.recorded, report.skipped);
     }
     Ok(ExitCode::SUCCESS)

@@ -152,6 +152,39 @@ async fn a_recreated_stream_is_read_from_its_first_entry_on_postgres() {
     schema.drop().await;
 }
 
+/// A backup restored after the events stream was deleted and declared again holds a position
+/// (offset 19) past the new stream's end (offsets 0 to 5). `rebuild_since` finds that as the
+/// recorder does, forgets the position and reads the new stream from its first entry. Without
+/// the check it reads on after offset 19 and records none of the new jobs.
+#[tokio::test]
+async fn a_rebuild_after_the_stream_was_recreated_reads_it_from_its_first_entry() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let recorder = spawn_recorder(&store, &topo);
+    publish_jobs(&ch, &topo, 10).await;
+    until_position(&store, &topo, StreamPosition { last_offset: 19, entries: 20 }, "20 entries recorded").await;
+    recorder.stop().await;
+    // The store is now the backup; then the stream goes and comes back with 3 new jobs.
+    recreate_stream(&ch, &topo).await;
+    let after = publish_jobs(&ch, &topo, 3).await;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let idle = std::time::Duration::from_secs(1);
+    let report = trainyard::rebuild::rebuild_since(&store, &topo, AMQP_URL, idle, since).await.unwrap();
+    assert!(report.stream_restarted, "{report:?}");
+    assert_eq!((report.read, report.recorded), (6, 6), "{report:?}");
+    for id in &after {
+        assert_eq!(store.job(id).await.unwrap().map(|j| j.status), Some(JobStatus::Started), "job {id}");
+    }
+    assert_eq!(position(&store, &topo).await, Some(StreamPosition { last_offset: 5, entries: 6 }));
+    // Its position is in the new stream now: a second rebuild reads on after it.
+    let again = trainyard::rebuild::rebuild_since(&store, &topo, AMQP_URL, idle, since).await.unwrap();
+    assert!(!again.stream_restarted, "{again:?}");
+    assert_eq!(again.recorded, 0, "{again:?}");
+    cleanup(&topo, &[]).await;
+}
+
 /// An installation of an earlier release: `<prefix>.recorder` bound to the events exchange,
 /// holding events the stream does not have (published to the queue alone). The recorder
 /// records them, unbinds and deletes the queue.
