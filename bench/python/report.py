@@ -48,6 +48,7 @@ def main():
             "recorded_jobs_per_s": ty.get("recorded_jobs_per_s"), "raw_recorded_jobs_per_s": rw.get("recorded_jobs_per_s"),
             "cpu_us_per_job": ty.get("cpu_us_per_job"), "raw_cpu_us_per_job": rw.get("cpu_us_per_job"),
             "worker_peak_rss_mb": ty.get("worker_peak_rss_mb"), "broker_ops": ty.get("broker_ops"),
+            "broker_reductions_per_job": ty.get("broker_reductions_per_job"), "raw_broker_reductions_per_job": rw.get("broker_reductions_per_job"),
             "runs": {"trainyard": [x["jobs_per_s"] for x in ty_runs], "raw": [x["jobs_per_s"] for x in rw_runs]},
         }
         tm = load(os.path.join(raw_dir, "dispatch-tmpfs.json"))
@@ -124,6 +125,9 @@ def main():
         if "tmpfs_artifacts_jobs_per_s" in d:
             rows.append(("Dispatch, artifacts on tmpfs", num(d["tmpfs_artifacts_jobs_per_s"], 0), f"raw lapin {num(d['raw_jobs_per_s'], 0)}",
                          f"{d['tmpfs_artifacts_ratio']:.2f}", "(diagnostic)", None))
+        br, brr = d.get("broker_reductions_per_job"), d.get("raw_broker_reductions_per_job")
+        if br and brr:
+            rows.append(("Broker work per job (Erlang reductions)", num(br, 0), f"raw lapin {num(brr, 0)}", f"{br / brr:.2f}", "(diagnostic)", None))
     o = r.get("outcome_records")
     if o:
         rows.append(("Outcome record, durable (us)", num(o["us_per_record"], 0), f"{num(o['records_per_s'], 0)} records/s", "", "(diagnostic)", None))

@@ -115,3 +115,21 @@ pub async fn cleanup(url: &str, prefix: &str) -> anyhow::Result<()> {
     let _ = conn.close(200, "bench cleanup".into()).await;
     Ok(())
 }
+
+/// The local broker's reductions (the Erlang VM's count of work done, all its processes) so
+/// far, read with `rabbitmqctl eval`; `None` when that cannot be run (no CLI, another host).
+/// Unlike its CPU time, this does not grow with what else the machine does: the difference of
+/// two readings over a run is the work the run asked of the broker. `rabbitmqctl` itself costs
+/// about a second of CPU: read it outside a timed window.
+pub async fn reductions() -> Option<u64> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["eval", "element(1, erlang:statistics(exact_reductions))."])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out).await.ok()?.ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}

@@ -222,6 +222,7 @@ async fn run_inner(env: &Env, kind: Kind, prefix: &str, shape: Shape) -> anyhow:
         submit_all(&publisher, warm, shape.submitters).await?;
         wait_jobs(&mut rx, &mut seen, warm, Duration::from_secs(60)).await?;
 
+        let reductions = broker::reductions().await;
         let cpu = CpuMeter::start(&procs);
         let t0 = Instant::now();
         let submitting = {
@@ -256,6 +257,11 @@ async fn run_inner(env: &Env, kind: Kind, prefix: &str, shape: Shape) -> anyhow:
         r["broker_ops"] = broker_ops();
         // CPU of every process (and the broker) from the first submit to the end, recorder drain included.
         r["cpu_us_per_job"] = cpu.per_job_us(shape.jobs);
+        // The broker's work over the same window, which its CPU time per job is not: that also
+        // grows with what the other processes do to the machine (its disk above all).
+        if let (Some(before), Some(after)) = (reductions, broker::reductions().await) {
+            r["broker_reductions_per_job"] = json!((after.saturating_sub(before) as f64 / shape.jobs as f64).round());
+        }
         anyhow::Ok(r)
     }
     .await;
