@@ -59,8 +59,8 @@ pub async fn rebuild(store: &Store, topology: &Topology, url: &str, idle: Durati
     if !store.is_empty().await? {
         return Err(RebuildError::NotEmpty);
     }
-    let conn = connect(url, "trainyard-rebuild").await?;
-    replay(store, topology, &conn, idle, Start::First, RebuildReport::default()).await
+    let (conn, ch) = open(url, topology).await?;
+    replay(&conn, ch, store, topology, idle, Start::First, RebuildReport::default()).await
 }
 
 /// Replays the audit stream into `store`, which may hold jobs: a backup restored into it,
@@ -76,52 +76,37 @@ pub async fn rebuild_since(
     idle: Duration,
     since: DateTime<Utc>,
 ) -> Result<RebuildReport, RebuildError> {
-    let conn = connect(url, "trainyard-rebuild").await?;
-    let stream = topology.events_log();
+    let (conn, ch) = open(url, topology).await?;
     let mut report = RebuildReport::default();
-    let start = match store.stream_position(&stream).await? {
+    let start = match store.stream_position(&topology.events_log()).await? {
         None => Start::Since(since),
         Some(p) => {
-            declare(&conn, topology).await?;
-            let last = stream::last_offset_until(&conn, topology, p.last_offset).await?;
-            if last.is_some_and(|l| l >= p.last_offset) {
-                Start::After(p.last_offset)
-            } else {
-                store.reset_stream_position(&stream, p.last_offset).await?;
-                tracing::warn!(
-                    stream,
-                    stored_offset = p.last_offset,
-                    stream_last_offset = ?last,
-                    "{stream} ends before the backup's stored offset {}: it was deleted and declared again since; \
-                     reading it from its first entry",
-                    p.last_offset
-                );
-                report.stream_restarted = true;
-                Start::First
-            }
+            let after = stream::read_on_from::<RebuildError>(&conn, topology, store, p.last_offset).await?;
+            report.stream_restarted = after.is_none();
+            Start::after(after)
         }
     };
-    replay(store, topology, &conn, idle, start, report).await
+    replay(&conn, ch, store, topology, idle, start, report).await
 }
 
-/// Declares the shared topology (the events stream among it) on a channel of its own.
-async fn declare(conn: &lapin::Connection, topology: &Topology) -> Result<(), RebuildError> {
+/// A connection to the broker and a channel on it with the shared topology (the events
+/// stream among it) declared.
+async fn open(url: &str, topology: &Topology) -> Result<(lapin::Connection, lapin::Channel), RebuildError> {
+    let conn = connect(url, "trainyard-rebuild").await?;
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
     topology.declare_shared(&ch).await?;
-    let _ = ch.close(200, "declared".into()).await;
-    Ok(())
+    Ok((conn, ch))
 }
 
 async fn replay(
+    conn: &lapin::Connection,
+    ch: lapin::Channel,
     store: &Store,
     topology: &Topology,
-    conn: &lapin::Connection,
     idle: Duration,
     start: Start,
     mut report: RebuildReport,
 ) -> Result<RebuildReport, RebuildError> {
-    let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
-    topology.declare_shared(&ch).await?;
     let consumer = stream::subscribe(&ch, topology, start, PREFETCH, "trainyard-rebuild").await?;
     let batches = tokio_stream::StreamExt::chunks_timeout(consumer, BATCH, LINGER);
     tokio::pin!(batches);

@@ -142,7 +142,7 @@ impl Recorder {
         let stream = self.topology.events_log();
         let mut after = self.store.stream_position(&stream).await?.map(|p| p.last_offset);
         if let Some(stored) = after {
-            after = self.check_position(&conn, &stream, stored).await?;
+            after = self.check_position(&conn, stored).await?;
         }
         let events = stream::subscribe(&ch, &self.topology, stream::Start::after(after), PREFETCH, "").await?;
         // Events and dead letters on channels of their own: stream entries are acked in
@@ -191,30 +191,14 @@ impl Recorder {
         }
     }
 
-    /// Where to read on from, given the `stored` position in `stream`: after it, or from the
-    /// first entry (`None`) when the stream ends before it. A stream deleted and declared again
-    /// starts its offsets at 0, and reading after `stored` would skip every entry of the new
-    /// stream up to it; the position is reset then (logged as an error and counted in
-    /// `trainyard_stream_restarts_total`). Entries read twice are recorded once. A stream that
-    /// reaches `stored` costs one read of its last chunk; one that does not, [`stream::PROBE_IDLE`].
-    async fn check_position(&self, conn: &lapin::Connection, stream: &str, stored: i64) -> Result<Option<i64>, RecorderError> {
-        let last = stream::last_offset_until(conn, &self.topology, stored).await?;
-        if last.is_some_and(|l| l >= stored) {
-            return Ok(Some(stored));
-        }
-        let reset = self.store.reset_stream_position(stream, stored).await?;
-        tracing::error!(
-            stream,
-            stored_offset = stored,
-            stream_last_offset = ?last,
-            position_reset = reset,
-            "{stream} ends before the recorder's stored offset {stored}: it was deleted and declared again \
-             (what the old stream held past that offset went with it); recording the new one from its first entry"
-        );
-        if let Some(m) = &self.metrics {
+    /// Where to read on from, given the `stored` position ([`stream::read_on_from`]); a stream
+    /// found deleted and declared again is counted in `trainyard_stream_restarts_total`.
+    async fn check_position(&self, conn: &lapin::Connection, stored: i64) -> Result<Option<i64>, RecorderError> {
+        let after = stream::read_on_from::<RecorderError>(conn, &self.topology, &self.store, stored).await?;
+        if let (None, Some(m)) = (after, &self.metrics) {
             m.stream_restarts.inc();
         }
-        Ok(None)
+        Ok(after)
     }
 
     /// Records a batch of stream entries (those after `after`) and the offset of its last

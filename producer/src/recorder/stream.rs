@@ -15,7 +15,7 @@ use lapin::{
 };
 use trainyard_common::{headers, topology::Topology, CommonError};
 
-use crate::store::{ParkedEvent, StreamBatch};
+use crate::store::{ParkedEvent, Store, StoreError, StreamBatch};
 
 /// The argument that says where a stream consumer starts, and the header that gives
 /// each delivery's offset.
@@ -90,6 +90,35 @@ pub async fn last_offset_until(conn: &Connection, topology: &Topology, until: i6
     }
     let _ = ch.close(200, "read the last chunk".into()).await;
     Ok(last)
+}
+
+/// Where to read the events stream on from, given a `stored` position in it: after it, or
+/// from the first entry (`None`) when the stream ends before it. A stream deleted and
+/// declared again starts its offsets at 0, and reading after `stored` would skip every entry
+/// of the new stream up to it; the position is reset then (logged as an error). Entries read
+/// twice are recorded once. A stream that reaches `stored` costs one read of its last chunk;
+/// one that does not, [`PROBE_IDLE`]. The recorder and `store rebuild --since` both start so.
+pub async fn read_on_from<E: From<CommonError> + From<StoreError>>(
+    conn: &Connection,
+    topology: &Topology,
+    store: &Store,
+    stored: i64,
+) -> Result<Option<i64>, E> {
+    let last = last_offset_until(conn, topology, stored).await?;
+    if last.is_some_and(|l| l >= stored) {
+        return Ok(Some(stored));
+    }
+    let stream = topology.events_log();
+    let reset = store.reset_stream_position(&stream, stored).await?;
+    tracing::error!(
+        stream,
+        stored_offset = stored,
+        stream_last_offset = ?last,
+        position_reset = reset,
+        "{stream} ends before the stored offset {stored}: it was deleted and declared again \
+         (what the old stream held past that offset went with it); recording the new one from its first entry"
+    );
+    Ok(None)
 }
 
 /// The stream offset of a delivery from a stream.
