@@ -37,25 +37,23 @@ impl Store {
     }
 
     /// [`Store::record_events`] inside the caller's transaction.
+    ///
+    /// Every job of the batch is locked before its stored events are read (a row this batch
+    /// creates by its insert, the others `FOR UPDATE` on PostgreSQL; SQLite has one writer),
+    /// so the events read are all there are until the commit: which of the batch's are new is
+    /// known before they are inserted, and no row comes back per event (on SQLite each row
+    /// returned is a hop between the database thread and the caller's).
     pub(super) async fn record_events_in(&self, tx: &mut sqlx::AnyConnection, events: &[JobEvent]) -> Result<Vec<Recorded>, StoreError> {
         let mut out = vec![Recorded { new: false, since: None }; events.len()];
         if events.is_empty() {
             return Ok(out);
         }
-        let now = micros(Utc::now());
         // A write first, so SQLite takes its write lock now rather than failing to upgrade later.
         let rows = fresh::rows(events);
         let created = self.create_rows(tx, &rows).await?;
         let ids: Vec<&str> = rows.keys().copied().filter(|id| !created.contains(id)).collect();
         // job_id → (run, run_since, when the job was submitted as far as the row knows)
-        let mut state: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(ids.len());
-        let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
-        let sql = format!(
-            "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({{}}) ORDER BY job_id{lock}"
-        );
-        for r in self.select_in(tx, &sql, &ids, "read job rows").await? {
-            state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
-        }
+        let mut state = self.read_runs(tx, &ids).await?;
         for &id in &created {
             let row = &rows[id];
             state.insert(id.to_string(), (row.run, row.run_since, row.created_at));
@@ -71,40 +69,13 @@ impl Store {
             })
             .collect();
         self.advance_runs(tx, events, &event_runs, &mut state).await?;
-        // Each (job, run, seq) once; later copies in the batch are duplicates.
-        let mut keyed: HashMap<(&str, i64, u64), usize> = HashMap::with_capacity(events.len());
-        for (i, e) in events.iter().enumerate() {
-            keyed.entry((e.job_id.as_str(), event_runs[i], e.seq)).or_insert(i);
-        }
-        let mut unique: Vec<((&str, i64, u64), usize)> = keyed.into_iter().collect();
-        unique.sort_unstable();
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) VALUES {} \
-                 ON CONFLICT (job_id, run, seq) DO NOTHING RETURNING job_id, run, seq",
-                values_list(self.backend, chunk.len(), 8, "")
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-            for &((_, run, _), i) in chunk {
-                let e = &events[i];
-                let body = serde_json::to_string(e).map_err(|err| StoreError::Decode { what: "event", reason: err.to_string() })?;
-                query = query
-                    .bind(&e.job_id)
-                    .bind(run)
-                    .bind(e.seq as i64)
-                    .bind(e.status.as_str())
-                    .bind(i64::from(e.attempt))
-                    .bind(micros(e.at))
-                    .bind(body)
-                    .bind(now);
-            }
-            let index: HashMap<(&str, i64, u64), usize> = chunk.iter().copied().collect();
-            for r in query.fetch_all(&mut *tx).await.map_err(q("insert events"))? {
-                let (job_id, run, seq): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
-                if let Some(&i) = index.get(&(job_id.as_str(), run, seq as u64)) {
-                    out[i].new = true;
-                }
-            }
+        // A job created by this batch has no stored events; the others' are read once, for
+        // both what is new and their projection.
+        let stored = self.stored_events(tx, &ids).await?;
+        let new = new_events(events, &event_runs, &stored);
+        self.insert_events(tx, events, &event_runs, &new).await?;
+        for &i in &new {
+            out[i].new = true;
         }
         // A row this batch created holds its spec and projection already: its terminal events
         // only need their duration's start.
@@ -126,30 +97,93 @@ impl Store {
             }
         }
         self.update_specs(tx, &specs).await?;
-        let touched_ids: Vec<&str> = touched.keys().copied().collect();
-        let mut run_events: HashMap<String, Vec<JobEvent>> = HashMap::with_capacity(touched_ids.len());
-        let sql = "SELECT job_id, run, body FROM job_events WHERE job_id IN ({}) ORDER BY job_id, seq";
-        for r in self.select_in(tx, sql, &touched_ids, "read events").await? {
-            let job_id: String = r.get(0);
-            if r.get::<i64, _>(1) == state[job_id.as_str()].0 {
-                let event = types::from_json::<JobEvent>("event", &r.get::<String, _>(2))?;
-                run_events.entry(job_id).or_default().push(event);
+        let mut projections = Vec::with_capacity(touched.len());
+        for (&job_id, new_events) in &touched {
+            let run = state[job_id].0;
+            let mut run_events = Vec::new();
+            for s in stored.get(job_id).into_iter().flatten().filter(|s| s.run == run) {
+                run_events.push(types::from_json::<JobEvent>("event", &s.body)?);
             }
-        }
-        let projections: Vec<(&str, Projection)> = touched
-            .keys()
-            .filter_map(|&job_id| projection::project(run_events.get(job_id).map(Vec::as_slice).unwrap_or_default()).map(|p| (job_id, p)))
-            .collect();
-        self.update_projections(tx, &projections).await?;
-        for (job_id, new_events) in touched {
-            let run = run_events.get(job_id).map(Vec::as_slice).unwrap_or_default();
+            run_events.extend(new_events.iter().map(|&i| events[i].clone()));
+            run_events.sort_by_key(|e| e.seq);
             // A job's duration starts at its submission: the `queued` event's spec, else the row.
-            let since = run.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(state[job_id].2));
-            for i in new_events.into_iter().filter(|&i| events[i].status.is_terminal()) {
+            let since =
+                run_events.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(state[job_id].2));
+            for &i in new_events.iter().filter(|&&i| events[i].status.is_terminal()) {
                 out[i].since = Some(since);
             }
+            if let Some(p) = projection::project(&run_events) {
+                projections.push((job_id, p));
+            }
         }
+        self.update_projections(tx, &projections).await?;
         Ok(out)
+    }
+
+    /// The run, run start and submission time of each job of `ids` that has a row, locked
+    /// until the transaction ends on PostgreSQL (in `job_id` order, so concurrent recorders
+    /// cannot deadlock).
+    async fn read_runs(&self, tx: &mut sqlx::AnyConnection, ids: &[&str]) -> Result<HashMap<String, (i64, i64, i64)>, StoreError> {
+        let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
+        let sql = format!(
+            "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({{}}) ORDER BY job_id{lock}"
+        );
+        let mut state = HashMap::with_capacity(ids.len());
+        for r in self.select_in(tx, &sql, ids, "read job rows").await? {
+            state.insert(r.get(0), (r.get(1), r.get(2), r.get(3)));
+        }
+        Ok(state)
+    }
+
+    /// The stored events of each job of `ids` (locked by the caller), bodies undecoded.
+    async fn stored_events(&self, tx: &mut sqlx::AnyConnection, ids: &[&str]) -> Result<HashMap<String, Vec<StoredEvent>>, StoreError> {
+        let mut stored: HashMap<String, Vec<StoredEvent>> = HashMap::with_capacity(ids.len());
+        let sql = "SELECT job_id, run, seq, body FROM job_events WHERE job_id IN ({})";
+        for r in self.select_in(tx, sql, ids, "read events").await? {
+            let event = StoredEvent { run: r.get(1), seq: r.get::<i64, _>(2) as u64, body: r.get(3) };
+            stored.entry(r.get(0)).or_default().push(event);
+        }
+        Ok(stored)
+    }
+
+    /// Inserts the events at `new` (indexes into `events`, none of them stored: the caller
+    /// holds their jobs' locks). One statement per chunk; a chunk that inserts fewer rows
+    /// than it carries means another writer got past those locks, and fails the batch.
+    async fn insert_events(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        events: &[JobEvent],
+        runs: &[i64],
+        new: &[usize],
+    ) -> Result<(), StoreError> {
+        let now = micros(Utc::now());
+        for chunk in new.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) VALUES {} \
+                 ON CONFLICT (job_id, run, seq) DO NOTHING",
+                values_list(self.backend, chunk.len(), 8, "")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+            for &i in chunk {
+                let e = &events[i];
+                let body = serde_json::to_string(e).map_err(|err| StoreError::Decode { what: "event", reason: err.to_string() })?;
+                query = query
+                    .bind(&e.job_id)
+                    .bind(runs[i])
+                    .bind(e.seq as i64)
+                    .bind(e.status.as_str())
+                    .bind(i64::from(e.attempt))
+                    .bind(micros(e.at))
+                    .bind(body)
+                    .bind(now);
+            }
+            let inserted = query.execute(&mut *tx).await.map_err(q("insert events"))?.rows_affected();
+            if inserted != chunk.len() as u64 {
+                let reason = format!("{inserted} of {} new events inserted: another writer recorded some meanwhile", chunk.len());
+                return Err(StoreError::Query { what: "insert events".into(), source: sqlx::Error::Protocol(reason) });
+            }
+        }
+        Ok(())
     }
 
     /// Creates the row of each job of the batch that has none, as the batch alone makes it
@@ -277,6 +311,29 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// An event as stored: its key and its undecoded body.
+struct StoredEvent {
+    run: i64,
+    seq: u64,
+    body: String,
+}
+
+/// The events of the batch to insert, by index, in `(job, run, seq)` order: each key once
+/// (the first copy in the batch), and none that is stored already.
+fn new_events(events: &[JobEvent], runs: &[i64], stored: &HashMap<String, Vec<StoredEvent>>) -> Vec<usize> {
+    let stored: HashSet<(&str, i64, u64)> =
+        stored.iter().flat_map(|(job_id, evs)| evs.iter().map(move |s| (job_id.as_str(), s.run, s.seq))).collect();
+    let mut keyed: HashMap<(&str, i64, u64), usize> = HashMap::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        if !stored.contains(&(e.job_id.as_str(), runs[i], e.seq)) {
+            keyed.entry((e.job_id.as_str(), runs[i], e.seq)).or_insert(i);
+        }
+    }
+    let mut unique: Vec<((&str, i64, u64), usize)> = keyed.into_iter().collect();
+    unique.sort_unstable();
+    unique.into_iter().map(|(_, i)| i).collect()
 }
 
 /// The run of an event that carries none (written before runs were carried): the row's
