@@ -69,6 +69,15 @@ pub mod keys {
     }
 }
 
+/// What is recorded of a job before it runs ([`ArtifactStore::job_records`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecords {
+    /// The key of its outcome record, if it has one.
+    pub outcome: Option<String>,
+    /// Is a cancel marker there?
+    pub cancel_marker: bool,
+}
+
 /// A handle on the artifact store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
@@ -209,15 +218,19 @@ impl ArtifactStore {
         created.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
-    /// The key of a job's recorded outcome, if it has one (also where older stores kept it).
-    /// Two `stat`s on a local directory for a job that has none.
-    pub async fn outcome_key(&self, job_id: &str) -> Result<Option<String>, CommonError> {
+    /// What is recorded of a job before a worker runs it: the key of its outcome, if it has
+    /// one (also where older stores kept it), and whether a cancel marker waits for it. Two
+    /// `stat`s on a local directory for a job that has neither: no outcome record, no
+    /// directory of the job (which would hold an older store's outcome and the marker).
+    pub async fn job_records(&self, job_id: &str) -> Result<JobRecords, CommonError> {
         let key = keys::outcome(job_id);
-        if self.exists(&key).await? {
-            return Ok(Some(key));
+        let recorded = self.exists(&key).await?;
+        if !self.may_hold(&keys::job(job_id)).await? {
+            return Ok(JobRecords { outcome: recorded.then_some(key), cancel_marker: false });
         }
         let legacy = keys::legacy_outcome(job_id);
-        Ok((self.may_hold(&keys::job(job_id)).await? && self.exists(&legacy).await?).then_some(legacy))
+        let outcome = if recorded { Some(key) } else { self.exists(&legacy).await?.then_some(legacy) };
+        Ok(JobRecords { outcome, cancel_marker: self.exists(&keys::cancel_marker(job_id)).await? })
     }
 
     /// `false` when nothing is stored under `prefix`; `true` when something may be
@@ -357,7 +370,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn outcome_key_finds_new_and_legacy_records_and_may_hold_sees_prefixes() {
+    async fn job_records_finds_new_and_legacy_outcomes_and_cancel_markers_and_may_hold_sees_prefixes() {
         let dir = tempfile::tempdir().unwrap();
         for location in [dir.path().display().to_string(), "memory://".to_string()] {
             let store = ArtifactStore::open(&location).unwrap();
@@ -369,9 +382,10 @@ mod tests {
             store.put(&keys::cancel_marker(none), "{}").await.unwrap();
             assert!(store.may_hold(&keys::job(old)).await.unwrap() && store.may_hold(&keys::job(none)).await.unwrap());
             assert!(!store.may_hold(&keys::job(new)).await.unwrap(), "the outcome is outside the job's prefix ({location})");
-            assert_eq!(store.outcome_key(new).await.unwrap(), Some(keys::outcome(new)));
-            assert_eq!(store.outcome_key(old).await.unwrap(), Some(keys::legacy_outcome(old)), "{location}");
-            assert_eq!(store.outcome_key(none).await.unwrap(), None);
+            let records = |outcome: Option<String>, cancel_marker| JobRecords { outcome, cancel_marker };
+            assert_eq!(store.job_records(new).await.unwrap(), records(Some(keys::outcome(new)), false));
+            assert_eq!(store.job_records(old).await.unwrap(), records(Some(keys::legacy_outcome(old)), false), "{location}");
+            assert_eq!(store.job_records(none).await.unwrap(), records(None, true), "{location}");
         }
     }
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use trainyard_common::artifacts::{keys, ArtifactStore};
+use trainyard_common::artifacts::{keys, ArtifactStore, JobRecords};
 
 /// A moto S3 server on a free local port, stopped on drop.
 struct Moto {
@@ -93,7 +93,7 @@ async fn artifacts_round_trip_on_an_s3_bucket_under_a_prefix() {
     let job = "0193aaaa-0000-7000-8000-0000000000f1";
 
     assert!(!store.may_hold(&keys::job(job)).await.unwrap());
-    assert_eq!(store.outcome_key(job).await.unwrap(), None);
+    assert_eq!(store.job_records(job).await.unwrap(), JobRecords { outcome: None, cancel_marker: false });
     store.put(&format!("{}/metrics.json", keys::job(job)), "{\"accuracy\": 0.9}").await.unwrap();
     store.put(&keys::attempt_log(job, 1), "line\n").await.unwrap();
     assert!(store.may_hold(&keys::job(job)).await.unwrap());
@@ -104,7 +104,7 @@ async fn artifacts_round_trip_on_an_s3_bucket_under_a_prefix() {
     // Created once: a second create of the outcome record is refused and changes nothing.
     assert!(store.put_if_absent(&keys::outcome(job), "{\"first\": true}").await.unwrap());
     assert!(!store.put_if_absent(&keys::outcome(job), "{\"first\": false}").await.unwrap());
-    assert_eq!(store.outcome_key(job).await.unwrap(), Some(keys::outcome(job)));
+    assert_eq!(store.job_records(job).await.unwrap().outcome, Some(keys::outcome(job)));
     assert_eq!(store.get(&keys::outcome(job)).await.unwrap().unwrap(), "{\"first\": true}");
 
     // Everything is under the prefix in the bucket.

@@ -183,7 +183,7 @@ impl Ops {
         };
         let metrics = keep(self.artifacts.get_json(&models::metrics_key(job_id)).await);
         let confusion_matrix = keep(self.artifacts.get_json(&format!("{}/confusion_matrix.json", keys::job(job_id))).await);
-        let outcome = match self.artifacts.outcome_key(job_id).await {
+        let outcome = match self.artifacts.job_records(job_id).await.map(|r| r.outcome) {
             Ok(Some(key)) => keep(self.artifacts.get_json(&key).await),
             Ok(None) => None,
             Err(e) => keep(Err(e)),

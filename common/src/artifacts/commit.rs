@@ -119,8 +119,8 @@ fn step(batch: Vec<Request>, before: Option<Linked>, unnamed: bool, flush: &mut 
     }
     // Every staged file's data is on disk before a name points at it.
     let before = before.map_or_else(Vec::new, |l| l.0);
-    let names = before.iter().filter(|(_, _, l)| l.is_ok()).map(|(_, s, _)| &s.file);
-    let flushed = flush_each_filesystem(staged.iter().map(|(_, s)| &s.file).chain(names), flush);
+    let names = before.iter().filter(|(_, _, l)| l.is_ok()).map(|(_, s, _)| s);
+    let flushed = flush_each_filesystem(staged.iter().map(|(_, s)| s).chain(names), flush);
     answer(before, &flushed);
     if let Err(e) = flushed {
         for (r, s) in staged {
@@ -143,7 +143,7 @@ fn step(batch: Vec<Request>, before: Option<Linked>, unnamed: bool, flush: &mut 
 /// Flushes the names of a linked batch and answers it.
 fn finish(linked: Option<Linked>, flush: &mut dyn FnMut(&File) -> std::io::Result<()>) {
     let Some(Linked(linked)) = linked else { return };
-    let flushed = flush_each_filesystem(linked.iter().filter(|(_, _, l)| l.is_ok()).map(|(_, s, _)| &s.file), flush);
+    let flushed = flush_each_filesystem(linked.iter().filter(|(_, _, l)| l.is_ok()).map(|(_, s, _)| s), flush);
     answer(linked, &flushed);
 }
 
@@ -164,6 +164,8 @@ struct Staged {
     file: File,
     /// The staged file's name; `None` for an unnamed file.
     name: Option<PathBuf>,
+    /// The device of its filesystem (looked up once: the batch's two flushes both need it).
+    dev: u64,
 }
 
 impl Staged {
@@ -195,11 +197,16 @@ impl Staged {
 /// filesystem can, else named beside it.
 fn stage(r: &Request, unnamed: bool) -> std::io::Result<Staged> {
     let unnamed = if unnamed { unnamed_file(&r.path)? } else { None };
-    let mut staged = match unnamed {
-        Some(file) => Staged { file, name: None },
-        None => local::staged_file(&r.path).map(|(file, name)| Staged { file, name: Some(name) })?,
+    let (file, name) = match unnamed {
+        Some(file) => (file, None),
+        None => local::staged_file(&r.path).map(|(file, name)| (file, Some(name)))?,
     };
-    if let Err(e) = staged.file.write_all(&r.bytes) {
+    let mut staged = Staged { file, name, dev: 0 };
+    let written = staged.file.metadata().and_then(|m| {
+        staged.dev = m.dev();
+        staged.file.write_all(&r.bytes)
+    });
+    if let Err(e) = written {
         staged.discard();
         return Err(e);
     }
@@ -228,15 +235,14 @@ fn unnamed_file(path: &Path) -> std::io::Result<Option<File>> {
 
 /// Calls `flush` once per filesystem (device) among `files`.
 fn flush_each_filesystem<'a>(
-    files: impl Iterator<Item = &'a File>,
+    files: impl Iterator<Item = &'a Staged>,
     flush: &mut dyn FnMut(&File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let mut done = Vec::new();
-    for file in files {
-        let dev = file.metadata()?.dev();
-        if !done.contains(&dev) {
-            flush(file)?;
-            done.push(dev);
+    for staged in files {
+        if !done.contains(&staged.dev) {
+            flush(&staged.file)?;
+            done.push(staged.dev);
         }
     }
     Ok(())

@@ -157,24 +157,17 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     let spec = &at.spec;
     let store = &shared.config.artifacts;
     // Effectively once: a job whose outcome is recorded is not run again; nor one
-    // cancelled before it started. For a fresh job on a local store this is three
+    // cancelled before it started. For a fresh job on a local store this is two
     // `stat`s on the calling thread: no outcome file, no directory of the job.
     // A failing store is retried for this delivery alone (`store_retry`).
     let retry = at.store_retry(shared, sctx);
     let id = spec.job_id.as_str();
-    let outcome = retry
-        .run("read the outcome record", || async move {
-            match store.outcome_key(id).await? {
-                Some(key) => store.get_json::<Outcome>(&key).await,
-                None => Ok(None),
-            }
-        })
-        .await?;
-    let cancelled = retry
-        .run("look for a cancel marker", || async move {
-            Ok(store.may_hold(&keys::job(id)).await? && store.exists(&keys::cancel_marker(id)).await?)
-        })
-        .await?;
+    let records = retry.run("look up the outcome record and a cancel marker", || store.job_records(id)).await?;
+    let outcome = match &records.outcome {
+        Some(key) => retry.run("read the outcome record", || store.get_json::<Outcome>(key)).await?,
+        None => None,
+    };
+    let cancelled = records.cancel_marker;
     if let Some(outcome) = outcome {
         tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
         publish_event(sctx, shared, &at.recorded(outcome.event)).await?;
