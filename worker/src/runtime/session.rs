@@ -66,6 +66,9 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     let stop_jobs = lost.child_token();
     let stop_consuming = CancellationToken::new();
     let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone(), held: Held::default() };
+    // Cancel requests are heard before the first job starts: a request published for a job
+    // that started in between would find no queue bound and be dropped by the exchange.
+    let control = start_control(&conn, &shared, &lost).await?;
     let jobs = TaskTracker::new();
     let mut consumers = Vec::new();
     let mut handles = Vec::new();
@@ -88,7 +91,6 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
         let ctx = tiers::Dispatch { job_type: job_type.clone(), shared: shared.clone(), sctx: sctx.clone(), jobs: jobs.clone() };
         handles.push(tokio::spawn(tiers::run(tier_consumers, ctx, usize::from(cfg.concurrency), stop_consuming.clone())));
     }
-    let control = start_control(&conn, &shared, &lost).await?;
     shared.connected.store(true, Ordering::SeqCst);
     tracing::info!(types = ?shared.registry.job_types(), concurrency = cfg.concurrency, "worker consuming");
 
