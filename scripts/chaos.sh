@@ -61,7 +61,9 @@ log() { echo "[chaos $(date +%T)] $*" >&2; }
 
 if [[ ${CHAOS_BUILD:-1} != 0 ]]; then
   log "building binaries"
-  cargo build -q --bins -p trainyard -p trainyard-worker && cargo build -q -p trainyard-tests --example chaos || exit 1
+  # The whole workspace, as scripts/test.sh builds and tests it: selecting packages (-p) resolves
+  # their dependencies' features apart and compiles many of them a second time.
+  cargo build -q --workspace --bins --tests --examples || exit 1
 fi
 T_START=$SECONDS
 BIN=$ROOT/target/debug

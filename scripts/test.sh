@@ -34,7 +34,8 @@ if ! phase "build" cargo build --workspace --bins --tests; then
 fi
 step "clippy" cargo clippy --workspace --all-targets --no-deps -- -D warnings
 step "tests" run_tests --workspace "${FILTER_ALL[@]}"
-step "tests that disrupt the broker (serial)" run_tests -p trainyard-tests "${FILTER_SERIAL[@]}"
+# --workspace, not -p trainyard-tests: the build above, with no second feature resolution to compile.
+step "tests that disrupt the broker (serial)" run_tests --workspace "${FILTER_SERIAL[@]}"
 step "chaos verdict self-test" python3 scripts/chaos_check.py selftest
 step "chaos, small (serial)" scripts/chaos.sh --jobs 60 --workers 2 --duration 40
 step "flood, short (serial)" env CHAOS_BUILD=0 CHAOS_FLOOD_PARTS="memory timeout" CHAOS_FLOOD_JOBS=20000 CHAOS_FLOOD_SECONDS=45 scripts/chaos.sh --flood
