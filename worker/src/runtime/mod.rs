@@ -15,6 +15,7 @@ pub mod http;
 pub mod joblog;
 mod livelog;
 pub mod process;
+mod running;
 pub mod session;
 pub mod store_retry;
 pub mod tiers;

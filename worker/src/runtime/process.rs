@@ -31,14 +31,12 @@ use trainyard_common::{
 use super::{
     disposition::{decide, Disposition},
     joblog::JobLogs,
+    running,
     session::SessionCtx,
     store_retry::StoreRetry,
     Shared,
 };
 use crate::handler::{JobContext, JobError, Progress};
-
-/// How long a stopped job may take to unwind after its token fired.
-const UNWIND: Duration = Duration::from_secs(30);
 
 /// What a job's outcome record ([`keys::outcome`]) holds: the `succeeded` event, republished
 /// as is when a finished job is delivered again.
@@ -204,7 +202,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
 
     let token = sctx.stop_jobs.child_token();
     let user_cancel = shared.cancels.register(&spec.job_id, token.clone());
-    let (progress, mut progress_rx) = Progress::channel();
+    let (progress, progress_rx) = Progress::channel();
     let ctx = JobContext {
         spec: spec.clone(),
         attempt: at.attempt,
@@ -226,42 +224,10 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     let t0 = Instant::now();
 
     // Progress events go out while the job runs, in order, before the final one.
-    let forward = {
-        let (shared, sctx) = (shared.clone(), sctx.clone());
-        let base = at.event(shared.as_ref(), JobStatus::Progress);
-        let first_seq = base.seq;
-        tokio::spawn(async move {
-            let mut i = 0u64;
-            while let Some(p) = progress_rx.recv().await {
-                observe_epoch(&shared, &p);
-                let mut ev = base.clone();
-                // Progress events take seq numbers from a reserved block after `started`.
-                ev.seq = first_seq + i;
-                ev.at = chrono::Utc::now();
-                ev.progress = Some(p);
-                i += 1;
-                if publish_event(&sctx, &shared, &ev).await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
+    let forward = running::forward_progress(shared.clone(), sctx.clone(), at.event(shared, JobStatus::Progress), progress_rx);
     // Later events of this attempt sort after every progress event.
     at.n.store(1 << 20, Ordering::SeqCst);
-
-    let timeout = Duration::from_secs(spec.timeout_s);
-    let run = handler.run(ctx);
-    tokio::pin!(run);
-    let mut timed_out = false;
-    let mut result = tokio::select! {
-        r = &mut run => r,
-        _ = tokio::time::sleep(timeout) => {
-            timed_out = true;
-            token.cancel();
-            let _ = tokio::time::timeout(UNWIND, &mut run).await;
-            Err(JobError::timeout(format!("attempt ran past its timeout of {}s", spec.timeout_s)))
-        }
-    };
+    let (mut result, timed_out) = running::run_with_timeout(handler.as_ref(), ctx, &token, spec.timeout_s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
     shared.cancels.unregister(&spec.job_id);
     shared.job_finished(&spec.job_type);
@@ -442,7 +408,7 @@ async fn dead_letter(
     publish_confirmed(&sctx.publish, &shared.config.topology.dead_exchange(), job_type, &d.data, props, true).await
 }
 
-async fn publish_event(sctx: &SessionCtx, shared: &Shared, ev: &JobEvent) -> Result<(), CommonError> {
+pub(super) async fn publish_event(sctx: &SessionCtx, shared: &Shared, ev: &JobEvent) -> Result<(), CommonError> {
     trainyard_common::amqp::publish_event(&sctx.publish, &shared.config.topology, ev).await
 }
 
@@ -488,15 +454,6 @@ async fn save_log(shared: &Shared, at: &Attempt) {
 
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
-}
-
-/// A progress report with `epoch_seconds` and `device` (a training epoch) feeds the epoch histogram.
-fn observe_epoch(shared: &Shared, p: &serde_json::Value) {
-    if let (Some(secs), Some(device)) =
-        (p.get("epoch_seconds").and_then(serde_json::Value::as_f64), p.get("device").and_then(serde_json::Value::as_str))
-    {
-        shared.metrics.epoch_seconds.with_label_values(&[device]).observe(secs);
-    }
 }
 
 /// Why a job of `timeout_s` cannot run under a broker that closes a channel whose delivery
