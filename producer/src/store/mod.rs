@@ -77,6 +77,10 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// The store holds what its own writes never make (events of a job without a row): a
+    /// retry finds the same, so the write is refused as for what it holds.
+    #[error("the job store is inconsistent: {0}")]
+    Inconsistent(String),
 }
 
 impl StoreError {

@@ -148,7 +148,8 @@ impl Store {
 
     /// Inserts the events at `new` (indexes into `events`, none of them stored: the caller
     /// holds their jobs' locks). One statement per chunk; a chunk that inserts fewer rows
-    /// than it carries means another writer got past those locks, and fails the batch.
+    /// than it carries met events the store should not hold (of a job without a row): the
+    /// batch is refused as inconsistent, and the recorder parks the entry that meets them.
     async fn insert_events(
         &self,
         tx: &mut sqlx::AnyConnection,
@@ -179,8 +180,8 @@ impl Store {
             }
             let inserted = query.execute(&mut *tx).await.map_err(q("insert events"))?.rows_affected();
             if inserted != chunk.len() as u64 {
-                let reason = format!("{inserted} of {} new events inserted: another writer recorded some meanwhile", chunk.len());
-                return Err(StoreError::Query { what: "insert events".into(), source: sqlx::Error::Protocol(reason) });
+                let n = chunk.len();
+                return Err(StoreError::Inconsistent(format!("{inserted} of {n} new events inserted: the others were stored already")));
             }
         }
         Ok(())

@@ -330,6 +330,38 @@ async fn a_batch_the_store_rejects_is_requeued_and_recorded_later() {
     cleanup(&topo, &[]).await;
 }
 
+/// A job with events but no row is something the store's own writes never make. An entry
+/// that meets such events is refused as inconsistent and parked where `events parked` shows
+/// it, and the entries around it are recorded. (Without the check on the insert's row count,
+/// the entry was counted as recorded and nothing parked.)
+#[tokio::test]
+async fn an_entry_meeting_events_of_a_job_without_a_row_is_parked_not_counted() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    let (orphan, other) = (spec("noop", "bot-orphan"), spec("noop", "bot-other"));
+    store
+        .execute_raw(&format!(
+            "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) VALUES ('{}', 0, 0, 'queued', 0, 0, '{{}}', 0)",
+            orphan.job_id
+        ))
+        .await
+        .unwrap();
+    let recorder = spawn_recorder(&store, &topo);
+    publish_event(&ch, &topo, &JobEvent::queued(&orphan)).await;
+    publish_event(&ch, &topo, &JobEvent::queued(&other)).await;
+    eventually(20, "the other job recorded", || async { store.job(&other.job_id).await.unwrap().filter(|j| j.spec.is_some()) }).await;
+    let parked =
+        eventually(20, "one entry parked", || async { Some(store.parked_events().await.unwrap()).filter(|p| !p.is_empty()) }).await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].reason.contains("inconsistent"), "{}", parked[0].reason);
+    assert_eq!(parked[0].routing_key, "noop.queued");
+    assert!(store.job(&orphan.job_id).await.unwrap().is_none(), "nothing of the refused entry committed");
+    recorder.stop().await;
+    cleanup(&topo, &[]).await;
+}
+
 /// A worker whose clock runs minutes behind still files a replayed run's events under that
 /// run: the replay sets the run in the job message (`x-trainyard-run`), every event carries
 /// it, and the store files by it. (Filed by time, as before runs were carried, these events
