@@ -122,7 +122,9 @@ impl ArtifactStore {
             path: root.display().to_string(),
             source,
         })?;
-        Ok(Self::new(Arc::new(fs), Some(root)))
+        // Every write synced (file and directory) before it returns, as the fast path's:
+        // a big outcome record, a checkpoint or a model survives a machine crash once written.
+        Ok(Self::new(Arc::new(fs.with_fsync(true)), Some(root)))
     }
 
     fn open_s3(location: &str, vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, CommonError> {
@@ -367,6 +369,10 @@ mod tests {
             std::fs::read_dir(dir.path().join("outcomes/ab")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["big.json", "small.json"]);
+        // What the fast path does not take (a big record, an odd key, a checkpoint) goes to
+        // `object_store`, which must sync it too: without that a machine crash could take
+        // back an outcome the broker was told of.
+        assert!(format!("{:?}", local.inner).contains("fsync: true"), "{:?}", local.inner);
     }
 
     #[tokio::test]
