@@ -230,6 +230,47 @@ async fn duplicate_delivery_of_a_finished_job_is_not_rerun() {
     env.cleanup().await;
 }
 
+/// An outcome record that cannot be read: the job may have run, so it is neither run again
+/// nor acked as done; it is dead-lettered with the reason, where a person sees it. A cancel
+/// marker that cannot be read still cancels. Neither ends the session: a job running beside
+/// them finishes undisturbed, and the worker never reconnects.
+#[tokio::test]
+async fn an_unreadable_outcome_record_is_dead_lettered_and_the_session_goes_on() {
+    use trainyard_common::metrics::RECONNECTS_TOTAL;
+    let env = Env::new(&["noop"]).await;
+    let metrics = prometheus::Registry::new();
+    let w = env.spawn_worker_with_metrics(&["noop"], &metrics, |cfg| cfg.concurrency = 4);
+    let sub = env.submitter();
+    let beside = env.spec("noop", json!({"sleep_ms": 2000}));
+    let mut beside_watch = sub.watch(&beside).await.unwrap();
+    sub.submit(&beside).await.unwrap();
+    wait_for(&mut beside_watch, JobStatus::Started, T).await;
+
+    let spec = env.spec("noop", json!({}));
+    env.artifacts.put(&keys::outcome(&spec.job_id), "{not json").await.unwrap();
+    let events = env.run_job(&spec, T).await;
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Dead], "not run: {events:?}");
+    let reason = &events.last().unwrap().error.as_ref().unwrap().message;
+    assert!(reason.contains(&keys::outcome(&spec.job_id)) && reason.contains("cannot be read"), "{reason}");
+    assert_eq!(env.artifacts.get(&keys::outcome(&spec.job_id)).await.unwrap().as_deref(), Some(&b"{not json"[..]), "left as found");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.ready(&env.topo.dead_queue("noop")).await, 1, "parked in the dead-letter queue");
+    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0, "and acked");
+
+    let cancelled = env.spec("noop", json!({}));
+    env.artifacts.put(&keys::cancel_marker(&cancelled.job_id), "\u{0}").await.unwrap();
+    let events = env.run_job(&cancelled, T).await;
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Cancelled]);
+
+    let rest = collect_until_terminal(&mut beside_watch, T).await;
+    assert_eq!(statuses(&rest), vec![JobStatus::Succeeded], "the job beside them was not stopped or redelivered");
+    let reconnects =
+        metrics.gather().iter().find(|f| f.name() == RECONNECTS_TOTAL).map_or(0.0, |f| f.get_metric()[0].get_counter().get_value());
+    assert_eq!(reconnects, 0.0, "the session went on");
+    w.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_job_past_its_timeout_is_stopped_and_fails_as_timeout() {
     let env = Env::new(&["noop"]).await;

@@ -15,28 +15,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lapin::{
-    message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
-    types::FieldTable,
-    BasicProperties,
-};
+use lapin::{message::Delivery, options::BasicNackOptions};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use trainyard_common::{
-    amqp::publish_confirmed, artifacts::keys, codec, control::CancelRequest, event::event_seq, headers, CodecError, CommonError, ErrorInfo,
-    ErrorKind, JobEvent, JobSpec, JobStatus,
+    artifacts::keys, codec, control::CancelRequest, event::event_seq, headers, CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent,
+    JobSpec, JobStatus,
 };
 
-use super::{
-    disposition::{decide, Disposition},
-    joblog::JobLogs,
-    running,
-    session::SessionCtx,
-    store_retry::StoreRetry,
-    Shared,
-};
+use super::{disposition::Disposition, joblog::JobLogs, running, session::SessionCtx, store_retry::StoreRetry, Shared};
 use crate::handler::{JobContext, JobError, Progress};
+
+mod finish;
+use finish::{ack, dead_unreadable, finish_as, finish_failed, finish_succeeded, poison, read_outcome, requeue, Recorded};
 
 /// What a job's outcome record ([`keys::outcome`]) holds: the `succeeded` event, republished
 /// as is when a finished job is delivered again.
@@ -161,19 +152,30 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     let retry = at.store_retry(shared, sctx);
     let id = spec.job_id.as_str();
     let records = retry.run("look up the outcome record and a cancel marker", || store.job_records(id)).await?;
-    let outcome = match &records.outcome {
-        Some(key) => retry.run("read the outcome record", || store.get_json::<Outcome>(key)).await?,
-        None => None,
+    let recorded = match &records.outcome {
+        Some(key) => read_outcome(&retry, store, key).await?,
+        None => Recorded::Absent,
     };
-    let cancelled = records.cancel_marker;
-    if let Some(outcome) = outcome {
-        tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
-        publish_event(sctx, shared, &at.recorded(outcome.event)).await?;
-        return ack(d, sctx).await;
+    match recorded {
+        Recorded::Outcome(outcome) => {
+            tracing::info!(redelivery = at.redelivery, "job already succeeded; acking the duplicate delivery");
+            publish_event(sctx, shared, &at.recorded(outcome.event)).await?;
+            return ack(d, sctx).await;
+        }
+        Recorded::Unreadable(reason) => return dead_unreadable(d, at, shared, sctx, reason).await,
+        Recorded::Absent => {}
     }
-    if cancelled {
+    if records.cancel_marker {
         // Coalescing writes the same marker naming the newer job: then it ends `superseded`.
-        let marker = store.get_json::<CancelRequest>(&keys::cancel_marker(&spec.job_id)).await?;
+        // The marker's presence is the request: one that cannot be read is a plain cancel.
+        let key = keys::cancel_marker(&spec.job_id);
+        let marker = match retry.run("read the cancel marker", || store.get_json::<CancelRequest>(&key)).await {
+            Err(CommonError::Codec(e)) => {
+                tracing::warn!(key = %key, error = %e, "unreadable cancel marker; cancelling the job");
+                None
+            }
+            read => read?,
+        };
         let ev = match marker.as_ref().and_then(CancelRequest::superseded_by) {
             Some(newer) => {
                 let mut ev = at.event(shared, JobStatus::Superseded);
@@ -257,175 +259,8 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     finished
 }
 
-async fn finish_succeeded(
-    d: &Delivery,
-    at: &Attempt,
-    shared: &Shared,
-    sctx: &SessionCtx,
-    value: serde_json::Value,
-    elapsed: f64,
-) -> Result<(), CommonError> {
-    let mut ev = at.event(shared, JobStatus::Succeeded);
-    let mut value = value;
-    if let Some(obj) = value.as_object_mut() {
-        obj.entry("duration_s").or_insert(elapsed.into());
-    }
-    ev.result = Some(value);
-    let outcome = bytes::Bytes::from(codec::to_json(&Outcome { event: ev.clone() })?);
-    let (store, key) = (&shared.config.artifacts, keys::outcome(&at.spec.job_id));
-    let key = key.as_str();
-    let retry = at.store_retry(shared, sctx);
-    if retry.run("record the outcome", || store.put_if_absent(key, outcome.clone())).await? {
-        publish_event(sctx, shared, &ev).await?;
-        shared.metrics.jobs_total.with_label_values(&[at.spec.job_type.as_str(), "succeeded"]).inc();
-        tracing::info!(duration_s = elapsed, "job succeeded");
-    } else {
-        // Another delivery recorded it first, or an earlier try of this one whose reply was lost
-        // (a store error after the write): publish what is recorded, never a second result.
-        tracing::warn!("the outcome was already recorded; publishing the recorded event, not a second result");
-        if let Some(recorded) = retry.run("read the outcome record", || store.get_json::<Outcome>(key)).await? {
-            publish_event(sctx, shared, &at.recorded(recorded.event)).await?;
-        }
-    }
-    ack(d, sctx).await
-}
-
-async fn finish_failed(d: &Delivery, at: &Attempt, shared: &Shared, sctx: &SessionCtx, err: JobError) -> Result<(), CommonError> {
-    let disposition = decide(err.kind, at.attempt, at.spec.max_attempts, &shared.config.backoff);
-    finish_as(d, at, shared, sctx, err, disposition).await
-}
-
-/// Makes `disposition` of a failed attempt durable, then acks. `Failed` of a permanent
-/// error is a job this worker refuses to run (status `failed`, not retried).
-async fn finish_as(
-    d: &Delivery,
-    at: &Attempt,
-    shared: &Shared,
-    sctx: &SessionCtx,
-    err: JobError,
-    disposition: Disposition,
-) -> Result<(), CommonError> {
-    let spec = &at.spec;
-    let job_type = spec.job_type.as_str();
-    let info = ErrorInfo { kind: err.kind, message: err.message.clone() };
-    match disposition {
-        Disposition::Retry { delay_ms, next_attempt } => {
-            publish_retry(d, at, shared, sctx, delay_ms, next_attempt).await?;
-            let mut ev = at.event(shared, JobStatus::Retrying);
-            ev.error = Some(info);
-            ev.result = Some(serde_json::json!({"retry_in_ms": delay_ms, "next_attempt": next_attempt}));
-            publish_event(sctx, shared, &ev).await?;
-            shared.metrics.retries_total.with_label_values(&[job_type]).inc();
-            tracing::warn!(error = %err.message, kind = ?err.kind, delay_ms, next_attempt, "attempt failed; retry scheduled");
-        }
-        Disposition::Failed | Disposition::Dead => {
-            let used_up = err.kind != ErrorKind::Permanent;
-            let failed = used_up || disposition == Disposition::Failed;
-            let reason = if used_up {
-                format!("attempts used up ({}/{}): {}", at.attempt, spec.max_attempts, err.message)
-            } else {
-                err.message.clone()
-            };
-            let kind = format!("{:?}", err.kind).to_lowercase();
-            dead_letter(d, job_type, shared, sctx, &kind, &reason, Some(&spec.job_id)).await?;
-            let mut ev = at.event(shared, if failed { JobStatus::Failed } else { JobStatus::Dead });
-            ev.error = Some(ErrorInfo { kind: err.kind, message: reason.clone() });
-            publish_event(sctx, shared, &ev).await?;
-            shared.metrics.jobs_total.with_label_values(&[job_type, ev.status.as_str()]).inc();
-            tracing::error!(reason = %reason, status = %ev.status, "job dead-lettered");
-        }
-        Disposition::Cancelled => {
-            let mut ev = at.event(shared, JobStatus::Cancelled);
-            ev.error = Some(info);
-            publish_event(sctx, shared, &ev).await?;
-            shared.metrics.jobs_total.with_label_values(&[job_type, "cancelled"]).inc();
-            tracing::info!("job cancelled");
-        }
-    }
-    ack(d, sctx).await
-}
-
-/// Puts a copy with the next attempt number in the retry queue of `delay_ms`.
-async fn publish_retry(
-    d: &Delivery,
-    at: &Attempt,
-    shared: &Shared,
-    sctx: &SessionCtx,
-    delay_ms: u64,
-    next_attempt: u32,
-) -> Result<(), CommonError> {
-    let topo = &shared.config.topology;
-    // Back to the job's own tier after the delay.
-    let jobs_key = trainyard_common::topology::jobs_routing_key(&at.spec.job_type, at.spec.priority);
-    let key = trainyard_common::topology::retry_routing_key(&jobs_key, delay_ms);
-    let declared = shared.retry_queues.lock().map(|s| s.contains(&(jobs_key.clone(), delay_ms))).unwrap_or(false);
-    if !declared {
-        topo.declare_retry_queue(&sctx.publish, &jobs_key, delay_ms).await?;
-        if let Ok(mut s) = shared.retry_queues.lock() {
-            s.insert((jobs_key, delay_ms));
-        }
-    }
-    let mut hdrs = d.properties.headers().clone().unwrap_or_default();
-    headers::set_int(&mut hdrs, headers::ATTEMPT, i64::from(next_attempt));
-    let props = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
-    publish_confirmed(&sctx.publish, &topo.retry_exchange(), &key, &d.data, props, true).await
-}
-
-/// Dead-letters a message the worker cannot run at all (poison). No event
-/// unless the job id is known; the recorder gets the dead letter regardless.
-async fn poison(
-    d: &Delivery,
-    job_type: &str,
-    shared: &Shared,
-    sctx: &SessionCtx,
-    class: &str,
-    reason: &str,
-    job_id: Option<&str>,
-) -> Result<(), CommonError> {
-    tracing::warn!(job_type = %job_type, class, reason, "poison message dead-lettered");
-    shared.metrics.poison_total.with_label_values(&[job_type, class]).inc();
-    dead_letter(d, job_type, shared, sctx, "poison", &format!("{class}: {reason}"), job_id).await?;
-    ack(d, sctx).await
-}
-
-async fn dead_letter(
-    d: &Delivery,
-    job_type: &str,
-    shared: &Shared,
-    sctx: &SessionCtx,
-    kind: &str,
-    reason: &str,
-    job_id: Option<&str>,
-) -> Result<(), CommonError> {
-    let mut hdrs: FieldTable = d.properties.headers().clone().unwrap_or_default();
-    headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(reason, 4000));
-    headers::set_str(&mut hdrs, headers::DEAD_KIND, kind);
-    headers::set_str(&mut hdrs, headers::DEAD_WORKER, shared.config.worker.id.clone());
-    if let Some(id) = job_id {
-        headers::set_str(&mut hdrs, headers::JOB_ID, truncate(id, 200));
-    }
-    let props: BasicProperties = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
-    publish_confirmed(&sctx.publish, &shared.config.topology.dead_exchange(), job_type, &d.data, props, true).await
-}
-
 pub(super) async fn publish_event(sctx: &SessionCtx, shared: &Shared, ev: &JobEvent) -> Result<(), CommonError> {
     trainyard_common::amqp::publish_event(&sctx.publish, &shared.config.topology, ev).await
-}
-
-async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonError> {
-    if sctx.lost.is_cancelled() {
-        return Err(CommonError::SessionLost { what: "the ack" });
-    }
-    d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("ack a delivery"))
-}
-
-async fn requeue(d: &Delivery, at: &Attempt, sctx: &SessionCtx) -> Result<(), CommonError> {
-    if sctx.lost.is_cancelled() {
-        tracing::info!("session lost; the broker will redeliver the job");
-        return Ok(());
-    }
-    tracing::info!(attempt = at.attempt, "job stopped by shutdown; requeueing it");
-    d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.map(|_| ()).map_err(CommonError::amqp("requeue a delivery"))
 }
 
 async fn save_log(shared: &Shared, at: &Attempt) {
@@ -450,10 +285,6 @@ async fn save_log(shared: &Shared, at: &Attempt) {
     if let Err(e) = shared.config.artifacts.put(&store_key, text).await {
         tracing::warn!(error = %e, "failed to save the attempt log");
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
 }
 
 /// Why a job of `timeout_s` cannot run under a broker that closes a channel whose delivery

@@ -1,0 +1,245 @@
+//! How an attempt ends: its outcome made durable (outcome record, retry copy or dead
+//! letter, and the event, each confirmed by the broker), then the ack.
+
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+    types::FieldTable,
+    BasicProperties,
+};
+use trainyard_common::{
+    amqp::publish_confirmed,
+    artifacts::{keys, ArtifactStore},
+    codec, headers, CommonError, ErrorInfo, ErrorKind, JobStatus,
+};
+
+use super::{publish_event, Attempt, Outcome};
+use crate::{
+    handler::JobError,
+    runtime::{
+        disposition::{decide, Disposition},
+        session::SessionCtx,
+        store_retry::StoreRetry,
+        Shared,
+    },
+};
+
+pub(super) async fn finish_succeeded(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    value: serde_json::Value,
+    elapsed: f64,
+) -> Result<(), CommonError> {
+    let mut ev = at.event(shared, JobStatus::Succeeded);
+    let mut value = value;
+    if let Some(obj) = value.as_object_mut() {
+        obj.entry("duration_s").or_insert(elapsed.into());
+    }
+    ev.result = Some(value);
+    let outcome = bytes::Bytes::from(codec::to_json(&Outcome { event: ev.clone() })?);
+    let (store, key) = (&shared.config.artifacts, keys::outcome(&at.spec.job_id));
+    let key = key.as_str();
+    let retry = at.store_retry(shared, sctx);
+    if retry.run("record the outcome", || store.put_if_absent(key, outcome.clone())).await? {
+        publish_event(sctx, shared, &ev).await?;
+        shared.metrics.jobs_total.with_label_values(&[at.spec.job_type.as_str(), "succeeded"]).inc();
+        tracing::info!(duration_s = elapsed, "job succeeded");
+    } else {
+        // Another delivery recorded it first, or an earlier try of this one whose reply was lost
+        // (a store error after the write): publish what is recorded, never a second result.
+        tracing::warn!("the outcome was already recorded; publishing the recorded event, not a second result");
+        match read_outcome(&retry, store, key).await? {
+            Recorded::Outcome(recorded) => publish_event(sctx, shared, &at.recorded(recorded.event)).await?,
+            Recorded::Unreadable(reason) => return dead_unreadable(d, at, shared, sctx, reason).await,
+            Recorded::Absent => {
+                let reason = format!("the job's outcome record {key} was there when it was written and gone when it was read");
+                return dead_unreadable(d, at, shared, sctx, reason).await;
+            }
+        }
+    }
+    ack(d, sctx).await
+}
+
+/// What the outcome record of a job says.
+pub(super) enum Recorded {
+    Outcome(Box<Outcome>),
+    /// No record: the job has not succeeded.
+    Absent,
+    /// It cannot be read (why, for the dead letter): the job may have run, so it is not run
+    /// again, and it is not acked as done either; a person decides.
+    Unreadable(String),
+}
+
+/// Dead-letters a job whose outcome record cannot be read, with `reason`: parked where a
+/// person sees it (`trainyard dlq list`, a `dead` event), neither run again nor acked as done.
+pub(super) async fn dead_unreadable(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    reason: String,
+) -> Result<(), CommonError> {
+    finish_as(d, at, shared, sctx, JobError::permanent(reason), Disposition::Dead).await
+}
+
+/// Reads the outcome record at `key`; a store failure is retried.
+pub(super) async fn read_outcome(retry: &StoreRetry<'_>, store: &ArtifactStore, key: &str) -> Result<Recorded, CommonError> {
+    let unreadable = |why: String| {
+        Recorded::Unreadable(format!(
+            "the job's outcome record {key} cannot be read ({why}); the job may have run already, so it is not run again: \
+             check the record, remove it and replay the job if it should run"
+        ))
+    };
+    match retry.run("read the outcome record", || store.get_json::<Outcome>(key)).await {
+        Ok(Some(outcome)) => Ok(Recorded::Outcome(Box::new(outcome))),
+        Ok(None) => Ok(Recorded::Absent),
+        Err(CommonError::Codec(e)) => Ok(unreadable(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+pub(super) async fn finish_failed(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    err: JobError,
+) -> Result<(), CommonError> {
+    let disposition = decide(err.kind, at.attempt, at.spec.max_attempts, &shared.config.backoff);
+    finish_as(d, at, shared, sctx, err, disposition).await
+}
+
+/// Makes `disposition` of a failed attempt durable, then acks. `Failed` of a permanent
+/// error is a job this worker refuses to run (status `failed`, not retried).
+pub(super) async fn finish_as(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    err: JobError,
+    disposition: Disposition,
+) -> Result<(), CommonError> {
+    let spec = &at.spec;
+    let job_type = spec.job_type.as_str();
+    let info = ErrorInfo { kind: err.kind, message: err.message.clone() };
+    match disposition {
+        Disposition::Retry { delay_ms, next_attempt } => {
+            publish_retry(d, at, shared, sctx, delay_ms, next_attempt).await?;
+            let mut ev = at.event(shared, JobStatus::Retrying);
+            ev.error = Some(info);
+            ev.result = Some(serde_json::json!({"retry_in_ms": delay_ms, "next_attempt": next_attempt}));
+            publish_event(sctx, shared, &ev).await?;
+            shared.metrics.retries_total.with_label_values(&[job_type]).inc();
+            tracing::warn!(error = %err.message, kind = ?err.kind, delay_ms, next_attempt, "attempt failed; retry scheduled");
+        }
+        Disposition::Failed | Disposition::Dead => {
+            let used_up = err.kind != ErrorKind::Permanent;
+            let failed = used_up || disposition == Disposition::Failed;
+            let reason = if used_up {
+                format!("attempts used up ({}/{}): {}", at.attempt, spec.max_attempts, err.message)
+            } else {
+                err.message.clone()
+            };
+            let kind = format!("{:?}", err.kind).to_lowercase();
+            dead_letter(d, job_type, shared, sctx, &kind, &reason, Some(&spec.job_id)).await?;
+            let mut ev = at.event(shared, if failed { JobStatus::Failed } else { JobStatus::Dead });
+            ev.error = Some(ErrorInfo { kind: err.kind, message: reason.clone() });
+            publish_event(sctx, shared, &ev).await?;
+            shared.metrics.jobs_total.with_label_values(&[job_type, ev.status.as_str()]).inc();
+            tracing::error!(reason = %reason, status = %ev.status, "job dead-lettered");
+        }
+        Disposition::Cancelled => {
+            let mut ev = at.event(shared, JobStatus::Cancelled);
+            ev.error = Some(info);
+            publish_event(sctx, shared, &ev).await?;
+            shared.metrics.jobs_total.with_label_values(&[job_type, "cancelled"]).inc();
+            tracing::info!("job cancelled");
+        }
+    }
+    ack(d, sctx).await
+}
+
+/// Puts a copy with the next attempt number in the retry queue of `delay_ms`.
+pub(super) async fn publish_retry(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    delay_ms: u64,
+    next_attempt: u32,
+) -> Result<(), CommonError> {
+    let topo = &shared.config.topology;
+    // Back to the job's own tier after the delay.
+    let jobs_key = trainyard_common::topology::jobs_routing_key(&at.spec.job_type, at.spec.priority);
+    let key = trainyard_common::topology::retry_routing_key(&jobs_key, delay_ms);
+    let declared = shared.retry_queues.lock().map(|s| s.contains(&(jobs_key.clone(), delay_ms))).unwrap_or(false);
+    if !declared {
+        topo.declare_retry_queue(&sctx.publish, &jobs_key, delay_ms).await?;
+        if let Ok(mut s) = shared.retry_queues.lock() {
+            s.insert((jobs_key, delay_ms));
+        }
+    }
+    let mut hdrs = d.properties.headers().clone().unwrap_or_default();
+    headers::set_int(&mut hdrs, headers::ATTEMPT, i64::from(next_attempt));
+    let props = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
+    publish_confirmed(&sctx.publish, &topo.retry_exchange(), &key, &d.data, props, true).await
+}
+
+/// Dead-letters a message the worker cannot run at all (poison). No event
+/// unless the job id is known; the recorder gets the dead letter regardless.
+pub(super) async fn poison(
+    d: &Delivery,
+    job_type: &str,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    class: &str,
+    reason: &str,
+    job_id: Option<&str>,
+) -> Result<(), CommonError> {
+    tracing::warn!(job_type = %job_type, class, reason, "poison message dead-lettered");
+    shared.metrics.poison_total.with_label_values(&[job_type, class]).inc();
+    dead_letter(d, job_type, shared, sctx, "poison", &format!("{class}: {reason}"), job_id).await?;
+    ack(d, sctx).await
+}
+
+pub(super) async fn dead_letter(
+    d: &Delivery,
+    job_type: &str,
+    shared: &Shared,
+    sctx: &SessionCtx,
+    kind: &str,
+    reason: &str,
+    job_id: Option<&str>,
+) -> Result<(), CommonError> {
+    let mut hdrs: FieldTable = d.properties.headers().clone().unwrap_or_default();
+    headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(reason, 4000));
+    headers::set_str(&mut hdrs, headers::DEAD_KIND, kind);
+    headers::set_str(&mut hdrs, headers::DEAD_WORKER, shared.config.worker.id.clone());
+    if let Some(id) = job_id {
+        headers::set_str(&mut hdrs, headers::JOB_ID, truncate(id, 200));
+    }
+    let props: BasicProperties = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
+    publish_confirmed(&sctx.publish, &shared.config.topology.dead_exchange(), job_type, &d.data, props, true).await
+}
+
+pub(super) async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonError> {
+    if sctx.lost.is_cancelled() {
+        return Err(CommonError::SessionLost { what: "the ack" });
+    }
+    d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("ack a delivery"))
+}
+
+pub(super) async fn requeue(d: &Delivery, at: &Attempt, sctx: &SessionCtx) -> Result<(), CommonError> {
+    if sctx.lost.is_cancelled() {
+        tracing::info!("session lost; the broker will redeliver the job");
+        return Ok(());
+    }
+    tracing::info!(attempt = at.attempt, "job stopped by shutdown; requeueing it");
+    d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.map(|_| ()).map_err(CommonError::amqp("requeue a delivery"))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
