@@ -330,6 +330,43 @@ async fn a_batch_the_store_rejects_is_requeued_and_recorded_later() {
     cleanup(&topo, &[]).await;
 }
 
+/// A dead letter the store cannot take for a reason a retry can fix (here its table is
+/// away) goes back to the recorder's dead-letter queue instead of being acked and lost:
+/// once the store is back it is recorded, once.
+#[tokio::test]
+async fn a_dead_letter_the_store_cannot_take_yet_is_returned_and_recorded_later() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    store.execute_raw("ALTER TABLE dead_letters RENAME TO dead_letters_away").await.unwrap();
+    let recorder = spawn_recorder(&store, &topo);
+    let job = spec("noop", "bot-dead");
+    let mut h = FieldTable::default();
+    headers::set_str(&mut h, headers::DEAD_REASON, "unknown param `colour`");
+    headers::set_str(&mut h, headers::DEAD_KIND, "permanent");
+    headers::set_str(&mut h, headers::JOB_ID, job.job_id.clone());
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h);
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), props).await;
+    // The recorder tries (and fails) a few times meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    store.execute_raw("ALTER TABLE dead_letters_away RENAME TO dead_letters").await.unwrap();
+    let letters = eventually(20, "the dead letter recorded after the store recovered", || async {
+        let l = store.dead_letters(Some("noop")).await.unwrap();
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let letters_now = store.dead_letters(Some("noop")).await.unwrap();
+    assert_eq!(letters_now.len(), 1, "{letters:?}");
+    assert_eq!(letters_now[0].job_id.as_deref(), Some(job.job_id.as_str()));
+    assert_eq!(letters_now[0].reason, "unknown param `colour`");
+    let job_row = store.job(&job.job_id).await.unwrap().expect("a dead job");
+    assert_eq!(job_row.status, JobStatus::Dead);
+    recorder.stop().await;
+    cleanup(&topo, &["noop"]).await;
+}
+
 /// A job with events but no row is something the store's own writes never make. An entry
 /// that meets such events is refused as inconsistent and parked where `events parked` shows
 /// it, and the entries around it are recorded. (Without the check on the insert's row count,

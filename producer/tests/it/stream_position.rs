@@ -7,7 +7,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
     BasicProperties,
 };
-use trainyard::store::{Store, StreamPosition};
+use trainyard::store::{Store, StreamBatch, StreamPosition};
 use trainyard_common::{codec, event::event_seq, metrics::ControlMetrics, JobEvent, JobStatus};
 
 use crate::helpers::*;
@@ -68,6 +68,36 @@ async fn the_recorder_resumes_after_its_stored_position_on_postgres() {
     let schema = PgSchema::new().await;
     let store = Store::open(&schema.url).await.unwrap();
     resumes_after_its_position(store.clone()).await;
+    store.close().await;
+    schema.drop().await;
+}
+
+/// Two control planes record from one stream and may commit out of order: the stored
+/// position only moves forward, so a batch ending before the stored offset never moves it
+/// back (a restart would read entries again), while `entries` counts every batch.
+async fn the_position_only_moves_forward(store: Store) {
+    let stream = format!("position-test-{}", uuid::Uuid::now_v7());
+    let batch = |last_offset, entries| StreamBatch { last_offset, entries, ..Default::default() };
+    let at = |last_offset, entries| Some(StreamPosition { last_offset, entries });
+    store.record_stream_batch(Some(&stream), &batch(10, 3)).await.unwrap();
+    assert_eq!(store.stream_position(&stream).await.unwrap(), at(10, 3));
+    store.record_stream_batch(Some(&stream), &batch(5, 2)).await.unwrap();
+    assert_eq!(store.stream_position(&stream).await.unwrap(), at(10, 5), "not moved back");
+    store.record_stream_batch(Some(&stream), &batch(12, 1)).await.unwrap();
+    assert_eq!(store.stream_position(&stream).await.unwrap(), at(12, 6));
+}
+
+#[tokio::test]
+async fn the_stored_position_only_moves_forward_on_sqlite() {
+    let (store, _dir, _) = sqlite_store().await;
+    the_position_only_moves_forward(store).await;
+}
+
+#[tokio::test]
+async fn the_stored_position_only_moves_forward_on_postgres() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    the_position_only_moves_forward(store.clone()).await;
     store.close().await;
     schema.drop().await;
 }

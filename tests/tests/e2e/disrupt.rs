@@ -32,7 +32,29 @@ async fn lost_connection_mid_job_reconnects_and_completes_once() {
     assert_eq!(events.last().unwrap().status, JobStatus::Succeeded);
     let outcome = env.artifacts.get(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap();
     assert!(outcome.is_some());
+    // Once: no second result comes after it, and nothing was dead-lettered on the way.
+    let late = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(ev) = watch.next().await {
+            let ev = ev.unwrap();
+            if ev.status.is_terminal() {
+                return Some(ev);
+            }
+        }
+        None
+    })
+    .await;
+    assert!(!matches!(late, Ok(Some(_))), "a second terminal event: {late:?}");
     w.stop().await;
+    // The test's own connection was closed too: count on a new one. After the stop, a
+    // delivery left unacked would be back in the queue.
+    let conn = trainyard_common::amqp::connect(crate::support::URL, "trainyard-tests-disrupt").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    for (queue, what) in [(env.topo.dead_queue("noop"), "nothing dead-lettered"), (env.topo.jobs_queue("noop"), "the job acked")] {
+        let q = ch.queue_declare(queue.as_str().into(), passive, lapin::types::FieldTable::default()).await.unwrap();
+        assert_eq!(q.message_count(), 0, "{what}");
+    }
+    let _ = conn.close(200, "checked".into()).await;
     env.cleanup().await;
 }
 

@@ -23,6 +23,7 @@ mod recording;
 mod replicas;
 mod security;
 mod series;
+mod shutdown;
 mod support;
 mod tenants;
 mod workers;

@@ -27,6 +27,8 @@ struct FlakyStore {
     inner: InMemory,
     failing: AtomicBool,
     injected: AtomicU64,
+    /// The next write of an outcome record goes through, then reports a failure (a reply lost).
+    lose_an_outcome_reply: AtomicBool,
 }
 
 impl fmt::Display for FlakyStore {
@@ -50,7 +52,12 @@ impl FlakyStore {
 impl ObjectStore for FlakyStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
         self.check()?;
-        self.inner.put_opts(location, payload, opts).await
+        let written = self.inner.put_opts(location, payload, opts).await;
+        if location.as_ref().starts_with("outcomes/") && self.lose_an_outcome_reply.swap(false, Ordering::SeqCst) {
+            let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: the reply was lost");
+            return Err(object_store::Error::Generic { store: "FlakyStore", source: Box::new(lost) });
+        }
+        written
     }
 
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
@@ -151,6 +158,82 @@ async fn an_artifact_store_outage_delays_jobs_and_kills_none() {
         .map(|m| m.get_metric()[0].get_counter().get_value());
     assert_eq!(reconnects, Some(0.0), "the worker's broker session was never lost");
     assert!(env.drain(&env.topo.dead_queue("noop")).await.is_empty(), "nothing dead-lettered");
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// Never ack what was not kept: a job whose outcome record cannot be written (the store
+/// fails from the moment it started) stays unacked however long it waits. When its worker
+/// stops, the delivery goes back to the queue, and another worker runs it to one success.
+/// (An ack before the outcome record would lose the job: nothing to put back.)
+#[tokio::test]
+async fn a_job_whose_outcome_cannot_be_kept_is_not_acked() {
+    let env = Env::new(&["noop"]).await;
+    let flaky = Arc::new(FlakyStore::default());
+    let store = ArtifactStore::from_object_store(flaky.clone());
+    let first = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store.clone());
+    let sub = env.submitter();
+    let spec = env.spec("noop", json!({"sleep_ms": 500}));
+    let mut watch = sub.watch(&spec).await.unwrap();
+    sub.submit(&spec).await.unwrap();
+    let mut seen = wait_for(&mut watch, JobStatus::Started, Duration::from_secs(30)).await;
+    flaky.failing.store(true, Ordering::SeqCst);
+    // The job's work ends meanwhile; its outcome cannot be recorded.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(ev) = watch.next().await {
+            seen.push(ev.unwrap());
+        }
+    })
+    .await;
+    assert!(seen.iter().all(|e| !e.status.is_terminal()), "{:?}", seen.iter().map(|e| e.status).collect::<Vec<_>>());
+    assert!(flaky.injected.load(Ordering::SeqCst) >= 1, "the outcome record was tried");
+    first.stop().await;
+    let queue = env.topo.jobs_queue("noop");
+    let mut ready = 0;
+    for _ in 0..50 {
+        ready = env.ready(&queue).await;
+        if ready == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, 1, "the delivery went back to the queue, not acked");
+
+    flaky.failing.store(false, Ordering::SeqCst);
+    let second = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store);
+    seen.extend(collect_until_terminal(&mut watch, Duration::from_secs(30)).await);
+    let statuses: Vec<JobStatus> = seen.iter().map(|e| e.status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == JobStatus::Succeeded).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == JobStatus::Started).count(), 2, "run again by the second worker: {statuses:?}");
+    second.stop().await;
+    assert_eq!(env.ready(&queue).await, 0);
+    env.cleanup().await;
+}
+
+/// A write of the outcome record that reached the store but whose reply was lost is tried
+/// again, finds the record there, and publishes what is recorded: one `succeeded` event,
+/// the recorded one (same seq and result), never a second result or a second run.
+#[tokio::test]
+async fn an_outcome_record_written_but_reported_failed_is_published_once() {
+    let env = Env::new(&["noop"]).await;
+    let flaky = Arc::new(FlakyStore::default());
+    flaky.lose_an_outcome_reply.store(true, Ordering::SeqCst);
+    let store = ArtifactStore::from_object_store(flaky.clone());
+    let w = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store.clone());
+    let spec = env.spec("noop", json!({}));
+    let events = env.run_job(&spec, Duration::from_secs(30)).await;
+    // A moment for anything more to arrive (a second result would).
+    let mut watch = env.watch(&spec).await;
+    let late = tokio::time::timeout(Duration::from_secs(1), watch.next()).await;
+    assert!(late.is_err(), "nothing after the terminal event: {late:?}");
+    assert!(!flaky.lose_an_outcome_reply.load(Ordering::SeqCst), "the lost reply was injected");
+    let statuses: Vec<JobStatus> = events.iter().map(|e| e.status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == JobStatus::Started).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == JobStatus::Succeeded).count(), 1, "{statuses:?}");
+    let done = events.iter().find(|e| e.status == JobStatus::Succeeded).unwrap();
+    let recorded: serde_json::Value = store.get_json(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap().unwrap();
+    assert_eq!(recorded["event"]["seq"], json!(done.seq), "the recorded event was published");
+    assert_eq!(recorded["event"]["result"], done.result.clone().unwrap());
     w.stop().await;
     env.cleanup().await;
 }
