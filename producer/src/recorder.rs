@@ -44,9 +44,9 @@ use crate::store::{DeadLetter, Recorded, Store, StoreError};
 /// Most event deliveries recorded in one store transaction.
 pub const BATCH: usize = 256;
 
-/// How long a batch waits for more events after its first: a few milliseconds of
-/// delay in the job store buy several times fewer transactions under load.
-pub const LINGER: Duration = Duration::from_millis(20);
+/// How long a batch waits for more events after its first: a tenth of a second of
+/// delay in the job store buys several times fewer transactions under load.
+pub const LINGER: Duration = Duration::from_millis(100);
 
 /// Stream entries the broker may have in flight to the recorder (two batches: one
 /// being recorded while the next arrives).
