@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 use serde_json::json;
 use trainyard_common::JobStatus;
 
-use crate::support::{collect_until_terminal, wait_for, Env};
+use crate::support::{collect_until_terminal, events_within, wait_for, Env};
 
 fn close_all_connections() {
     let st = Command::new("rabbitmqctl").args(["close_all_connections", "trainyard disrupt test"]).output().expect("rabbitmqctl");
@@ -33,17 +33,8 @@ async fn lost_connection_mid_job_reconnects_and_completes_once() {
     let outcome = env.artifacts.get(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap();
     assert!(outcome.is_some());
     // Once: no second result comes after it, and nothing was dead-lettered on the way.
-    let late = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(ev) = watch.next().await {
-            let ev = ev.unwrap();
-            if ev.status.is_terminal() {
-                return Some(ev);
-            }
-        }
-        None
-    })
-    .await;
-    assert!(!matches!(late, Ok(Some(_))), "a second terminal event: {late:?}");
+    let late = events_within(&mut watch, Duration::from_secs(2)).await;
+    assert!(late.iter().all(|e| !e.status.is_terminal()), "a second terminal event: {late:?}");
     w.stop().await;
     // The test's own connection was closed too: count on a new one. After the stop, a
     // delivery left unacked would be back in the queue.

@@ -19,7 +19,7 @@ use object_store::{
 use serde_json::json;
 use trainyard_common::{artifacts::ArtifactStore, JobStatus};
 
-use crate::support::{collect_until_terminal, wait_for, Env};
+use crate::support::{collect_until_terminal, events_within, wait_for, Env};
 
 /// An in-memory store whose every operation fails while `failing` is set.
 #[derive(Debug, Default)]
@@ -179,12 +179,7 @@ async fn a_job_whose_outcome_cannot_be_kept_is_not_acked() {
     let mut seen = wait_for(&mut watch, JobStatus::Started, Duration::from_secs(30)).await;
     flaky.failing.store(true, Ordering::SeqCst);
     // The job's work ends meanwhile; its outcome cannot be recorded.
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        while let Some(ev) = watch.next().await {
-            seen.push(ev.unwrap());
-        }
-    })
-    .await;
+    seen.extend(events_within(&mut watch, Duration::from_secs(3)).await);
     assert!(seen.iter().all(|e| !e.status.is_terminal()), "{:?}", seen.iter().map(|e| e.status).collect::<Vec<_>>());
     assert!(flaky.injected.load(Ordering::SeqCst) >= 1, "the outcome record was tried");
     first.stop().await;

@@ -232,6 +232,18 @@ pub async fn collect_until_terminal(watch: &mut JobWatch, within: Duration) -> V
     events
 }
 
+/// Every event that arrives within `window` (a test's "nothing more comes" check).
+pub async fn events_within(watch: &mut JobWatch, window: Duration) -> Vec<JobEvent> {
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(window, async {
+        while let Some(ev) = watch.next().await {
+            seen.push(ev.unwrap());
+        }
+    })
+    .await;
+    seen
+}
+
 /// Waits for the next event with `status` (other events are returned too).
 pub async fn wait_for(watch: &mut JobWatch, status: trainyard_common::JobStatus, within: Duration) -> Vec<JobEvent> {
     let mut seen = Vec::new();
