@@ -29,6 +29,8 @@ struct FlakyStore {
     injected: AtomicU64,
     /// The next write of an outcome record goes through, then reports a failure (a reply lost).
     lose_an_outcome_reply: AtomicBool,
+    /// The next write of an outcome record answers that one exists, and writes nothing.
+    claim_an_outcome: AtomicBool,
 }
 
 impl fmt::Display for FlakyStore {
@@ -52,6 +54,9 @@ impl FlakyStore {
 impl ObjectStore for FlakyStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
         self.check()?;
+        if location.as_ref().starts_with("outcomes/") && self.claim_an_outcome.swap(false, Ordering::SeqCst) {
+            return Err(object_store::Error::AlreadyExists { path: location.to_string(), source: "injected: claimed, not written".into() });
+        }
         let written = self.inner.put_opts(location, payload, opts).await;
         if location.as_ref().starts_with("outcomes/") && self.lose_an_outcome_reply.swap(false, Ordering::SeqCst) {
             let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected: the reply was lost");
@@ -229,6 +234,73 @@ async fn an_outcome_record_written_but_reported_failed_is_published_once() {
     let recorded: serde_json::Value = store.get_json(&trainyard_common::artifacts::keys::outcome(&spec.job_id)).await.unwrap().unwrap();
     assert_eq!(recorded["event"]["seq"], json!(done.seq), "the recorded event was published");
     assert_eq!(recorded["event"]["result"], done.result.clone().unwrap());
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// A store that answers "already there" to the outcome record's write and then has no record
+/// to read (another writer's record gone, a store that lies): the job may or may not have a
+/// result elsewhere, so it is neither acked as done nor run again: dead-lettered with the
+/// reason, where a person sees it, and nothing more is published.
+#[tokio::test]
+async fn an_outcome_record_claimed_but_missing_is_dead_lettered_with_the_reason() {
+    let env = Env::new(&["noop"]).await;
+    let flaky = Arc::new(FlakyStore::default());
+    flaky.claim_an_outcome.store(true, Ordering::SeqCst);
+    let store = ArtifactStore::from_object_store(flaky.clone());
+    let w = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store.clone());
+    let spec = env.spec("noop", json!({}));
+    let events = env.run_job(&spec, Duration::from_secs(30)).await;
+    assert!(!flaky.claim_an_outcome.load(Ordering::SeqCst), "the claim was injected");
+    let last = events.last().unwrap();
+    assert_eq!(last.status, JobStatus::Dead, "{events:?}");
+    assert!(events.iter().all(|e| e.status != JobStatus::Succeeded), "no result published: {events:?}");
+    let reason = &last.error.as_ref().unwrap().message;
+    assert!(reason.contains("gone when it was read"), "{reason}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.ready(&env.topo.dead_queue("noop")).await, 1, "parked in the dead-letter queue");
+    assert_eq!(env.ready(&env.topo.jobs_queue("noop")).await, 0, "and acked");
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// A store outage that outlasts the broker's consumer timeout (less its margin) puts that
+/// delivery alone back in the queue, before the broker would close the channel over it: the
+/// session goes on, and the job runs once the store is back, started once, as a redelivery.
+#[tokio::test]
+async fn a_store_outage_past_the_consumer_timeout_requeues_the_delivery_and_keeps_the_session() {
+    let env = Env::new(&["noop"]).await;
+    let flaky = Arc::new(FlakyStore::default());
+    flaky.failing.store(true, Ordering::SeqCst);
+    let metrics = prometheus::Registry::new();
+    let store = ArtifactStore::from_object_store(flaky.clone());
+    let w = env.spawn_worker_with_metrics(&["noop"], &metrics, |cfg| {
+        cfg.artifacts = store;
+        cfg.consumer_timeout = Duration::from_secs(3);
+    });
+    let sub = env.submitter();
+    let mut spec = env.spec("noop", json!({}));
+    spec.timeout_s = 2; // within the consumer timeout, or the worker refuses it
+    let mut watch = sub.watch(&spec).await.unwrap();
+    sub.submit(&spec).await.unwrap();
+    // Past the deadline (2.7 s after the delivery) at least once: the look-up gave up and requeued.
+    let mut seen = events_within(&mut watch, Duration::from_secs(5)).await;
+    assert!(seen.iter().all(|e| !e.status.is_terminal() && e.status != JobStatus::Started), "{seen:?}");
+    flaky.failing.store(false, Ordering::SeqCst);
+    seen.extend(collect_until_terminal(&mut watch, Duration::from_secs(30)).await);
+    let statuses: Vec<JobStatus> = seen.iter().map(|e| e.status).collect();
+    assert_eq!(statuses.last(), Some(&JobStatus::Succeeded), "{statuses:?}");
+    let started: Vec<_> = seen.iter().filter(|e| e.status == JobStatus::Started).collect();
+    assert_eq!(started.len(), 1, "{statuses:?}");
+    let redelivery = started[0].progress.as_ref().and_then(|p| p.get("redelivery")).and_then(|r| r.as_u64());
+    assert!(redelivery.is_some_and(|r| r >= 1), "it ran as a redelivery (requeued, not held): {:?}", started[0].progress);
+    let reconnects = metrics
+        .gather()
+        .iter()
+        .find(|m| m.name() == "trainyard_amqp_reconnects_total")
+        .map(|m| m.get_metric()[0].get_counter().get_value());
+    assert_eq!(reconnects, Some(0.0), "the worker's broker session was never lost");
+    assert!(env.drain(&env.topo.dead_queue("noop")).await.is_empty(), "nothing dead-lettered");
     w.stop().await;
     env.cleanup().await;
 }
