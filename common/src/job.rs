@@ -45,6 +45,22 @@ pub enum TriggerKind {
     Unknown,
 }
 
+impl TriggerKind {
+    /// Every kind this build knows.
+    pub const ALL: [TriggerKind; 4] = [TriggerKind::Manual, TriggerKind::Schedule, TriggerKind::Event, TriggerKind::Api];
+}
+
+impl std::str::FromStr for TriggerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TriggerKind::ALL
+            .into_iter()
+            .chain([TriggerKind::Unknown])
+            .find(|k| k.to_string() == s)
+            .ok_or_else(|| format!("unknown trigger {s:?} (one of manual, schedule, event, api)"))
+    }
+}
+
 impl std::fmt::Display for TriggerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -220,6 +236,23 @@ impl JobSpec {
             priority: Priority::Normal,
             coalesce_key: None,
         }
+    }
+
+    /// Gives the job an idempotency key and the id that key stands for (a UUID v5 of it): the
+    /// same key gives the same job. An empty key is refused.
+    pub fn set_idempotency_key(&mut self, key: &str) -> Result<(), String> {
+        if key.trim().is_empty() {
+            return Err("idempotency_key is empty: give a key that names the request, or none".into());
+        }
+        self.job_id = Uuid::new_v5(&Uuid::NAMESPACE_URL, format!("trainyard:{key}").as_bytes()).to_string();
+        self.idempotency_key = Some(key.to_string());
+        Ok(())
+    }
+
+    /// Whether `other` asks for the same work as this job: type, bot and params (what an
+    /// idempotency key must not be reused with different values of).
+    pub fn same_work(&self, other: &JobSpec) -> bool {
+        self.job_type == other.job_type && self.bot == other.bot && self.params == other.params
     }
 
     /// The coalescing key `trainyard submit --coalesce` uses: `<job_type>/<bot>`.

@@ -82,6 +82,7 @@ pub struct BotModels {
 
 /// What to replay from the dead-letter queues.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
     /// One job.
     pub job_id: Option<String>,
@@ -120,6 +121,9 @@ impl Ops {
     /// Submits `spec` (validated), returning it.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobSpec, OpsError> {
         spec.validate().map_err(|e| OpsError::BadRequest(e.to_string()))?;
+        if let Some(key) = &spec.idempotency_key {
+            self.check_key_reuse(key, &spec).await?;
+        }
         self.submitter.submit(&spec).await.map_err(|e| match e {
             CommonError::Unroutable { .. } => OpsError::BadRequest(e.to_string()),
             other => other.into(),
@@ -127,6 +131,21 @@ impl Ops {
         let detail = serde_json::json!({"job_type": spec.job_type, "bot": spec.bot, "trigger": spec.trigger.kind});
         self.audit(&spec.trigger.source, "submit", &spec.job_id, Some(detail)).await?;
         Ok(spec)
+    }
+
+    /// Refuses an idempotency key already used for different work (a 409): the job stands for
+    /// its first request, and the new values would be dropped without a word. The job store
+    /// knows a job once its `queued` event is recorded (within a fraction of a second).
+    async fn check_key_reuse(&self, key: &str, spec: &JobSpec) -> Result<(), OpsError> {
+        let Some(first) = self.store.job(&spec.job_id).await?.and_then(|j| j.spec) else { return Ok(()) };
+        if first.same_work(spec) {
+            return Ok(());
+        }
+        Err(OpsError::Conflict(format!(
+            "idempotency key {key:?} was used for job {} with a different job type, bot or params ({} for bot {}): \
+             use a new key for new work",
+            spec.job_id, first.job_type, first.bot
+        )))
     }
 
     /// Keeps an operator action in the audit trail: in the store at once, and on the events
@@ -140,12 +159,17 @@ impl Ops {
 
     /// The audit trail, newest first.
     pub async fn audit_trail(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, OpsError> {
+        // 0 (the default when absent) means 100.
+        if filter.limit != 0 {
+            crate::store::check_limit(filter.limit).map_err(OpsError::BadRequest)?;
+        }
         Ok(self.store.audit(filter).await?)
     }
 
     /// Jobs matching `filter`; listed by bot, its queued jobs carry their queue position and
     /// each job of a type with admission its bot's usage of that type.
     pub async fn list(&self, filter: &JobFilter) -> Result<Vec<JobRow>, OpsError> {
+        filter.check().map_err(OpsError::BadRequest)?;
         let mut jobs = self.store.list_jobs(filter).await?;
         if let Some(bot) = &filter.bot {
             let positions = self.store.queue_positions(&jobs).await?;
@@ -255,6 +279,10 @@ impl Ops {
     /// Asks the workers to cancel a job: a cancel marker in the artifact store
     /// (for a job still queued) and a control message (for a running one).
     pub async fn cancel(&self, job_id: &str, by: &str, reason: &str) -> Result<CancelRequest, OpsError> {
+        // A job the recorder has not stored yet can be cancelled; an id no job can have cannot.
+        if uuid::Uuid::parse_str(job_id).is_err() {
+            return Err(OpsError::BadRequest(format!("{job_id:?} is not a job id (a UUID): nothing was cancelled")));
+        }
         if let Some(job) = self.store.job(job_id).await? {
             if job.status.is_terminal() {
                 return Err(OpsError::Conflict(format!("job {job_id} is already {}", job.status)));
@@ -300,6 +328,7 @@ impl Ops {
     /// the republish; records a new run of the job and its `queued` event.
     pub async fn replay(&self, req: &ReplayRequest, by: &str) -> Result<Vec<String>, OpsError> {
         let job_type = match (&req.job_id, &req.job_type, req.all) {
+            (Some(_), _, true) => return Err(OpsError::BadRequest("give a job id or `all` with a job type, not both".into())),
             (Some(id), _, _) => match self.store.job(id).await? {
                 Some(j) => j.job_type,
                 None => self
@@ -312,10 +341,14 @@ impl Ops {
                     .ok_or_else(|| OpsError::NotFound(format!("no dead letter of job {id:?}")))?,
             },
             (None, Some(t), true) => t.clone(),
-            _ => return Err(OpsError::BadRequest("give a job id, or --all with a job type".into())),
+            _ => return Err(OpsError::BadRequest("give a job id, or `all` with a job type (CLI: --all --type T)".into())),
         };
         let topo = self.topology().clone();
         let conn = connect(&self.url, "trainyard-replay").await?;
+        if let Err(e) = dead_queue_exists(&conn, &topo.dead_queue(&job_type)).await {
+            let _ = conn.close(200, "done".into()).await;
+            return Err(e);
+        }
         let ch = confirm_channel(&conn).await?;
         let mut replayed = Vec::new();
         let result = async {
@@ -419,5 +452,23 @@ impl Ops {
         let detail = entry.as_ref().map(|e| serde_json::json!({"job_id": e.job_id}));
         self.audit(by, "rollback", bot, detail).await?;
         Ok(entry)
+    }
+}
+
+/// Whether the dead-letter queue `queue` exists (a passive declare, on a channel of its own
+/// that the broker closes when it does not): a job type no worker has declared has none, and
+/// replaying it is a caller's mistake (404), not a broker failure.
+async fn dead_queue_exists(conn: &lapin::Connection, queue: &str) -> Result<(), OpsError> {
+    let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    match ch.queue_declare(queue.into(), passive, Default::default()).await {
+        Ok(_) => {
+            let _ = ch.close(200, "done".into()).await;
+            Ok(())
+        }
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404) => {
+            Err(OpsError::NotFound(format!("no dead-letter queue {queue}: no worker of that job type has declared it (a typo?)")))
+        }
+        Err(e) => Err(CommonError::amqp(format!("look up {queue}"))(e).into()),
     }
 }

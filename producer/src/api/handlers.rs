@@ -63,14 +63,16 @@ pub async fn readyz(State(s): State<ApiState>) -> Response {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this status.
-    status: Option<JobStatus>,
+    #[param(value_type = Option<JobStatus>)]
+    status: Option<String>,
     /// Only this job type.
     #[serde(rename = "type")]
     job_type: Option<String>,
     /// Only this bot.
     bot: Option<String>,
     /// Only jobs triggered this way.
-    trigger: Option<TriggerKind>,
+    #[param(value_type = Option<TriggerKind>)]
+    trigger: Option<String>,
     /// RFC 3339: only jobs created at or after.
     since: Option<DateTime<Utc>>,
     /// RFC 3339: only jobs created before.
@@ -88,15 +90,17 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/jobs", tag = "jobs", security(("bearer" = [])), params(ListQuery),
     responses((status = 200, description = "a page of jobs, newest first", body = Vec<JobRow>,
             headers(("X-Next-Cursor" = String, description = "when the page is full: the `before` of the next page"))),
-        (status = 400, description = "a bad query: an unknown parameter, a bad value or cursor", body = ErrorBody),
+        (status = 400, description = "a bad query: an unknown parameter, a status or trigger no job has, a `limit` outside 1 to \
+            10,000, a bad time or cursor", body = ErrorBody),
         AuthResponses, UnavailableResponses))]
 pub async fn list_jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
-    let before = q.before.as_deref().map(str::parse::<JobCursor>).transpose().map_err(crate::ops::OpsError::BadRequest)?;
+    let bad = crate::ops::OpsError::BadRequest;
+    let before = q.before.as_deref().map(str::parse::<JobCursor>).transpose().map_err(bad)?;
     let filter = JobFilter {
-        status: q.status,
+        status: q.status.as_deref().map(str::parse).transpose().map_err(bad)?,
         job_type: q.job_type,
         bot: q.bot,
-        trigger: q.trigger,
+        trigger: q.trigger.as_deref().map(str::parse).transpose().map_err(bad)?,
         since: q.since,
         until: q.until,
         id_prefix: q.q,
@@ -155,7 +159,9 @@ impl Submitted {
 
 /// `POST /v1/jobs`: submits a job (confirmed by the broker before the answer).
 #[utoipa::path(post, path = "/jobs", tag = "jobs", security(("bearer" = [])), request_body = SubmitBody,
-    responses((status = 201, description = "queued", body = Submitted), BodyResponses, ScopeResponses, UnavailableResponses))]
+    responses((status = 201, description = "queued", body = Submitted),
+        (status = 409, description = "the idempotency key was used for a job of another type, bot or params", body = ErrorBody),
+        BodyResponses, ScopeResponses, UnavailableResponses))]
 pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Json(b): Json<SubmitBody>) -> ApiResult<Response> {
     let params = b.params.unwrap_or_else(|| serde_json::json!({}));
     let mut spec = JobSpec::new(b.job_type, b.bot, params, Trigger { kind: TriggerKind::Api, source: caller.name.clone() });
@@ -166,8 +172,7 @@ pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Call
         spec.timeout_s = t;
     }
     if let Some(key) = b.idempotency_key {
-        spec.job_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("trainyard:{key}").as_bytes()).to_string();
-        spec.idempotency_key = Some(key);
+        spec.set_idempotency_key(&key).map_err(crate::ops::OpsError::BadRequest)?;
     }
     let spec = s.ops.submit(spec).await?;
     if let Some(m) = &s.metrics {
@@ -197,6 +202,7 @@ pub async fn job_events(State(s): State<ApiState>, Path(id): Path<String>) -> Ap
 
 /// Query of `GET /v1/jobs/{id}/logs`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// One attempt's log (default: every saved one, each after a header line).
@@ -211,7 +217,7 @@ pub struct LogsQuery {
             description = "the log text: with `attempt`, that attempt's saved log; without, each saved log after a line \
                 `==> attempt N <==`, and while the job runs, the running attempt's live lines held by this control plane \
                 (its newest 256 KiB) after a line `==> attempt N (running: its lines so far) <==`"),
-        (status = 400, description = "a bad query (`attempt` not a number)", body = ErrorBody),
+        (status = 400, description = "a bad query: an unknown parameter, `attempt` not a number", body = ErrorBody),
         (status = 404, description = "no saved log for this job or attempt (and no live lines of a running attempt)", body = ErrorBody),
         AuthResponses, UnavailableResponses))]
 pub async fn job_logs(State(s): State<ApiState>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<Response> {
@@ -275,6 +281,7 @@ pub async fn retry(State(s): State<ApiState>, Extension(caller): Extension<Calle
 
 /// Query of `GET /v1/dlq`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DlqQuery {
     /// Only this job type.
@@ -285,14 +292,15 @@ pub struct DlqQuery {
 /// `GET /v1/audit`: the audit trail, newest first.
 #[utoipa::path(get, path = "/audit", tag = "ops", security(("bearer" = [])), params(crate::store::AuditFilter),
     responses((status = 200, description = "the audit trail, newest first", body = Vec<crate::audit::AuditRecord>),
-        (status = 400, description = "a bad query (`limit` not a number)", body = ErrorBody), AuthResponses, UnavailableResponses))]
+        (status = 400, description = "a bad query: an unknown parameter, `limit` not a number or outside 1 to 10,000", body = ErrorBody), AuthResponses, UnavailableResponses))]
 pub async fn audit(State(s): State<ApiState>, Query(f): Query<crate::store::AuditFilter>) -> ApiResult<Response> {
     Ok(Json(s.ops.audit_trail(&f).await?).into_response())
 }
 
 /// `GET /v1/dlq`: dead letters not replayed yet.
 #[utoipa::path(get, path = "/dlq", tag = "ops", security(("bearer" = [])), params(DlqQuery),
-    responses((status = 200, description = "dead letters not replayed yet", body = Vec<DeadLetter>), AuthResponses, UnavailableResponses))]
+    responses((status = 200, description = "dead letters not replayed yet", body = Vec<DeadLetter>),
+        (status = 400, description = "a bad query: an unknown parameter", body = ErrorBody), AuthResponses, UnavailableResponses))]
 pub async fn dlq_list(State(s): State<ApiState>, Query(q): Query<DlqQuery>) -> ApiResult<Response> {
     Ok(Json(s.ops.dead_letters(q.job_type.as_deref()).await?).into_response())
 }
@@ -307,7 +315,7 @@ pub struct Replayed {
 /// `POST /v1/dlq/replay`: republishes one dead letter, or every one of a job type.
 #[utoipa::path(post, path = "/dlq/replay", tag = "ops", security(("bearer" = [])), request_body = ReplayRequest,
     responses((status = 200, description = "the jobs replayed", body = Replayed),
-        (status = 404, description = "no dead letter of this job", body = ErrorBody),
+        (status = 404, description = "no dead letter of this job, or no dead-letter queue of this job type", body = ErrorBody),
         BodyResponses, ScopeResponses, UnavailableResponses))]
 pub async fn dlq_replay(
     State(s): State<ApiState>,

@@ -200,6 +200,14 @@ async fn list_page(conn: &Conn, f: &JobFilter) -> anyhow::Result<(Value, Option<
     Ok((resp.json().await?, next))
 }
 
+/// `x` encoded as one URL path segment (or query value): `/`, `?`, `#`, `&`, `%` and the
+/// like cannot change which route or parameter the control plane sees.
+fn seg(x: &str) -> String {
+    let mut u = reqwest::Url::parse("http://x/").expect("a constant URL");
+    u.path_segments_mut().expect("a base URL").push(x);
+    u.path()[1..].replace('&', "%26").replace('=', "%3D")
+}
+
 /// `--trigger`: one of the trigger kinds.
 fn parse_trigger(s: &str) -> Result<TriggerKind, String> {
     match serde_json::from_value::<TriggerKind>(Value::String(s.to_string())) {
@@ -208,21 +216,25 @@ fn parse_trigger(s: &str) -> Result<TriggerKind, String> {
     }
 }
 
-/// `--since` / `--until` (`flag`): RFC 3339 or a duration back from now.
+/// `--since` / `--until` (`flag`): RFC 3339 or a duration back from now (`30m`, `2h`, `7d`).
 fn parse_since(flag: &str, s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.into());
     }
-    let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = num.parse().with_context(|| format!("{flag} {s:?}: expected RFC 3339 or a duration like 30m, 2h, 7d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+    let expected = || format!("{flag} {s:?}: expected RFC 3339 or a duration like 30m, 2h, 7d");
+    let Some(unit) = s.chars().last() else { bail!(expected()) };
+    let n: i64 = s[..s.len() - unit.len_utf8()].parse().with_context(expected)?;
+    let per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
         _ => bail!("{flag} {s:?}: unit must be s, m, h or d"),
     };
-    Ok(chrono::Utc::now() - chrono::TimeDelta::seconds(secs))
+    n.checked_mul(per)
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|back| chrono::Utc::now().checked_sub_signed(back))
+        .with_context(|| format!("{flag} {s:?}: too far back"))
 }
 
 pub(super) fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value)) {
@@ -297,7 +309,7 @@ pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> any
         JobsCmd::Show { id } => {
             let v = match &conn {
                 Conn::Direct(ops) => serde_json::to_value(ops.show(&id).await?)?,
-                Conn::Remote { .. } => conn.get(&format!("/jobs/{id}")).await?,
+                Conn::Remote { .. } => conn.get(&format!("/jobs/{}", seg(&id))).await?,
             };
             print(t.json, &v, show_human);
         }
@@ -305,7 +317,7 @@ pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> any
         JobsCmd::Cancel { id, reason } => {
             let v = match &conn {
                 Conn::Direct(ops) => serde_json::to_value(ops.cancel(&id, &who(), &reason).await?)?,
-                Conn::Remote { .. } => conn.post(&format!("/jobs/{id}/cancel"), json!({"reason": reason})).await?,
+                Conn::Remote { .. } => conn.post(&format!("/jobs/{}/cancel", seg(&id)), json!({"reason": reason})).await?,
             };
             print(t.json, &v, |_| println!("cancel requested for {id}"));
         }
@@ -315,7 +327,7 @@ pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> any
                     let spec = ops.retry(&id, &who(), TriggerKind::Manual).await?;
                     json!({"job_id": spec.job_id, "retry_of": id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued"})
                 }
-                Conn::Remote { .. } => conn.post(&format!("/jobs/{id}/retry"), json!({})).await?,
+                Conn::Remote { .. } => conn.post(&format!("/jobs/{}/retry", seg(&id)), json!({})).await?,
             };
             print(t.json, &v, |v| println!("{}", s(&v["job_id"])));
         }
@@ -362,7 +374,7 @@ async fn logs(conn: &Conn, url: &str, id: &str, attempt: Option<u32>, follow: bo
         (Conn::Direct(ops), false) => print!("{}", ops.logs(id, attempt).await?),
         (Conn::Remote { .. }, false) => {
             let q = attempt.map(|a| format!("?attempt={a}")).unwrap_or_default();
-            print!("{}", conn.call(reqwest::Method::GET, &format!("/jobs/{id}/logs{q}"), None).await?.text().await?);
+            print!("{}", conn.call(reqwest::Method::GET, &format!("/jobs/{}/logs{q}", seg(id)), None).await?.text().await?);
         }
         // Live: the running attempt's lines as the worker logs them, then the rest of its saved log.
         (Conn::Direct(ops), true) => Direct { ops, url, job_id: id }.follow(attempt).await?,
@@ -377,7 +389,9 @@ pub async fn dlq(t: Target, url: &str, topology: Topology, cmd: DlqCmd) -> anyho
         DlqCmd::List { job_type } => {
             let v = match &conn {
                 Conn::Direct(ops) => serde_json::to_value(ops.dead_letters(job_type.as_deref()).await?)?,
-                Conn::Remote { .. } => conn.get(&job_type.map(|t| format!("/dlq?type={t}")).unwrap_or_else(|| "/dlq".into())).await?,
+                Conn::Remote { .. } => {
+                    conn.get(&job_type.map(|t| format!("/dlq?type={}", seg(&t))).unwrap_or_else(|| "/dlq".into())).await?
+                }
             };
             print(t.json, &v, |v| {
                 println!("{:<43}  {:<13}  {:<14}  {:>3}  REASON", "ID", "TYPE", "KIND", "ATT");
@@ -418,9 +432,9 @@ pub async fn models(t: Target, url: &str, topology: Topology, cmd: ModelsCmd) ->
         (Conn::Direct(ops), ModelsCmd::List { bot }) => serde_json::to_value(ops.models(&bot).await?)?,
         (Conn::Direct(ops), ModelsCmd::Promote { job_id }) => serde_json::to_value(ops.promote(&job_id, &who()).await?)?,
         (Conn::Direct(ops), ModelsCmd::Rollback { bot }) => json!({"bot": bot, "production": ops.rollback(&bot, &who()).await?}),
-        (Conn::Remote { .. }, ModelsCmd::List { bot }) => conn.get(&format!("/models/{bot}")).await?,
-        (Conn::Remote { .. }, ModelsCmd::Promote { job_id }) => conn.post(&format!("/models/promote/{job_id}"), json!({})).await?,
-        (Conn::Remote { .. }, ModelsCmd::Rollback { bot }) => conn.post(&format!("/models/{bot}/rollback"), json!({})).await?,
+        (Conn::Remote { .. }, ModelsCmd::List { bot }) => conn.get(&format!("/models/{}", seg(&bot))).await?,
+        (Conn::Remote { .. }, ModelsCmd::Promote { job_id }) => conn.post(&format!("/models/promote/{}", seg(&job_id)), json!({})).await?,
+        (Conn::Remote { .. }, ModelsCmd::Rollback { bot }) => conn.post(&format!("/models/{}/rollback", seg(&bot)), json!({})).await?,
     };
     print(t.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
     Ok(ExitCode::SUCCESS)
@@ -450,4 +464,37 @@ pub async fn events(t: Target, cmd: EventsCmd) -> anyhow::Result<ExitCode> {
     }
     store.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_rfc3339_or_a_duration_and_refuses_the_rest_without_panicking() {
+        let t = parse_since("--since", "2026-12-01T10:00:00Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-12-01T10:00:00+00:00");
+        let back = chrono::Utc::now() - parse_since("--since", "2h").unwrap();
+        assert!((7190..=7210).contains(&back.num_seconds()), "{back}");
+        for (bad, says) in [
+            ("2µ", "unit must be"),
+            ("", "expected RFC 3339"),
+            ("h", "expected RFC 3339"),
+            ("5w", "unit must be"),
+            ("10000000000000s", "too far back"),
+            ("9999999999999999s", "too far back"),
+            ("999999999999999d", "too far back"),
+        ] {
+            let e = parse_since("--since", bad).unwrap_err().to_string();
+            assert!(e.contains("--since") && e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_path_segment_cannot_change_the_route_or_add_a_parameter() {
+        assert_eq!(seg("0b9f-1"), "0b9f-1");
+        assert_eq!(seg("abc#x"), "abc%23x");
+        assert_eq!(seg("a?b/c"), "a%3Fb%2Fc");
+        assert_eq!(seg("x&bot=y"), "x%26bot%3Dy");
+    }
 }

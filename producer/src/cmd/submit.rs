@@ -72,11 +72,6 @@ pub fn build_params(file: Option<&PathBuf>, pairs: &[String]) -> anyhow::Result<
     Ok(params)
 }
 
-/// A stable job id for an idempotency key: the same key gives the same job.
-fn idempotent_job_id(key: &str) -> String {
-    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("trainyard:{key}").as_bytes()).to_string()
-}
-
 pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let params = build_params(args.params_file.as_ref(), &args.params)?;
     let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
@@ -86,8 +81,7 @@ pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Res
     spec.priority = args.priority;
     spec.coalesce_key = if args.coalesce { Some(spec.bot_coalesce_key()) } else { args.coalesce_key.clone() };
     if let Some(key) = &args.idempotency_key {
-        spec.job_id = idempotent_job_id(key);
-        spec.idempotency_key = Some(key.clone());
+        spec.set_idempotency_key(key).map_err(|e| anyhow::anyhow!("--idempotency-key: {e}"))?;
     }
     spec.validate()?;
     let submitter = Submitter::new(url, topology)?;

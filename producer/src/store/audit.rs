@@ -9,6 +9,7 @@ use crate::audit::AuditRecord;
 
 /// Filter of `trainyard audit` and `GET /v1/audit`: every field narrows the list.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AuditFilter {
     /// Only this actor.

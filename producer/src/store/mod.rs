@@ -42,7 +42,7 @@ pub use audit::AuditFilter;
 pub use feed::Change;
 pub use offsets::{StreamBatch, StreamPosition};
 pub use parked::Unparked;
-pub use types::{from_micros, micros, text as escape_text, DeadLetter, JobCursor, JobFilter, JobRow, ParkedEvent};
+pub use types::{check_limit, from_micros, micros, text as escape_text, DeadLetter, JobCursor, JobFilter, JobRow, ParkedEvent, MAX_PAGE};
 
 /// Default store, under the data directory of the control plane.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./.trainyard/trainyard.db";

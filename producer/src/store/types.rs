@@ -165,16 +165,44 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
+/// The largest page of `jobs list` and the audit trail.
+pub const MAX_PAGE: i64 = 10_000;
+
+/// Refuses a `limit` outside 1..=[`MAX_PAGE`], naming it.
+pub fn check_limit(limit: i64) -> Result<(), String> {
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(())
+    } else {
+        Err(format!("limit {limit} is out of range: a page holds 1 to {MAX_PAGE}"))
+    }
+}
+
 impl JobFilter {
     /// The page size in effect: `limit` within 1..=10,000.
     pub fn page_size(&self) -> i64 {
-        self.limit.clamp(1, 10_000)
+        self.limit.clamp(1, MAX_PAGE)
+    }
+
+    /// Refuses what would list nothing for a reason the caller cannot see: a status or trigger
+    /// kind this build does not know (no row has one), a `limit` outside 1..=10,000.
+    pub fn check(&self) -> Result<(), String> {
+        if self.status == Some(JobStatus::Unknown) {
+            return Err(format!("status \"unknown\" is not one a job has: {}", known(JobStatus::ALL.iter())));
+        }
+        if self.trigger == Some(TriggerKind::Unknown) {
+            return Err(format!("trigger \"unknown\" is not one a job has: {}", known(TriggerKind::ALL.iter())));
+        }
+        check_limit(self.limit)
     }
 
     /// The cursor of the page after `page` (a page this filter listed), when `page` is full.
     pub fn next_cursor(&self, page: &[JobRow]) -> Option<JobCursor> {
         page.last().filter(|_| page.len() as i64 >= self.page_size()).map(JobCursor::after)
     }
+}
+
+fn known<T: std::fmt::Display>(values: impl Iterator<Item = T>) -> String {
+    format!("one of {}", values.map(|v| v.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 /// A position in the job list (`created_at DESC, job_id DESC`): the last job of a page.

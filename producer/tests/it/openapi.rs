@@ -163,7 +163,12 @@ bot = "bot-t"
 
 /// Submits a job through the API and waits until the store has it; its spec.
 async fn submitted(http: &reqwest::Client, server: &Server, bot: &str) -> JobSpec {
-    let r = http.post(server.url("/v1/jobs")).bearer_auth("s-tok").json(&json!({"job_type": "noop", "bot": bot})).send().await.unwrap();
+    submitted_body(http, server, json!({"job_type": "noop", "bot": bot})).await
+}
+
+/// Submits `body` through the API and waits until the store has the job; its spec.
+async fn submitted_body(http: &reqwest::Client, server: &Server, body: Value) -> JobSpec {
+    let r = http.post(server.url("/v1/jobs")).bearer_auth("s-tok").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let id = r.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_string();
     eventually(20, "the job recorded with its spec", || async {
@@ -184,6 +189,8 @@ async fn every_route_answers_what_the_generated_document_says() {
     let a = submitted(&http, &server, "bot-a").await.job_id;
     let spec_b = submitted(&http, &server, "bot-b").await;
     let b = spec_b.job_id.clone();
+    // A job submitted with an idempotency key: its key reused for other work is a 409.
+    submitted_body(&http, &server, json!({"job_type": "noop", "bot": "bot-k", "idempotency_key": crate::openapi_cases::KEY})).await;
     let (_conn, ch) = channel().await;
     publish_event(&ch, &server.topo, &JobEvent::new(&spec_b, JobStatus::Succeeded, 1, event_seq(1, 0, 1))).await;
     eventually(20, "b succeeded", || async {

@@ -16,6 +16,9 @@ fn body_refusals(route: &'static str, path: &str, token: &'static str, unknown: 
     ]
 }
 
+/// The idempotency key of a job the test submitted (bot `bot-k`, no params) before the cases.
+pub const KEY: &str = "openapi-key";
+
 /// Everything but the 503s, in an order that keeps `a` queued and `b` succeeded.
 pub fn cases(a: &str, b: &str) -> Vec<Case> {
     let job = |suffix: &str| format!("/v1/jobs/{a}{suffix}");
@@ -36,10 +39,18 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("GET", "/v1/stream", "/v1/stream?max_s=1", 401),
         case("GET", "/v1/stream", "/v1/stream?max_s=99", 400).token("r-tok"),
         case("POST", "/v1/jobs", "/v1/jobs", 201).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-c", "params": {}})),
+        case("POST", "/v1/jobs", "/v1/jobs", 201).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-k", "idempotency_key": KEY})),
+        case("POST", "/v1/jobs", "/v1/jobs", 409).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-x", "idempotency_key": KEY})),
+        case("POST", "/v1/jobs", "/v1/jobs", 400).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-k", "idempotency_key": ""})),
         case("POST", "/v1/jobs", "/v1/jobs", 401).json(json!({"job_type": "noop", "bot": "bot-c"})),
         case("POST", "/v1/jobs", "/v1/jobs", 403).token("r-tok").json(json!({"job_type": "noop", "bot": "bot-c"})),
         case("GET", "/v1/jobs", "/v1/jobs?type=noop&limit=1", 200).token("r-tok"),
         case("GET", "/v1/jobs", "/v1/jobs?bogus=1", 400).token("r-tok"),
+        case("GET", "/v1/jobs", "/v1/jobs?status=bogus", 400).token("r-tok"),
+        case("GET", "/v1/jobs", "/v1/jobs?status=unknown", 400).token("r-tok"),
+        case("GET", "/v1/jobs", "/v1/jobs?trigger=cron", 400).token("r-tok"),
+        case("GET", "/v1/jobs", "/v1/jobs?limit=0", 400).token("r-tok"),
+        case("GET", "/v1/jobs", "/v1/jobs?limit=10001", 400).token("r-tok"),
         case("GET", "/v1/jobs", "/v1/jobs", 401),
         case("GET", "/v1/jobs/{id}", job(""), 200).token("r-tok"),
         case("GET", "/v1/jobs/{id}", format!("/v1/jobs/{b}"), 200).token("r-tok"),
@@ -51,9 +62,11 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("GET", "/v1/jobs/{id}/logs", format!("/v1/jobs/{b}/logs"), 200).token("r-tok"),
         case("GET", "/v1/jobs/{id}/logs", job("/logs"), 404).token("r-tok"),
         case("GET", "/v1/jobs/{id}/logs", job("/logs?attempt=x"), 400).token("r-tok"),
+        case("GET", "/v1/jobs/{id}/logs", format!("/v1/jobs/{b}/logs?attmpt=1"), 400).token("r-tok"),
         case("GET", "/v1/jobs/{id}/logs", job("/logs"), 401),
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 202).token("s-tok").json(json!({"reason": "openapi test"})),
         case("POST", "/v1/jobs/{id}/cancel", format!("/v1/jobs/{b}/cancel"), 409).token("s-tok"),
+        case("POST", "/v1/jobs/{id}/cancel", "/v1/jobs/nope/cancel", 400).token("s-tok"),
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 401),
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 403).token("r-tok"),
         case("POST", "/v1/jobs/{id}/retry", format!("/v1/jobs/{b}/retry"), 201).token("s-tok"),
@@ -63,11 +76,17 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("POST", "/v1/jobs/{id}/retry", job("/retry"), 403).token("r-tok"),
         case("GET", "/v1/audit", "/v1/audit?actor=ci", 200).token("r-tok"),
         case("GET", "/v1/audit", "/v1/audit?limit=x", 400).token("r-tok"),
+        case("GET", "/v1/audit", "/v1/audit?limit=-5", 400).token("r-tok"),
+        case("GET", "/v1/audit", "/v1/audit?actr=bob", 400).token("r-tok"),
         case("GET", "/v1/audit", "/v1/audit", 401),
         case("GET", "/v1/dlq", "/v1/dlq?type=noop", 200).token("r-tok"),
+        case("GET", "/v1/dlq", "/v1/dlq?job_type=noop", 400).token("r-tok"),
         case("GET", "/v1/dlq", "/v1/dlq", 401),
         case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 200).token("a-tok").json(json!({"job_type": "noop", "all": true})),
         case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 404).token("a-tok").json(json!({"job_id": "nope"})),
+        case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 404).token("a-tok").json(json!({"job_type": "trian", "all": true})),
+        case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 400).token("a-tok").json(json!({"job_id": b, "all": true})),
+        case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 422).token("a-tok").json(json!({"job_type": "noop", "al": true})),
         case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 401).json(json!({"job_id": "nope"})),
         case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 403).token("s-tok").json(json!({"job_id": "nope"})),
         case("GET", "/v1/models/{bot}", "/v1/models/bot-b", 200).token("r-tok"),
