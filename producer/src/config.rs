@@ -6,7 +6,7 @@
 //!
 //! [[schedule]]
 //! name = "nightly-banking"
-//! cron = "0 2 * * *"            # 5 fields (minute first) or 6-7 (seconds first)
+//! cron = "0 2 * * 1-5"          # 5 fields: Unix cron (day of week 0-7, 0 and 7 Sunday); 6-7: seconds first
 //! timezone = "Europe/Berlin"    # default UTC
 //! job_type = "intent-train"
 //! bot = "banking"
@@ -30,7 +30,7 @@
 //! weights = { banking = 2 }  # fair-share weights (default 1)
 //! ```
 
-use std::{path::Path, str::FromStr};
+use std::path::Path;
 
 use serde::Deserialize;
 use trainyard_common::job::Priority;
@@ -165,11 +165,21 @@ fn default_debounce() -> u64 {
     60
 }
 
-/// A cron expression: 5 fields get a leading `0` seconds field.
-pub fn parse_cron(expr: &str) -> Result<cron::Schedule, String> {
-    let fields = expr.split_whitespace().count();
-    let full = if fields == 5 { format!("0 {expr}") } else { expr.to_string() };
-    cron::Schedule::from_str(&full).map_err(|e| format!("bad cron expression {expr:?}: {e}"))
+pub use crate::cron_expr::parse_cron;
+
+/// The longest debounce window of a trigger rule: a week.
+pub const MAX_DEBOUNCE_S: u64 = 7 * 24 * 3600;
+
+impl ScheduleConfig {
+    /// The job a fire of this schedule submits (its id is set by the fire).
+    pub fn job_spec(&self) -> trainyard_common::JobSpec {
+        use trainyard_common::{Trigger, TriggerKind};
+        let trigger = Trigger { kind: TriggerKind::Schedule, source: self.name.clone() };
+        let mut spec = trainyard_common::JobSpec::new(&self.job_type, &self.bot, self.params.clone(), trigger);
+        spec.priority = self.priority;
+        spec.coalesce_key = self.coalesce_key.clone();
+        spec
+    }
 }
 
 impl ControlConfig {
@@ -177,17 +187,10 @@ impl ControlConfig {
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: ControlConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         for s in &cfg.schedules {
-            parse_cron(&s.cron).map_err(|e| format!("schedule {:?}: {e}", s.name))?;
-            s.timezone.parse::<chrono_tz::Tz>().map_err(|e| format!("schedule {:?}: bad time zone: {e}", s.name))?;
-            if !trainyard_common::job::valid_job_type(&s.job_type) {
-                return Err(format!("schedule {:?}: bad job type {:?}", s.name, s.job_type));
-            }
+            cfg.check_schedule(s).map_err(|e| format!("schedule {:?}: {e}", s.name))?;
         }
-        let mut names: Vec<&str> = cfg.schedules.iter().map(|s| s.name.as_str()).collect();
-        names.sort_unstable();
-        if names.windows(2).any(|w| w[0] == w[1]) {
-            return Err("schedule names must be unique".into());
-        }
+        unique("schedule", cfg.schedules.iter().map(|s| s.name.as_str()))?;
+        unique("trigger", cfg.triggers.iter().map(|t| t.name.as_str()))?;
         if let Some(bad) = cfg.policies.keys().find(|t| !trainyard_common::job::valid_job_type(t)) {
             return Err(format!("policy {bad:?}: not a job type name"));
         }
@@ -197,17 +200,59 @@ impl ControlConfig {
             }
         }
         for t in &cfg.triggers {
-            if t.routing_key.is_empty() || !trainyard_common::job::valid_job_type(&t.job_type) {
-                return Err(format!("trigger {:?}: needs a routing key and a valid job type", t.name));
-            }
+            cfg.check_trigger(t).map_err(|e| format!("trigger {:?}: {e}", t.name))?;
         }
         Ok(cfg)
+    }
+
+    /// A schedule that could never publish is refused here, not retried every few seconds
+    /// for ever: its cron and time zone, and the job it submits (type, bot, params, key).
+    fn check_schedule(&self, s: &ScheduleConfig) -> Result<(), String> {
+        parse_cron(&s.cron)?;
+        s.timezone.parse::<chrono_tz::Tz>().map_err(|e| format!("bad time zone: {e}"))?;
+        s.job_spec().validate().map_err(|e| e.to_string())?;
+        self.check_known(&s.job_type)
+    }
+
+    fn check_trigger(&self, t: &TriggerRule) -> Result<(), String> {
+        if t.routing_key.is_empty() || !trainyard_common::job::valid_job_type(&t.job_type) {
+            return Err("needs a routing key and a valid job type".into());
+        }
+        if !t.params.is_object() {
+            return Err(format!("params must be a table (a JSON object), not {}", t.params));
+        }
+        if !t.bot.contains("{{") && !trainyard_common::job::valid_bot_name(&t.bot) {
+            return Err(format!("bot {:?} is neither a bot name nor a template ({{{{field}}}})", t.bot));
+        }
+        if t.debounce_s > MAX_DEBOUNCE_S {
+            return Err(format!("debounce_s {} is over a week ({MAX_DEBOUNCE_S})", t.debounce_s));
+        }
+        self.check_known(&t.job_type)
+    }
+
+    /// With `job_types` given, a schedule or rule must name one of them.
+    fn check_known(&self, job_type: &str) -> Result<(), String> {
+        if self.job_types.is_empty() || self.job_types.iter().any(|t| t == job_type) {
+            Ok(())
+        } else {
+            Err(format!("job type {job_type:?} is not one of job_types {:?}", self.job_types))
+        }
     }
 
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
         Self::parse(&text)
+    }
+}
+
+/// Refuses a repeated name among `names` of `what`s.
+fn unique<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    let mut names: Vec<&str> = names.collect();
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(format!("{what} names must be unique: {:?} is used twice", w[0])),
+        None => Ok(()),
     }
 }
 
@@ -236,5 +281,27 @@ mod tests {
         assert!(ControlConfig::parse("[policy.noop]\nsupersede_runing = true").is_err(), "a misspelt policy is refused");
         assert!(ControlConfig::parse("[[schedule]]\nname='x'\ncron='nope'\njob_type='noop'\nbot='b'").is_err());
         assert!(ControlConfig::parse("colour = 1").is_err());
+    }
+
+    #[test]
+    fn schedules_and_rules_that_could_never_publish_are_refused_naming_them() {
+        let schedule = |extra: &str| format!("[[schedule]]\nname='s'\ncron='0 2 * * *'\njob_type='noop'\nbot='b'\n{extra}");
+        let trigger = |extra: &str| format!("[[trigger]]\nname='t'\nrouting_key='k'\njob_type='noop'\nbot='{{{{bot}}}}'\n{extra}");
+        assert!(ControlConfig::parse(&schedule("")).is_ok());
+        assert!(ControlConfig::parse(&trigger("")).is_ok());
+        for (text, says) in [
+            (schedule("").replace("bot='b'", "bot='../x'"), "bot"),
+            (schedule("params = 5"), "params"),
+            (schedule("").replace("0 2 * * *", "0 0 30 2 *"), "never fires"),
+            (format!("job_types = ['intent-train']\n{}", schedule("")), "not one of job_types"),
+            (format!("{}{}", schedule(""), schedule("")), "\"s\" is used twice"),
+            (trigger("params = 5"), "params must be a table"),
+            (trigger("").replace("{{bot}}", "a b"), "neither a bot name nor a template"),
+            (trigger("debounce_s = 9300000000000000000"), "over a week"),
+            (format!("{}{}", trigger(""), trigger("")), "\"t\" is used twice"),
+        ] {
+            let e = ControlConfig::parse(&text).unwrap_err();
+            assert!(e.contains(says), "{text}\n=> {e}");
+        }
     }
 }

@@ -22,6 +22,7 @@ pub mod audit;
 pub mod coalesce;
 pub mod config;
 pub mod console;
+pub mod cron_expr;
 pub mod fanout;
 pub mod livelogs;
 pub mod ops;

@@ -16,7 +16,7 @@ use std::{collections::HashMap, time::Duration};
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
-use trainyard_common::{metrics::ControlMetrics, JobSpec, Trigger, TriggerKind};
+use trainyard_common::{metrics::ControlMetrics, JobSpec};
 
 use crate::{
     config::{parse_cron, MissedFire, ScheduleConfig},
@@ -160,15 +160,8 @@ impl Scheduler {
 
     /// Publishes the fire of `s` at `at` (claimed by this replica) and notes it published.
     async fn publish(&self, s: &Parsed, at: DateTime<Utc>, job_id: String) -> Result<JobSpec, ScheduleError> {
-        let mut spec = JobSpec::new(
-            &s.cfg.job_type,
-            &s.cfg.bot,
-            s.cfg.params.clone(),
-            Trigger { kind: TriggerKind::Schedule, source: s.cfg.name.clone() },
-        );
+        let mut spec = s.cfg.job_spec();
         spec.job_id = job_id;
-        spec.priority = s.cfg.priority;
-        spec.coalesce_key = s.cfg.coalesce_key.clone();
         self.submitter.submit(&spec).await.map_err(|source| ScheduleError::Publish { schedule: s.cfg.name.clone(), at, source })?;
         self.store.mark_fire_published(&s.cfg.name, at).await?;
         if let Some(m) = &self.metrics {
