@@ -125,7 +125,8 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         });
     }
     if !settings.config.triggers.is_empty() {
-        let triggers = Triggers::new(settings.config.triggers.clone(), ops.submitter.clone(), &settings.amqp_url, Some(metrics.clone()));
+        let triggers = Triggers::new(settings.config.triggers.clone(), ops.submitter.clone(), &settings.amqp_url, Some(metrics.clone()))
+            .with_store(ops.store.clone());
         tasks.spawn({
             let stop = shutdown.clone();
             async move { triggers.run(stop).await }

@@ -23,7 +23,24 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use trainyard_common::{amqp::connect, metrics::ControlMetrics, topology::Topology, CommonError, JobSpec, Trigger, TriggerKind};
 
-use crate::{config::TriggerRule, submit::Submitter};
+use trainyard_common::codec;
+
+use crate::{
+    config::TriggerRule,
+    store::{ParkedEvent, Store, StoreError},
+    submit::Submitter,
+};
+
+/// Why a trigger session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    /// Broker trouble.
+    #[error(transparent)]
+    Broker(#[from] CommonError),
+    /// The job store could not park an event (the event stays unacked).
+    #[error("parking a trigger event: {0}")]
+    Store(#[from] StoreError),
+}
 
 /// Does an AMQP topic `pattern` (`*` = one word, `#` = zero or more) match `key`?
 pub fn topic_matches(pattern: &str, key: &str) -> bool {
@@ -56,8 +73,9 @@ pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> serde_
             let mut out = String::new();
             let mut rest = s.as_str();
             while let Some(start) = rest.find("{{") {
-                out.push_str(&rest[..start]);
+                // An opening without its closing is text.
                 let Some(end) = rest[start..].find("}}") else { break };
+                out.push_str(&rest[..start]);
                 let name = rest[start + 2..start + end].trim();
                 match event.get(name) {
                     Some(Value::String(v)) => out.push_str(v),
@@ -136,6 +154,8 @@ pub struct Triggers {
     submitter: Submitter,
     url: String,
     metrics: Option<ControlMetrics>,
+    /// Where an event no rule can use is parked with the reason (`trainyard events parked`).
+    store: Option<Store>,
 }
 
 /// The queue the control plane of `t` consumes trigger events from.
@@ -146,7 +166,29 @@ pub fn queue_name(t: &Topology) -> String {
 impl Triggers {
     /// Trigger handling for `rules`.
     pub fn new(rules: Vec<TriggerRule>, submitter: Submitter, url: &str, metrics: Option<ControlMetrics>) -> Self {
-        Self { rules, submitter, url: url.to_string(), metrics }
+        Self { rules, submitter, url: url.to_string(), metrics, store: None }
+    }
+
+    /// Parks the events no rule can use in `store` (without one they are only logged and counted).
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Keeps an event that cannot become a job, with `reason`, where a person sees it
+    /// (`trainyard events parked`; its routing key is `trigger:<key>`), then counts it.
+    async fn park(&self, rule: &str, routing_key: &str, body: &[u8], reason: &str) -> Result<(), TriggerError> {
+        tracing::warn!(rule, routing_key, reason, "parking a trigger event that cannot become a job");
+        if let Some(store) = &self.store {
+            let parked = ParkedEvent::new(&format!("{PARKED_PREFIX}{routing_key}"), Some(codec::JSON), body, reason);
+            store.park(&[parked]).await?;
+        }
+        self.count(rule, "parked");
+        if let Some(m) = &self.metrics {
+            // The alert on parked events covers these too.
+            m.events_parked.inc();
+        }
+        Ok(())
     }
 
     /// The queue the control plane consumes.
@@ -165,7 +207,7 @@ impl Triggers {
         }
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), CommonError> {
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), TriggerError> {
         let topo = self.submitter.topology().clone();
         let conn = connect(&self.url, "trainyard-triggers").await?;
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
@@ -200,21 +242,26 @@ impl Triggers {
                 _ = tokio::time::sleep_until(sleep_until) => {
                     for ((rule_name, bot), p) in debouncer.due(Instant::now()) {
                         let Some(rule) = self.rules.iter().find(|r| r.name == rule_name) else { continue };
-                        self.fire(rule, &bot, &p.event, p.count).await?;
+                        if let Err(reason) = self.fire(rule, &bot, &p.event, p.count).await? {
+                            self.park(&rule.name, &rule.routing_key, p.event.to_string().as_bytes(), &reason).await?;
+                        }
                         for a in p.held {
                             a.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack trigger events"))?;
                         }
                     }
                 }
                 d = consumer.next() => {
-                    let Some(d) = d else { return Err(CommonError::ConsumerEnded { queue: queue.clone() }) };
+                    let Some(d) = d else { return Err(CommonError::ConsumerEnded { queue: queue.clone() }.into()) };
                     let d = d.map_err(CommonError::amqp("receive a trigger event"))?;
                     let key = d.routing_key.as_str().to_string();
                     let event: serde_json::Value = match serde_json::from_slice(&d.data) {
                         Ok(v @ serde_json::Value::Object(_)) => v,
-                        _ => {
-                            tracing::warn!(routing_key = %key, "ignoring a trigger event that is not a JSON object");
-                            self.count("none", "ignored");
+                        read => {
+                            let reason = match read {
+                                Err(e) => format!("not JSON: {e}"),
+                                Ok(v) => format!("a JSON {}, not an object", json_kind(&v)),
+                            };
+                            self.park("none", &key, &d.data, &format!("a trigger event must be a JSON object: {reason}")).await?;
                             d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
                             continue;
                         }
@@ -227,14 +274,16 @@ impl Triggers {
                     let bot = match render(&serde_json::Value::String(rule.bot.clone()), &event) {
                         serde_json::Value::String(s) if trainyard_common::job::valid_bot_name(&s) => s,
                         other => {
-                            tracing::warn!(rule = %rule.name, bot = %other, "trigger event gives no valid bot; ignored");
-                            self.count(&rule.name, "ignored");
+                            let reason = format!("rule {:?}: its bot template {:?} gives {other}, not a bot name", rule.name, rule.bot);
+                            self.park(&rule.name, &key, &d.data, &reason).await?;
                             d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
                             continue;
                         }
                     };
                     if rule.debounce_s == 0 {
-                        self.fire(rule, &bot, &event, 1).await?;
+                        if let Err(reason) = self.fire(rule, &bot, &event, 1).await? {
+                            self.park(&rule.name, &key, &d.data, &reason).await?;
+                        }
                         d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
                     } else if !debouncer.offer((rule.name.clone(), bot), event, d.acker, Instant::now(), Duration::from_secs(rule.debounce_s)) {
                         self.count(&rule.name, "debounced");
@@ -244,7 +293,15 @@ impl Triggers {
         }
     }
 
-    async fn fire(&self, rule: &TriggerRule, bot: &str, event: &serde_json::Value, burst: usize) -> Result<(), CommonError> {
+    /// Submits the job `rule` makes of `event` for `bot`; `Ok(Err(reason))` when it makes a job
+    /// that can never be published (invalid, or of a type nothing routes): the event is parked.
+    async fn fire(
+        &self,
+        rule: &TriggerRule,
+        bot: &str,
+        event: &serde_json::Value,
+        burst: usize,
+    ) -> Result<Result<(), String>, CommonError> {
         let params = render(&rule.params, event);
         let mut spec = JobSpec::new(&rule.job_type, bot, params, Trigger { kind: TriggerKind::Event, source: source(rule) });
         spec.priority = rule.priority;
@@ -259,16 +316,29 @@ impl Triggers {
                 if let Some(m) = &self.metrics {
                     m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "event"]).inc();
                 }
-                Ok(())
+                Ok(Ok(()))
             }
-            // A template that yields an invalid job will never work: log and drop the burst.
-            Err(CommonError::Codec(e)) => {
-                tracing::warn!(rule = %rule.name, bot, error = %e, "trigger produced an invalid job; dropped");
-                self.count(&rule.name, "ignored");
-                Ok(())
+            // A template that yields an invalid job, or a type no queue takes, will never work.
+            Err(e @ (CommonError::Codec(_) | CommonError::Unroutable { .. })) => {
+                Ok(Err(format!("rule {:?} made a job that cannot be published: {e}", rule.name)))
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The routing-key prefix of a parked trigger event (`trigger:<key>`), which `events
+/// reprocess` leaves parked: it is not a job event.
+pub const PARKED_PREFIX: &str = "trigger:";
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }
 
@@ -292,6 +362,9 @@ mod tests {
         let ev = json!({"bot": "banking", "dataset": "clinc150/x.json", "epochs": 5});
         let t = json!({"dataset": "{{dataset}}", "epochs": "{{ epochs }}", "note": "bot {{bot}} v{{epochs}}", "fixed": 1});
         assert_eq!(render(&t, &ev), json!({"dataset": "clinc150/x.json", "epochs": 5, "note": "bot banking v5", "fixed": 1}));
+        // An opening without its closing is text, once (it was repeated).
+        assert_eq!(render(&json!("ab{{x"), &ev), json!("ab{{x"));
+        assert_eq!(render(&json!("{{bot}}-{{x"), &ev), json!("banking-{{x"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,6 +33,12 @@ impl Store {
         Ok(out)
     }
 
+    /// Parks `parked` on its own (what is not a job event: an unusable trigger event).
+    pub async fn park(&self, parked: &[ParkedEvent]) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(q("park events"))?;
+        self.park_in(&mut conn, parked).await
+    }
+
     pub(super) async fn park_in(&self, conn: &mut sqlx::AnyConnection, parked: &[ParkedEvent]) -> Result<(), StoreError> {
         for chunk in parked.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -69,7 +75,13 @@ impl Store {
         let (mut events, mut audit) = (Vec::new(), Vec::new());
         let mut done = Vec::new();
         let mut still = Vec::new();
+        let mut kept = 0;
         for p in &parked {
+            // A trigger event is not a job event: it stays parked as it is, with its reason.
+            if p.routing_key.starts_with(crate::triggers::PARKED_PREFIX) {
+                kept += 1;
+                continue;
+            }
             match decode(p, &p.body_bytes()?) {
                 Ok(Unparked::Event(e)) => events.push(*e),
                 Ok(Unparked::Audit(r)) => audit.push(r),
@@ -99,7 +111,7 @@ impl Store {
                 .map_err(q(format!("update parked event {id}")))?;
         }
         tx.commit().await.map_err(q("commit reprocessed events"))?;
-        Ok((done.len(), still.len()))
+        Ok((done.len(), still.len() + kept))
     }
 
     /// Number of parked events.

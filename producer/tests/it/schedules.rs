@@ -123,6 +123,77 @@ async fn a_burst_of_trigger_events_yields_one_job() {
     cleanup(&topo, &["noop"]).await;
 }
 
+/// Never drop what cannot be read: a trigger event that can never become a job (not JSON, not
+/// an object, no bot in it, a rule whose job type no queue takes) is parked in the job store
+/// with the reason and acked; the good event beside them still fires, and `events reprocess`
+/// leaves the parked ones as they are (they are not job events).
+#[tokio::test]
+async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let (store, _dir, _) = sqlite_store().await;
+    let rule = |name: &str, key: &str, job_type: &str| TriggerRule {
+        name: name.into(),
+        routing_key: key.into(),
+        job_type: job_type.into(),
+        bot: "{{bot}}".into(),
+        params: serde_json::json!({}),
+        debounce_s: 0,
+        priority: Default::default(),
+        coalesce_key: None,
+    };
+    let rules = vec![rule("updated", "bot.updated", "noop"), rule("ghost", "bot.ghost", "ghost-type")];
+    let triggers = Triggers::new(rules, Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None).with_store(store.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (t, s) = (triggers.clone(), stop.clone());
+        async move { t.run(s).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let x = topo.triggers_exchange();
+    for (key, body) in [
+        ("bot.updated", &b"not json"[..]),
+        ("bot.updated", b"[1, 2]"),
+        ("bot.updated", br#"{"dataset": "d"}"#),
+        ("bot.ghost", br#"{"bot": "banking"}"#),
+        ("bot.updated", br#"{"bot": "banking"}"#),
+    ] {
+        publish_raw(&ch, &x, key, body, BasicProperties::default()).await;
+    }
+    let parked = eventually(20, "four events parked", || async {
+        let p = store.parked_events().await.unwrap();
+        (p.len() == 4).then_some(p)
+    })
+    .await;
+    let reasons: Vec<&str> = parked.iter().map(|p| p.reason.as_str()).collect();
+    for says in ["not JSON", "a JSON array, not an object", "gives null, not a bot name", "cannot be published"] {
+        assert_eq!(reasons.iter().filter(|r| r.contains(says)).count(), 1, "{says}: {reasons:#?}");
+    }
+    assert!(parked.iter().all(|p| p.routing_key.starts_with("trigger:bot.")), "{parked:?}");
+    assert_eq!(parked.iter().find(|p| p.reason.contains("not JSON")).unwrap().body_bytes().unwrap(), b"not json", "kept as received");
+    let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
+    assert_eq!(jobs.iter().map(|j| j.bot.as_str()).collect::<Vec<_>>(), ["banking"], "the good event fired");
+    let (recorded, still) = store.reprocess_parked(|_, _| Err("not an event".into())).await.unwrap();
+    assert_eq!((recorded, still), (0, 4));
+    let after: Vec<String> = store.parked_events().await.unwrap().into_iter().map(|p| p.reason).collect();
+    assert_eq!(after.iter().map(String::as_str).collect::<Vec<_>>(), reasons, "reasons kept");
+    stop.cancel();
+    task.await.unwrap();
+    let left = ch
+        .queue_declare(
+            triggers.queue_name().as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(left, 0, "every event acked");
+    let _ = ch.queue_delete(triggers.queue_name().as_str().into(), Default::default()).await;
+    cleanup(&topo, &["noop"]).await;
+}
+
 #[tokio::test]
 async fn store_rebuild_replays_the_events_stream() {
     let topo = topology();
