@@ -129,3 +129,29 @@ async fn attempt_logs_are_saved_only_when_they_say_more_than_the_events() {
     worker.wait().unwrap();
     env.cleanup().await;
 }
+
+/// A worker whose default device its build cannot use (`--device cuda` on a CPU-only build)
+/// would fail every training job that names no device: it refuses to start, saying why. So
+/// does a log format it does not know (it meant JSON before).
+#[test]
+fn a_worker_refuses_a_default_device_or_log_format_it_cannot_use() {
+    for (args, says) in [(&["--device", "cuda"][..], "cuda"), (&["--log-format", "txt"][..], "txt")] {
+        // The workspace's test build is CPU-only; a worker that starts anyway is stopped, and fails the test.
+        let mut child = Command::new(bin("trainyard-worker"))
+            .args(["run", "--types", "noop", "--amqp-url", URL, "--prefix", "t-never-started"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

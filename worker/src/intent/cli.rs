@@ -77,7 +77,28 @@ pub fn read_job_file(path: &std::path::Path) -> anyhow::Result<JobSpec> {
     obj.entry("trigger").or_insert_with(|| serde_json::json!({"kind": "manual", "source": "trainyard-worker train"}));
     obj.entry("submitted_at").or_insert_with(|| Value::String(chrono::Utc::now().to_rfc3339()));
     obj.entry("bot").or_insert_with(|| Value::String("default".into()));
-    serde_json::from_value(v).with_context(|| format!("job file {} is not a valid job", path.display()))
+    // A hand-written file's stray field (`"epochs": 50` beside `params`) would be ignored by the
+    // job message's forward-compatible reading: refused here, with the fields a job has.
+    let known = job_fields();
+    let unknown: Vec<&String> = obj.keys().filter(|k| !known.contains(k)).collect();
+    if !unknown.is_empty() {
+        anyhow::bail!(
+            "job file {}: unknown field(s) {unknown:?}; a job has {known:?} (training settings go under \"params\")",
+            path.display()
+        );
+    }
+    let spec: JobSpec = serde_json::from_value(v).with_context(|| format!("job file {} is not a valid job", path.display()))?;
+    spec.validate().with_context(|| format!("job file {} is not a valid job", path.display()))?;
+    Ok(spec)
+}
+
+/// The top-level fields of a job message.
+fn job_fields() -> Vec<String> {
+    let trigger = trainyard_common::Trigger { kind: trainyard_common::TriggerKind::Manual, source: String::new() };
+    let mut probe = JobSpec::new("t", "b", serde_json::json!({}), trigger);
+    probe.idempotency_key = Some(String::new());
+    probe.coalesce_key = Some(String::new());
+    serde_json::to_value(&probe).ok().and_then(|v| v.as_object().map(|o| o.keys().cloned().collect())).unwrap_or_default()
 }
 
 fn print_epoch(p: &Value) {

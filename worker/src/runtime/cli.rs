@@ -58,7 +58,7 @@ pub struct RunArgs {
     #[arg(long, env = "TRAINYARD_HEARTBEAT_S", default_value_t = trainyard_common::heartbeat::DEFAULT_INTERVAL_S)]
     pub heartbeat_s: u64,
     /// Log format on stdout: `json` or `text`.
-    #[arg(long, env = "TRAINYARD_LOG_FORMAT", default_value = "json")]
+    #[arg(long, env = "TRAINYARD_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
 }
 
@@ -94,8 +94,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn run_async(args: RunArgs, logs: JobLogs) -> anyhow::Result<()> {
     let registry = crate::handlers::builtin_on(args.device).only(&args.types).map_err(anyhow::Error::msg)?;
     let host = crate::intent::device::Host::current();
-    let resolved = crate::intent::device::resolve(crate::intent::device::DeviceSpec::Auto, args.device, host, "this worker");
-    tracing::info!(device = %args.device, resolves_to = ?resolved, cuda_built = host.cuda_built, gpu_visible = host.gpu_visible, "training device");
+    // A default device this build cannot use would fail every training job that does not name
+    // one: refused here, at start, rather than job by job.
+    let resolved = crate::intent::device::resolve(crate::intent::device::DeviceSpec::Auto, args.device, host, "this worker")
+        .map_err(|e| anyhow::anyhow!("--device {} (TRAINYARD_DEVICE): {e}", args.device))?;
+    tracing::info!(device = %args.device, resolves_to = %resolved, cuda_built = host.cuda_built, gpu_visible = host.gpu_visible, "training device");
     let artifacts = ArtifactStore::open(&args.artifacts)?;
     let mut cfg = WorkerConfig::new(args.amqp_url.clone(), Topology::new(args.prefix.clone()), artifacts);
     cfg.concurrency = args.concurrency;

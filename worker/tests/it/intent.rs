@@ -388,4 +388,13 @@ fn train_cli_writes_reports_to_the_out_dir() {
     let spec = trainyard_worker::intent::cli::read_job_file(&job).unwrap();
     assert_eq!(spec.job_type, "intent-train");
     assert!(!spec.job_id.is_empty());
+    // A stray top-level field, or a job the message format refuses, is an error naming it.
+    for (bad, says) in [
+        (json!({"job_type": "intent-train", "params": {}, "epochs": 50}), "unknown field(s) [\"epochs\"]"),
+        (json!({"job_type": "intent-train", "params": {}, "job_id": "../../x"}), "not a valid job"),
+    ] {
+        std::fs::write(&job, bad.to_string()).unwrap();
+        let e = format!("{:#}", trainyard_worker::intent::cli::read_job_file(&job).unwrap_err());
+        assert!(e.contains(says), "{e}");
+    }
 }

@@ -196,9 +196,10 @@ impl DatasetSpec {
                 let wanted = self.train_splits.clone().unwrap_or_else(|| vec!["train".into(), "oos_train".into()]);
                 s.train = take_splits(&self.dataset, &mut named, &wanted, true)?;
                 let val = self.val_splits.clone().unwrap_or_else(|| vec!["val".into(), "oos_val".into()]);
-                s.val = take_splits(&self.dataset, &mut named, &val, false)?;
+                // Splits the job names must exist; the default ones may be absent (held out instead).
+                s.val = take_splits(&self.dataset, &mut named, &val, self.val_splits.is_some())?;
                 let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
-                s.test = take_splits(&self.dataset, &mut named, &test, false)?;
+                s.test = take_splits(&self.dataset, &mut named, &test, self.test_splits.is_some())?;
             }
             Raw::Rows(rows) => s.train = rows,
         }
@@ -222,7 +223,7 @@ impl DatasetSpec {
             s.notes.push(format!(
                 "validation set: stratified {:.0}% holdout of the training data (seed {})",
                 val_fraction * 100.0,
-                seed + 1
+                seed.wrapping_add(1)
             ));
         }
         validate(&s)?;
@@ -357,6 +358,28 @@ mod tests {
         assert_eq!(h1.iter().filter(|e| e.label == "a").count(), 5);
         assert_eq!(h1.iter().filter(|e| e.label == "b").count(), 15);
         assert_eq!(k1.len(), 80);
+    }
+
+    /// A split the job names must be there: a typo in `test_splits` tested on a holdout of the
+    /// training data instead, and the promotion gate decided on it. The default ones may be absent.
+    #[test]
+    fn named_splits_must_exist_and_default_ones_may_be_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<(String, &str)> = (0..40).map(|i| (format!("utterance {i}"), if i % 2 == 0 { "a" } else { "b" })).collect();
+        std::fs::write(dir.path().join("d.json"), serde_json::json!({"train": rows, "test": &rows[..4]}).to_string()).unwrap();
+        let spec = |test: Option<&str>, val: Option<&str>| DatasetSpec {
+            test_splits: test.map(|t| vec![t.to_string()]),
+            val_splits: val.map(|v| vec![v.to_string()]),
+            format: Some(Format::Clinc),
+            ..DatasetSpec::new("d.json")
+        };
+        let ok = spec(None, None).load_for_training(dir.path(), u64::MAX, 0.2, 0.2).unwrap();
+        assert_eq!(ok.test.len(), 4, "the default test split");
+        assert!(!ok.val.is_empty() && ok.notes.iter().any(|n| n.contains("seed 0")), "a holdout, its seed wrapped: {:?}", ok.notes);
+        for bad in [spec(Some("tset"), None), spec(None, Some("vla"))] {
+            let e = bad.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err();
+            assert!(matches!(e, DatasetError::MissingSplit { .. }), "{e}");
+        }
     }
 
     #[test]
