@@ -132,10 +132,15 @@ async fn attempt_logs_are_saved_only_when_they_say_more_than_the_events() {
 
 /// A worker whose default device its build cannot use (`--device cuda` on a CPU-only build)
 /// would fail every training job that names no device: it refuses to start, saying why. So
-/// does a log format it does not know (it meant JSON before).
+/// does a log format it does not know (it meant JSON before), and a consumer timeout of 0 (every
+/// job would be refused as too long).
 #[test]
 fn a_worker_refuses_a_default_device_or_log_format_it_cannot_use() {
-    for (args, says) in [(&["--device", "cuda"][..], "cuda"), (&["--log-format", "txt"][..], "txt")] {
+    for (args, says) in [
+        (&["--device", "cuda"][..], "cuda"),
+        (&["--log-format", "txt"][..], "txt"),
+        (&["--consumer-timeout-s", "0"][..], "consumer-timeout-s"),
+    ] {
         // The workspace's test build is CPU-only; a worker that starts anyway is stopped, and fails the test.
         let mut child = Command::new(bin("trainyard-worker"))
             .args(["run", "--types", "noop", "--amqp-url", URL, "--prefix", "t-never-started"])

@@ -61,7 +61,7 @@ pub struct PredictArgs {
     #[arg(required = true)]
     pub text: Vec<String>,
     /// How many intents to list.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub top_k: usize,
     /// One JSON object per utterance on stdout (with `ms`, the time to answer it, model loading excluded).
     #[arg(long)]
@@ -236,7 +236,7 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     };
     for text in &args.text {
         let t0 = std::time::Instant::now();
-        let (decision, top) = predictor.top_k(text, args.top_k.max(1));
+        let (decision, top) = predictor.top_k(text, args.top_k);
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         if args.json {
             println!("{}", serde_json::json!({"text": text, "intent": decision, "top": top, "ms": ms}));

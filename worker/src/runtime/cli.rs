@@ -27,7 +27,8 @@ pub struct RunArgs {
     pub grace_period: u64,
     /// The broker's `consumer_timeout` in seconds (RabbitMQ's default: 1800). A job whose
     /// `timeout_s` is longer fails at once: raise the broker's value and this one together.
-    #[arg(long, env = "TRAINYARD_CONSUMER_TIMEOUT_S", default_value_t = super::DEFAULT_CONSUMER_TIMEOUT_S)]
+    #[arg(long, env = "TRAINYARD_CONSUMER_TIMEOUT_S", default_value_t = super::DEFAULT_CONSUMER_TIMEOUT_S,
+        value_parser = clap::value_parser!(u64).range(1..))]
     pub consumer_timeout_s: u64,
     /// Job messages larger than this are dead-lettered unread.
     #[arg(long, default_value_t = trainyard_common::codec::DEFAULT_MAX_MESSAGE_BYTES)]
