@@ -261,9 +261,19 @@ pub async fn cancel(
     State(s): State<ApiState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    body: Option<Json<ReasonBody>>,
+    headers: header::HeaderMap,
+    body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let reason = body.map(|b| b.0.reason).unwrap_or_default();
+    // No body is no reason; a body is JSON (one sent without its content type was ignored).
+    let reason = if body.is_empty() {
+        String::new()
+    } else {
+        let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if ct.split(';').next().map(str::trim) != Some("application/json") {
+            return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("a cancel body must be application/json, not {ct:?}")));
+        }
+        Json::<ReasonBody>::from_bytes(&body).map_err(|e| ApiError(e.status(), e.body_text()))?.0.reason
+    };
     let req = s.ops.cancel(&id, &caller.name, &reason).await?;
     Ok((StatusCode::ACCEPTED, Json(req)).into_response())
 }

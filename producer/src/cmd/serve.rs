@@ -29,8 +29,8 @@ pub struct ServeArgs {
     /// API tokens: `TOKEN` or `NAME:SCOPE:TOKEN`, comma-separated, or `@FILE`.
     #[arg(long, env = "TRAINYARD_API_TOKENS", hide_env_values = true, default_value = "")]
     tokens: String,
-    /// Request body limit of the API, bytes.
-    #[arg(long, default_value_t = DEFAULT_BODY_LIMIT)]
+    /// Request body limit of the API, bytes (at least 1 KiB: a smaller one refuses every job).
+    #[arg(long, default_value_t = DEFAULT_BODY_LIMIT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..))]
     body_limit: usize,
     /// Seconds between refreshes of the demand gauges.
     #[arg(long, default_value_t = 5)]

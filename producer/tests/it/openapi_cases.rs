@@ -67,6 +67,7 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 202).token("s-tok").json(json!({"reason": "openapi test"})),
         case("POST", "/v1/jobs/{id}/cancel", format!("/v1/jobs/{b}/cancel"), 409).token("s-tok"),
         case("POST", "/v1/jobs/{id}/cancel", "/v1/jobs/nope/cancel", 400).token("s-tok"),
+        case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 415).token("s-tok").raw("", r#"{"reason": "no content type"}"#),
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 401),
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 403).token("r-tok"),
         case("POST", "/v1/jobs/{id}/retry", format!("/v1/jobs/{b}/retry"), 201).token("s-tok"),
