@@ -10,6 +10,7 @@ JOB_FILE=${1:-examples/jobs/clinc150-full.json}
 DEMO_DIR=${DEMO_DIR:-.trainyard/demo}
 
 ensure_cargo
+ensure_python3
 ensure_rabbitmq
 echo "== building (first time: ~10 min, burn is large)"
 cargo build --quiet --bins

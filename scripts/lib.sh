@@ -22,7 +22,7 @@ as_root() {
 }
 
 # RabbitMQ closes the channel of a delivery unacked for longer than its consumer_timeout
-# (30 min by default) and requeues the job; the default job timeout_s is 3,600 s. Raises the
+# (30 min by default) and requeues the job; a job's timeout_s may be longer (default 1,500 s). Raises the
 # local broker's to 2 h (at run time, rabbitmqctl eval) and tells the workers
 # started by the calling script (TRAINYARD_CONSUMER_TIMEOUT_S). A broker rabbitmqctl cannot
 # reach keeps its value, and the workers their default (1,800 s).
@@ -80,6 +80,9 @@ ensure_postgres() {
       as_root sh -c "printf 'host all all 127.0.0.1/32 trust # trainyard-tests\n' | cat - '$hba' > '$hba.new' && mv '$hba.new' '$hba' && chown postgres '$hba'" || true
     fi
     as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start || as_root pg_ctlcluster "$v" main start || true
+    # apt-get starts the cluster itself on a systemd machine: then the start above fails and
+    # the trust line is not read until a reload.
+    as_root pg_ctlcluster "$v" main reload >/dev/null 2>&1 || true
     for _ in $(seq 1 30); do port_open 5432 && break; sleep 1; done
   fi
   port_open 5432 || { echo "error: PostgreSQL did not start" >&2; return 1; }
@@ -94,6 +97,17 @@ ensure_cargo() {
   command -v cargo >/dev/null && return 0
   [[ -x "$HOME/.cargo/bin/cargo" ]] && { export PATH="$HOME/.cargo/bin:$PATH"; return 0; }
   echo "error: cargo not found; install Rust with https://rustup.rs (stable toolchain)" >&2
+  return 1
+}
+
+# Makes sure python3 is there (the scripts read JSON with it), installing it as root with apt-get.
+ensure_python3() {
+  command -v python3 >/dev/null && return 0
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing python3 with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null && return 0
+  fi
+  echo "error: python3 is needed: sudo apt-get install python3" >&2
   return 1
 }
 
@@ -133,6 +147,7 @@ ensure_chromium() {
     echo "installing chromium and chromium-driver with apt-get"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null && return 0
   fi
-  echo "error: headless Chromium and chromedriver are needed for the console tests: sudo apt-get install chromium chromium-driver" >&2
+  echo "error: headless Chromium and chromedriver are needed for the console tests: sudo apt-get install chromium chromium-driver" \
+    "(Debian; on Ubuntu, whose Chromium is a snap, put a chromedriver on the PATH)" >&2
   return 1
 }

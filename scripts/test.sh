@@ -10,7 +10,7 @@ source scripts/lib.sh
 export CARGO_TERM_COLOR=never
 T0=$SECONDS
 
-phase "services" bash -c 'source scripts/lib.sh && ensure_cargo && ensure_rabbitmq && ensure_postgres && ensure_chromium && ensure_moto' || exit 1
+phase "services" bash -c 'source scripts/lib.sh && ensure_cargo && ensure_python3 && ensure_rabbitmq && ensure_postgres && ensure_chromium && ensure_moto' || exit 1
 
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --no-fail-fast "$@"; }
