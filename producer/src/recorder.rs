@@ -42,7 +42,7 @@ use trainyard_common::{amqp::connect, codec, metrics::ControlMetrics, topology::
 use crate::store::{DeadLetter, Recorded, Store, StoreError};
 
 /// Most event deliveries recorded in one store transaction.
-pub const BATCH: usize = 256;
+pub const BATCH: usize = 1024;
 
 /// How long a batch waits for more events after its first: a tenth of a second of
 /// delay in the job store buys several times fewer transactions under load.
@@ -50,7 +50,7 @@ pub const LINGER: Duration = Duration::from_millis(100);
 
 /// Stream entries the broker may have in flight to the recorder (two batches: one
 /// being recorded while the next arrives).
-pub const PREFETCH: u16 = 512;
+pub const PREFETCH: u16 = 2 * BATCH as u16;
 
 /// Reconnect backoff of the control plane's broker sessions (recorder, trigger listener).
 pub const CONTROL_PLANE_RECONNECT: ReconnectPolicy =
