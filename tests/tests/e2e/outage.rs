@@ -100,6 +100,25 @@ impl ObjectStore for FlakyStore {
     }
 }
 
+/// A worker on a [`FlakyStore`] set up by `set`, and one `noop` job run to its end on it.
+async fn one_noop_job(
+    set: impl FnOnce(&FlakyStore),
+) -> (Env, Arc<FlakyStore>, ArtifactStore, crate::support::WorkerHandle, trainyard_common::JobSpec, Vec<trainyard_common::JobEvent>) {
+    let env = Env::new(&["noop"]).await;
+    let flaky = Arc::new(FlakyStore::default());
+    set(&flaky);
+    let store = ArtifactStore::from_object_store(flaky.clone());
+    let w = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store.clone());
+    let spec = env.spec("noop", json!({}));
+    let events = env.run_job(&spec, Duration::from_secs(30)).await;
+    (env, flaky, store, w, spec, events)
+}
+
+/// The worker's `trainyard_amqp_reconnects_total`.
+fn reconnects(metrics: &prometheus::Registry) -> Option<f64> {
+    metrics.gather().iter().find(|m| m.name() == "trainyard_amqp_reconnects_total").map(|m| m.get_metric()[0].get_counter().get_value())
+}
+
 /// One job runs when the store goes down and must record its outcome during the outage;
 /// five more arrive during it and must look up their outcome records. All wait and
 /// succeed after it, each started once: no session lost, no redelivery, no dead letter.
@@ -156,12 +175,7 @@ async fn an_artifact_store_outage_delays_jobs_and_kills_none() {
         assert!(*id == running.job_id || start.at >= outage_over, "job {id} started during the outage");
         assert!(events.iter().all(|e| e.progress.as_ref().is_none_or(|p| p.get("redelivery").is_none())), "job {id} redelivered");
     }
-    let reconnects = metrics
-        .gather()
-        .iter()
-        .find(|m| m.name() == "trainyard_amqp_reconnects_total")
-        .map(|m| m.get_metric()[0].get_counter().get_value());
-    assert_eq!(reconnects, Some(0.0), "the worker's broker session was never lost");
+    assert_eq!(reconnects(&metrics), Some(0.0), "the worker's broker session was never lost");
     assert!(env.drain(&env.topo.dead_queue("noop")).await.is_empty(), "nothing dead-lettered");
     w.stop().await;
     env.cleanup().await;
@@ -215,13 +229,7 @@ async fn a_job_whose_outcome_cannot_be_kept_is_not_acked() {
 /// the recorded one (same seq and result), never a second result or a second run.
 #[tokio::test]
 async fn an_outcome_record_written_but_reported_failed_is_published_once() {
-    let env = Env::new(&["noop"]).await;
-    let flaky = Arc::new(FlakyStore::default());
-    flaky.lose_an_outcome_reply.store(true, Ordering::SeqCst);
-    let store = ArtifactStore::from_object_store(flaky.clone());
-    let w = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store.clone());
-    let spec = env.spec("noop", json!({}));
-    let events = env.run_job(&spec, Duration::from_secs(30)).await;
+    let (env, flaky, store, w, spec, events) = one_noop_job(|f| f.lose_an_outcome_reply.store(true, Ordering::SeqCst)).await;
     // A moment for anything more to arrive (a second result would).
     let mut watch = env.watch(&spec).await;
     let late = tokio::time::timeout(Duration::from_secs(1), watch.next()).await;
@@ -244,13 +252,7 @@ async fn an_outcome_record_written_but_reported_failed_is_published_once() {
 /// reason, where a person sees it, and nothing more is published.
 #[tokio::test]
 async fn an_outcome_record_claimed_but_missing_is_dead_lettered_with_the_reason() {
-    let env = Env::new(&["noop"]).await;
-    let flaky = Arc::new(FlakyStore::default());
-    flaky.claim_an_outcome.store(true, Ordering::SeqCst);
-    let store = ArtifactStore::from_object_store(flaky.clone());
-    let w = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store.clone());
-    let spec = env.spec("noop", json!({}));
-    let events = env.run_job(&spec, Duration::from_secs(30)).await;
+    let (env, flaky, _store, w, _spec, events) = one_noop_job(|f| f.claim_an_outcome.store(true, Ordering::SeqCst)).await;
     assert!(!flaky.claim_an_outcome.load(Ordering::SeqCst), "the claim was injected");
     let last = events.last().unwrap();
     assert_eq!(last.status, JobStatus::Dead, "{events:?}");
@@ -294,12 +296,7 @@ async fn a_store_outage_past_the_consumer_timeout_requeues_the_delivery_and_keep
     assert_eq!(started.len(), 1, "{statuses:?}");
     let redelivery = started[0].progress.as_ref().and_then(|p| p.get("redelivery")).and_then(|r| r.as_u64());
     assert!(redelivery.is_some_and(|r| r >= 1), "it ran as a redelivery (requeued, not held): {:?}", started[0].progress);
-    let reconnects = metrics
-        .gather()
-        .iter()
-        .find(|m| m.name() == "trainyard_amqp_reconnects_total")
-        .map(|m| m.get_metric()[0].get_counter().get_value());
-    assert_eq!(reconnects, Some(0.0), "the worker's broker session was never lost");
+    assert_eq!(reconnects(&metrics), Some(0.0), "the worker's broker session was never lost");
     assert!(env.drain(&env.topo.dead_queue("noop")).await.is_empty(), "nothing dead-lettered");
     w.stop().await;
     env.cleanup().await;
