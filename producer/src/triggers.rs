@@ -15,6 +15,7 @@ use std::{collections::HashMap, time::Duration};
 
 use futures::StreamExt;
 use lapin::{
+    message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions},
     types::FieldTable,
     Acker,
@@ -208,6 +209,27 @@ impl Triggers {
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), TriggerError> {
+        let (conn, mut consumer) = self.subscribe().await?;
+        let mut debouncer: Debouncer<Acker> = Debouncer::default();
+        loop {
+            let sleep_until = debouncer.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Unacked events go back to the queue for the next active consumer.
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(sleep_until) => self.fire_due(&mut debouncer).await?,
+                d = consumer.next() => {
+                    let Some(d) = d else { return Err(CommonError::ConsumerEnded { queue: self.queue_name() }.into()) };
+                    self.take(d.map_err(CommonError::amqp("receive a trigger event"))?, &mut debouncer).await?;
+                }
+            }
+        }
+    }
+
+    /// Declares this listener's queue, binds it to every rule's routing key and consumes it.
+    async fn subscribe(&self) -> Result<(lapin::Connection, lapin::Consumer), TriggerError> {
         let topo = self.submitter.topology().clone();
         let conn = connect(&self.url, "trainyard-triggers").await?;
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
@@ -226,71 +248,65 @@ impl Triggers {
             .map_err(CommonError::amqp(format!("bind {queue} to {}", r.routing_key)))?;
         }
         ch.basic_qos(1000, BasicQosOptions::default()).await.map_err(CommonError::amqp("set prefetch"))?;
-        let mut consumer = ch
+        let consumer = ch
             .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(CommonError::amqp(format!("consume {queue}")))?;
-        let mut debouncer: Debouncer<Acker> = Debouncer::default();
-        loop {
-            let sleep_until = debouncer.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // Unacked events go back to the queue for the next active consumer.
-                    let _ = conn.close(200, "shutdown".into()).await;
-                    return Ok(());
-                }
-                _ = tokio::time::sleep_until(sleep_until) => {
-                    for ((rule_name, bot), p) in debouncer.due(Instant::now()) {
-                        let Some(rule) = self.rules.iter().find(|r| r.name == rule_name) else { continue };
-                        if let Err(reason) = self.fire(rule, &bot, &p.event, p.count).await? {
-                            self.park(&rule.name, &rule.routing_key, p.event.to_string().as_bytes(), &reason).await?;
-                        }
-                        for a in p.held {
-                            a.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack trigger events"))?;
-                        }
-                    }
-                }
-                d = consumer.next() => {
-                    let Some(d) = d else { return Err(CommonError::ConsumerEnded { queue: queue.clone() }.into()) };
-                    let d = d.map_err(CommonError::amqp("receive a trigger event"))?;
-                    let key = d.routing_key.as_str().to_string();
-                    let event: serde_json::Value = match serde_json::from_slice(&d.data) {
-                        Ok(v @ serde_json::Value::Object(_)) => v,
-                        read => {
-                            let reason = match read {
-                                Err(e) => format!("not JSON: {e}"),
-                                Ok(v) => format!("a JSON {}, not an object", json_kind(&v)),
-                            };
-                            self.park("none", &key, &d.data, &format!("a trigger event must be a JSON object: {reason}")).await?;
-                            d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
-                            continue;
-                        }
-                    };
-                    // The first matching rule takes the event.
-                    let Some(rule) = self.rules.iter().find(|r| topic_matches(&r.routing_key, &key)) else {
-                        d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
-                        continue;
-                    };
-                    let bot = match render(&serde_json::Value::String(rule.bot.clone()), &event) {
-                        serde_json::Value::String(s) if trainyard_common::job::valid_bot_name(&s) => s,
-                        other => {
-                            let reason = format!("rule {:?}: its bot template {:?} gives {other}, not a bot name", rule.name, rule.bot);
-                            self.park(&rule.name, &key, &d.data, &reason).await?;
-                            d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
-                            continue;
-                        }
-                    };
-                    if rule.debounce_s == 0 {
-                        if let Err(reason) = self.fire(rule, &bot, &event, 1).await? {
-                            self.park(&rule.name, &key, &d.data, &reason).await?;
-                        }
-                        d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack"))?;
-                    } else if !debouncer.offer((rule.name.clone(), bot), event, d.acker, Instant::now(), Duration::from_secs(rule.debounce_s)) {
-                        self.count(&rule.name, "debounced");
-                    }
-                }
+        Ok((conn, consumer))
+    }
+
+    /// Fires every debounced rule whose quiet time is over, then acks the events it held.
+    async fn fire_due(&self, debouncer: &mut Debouncer<Acker>) -> Result<(), TriggerError> {
+        for ((rule_name, bot), p) in debouncer.due(Instant::now()) {
+            let Some(rule) = self.rules.iter().find(|r| r.name == rule_name) else { continue };
+            if let Err(reason) = self.fire(rule, &bot, &p.event, p.count).await? {
+                self.park(&rule.name, &rule.routing_key, p.event.to_string().as_bytes(), &reason).await?;
+            }
+            for a in p.held {
+                a.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack trigger events"))?;
             }
         }
+        Ok(())
+    }
+
+    /// One trigger event: parked when it is not a JSON object or its rule makes no bot name of
+    /// it, fired at once or held by the debouncer, acked once it is kept (an event no rule
+    /// matches is acked and dropped: nothing asked for it).
+    async fn take(&self, d: Delivery, debouncer: &mut Debouncer<Acker>) -> Result<(), TriggerError> {
+        let ack = |d: Delivery| async move { d.acker.ack(BasicAckOptions::default()).await.map(drop).map_err(CommonError::amqp("ack")) };
+        let key = d.routing_key.as_str().to_string();
+        let event: serde_json::Value = match serde_json::from_slice(&d.data) {
+            Ok(v @ serde_json::Value::Object(_)) => v,
+            read => {
+                let reason = match read {
+                    Err(e) => format!("not JSON: {e}"),
+                    Ok(v) => format!("a JSON {}, not an object", json_kind(&v)),
+                };
+                self.park("none", &key, &d.data, &format!("a trigger event must be a JSON object: {reason}")).await?;
+                return Ok(ack(d).await?);
+            }
+        };
+        // The first matching rule takes the event.
+        let Some(rule) = self.rules.iter().find(|r| topic_matches(&r.routing_key, &key)) else {
+            return Ok(ack(d).await?);
+        };
+        let bot = match render(&serde_json::Value::String(rule.bot.clone()), &event) {
+            serde_json::Value::String(s) if trainyard_common::job::valid_bot_name(&s) => s,
+            other => {
+                let reason = format!("rule {:?}: its bot template {:?} gives {other}, not a bot name", rule.name, rule.bot);
+                self.park(&rule.name, &key, &d.data, &reason).await?;
+                return Ok(ack(d).await?);
+            }
+        };
+        if rule.debounce_s == 0 {
+            if let Err(reason) = self.fire(rule, &bot, &event, 1).await? {
+                self.park(&rule.name, &key, &d.data, &reason).await?;
+            }
+            ack(d).await?;
+        } else if !debouncer.offer((rule.name.clone(), bot), event, d.acker, Instant::now(), Duration::from_secs(rule.debounce_s)) {
+            self.count(&rule.name, "debounced");
+        }
+        Ok(())
     }
 
     /// Submits the job `rule` makes of `event` for `bot`; `Ok(Err(reason))` when it makes a job

@@ -69,6 +69,37 @@ pub struct CheckpointMeta {
     pub path: String,
 }
 
+impl CheckpointMeta {
+    /// The state of a run on training path `path` that has trained no epoch yet.
+    pub fn new(fingerprint: &str, path: &str) -> Self {
+        Self { fingerprint: fingerprint.into(), epoch: 0, best_epoch: 0, best_val: -1.0, stale: 0, log: Vec::new(), path: path.into() }
+    }
+
+    /// Records a finished epoch and moves early stopping on. `true` when its weights are the
+    /// best so far; without validation data every epoch is, so the last one is kept.
+    pub fn end_epoch(&mut self, log: EpochLog, has_val: bool) -> bool {
+        let best = !has_val || log.val_accuracy > self.best_val + 1e-9;
+        if best {
+            (self.best_val, self.best_epoch, self.stale) = (log.val_accuracy, log.epoch, 0);
+        } else {
+            self.stale += 1;
+        }
+        self.epoch = log.epoch;
+        self.log.push(log);
+        best
+    }
+
+    /// Has early stopping ended the run: no better epoch for `patience` epochs?
+    pub fn patience_spent(&self, patience: usize) -> bool {
+        self.stale >= patience
+    }
+
+    /// Are the best weights an earlier epoch's than the last one trained's?
+    pub fn best_is_earlier(&self) -> bool {
+        self.best_epoch != self.epoch
+    }
+}
+
 /// A checkpoint of a model trained wholly on a burn device.
 #[derive(Debug, Clone)]
 pub struct DeviceCheckpoint {

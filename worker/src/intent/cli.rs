@@ -161,19 +161,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "intent-eval" => EvalParams::parse(&params).and_then(|p| eval_job(&env, &p)),
         other => Err(crate::handler::JobError::permanent(format!("`train` runs intent-train or intent-eval jobs, not {other:?}"))),
     })?;
-    rt.block_on(async {
-        let ctrl_c = tokio::signal::ctrl_c();
-        tokio::pin!(ctrl_c);
-        loop {
-            tokio::select! {
-                p = rx.recv() => match p {
-                    Some(p) => print_epoch(&p),
-                    None => break,
-                },
-                _ = &mut ctrl_c => { eprintln!("interrupted: stopping at the next batch (rerun with --resume to continue)"); cancel.cancel(); }
-            }
-        }
-    });
+    rt.block_on(print_progress(&mut rx, &cancel));
     let outcome = worker.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
     let res = match outcome {
         Ok(v) => v,
@@ -183,12 +171,33 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&res)?);
         return Ok(());
     }
+    print_summary(&spec, &res, &out);
+    Ok(())
+}
+
+/// Prints each epoch as it ends until the run ends; Ctrl-C stops it at the next batch.
+async fn print_progress(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>, cancel: &CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            p = rx.recv() => match p {
+                Some(p) => print_epoch(&p),
+                None => break,
+            },
+            _ = &mut ctrl_c => { eprintln!("interrupted: stopping at the next batch (rerun with --resume to continue)"); cancel.cancel(); }
+        }
+    }
+}
+
+/// The result of a local run, for people.
+fn print_summary(spec: &JobSpec, res: &Value, out: &std::path::Path) {
     println!("{} job {} (bot {}) finished", spec.job_type, spec.job_id, spec.bot);
-    println!("  accuracy           {}", pct(&res, "accuracy"));
-    println!("  macro-F1           {}", pct(&res, "macro_f1"));
+    println!("  accuracy           {}", pct(res, "accuracy"));
+    println!("  macro-F1           {}", pct(res, "macro_f1"));
     if res.get("in_scope_accuracy").is_some_and(|v| !v.is_null()) {
-        println!("  in-scope accuracy  {}", pct(&res, "in_scope_accuracy"));
-        println!("  OOS recall         {}", pct(&res, "oos_recall"));
+        println!("  in-scope accuracy  {}", pct(res, "in_scope_accuracy"));
+        println!("  OOS recall         {}", pct(res, "oos_recall"));
     }
     if let Some(e) = res.get("epochs_run") {
         let resumed =
@@ -219,7 +228,6 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
     }
     println!("  outputs            {}/ (metrics.json, confusion_matrix.json, confusion_matrix.png, model/, training.log)", out.display());
-    Ok(())
 }
 
 /// `trainyard-worker predict`.

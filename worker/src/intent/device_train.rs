@@ -22,12 +22,12 @@ use burn::{
 };
 
 use super::{
-    checkpoint::{self, CheckpointMeta, DeviceCheckpoint, EpochLog},
+    checkpoint::{self, CheckpointMeta, DeviceCheckpoint},
     model::{BytesRecorder, Head},
     nets::{batch_tensors, load_bytes, record_bytes, DeviceNet},
     params::Hyper,
     seq::Padded,
-    train::{epoch_order, learning_rate, rec_err, Hooks, RunLog, TrainError},
+    train::{epoch_log, epoch_order, learning_rate, rec_err, Hooks, RunLog, TrainError},
 };
 
 /// Training and validation rows as fixed-width ids, with their labels.
@@ -113,15 +113,7 @@ where
     let recorder = BytesRecorder::default();
     let mut model = init;
     let mut optim = AdamConfig::new().with_epsilon(1e-8).init::<B, M>();
-    let mut meta = CheckpointMeta {
-        fingerprint: run.fingerprint.into(),
-        epoch: 0,
-        best_epoch: 0,
-        best_val: -1.0,
-        stale: 0,
-        log: Vec::new(),
-        path: run.path.into(),
-    };
+    let mut meta = CheckpointMeta::new(run.fingerprint, run.path);
     let mut best: Option<Vec<u8>> = None;
     let mut resumed_from_epoch = None;
     if let Some(ck) = resume.filter(|ck| ck.meta.fingerprint == run.fingerprint && ck.meta.path == run.path) {
@@ -134,9 +126,8 @@ where
     let n = data.y_train.len();
     let steps_per_epoch = n.div_ceil(cfg.batch_size).max(1);
     let total_steps = steps_per_epoch * cfg.epochs;
-    let mut stopped_early = meta.stale >= cfg.patience;
     for epoch in meta.epoch + 1..=cfg.epochs {
-        if stopped_early {
+        if meta.patience_spent(cfg.patience) {
             break;
         }
         let t0 = Instant::now();
@@ -155,40 +146,22 @@ where
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
         }
-        let loss = f64::from(super::model::to_vec(loss_sum)[0]) / n.max(1) as f64;
+        let loss_sum = f64::from(super::model::to_vec(loss_sum)[0]);
         let train_secs = t0.elapsed().as_secs_f64();
         let val = accuracy(&model.valid(), &data.x_val, &data.y_val, device);
         let model_bytes = record_bytes(model.clone()).map_err(rec_err)?;
-        // Without validation data every epoch is the best so far: the last one is kept.
-        if data.y_val.is_empty() || val > meta.best_val + 1e-9 {
-            (meta.best_val, meta.best_epoch, meta.stale) = (val, epoch, 0);
+        let log = epoch_log(cfg, epoch, n, loss_sum, val, train_secs, t0);
+        if meta.end_epoch(log.clone(), !data.y_val.is_empty()) {
             best = Some(model_bytes.clone());
-        } else {
-            meta.stale += 1;
         }
-        let log = EpochLog {
-            epoch,
-            epochs: cfg.epochs,
-            loss,
-            val_accuracy: val,
-            examples_per_s: n as f64 / train_secs.max(1e-9),
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        meta.epoch = epoch;
-        meta.log.push(log.clone());
         let optim_bytes = recorder.record(optim.to_record(), ()).map_err(rec_err)?;
-        let best_part = best.as_deref().filter(|_| meta.best_epoch != epoch);
+        let best_part = best.as_deref().filter(|_| meta.best_is_earlier());
         let bytes = checkpoint::encode_device(&meta, &model_bytes, &optim_bytes, best_part);
         (hooks.save)(epoch, bytes).map_err(|reason| TrainError::Checkpoint { epoch, reason })?;
         (hooks.progress)(&log);
-        if meta.stale >= cfg.patience {
-            stopped_early = epoch < cfg.epochs;
-            break;
-        }
     }
-    if let Some(b) = best.filter(|_| meta.best_epoch != meta.epoch) {
+    if let Some(b) = best.filter(|_| meta.best_is_earlier()) {
         model = load_bytes(model, b, device).map_err(rec_err)?;
     }
-    let run = RunLog { log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early };
-    Ok(DeviceTrained { model: model.valid(), run })
+    Ok(DeviceTrained { model: model.valid(), run: RunLog::ended(meta, resumed_from_epoch, cfg) })
 }

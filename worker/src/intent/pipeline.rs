@@ -310,30 +310,8 @@ pub fn run<B: AutodiffBackend>(
     let ctx = Ctx::<B> { env, params, prep: &prep, spec, device, force_device_bag };
     let Fitted { mut predictor, val_probs, stages } = ctx.fit_all()?;
     let log: Vec<_> = stages.iter().flat_map(|s| s.log.clone()).collect();
-    env.log(format!(
-        "training done: {}",
-        stages
-            .iter()
-            .map(|s| format!(
-                "{} {} epochs{} (best {})",
-                s.model,
-                s.epochs_run,
-                if s.stopped_early { ", early stop" } else { "" },
-                s.best_epoch
-            ))
-            .collect::<Vec<_>>()
-            .join("; ")
-    ));
-    predictor.config.oos_threshold = match (prep.oos, h.oos_threshold) {
-        (None, _) => None,
-        (Some(_), Some(t)) => Some(t),
-        (Some(o), None) if !prep.y_val.is_empty() => {
-            let (t, ins, rec) = tune_threshold(&val_probs, prep.labels.len(), &prep.y_val, o);
-            env.log(format!("OOS threshold {t:.2} tuned on validation (in-scope accuracy {ins:.4}, OOS recall {rec:.4})"));
-            Some(t)
-        }
-        (Some(_), None) => None,
-    };
+    env.log(format!("training done: {}", stages_line(&stages)));
+    predictor.config.oos_threshold = oos_threshold(env, &prep, h.oos_threshold, &val_probs);
     // Test, model files, training log.
     let test_texts = texts(&prep.splits.test);
     let truth: Vec<String> = prep.splits.test.iter().map(|e| e.label.clone()).collect();
@@ -347,18 +325,7 @@ pub fn run<B: AutodiffBackend>(
     let model_key = env.key("model");
     let decision = gate_and_promote(env, params, &metrics, &test_texts, &truth, &model_key)?;
     let promotion_key = env.put_json("promotion.json", &decision)?;
-    let mut artifacts: BTreeMap<&str, String> = outputs;
-    artifacts.insert("model", model_key.clone());
-    artifacts.insert("promotion", promotion_key);
-    artifacts.insert("training_log", env.key("training_log.json"));
-    artifacts.insert("log", env.key("training.log"));
-    artifacts.insert("checkpoint", env.key(CHECKPOINT_KEY));
-    if h.model == ModelKind::BagConv {
-        artifacts.insert("conv_checkpoint", env.key(CONV_CHECKPOINT_KEY));
-    }
-    if h.refit {
-        artifacts.insert("refit_checkpoint", env.key(REFIT_CHECKPOINT_KEY));
-    }
+    let artifacts = artifact_keys(env, h.model, h.refit, outputs, &model_key, promotion_key);
     let last = stages.last().expect("at least one network");
     let result = json!({
         "accuracy": metrics.accuracy,
@@ -387,6 +354,51 @@ pub fn run<B: AutodiffBackend>(
     env.log(format!("done in {:.1}s", env.elapsed()));
     env.put("training.log", env.log_text())?;
     Ok(result)
+}
+
+/// How each network's training went, on one line.
+fn stages_line(stages: &[StageSummary]) -> String {
+    let stage = |s: &StageSummary| {
+        let early = if s.stopped_early { ", early stop" } else { "" };
+        format!("{} {} epochs{early} (best {})", s.model, s.epochs_run, s.best_epoch)
+    };
+    stages.iter().map(stage).collect::<Vec<_>>().join("; ")
+}
+
+/// The OOS threshold: none without an OOS label, the job's when it sets one, else tuned on
+/// the validation probabilities (none without validation data).
+fn oos_threshold(env: &RunEnv, prep: &Prepared, set: Option<f32>, val_probs: &[f32]) -> Option<f32> {
+    let oos = prep.oos?;
+    if set.is_some() || prep.y_val.is_empty() {
+        return set;
+    }
+    let (t, ins, rec) = tune_threshold(val_probs, prep.labels.len(), &prep.y_val, oos);
+    env.log(format!("OOS threshold {t:.2} tuned on validation (in-scope accuracy {ins:.4}, OOS recall {rec:.4})"));
+    Some(t)
+}
+
+/// The keys of everything the run wrote, by name (`outputs`: the evaluation's).
+fn artifact_keys(
+    env: &RunEnv,
+    model: ModelKind,
+    refit: bool,
+    outputs: BTreeMap<&'static str, String>,
+    model_key: &str,
+    promotion_key: String,
+) -> BTreeMap<&'static str, String> {
+    let mut artifacts = outputs;
+    artifacts.insert("model", model_key.to_string());
+    artifacts.insert("promotion", promotion_key);
+    artifacts.insert("training_log", env.key("training_log.json"));
+    artifacts.insert("log", env.key("training.log"));
+    artifacts.insert("checkpoint", env.key(CHECKPOINT_KEY));
+    if model == ModelKind::BagConv {
+        artifacts.insert("conv_checkpoint", env.key(CONV_CHECKPOINT_KEY));
+    }
+    if refit {
+        artifacts.insert("refit_checkpoint", env.key(REFIT_CHECKPOINT_KEY));
+    }
+    artifacts
 }
 
 /// Runs the promotion gate against the bot's production model and promotes when it passes and may.

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use burn::{
     module::{AutodiffModule, Module},
-    optim::{AdamConfig, GradientsParams, Optimizer},
+    optim::{adaptor::OptimizerAdaptor, Adam, AdamConfig, GradientsParams, Optimizer},
     record::Recorder,
     tensor::backend::AutodiffBackend,
 };
@@ -116,6 +116,35 @@ fn val_accuracy<B: AutodiffBackend>(emb: &EmbeddingBag, head: &Head<B>, data: &T
     pred.iter().zip(&data.y_val).filter(|(a, b)| a == b).count() as f64 / data.y_val.len() as f64
 }
 
+impl RunLog {
+    /// How a run whose last state is `meta` went.
+    pub(crate) fn ended(meta: CheckpointMeta, resumed_from_epoch: Option<usize>, cfg: &Hyper) -> Self {
+        let stopped_early = meta.patience_spent(cfg.patience) && meta.epoch < cfg.epochs;
+        Self { best_epoch: meta.best_epoch, log: meta.log, resumed_from_epoch, stopped_early }
+    }
+}
+
+/// The log of `epoch`, which trained `n` examples to a summed loss of `loss_sum` in
+/// `train_secs` and began at `started`, with its validation accuracy.
+pub(crate) fn epoch_log(
+    cfg: &Hyper,
+    epoch: usize,
+    n: usize,
+    loss_sum: f64,
+    val_accuracy: f64,
+    train_secs: f64,
+    started: Instant,
+) -> EpochLog {
+    EpochLog {
+        epoch,
+        epochs: cfg.epochs,
+        loss: loss_sum / n.max(1) as f64,
+        val_accuracy,
+        examples_per_s: n as f64 / train_secs.max(1e-9),
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
 /// Trains (or resumes from `resume`) and returns the best model.
 pub fn train<B: AutodiffBackend>(
     cfg: &Hyper,
@@ -123,128 +152,147 @@ pub fn train<B: AutodiffBackend>(
     fingerprint: &str,
     resume: Option<Checkpoint>,
     device: &B::Device,
-    hooks: Hooks<'_>,
+    mut hooks: Hooks<'_>,
 ) -> Result<Trained<B>, TrainError> {
-    let mut init_rng = StdRng::seed_from_u64(cfg.seed);
-    let scale = (3.0 / cfg.hidden as f32).sqrt() * 0.1;
-    let mut emb = EmbeddingBag::new(data.features, cfg.hidden, scale, &mut init_rng);
-    let mut head = Head::<B>::init(cfg.hidden, data.labels, &mut init_rng, device);
-    let mut optim = AdamConfig::new().with_epsilon(1e-8).init::<B, Head<B>>();
     let recorder = BytesRecorder::default();
-    let mut meta = CheckpointMeta {
-        fingerprint: fingerprint.into(),
-        epoch: 0,
-        best_epoch: 0,
-        best_val: -1.0,
-        stale: 0,
-        log: Vec::new(),
-        path: checkpoint::PATH_SPARSE.into(),
-    };
-    let mut best: Option<(Vec<f32>, Vec<u8>)> = None;
-    let mut resumed_from_epoch = None;
-    let fits = |ck: &Checkpoint| {
-        ck.meta.fingerprint == fingerprint
-            && ck.meta.path == checkpoint::PATH_SPARSE
-            && ck.emb.rows == data.features
-            && ck.emb.dim == cfg.hidden
-    };
-    if let Some(ck) = resume.filter(fits) {
-        let head_rec = Recorder::<B>::load(&recorder, ck.head.clone(), device).map_err(rec_err)?;
-        head = head.load_record(head_rec);
-        let optim_rec = Recorder::<B>::load(&recorder, ck.optim, device).map_err(rec_err)?;
-        optim = optim.load_record(optim_rec);
-        best = ck.best.or_else(|| (ck.meta.best_epoch > 0).then(|| (ck.emb.weight.clone(), ck.head.clone())));
-        emb = ck.emb;
-        resumed_from_epoch = Some(ck.meta.epoch);
-        meta = ck.meta;
-    }
+    let mut run = SparseRun::<B>::start(cfg, data, fingerprint, resume, device, &recorder)?;
     let n = data.y_train.len();
-    let steps_per_epoch = n.div_ceil(cfg.batch_size).max(1);
-    let total_steps = steps_per_epoch * cfg.epochs;
-    let adam = AdamParams::default();
-    let keep = 1.0 - cfg.dropout;
-    let mut stopped_early = false;
-    let start_epoch = meta.epoch + 1;
-    if meta.stale >= cfg.patience {
-        stopped_early = true;
-    }
-    for epoch in start_epoch..=cfg.epochs {
-        if stopped_early {
+    let total_steps = n.div_ceil(cfg.batch_size).max(1) * cfg.epochs;
+    for epoch in run.meta.epoch + 1..=cfg.epochs {
+        if run.meta.patience_spent(cfg.patience) {
             break;
         }
         let t0 = Instant::now();
-        let (order, mut rng) = epoch_order(cfg.seed, epoch, n);
+        let loss_sum;
+        (run, loss_sum) = run.train_epoch(cfg, data, epoch, total_steps, device, hooks.cancelled)?;
+        let train_secs = t0.elapsed().as_secs_f64();
+        let val = val_accuracy(&run.emb, &run.head, data, device);
+        let log = epoch_log(cfg, epoch, n, loss_sum, val, train_secs, t0);
+        run.end_epoch(log, data, &recorder, &mut hooks)?;
+    }
+    run.finish(cfg, device, &recorder)
+}
+
+/// A run on the sparse path: the table, the head and its optimizer, early stopping and the
+/// best weights so far.
+struct SparseRun<B: AutodiffBackend> {
+    emb: EmbeddingBag,
+    head: Head<B>,
+    optim: OptimizerAdaptor<Adam, Head<B>, B>,
+    meta: CheckpointMeta,
+    /// The best epoch's table weights and head record, when they are known.
+    best: Option<(Vec<f32>, Vec<u8>)>,
+    resumed_from_epoch: Option<usize>,
+}
+
+impl<B: AutodiffBackend> SparseRun<B> {
+    /// A fresh run from the seed, or `resume` when the same run wrote it.
+    fn start(
+        cfg: &Hyper,
+        data: &TrainData,
+        fingerprint: &str,
+        resume: Option<Checkpoint>,
+        device: &B::Device,
+        recorder: &BytesRecorder,
+    ) -> Result<Self, TrainError> {
+        let mut init_rng = StdRng::seed_from_u64(cfg.seed);
+        let scale = (3.0 / cfg.hidden as f32).sqrt() * 0.1;
+        let emb = EmbeddingBag::new(data.features, cfg.hidden, scale, &mut init_rng);
+        let head = Head::<B>::init(cfg.hidden, data.labels, &mut init_rng, device);
+        let optim = AdamConfig::new().with_epsilon(1e-8).init::<B, Head<B>>();
+        let meta = CheckpointMeta::new(fingerprint, checkpoint::PATH_SPARSE);
+        let fresh = Self { emb, head, optim, meta, best: None, resumed_from_epoch: None };
+        let fits = |ck: &Checkpoint| {
+            ck.meta.fingerprint == fingerprint
+                && ck.meta.path == checkpoint::PATH_SPARSE
+                && ck.emb.rows == data.features
+                && ck.emb.dim == cfg.hidden
+        };
+        match resume.filter(fits) {
+            Some(ck) => fresh.resume(ck, device, recorder),
+            None => Ok(fresh),
+        }
+    }
+
+    /// Takes the weights, optimizer state and early stopping of `ck`.
+    fn resume(mut self, ck: Checkpoint, device: &B::Device, recorder: &BytesRecorder) -> Result<Self, TrainError> {
+        self.head = self.head.load_record(Recorder::<B>::load(recorder, ck.head.clone(), device).map_err(rec_err)?);
+        self.optim = self.optim.load_record(Recorder::<B>::load(recorder, ck.optim, device).map_err(rec_err)?);
+        self.best = ck.best.or_else(|| (ck.meta.best_epoch > 0).then(|| (ck.emb.weight.clone(), ck.head.clone())));
+        self.emb = ck.emb;
+        self.resumed_from_epoch = Some(ck.meta.epoch);
+        self.meta = ck.meta;
+        Ok(self)
+    }
+
+    /// Trains one epoch and returns the run and its summed loss.
+    fn train_epoch(
+        mut self,
+        cfg: &Hyper,
+        data: &TrainData,
+        epoch: usize,
+        total_steps: usize,
+        device: &B::Device,
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(Self, f64), TrainError> {
+        let (order, mut rng) = epoch_order(cfg.seed, epoch, data.y_train.len());
+        let keep = 1.0 - cfg.dropout;
         let mut loss_sum = 0.0f64;
         for batch in order.chunks(cfg.batch_size) {
-            if (hooks.cancelled)() {
+            if cancelled() {
                 return Err(TrainError::Cancelled(epoch));
             }
-            let lr = learning_rate(cfg.lr, emb.step as usize, total_steps);
+            let lr = learning_rate(cfg.lr, self.emb.step as usize, total_steps);
             let b = batch.len();
             let x = batch_rows(&data.x_train, batch, cfg.feature_dropout, &mut rng);
             let rows: Vec<usize> = (0..b).collect();
-            let bag = emb.forward(&x, &rows);
-            let bag_t = tensor2::<B>(bag, b, cfg.hidden, device).require_grad();
+            let bag_t = tensor2::<B>(self.emb.forward(&x, &rows), b, cfg.hidden, device).require_grad();
             let mask = (cfg.dropout > 0.0).then(|| {
                 let m: Vec<f32> = (0..b * cfg.hidden).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
                 tensor2::<B>(m, b, cfg.hidden, device)
             });
             let targets: Vec<i64> = batch.iter().map(|&i| data.y_train[i] as i64).collect();
-            let logits = head.forward(bag_t.clone(), mask);
-            let loss = Head::<B>::loss(logits, &targets, cfg.label_smoothing, device);
+            let loss = Head::<B>::loss(self.head.forward(bag_t.clone(), mask), &targets, cfg.label_smoothing, device);
             let grads = loss.backward();
             let g_bag = bag_t.grad(&grads).map(to_vec).unwrap_or_else(|| vec![0.0; b * cfg.hidden]);
-            let params = GradientsParams::from_grads(grads, &head);
-            head = optim.step(lr, head, params);
-            emb.update(&x, &rows, &g_bag, lr as f32, adam);
+            let params = GradientsParams::from_grads(grads, &self.head);
+            self.head = self.optim.step(lr, self.head, params);
+            self.emb.update(&x, &rows, &g_bag, lr as f32, AdamParams::default());
             loss_sum += f64::from(to_vec(loss.detach())[0]) * b as f64;
         }
-        let train_secs = t0.elapsed().as_secs_f64();
-        let val = val_accuracy(&emb, &head, data, device);
-        let head_bytes = recorder.record(head.clone().into_record(), ()).map_err(rec_err)?;
-        // Without validation data every epoch is the best so far: the last one is kept.
-        if data.y_val.is_empty() || val > meta.best_val + 1e-9 {
-            meta.best_val = val;
-            meta.best_epoch = epoch;
-            meta.stale = 0;
-            best = Some((emb.weight.clone(), head_bytes.clone()));
-        } else {
-            meta.stale += 1;
+        Ok((self, loss_sum))
+    }
+
+    /// Ends an epoch: early stopping, the best weights, the checkpoint, the progress report.
+    fn end_epoch(&mut self, log: EpochLog, data: &TrainData, recorder: &BytesRecorder, hooks: &mut Hooks<'_>) -> Result<(), TrainError> {
+        let epoch = log.epoch;
+        let head_bytes = recorder.record(self.head.clone().into_record(), ()).map_err(rec_err)?;
+        if self.meta.end_epoch(log.clone(), !data.y_val.is_empty()) {
+            self.best = Some((self.emb.weight.clone(), head_bytes.clone()));
         }
-        let log = EpochLog {
-            epoch,
-            epochs: cfg.epochs,
-            loss: loss_sum / n.max(1) as f64,
-            val_accuracy: val,
-            examples_per_s: n as f64 / train_secs.max(1e-9),
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        meta.epoch = epoch;
-        meta.log.push(log.clone());
-        let optim_bytes = recorder.record(optim.to_record(), ()).map_err(rec_err)?;
+        let optim_bytes = recorder.record(self.optim.to_record(), ()).map_err(rec_err)?;
         // The best weights travel separately only when they are not the current ones.
-        let best_part = best.as_ref().filter(|_| meta.best_epoch != epoch).map(|(w, h)| (w.as_slice(), h.as_slice()));
-        let bytes = checkpoint::encode(&meta, &emb, &head_bytes, &optim_bytes, best_part);
+        let best_part = self.best.as_ref().filter(|_| self.meta.best_is_earlier()).map(|(w, h)| (w.as_slice(), h.as_slice()));
+        let bytes = checkpoint::encode(&self.meta, &self.emb, &head_bytes, &optim_bytes, best_part);
         (hooks.save)(epoch, bytes).map_err(|reason| TrainError::Checkpoint { epoch, reason })?;
         (hooks.progress)(&log);
-        if meta.stale >= cfg.patience {
-            stopped_early = epoch < cfg.epochs;
-            break;
-        }
+        Ok(())
     }
-    // Restore the best epoch's weights when a later epoch is the last one.
-    let head_inner;
-    if let Some((w, h)) = best.filter(|_| meta.best_epoch != meta.epoch) {
-        emb.weight = w;
-        let rec = Recorder::<B>::load(&recorder, h, device).map_err(rec_err)?;
-        head_inner = head.load_record(rec).valid();
-    } else {
-        head_inner = head.valid();
+
+    /// The best epoch's model (weights only) and how the run went.
+    fn finish(self, cfg: &Hyper, device: &B::Device, recorder: &BytesRecorder) -> Result<Trained<B>, TrainError> {
+        let Self { mut emb, head, meta, best, resumed_from_epoch, .. } = self;
+        let head = match best.filter(|_| meta.best_is_earlier()) {
+            Some((weight, h)) => {
+                emb.weight = weight;
+                head.load_record(Recorder::<B>::load(recorder, h, device).map_err(rec_err)?)
+            }
+            None => head,
+        };
+        emb.m = Vec::new();
+        emb.v = Vec::new();
+        Ok(Trained { emb, head: head.valid(), run: RunLog::ended(meta, resumed_from_epoch, cfg) })
     }
-    emb.m = Vec::new();
-    emb.v = Vec::new();
-    let run = RunLog { log: meta.log, resumed_from_epoch, best_epoch: meta.best_epoch, stopped_early };
-    Ok(Trained { emb, head: head_inner, run })
 }
 
 /// The shuffled example order of an epoch and the RNG it leaves (for dropout), from the job's seed.

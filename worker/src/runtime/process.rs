@@ -24,7 +24,7 @@ use trainyard_common::{
 };
 
 use super::{disposition::Disposition, joblog::JobLogs, running, session::SessionCtx, store_retry::StoreRetry, Shared};
-use crate::handler::{JobContext, JobError, Progress};
+use crate::handler::{JobContext, JobError, JobHandler, Progress};
 
 mod finish;
 use finish::{ack, dead_unreadable, finish_as, finish_failed, finish_succeeded, poison, read_outcome, requeue, Recorded};
@@ -142,6 +142,8 @@ async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: 
     result
 }
 
+/// One delivery of a job: answered from its outcome record or cancel marker when it has one,
+/// ended at once when it cannot run here, else run.
 async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &SessionCtx) -> Result<(), CommonError> {
     let spec = &at.spec;
     let store = &shared.config.artifacts;
@@ -166,30 +168,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         Recorded::Absent => {}
     }
     if records.cancel_marker {
-        // Coalescing writes the same marker naming the newer job: then it ends `superseded`.
-        // The marker's presence is the request: one that cannot be read is a plain cancel.
-        let key = keys::cancel_marker(&spec.job_id);
-        let marker = match retry.run("read the cancel marker", || store.get_json::<CancelRequest>(&key)).await {
-            Err(CommonError::Codec(e)) => {
-                tracing::warn!(key = %key, error = %e, "unreadable cancel marker; cancelling the job");
-                None
-            }
-            read => read?,
-        };
-        let ev = match marker.as_ref().and_then(CancelRequest::superseded_by) {
-            Some(newer) => {
-                let mut ev = at.event(shared, JobStatus::Superseded);
-                ev.result = Some(serde_json::json!({ "superseded_by": newer }));
-                ev
-            }
-            None => {
-                let mut ev = at.event(shared, JobStatus::Cancelled);
-                ev.error = Some(ErrorInfo { kind: ErrorKind::Cancelled, message: "cancelled before it started".into() });
-                ev
-            }
-        };
-        publish_event(sctx, shared, &ev).await?;
-        return ack(d, sctx).await;
+        return end_cancelled_before_start(d, at, shared, sctx, &retry).await;
     }
     let Some(handler) = shared.registry.get(&spec.job_type) else {
         return finish_failed(d, at, shared, sctx, JobError::permanent(format!("unknown job type {:?}", spec.job_type))).await;
@@ -201,7 +180,13 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         // `failed` (a setting to change, not a malformed job), once, at once.
         return finish_as(d, at, shared, sctx, JobError::permanent(message), Disposition::Failed).await;
     }
+    execute(d, at, shared, sctx, handler.as_ref()).await
+}
 
+/// Runs the job's handler and ends the attempt by its result: published, recorded, acked
+/// (or requeued when a shutdown or a lost session stopped it).
+async fn execute(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &SessionCtx, handler: &dyn JobHandler) -> Result<(), CommonError> {
+    let spec = &at.spec;
     let token = sctx.stop_jobs.child_token();
     let user_cancel = shared.cancels.register(&spec.job_id, token.clone());
     let (progress, progress_rx) = Progress::channel();
@@ -210,7 +195,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         attempt: at.attempt,
         run: at.run,
         redelivery: at.redelivery,
-        artifacts: store.clone(),
+        artifacts: shared.config.artifacts.clone(),
         data_dir: shared.config.data_dir.clone(),
         cancel: token.clone(),
         progress,
@@ -229,7 +214,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     let forward = running::forward_progress(shared.clone(), sctx.clone(), at.event(shared, JobStatus::Progress), progress_rx);
     // Later events of this attempt sort after every progress event.
     at.n.store(1 << 20, Ordering::SeqCst);
-    let (mut result, timed_out) = running::run_with_timeout(handler.as_ref(), ctx, &token, spec.timeout_s).await;
+    let (mut result, timed_out) = running::run_with_timeout(handler, ctx, &token, spec.timeout_s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
     shared.cancels.unregister(&spec.job_id);
     shared.job_finished(&spec.job_type);
@@ -257,6 +242,42 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     // "job dead-lettered"); a log is best effort and never holds up the ack.
     save_log(shared, at).await;
     finished
+}
+
+/// Ends a job cancelled before it started: `superseded` when coalescing wrote the marker
+/// naming the newer job, else `cancelled`. The marker's presence is the request: one that
+/// cannot be read is a plain cancel.
+async fn end_cancelled_before_start(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Arc<Shared>,
+    sctx: &SessionCtx,
+    retry: &StoreRetry<'_>,
+) -> Result<(), CommonError> {
+    // Coalescing writes the same marker naming the newer job: then it ends `superseded`.
+    // The marker's presence is the request: one that cannot be read is a plain cancel.
+    let key = keys::cancel_marker(&at.spec.job_id);
+    let marker = match retry.run("read the cancel marker", || shared.config.artifacts.get_json::<CancelRequest>(&key)).await {
+        Err(CommonError::Codec(e)) => {
+            tracing::warn!(key = %key, error = %e, "unreadable cancel marker; cancelling the job");
+            None
+        }
+        read => read?,
+    };
+    let ev = match marker.as_ref().and_then(CancelRequest::superseded_by) {
+        Some(newer) => {
+            let mut ev = at.event(shared, JobStatus::Superseded);
+            ev.result = Some(serde_json::json!({ "superseded_by": newer }));
+            ev
+        }
+        None => {
+            let mut ev = at.event(shared, JobStatus::Cancelled);
+            ev.error = Some(ErrorInfo { kind: ErrorKind::Cancelled, message: "cancelled before it started".into() });
+            ev
+        }
+    };
+    publish_event(sctx, shared, &ev).await?;
+    ack(d, sctx).await
 }
 
 pub(super) async fn publish_event(sctx: &SessionCtx, shared: &Shared, ev: &JobEvent) -> Result<(), CommonError> {

@@ -1,19 +1,15 @@
 //! Job-management operations shared by the CLI (talking to the store and the
 //! broker directly) and the HTTP API: submit, show, logs, cancel, retry,
-//! dead-letter list/replay, models.
+//! dead-letter list/replay (`replay`), models.
 
-use chrono::Utc;
-use lapin::{
-    options::{BasicAckOptions, BasicGetOptions},
-    types::FieldTable,
-};
+mod replay;
+
 use serde::{Deserialize, Serialize};
 use trainyard_common::{
     amqp::{confirm_channel, connect, publish_confirmed},
     artifacts::{keys, ArtifactStore},
     codec,
     control::CancelRequest,
-    headers,
     models::{self, ProductionEntry, PromotionHistory},
     topology::Topology,
     CommonError, JobEvent, JobSpec, Trigger,
@@ -21,7 +17,7 @@ use trainyard_common::{
 
 use crate::{
     audit::AuditRecord,
-    store::{AuditFilter, DeadLetter, JobFilter, JobRow, Store, StoreError},
+    store::{AuditFilter, JobFilter, JobRow, Store, StoreError},
     submit::Submitter,
 };
 
@@ -80,18 +76,7 @@ pub struct BotModels {
     pub history: PromotionHistory,
 }
 
-/// What to replay from the dead-letter queues.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ReplayRequest {
-    /// One job.
-    pub job_id: Option<String>,
-    /// Every replayable dead letter of this job type (with `all`).
-    pub job_type: Option<String>,
-    /// Replay all of `job_type`.
-    #[serde(default)]
-    pub all: bool,
-}
+pub use replay::ReplayRequest;
 
 /// The operations, over a store, an artifact store and the broker.
 #[derive(Debug, Clone)]
@@ -318,110 +303,6 @@ impl Ops {
         Ok(spec)
     }
 
-    /// Dead letters not replayed yet, with the depth of each dead-letter queue.
-    pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, OpsError> {
-        Ok(self.store.dead_letters(job_type).await?)
-    }
-
-    /// Republishes dead letters to the work exchange with a fresh attempt
-    /// count, each acked off its dead queue only after the broker confirmed
-    /// the republish; records a new run of the job and its `queued` event.
-    pub async fn replay(&self, req: &ReplayRequest, by: &str) -> Result<Vec<String>, OpsError> {
-        let job_type = match (&req.job_id, &req.job_type, req.all) {
-            (Some(_), _, true) => return Err(OpsError::BadRequest("give a job id or `all` with a job type, not both".into())),
-            (Some(id), _, _) => match self.store.job(id).await? {
-                Some(j) => j.job_type,
-                None => self
-                    .store
-                    .dead_letters(None)
-                    .await?
-                    .into_iter()
-                    .find(|d| d.job_id.as_deref() == Some(id))
-                    .map(|d| d.job_type)
-                    .ok_or_else(|| OpsError::NotFound(format!("no dead letter of job {id:?}")))?,
-            },
-            (None, Some(t), true) => t.clone(),
-            _ => return Err(OpsError::BadRequest("give a job id, or `all` with a job type (CLI: --all --type T)".into())),
-        };
-        let topo = self.topology().clone();
-        let conn = connect(&self.url, "trainyard-replay").await?;
-        if let Err(e) = dead_queue_exists(&conn, &topo.dead_queue(&job_type)).await {
-            let _ = conn.close(200, "done".into()).await;
-            return Err(e);
-        }
-        let ch = confirm_channel(&conn).await?;
-        let mut replayed = Vec::new();
-        let result = async {
-            loop {
-                let Some(msg) = ch
-                    .basic_get(topo.dead_queue(&job_type).into(), BasicGetOptions { no_ack: false })
-                    .await
-                    .map_err(CommonError::amqp(format!("get from {}", topo.dead_queue(&job_type))))?
-                else {
-                    break;
-                };
-                let d = msg.delivery;
-                let hdrs = d.properties.headers().as_ref();
-                let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
-                let spec: Option<JobSpec> = codec::decode(ct, &d.data).ok();
-                let id = spec.as_ref().map(|s| s.job_id.clone()).or_else(|| headers::string(hdrs, headers::JOB_ID));
-                let wanted = match (&req.job_id, &id) {
-                    (Some(want), Some(id)) => want == id,
-                    (None, Some(_)) => true,
-                    _ => false, // Poison without a job id: left in the queue.
-                };
-                let (true, Some(id), Some(spec)) = (wanted, id, spec) else { continue };
-                let mut fresh = FieldTable::default();
-                for (k, v) in d.properties.headers().clone().unwrap_or_default().inner() {
-                    let k = k.as_str();
-                    if k == headers::X_DEATH
-                        || k.starts_with("x-trainyard-dead")
-                        || k == headers::DELIVERY_COUNT
-                        || k.starts_with("x-first-death")
-                        || k.starts_with("x-last-death")
-                    {
-                        continue;
-                    }
-                    fresh.insert(k.into(), v.clone());
-                }
-                // The next run: one past the letter's and the store's (a rebuild files each
-                // run's events by the number they carry, never by comparing clocks).
-                let known = self.store.job(&id).await?.map_or(0, |j| j.run);
-                let run = known.max(headers::run(hdrs)) + 1;
-                headers::set_int(&mut fresh, headers::ATTEMPT, 1);
-                headers::set_int(&mut fresh, headers::RUN, i64::from(run));
-                headers::set_str(&mut fresh, headers::REPLAYED, format!("{} by {by}", Utc::now().to_rfc3339()));
-                let props = d.properties.clone().with_headers(fresh).with_delivery_mode(2);
-                let now = Utc::now();
-                let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
-                publish_confirmed(&ch, &topo.jobs_exchange(), &key, &d.data, props, true).await?;
-                d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
-                // The new run starts with its `queued` event, on the stream (so a rebuild
-                // sees the replay) and in the store at once (the recorder's copy is a duplicate).
-                let mut queued = JobEvent::queued(&spec);
-                (queued.at, queued.run) = (now, Some(run));
-                self.store.record_event(&queued).await?;
-                self.store.mark_replayed(&id, now).await?;
-                self.submitter.publish_event(&ch, &queued).await?;
-                self.audit(by, "replay", &id, Some(serde_json::json!({"run": run}))).await?;
-                tracing::info!(job_id = %id, by, "dead letter replayed");
-                replayed.push(id.clone());
-                if req.job_id.is_some() {
-                    break;
-                }
-            }
-            Ok::<(), OpsError>(())
-        }
-        .await;
-        // Letters not taken go back to their queue when the channel closes.
-        let _ = conn.close(200, "done".into()).await;
-        result?;
-        if let (Some(id), true) = (&req.job_id, replayed.is_empty()) {
-            return Err(OpsError::NotFound(format!("job {id} is not in {}", topo.dead_queue(&job_type))));
-        }
-        Ok(replayed)
-    }
-
     /// A bot's production model and history.
     pub async fn models(&self, bot: &str) -> Result<BotModels, OpsError> {
         Ok(BotModels {
@@ -452,23 +333,5 @@ impl Ops {
         let detail = entry.as_ref().map(|e| serde_json::json!({"job_id": e.job_id}));
         self.audit(by, "rollback", bot, detail).await?;
         Ok(entry)
-    }
-}
-
-/// Whether the dead-letter queue `queue` exists (a passive declare, on a channel of its own
-/// that the broker closes when it does not): a job type no worker has declared has none, and
-/// replaying it is a caller's mistake (404), not a broker failure.
-async fn dead_queue_exists(conn: &lapin::Connection, queue: &str) -> Result<(), OpsError> {
-    let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
-    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    match ch.queue_declare(queue.into(), passive, Default::default()).await {
-        Ok(_) => {
-            let _ = ch.close(200, "done".into()).await;
-            Ok(())
-        }
-        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404) => {
-            Err(OpsError::NotFound(format!("no dead-letter queue {queue}: no worker of that job type has declared it (a typo?)")))
-        }
-        Err(e) => Err(CommonError::amqp(format!("look up {queue}"))(e).into()),
     }
 }

@@ -1,0 +1,167 @@
+//! Dead letters: listed, and replayed as a new run of their job.
+
+use chrono::Utc;
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicGetOptions},
+    types::FieldTable,
+    Channel,
+};
+use serde::{Deserialize, Serialize};
+use trainyard_common::{
+    amqp::{confirm_channel, connect, publish_confirmed},
+    codec, headers, CommonError, JobEvent, JobSpec,
+};
+
+use super::{Ops, OpsError};
+use crate::store::DeadLetter;
+
+/// What to replay from the dead-letter queues.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// One job.
+    pub job_id: Option<String>,
+    /// Every replayable dead letter of this job type (with `all`).
+    pub job_type: Option<String>,
+    /// Replay all of `job_type`.
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl Ops {
+    /// Dead letters not replayed yet, with the depth of each dead-letter queue.
+    pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, OpsError> {
+        Ok(self.store.dead_letters(job_type).await?)
+    }
+
+    /// Republishes dead letters to the work exchange with a fresh attempt
+    /// count, each acked off its dead queue only after the broker confirmed
+    /// the republish; records a new run of the job and its `queued` event.
+    pub async fn replay(&self, req: &ReplayRequest, by: &str) -> Result<Vec<String>, OpsError> {
+        let job_type = self.replay_job_type(req).await?;
+        let queue = self.topology().dead_queue(&job_type);
+        let conn = connect(&self.url, "trainyard-replay").await?;
+        let result = async {
+            dead_queue_exists(&conn, &queue).await?;
+            let ch = confirm_channel(&conn).await?;
+            let mut replayed = Vec::new();
+            while let Some(msg) = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(CommonError::amqp(format!("get from {queue}")))?
+            {
+                // A letter not taken stays unacked here, and goes back to its queue when the
+                // channel closes.
+                let Some((id, spec)) = wanted(req, &msg.delivery) else { continue };
+                self.replay_letter(&ch, &msg.delivery, &id, &spec, by).await?;
+                replayed.push(id);
+                if req.job_id.is_some() {
+                    break;
+                }
+            }
+            Ok::<_, OpsError>(replayed)
+        }
+        .await;
+        let _ = conn.close(200, "done".into()).await;
+        let replayed = result?;
+        if let (Some(id), true) = (&req.job_id, replayed.is_empty()) {
+            return Err(OpsError::NotFound(format!("job {id} is not in {queue}")));
+        }
+        Ok(replayed)
+    }
+
+    /// The job type whose dead-letter queue a request names: the job's (from the store, or
+    /// the list of dead letters when the store has no row), or the one given with `all`.
+    async fn replay_job_type(&self, req: &ReplayRequest) -> Result<String, OpsError> {
+        match (&req.job_id, &req.job_type, req.all) {
+            (Some(_), _, true) => Err(OpsError::BadRequest("give a job id or `all` with a job type, not both".into())),
+            (Some(id), _, _) => match self.store.job(id).await? {
+                Some(j) => Ok(j.job_type),
+                None => self
+                    .store
+                    .dead_letters(None)
+                    .await?
+                    .into_iter()
+                    .find(|d| d.job_id.as_deref() == Some(id))
+                    .map(|d| d.job_type)
+                    .ok_or_else(|| OpsError::NotFound(format!("no dead letter of job {id:?}"))),
+            },
+            (None, Some(t), true) => Ok(t.clone()),
+            _ => Err(OpsError::BadRequest("give a job id, or `all` with a job type (CLI: --all --type T)".into())),
+        }
+    }
+
+    /// Republishes one letter as the job's next run (confirmed), acks it off its dead queue,
+    /// then records and publishes the run's `queued` event and audits the replay.
+    async fn replay_letter(&self, ch: &Channel, d: &Delivery, id: &str, spec: &JobSpec, by: &str) -> Result<(), OpsError> {
+        let hdrs = d.properties.headers().as_ref();
+        // The next run: one past the letter's and the store's (a rebuild files each run's
+        // events by the number they carry, never by comparing clocks).
+        let known = self.store.job(id).await?.map_or(0, |j| j.run);
+        let run = known.max(headers::run(hdrs)) + 1;
+        let mut fresh = fresh_headers(hdrs);
+        headers::set_int(&mut fresh, headers::ATTEMPT, 1);
+        headers::set_int(&mut fresh, headers::RUN, i64::from(run));
+        headers::set_str(&mut fresh, headers::REPLAYED, format!("{} by {by}", Utc::now().to_rfc3339()));
+        let props = d.properties.clone().with_headers(fresh).with_delivery_mode(2);
+        let now = Utc::now();
+        let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
+        publish_confirmed(ch, &self.topology().jobs_exchange(), &key, &d.data, props, true).await?;
+        d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
+        // The new run starts with its `queued` event, on the stream (so a rebuild sees the
+        // replay) and in the store at once (the recorder's copy is a duplicate).
+        let mut queued = JobEvent::queued(spec);
+        (queued.at, queued.run) = (now, Some(run));
+        self.store.record_event(&queued).await?;
+        self.store.mark_replayed(id, now).await?;
+        self.submitter.publish_event(ch, &queued).await?;
+        self.audit(by, "replay", id, Some(serde_json::json!({"run": run}))).await?;
+        tracing::info!(job_id = %id, by, "dead letter replayed");
+        Ok(())
+    }
+}
+
+/// The job id and spec of a letter the request asks for; `None` for any other, and for
+/// poison without a job id or a readable spec (left in the queue).
+fn wanted(req: &ReplayRequest, d: &Delivery) -> Option<(String, JobSpec)> {
+    let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+    let spec: JobSpec = codec::decode(ct, &d.data).ok()?;
+    let id = spec.job_id.clone();
+    req.job_id.as_ref().is_none_or(|want| *want == id).then_some((id, spec))
+}
+
+/// A letter's headers without its death history and delivery count.
+fn fresh_headers(hdrs: Option<&FieldTable>) -> FieldTable {
+    let mut fresh = FieldTable::default();
+    for (k, v) in hdrs.cloned().unwrap_or_default().inner() {
+        let k = k.as_str();
+        let dead = k == headers::X_DEATH
+            || k.starts_with("x-trainyard-dead")
+            || k == headers::DELIVERY_COUNT
+            || k.starts_with("x-first-death")
+            || k.starts_with("x-last-death");
+        if !dead {
+            fresh.insert(k.into(), v.clone());
+        }
+    }
+    fresh
+}
+
+/// Whether the dead-letter queue `queue` exists (a passive declare, on a channel of its own
+/// that the broker closes when it does not): a job type no worker has declared has none, and
+/// replaying it is a caller's mistake (404), not a broker failure.
+async fn dead_queue_exists(conn: &lapin::Connection, queue: &str) -> Result<(), OpsError> {
+    let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    match ch.queue_declare(queue.into(), passive, Default::default()).await {
+        Ok(_) => {
+            let _ = ch.close(200, "done".into()).await;
+            Ok(())
+        }
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404) => {
+            Err(OpsError::NotFound(format!("no dead-letter queue {queue}: no worker of that job type has declared it (a typo?)")))
+        }
+        Err(e) => Err(CommonError::amqp(format!("look up {queue}"))(e).into()),
+    }
+}
