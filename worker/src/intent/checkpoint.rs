@@ -287,4 +287,30 @@ mod tests {
             serde_json::from_str(r#"{"fingerprint":"f","epoch":1,"best_epoch":1,"best_val":0.5,"stale":0,"log":[]}"#).unwrap();
         assert_eq!(old.path, PATH_SPARSE);
     }
+
+    fn epoch(epoch: usize, val_accuracy: f64) -> EpochLog {
+        EpochLog { epoch, epochs: 10, loss: 1.0, val_accuracy, examples_per_s: 1.0, seconds: 1.0 }
+    }
+
+    #[test]
+    fn early_stopping_keeps_the_best_epoch_and_counts_the_ones_after_it() {
+        let mut meta = CheckpointMeta::new("f", "conv");
+        assert_eq!((meta.epoch, meta.best_epoch, meta.path.as_str()), (0, 0, "conv"));
+        assert!(meta.end_epoch(epoch(1, 0.5), true));
+        assert!(meta.end_epoch(epoch(2, 0.6), true));
+        // No better (a tie is not better): stale, and the best stays epoch 2.
+        assert!(!meta.end_epoch(epoch(3, 0.6), true));
+        assert!(!meta.end_epoch(epoch(4, 0.55), true));
+        assert_eq!((meta.epoch, meta.best_epoch, meta.best_val, meta.stale), (4, 2, 0.6, 2));
+        assert!(meta.best_is_earlier());
+        assert!(meta.patience_spent(2) && !meta.patience_spent(3));
+        // An improvement resets the count.
+        assert!(meta.end_epoch(epoch(5, 0.7), true));
+        assert_eq!((meta.best_epoch, meta.stale, meta.log.len()), (5, 0, 5));
+        assert!(!meta.best_is_earlier());
+        // Without validation data every epoch is the best, whatever its accuracy.
+        let mut blind = CheckpointMeta::new("f", PATH_SPARSE);
+        assert!(blind.end_epoch(epoch(1, 0.0), false) && blind.end_epoch(epoch(2, 0.0), false));
+        assert_eq!((blind.best_epoch, blind.stale), (2, 0));
+    }
 }

@@ -332,3 +332,19 @@ fn batch_rows(x: &Csr, batch: &[usize], drop: f32, rng: &mut StdRng) -> Csr {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_stopped_early_only_when_its_patience_ran_out_before_the_last_epoch() {
+        let cfg = Hyper { epochs: 5, patience: 2, ..Hyper::default() };
+        let meta = |epoch, stale| CheckpointMeta { epoch, stale, best_epoch: 1, ..CheckpointMeta::new("f", "conv") };
+        assert!(RunLog::ended(meta(3, 2), Some(2), &cfg).stopped_early);
+        assert!(!RunLog::ended(meta(5, 2), None, &cfg).stopped_early, "the last epoch ran: the run ended, not stopped early");
+        assert!(!RunLog::ended(meta(5, 0), None, &cfg).stopped_early);
+        let run = RunLog::ended(meta(3, 1), Some(2), &cfg);
+        assert_eq!((run.stopped_early, run.best_epoch, run.resumed_from_epoch), (false, 1, Some(2)));
+    }
+}
