@@ -234,16 +234,18 @@ async fn an_acknowledgement_timeout_is_logged_as_one_with_the_job_id() {
     let _tick = BrokerSetting::set("channel_tick_interval", 500, 60_000);
     let mut worker = {
         let _timeout = BrokerSetting::set("consumer_timeout", 2000, 1_800_000);
-        let child = Command::new(crate::support::bin("trainyard-worker"))
-            .args(["run", "--types", "noop", "--log-format", "text", "--consumer-timeout-s", "3600"])
-            .env("TRAINYARD_PREFIX", env.topo.prefix())
-            .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
-            .env("TRAINYARD_AMQP_URL", crate::support::URL)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("trainyard-worker");
+        let child = crate::support::Killed(
+            Command::new(crate::support::bin("trainyard-worker"))
+                .args(["run", "--types", "noop", "--log-format", "text", "--consumer-timeout-s", "3600"])
+                .env("TRAINYARD_PREFIX", env.topo.prefix())
+                .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
+                .env("TRAINYARD_AMQP_URL", crate::support::URL)
+                .env("RUST_LOG", "info")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("trainyard-worker"),
+        );
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while env.consumers(&env.topo.jobs_queue("noop")).await == 0 {
             assert!(std::time::Instant::now() < deadline, "the worker never consumed");

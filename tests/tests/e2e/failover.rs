@@ -6,22 +6,24 @@
 
 use std::process::{Command, Stdio};
 
-use crate::support::{bin, Env, CONSUMER_TIMEOUT_S, URL};
+use crate::support::{bin, Env, Killed, CONSUMER_TIMEOUT_S, URL};
 
 #[tokio::test]
 async fn a_worker_and_the_cli_fail_over_past_a_dead_broker_address() {
     let env = Env::new(&["noop"]).await;
     let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f\n{URL}");
-    let mut worker = Command::new(bin("trainyard-worker"))
-        .args(["run", "--types", "noop", "--log-format", "text"])
-        .env("TRAINYARD_PREFIX", env.topo.prefix())
-        .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
-        .env("TRAINYARD_AMQP_URL", &urls)
-        .env("TRAINYARD_CONSUMER_TIMEOUT_S", CONSUMER_TIMEOUT_S.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start trainyard-worker");
+    let mut worker = Killed(
+        Command::new(bin("trainyard-worker"))
+            .args(["run", "--types", "noop", "--log-format", "text"])
+            .env("TRAINYARD_PREFIX", env.topo.prefix())
+            .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
+            .env("TRAINYARD_AMQP_URL", &urls)
+            .env("TRAINYARD_CONSUMER_TIMEOUT_S", CONSUMER_TIMEOUT_S.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start trainyard-worker"),
+    );
     for i in 0..4 {
         let (prefix, urls) = (env.topo.prefix().to_string(), urls.clone());
         let out = tokio::task::spawn_blocking(move || {

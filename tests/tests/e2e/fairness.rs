@@ -15,8 +15,8 @@ use trainyard::{admission::Admitter, config::JobTypePolicy, store::Store, worker
 use trainyard_common::{amqp, JobEvent, JobSpec, JobStatus, Trigger};
 
 use crate::{
-    series::{free_port, http, spawn_serve, until, Killed},
-    support::{Env, NoopEvents, URL},
+    series::{free_port, http, spawn_serve, until},
+    support::{Env, Killed, NoopEvents, URL},
 };
 
 const T: Duration = Duration::from_secs(120);

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use trainyard_common::JobStatus;
 
 use crate::{
-    series::{free_port, http, until, Killed, TOKEN},
-    support::{bin, Env, PgSchema, URL},
+    series::{free_port, http, until, TOKEN},
+    support::{bin, Env, Killed, PgSchema, URL},
 };
 
 /// Runs the `trainyard` CLI on `database` (direct access); its stdout as JSON.

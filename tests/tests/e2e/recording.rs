@@ -18,8 +18,8 @@ use trainyard::store::{Store, StreamPosition};
 use trainyard_common::{amqp, event::event_seq, JobEvent, JobStatus};
 
 use crate::{
-    series::{free_port, spawn_serve, Killed},
-    support::{Env, PgSchema},
+    series::{free_port, spawn_serve},
+    support::{Env, Killed, PgSchema},
 };
 
 const JOBS: usize = 4_000;

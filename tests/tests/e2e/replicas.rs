@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use trainyard::store::Store;
 
 use crate::{
-    series::{free_port, http, spawn_serve, until, Killed},
-    support::{Env, PgSchema},
+    series::{free_port, http, spawn_serve, until},
+    support::{Env, Killed, PgSchema},
 };
 
 const JOBS: usize = 30;

@@ -12,7 +12,7 @@ use std::{
     collections::BTreeSet,
     ffi::OsStr,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -20,7 +20,7 @@ use lapin::BasicProperties;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{bin, Env};
+use crate::support::{bin, Env, Killed};
 
 pub(crate) const TOKEN: &str = "series-test-token";
 const WITHIN: Duration = Duration::from_secs(180);
@@ -99,8 +99,6 @@ fn series(component: &str, text: &str) -> BTreeSet<String> {
     out
 }
 
-pub(crate) struct Killed(pub(crate) Child);
-
 /// A quiet `trainyard serve` of `env` (see [`Env::quiet_process`]) listening on `port`, on the
 /// store `db`, with the admin token [`TOKEN`] and `args` after `serve --listen …`.
 pub(crate) fn spawn_serve(env: &Env, db: &str, data: &Path, port: u16, args: &[&OsStr]) -> Killed {
@@ -109,13 +107,6 @@ pub(crate) fn spawn_serve(env: &Env, db: &str, data: &Path, port: u16, args: &[&
     env.quiet_process(&mut c, data);
     c.env("TRAINYARD_DATABASE_URL", db).env("TRAINYARD_API_TOKENS", format!("tests:admin:{TOKEN}"));
     Killed(c.spawn().expect("start trainyard serve"))
-}
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test]

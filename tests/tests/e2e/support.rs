@@ -200,18 +200,20 @@ impl Env {
     }
 
     /// Starts a `trainyard-worker run` process for this environment.
-    pub fn worker_process(&self, types: &str, extra: &[&str]) -> Child {
-        Command::new(bin("trainyard-worker"))
-            .args(["run", "--types", types, "--log-format", "text", "--retry-base-ms", "100"])
-            .args(extra)
-            .env("TRAINYARD_PREFIX", self.topo.prefix())
-            .env("TRAINYARD_ARTIFACTS", self.artifacts_dir.path())
-            .env("TRAINYARD_AMQP_URL", URL)
-            .env("TRAINYARD_CONSUMER_TIMEOUT_S", CONSUMER_TIMEOUT_S.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("failed to start trainyard-worker")
+    pub fn worker_process(&self, types: &str, extra: &[&str]) -> Killed {
+        Killed(
+            Command::new(bin("trainyard-worker"))
+                .args(["run", "--types", types, "--log-format", "text", "--retry-base-ms", "100"])
+                .args(extra)
+                .env("TRAINYARD_PREFIX", self.topo.prefix())
+                .env("TRAINYARD_ARTIFACTS", self.artifacts_dir.path())
+                .env("TRAINYARD_AMQP_URL", URL)
+                .env("TRAINYARD_CONSUMER_TIMEOUT_S", CONSUMER_TIMEOUT_S.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("failed to start trainyard-worker"),
+        )
     }
 }
 
@@ -347,4 +349,37 @@ pub fn count_by_status(events: &[JobEvent]) -> std::collections::BTreeMap<trainy
         *n.entry(e.status).or_default() += 1;
     }
     n
+}
+
+/// A child process that is stopped when dropped, so that a test failing half-way leaves no
+/// process behind: `SIGTERM`, up to 10 s to exit, then `SIGKILL`, and reaped. One that has
+/// already exited is left alone (its pid may be another process's by now).
+pub struct Killed(pub Child);
+
+impl std::ops::Deref for Killed {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
