@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use trainyard_common::{artifacts::ArtifactStore, paths::resolve_under};
 
-use crate::support::{bin, Env};
+use crate::support::{bin, Env, Killed};
 
 /// A self-signed certificate for 127.0.0.1 / localhost: (PEM of the cert, server TLS config).
 fn self_signed() -> (String, Arc<rustls::ServerConfig>) {
@@ -67,31 +67,21 @@ async fn trainyard(args: &[&str], envs: Vec<(&'static str, String)>) -> (bool, S
 }
 
 /// A `trainyard-worker run` process with its stdout and stderr in `log`.
-fn worker(env: &Env, url: &str, log: &Path, extra_env: &[(&str, &str)]) -> std::process::Child {
+fn worker(env: &Env, url: &str, log: &Path, extra_env: &[(&str, &str)]) -> Killed {
     let file = std::fs::File::create(log).unwrap();
-    Command::new(bin("trainyard-worker"))
-        .args(["run", "--types", "noop", "--log-format", "json"])
-        .env("TRAINYARD_PREFIX", env.topo.prefix())
-        .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
-        .env("TRAINYARD_AMQP_URL", url)
-        .env("TRAINYARD_CONSUMER_TIMEOUT_S", crate::support::CONSUMER_TIMEOUT_S.to_string())
-        .envs(extra_env.iter().copied())
-        .stdout(Stdio::from(file.try_clone().unwrap()))
-        .stderr(Stdio::from(file))
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut child: std::process::Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    for _ in 0..100 {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    Killed(
+        Command::new(bin("trainyard-worker"))
+            .args(["run", "--types", "noop", "--log-format", "json"])
+            .env("TRAINYARD_PREFIX", env.topo.prefix())
+            .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
+            .env("TRAINYARD_AMQP_URL", url)
+            .env("TRAINYARD_CONSUMER_TIMEOUT_S", crate::support::CONSUMER_TIMEOUT_S.to_string())
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// `amqps://` works end to end: a worker and `trainyard submit --wait` both talk
@@ -125,7 +115,7 @@ async fn amqps_through_a_tls_terminating_proxy() {
     let (ok, _, stderr) = trainyard(&["submit", "noop", "--bot", "tls"], envs(false)).await;
     assert!(!ok, "a server certificate from an unknown CA must be refused");
     assert!(stderr.to_lowercase().contains("certificate") || stderr.to_lowercase().contains("issuer"), "{stderr}");
-    tokio::task::spawn_blocking(move || stop(w)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(w)).await.unwrap();
     env.cleanup().await;
 }
 
@@ -178,7 +168,7 @@ async fn broker_passwords_are_redacted_in_every_log_line_and_error() {
         // Flags too: the URL given on the command line.
         let (_, out2, err2) = trainyard(&["--amqp-url", url, "submit", "noop", "--bot", "redact"], envs()).await;
         tokio::time::sleep(Duration::from_secs(if *name == "good" { 0 } else { 2 })).await;
-        tokio::task::spawn_blocking(move || stop(w)).await.unwrap();
+        tokio::task::spawn_blocking(move || drop(w)).await.unwrap();
         let worker_log = std::fs::read_to_string(&log).unwrap();
         outputs.push((format!("{name}: submit"), format!("{stdout}\n{stderr}\n{out2}\n{err2}")));
         outputs.push((format!("{name}: worker"), worker_log));
