@@ -16,7 +16,7 @@ use trainyard_common::JobStatus;
 
 use crate::{
     browser::ControlPlane,
-    support::{bin, collect_until_terminal, wait_for, Env, URL},
+    support::{bin, collect_until_terminal, wait_for, Env, Killed, URL},
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -61,11 +61,13 @@ async fn follow_prints_the_running_attempts_lines_before_the_job_ends(through_ap
     }
 
     // Each line of the follow's stdout, with when it came.
-    let mut follow = trainyard(&env, &db_url, server.as_deref(), &["jobs", "logs", &id, "--follow"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follow = Killed(
+        trainyard(&env, &db_url, server.as_deref(), &["jobs", "logs", &id, "--follow"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel();
     let stdout = follow.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -87,8 +89,15 @@ async fn follow_prints_the_running_attempts_lines_before_the_job_ends(through_ap
     let events = collect_until_terminal(&mut watch, T).await;
     let ended = Instant::now();
     assert_eq!(events.last().unwrap().status, JobStatus::Succeeded);
-    let out = tokio::task::spawn_blocking(move || follow.wait_with_output().unwrap()).await.unwrap();
-    assert!(out.status.success(), "jobs logs --follow: {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let mut stderr = follow.stderr.take().unwrap();
+    let (status, stderr) = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        (follow.wait().unwrap(), text)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "jobs logs --follow: {status:?}: {stderr}");
     lines.extend(rx.iter());
 
     // Live: most of the lines were printed while the job ran.
