@@ -325,7 +325,7 @@ pub fn run<B: AutodiffBackend>(
     let model_key = env.key("model");
     let decision = gate_and_promote(env, params, &metrics, &test_texts, &truth, &model_key)?;
     let promotion_key = env.put_json("promotion.json", &decision)?;
-    let artifacts = artifact_keys(env, h.model, h.refit, outputs, &model_key, promotion_key);
+    let artifacts = artifact_keys(env, h, outputs, &model_key, promotion_key);
     let last = stages.last().expect("at least one network");
     let result = json!({
         "accuracy": metrics.accuracy,
@@ -380,8 +380,7 @@ fn oos_threshold(env: &RunEnv, prep: &Prepared, set: Option<f32>, val_probs: &[f
 /// The keys of everything the run wrote, by name (`outputs`: the evaluation's).
 fn artifact_keys(
     env: &RunEnv,
-    model: ModelKind,
-    refit: bool,
+    h: &Hyper,
     outputs: BTreeMap<&'static str, String>,
     model_key: &str,
     promotion_key: String,
@@ -392,10 +391,10 @@ fn artifact_keys(
     artifacts.insert("training_log", env.key("training_log.json"));
     artifacts.insert("log", env.key("training.log"));
     artifacts.insert("checkpoint", env.key(CHECKPOINT_KEY));
-    if model == ModelKind::BagConv {
+    if h.model == ModelKind::BagConv {
         artifacts.insert("conv_checkpoint", env.key(CONV_CHECKPOINT_KEY));
     }
-    if refit {
+    if h.refit {
         artifacts.insert("refit_checkpoint", env.key(REFIT_CHECKPOINT_KEY));
     }
     artifacts

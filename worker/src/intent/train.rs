@@ -225,7 +225,8 @@ impl<B: AutodiffBackend> SparseRun<B> {
         Ok(self)
     }
 
-    /// Trains one epoch and returns the run and its summed loss.
+    /// Trains one epoch and returns the run and its summed loss. The run goes in and out by
+    /// value because burn's optimizer step takes the head by value.
     fn train_epoch(
         mut self,
         cfg: &Hyper,

@@ -254,8 +254,6 @@ async fn end_cancelled_before_start(
     sctx: &SessionCtx,
     retry: &StoreRetry<'_>,
 ) -> Result<(), CommonError> {
-    // Coalescing writes the same marker naming the newer job: then it ends `superseded`.
-    // The marker's presence is the request: one that cannot be read is a plain cancel.
     let key = keys::cancel_marker(&at.spec.job_id);
     let marker = match retry.run("read the cancel marker", || shared.config.artifacts.get_json::<CancelRequest>(&key)).await {
         Err(CommonError::Codec(e)) => {
