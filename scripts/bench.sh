@@ -94,8 +94,12 @@ CELERY_KEEP=""
 FAILED=()
 # Waits (up to 30 s) until a local broker is idle, so that a scenario does not pay for the
 # previous one's queue deletions (a deleted stream or quorum queue is torn down in the background).
+# First it writes back what is dirty on the disks (`sync`): the build's outputs and the scenario
+# before's files would otherwise be flushed by the first `syncfs` of trainyard's outcome records,
+# which writes back everything dirty on its file system, while the raw baseline never waits for them.
 settle() {
   local pid hz a b
+  sync
   pid=$(pgrep -o beam.smp) || return 0
   hz=$(getconf CLK_TCK)
   for _ in $(seq 1 30); do

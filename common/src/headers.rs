@@ -10,6 +10,9 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const DEAD_REASON: &str = "x-trainyard-dead-reason";
 /// The error kind of a dead letter (`permanent`, `transient`, `timeout`, `poison`).
 pub const DEAD_KIND: &str = "x-trainyard-dead-kind";
+/// The status a worker ended the job with when it dead-lettered it (`failed` or `dead`);
+/// absent on older letters, whose status follows from their kind.
+pub const DEAD_STATUS: &str = "x-trainyard-dead-status";
 /// The worker that dead-lettered a message.
 pub const DEAD_WORKER: &str = "x-trainyard-dead-worker";
 /// The job id of a dead letter, when the body could be decoded.
@@ -21,6 +24,10 @@ pub const REPLAYED: &str = "x-trainyard-replayed";
 pub const RUN: &str = "x-trainyard-run";
 /// Broker-maintained redelivery count on quorum queues.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Deliveries of the job before a worker handed it back as a fresh copy (one that waited
+/// too long for a slot): counted on, so that a job's redeliveries, and with them the
+/// sequence numbers of its events, never go backwards.
+pub const EARLIER_DELIVERIES: &str = "x-trainyard-earlier-deliveries";
 /// Broker-maintained dead-lettering history.
 pub const X_DEATH: &str = "x-death";
 
@@ -58,9 +65,24 @@ pub fn run(headers: Option<&FieldTable>) -> u32 {
     int(headers, RUN).and_then(|v| u32::try_from(v).ok()).unwrap_or(0)
 }
 
-/// How many times the broker has redelivered this message (0 on first delivery).
+/// How many times the job was delivered before this delivery (0 on its first): the broker's
+/// redelivery count of this message, plus the deliveries before it was handed back as a
+/// fresh copy ([`EARLIER_DELIVERIES`]).
 pub fn delivery_count(headers: Option<&FieldTable>) -> u32 {
-    int(headers, DELIVERY_COUNT).and_then(|v| u32::try_from(v).ok()).unwrap_or(0)
+    let count = |name| int(headers, name).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    count(DELIVERY_COUNT).saturating_add(count(EARLIER_DELIVERIES))
+}
+
+/// The headers of a fresh copy of a delivery with `headers`: the same, with the deliveries so
+/// far under [`EARLIER_DELIVERIES`] and no broker count (the copy's own starts at none).
+pub fn fresh_copy(headers: Option<&FieldTable>) -> FieldTable {
+    let mut table = headers.cloned().unwrap_or_default();
+    let so_far = delivery_count(headers);
+    let mut inner = table.inner().clone();
+    inner.remove(DELIVERY_COUNT);
+    table = FieldTable::from(inner);
+    set_int(&mut table, EARLIER_DELIVERIES, i64::from(so_far));
+    table
 }
 
 /// Sets a string header.
@@ -78,4 +100,27 @@ pub fn new_traceparent() -> String {
     let trace: u128 = rand::random::<u128>().max(1);
     let span: u64 = rand::random::<u64>().max(1);
     format!("00-{trace:032x}-{span:016x}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::FieldTable;
+
+    use super::*;
+
+    #[test]
+    fn a_fresh_copy_counts_on_from_the_deliveries_so_far() {
+        let mut original = FieldTable::default();
+        set_int(&mut original, DELIVERY_COUNT, 2);
+        set_int(&mut original, ATTEMPT, 3);
+        let copy = fresh_copy(Some(&original));
+        assert_eq!(delivery_count(Some(&copy)), 2, "its first delivery counts as the original's");
+        assert!(!copy.inner().contains_key(DELIVERY_COUNT), "the broker's count starts again");
+        assert_eq!(attempt(Some(&copy)), 3, "the other headers stay");
+        let mut redelivered = copy.clone();
+        set_int(&mut redelivered, DELIVERY_COUNT, 1);
+        assert_eq!(delivery_count(Some(&redelivered)), 3, "the copy's redelivery counts on");
+        assert_eq!(delivery_count(Some(&fresh_copy(Some(&redelivered)))), 3, "and so does a copy of the copy");
+        assert_eq!(delivery_count(Some(&fresh_copy(None))), 0);
+    }
 }

@@ -19,6 +19,9 @@ pub const WORKER_FREE_SLOTS: &str = "trainyard_worker_free_slots";
 pub const POISON_TOTAL: &str = "trainyard_poison_messages_total";
 /// Retries scheduled, by type.
 pub const RETRIES_TOTAL: &str = "trainyard_retries_total";
+/// Deliveries a worker handed back to their queue as a fresh copy because, waiting for a slot,
+/// they could no longer finish before the broker's consumer timeout, by type.
+pub const DELIVERIES_RELEASED_TOTAL: &str = "trainyard_deliveries_released_total";
 /// Reconnects to the broker.
 pub const RECONNECTS_TOTAL: &str = "trainyard_amqp_reconnects_total";
 /// Ready + running jobs by type: the autoscaling signal (control plane).
@@ -71,6 +74,7 @@ pub const ALL_NAMES: &[&str] = &[
     WORKER_FREE_SLOTS,
     POISON_TOTAL,
     RETRIES_TOTAL,
+    DELIVERIES_RELEASED_TOTAL,
     RECONNECTS_TOTAL,
     JOBS_DEMAND,
     QUEUE_READY,
@@ -115,6 +119,8 @@ pub struct WorkerMetrics {
     pub poison_total: IntCounterVec,
     /// See [`RETRIES_TOTAL`].
     pub retries_total: IntCounterVec,
+    /// See [`DELIVERIES_RELEASED_TOTAL`].
+    pub released_total: IntCounterVec,
     /// See [`RECONNECTS_TOTAL`].
     pub reconnects_total: prometheus::IntCounter,
     /// See [`TRAINING_EPOCH_SECONDS`].
@@ -135,6 +141,10 @@ impl WorkerMetrics {
             free_slots: IntGauge::new(WORKER_FREE_SLOTS, "Free job slots on this worker.")?,
             poison_total: IntCounterVec::new(Opts::new(POISON_TOTAL, "Messages dead-lettered as poison."), &[L_JOB_TYPE, L_REASON])?,
             retries_total: IntCounterVec::new(Opts::new(RETRIES_TOTAL, "Retries scheduled."), &[L_JOB_TYPE])?,
+            released_total: IntCounterVec::new(
+                Opts::new(DELIVERIES_RELEASED_TOTAL, "Deliveries handed back as a fresh copy before the broker's consumer timeout."),
+                &[L_JOB_TYPE],
+            )?,
             reconnects_total: prometheus::IntCounter::new(RECONNECTS_TOTAL, "Reconnects to the broker.")?,
             epoch_seconds: HistogramVec::new(
                 HistogramOpts::new(TRAINING_EPOCH_SECONDS, "Seconds per training epoch.")
@@ -148,11 +158,13 @@ impl WorkerMetrics {
         registry.register(Box::new(m.free_slots.clone()))?;
         registry.register(Box::new(m.poison_total.clone()))?;
         registry.register(Box::new(m.retries_total.clone()))?;
+        registry.register(Box::new(m.released_total.clone()))?;
         registry.register(Box::new(m.reconnects_total.clone()))?;
         registry.register(Box::new(m.epoch_seconds.clone()))?;
         for t in job_types {
             m.jobs_running.with_label_values(&[t.as_str()]).set(0);
             m.retries_total.with_label_values(&[t.as_str()]);
+            m.released_total.with_label_values(&[t.as_str()]);
         }
         Ok(m)
     }

@@ -172,7 +172,9 @@ impl Topology {
             let key = jobs_routing_key(job_type, priority);
             self.declare_bound(ch, &self.tier_queue(job_type, priority), work.clone(), &self.jobs_exchange(), &key).await?;
         }
-        self.declare_bound(ch, &self.dead_queue(job_type), quorum_args(), &self.dead_exchange(), job_type).await?;
+        for key in dead_letter_keys(job_type) {
+            self.declare_bound(ch, &self.dead_queue(job_type), quorum_args(), &self.dead_exchange(), &key).await?;
+        }
         Ok(())
     }
 
@@ -210,6 +212,13 @@ pub fn jobs_routing_key(job_type: &str, priority: Priority) -> String {
         Priority::Normal => job_type.to_string(),
         other => format!("{job_type}.{other}"),
     }
+}
+
+/// The routing keys a dead letter of `job_type` carries on the dead-letter exchange: the job
+/// type when a worker dead-letters it, the key of its tier queue ([`jobs_routing_key`]) when
+/// the broker does (at the delivery limit it keeps the message's routing key).
+pub fn dead_letter_keys(job_type: &str) -> Vec<String> {
+    Priority::ALL.into_iter().map(|p| jobs_routing_key(job_type, p)).collect()
 }
 
 /// The routing key on the retry exchange.

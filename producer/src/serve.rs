@@ -90,16 +90,44 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
     }
     let registry = Registry::new();
     let metrics = ControlMetrics::new(&registry, &settings.job_types)?;
+    let Background { mut tasks, workers, live_logs } = spawn_tasks(&settings, &ops, artifacts, &admission, &metrics, &shutdown);
+
+    let tokens = Arc::new(settings.tokens.clone());
+    let control = Arc::new(settings.config.clone());
+    let state = ApiState { ops, tokens, registry, metrics: Some(metrics), shutdown: shutdown.clone(), workers, live_logs, control };
+    let app = api::router(state, settings.body_limit);
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, job_types = ?settings.job_types, "control plane serving");
+    let stop = shutdown.clone();
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    store.close().await;
+    served.map_err(ServeError::Http)
+}
+
+/// Starts the control plane's background tasks: the recorder, the admitters and their board,
+/// the coalescer, the demand loop, the scheduler and triggers (when configured), and the
+/// followers of worker heartbeats and live logs that the API reads.
+fn spawn_tasks(
+    settings: &ServeSettings,
+    ops: &Ops,
+    artifacts: ArtifactStore,
+    admission: &AdmissionBoard,
+    metrics: &ControlMetrics,
+    shutdown: &CancellationToken,
+) -> Background {
     let mut tasks = tokio::task::JoinSet::new();
+    let store = &ops.store;
+    let (workers, live_logs) = (WorkerTable::default(), LiveLogs::default());
 
     let recorder = Recorder::new(store.clone(), settings.topology.clone(), &settings.amqp_url, Some(metrics.clone()));
     tasks.spawn({
         let stop = shutdown.clone();
         async move { recorder.run(stop).await }
     });
-    let workers = WorkerTable::default();
     let policies = &settings.config.policies;
-    for admitter in Admitter::all(&settings.job_types, policies, &store, &artifacts, &settings.topology, &settings.amqp_url, &workers) {
+    for admitter in Admitter::all(&settings.job_types, policies, store, &artifacts, &settings.topology, &settings.amqp_url, &workers) {
         let stop = shutdown.clone();
         tasks.spawn(async move { admitter.run(stop).await });
     }
@@ -126,7 +154,7 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
     }
     if !settings.config.triggers.is_empty() {
         let triggers = Triggers::new(settings.config.triggers.clone(), ops.submitter.clone(), &settings.amqp_url, Some(metrics.clone()))
-            .with_store(ops.store.clone());
+            .with_store(store.clone());
         tasks.spawn({
             let stop = shutdown.clone();
             async move { triggers.run(stop).await }
@@ -138,24 +166,18 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
         async move { workers.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
     });
 
-    let live_logs = LiveLogs::default();
     tasks.spawn({
         let (stop, logs, metrics, s) = (shutdown.clone(), live_logs.clone(), metrics.clone(), settings.clone());
         async move { logs.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
     });
+    Background { tasks, workers, live_logs }
+}
 
-    let tokens = Arc::new(settings.tokens.clone());
-    let control = Arc::new(settings.config.clone());
-    let state = ApiState { ops, tokens, registry, metrics: Some(metrics), shutdown: shutdown.clone(), workers, live_logs, control };
-    let app = api::router(state, settings.body_limit);
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(?addr, job_types = ?settings.job_types, "control plane serving");
-    let stop = shutdown.clone();
-    let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
-    shutdown.cancel();
-    while tasks.join_next().await.is_some() {}
-    store.close().await;
-    served.map_err(ServeError::Http)
+/// The control plane's background tasks, and what the API reads of them.
+struct Background {
+    tasks: tokio::task::JoinSet<()>,
+    workers: WorkerTable,
+    live_logs: LiveLogs,
 }
 
 /// The status counts (`trainyard_jobs_by_status`) read every row of the job store, so they wait

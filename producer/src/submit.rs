@@ -143,9 +143,11 @@ impl JobWatch {
         )
         .await
         .map_err(CommonError::amqp("bind the watch queue to events"))?;
-        ch.queue_bind(qname.clone(), topology.dead_exchange().into(), job_type.into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .map_err(CommonError::amqp("bind the watch queue to dead letters"))?;
+        for key in trainyard_common::topology::dead_letter_keys(job_type) {
+            ch.queue_bind(qname.clone(), topology.dead_exchange().into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+                .await
+                .map_err(CommonError::amqp("bind the watch queue to dead letters"))?;
+        }
         let consumer = ch
             .basic_consume(qname, "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await

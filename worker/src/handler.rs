@@ -30,6 +30,11 @@ impl JobError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Permanent, message: message.into() }
     }
+    /// The handler panicked: permanent (a panic is a bug, not bad luck), with its message.
+    pub fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
+        let what = payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+        Self::permanent(format!("the handler panicked: {}", what.unwrap_or("(no message)")))
+    }
     /// The attempt ran past its time limit.
     pub fn timeout(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Timeout, message: message.into() }

@@ -73,17 +73,7 @@ pub fn build_params(file: Option<&PathBuf>, pairs: &[String]) -> anyhow::Result<
 }
 
 pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let params = build_params(args.params_file.as_ref(), &args.params)?;
-    let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-    let mut spec = JobSpec::new(&args.job_type, &args.bot, params, Trigger { kind: TriggerKind::Manual, source: who });
-    spec.max_attempts = args.max_attempts;
-    spec.timeout_s = args.timeout_s;
-    spec.priority = args.priority;
-    spec.coalesce_key = if args.coalesce { Some(spec.bot_coalesce_key()) } else { args.coalesce_key.clone() };
-    if let Some(key) = &args.idempotency_key {
-        spec.set_idempotency_key(key).map_err(|e| anyhow::anyhow!("--idempotency-key: {e}"))?;
-    }
-    spec.validate()?;
+    let spec = job_spec(&args)?;
     let submitter = Submitter::new(url, topology)?;
     // Subscribe before publishing so no event is missed.
     let mut watch = if args.wait { Some(submitter.watch(&spec).await?) } else { None };
@@ -113,19 +103,39 @@ pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Res
             None => {}
         })
         .await;
-    let final_event = match outcome {
-        Ok(ev) => ev,
+    match outcome {
+        Ok(final_event) => print_final(&spec, &final_event, args.json),
         Err(e @ trainyard::submit::WaitError::Timeout(_)) => {
             if args.json {
                 println!("{}", serde_json::json!({"job_id": spec.job_id, "status": "unknown", "error": e.to_string()}));
             } else {
                 eprintln!("error: job {}: {e}", spec.job_id);
             }
-            return Ok(ExitCode::from(3));
+            Ok(ExitCode::from(3))
         }
-        Err(e) => return Err(e.into()),
-    };
-    if args.json {
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The job `trainyard submit` publishes: a manual trigger by `$USER`, checked before it goes.
+fn job_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
+    let params = build_params(args.params_file.as_ref(), &args.params)?;
+    let who = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let mut spec = JobSpec::new(&args.job_type, &args.bot, params, Trigger { kind: TriggerKind::Manual, source: who });
+    spec.max_attempts = args.max_attempts;
+    spec.timeout_s = args.timeout_s;
+    spec.priority = args.priority;
+    spec.coalesce_key = if args.coalesce { Some(spec.bot_coalesce_key()) } else { args.coalesce_key.clone() };
+    if let Some(key) = &args.idempotency_key {
+        spec.set_idempotency_key(key).map_err(|e| anyhow::anyhow!("--idempotency-key: {e}"))?;
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Prints a waited-for job's final event; exit code 0 when it succeeded, 1 otherwise.
+fn print_final(spec: &JobSpec, final_event: &trainyard_common::JobEvent, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
         let mut out = serde_json::json!({
             "job_id": spec.job_id, "job_type": spec.job_type, "bot": spec.bot,
             "status": final_event.status, "attempts": final_event.attempt,

@@ -14,8 +14,9 @@ pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
 ///
 /// A worker's dead letter carries `x-trainyard-dead-reason`/`-kind`; one the
 /// broker dead-lettered by itself at the delivery limit has only `x-death`.
-/// Kinds `transient` and `timeout` mean the attempts were used up: status
-/// `failed`; anything else is `dead`.
+/// The status is the worker's `x-trainyard-dead-status` when it set one; otherwise kinds
+/// `transient` and `timeout` mean the attempts were used up: status `failed`; anything
+/// else is `dead`.
 ///
 /// Hostile letters are listed as received: a job id that is not a UUID is kept (the
 /// store escapes what it cannot hold) but the letter's id is then a hash of the body
@@ -68,11 +69,18 @@ pub fn dead_letter(
         at: chrono::Utc::now(),
         replayed_at: None,
     };
+    let worker_status = headers::string(hdrs, headers::DEAD_STATUS);
     let event = real_id.map(|job_id| {
-        let (status, error_kind) = match kind.as_str() {
+        let (by_kind, error_kind) = match kind.as_str() {
             "transient" => (JobStatus::Failed, ErrorKind::Transient),
             "timeout" => (JobStatus::Failed, ErrorKind::Timeout),
             _ => (JobStatus::Dead, ErrorKind::Permanent),
+        };
+        // The worker's word when it gave one (a permanent error can end a job `failed`).
+        let status = match worker_status.as_deref() {
+            Some("failed") => JobStatus::Failed,
+            Some("dead") => JobStatus::Dead,
+            _ => by_kind,
         };
         JobEvent {
             version: Default::default(),
@@ -92,4 +100,34 @@ pub fn dead_letter(
         }
     });
     (letter, event)
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::FieldTable;
+    use trainyard_common::{codec, headers, JobSpec, JobStatus, Trigger};
+
+    use super::dead_letter;
+
+    fn letter(kind: &str, status: Option<&str>) -> JobStatus {
+        let spec = JobSpec::new("noop", "bot", serde_json::json!({}), Trigger::manual("tests"));
+        let mut h = FieldTable::default();
+        headers::set_str(&mut h, headers::DEAD_REASON, "why");
+        headers::set_str(&mut h, headers::DEAD_KIND, kind);
+        if let Some(status) = status {
+            headers::set_str(&mut h, headers::DEAD_STATUS, status);
+        }
+        let (_, event) = dead_letter(Some(codec::JSON), Some(&h), "noop", &codec::to_json(&spec).unwrap());
+        event.expect("a real job's letter records its final event").status
+    }
+
+    #[test]
+    fn the_status_is_the_workers_when_it_gave_one_else_it_follows_the_kind() {
+        assert_eq!(letter("permanent", Some("failed")), JobStatus::Failed, "a job refused for a setting");
+        assert_eq!(letter("permanent", Some("dead")), JobStatus::Dead);
+        assert_eq!(letter("permanent", None), JobStatus::Dead, "a letter of an older worker");
+        assert_eq!(letter("transient", None), JobStatus::Failed);
+        assert_eq!(letter("timeout", None), JobStatus::Failed);
+        assert_eq!(letter("permanent", Some("nonsense")), JobStatus::Dead);
+    }
 }

@@ -52,22 +52,12 @@ impl Store {
         let rows = fresh::rows(events);
         let created = self.create_rows(tx, &rows).await?;
         let ids: Vec<&str> = rows.keys().copied().filter(|id| !created.contains(id)).collect();
-        // job_id → (run, run_since, when the job was submitted as far as the row knows)
         let mut state = self.read_runs(tx, &ids).await?;
         for &id in &created {
             let row = &rows[id];
             state.insert(id.to_string(), (row.run, row.run_since, row.created_at));
         }
-        // The run each event belongs to: the one it carries (a replay sets it in the job message).
-        // Events of releases before runs were carried are filed by time, as those releases did.
-        let event_runs: Vec<i64> = events
-            .iter()
-            .map(|e| match e.run {
-                Some(run) => i64::from(run),
-                None if created.contains(e.job_id.as_str()) => fresh::run_of(e),
-                None => legacy_run(state[e.job_id.as_str()], e.at),
-            })
-            .collect();
+        let event_runs = event_runs(events, &created, &state);
         self.advance_runs(tx, events, &event_runs, &mut state).await?;
         // A job created by this batch has no stored events; the others' are read once, for
         // both what is new and their projection.
@@ -86,36 +76,9 @@ impl Store {
             }
         }
         // Other jobs with new events of their current run: store the spec, project the row.
-        let mut touched: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        let mut specs = Vec::new();
-        for (i, e) in events.iter().enumerate().filter(|(i, e)| out[*i].new && !created.contains(e.job_id.as_str())) {
-            if event_runs[i] == state[e.job_id.as_str()].0 {
-                touched.entry(e.job_id.as_str()).or_default().push(i);
-            }
-            if let Some(spec) = &e.spec {
-                specs.push((e.job_id.as_str(), spec));
-            }
-        }
+        let (touched, specs) = touched_jobs(events, &event_runs, &state, &created, &out);
         self.update_specs(tx, &specs).await?;
-        let mut projections = Vec::with_capacity(touched.len());
-        for (&job_id, new_events) in &touched {
-            let run = state[job_id].0;
-            let mut run_events = Vec::new();
-            for s in stored.get(job_id).into_iter().flatten().filter(|s| s.run == run) {
-                run_events.push(types::from_json::<JobEvent>("event", &s.body)?);
-            }
-            run_events.extend(new_events.iter().map(|&i| events[i].clone()));
-            run_events.sort_by_key(|e| e.seq);
-            // A job's duration starts at its submission: the `queued` event's spec, else the row.
-            let since =
-                run_events.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(state[job_id].2));
-            for &i in new_events.iter().filter(|&&i| events[i].status.is_terminal()) {
-                out[i].since = Some(since);
-            }
-            if let Some(p) = projection::project(&run_events) {
-                projections.push((job_id, p));
-            }
-        }
+        let projections = project_touched(events, &touched, &state, &stored, &mut out)?;
         self.update_projections(tx, &projections).await?;
         Ok(out)
     }
@@ -123,7 +86,7 @@ impl Store {
     /// The run, run start and submission time of each job of `ids` that has a row, locked
     /// until the transaction ends on PostgreSQL (in `job_id` order, so concurrent recorders
     /// cannot deadlock).
-    async fn read_runs(&self, tx: &mut sqlx::AnyConnection, ids: &[&str]) -> Result<HashMap<String, (i64, i64, i64)>, StoreError> {
+    async fn read_runs(&self, tx: &mut sqlx::AnyConnection, ids: &[&str]) -> Result<RunState, StoreError> {
         let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
         let sql = format!(
             "SELECT job_id, run, run_since, COALESCE(submitted_at, created_at) FROM jobs WHERE job_id IN ({{}}) ORDER BY job_id{lock}"
@@ -237,7 +200,7 @@ impl Store {
         conn: &mut sqlx::AnyConnection,
         events: &[JobEvent],
         event_runs: &[i64],
-        state: &mut HashMap<String, (i64, i64, i64)>,
+        state: &mut RunState,
     ) -> Result<(), StoreError> {
         // job_id → (newest run, when its first event in this batch happened)
         let mut newest: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
@@ -335,6 +298,77 @@ fn new_events(events: &[JobEvent], runs: &[i64], stored: &HashMap<String, Vec<St
     let mut unique: Vec<((&str, i64, u64), usize)> = keyed.into_iter().collect();
     unique.sort_unstable();
     unique.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Job id → (run, run start, when the job was submitted as far as its row knows).
+type RunState = HashMap<String, (i64, i64, i64)>;
+
+/// The run each event belongs to: the one it carries (a replay sets it in the job message).
+/// Events of releases before runs were carried are filed by time, as those releases did.
+fn event_runs(events: &[JobEvent], created: &HashSet<&str>, state: &RunState) -> Vec<i64> {
+    events
+        .iter()
+        .map(|e| match e.run {
+            Some(run) => i64::from(run),
+            None if created.contains(e.job_id.as_str()) => fresh::run_of(e),
+            None => legacy_run(state[e.job_id.as_str()], e.at),
+        })
+        .collect()
+}
+
+/// Job id → the indexes of its new events of its current run.
+type Touched<'a> = BTreeMap<&'a str, Vec<usize>>;
+
+/// Of the jobs that had a row before the batch: those with new events of their current run,
+/// and the specs the new events carry.
+fn touched_jobs<'a>(
+    events: &'a [JobEvent],
+    runs: &[i64],
+    state: &RunState,
+    created: &HashSet<&str>,
+    out: &[Recorded],
+) -> (Touched<'a>, Vec<(&'a str, &'a JobSpec)>) {
+    let mut touched = Touched::new();
+    let mut specs = Vec::new();
+    for (i, e) in events.iter().enumerate().filter(|(i, e)| out[*i].new && !created.contains(e.job_id.as_str())) {
+        if runs[i] == state[e.job_id.as_str()].0 {
+            touched.entry(e.job_id.as_str()).or_default().push(i);
+        }
+        if let Some(spec) = &e.spec {
+            specs.push((e.job_id.as_str(), spec));
+        }
+    }
+    (touched, specs)
+}
+
+/// The projection of each touched job's current run from its stored and new events; sets the
+/// duration's start of each new terminal event.
+fn project_touched<'a>(
+    events: &[JobEvent],
+    touched: &Touched<'a>,
+    state: &RunState,
+    stored: &HashMap<String, Vec<StoredEvent>>,
+    out: &mut [Recorded],
+) -> Result<Vec<(&'a str, Projection)>, StoreError> {
+    let mut projections = Vec::with_capacity(touched.len());
+    for (&job_id, new_events) in touched {
+        let run = state[job_id].0;
+        let mut run_events = Vec::new();
+        for s in stored.get(job_id).into_iter().flatten().filter(|s| s.run == run) {
+            run_events.push(types::from_json::<JobEvent>("event", &s.body)?);
+        }
+        run_events.extend(new_events.iter().map(|&i| events[i].clone()));
+        run_events.sort_by_key(|e| e.seq);
+        // A job's duration starts at its submission: the `queued` event's spec, else the row.
+        let since = run_events.iter().find_map(|e| e.spec.as_ref().map(|s| s.submitted_at)).unwrap_or_else(|| from_micros(state[job_id].2));
+        for &i in new_events.iter().filter(|&&i| events[i].status.is_terminal()) {
+            out[i].since = Some(since);
+        }
+        if let Some(p) = projection::project(&run_events) {
+            projections.push((job_id, p));
+        }
+    }
+    Ok(projections)
 }
 
 /// The run of an event that carries none (written before runs were carried): the row's

@@ -31,6 +31,10 @@ struct FlakyStore {
     lose_an_outcome_reply: AtomicBool,
     /// The next write of an outcome record answers that one exists, and writes nothing.
     claim_an_outcome: AtomicBool,
+    /// The next listing of a job's prefix answers 2 s late, with what was there when it was asked.
+    slow_job_listing: AtomicBool,
+    /// Listings answered late whose answer is already taken.
+    listings_taken: Arc<AtomicU64>,
 }
 
 impl fmt::Display for FlakyStore {
@@ -83,10 +87,22 @@ impl ObjectStore for FlakyStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        match self.check() {
-            Ok(()) => self.inner.list(prefix),
-            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        if let Err(e) = self.check() {
+            return futures::stream::once(async move { Err(e) }).boxed();
         }
+        let of_a_job = prefix.is_some_and(|p| p.as_ref().starts_with("jobs/"));
+        if of_a_job && self.slow_job_listing.swap(false, Ordering::SeqCst) {
+            let (listing, taken) = (self.inner.list(prefix), self.listings_taken.clone());
+            return futures::stream::once(async move {
+                let items: Vec<_> = listing.collect().await;
+                taken.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                futures::stream::iter(items)
+            })
+            .flatten()
+            .boxed();
+        }
+        self.inner.list(prefix)
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
@@ -282,7 +298,7 @@ async fn a_store_outage_past_the_consumer_timeout_requeues_the_delivery_and_keep
     });
     let sub = env.submitter();
     let mut spec = env.spec("noop", json!({}));
-    spec.timeout_s = 2; // within the consumer timeout, or the worker refuses it
+    spec.timeout_s = 1; // within what the consumer timeout leaves (1.7 s), or the worker refuses it
     let mut watch = sub.watch(&spec).await.unwrap();
     sub.submit(&spec).await.unwrap();
     // Past the deadline (2.7 s after the delivery) at least once: the look-up gave up and requeued.
@@ -298,6 +314,40 @@ async fn a_store_outage_past_the_consumer_timeout_requeues_the_delivery_and_keep
     assert!(redelivery.is_some_and(|r| r >= 1), "it ran as a redelivery (requeued, not held): {:?}", started[0].progress);
     assert_eq!(reconnects(&metrics), Some(0.0), "the worker's broker session was never lost");
     assert!(env.drain(&env.topo.dead_queue("noop")).await.is_empty(), "nothing dead-lettered");
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// A cancel request that arrives after the worker looked for the job's cancel marker and found
+/// none, but before the job started, is still heard: the job ends cancelled and never runs.
+/// (The marker is written, then the request published, as `trainyard jobs cancel` does.)
+#[tokio::test]
+async fn a_cancel_arriving_between_the_marker_look_up_and_the_start_is_heard() {
+    use trainyard_common::{artifacts::keys, codec, control::CancelRequest};
+    let env = Env::new(&["noop"]).await;
+    let flaky = Arc::new(FlakyStore::default());
+    flaky.slow_job_listing.store(true, Ordering::SeqCst);
+    let store = ArtifactStore::from_object_store(flaky.clone());
+    let w = env.spawn_worker(&["noop"], |cfg| cfg.artifacts = store.clone());
+    let spec = env.spec("noop", json!({}));
+    let sub = env.submitter();
+    let mut watch = sub.watch(&spec).await.unwrap();
+    sub.submit(&spec).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while flaky.listings_taken.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the worker never looked for the job's records");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let req = CancelRequest { job_id: spec.job_id.clone(), by: "tests".into(), reason: "changed my mind".into() };
+    store.put_json(&keys::cancel_marker(&spec.job_id), &req).await.unwrap();
+    let props = lapin::BasicProperties::default().with_content_type(codec::JSON.into());
+    trainyard_common::amqp::publish_confirmed(&env.ch, &env.topo.control_exchange(), "", &codec::to_json(&req).unwrap(), props, false)
+        .await
+        .unwrap();
+    let events = collect_until_terminal(&mut watch, Duration::from_secs(30)).await;
+    let statuses: Vec<JobStatus> = events.iter().map(|e| e.status).collect();
+    assert_eq!(statuses, vec![JobStatus::Queued, JobStatus::Cancelled], "cancelled before it started, never run");
+    assert!(store.get(&keys::outcome(&spec.job_id)).await.unwrap().is_none(), "no outcome recorded");
     w.stop().await;
     env.cleanup().await;
 }

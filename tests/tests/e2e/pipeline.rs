@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::{types::FieldTable, BasicProperties};
 use serde_json::json;
-use trainyard_common::{artifacts::keys, codec, control::CancelRequest, headers, ErrorKind, JobStatus};
+use trainyard_common::{artifacts::keys, codec, control::CancelRequest, headers, job::Priority, ErrorKind, JobStatus};
 
 use crate::support::{collect_until_terminal, wait_for, Env};
 
@@ -301,25 +301,104 @@ async fn a_job_past_its_timeout_is_stopped_and_fails_as_timeout() {
 async fn a_job_longer_than_the_consumer_timeout_ends_at_once_naming_the_setting() {
     let env = Env::new(&["noop"]).await;
     let w = env.spawn_worker(&["noop"], |cfg| cfg.consumer_timeout = Duration::from_secs(60));
-    // Past the broker's consumer timeout: refused before it starts, `failed` (not `dead`:
+    // Past what the broker's consumer timeout leaves room for: refused before it starts, `failed` (not `dead`:
     // the job is fine, a setting is not), not retried although attempts are left.
     let mut long = env.spec("noop", json!({"sleep_ms": 10}));
-    long.timeout_s = 61;
+    long.timeout_s = 52;
     long.max_attempts = 3;
     let t0 = std::time::Instant::now();
     let events = env.run_job(&long, T).await;
     assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Failed]);
     let error = events.last().unwrap().error.clone().unwrap();
     assert_eq!(error.kind, ErrorKind::Permanent);
-    assert!(error.message.contains("timeout_s 61") && error.message.contains("consumer timeout of 60s"), "{}", error.message);
+    assert!(error.message.contains("timeout_s 52 exceeds 51s") && error.message.contains("consumer timeout of 60s"), "{}", error.message);
     assert!(error.message.contains("TRAINYARD_CONSUMER_TIMEOUT_S") && error.message.contains("--consumer-timeout-s"), "{}", error.message);
     assert!(t0.elapsed() < Duration::from_secs(10));
-    let dead = env.drain(&env.topo.dead_queue("noop")).await;
-    assert_eq!(dead.len(), 1, "dead-lettered once, never retried");
-    // At the limit it runs.
+    let get = || env.ch.basic_get(env.topo.dead_queue("noop").as_str().into(), lapin::options::BasicGetOptions { no_ack: true });
+    let letter = get().await.unwrap().expect("dead-lettered");
+    let d = &letter.delivery;
+    let ct = d.properties.content_type().as_ref().map(|s| s.as_str());
+    let (_, recorded) = trainyard::recorder::dead_letter(ct, d.properties.headers().as_ref(), d.routing_key.as_str(), &d.data);
+    assert_eq!(recorded.map(|e| e.status), Some(JobStatus::Failed), "the job store records `failed` too, not `dead`");
+    assert!(get().await.unwrap().is_none(), "dead-lettered once, never retried");
+    // A tenth of the consumer timeout is kept for ending a job, and 3 s for waiting for a
+    // slot: up to 51 s it runs.
     let mut fits = env.spec("noop", json!({"sleep_ms": 10}));
-    fits.timeout_s = 60;
+    fits.timeout_s = 51;
     assert_eq!(env.run_job(&fits, T).await.last().unwrap().status, JobStatus::Succeeded);
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// The broker's consumer timeout runs from a delivery's arrival: a delivery held while the
+/// worker's slot is busy, which could no longer run to its timeout before that, is handed
+/// back as a fresh copy (and runs once, later), so the broker never closes the channel under
+/// the job that is running. Consumer timeout 60 s (6 s kept): a job of `timeout_s` 50 fits
+/// until it has waited 4 s, and the one ahead of it takes 6.
+#[tokio::test]
+async fn a_delivery_that_waited_too_long_for_a_slot_is_handed_back_and_runs_once() {
+    let env = Env::new(&["noop"]).await;
+    let metrics = prometheus::Registry::new();
+    let w = env.spawn_worker_with_metrics(&["noop"], &metrics, |cfg| {
+        cfg.consumer_timeout = Duration::from_secs(60);
+        cfg.concurrency = 1;
+    });
+    let sub = env.submitter();
+    let mut ahead = env.spec("noop", json!({"sleep_ms": 6_000}));
+    ahead.timeout_s = 50;
+    let mut waiting = env.spec("noop", json!({"sleep_ms": 10}));
+    (waiting.timeout_s, waiting.priority) = (50, Priority::Low);
+    let mut watch_ahead = sub.watch(&ahead).await.unwrap();
+    let mut watch_waiting = sub.watch(&waiting).await.unwrap();
+    sub.submit(&ahead).await.unwrap();
+    wait_for(&mut watch_ahead, JobStatus::Started, T).await;
+    sub.submit(&waiting).await.unwrap();
+    assert_eq!(collect_until_terminal(&mut watch_ahead, T).await.last().unwrap().status, JobStatus::Succeeded);
+    let events = collect_until_terminal(&mut watch_waiting, T).await;
+    assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Started, JobStatus::Succeeded], "run once: {events:?}");
+    assert!(events[1..].iter().all(|e| e.attempt == 1), "handing back spends no attempt: {events:?}");
+    let released = metrics
+        .gather()
+        .iter()
+        .find(|m| m.name() == trainyard_common::metrics::DELIVERIES_RELEASED_TOTAL)
+        .map(|m| m.get_metric()[0].get_counter().get_value());
+    assert!(released.is_some_and(|n| n >= 1.0), "the waiting delivery was handed back: {released:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for queue in env.topo.tier_queues("noop") {
+        assert_eq!(env.ready(&queue).await, 0, "no copy left behind in {queue}");
+    }
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// A handler that panics, in `validate` or in `run`, ends its job `dead` naming the panic,
+/// acked; the worker goes on, and its one slot runs the next job.
+#[tokio::test]
+async fn a_panicking_handler_ends_its_job_dead_and_the_worker_goes_on() {
+    use trainyard_worker::handler::{JobContext, JobError, JobHandler, Registry};
+    struct Panics;
+    #[async_trait::async_trait]
+    impl JobHandler for Panics {
+        fn validate(&self, params: &serde_json::Value) -> Result<(), JobError> {
+            assert!(params.get("in_validate").is_none(), "validate exploded");
+            Ok(())
+        }
+        async fn run(&self, ctx: JobContext) -> Result<serde_json::Value, JobError> {
+            assert!(ctx.spec.params.get("in_run").is_none(), "run exploded");
+            Ok(json!({}))
+        }
+    }
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker_serving(Registry::new().register("noop", Panics), &prometheus::Registry::new(), |cfg| cfg.concurrency = 1);
+    for (params, says) in [(json!({"in_run": true}), "run exploded"), (json!({"in_validate": true}), "validate exploded")] {
+        let events = env.run_job(&env.spec("noop", params), T).await;
+        let last = events.last().unwrap();
+        assert_eq!(last.status, JobStatus::Dead, "{says}: {events:?}");
+        let message = &last.error.as_ref().unwrap().message;
+        assert!(message.contains("the handler panicked") && message.contains(says), "{message}");
+    }
+    assert_eq!(env.run_job(&env.spec("noop", json!({})), T).await.last().unwrap().status, JobStatus::Succeeded, "the slot is free");
+    assert_eq!(env.drain(&env.topo.dead_queue("noop")).await.len(), 2, "both dead-lettered, where a person can replay them");
     w.stop().await;
     env.cleanup().await;
 }
@@ -398,10 +477,20 @@ async fn a_busy_worker_does_not_hold_a_second_job() {
 /// watcher sees it as `dead`.
 #[tokio::test]
 async fn the_broker_dead_letters_a_crash_looping_job_at_the_delivery_limit() {
+    let env = Env::new(&["noop"]).await;
+    // Every tier: the broker dead-letters with the tier queue's routing key, and the letter
+    // must still reach the type's dead-letter queue, where `dlq replay` reads it.
+    for priority in Priority::ALL {
+        crash_loop(&env, priority).await;
+    }
+    env.cleanup().await;
+}
+
+async fn crash_loop(env: &Env, priority: Priority) {
     use futures::StreamExt;
     use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-    let env = Env::new(&["noop"]).await;
-    let spec = env.spec("noop", json!({}));
+    let mut spec = env.spec("noop", json!({}));
+    spec.priority = priority;
     let mut watch = env.watch(&spec).await;
     env.submitter().submit(&spec).await.unwrap();
     // A "worker" that dies on every delivery: each return counts toward the limit.
@@ -409,7 +498,7 @@ async fn the_broker_dead_letters_a_crash_looping_job_at_the_delivery_limit() {
     ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
     let mut consumer = ch
         .basic_consume(
-            env.topo.jobs_queue("noop").as_str().into(),
+            env.topo.tier_queue("noop", priority).as_str().into(),
             "crash-loop".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -420,16 +509,16 @@ async fn the_broker_dead_letters_a_crash_looping_job_at_the_delivery_limit() {
     while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
         d.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
         returns += 1;
-        assert!(returns <= trainyard_common::topology::DELIVERY_LIMIT + 1, "never stops looping");
+        assert!(returns <= trainyard_common::topology::DELIVERY_LIMIT + 1, "{priority}: never stops looping");
     }
-    assert_eq!(returns, trainyard_common::topology::DELIVERY_LIMIT + 1);
+    assert_eq!(returns, trainyard_common::topology::DELIVERY_LIMIT + 1, "{priority}");
+    let _ = ch.close(200, "done".into()).await;
     let events = collect_until_terminal(&mut watch, T).await;
     let last = events.last().unwrap();
-    assert_eq!(last.status, JobStatus::Dead);
-    assert!(last.error.as_ref().unwrap().message.contains("delivery limit"), "{last:?}");
+    assert_eq!(last.status, JobStatus::Dead, "{priority}");
+    assert!(last.error.as_ref().unwrap().message.contains("delivery limit"), "{priority}: {last:?}");
     let dead = env.drain(&env.topo.dead_queue("noop")).await;
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.len(), 1, "{priority}: the letter is in the type's dead-letter queue");
     assert_eq!(codec::decode_job(None, &dead[0].0, 1 << 20).unwrap().job_id, spec.job_id);
-    assert_eq!(env.drain(&env.topo.dead_recorder_queue()).await.len(), 1);
-    env.cleanup().await;
+    assert_eq!(env.drain(&env.topo.dead_recorder_queue()).await.len(), 1, "{priority}");
 }

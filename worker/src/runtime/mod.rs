@@ -147,25 +147,24 @@ pub(crate) struct Cancels {
 }
 
 impl Cancels {
-    fn register(&self, job_id: &str, token: CancellationToken) -> Arc<AtomicBool> {
+    /// Registers `job_id` from before its outcome record and cancel marker are looked up, so
+    /// that a cancel request arriving after that look-up is still heard: the job then ends
+    /// cancelled before it starts, or its handler sees the token fired. Unregistered when the
+    /// returned handle is dropped.
+    pub(crate) fn register(&self, job_id: &str, token: CancellationToken) -> Registration<'_> {
         let flag = Arc::new(AtomicBool::new(false));
         if let Ok(mut r) = self.running.lock() {
-            r.insert(job_id.to_string(), (token, flag.clone()));
+            r.insert(job_id.to_string(), (token.clone(), flag.clone()));
         }
-        flag
+        Registration { cancels: self, job_id: job_id.to_string(), token, flag }
     }
-    /// Ids of the running jobs, sorted.
+    /// Ids of the jobs registered (running or about to start), sorted.
     pub(crate) fn running_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.running.lock().map(|r| r.keys().cloned().collect()).unwrap_or_default();
         ids.sort();
         ids
     }
-    fn unregister(&self, job_id: &str) {
-        if let Ok(mut r) = self.running.lock() {
-            r.remove(job_id);
-        }
-    }
-    /// Cancels a running job; `false` when it does not run here.
+    /// Cancels a registered job; `false` when it does not run here.
     pub(crate) fn cancel(&self, job_id: &str) -> bool {
         match self.running.lock().ok().and_then(|r| r.get(job_id).cloned()) {
             Some((token, flag)) => {
@@ -174,6 +173,33 @@ impl Cancels {
                 true
             }
             None => false,
+        }
+    }
+}
+
+/// A job's cancel handle while this worker holds its delivery ([`Cancels::register`]).
+pub(crate) struct Registration<'a> {
+    cancels: &'a Cancels,
+    job_id: String,
+    /// Fired by a cancel request (and by the session's stop).
+    pub(crate) token: CancellationToken,
+    flag: Arc<AtomicBool>,
+}
+
+impl Registration<'_> {
+    /// Whether a cancel request for the job arrived.
+    pub(crate) fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        // Only its own entry: a second delivery of the job may have registered since.
+        if let Ok(mut r) = self.cancels.running.lock() {
+            if r.get(&self.job_id).is_some_and(|(_, flag)| Arc::ptr_eq(flag, &self.flag)) {
+                r.remove(&self.job_id);
+            }
         }
     }
 }

@@ -23,11 +23,13 @@ use trainyard_common::{
     JobSpec, JobStatus,
 };
 
-use super::{disposition::Disposition, joblog::JobLogs, running, session::SessionCtx, store_retry::StoreRetry, Shared};
+use super::{
+    disposition::Disposition, joblog::JobLogs, running, session::SessionCtx, store_retry::StoreRetry, tiers::Waiting, Registration, Shared,
+};
 use crate::handler::{JobContext, JobError, JobHandler, Progress};
 
 mod finish;
-use finish::{ack, dead_unreadable, finish_as, finish_failed, finish_succeeded, poison, read_outcome, requeue, Recorded};
+use finish::{ack, dead_unreadable, finish_as, finish_failed, finish_succeeded, hand_back, poison, read_outcome, requeue, Recorded};
 
 /// What a job's outcome record ([`keys::outcome`]) holds: the `succeeded` event, republished
 /// as is when a finished job is delivered again.
@@ -73,16 +75,27 @@ impl Attempt {
 /// Handles one delivery from the queue of `job_type`. Never panics the worker:
 /// whatever the bytes, the delivery ends acked with a durable outcome, or
 /// unacked for the broker to redeliver when the session is lost.
-pub(crate) async fn handle(delivery: Delivery, job_type: String, shared: Arc<Shared>, sctx: SessionCtx) {
-    let tag = delivery.delivery_tag;
-    sctx.held.hold(&job_type, &delivery);
-    settle(&delivery, &job_type, &shared, &sctx).await;
-    sctx.held.release(&job_type, tag);
+pub(crate) async fn handle(waiting: Waiting, job_type: String, shared: Arc<Shared>, sctx: SessionCtx) {
+    let Waiting { delivery, arrived, .. } = waiting;
+    settle(&delivery, arrived, &job_type, &shared, &sctx).await;
+    sctx.held.release(&job_type, delivery.delivery_tag);
+}
+
+/// Hands a delivery that waited for a slot too long back to its queue as a fresh copy
+/// ([`fits`]); on failure the session ends and the broker redelivers it.
+pub(crate) async fn release(waiting: Waiting, job_type: &str, shared: &Shared, sctx: &SessionCtx) {
+    let Waiting { delivery, arrived, priority } = waiting;
+    let key = trainyard_common::topology::jobs_routing_key(job_type, priority);
+    if let Err(e) = hand_back(&delivery, arrived, &key, job_type, shared, sctx).await {
+        tracing::warn!(job_type = %job_type, error = %e, "could not hand a waiting delivery back; ending the session");
+        sctx.lost.cancel();
+    }
+    sctx.held.release(job_type, delivery.delivery_tag);
 }
 
 /// Handles a delivery to the end: acked, requeued, or left for the broker with a lost session.
-async fn settle(delivery: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: &SessionCtx) {
-    match handle_inner(delivery, job_type, shared, sctx).await {
+async fn settle(delivery: &Delivery, arrived: tokio::time::Instant, job_type: &str, shared: &Arc<Shared>, sctx: &SessionCtx) {
+    match handle_inner(delivery, arrived, job_type, shared, sctx).await {
         Ok(()) => {}
         // The store failed past its retries (shutdown, or the consumer timeout near): this
         // delivery alone goes back to the queue; the session and the other jobs go on.
@@ -104,8 +117,13 @@ async fn settle(delivery: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx:
     }
 }
 
-async fn handle_inner(d: &Delivery, job_type: &str, shared: &Arc<Shared>, sctx: &SessionCtx) -> Result<(), CommonError> {
-    let received = tokio::time::Instant::now();
+async fn handle_inner(
+    d: &Delivery,
+    received: tokio::time::Instant,
+    job_type: &str,
+    shared: &Arc<Shared>,
+    sctx: &SessionCtx,
+) -> Result<(), CommonError> {
     let hdrs = d.properties.headers().as_ref();
     let content_type = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
     let spec = match codec::decode_job(content_type.as_deref(), &d.data, shared.config.max_message_bytes) {
@@ -153,6 +171,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
     // A failing store is retried for this delivery alone (`store_retry`).
     let retry = at.store_retry(shared, sctx);
     let id = spec.job_id.as_str();
+    let cancel = shared.cancels.register(id, sctx.stop_jobs.child_token());
     let records = retry.run("look up the outcome record and a cancel marker", || store.job_records(id)).await?;
     let recorded = match &records.outcome {
         Some(key) => read_outcome(&retry, store, key).await?,
@@ -167,28 +186,40 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         Recorded::Unreadable(reason) => return dead_unreadable(d, at, shared, sctx, reason).await,
         Recorded::Absent => {}
     }
-    if records.cancel_marker {
+    if records.cancel_marker || cancel.requested() {
         return end_cancelled_before_start(d, at, shared, sctx, &retry).await;
     }
     let Some(handler) = shared.registry.get(&spec.job_type) else {
         return finish_failed(d, at, shared, sctx, JobError::permanent(format!("unknown job type {:?}", spec.job_type))).await;
     };
-    if let Err(e) = handler.validate(&spec.params) {
+    let valid = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.validate(&spec.params)));
+    if let Err(e) = valid.unwrap_or_else(|p| Err(JobError::panicked(&*p))) {
         return finish_failed(d, at, shared, sctx, JobError::permanent(e.message)).await;
     }
-    if let Some(message) = beyond_consumer_timeout(spec.timeout_s, shared.config.consumer_timeout) {
+    let consumer_timeout = shared.config.consumer_timeout;
+    if let Some(message) = beyond_consumer_timeout(spec.timeout_s, consumer_timeout) {
         // `failed` (a setting to change, not a malformed job), once, at once.
         return finish_as(d, at, shared, sctx, JobError::permanent(message), Disposition::Failed).await;
     }
-    execute(d, at, shared, sctx, handler.as_ref()).await
+    if !fits(at.received.elapsed(), spec.timeout_s, consumer_timeout) {
+        let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
+        return hand_back(d, at.received, &key, &spec.job_type, shared, sctx).await;
+    }
+    execute(d, at, shared, sctx, handler.as_ref(), cancel).await
 }
 
 /// Runs the job's handler and ends the attempt by its result: published, recorded, acked
 /// (or requeued when a shutdown or a lost session stopped it).
-async fn execute(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &SessionCtx, handler: &dyn JobHandler) -> Result<(), CommonError> {
+async fn execute(
+    d: &Delivery,
+    at: &Attempt,
+    shared: &Arc<Shared>,
+    sctx: &SessionCtx,
+    handler: &dyn JobHandler,
+    cancel: Registration<'_>,
+) -> Result<(), CommonError> {
     let spec = &at.spec;
-    let token = sctx.stop_jobs.child_token();
-    let user_cancel = shared.cancels.register(&spec.job_id, token.clone());
+    let token = cancel.token.clone();
     let (progress, progress_rx) = Progress::channel();
     let ctx = JobContext {
         spec: spec.clone(),
@@ -205,7 +236,7 @@ async fn execute(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Sessio
     if at.redelivery > 0 {
         started.progress = Some(serde_json::json!({"redelivery": at.redelivery}));
     }
-    publish_event(sctx, shared, &started).await.inspect_err(|_| shared.cancels.unregister(&spec.job_id))?;
+    publish_event(sctx, shared, &started).await?;
     tracing::info!(redelivery = at.redelivery, "job started");
     shared.job_started(&spec.job_type);
     let t0 = Instant::now();
@@ -216,11 +247,11 @@ async fn execute(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Sessio
     at.n.store(1 << 20, Ordering::SeqCst);
     let (mut result, timed_out) = running::run_with_timeout(handler, ctx, &token, spec.timeout_s).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
-    shared.cancels.unregister(&spec.job_id);
+    let cancelled_by_user = cancel.requested();
+    drop(cancel);
     shared.job_finished(&spec.job_type);
     let elapsed = t0.elapsed().as_secs_f64();
 
-    let cancelled_by_user = user_cancel.load(Ordering::SeqCst);
     if cancelled_by_user && result.is_err() {
         result = Err(JobError::cancelled("cancelled on request"));
     } else if result.is_err() && !timed_out && sctx.stop_jobs.is_cancelled() {
@@ -306,16 +337,60 @@ async fn save_log(shared: &Shared, at: &Attempt) {
     }
 }
 
+/// The part of the broker's consumer timeout a job's `timeout_s` may not use: what follows the
+/// timeout (the job unwinding, its outcome recorded and published, the ack) and a delivery's
+/// wait between two looks of the dispatcher ([`super::tiers::sweep_every`]).
+pub(crate) fn margin(consumer_timeout: Duration) -> Duration {
+    consumer_timeout / 10
+}
+
+/// Whether a job of `timeout_s` whose delivery arrived `waited` ago can still run to its
+/// timeout and end before the broker's consumer timeout closes the channel.
+pub(crate) fn fits(waited: Duration, timeout_s: u64, consumer_timeout: Duration) -> bool {
+    waited.saturating_add(Duration::from_secs(timeout_s)).saturating_add(margin(consumer_timeout)) <= consumer_timeout
+}
+
+/// The longest `timeout_s` a worker runs under `consumer_timeout`: what is left once the
+/// [`margin`] is kept, and a wait for a slot of up to one sweep of the dispatcher
+/// ([`super::tiers::sweep_every`]), so that a job started soon after its delivery fits.
+pub(crate) fn longest_timeout(consumer_timeout: Duration) -> Duration {
+    consumer_timeout.saturating_sub(margin(consumer_timeout)).saturating_sub(super::tiers::sweep_every(consumer_timeout))
+}
+
 /// Why a job of `timeout_s` cannot run under a broker that closes a channel whose delivery
 /// stays unacked for `consumer_timeout`: the broker would requeue it mid-run, again and
-/// again. `None` when it fits.
+/// again. `None` when it fits ([`longest_timeout`]).
 fn beyond_consumer_timeout(timeout_s: u64, consumer_timeout: Duration) -> Option<String> {
-    let limit = consumer_timeout.as_secs();
-    (timeout_s > limit).then(|| {
+    let (limit, most) = (consumer_timeout.as_secs(), longest_timeout(consumer_timeout).as_secs());
+    (timeout_s > most).then(|| {
         format!(
-            "timeout_s {timeout_s} exceeds the broker's consumer timeout of {limit}s, which would close the channel and requeue \
-             the job mid-run: lower the job's timeout_s, or raise the broker's consumer_timeout and this worker's \
+            "timeout_s {timeout_s} exceeds {most}s, the longest job the broker's consumer timeout of {limit}s leaves room for \
+             (a job may wait for a slot, and must end, before it): the broker would close the channel and requeue the job \
+             mid-run; lower the job's timeout_s, or raise the broker's consumer_timeout and this worker's \
              --consumer-timeout-s (TRAINYARD_CONSUMER_TIMEOUT_S) together"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{beyond_consumer_timeout, fits};
+
+    #[test]
+    fn a_job_fits_when_its_wait_its_timeout_and_a_tenth_of_the_consumer_timeout_do() {
+        let ct = Duration::from_secs(1800);
+        assert!(fits(Duration::ZERO, 1620, ct), "nine tenths, started at once");
+        assert!(!fits(Duration::ZERO, 1621, ct));
+        assert!(fits(Duration::from_secs(120), 1500, ct), "the default timeout after two minutes' wait");
+        assert!(!fits(Duration::from_secs(121), 1500, ct));
+        assert!(!fits(Duration::MAX, 0, ct), "no overflow");
+        // Refused: what would not fit after one sweep's wait (60 s here).
+        assert!(beyond_consumer_timeout(1560, ct).is_none() && fits(Duration::from_secs(60), 1560, ct));
+        let refused = beyond_consumer_timeout(1561, ct).expect("no room to wait for a slot");
+        assert!(refused.contains("timeout_s 1561 exceeds 1560s") && refused.contains("consumer timeout of 1800s"), "{refused}");
+        assert!(beyond_consumer_timeout(1800, ct).is_some(), "at the limit there is no time left to end the job");
+        assert_eq!(super::longest_timeout(Duration::from_secs(60)), Duration::from_secs(51), "a tenth and a 3-s sweep kept");
+    }
 }

@@ -3,6 +3,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures::FutureExt;
+
 use tokio_util::sync::CancellationToken;
 use trainyard_common::JobEvent;
 
@@ -39,14 +41,15 @@ pub(super) fn forward_progress(
 }
 
 /// Runs the handler until it returns or `timeout_s` passes; then fires `token` and gives
-/// it [`UNWIND`] to stop. The result, and whether it timed out.
+/// it [`UNWIND`] to stop. The result, and whether it timed out. A handler that panics has
+/// failed permanently ([`JobError::panicked`]): its job ends like any other, acked.
 pub(super) async fn run_with_timeout(
     handler: &dyn JobHandler,
     ctx: JobContext,
     token: &CancellationToken,
     timeout_s: u64,
 ) -> (Result<serde_json::Value, JobError>, bool) {
-    let run = handler.run(ctx);
+    let run = std::panic::AssertUnwindSafe(handler.run(ctx)).catch_unwind().map(|r| r.unwrap_or_else(|p| Err(JobError::panicked(&*p))));
     tokio::pin!(run);
     tokio::select! {
         r = &mut run => (r, false),

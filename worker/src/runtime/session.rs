@@ -64,15 +64,51 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     }
     let lost = CancellationToken::new();
     let stop_jobs = lost.child_token();
-    let stop_consuming = CancellationToken::new();
     let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone(), held: Held::default() };
     // Cancel requests are heard before the first job starts: a request published for a job
     // that started in between would find no queue bound and be dropped by the exchange.
     let control = start_control(&conn, &shared, &lost).await?;
     let jobs = TaskTracker::new();
-    let mut consumers = Vec::new();
-    let mut handles = Vec::new();
+    let consuming = start_consumers(&conn, &shared, &sctx, &jobs).await?;
+    shared.connected.store(true, Ordering::SeqCst);
+    tracing::info!(types = ?shared.registry.job_types(), concurrency = cfg.concurrency, "worker consuming");
 
+    let end = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        _ = lost.cancelled() => Some("a consumer, publish or ack failed".to_string()),
+    };
+    consuming.stop.cancel();
+    control.abort();
+    shared.connected.store(false, Ordering::SeqCst);
+
+    if let Some(why) = end {
+        // Lost: stop jobs at once; their deliveries return to the queue with the connection.
+        stop_jobs.cancel();
+        jobs.close();
+        let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session lost".into())).await;
+        return Ok(End::Lost(why));
+    }
+    shut_down(&shared, consuming, &jobs, &stop_jobs).await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, "trainyard: worker shutdown".into())).await;
+    tracing::info!("worker stopped");
+    Ok(End::Shutdown)
+}
+
+/// The job consumers of a session: one channel per job type, one consumer per priority tier.
+struct Consuming {
+    /// Every consumer, by channel and tag (to cancel them on shutdown).
+    consumers: Vec<(Channel, String)>,
+    /// The dispatch task of each job type.
+    dispatchers: Vec<tokio::task::JoinHandle<()>>,
+    /// Fired when no further delivery may start a job.
+    stop: CancellationToken,
+}
+
+/// Opens a channel per job type with the worker's prefetch and consumes its tier queues.
+async fn start_consumers(conn: &Connection, shared: &Arc<Shared>, sctx: &SessionCtx, jobs: &TaskTracker) -> Result<Consuming, CommonError> {
+    let cfg = &shared.config;
+    let mut consuming = Consuming { consumers: Vec::new(), dispatchers: Vec::new(), stop: CancellationToken::new() };
     for job_type in shared.registry.job_types() {
         let ch = conn.create_channel().await.map_err(CommonError::amqp("open a consumer channel"))?;
         ch.basic_qos(cfg.concurrency, BasicQosOptions { global: false })
@@ -86,51 +122,34 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
                 .await
                 .map_err(CommonError::amqp(format!("consume {queue}")))?;
             tier_consumers.push(consumer);
-            consumers.push((ch.clone(), tag));
+            consuming.consumers.push((ch.clone(), tag));
         }
         let ctx = tiers::Dispatch { job_type: job_type.clone(), shared: shared.clone(), sctx: sctx.clone(), jobs: jobs.clone() };
-        handles.push(tokio::spawn(tiers::run(tier_consumers, ctx, usize::from(cfg.concurrency), stop_consuming.clone())));
+        let limit = usize::from(cfg.concurrency);
+        consuming.dispatchers.push(tokio::spawn(tiers::run(tier_consumers, ctx, limit, consuming.stop.clone())));
     }
-    shared.connected.store(true, Ordering::SeqCst);
-    tracing::info!(types = ?shared.registry.job_types(), concurrency = cfg.concurrency, "worker consuming");
+    Ok(consuming)
+}
 
-    let end = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        _ = lost.cancelled() => Some("a consumer, publish or ack failed".to_string()),
-    };
-    stop_consuming.cancel();
-    control.abort();
-    shared.connected.store(false, Ordering::SeqCst);
-
-    if let Some(why) = end {
-        // Lost: stop jobs at once; their deliveries return to the queue with the connection.
-        stop_jobs.cancel();
-        jobs.close();
-        let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session lost".into())).await;
-        return Ok(End::Lost(why));
-    }
-
-    // Shutdown: no new deliveries, then the grace period for running jobs.
-    for (ch, tag) in &consumers {
+/// Shutdown: no new deliveries, then the grace period for running jobs, then the rest are
+/// stopped (they requeue themselves).
+async fn shut_down(shared: &Shared, consuming: Consuming, jobs: &TaskTracker, stop_jobs: &CancellationToken) {
+    for (ch, tag) in &consuming.consumers {
         let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     }
     jobs.close();
     let running = shared.running_count.load(Ordering::SeqCst);
     if running > 0 {
-        tracing::info!(running, grace_s = cfg.grace_period.as_secs_f64(), "shutting down: waiting for running jobs");
+        tracing::info!(running, grace_s = shared.config.grace_period.as_secs_f64(), "shutting down: waiting for running jobs");
     }
-    if tokio::time::timeout(cfg.grace_period, jobs.wait()).await.is_err() {
+    if tokio::time::timeout(shared.config.grace_period, jobs.wait()).await.is_err() {
         tracing::warn!("grace period over: stopping running jobs and requeueing them");
         stop_jobs.cancel();
         let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
     }
-    for handle in handles {
+    for handle in consuming.dispatchers {
         handle.abort();
     }
-    let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, "trainyard: worker shutdown".into())).await;
-    tracing::info!("worker stopped");
-    Ok(End::Shutdown)
 }
 
 /// Consumes cancel requests from the control exchange on an exclusive queue.

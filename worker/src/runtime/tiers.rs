@@ -7,15 +7,33 @@
 //! while every slot is busy, a high-tier job that arrives is held here and takes
 //! the next free slot, before any normal or low one. Quorum queues have neither
 //! message priorities nor a channel-wide prefetch, hence one consumer per tier.
+//!
+//! The broker's consumer timeout runs from a delivery's arrival, not from its job's start:
+//! a delivery held while the slots are busy is handed back as a fresh copy (see
+//! [`process::release`]) once it could no longer run its whole `timeout_s` before that
+//! timeout; the dispatcher looks for such deliveries every [`sweep_every`].
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::{
+    sync::{mpsc, Semaphore},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use trainyard_common::{codec, job::Priority};
 
 use super::{process, session::SessionCtx, Shared};
+
+/// A delivery received and not started yet.
+pub(crate) struct Waiting {
+    pub(crate) delivery: Delivery,
+    /// When it arrived: the broker's consumer timeout runs from then.
+    pub(crate) arrived: Instant,
+    /// Its tier.
+    pub(crate) priority: Priority,
+}
 
 /// What the dispatcher of one job type needs to start a job.
 pub(crate) struct Dispatch {
@@ -30,39 +48,70 @@ pub(crate) struct Dispatch {
 pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: usize, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut held = Held::new(consumers.len());
-    for (tier, consumer) in consumers.into_iter().enumerate() {
-        tokio::spawn(forward(consumer, tier, tx.clone(), ctx.job_type.clone(), ctx.sctx.clone(), stop.clone()));
+    for (priority, consumer) in Priority::ALL.into_iter().zip(consumers) {
+        tokio::spawn(forward(consumer, priority, tx.clone(), ctx.job_type.clone(), ctx.sctx.clone(), stop.clone()));
     }
     drop(tx);
     let permits = Arc::new(Semaphore::new(slots));
+    let mut sweep = tokio::time::interval(sweep_every(ctx.shared.config.consumer_timeout));
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = sweep.tick() => {
+                take_arrived(&mut rx, &mut held);
+                release_stale(&mut held, &ctx);
+                continue;
+            }
             _ = stop.cancelled() => return,
             _ = ctx.sctx.lost.cancelled() => return,
         };
-        while let Ok((tier, d)) = rx.try_recv() {
-            held.push(tier, d);
-        }
+        take_arrived(&mut rx, &mut held);
         if held.is_empty() {
             let next = tokio::select! {
                 d = rx.recv() => d,
                 _ = stop.cancelled() => return,
                 _ = ctx.sctx.lost.cancelled() => return,
             };
-            let Some((tier, d)) = next else { return };
-            held.push(tier, d);
+            let Some(waiting) = next else { return };
+            held.push(waiting);
             // Whatever else arrived meanwhile competes by tier.
-            while let Ok((tier, d)) = rx.try_recv() {
-                held.push(tier, d);
-            }
+            take_arrived(&mut rx, &mut held);
         }
-        let Some(delivery) = held.pop_highest() else { continue };
+        let Some(waiting) = held.pop_highest() else { continue };
         let (job_type, shared, sctx) = (ctx.job_type.clone(), ctx.shared.clone(), ctx.sctx.clone());
         ctx.jobs.spawn(async move {
-            process::handle(delivery, job_type, shared, sctx).await;
+            process::handle(waiting, job_type, shared, sctx).await;
             drop(permit);
         });
+    }
+}
+
+fn take_arrived(rx: &mut mpsc::UnboundedReceiver<Waiting>, held: &mut Held<Waiting>) {
+    while let Ok(waiting) = rx.try_recv() {
+        held.push(waiting);
+    }
+}
+
+/// How often the dispatcher looks for held deliveries that must be handed back: a twentieth
+/// of the consumer timeout (between 1 s and 60 s), well inside the margin
+/// [`process::fits`] keeps.
+pub(crate) fn sweep_every(consumer_timeout: Duration) -> Duration {
+    (consumer_timeout / 20).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Hands back each held delivery that could no longer run its whole `timeout_s` before the
+/// broker's consumer timeout (one that cannot be decoded counts as a job of no time: it is
+/// dead-lettered at once when it starts).
+fn release_stale(held: &mut Held<Waiting>, ctx: &Dispatch) {
+    let cfg = &ctx.shared.config;
+    let stale = held.take_where(|w| {
+        let ct = w.delivery.properties.content_type().as_ref().map(|s| s.as_str());
+        let timeout_s = codec::decode_job(ct, &w.delivery.data, cfg.max_message_bytes).map_or(0, |spec| spec.timeout_s);
+        !process::fits(w.arrived.elapsed(), timeout_s, cfg.consumer_timeout)
+    });
+    for waiting in stale {
+        let (job_type, shared, sctx) = (ctx.job_type.clone(), ctx.shared.clone(), ctx.sctx.clone());
+        ctx.jobs.spawn(async move { process::release(waiting, &job_type, &shared, &sctx).await });
     }
 }
 
@@ -71,12 +120,24 @@ struct Held<T> {
     tiers: Vec<VecDeque<T>>,
 }
 
-impl<T> Held<T> {
+/// Something held in a tier.
+trait Tiered {
+    /// Its tier: 0 is the highest.
+    fn tier(&self) -> usize;
+}
+
+impl Tiered for Waiting {
+    fn tier(&self) -> usize {
+        Priority::ALL.iter().position(|p| *p == self.priority).unwrap_or(0)
+    }
+}
+
+impl<T: Tiered> Held<T> {
     fn new(tiers: usize) -> Self {
         Self { tiers: (0..tiers).map(|_| VecDeque::new()).collect() }
     }
-    fn push(&mut self, tier: usize, item: T) {
-        if let Some(q) = self.tiers.get_mut(tier) {
+    fn push(&mut self, item: T) {
+        if let Some(q) = self.tiers.get_mut(item.tier()) {
             q.push_back(item);
         }
     }
@@ -87,14 +148,24 @@ impl<T> Held<T> {
     fn pop_highest(&mut self) -> Option<T> {
         self.tiers.iter_mut().find_map(VecDeque::pop_front)
     }
+    /// Takes out every item for which `stale` holds, keeping the others in order.
+    fn take_where(&mut self, mut stale: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
+        for q in &mut self.tiers {
+            let (out, keep): (VecDeque<T>, VecDeque<T>) = q.drain(..).partition(&mut stale);
+            taken.extend(out);
+            *q = keep;
+        }
+        taken
+    }
 }
 
 /// Forwards one tier consumer's deliveries; a consumer that fails or is closed by
 /// the broker ends the session (the broker requeues what was not acked).
 async fn forward(
     mut consumer: lapin::Consumer,
-    tier: usize,
-    tx: mpsc::UnboundedSender<(usize, Delivery)>,
+    priority: Priority,
+    tx: mpsc::UnboundedSender<Waiting>,
     job_type: String,
     sctx: SessionCtx,
     stop: CancellationToken,
@@ -107,7 +178,9 @@ async fn forward(
         };
         match next {
             Some(Ok(delivery)) => {
-                if tx.send((tier, delivery)).is_err() {
+                // Named from now on if the broker closes the channel for an acknowledgement timeout.
+                sctx.held.hold(&job_type, &delivery);
+                if tx.send(Waiting { delivery, arrived: Instant::now(), priority }).is_err() {
                     return;
                 }
             }
@@ -131,16 +204,34 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::Held;
+    use super::{Held, Tiered};
+
+    impl Tiered for (usize, &str) {
+        fn tier(&self) -> usize {
+            self.0
+        }
+    }
 
     #[test]
     fn the_highest_tier_goes_first_and_each_tier_in_order() {
         let mut held = Held::new(3);
-        for (tier, item) in [(2, "low-1"), (1, "normal-1"), (2, "low-2"), (0, "high-1"), (1, "normal-2"), (0, "high-2")] {
-            held.push(tier, item);
+        for item in [(2, "low-1"), (1, "normal-1"), (2, "low-2"), (0, "high-1"), (1, "normal-2"), (0, "high-2")] {
+            held.push(item);
         }
-        let order: Vec<_> = std::iter::from_fn(|| held.pop_highest()).collect();
+        let order: Vec<_> = std::iter::from_fn(|| held.pop_highest()).map(|(_, name)| name).collect();
         assert_eq!(order, ["high-1", "high-2", "normal-1", "normal-2", "low-1", "low-2"]);
         assert!(held.is_empty());
+    }
+
+    #[test]
+    fn taking_the_stale_ones_keeps_the_others_in_order() {
+        let mut held = Held::new(3);
+        for item in [(2, "low-1"), (1, "normal-1"), (2, "low-2"), (0, "high-1"), (1, "normal-2")] {
+            held.push(item);
+        }
+        let taken: Vec<_> = held.take_where(|(_, name)| name.ends_with("-1")).into_iter().map(|(_, name)| name).collect();
+        assert_eq!(taken, ["high-1", "normal-1", "low-1"]);
+        let order: Vec<_> = std::iter::from_fn(|| held.pop_highest()).map(|(_, name)| name).collect();
+        assert_eq!(order, ["normal-2", "low-2"]);
     }
 }

@@ -143,8 +143,10 @@ pub(super) async fn finish_as(
                 err.message.clone()
             };
             let kind = format!("{:?}", err.kind).to_lowercase();
-            dead_letter(d, job_type, shared, sctx, &kind, &reason, Some(&spec.job_id)).await?;
-            let mut ev = at.event(shared, if failed { JobStatus::Failed } else { JobStatus::Dead });
+            let status = if failed { JobStatus::Failed } else { JobStatus::Dead };
+            let letter = Letter { kind: &kind, reason: &reason, job_id: Some(&spec.job_id), status: Some(status) };
+            dead_letter(d, job_type, shared, sctx, letter).await?;
+            let mut ev = at.event(shared, status);
             ev.error = Some(ErrorInfo { kind: err.kind, message: reason.clone() });
             publish_event(sctx, shared, &ev).await?;
             shared.metrics.jobs_total.with_label_values(&[job_type, ev.status.as_str()]).inc();
@@ -200,8 +202,19 @@ pub(super) async fn poison(
 ) -> Result<(), CommonError> {
     tracing::warn!(job_type = %job_type, class, reason, "poison message dead-lettered");
     shared.metrics.poison_total.with_label_values(&[job_type, class]).inc();
-    dead_letter(d, job_type, shared, sctx, "poison", &format!("{class}: {reason}"), job_id).await?;
+    let reason = format!("{class}: {reason}");
+    dead_letter(d, job_type, shared, sctx, Letter { kind: "poison", reason: &reason, job_id, status: None }).await?;
     ack(d, sctx).await
+}
+
+/// What a dead letter's headers say besides the worker.
+pub(super) struct Letter<'a> {
+    kind: &'a str,
+    reason: &'a str,
+    job_id: Option<&'a str>,
+    /// The status the job ended with (the recorder records it): `failed` also for a
+    /// permanent error that is a setting to change, not a malformed job.
+    status: Option<JobStatus>,
 }
 
 pub(super) async fn dead_letter(
@@ -209,16 +222,17 @@ pub(super) async fn dead_letter(
     job_type: &str,
     shared: &Shared,
     sctx: &SessionCtx,
-    kind: &str,
-    reason: &str,
-    job_id: Option<&str>,
+    letter: Letter<'_>,
 ) -> Result<(), CommonError> {
     let mut hdrs: FieldTable = d.properties.headers().clone().unwrap_or_default();
-    headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(reason, 4000));
-    headers::set_str(&mut hdrs, headers::DEAD_KIND, kind);
+    headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(letter.reason, 4000));
+    headers::set_str(&mut hdrs, headers::DEAD_KIND, letter.kind);
     headers::set_str(&mut hdrs, headers::DEAD_WORKER, shared.config.worker.id.clone());
-    if let Some(id) = job_id {
+    if let Some(id) = letter.job_id {
         headers::set_str(&mut hdrs, headers::JOB_ID, truncate(id, 200));
+    }
+    if let Some(status) = letter.status {
+        headers::set_str(&mut hdrs, headers::DEAD_STATUS, status.as_str());
     }
     let props: BasicProperties = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
     publish_confirmed(&sctx.publish, &shared.config.topology.dead_exchange(), job_type, &d.data, props, true).await
@@ -229,6 +243,33 @@ pub(super) async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonErr
         return Err(CommonError::SessionLost { what: "the ack" });
     }
     d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("ack a delivery"))
+}
+
+/// Hands a delivery back to its queue as a fresh copy: the same body and properties published
+/// to the work exchange with its tier's routing key (confirmed), then the original acked. The
+/// broker's consumer timeout starts again with the copy, which waits at the back of its tier
+/// queue; no attempt is spent and no event published.
+pub(super) async fn hand_back(
+    d: &Delivery,
+    arrived: tokio::time::Instant,
+    key: &str,
+    job_type: &str,
+    shared: &Shared,
+    sctx: &SessionCtx,
+) -> Result<(), CommonError> {
+    let exchange = shared.config.topology.jobs_exchange();
+    let props = d.properties.clone().with_headers(headers::fresh_copy(d.properties.headers().as_ref()));
+    publish_confirmed(&sctx.publish, &exchange, key, &d.data, props, true).await?;
+    ack(d, sctx).await?;
+    shared.metrics.released_total.with_label_values(&[job_type]).inc();
+    let job_id = d.properties.message_id().as_ref().map(|s| s.as_str().to_string());
+    tracing::info!(
+        job_type,
+        job_id = job_id.as_deref().unwrap_or("(none)"),
+        waited_s = arrived.elapsed().as_secs(),
+        "delivery handed back as a fresh copy: waiting for a slot, it could no longer end before the broker's consumer timeout"
+    );
+    Ok(())
 }
 
 pub(super) async fn requeue(d: &Delivery, at: &Attempt, sctx: &SessionCtx) -> Result<(), CommonError> {
