@@ -272,7 +272,10 @@ def selftest():
             f.write("a noop ok\nb noop fatal\nc intent-train train\nd noop keyed k1\ne noop latest k1\ng noop keyed k1\n")
         art = os.path.join(d, "art")
 
-        def run(name, statuses_, extra=(), results=None):
+        def run(name, statuses_, extra=(), results=None, events=(), outcomes=None):
+            """A run whose store holds `statuses_` (a `succeeded` event of seq 7 and an outcome
+            record for each success), plus `events` (job, run, seq, status, body); `outcomes`
+            replaces a job's outcome record (None: removes it)."""
             db = os.path.join(d, f"{name}.db")
             conn = sqlite3.connect(db)
             conn.execute("CREATE TABLE jobs (job_id TEXT, status TEXT, result TEXT)")
@@ -285,6 +288,15 @@ def selftest():
                     os.makedirs(os.path.dirname(path), exist_ok=True)
                     with open(path, "w") as f:
                         json.dump({"event": {"seq": 7, "result": {"resumed_from_epoch": 1} if j == "c" else {}}}, f)
+            conn.executemany("INSERT INTO job_events (job_id, run, seq, status, body) VALUES (?, ?, ?, ?, ?)", events)
+            for j, event in (outcomes or {}).items():
+                path = os.path.join(art, name, "outcomes", j[-2:], j + ".json")
+                if event is None:
+                    os.remove(path)
+                    continue
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump({"event": event}, f)
             conn.commit()
             conn.close()
             return verdict(ids, "sqlite://" + db, os.path.join(art, name), os.path.join(d, "none"), list(extra))
@@ -306,6 +318,26 @@ def selftest():
         ]
         for name, statuses_, extra, results in failing:
             assert run(name.replace(" ", "-"), statuses_, extra, results) == 1, f"the verdict must fail: {name}"
+        # The guarantees the store and the outcome records witness together.
+        started_again = json.dumps({"progress": {"redelivery": 1}})
+        witnessed = [
+            ("two successes", {"events": [("a", 0, 9, "succeeded", "{}")]}),
+            ("a success other than the recorded one", {"outcomes": {"a": {"seq": 8, "result": {}}}}),
+            ("a success without an outcome record", {"outcomes": {"a": None}}),
+            ("an outcome record of a job that ended dead", {"outcomes": {"b": {"seq": 7, "result": {}}}}),
+            (
+                "a training job killed after a checkpoint and not resumed",
+                {
+                    "events": [("c", 0, 3, "progress", json.dumps({"progress": {"epoch": 1}})), ("c", 0, 4, "started", started_again)],
+                    "outcomes": {"c": {"seq": 7, "result": {}}},
+                },
+            ),
+        ]
+        for name, kw in witnessed:
+            assert run(name.replace(" ", "-"), ok, (), by_e, **kw) == 1, f"the verdict must fail: {name}"
+        assert run("a plain job lost", dict(ok, a="queued"), (), by_e) == 1, "the verdict must fail: a plain job lost"
+        resumed = {"events": [("c", 0, 3, "progress", json.dumps({"progress": {"epoch": 1}})), ("c", 0, 4, "started", started_again)]}
+        assert run("resumed", ok, (), by_e, **resumed) == 0, "a training job killed after a checkpoint and resumed passes"
         # Completions at t=0 (the events' `at` is 0): a recovery within the bound passes.
         assert run("recovered", ok, ["leader_stop_times=-2", "recovery_bound_s=10"], by_e) == 0, "a recovery within the bound passes"
     print("chaos_check selftest: ok")
