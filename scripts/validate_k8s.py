@@ -344,6 +344,13 @@ def check_control_plane(overlay: str, objs: list[dict]) -> None:
         fail(where, "needs a Service")
 
 
+def longest_timeout_s(consumer_timeout_s: float) -> float:
+    """The longest `timeout_s` a worker runs under a broker's consumer timeout: a tenth kept for
+    ending a job, and one dispatcher sweep (a twentieth, 1-60 s) for waiting for a slot
+    (`longest_timeout` in worker/src/runtime/process.rs)."""
+    return consumer_timeout_s - consumer_timeout_s / 10 - min(max(consumer_timeout_s / 20, 1), 60)
+
+
 def check_broker(overlay: str, objs: list[dict], max_timeout: int) -> None:
     for r in by_kind(objs, "RabbitmqCluster"):
         where = f"{overlay}/RabbitmqCluster/{name(r)}"
@@ -351,8 +358,12 @@ def check_broker(overlay: str, objs: list[dict], max_timeout: int) -> None:
         m = re.search(r"^\s*consumer_timeout\s*=\s*(\d+)\s*$", conf, re.M)
         if not m:
             fail(where, "consumer_timeout must be set explicitly in additionalConfig")
-        elif int(m.group(1)) <= max_timeout * 1000:
-            fail(where, f"consumer_timeout {m.group(1)} ms must exceed the longest job timeout ({max_timeout} s)")
+        elif longest_timeout_s(int(m.group(1)) / 1000) < max_timeout:
+            fail(
+                where,
+                f"consumer_timeout {m.group(1)} ms leaves workers room for jobs of {longest_timeout_s(int(m.group(1)) / 1000):.0f} s, "
+                f"under the longest job timeout ({max_timeout} s)",
+            )
         if "rabbitmq_prometheus" not in r["spec"].get("rabbitmq", {}).get("additionalPlugins", []):
             fail(where, "rabbitmq_prometheus plugin missing")
         if overlay != "dev" and r["spec"].get("replicas") != 3:
