@@ -69,7 +69,16 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     // that started in between would find no queue bound and be dropped by the exchange.
     let control = start_control(&conn, &shared, &lost).await?;
     let jobs = TaskTracker::new();
-    let consuming = start_consumers(&conn, &shared, &sctx, &jobs).await?;
+    let consuming = match start_consumers(&conn, &shared, &sctx, &jobs).await {
+        Ok(consuming) => consuming,
+        Err(e) => {
+            // The consumers started so far stop with the session, and take no job outside it.
+            lost.cancel();
+            control.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session setup failed".into())).await;
+            return Err(e);
+        }
+    };
     shared.connected.store(true, Ordering::SeqCst);
     tracing::info!(types = ?shared.registry.job_types(), concurrency = cfg.concurrency, "worker consuming");
 
