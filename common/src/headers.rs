@@ -73,6 +73,15 @@ pub fn delivery_count(headers: Option<&FieldTable>) -> u32 {
     count(DELIVERY_COUNT).saturating_add(count(EARLIER_DELIVERIES))
 }
 
+/// `headers` without the counts of the job's deliveries: what a retry (the next attempt) or a
+/// replay (the next run) starts from, whose deliveries count from none again.
+pub fn without_delivery_counts(headers: Option<&FieldTable>) -> FieldTable {
+    let mut inner = headers.cloned().unwrap_or_default().inner().clone();
+    inner.remove(DELIVERY_COUNT);
+    inner.remove(EARLIER_DELIVERIES);
+    FieldTable::from(inner)
+}
+
 /// The headers of a fresh copy of a delivery with `headers`: the same, with the deliveries so
 /// far under [`EARLIER_DELIVERIES`] and no broker count (the copy's own starts at none).
 pub fn fresh_copy(headers: Option<&FieldTable>) -> FieldTable {
@@ -122,5 +131,7 @@ mod tests {
         assert_eq!(delivery_count(Some(&redelivered)), 3, "the copy's redelivery counts on");
         assert_eq!(delivery_count(Some(&fresh_copy(Some(&redelivered)))), 3, "and so does a copy of the copy");
         assert_eq!(delivery_count(Some(&fresh_copy(None))), 0);
+        let next = without_delivery_counts(Some(&redelivered));
+        assert_eq!((delivery_count(Some(&next)), attempt(Some(&next))), (0, 3), "a retry or replay counts from none again");
     }
 }

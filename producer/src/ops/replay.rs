@@ -139,6 +139,7 @@ fn fresh_headers(hdrs: Option<&FieldTable>) -> FieldTable {
         let dead = k == headers::X_DEATH
             || k.starts_with("x-trainyard-dead")
             || k == headers::DELIVERY_COUNT
+            || k == headers::EARLIER_DELIVERIES
             || k.starts_with("x-first-death")
             || k.starts_with("x-last-death");
         if !dead {

@@ -371,6 +371,38 @@ async fn a_delivery_that_waited_too_long_for_a_slot_is_handed_back_and_runs_once
     env.cleanup().await;
 }
 
+/// A job handed back as a fresh copy counts its deliveries on (`x-trainyard-earlier-deliveries`),
+/// which the broker's delivery limit does not see: past the limit the worker ends the crash loop
+/// itself, `dead`, as the broker would.
+#[tokio::test]
+async fn a_copy_past_the_delivery_limit_ends_dead_as_a_crash_loop() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let limit = trainyard_common::topology::DELIVERY_LIMIT;
+    for (earlier, status) in [(limit, JobStatus::Succeeded), (limit + 1, JobStatus::Dead)] {
+        let spec = env.spec("noop", json!({}));
+        let mut watch = env.watch(&spec).await;
+        let mut h = FieldTable::default();
+        headers::set_int(&mut h, headers::EARLIER_DELIVERIES, earlier);
+        let props = BasicProperties::default()
+            .with_content_type(codec::MSGPACK.into())
+            .with_message_id(spec.job_id.as_str().into())
+            .with_delivery_mode(2)
+            .with_headers(h);
+        let body = codec::to_msgpack(&spec).unwrap();
+        trainyard_common::amqp::publish_confirmed(&env.ch, &env.topo.jobs_exchange(), "noop", &body, props, true).await.unwrap();
+        let events = collect_until_terminal(&mut watch, T).await;
+        let last = events.last().unwrap();
+        assert_eq!(last.status, status, "{earlier} deliveries before: {events:?}");
+        if status == JobStatus::Dead {
+            let message = &last.error.as_ref().unwrap().message;
+            assert!(message.contains("delivery limit reached (crash loop?)"), "{message}");
+        }
+    }
+    w.stop().await;
+    env.cleanup().await;
+}
+
 /// A handler that panics, in `validate` or in `run`, ends its job `dead` naming the panic,
 /// acked; the worker goes on, and its one slot runs the next job.
 #[tokio::test]

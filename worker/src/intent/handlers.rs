@@ -27,7 +27,9 @@ pub struct IntentTrain {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IntentEval;
 
-/// Runs `f` on a new OS thread and awaits its result.
+/// Runs `f` on a new OS thread and awaits its result. A panic there is a bug: the job ends
+/// `dead` with its message ([`JobError::panicked`]); the CUDA backend's panics (out of memory
+/// above all) are caught closer to it and keep their own kind.
 pub async fn on_thread<F>(name: &str, f: F) -> Result<serde_json::Value, JobError>
 where
     F: FnOnce() -> Result<serde_json::Value, JobError> + Send + 'static,
@@ -36,7 +38,8 @@ where
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let _ = tx.send(f());
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(result.unwrap_or_else(|p| Err(JobError::panicked(&*p))));
         })
         .map_err(|e| JobError::transient(format!("failed to start the {name} thread: {e}")))?;
     rx.await.unwrap_or_else(|_| Err(JobError::transient(format!("the {name} thread panicked"))))

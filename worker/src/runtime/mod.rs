@@ -140,10 +140,14 @@ pub enum RuntimeError {
     Common(#[from] CommonError),
 }
 
+/// A registration's token, and its flag that says a cancel request fired it.
+type CancelHandle = (CancellationToken, Arc<AtomicBool>);
+
 /// Cancel handles of running jobs, by job id.
 #[derive(Debug, Default)]
 pub(crate) struct Cancels {
-    running: Mutex<HashMap<String, (CancellationToken, Arc<AtomicBool>)>>,
+    /// Every registration of a job (a duplicate delivery may be handled here at the same time).
+    running: Mutex<HashMap<String, Vec<CancelHandle>>>,
 }
 
 impl Cancels {
@@ -154,7 +158,7 @@ impl Cancels {
     pub(crate) fn register(&self, job_id: &str, token: CancellationToken) -> Registration<'_> {
         let flag = Arc::new(AtomicBool::new(false));
         if let Ok(mut r) = self.running.lock() {
-            r.insert(job_id.to_string(), (token.clone(), flag.clone()));
+            r.entry(job_id.to_string()).or_default().push((token.clone(), flag.clone()));
         }
         Registration { cancels: self, job_id: job_id.to_string(), token, flag }
     }
@@ -164,16 +168,14 @@ impl Cancels {
         ids.sort();
         ids
     }
-    /// Cancels a registered job; `false` when it does not run here.
+    /// Cancels every registration of a job; `false` when it does not run here.
     pub(crate) fn cancel(&self, job_id: &str) -> bool {
-        match self.running.lock().ok().and_then(|r| r.get(job_id).cloned()) {
-            Some((token, flag)) => {
-                flag.store(true, Ordering::SeqCst);
-                token.cancel();
-                true
-            }
-            None => false,
+        let registered = self.running.lock().ok().and_then(|r| r.get(job_id).cloned()).unwrap_or_default();
+        for (token, flag) in &registered {
+            flag.store(true, Ordering::SeqCst);
+            token.cancel();
         }
+        !registered.is_empty()
     }
 }
 
@@ -195,10 +197,13 @@ impl Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        // Only its own entry: a second delivery of the job may have registered since.
+        // Only its own entry: another delivery of the job may be registered too.
         if let Ok(mut r) = self.cancels.running.lock() {
-            if r.get(&self.job_id).is_some_and(|(_, flag)| Arc::ptr_eq(flag, &self.flag)) {
-                r.remove(&self.job_id);
+            if let Some(entries) = r.get_mut(&self.job_id) {
+                entries.retain(|(_, flag)| !Arc::ptr_eq(flag, &self.flag));
+                if entries.is_empty() {
+                    r.remove(&self.job_id);
+                }
             }
         }
     }
@@ -322,5 +327,25 @@ impl Worker {
         let _ = beats.await;
         let _ = live_logs.await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_util::sync::CancellationToken;
+
+    use super::Cancels;
+
+    #[test]
+    fn a_second_registration_of_a_job_leaves_the_first_cancellable() {
+        let cancels = Cancels::default();
+        let first = cancels.register("job", CancellationToken::new());
+        let second = cancels.register("job", CancellationToken::new());
+        drop(second);
+        assert_eq!(cancels.running_ids(), ["job"]);
+        assert!(cancels.cancel("job"), "the first delivery is still registered");
+        assert!(first.requested() && first.token.is_cancelled());
+        drop(first);
+        assert!(!cancels.cancel("job") && cancels.running_ids().is_empty());
     }
 }

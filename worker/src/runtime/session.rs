@@ -75,6 +75,8 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
             // The consumers started so far stop with the session, and take no job outside it.
             lost.cancel();
             control.abort();
+            jobs.close();
+            let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session setup failed".into())).await;
             return Err(e);
         }

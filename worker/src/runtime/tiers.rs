@@ -54,6 +54,8 @@ pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: u
     drop(tx);
     let permits = Arc::new(Semaphore::new(slots));
     let mut sweep = tokio::time::interval(sweep_every(ctx.shared.config.consumer_timeout));
+    // Ticks missed while no slot was free or nothing was held are not made up in a burst.
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -100,13 +102,15 @@ pub(crate) fn sweep_every(consumer_timeout: Duration) -> Duration {
 }
 
 /// Hands back each held delivery that could no longer run its whole `timeout_s` before the
-/// broker's consumer timeout (one that cannot be decoded counts as a job of no time: it is
-/// dead-lettered at once when it starts).
+/// broker's consumer timeout. One that cannot be decoded, or whose `timeout_s` is past what
+/// this worker runs at all, counts as a job of no time: it ends at once when it starts.
 fn release_stale(held: &mut Held<Waiting>, ctx: &Dispatch) {
     let cfg = &ctx.shared.config;
+    let longest = process::longest_timeout(cfg.consumer_timeout).as_secs();
     let stale = held.take_where(|w| {
         let ct = w.delivery.properties.content_type().as_ref().map(|s| s.as_str());
         let timeout_s = codec::decode_job(ct, &w.delivery.data, cfg.max_message_bytes).map_or(0, |spec| spec.timeout_s);
+        let timeout_s = if timeout_s > longest { 0 } else { timeout_s };
         !process::fits(w.arrived.elapsed(), timeout_s, cfg.consumer_timeout)
     });
     for waiting in stale {

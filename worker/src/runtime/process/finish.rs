@@ -183,7 +183,8 @@ pub(super) async fn publish_retry(
             s.insert((jobs_key, delay_ms));
         }
     }
-    let mut hdrs = d.properties.headers().clone().unwrap_or_default();
+    // The next attempt's deliveries count from none.
+    let mut hdrs = headers::without_delivery_counts(d.properties.headers().as_ref());
     headers::set_int(&mut hdrs, headers::ATTEMPT, i64::from(next_attempt));
     let props = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
     publish_confirmed(&sctx.publish, &topo.retry_exchange(), &key, &d.data, props, true).await
