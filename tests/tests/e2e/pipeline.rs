@@ -371,6 +371,42 @@ async fn a_delivery_that_waited_too_long_for_a_slot_is_handed_back_and_runs_once
     env.cleanup().await;
 }
 
+/// On shutdown the deliveries a worker holds for a busy slot go back to the queue at once (for
+/// other workers), not when its connection closes after the running job's grace period.
+#[tokio::test]
+async fn a_shutdown_returns_the_deliveries_waiting_for_a_slot_at_once() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |cfg| {
+        cfg.concurrency = 1;
+        cfg.grace_period = Duration::from_secs(20);
+    });
+    let sub = env.submitter();
+    let running = env.spec("noop", json!({"sleep_ms": 4_000}));
+    let mut waiting = env.spec("noop", json!({}));
+    waiting.priority = Priority::Low;
+    let mut watch = sub.watch(&running).await.unwrap();
+    sub.submit(&running).await.unwrap();
+    wait_for(&mut watch, JobStatus::Started, T).await;
+    sub.submit(&waiting).await.unwrap();
+    let low = env.topo.tier_queue("noop", Priority::Low);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while env.consumers(&low).await == 0 || env.ready(&low).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "the low job never reached the worker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t0 = std::time::Instant::now();
+    w.shutdown.cancel();
+    while env.ready(&low).await == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(2), "the waiting delivery stayed with the stopping worker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = collect_until_terminal(&mut watch, T).await;
+    assert_eq!(events.last().unwrap().status, JobStatus::Succeeded, "the running job finished in its grace period");
+    tokio::time::timeout(Duration::from_secs(60), w.join).await.unwrap().unwrap();
+    assert_eq!(env.ready(&low).await, 1, "the waiting job is in its queue for the next worker");
+    env.cleanup().await;
+}
+
 /// A job handed back as a fresh copy counts its deliveries on (`x-trainyard-earlier-deliveries`),
 /// which the broker's delivery limit does not see: past the limit the worker ends the crash loop
 /// itself, `dead`, as the broker would.

@@ -16,7 +16,7 @@
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use lapin::message::Delivery;
+use lapin::{message::Delivery, options::BasicNackOptions};
 use tokio::{
     sync::{mpsc, Semaphore},
     time::Instant,
@@ -44,7 +44,9 @@ pub(crate) struct Dispatch {
 }
 
 /// Runs the tier consumers (`consumers`, highest tier first) of one job type until
-/// `stop` fires or the session is lost, starting at most `slots` jobs at a time.
+/// `stop` fires or the session is lost, starting at most `slots` jobs at a time. On `stop`
+/// (a shutdown) the deliveries still waiting go back to their queue at once, for other
+/// workers, instead of when the connection closes after the grace period.
 pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: usize, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut held = Held::new(consumers.len());
@@ -52,6 +54,27 @@ pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: u
         tokio::spawn(forward(consumer, priority, tx.clone(), ctx.job_type.clone(), ctx.sctx.clone(), stop.clone()));
     }
     drop(tx);
+    dispatch(&mut rx, &mut held, &ctx, slots, &stop).await;
+    take_arrived(&mut rx, &mut held);
+    if stop.is_cancelled() && !ctx.sctx.lost.is_cancelled() {
+        for waiting in held.take_where(|_| true) {
+            let nack = waiting.delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            if let Err(e) = nack {
+                tracing::warn!(job_type = %ctx.job_type, error = %e, "could not return a waiting delivery; the broker takes it back with the connection");
+            }
+            ctx.sctx.held.release(&ctx.job_type, waiting.delivery.delivery_tag);
+        }
+    }
+}
+
+/// Starts held deliveries, highest tier first, as slots free up, until `stop` or a lost session.
+async fn dispatch(
+    rx: &mut mpsc::UnboundedReceiver<Waiting>,
+    held: &mut Held<Waiting>,
+    ctx: &Dispatch,
+    slots: usize,
+    stop: &CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(slots));
     let mut sweep = tokio::time::interval(sweep_every(ctx.shared.config.consumer_timeout));
     // Ticks missed while no slot was free or nothing was held are not made up in a burst.
@@ -60,14 +83,14 @@ pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: u
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = sweep.tick() => {
-                take_arrived(&mut rx, &mut held);
-                release_stale(&mut held, &ctx);
+                take_arrived(rx, held);
+                release_stale(held, ctx);
                 continue;
             }
             _ = stop.cancelled() => return,
             _ = ctx.sctx.lost.cancelled() => return,
         };
-        take_arrived(&mut rx, &mut held);
+        take_arrived(rx, held);
         if held.is_empty() {
             let next = tokio::select! {
                 d = rx.recv() => d,
@@ -77,7 +100,7 @@ pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: u
             let Some(waiting) = next else { return };
             held.push(waiting);
             // Whatever else arrived meanwhile competes by tier.
-            take_arrived(&mut rx, &mut held);
+            take_arrived(rx, held);
         }
         let Some(waiting) = held.pop_highest() else { continue };
         let (job_type, shared, sctx) = (ctx.job_type.clone(), ctx.shared.clone(), ctx.sctx.clone());
