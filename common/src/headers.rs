@@ -85,12 +85,8 @@ pub fn without_delivery_counts(headers: Option<&FieldTable>) -> FieldTable {
 /// The headers of a fresh copy of a delivery with `headers`: the same, with the deliveries so
 /// far under [`EARLIER_DELIVERIES`] and no broker count (the copy's own starts at none).
 pub fn fresh_copy(headers: Option<&FieldTable>) -> FieldTable {
-    let mut table = headers.cloned().unwrap_or_default();
-    let so_far = delivery_count(headers);
-    let mut inner = table.inner().clone();
-    inner.remove(DELIVERY_COUNT);
-    table = FieldTable::from(inner);
-    set_int(&mut table, EARLIER_DELIVERIES, i64::from(so_far));
+    let mut table = without_delivery_counts(headers);
+    set_int(&mut table, EARLIER_DELIVERIES, i64::from(delivery_count(headers)));
     table
 }
 

@@ -29,6 +29,9 @@ use crate::{error::CommonError, job::Priority};
 /// delivery (crash, SIGTERM requeue, lost connection, broker restart) counts,
 /// so it is far above `max_attempts`; real attempts are counted in a header.
 pub const DELIVERY_LIMIT: i64 = 20;
+/// The reason of a job dead-lettered at the delivery limit: by the broker (the dead-letter
+/// recorder writes it) or by a worker counting a handed-back copy's earlier deliveries.
+pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
 /// The extra routing key on the events exchange of a `queued` event whose job has a
 /// coalescing key (sent as a `BCC` header, so the event is published once): the control
 /// plane's coalescing queue binds to it and so gets only these events. It has no dot, so no

@@ -134,14 +134,11 @@ fn wanted(req: &ReplayRequest, d: &Delivery) -> Option<(String, JobSpec)> {
 /// A letter's headers without its death history and delivery count.
 fn fresh_headers(hdrs: Option<&FieldTable>) -> FieldTable {
     let mut fresh = FieldTable::default();
-    for (k, v) in hdrs.cloned().unwrap_or_default().inner() {
+    // The next run's deliveries count from none.
+    for (k, v) in headers::without_delivery_counts(hdrs).inner() {
         let k = k.as_str();
-        let dead = k == headers::X_DEATH
-            || k.starts_with("x-trainyard-dead")
-            || k == headers::DELIVERY_COUNT
-            || k == headers::EARLIER_DELIVERIES
-            || k.starts_with("x-first-death")
-            || k.starts_with("x-last-death");
+        let dead =
+            k == headers::X_DEATH || k.starts_with("x-trainyard-dead") || k.starts_with("x-first-death") || k.starts_with("x-last-death");
         if !dead {
             fresh.insert(k.into(), v.clone());
         }

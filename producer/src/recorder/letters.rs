@@ -8,7 +8,7 @@ use trainyard_common::{codec, event::DEAD_LETTER_SEQ, headers, ErrorInfo, ErrorK
 use crate::store::DeadLetter;
 
 /// Reason recorded for a letter the broker dead-lettered by itself.
-pub const DELIVERY_LIMIT_REASON: &str = "delivery limit reached (crash loop?)";
+pub use trainyard_common::topology::DELIVERY_LIMIT_REASON;
 
 /// Reads a dead letter: what to list, and the final event of its job (when the job is known).
 ///

@@ -66,7 +66,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 /// The value of an unlabelled counter in a registry.
 fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
-    registry.gather().iter().find(|f| f.name() == name).map(|f| f.get_metric()[0].get_counter().get_value() as u64).unwrap_or(0)
+    crate::support::counter(registry, name).map_or(0, |v| v as u64)
 }
 
 /// A broker restart (`stop_app`/`start_app`): the worker, the recorder and the trigger

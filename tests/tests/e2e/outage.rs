@@ -132,7 +132,7 @@ async fn one_noop_job(
 
 /// The worker's `trainyard_amqp_reconnects_total`.
 fn reconnects(metrics: &prometheus::Registry) -> Option<f64> {
-    metrics.gather().iter().find(|m| m.name() == "trainyard_amqp_reconnects_total").map(|m| m.get_metric()[0].get_counter().get_value())
+    crate::support::counter(metrics, trainyard_common::metrics::RECONNECTS_TOTAL)
 }
 
 /// One job runs when the store goes down and must record its outcome during the outage;

@@ -273,8 +273,7 @@ async fn an_unreadable_outcome_record_is_dead_lettered_and_the_session_goes_on()
         [JobStatus::Queued, JobStatus::Started, JobStatus::Succeeded],
         "the job beside them was not stopped or redelivered"
     );
-    let reconnects =
-        metrics.gather().iter().find(|f| f.name() == RECONNECTS_TOTAL).map_or(0.0, |f| f.get_metric()[0].get_counter().get_value());
+    let reconnects = crate::support::counter(&metrics, RECONNECTS_TOTAL).unwrap_or(0.0);
     assert_eq!(reconnects, 0.0, "the session went on");
     w.stop().await;
     env.cleanup().await;
@@ -357,11 +356,7 @@ async fn a_delivery_that_waited_too_long_for_a_slot_is_handed_back_and_runs_once
     let events = collect_until_terminal(&mut watch_waiting, T).await;
     assert_eq!(statuses(&events), vec![JobStatus::Queued, JobStatus::Started, JobStatus::Succeeded], "run once: {events:?}");
     assert!(events[1..].iter().all(|e| e.attempt == 1), "handing back spends no attempt: {events:?}");
-    let released = metrics
-        .gather()
-        .iter()
-        .find(|m| m.name() == trainyard_common::metrics::DELIVERIES_RELEASED_TOTAL)
-        .map(|m| m.get_metric()[0].get_counter().get_value());
+    let released = crate::support::counter(&metrics, trainyard_common::metrics::DELIVERIES_RELEASED_TOTAL);
     assert!(released.is_some_and(|n| n >= 1.0), "the waiting delivery was handed back: {released:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     for queue in env.topo.tier_queues("noop") {

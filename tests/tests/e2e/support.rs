@@ -275,6 +275,12 @@ pub async fn wait_for(watch: &mut JobWatch, status: trainyard_common::JobStatus,
     seen
 }
 
+/// The value of an unlabelled counter (or of a vector's first series) in `registry`; `None`
+/// when it is not registered.
+pub fn counter(registry: &prometheus::Registry, name: &str) -> Option<f64> {
+    registry.gather().iter().find(|f| f.name() == name).map(|f| f.get_metric()[0].get_counter().get_value())
+}
+
 /// Path of a workspace binary (built by `cargo build --bins`, which scripts/test.sh runs first).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();

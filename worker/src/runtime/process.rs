@@ -24,7 +24,7 @@ use trainyard_common::{
     control::CancelRequest,
     event::event_seq,
     headers,
-    topology::{jobs_routing_key, DELIVERY_LIMIT},
+    topology::{DELIVERY_LIMIT, DELIVERY_LIMIT_REASON},
     CodecError, CommonError, ErrorInfo, ErrorKind, JobEvent, JobSpec, JobStatus,
 };
 
@@ -90,8 +90,7 @@ pub(crate) async fn handle(waiting: Waiting, job_type: String, shared: Arc<Share
 /// ([`fits`]); on failure the session ends and the broker redelivers it.
 pub(crate) async fn release(waiting: Waiting, job_type: &str, shared: &Shared, sctx: &SessionCtx) {
     let Waiting { delivery, arrived, priority } = waiting;
-    let key = jobs_routing_key(job_type, priority);
-    if let Err(e) = hand_back(&delivery, arrived, &key, job_type, shared, sctx).await {
+    if let Err(e) = hand_back(&delivery, arrived, priority, job_type, shared, sctx).await {
         tracing::warn!(job_type = %job_type, error = %e, "could not hand a waiting delivery back; ending the session");
         sctx.lost.cancel();
     }
@@ -198,7 +197,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         // The broker ends a crash loop at its delivery limit, but counts a handed-back copy's
         // deliveries from none: the deliveries before the copy count here.
         let message = format!(
-            "delivery limit reached (crash loop?): delivered {} times, the broker's limit is {DELIVERY_LIMIT} redeliveries",
+            "{DELIVERY_LIMIT_REASON}: delivered {} times, the broker's limit is {DELIVERY_LIMIT} redeliveries",
             i64::from(at.redelivery) + 1
         );
         return finish_as(d, at, shared, sctx, JobError::permanent(message), Disposition::Dead).await;
@@ -216,8 +215,7 @@ async fn run_attempt(d: &Delivery, at: &Attempt, shared: &Arc<Shared>, sctx: &Se
         return finish_as(d, at, shared, sctx, JobError::permanent(message), Disposition::Failed).await;
     }
     if !fits(at.received.elapsed(), spec.timeout_s, consumer_timeout) {
-        let key = jobs_routing_key(&spec.job_type, spec.priority);
-        return hand_back(d, at.received, &key, &spec.job_type, shared, sctx).await;
+        return hand_back(d, at.received, spec.priority, &spec.job_type, shared, sctx).await;
     }
     execute(d, at, shared, sctx, handler.as_ref(), cancel).await
 }

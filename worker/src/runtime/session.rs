@@ -75,9 +75,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
             // The consumers started so far stop with the session, and take no job outside it.
             lost.cancel();
             control.abort();
-            jobs.close();
-            let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session setup failed".into())).await;
+            abandon(&conn, &jobs, &stop_jobs, "trainyard: session setup failed").await;
             return Err(e);
         }
     };
@@ -93,17 +91,22 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     shared.connected.store(false, Ordering::SeqCst);
 
     if let Some(why) = end {
-        // Lost: stop jobs at once; their deliveries return to the queue with the connection.
-        stop_jobs.cancel();
-        jobs.close();
-        let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, "trainyard: session lost".into())).await;
+        abandon(&conn, &jobs, &stop_jobs, "trainyard: session lost").await;
         return Ok(End::Lost(why));
     }
     shut_down(&shared, consuming, &jobs, &stop_jobs).await;
     let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, "trainyard: worker shutdown".into())).await;
     tracing::info!("worker stopped");
     Ok(End::Shutdown)
+}
+
+/// Ends a broken session: its jobs stopped at once (their deliveries return to the queue
+/// with the connection), given [`STOPPED_JOBS_WAIT`] to unwind, then the connection closed.
+async fn abandon(conn: &Connection, jobs: &TaskTracker, stop_jobs: &CancellationToken, why: &str) {
+    stop_jobs.cancel();
+    jobs.close();
+    let _ = tokio::time::timeout(STOPPED_JOBS_WAIT, jobs.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(320, why.into())).await;
 }
 
 /// The job consumers of a session: one channel per job type, one consumer per priority tier.

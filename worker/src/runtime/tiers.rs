@@ -35,6 +35,13 @@ pub(crate) struct Waiting {
     pub(crate) priority: Priority,
 }
 
+impl Waiting {
+    /// Its tier's place in [`Priority::ALL`]: 0 is the highest.
+    fn tier(&self) -> usize {
+        Priority::ALL.iter().position(|p| *p == self.priority).unwrap_or(0)
+    }
+}
+
 /// What the dispatcher of one job type needs to start a job.
 pub(crate) struct Dispatch {
     pub(crate) job_type: String,
@@ -98,7 +105,7 @@ async fn dispatch(
                 _ = ctx.sctx.lost.cancelled() => return,
             };
             let Some(waiting) = next else { return };
-            held.push(waiting);
+            held.push(waiting.tier(), waiting);
             // Whatever else arrived meanwhile competes by tier.
             take_arrived(rx, held);
         }
@@ -113,7 +120,7 @@ async fn dispatch(
 
 fn take_arrived(rx: &mut mpsc::UnboundedReceiver<Waiting>, held: &mut Held<Waiting>) {
     while let Ok(waiting) = rx.try_recv() {
-        held.push(waiting);
+        held.push(waiting.tier(), waiting);
     }
 }
 
@@ -147,24 +154,12 @@ struct Held<T> {
     tiers: Vec<VecDeque<T>>,
 }
 
-/// Something held in a tier.
-trait Tiered {
-    /// Its tier: 0 is the highest.
-    fn tier(&self) -> usize;
-}
-
-impl Tiered for Waiting {
-    fn tier(&self) -> usize {
-        Priority::ALL.iter().position(|p| *p == self.priority).unwrap_or(0)
-    }
-}
-
-impl<T: Tiered> Held<T> {
+impl<T> Held<T> {
     fn new(tiers: usize) -> Self {
         Self { tiers: (0..tiers).map(|_| VecDeque::new()).collect() }
     }
-    fn push(&mut self, item: T) {
-        if let Some(q) = self.tiers.get_mut(item.tier()) {
+    fn push(&mut self, tier: usize, item: T) {
+        if let Some(q) = self.tiers.get_mut(tier) {
             q.push_back(item);
         }
     }
@@ -231,21 +226,15 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::{Held, Tiered};
-
-    impl Tiered for (usize, &str) {
-        fn tier(&self) -> usize {
-            self.0
-        }
-    }
+    use super::Held;
 
     #[test]
     fn the_highest_tier_goes_first_and_each_tier_in_order() {
         let mut held = Held::new(3);
-        for item in [(2, "low-1"), (1, "normal-1"), (2, "low-2"), (0, "high-1"), (1, "normal-2"), (0, "high-2")] {
-            held.push(item);
+        for (tier, item) in [(2, "low-1"), (1, "normal-1"), (2, "low-2"), (0, "high-1"), (1, "normal-2"), (0, "high-2")] {
+            held.push(tier, item);
         }
-        let order: Vec<_> = std::iter::from_fn(|| held.pop_highest()).map(|(_, name)| name).collect();
+        let order: Vec<_> = std::iter::from_fn(|| held.pop_highest()).collect();
         assert_eq!(order, ["high-1", "high-2", "normal-1", "normal-2", "low-1", "low-2"]);
         assert!(held.is_empty());
     }
@@ -253,12 +242,12 @@ mod tests {
     #[test]
     fn taking_the_stale_ones_keeps_the_others_in_order() {
         let mut held = Held::new(3);
-        for item in [(2, "low-1"), (1, "normal-1"), (2, "low-2"), (0, "high-1"), (1, "normal-2")] {
-            held.push(item);
+        for (tier, item) in [(2, "low-1"), (1, "normal-1"), (2, "low-2"), (0, "high-1"), (1, "normal-2")] {
+            held.push(tier, item);
         }
-        let taken: Vec<_> = held.take_where(|(_, name)| name.ends_with("-1")).into_iter().map(|(_, name)| name).collect();
+        let taken = held.take_where(|name| name.ends_with("-1"));
         assert_eq!(taken, ["high-1", "normal-1", "low-1"]);
-        let order: Vec<_> = std::iter::from_fn(|| held.pop_highest()).map(|(_, name)| name).collect();
+        let order: Vec<_> = std::iter::from_fn(|| held.pop_highest()).collect();
         assert_eq!(order, ["normal-2", "low-2"]);
     }
 }

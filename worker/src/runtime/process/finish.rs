@@ -10,7 +10,10 @@ use lapin::{
 use trainyard_common::{
     amqp::publish_confirmed,
     artifacts::{keys, ArtifactStore},
-    codec, headers, CommonError, ErrorInfo, ErrorKind, JobStatus,
+    codec, headers,
+    job::Priority,
+    topology::jobs_routing_key,
+    CommonError, ErrorInfo, ErrorKind, JobStatus,
 };
 
 use super::{publish_event, Attempt, Outcome};
@@ -174,7 +177,7 @@ pub(super) async fn publish_retry(
 ) -> Result<(), CommonError> {
     let topo = &shared.config.topology;
     // Back to the job's own tier after the delay.
-    let jobs_key = trainyard_common::topology::jobs_routing_key(&at.spec.job_type, at.spec.priority);
+    let jobs_key = jobs_routing_key(&at.spec.job_type, at.spec.priority);
     let key = trainyard_common::topology::retry_routing_key(&jobs_key, delay_ms);
     let declared = shared.retry_queues.lock().map(|s| s.contains(&(jobs_key.clone(), delay_ms))).unwrap_or(false);
     if !declared {
@@ -247,20 +250,21 @@ pub(super) async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonErr
 }
 
 /// Hands a delivery back to its queue as a fresh copy: the same body and properties published
-/// to the work exchange with its tier's routing key (confirmed), then the original acked. The
+/// to the work exchange with the routing key of its tier, `priority` (confirmed), then the
+/// original acked. The
 /// broker's consumer timeout starts again with the copy, which waits at the back of its tier
 /// queue; no attempt is spent and no event published.
 pub(super) async fn hand_back(
     d: &Delivery,
     arrived: tokio::time::Instant,
-    key: &str,
+    priority: Priority,
     job_type: &str,
     shared: &Shared,
     sctx: &SessionCtx,
 ) -> Result<(), CommonError> {
-    let exchange = shared.config.topology.jobs_exchange();
+    let (exchange, key) = (shared.config.topology.jobs_exchange(), jobs_routing_key(job_type, priority));
     let props = d.properties.clone().with_headers(headers::fresh_copy(d.properties.headers().as_ref()));
-    publish_confirmed(&sctx.publish, &exchange, key, &d.data, props, true).await?;
+    publish_confirmed(&sctx.publish, &exchange, &key, &d.data, props, true).await?;
     ack(d, sctx).await?;
     shared.metrics.released_total.with_label_values(&[job_type]).inc();
     let job_id = d.properties.message_id().as_ref().map(|s| s.as_str().to_string());
