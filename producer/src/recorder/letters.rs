@@ -58,10 +58,10 @@ pub fn dead_letter(
     let letter = DeadLetter {
         id,
         job_id: job_id.clone(),
-        job_type: job_type.clone(),
-        bot: bot.clone(),
-        reason: reason.clone(),
-        kind: kind.clone(),
+        job_type,
+        bot,
+        reason,
+        kind,
         attempt,
         broker_dead_lettered: by_broker && worker_reason.is_none(),
         body_preview: preview,
@@ -69,37 +69,39 @@ pub fn dead_letter(
         at: chrono::Utc::now(),
         replayed_at: None,
     };
-    let worker_status = headers::string(hdrs, headers::DEAD_STATUS);
-    let event = real_id.map(|job_id| {
-        let (by_kind, error_kind) = match kind.as_str() {
-            "transient" => (JobStatus::Failed, ErrorKind::Transient),
-            "timeout" => (JobStatus::Failed, ErrorKind::Timeout),
-            _ => (JobStatus::Dead, ErrorKind::Permanent),
-        };
-        // The worker's word when it gave one (a permanent error can end a job `failed`).
-        let status = match worker_status.as_deref() {
-            Some("failed") => JobStatus::Failed,
-            Some("dead") => JobStatus::Dead,
-            _ => by_kind,
-        };
-        JobEvent {
-            version: Default::default(),
-            job_id,
-            seq: DEAD_LETTER_SEQ,
-            job_type,
-            bot: bot.filter(|b| valid_bot_name(b)).unwrap_or_default(),
-            status,
-            attempt,
-            run: Some(headers::run(hdrs)),
-            worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),
-            at: chrono::Utc::now(),
-            progress: None,
-            result: None,
-            error: Some(ErrorInfo { kind: error_kind, message: reason }),
-            spec: None,
-        }
-    });
+    let event = real_id.map(|job_id| final_event(job_id, &letter, hdrs));
     (letter, event)
+}
+
+/// The final event a dead letter gives its job: the worker's `x-trainyard-dead-status` when
+/// it set one (a permanent error can end a job `failed`), else what the letter's kind means.
+fn final_event(job_id: String, letter: &DeadLetter, hdrs: Option<&FieldTable>) -> JobEvent {
+    let (by_kind, error_kind) = match letter.kind.as_str() {
+        "transient" => (JobStatus::Failed, ErrorKind::Transient),
+        "timeout" => (JobStatus::Failed, ErrorKind::Timeout),
+        _ => (JobStatus::Dead, ErrorKind::Permanent),
+    };
+    let status = match headers::string(hdrs, headers::DEAD_STATUS).as_deref() {
+        Some("failed") => JobStatus::Failed,
+        Some("dead") => JobStatus::Dead,
+        _ => by_kind,
+    };
+    JobEvent {
+        version: Default::default(),
+        job_id,
+        seq: DEAD_LETTER_SEQ,
+        job_type: letter.job_type.clone(),
+        bot: letter.bot.clone().filter(|b| valid_bot_name(b)).unwrap_or_default(),
+        status,
+        attempt: letter.attempt,
+        run: Some(headers::run(hdrs)),
+        worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),
+        at: chrono::Utc::now(),
+        progress: None,
+        result: None,
+        error: Some(ErrorInfo { kind: error_kind, message: letter.reason.clone() }),
+        spec: None,
+    }
 }
 
 #[cfg(test)]

@@ -85,6 +85,43 @@ fn accuracy<B: Backend, M: DeviceNet<B>>(model: &M, x: &Padded, y: &[usize], dev
     right as f64 / y.len() as f64
 }
 
+/// One epoch of steps over the training data in the epoch's order; returns the model and
+/// the epoch's summed loss (the loss stays on the device until the epoch ends).
+fn train_epoch<B, M, O>(
+    cfg: &Hyper,
+    data: &DeviceData,
+    epoch: usize,
+    mut model: M,
+    optim: &mut O,
+    device: &B::Device,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> Result<(M, f64), TrainError>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + DeviceNet<B>,
+    O: Optimizer<M, B>,
+{
+    let n = data.y_train.len();
+    let steps_per_epoch = n.div_ceil(cfg.batch_size).max(1);
+    let total_steps = steps_per_epoch * cfg.epochs;
+    B::seed(device, cfg.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut loss_sum = Tensor::<B::InnerBackend, 1>::zeros([1], device);
+    for (i, batch) in epoch_order(cfg.seed, epoch, n).0.chunks(cfg.batch_size).enumerate() {
+        if cancelled() {
+            return Err(TrainError::Cancelled(epoch));
+        }
+        let lr = learning_rate(cfg.lr, (epoch - 1) * steps_per_epoch + i, total_steps);
+        let (ids, w) = data.x_train.gather(batch);
+        let (ids, w) = batch_tensors::<B>(ids, w, batch.len(), device);
+        let targets: Vec<i64> = batch.iter().map(|&i| data.y_train[i] as i64).collect();
+        let loss = Head::<B>::loss(model.logits(ids, w, cfg.dropout), &targets, cfg.label_smoothing, device);
+        loss_sum = loss_sum + loss.clone().inner().mul_scalar(batch.len() as f32);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+    }
+    Ok((model, f64::from(super::model::to_vec(loss_sum)[0])))
+}
+
 /// Which run a checkpoint belongs to: the training path and the fingerprint of data and settings.
 #[derive(Debug, Clone, Copy)]
 pub struct RunId<'a> {
@@ -124,29 +161,14 @@ where
         meta = ck.meta;
     }
     let n = data.y_train.len();
-    let steps_per_epoch = n.div_ceil(cfg.batch_size).max(1);
-    let total_steps = steps_per_epoch * cfg.epochs;
+    let cancelled = hooks.cancelled;
     for epoch in meta.epoch + 1..=cfg.epochs {
         if meta.patience_spent(cfg.patience) {
             break;
         }
         let t0 = Instant::now();
-        B::seed(device, cfg.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-        let mut loss_sum = Tensor::<B::InnerBackend, 1>::zeros([1], device);
-        for (i, batch) in epoch_order(cfg.seed, epoch, n).0.chunks(cfg.batch_size).enumerate() {
-            if (hooks.cancelled)() {
-                return Err(TrainError::Cancelled(epoch));
-            }
-            let lr = learning_rate(cfg.lr, (epoch - 1) * steps_per_epoch + i, total_steps);
-            let (ids, w) = data.x_train.gather(batch);
-            let (ids, w) = batch_tensors::<B>(ids, w, batch.len(), device);
-            let targets: Vec<i64> = batch.iter().map(|&i| data.y_train[i] as i64).collect();
-            let loss = Head::<B>::loss(model.logits(ids, w, cfg.dropout), &targets, cfg.label_smoothing, device);
-            loss_sum = loss_sum + loss.clone().inner().mul_scalar(batch.len() as f32);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-        }
-        let loss_sum = f64::from(super::model::to_vec(loss_sum)[0]);
+        let (trained, loss_sum) = train_epoch(cfg, data, epoch, model, &mut optim, device, cancelled)?;
+        model = trained;
         let train_secs = t0.elapsed().as_secs_f64();
         let val = accuracy(&model.valid(), &data.x_val, &data.y_val, device);
         let model_bytes = record_bytes(model.clone()).map_err(rec_err)?;

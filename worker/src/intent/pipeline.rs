@@ -309,10 +309,25 @@ pub fn run<B: AutodiffBackend>(
     }
     let ctx = Ctx::<B> { env, params, prep: &prep, spec, device, force_device_bag };
     let Fitted { mut predictor, val_probs, stages } = ctx.fit_all()?;
-    let log: Vec<_> = stages.iter().flat_map(|s| s.log.clone()).collect();
     env.log(format!("training done: {}", stages_line(&stages)));
     predictor.config.oos_threshold = oos_threshold(env, &prep, h.oos_threshold, &val_probs);
-    // Test, model files, training log.
+    let result = publish::<B>(env, params, spec, &prep, &predictor, &stages)?;
+    env.log(format!("done in {:.1}s", env.elapsed()));
+    env.put("training.log", env.log_text())?;
+    Ok(result)
+}
+
+/// Evaluates `predictor` on the test split, writes the model, the reports and the training
+/// log, runs the promotion gate, and returns the job's result.
+fn publish<B: AutodiffBackend>(
+    env: &RunEnv,
+    params: &TrainParams,
+    spec: DeviceSpec,
+    prep: &Prepared,
+    predictor: &Predictor<B::InnerBackend>,
+    stages: &[StageSummary],
+) -> Result<Value, JobError> {
+    let h = &params.hyper;
     let test_texts = texts(&prep.splits.test);
     let truth: Vec<String> = prep.splits.test.iter().map(|e| e.label.clone()).collect();
     let predicted = predictor.predict(&test_texts);
@@ -321,13 +336,14 @@ pub fn run<B: AutodiffBackend>(
     for (name, bytes) in predictor.to_files().map_err(JobError::transient)? {
         env.put(&format!("model/{name}"), bytes)?;
     }
+    let log: Vec<_> = stages.iter().flat_map(|s| s.log.clone()).collect();
     env.put_json("training_log.json", &log)?;
     let model_key = env.key("model");
     let decision = gate_and_promote(env, params, &metrics, &test_texts, &truth, &model_key)?;
     let promotion_key = env.put_json("promotion.json", &decision)?;
     let artifacts = artifact_keys(env, h, outputs, &model_key, promotion_key);
     let last = stages.last().expect("at least one network");
-    let result = json!({
+    Ok(json!({
         "accuracy": metrics.accuracy,
         "macro_f1": metrics.macro_f1,
         "in_scope_accuracy": metrics.in_scope_accuracy,
@@ -350,10 +366,7 @@ pub fn run<B: AutodiffBackend>(
         "promotion": decision,
         "model": model_key,
         "artifacts": artifacts,
-    });
-    env.log(format!("done in {:.1}s", env.elapsed()));
-    env.put("training.log", env.log_text())?;
-    Ok(result)
+    }))
 }
 
 /// How each network's training went, on one line.
