@@ -135,17 +135,28 @@ impl Coalescer {
         }
     }
 
-    /// Records `spec` under its key and supersedes every older record's job.
+    /// Records `spec` under its key and supersedes every older record's job, except the newest
+    /// job's own older records (one job queued twice: a `submit --idempotency-key` run again, a
+    /// fire published twice; superseded by itself it would never run). A record that cannot be
+    /// read names no job: it is left where it is, logged, and passed over (never a jam).
     pub async fn coalesce(&self, ch: &Channel, spec: &JobSpec) -> Result<(), CommonError> {
         let Some(key) = spec.coalesce_key.as_deref() else { return Ok(()) };
         let record = Record { job_id: spec.job_id.clone(), job_type: spec.job_type.clone() };
         self.artifacts.put_if_absent(&record_key(spec, key), codec::to_json(&record)?).await?;
-        let mut records = self.artifacts.list(&key_dir(key)).await?;
-        records.sort();
-        let Some(newest_key) = records.pop() else { return Ok(()) };
-        let Some(newest) = self.artifacts.get_json::<Record>(&newest_key).await? else { return Ok(()) };
-        for older_key in records {
-            if let Some(older) = self.artifacts.get_json::<Record>(&older_key).await? {
+        let mut names = self.artifacts.list(&key_dir(key)).await?;
+        names.sort();
+        let mut records = Vec::with_capacity(names.len());
+        for name in names {
+            match self.artifacts.get_json::<Record>(&name).await {
+                Ok(Some(r)) => records.push((name, r)),
+                Ok(None) => {}
+                Err(CommonError::Codec(e)) => tracing::error!(record = %name, error = %e, key, "unreadable coalescing record: passed over"),
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((_, newest)) = records.pop() else { return Ok(()) };
+        for (older_key, older) in records {
+            if older.job_id != newest.job_id {
                 self.supersede(ch, &older, &newest.job_id).await?;
             }
             self.artifacts.delete(&older_key).await?;

@@ -169,6 +169,48 @@ async fn latest_wins_across_two_racing_submitters() {
     env.cleanup().await;
 }
 
+/// One job queued twice (`submit --coalesce --idempotency-key K` run again: the same id, a
+/// later `submitted_at`) is not superseded by itself: it used to get a cancel marker naming
+/// itself and never run. A record under the key that cannot be read is passed over: coalescing
+/// goes on for the key (it used to end the session on every redelivery, for ever).
+#[tokio::test]
+async fn a_job_queued_twice_is_not_superseded_by_itself_and_an_unreadable_record_jams_nothing() {
+    use trainyard::coalesce::key_dir;
+    let env = Env::new(&["noop"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
+    let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, BTreeMap::new());
+    let conn = amqp::connect(URL, "coalesce-twice").await.unwrap();
+    let ch = amqp::confirm_channel(&conn).await.unwrap();
+    let keyed = || {
+        let mut spec = noop("twice-bot", 10, Priority::Normal);
+        spec.coalesce_key = Some(spec.bot_coalesce_key());
+        spec
+    };
+    let first = keyed();
+    let mut again = first.clone();
+    again.submitted_at += chrono::Duration::seconds(1);
+    coalescer.coalesce(&ch, &first).await.unwrap();
+    coalescer.coalesce(&ch, &again).await.unwrap();
+    let marker = |id: &str| {
+        let (artifacts, key) = (env.artifacts.clone(), keys::cancel_marker(id));
+        async move { artifacts.get(&key).await }
+    };
+    assert!(marker(&first.job_id).await.unwrap().is_none(), "a job queued twice is not superseded by itself");
+
+    let key = first.coalesce_key.clone().unwrap();
+    env.artifacts.put(&format!("{}00000000000000000001-garbage.json", key_dir(&key)), "{not json").await.unwrap();
+    let mut newer = keyed();
+    newer.submitted_at = again.submitted_at + chrono::Duration::seconds(1);
+    coalescer.coalesce(&ch, &newer).await.expect("an unreadable record is passed over");
+    let m = marker(&first.job_id).await.unwrap().expect("the older job is superseded by the newer one");
+    assert!(String::from_utf8_lossy(&m).contains(&newer.job_id), "{}", String::from_utf8_lossy(&m));
+    assert!(marker(&newer.job_id).await.unwrap().is_none());
+    conn.close(200, "done".into()).await.unwrap();
+    store.close().await;
+    env.cleanup().await;
+}
+
 /// With `[policy.noop] supersede_running = true`, a newer job with the same key
 /// cancels the older one while it runs; the newer one runs.
 #[tokio::test]
