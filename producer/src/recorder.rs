@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use trainyard_common::reconnect::{self, ReconnectPolicy, SessionEnd};
 use trainyard_common::{amqp::connect, codec, metrics::ControlMetrics, topology::Topology, CommonError, JobEvent};
 
-use crate::store::{DeadLetter, Recorded, Store, StoreError};
+use crate::store::{DeadLetter, ParkedEvent, Recorded, Store, StoreError};
 
 /// Most event deliveries recorded in one store transaction.
 pub const BATCH: usize = 1024;
@@ -284,6 +284,11 @@ impl Recorder {
                     .nack(BasicNackOptions { requeue: true, multiple: false })
                     .await
                     .map_err(CommonError::amqp("nack a delivery"))?;
+                // Broker trouble (the publishing channel closed) ends the session: a new one
+                // reconnects, where going on would return every letter for ever.
+                if !matches!(e, RecorderError::Store(_)) {
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -337,7 +342,24 @@ impl Recorder {
             m.dead_letters.with_label_values(&[letter.job_type.as_str(), letter.kind.as_str()]).inc();
         }
         if let Some(event) = event {
-            self.record(&event).await?;
+            match self.record(&event).await {
+                Ok(()) => {}
+                // Often the job's only final event (a crash loop the broker dead-lettered): parked
+                // where `events parked` shows it and `events reprocess` records it, never dropped.
+                Err(e) if !e.retryable() => {
+                    tracing::error!(error = %e, job_id = %event.job_id, "the store refuses a dead letter's final event; parking it");
+                    let reason = format!("the job store refused the final event of a dead letter: {e}");
+                    let parked = ParkedEvent::new(
+                        &event.routing_key(),
+                        Some(codec::JSON),
+                        &codec::to_json(&event).map_err(CommonError::from)?,
+                        &reason,
+                    );
+                    self.store.park(&[parked]).await?;
+                    self.count(&[], 1, &[]);
+                }
+                Err(e) => return Err(e.into()),
+            }
             // In the audit stream too, so that a rebuild records what the store has (a worker's
             // own `dead` event sorts before it; one the broker dead-lettered has no other).
             trainyard_common::amqp::publish_event(publish, &self.topology, &event).await?;

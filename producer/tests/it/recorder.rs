@@ -456,3 +456,56 @@ async fn a_replayed_runs_events_from_a_slow_clock_are_filed_under_their_run() {
     recorder.stop().await;
     cleanup(&topo, &["noop"]).await;
 }
+
+/// A dead letter whose final event the store refuses for what it is (here a trigger refuses
+/// every `dead` event) is recorded and acked, and its final event, often the job's only one (a
+/// crash loop the broker dead-lettered), is parked where `events parked` shows it: it used to
+/// be dropped, the job left `started` for ever.
+#[tokio::test]
+async fn a_dead_letters_final_event_the_store_refuses_is_parked_not_dropped() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let job = spec("noop", "bot-refused");
+    store
+        .execute_raw(
+            "CREATE TRIGGER refuse_dead BEFORE INSERT ON job_events WHEN NEW.status = 'dead' \
+             BEGIN SELECT RAISE(ABORT, 'no dead events here'); END",
+        )
+        .await
+        .unwrap();
+    let recorder = spawn_recorder(&store, &topo);
+    let mut h = FieldTable::default();
+    headers::set_str(&mut h, headers::DEAD_REASON, "unknown param `colour`");
+    headers::set_str(&mut h, headers::DEAD_KIND, "permanent");
+    headers::set_str(&mut h, headers::JOB_ID, job.job_id.clone());
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h);
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), props).await;
+    let parked = eventually(20, "the final event parked", || async {
+        let p = store.parked_events().await.unwrap();
+        p.iter().any(|p| p.reason.contains("final event of a dead letter")).then_some(p)
+    })
+    .await;
+    // Its copy on the stream is refused and parked too (as the same entry, or one more).
+    for p in &parked {
+        assert!(p.reason.contains("no dead events here"), "{}", p.reason);
+        assert_eq!(p.routing_key, "noop.dead");
+        let event: JobEvent = codec::decode(p.content_type.as_deref(), &p.body_bytes().unwrap()).unwrap();
+        assert_eq!((event.job_id.as_str(), event.status), (job.job_id.as_str(), JobStatus::Dead));
+    }
+    let letters = store.dead_letters(Some("noop")).await.unwrap();
+    assert_eq!(letters.iter().filter_map(|l| l.job_id.as_deref()).collect::<Vec<_>>(), [job.job_id.as_str()], "the letter is listed");
+    recorder.stop().await;
+    let left = ch
+        .queue_declare(
+            topo.dead_recorder_queue().as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(left, 0, "the letter is acked");
+    cleanup(&topo, &["noop"]).await;
+}
