@@ -140,6 +140,9 @@ fn a_worker_refuses_a_default_device_or_log_format_it_cannot_use() {
         (&["--device", "cuda"][..], "cuda"),
         (&["--log-format", "txt"][..], "txt"),
         (&["--consumer-timeout-s", "0"][..], "consumer-timeout-s"),
+        (&["--heartbeat-s", "0"][..], "--heartbeat-s"),
+        (&["--heartbeat-s", "11"][..], "--heartbeat-s"),
+        (&["--concurrency", "0"][..], "--concurrency"),
     ] {
         // The workspace's test build is CPU-only; a worker that starts anyway is stopped, and fails the test.
         let mut child = Command::new(bin("trainyard-worker"))

@@ -62,6 +62,11 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     for job_type in shared.registry.job_types() {
         cfg.topology.declare_job_type(&publish, &job_type).await?;
     }
+    // A new session declares its retry queues again: a broker that lost its definitions (or
+    // an operator) may have deleted them, and a retry to a missing queue is unroutable.
+    if let Ok(mut declared) = shared.retry_queues.lock() {
+        declared.clear();
+    }
     let lost = CancellationToken::new();
     let stop_jobs = lost.child_token();
     let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone(), held: Held::default() };
