@@ -11,6 +11,9 @@ use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 use trainyard_common::{amqp::publish_confirmed, codec, topology::Topology, version::SchemaVersion, CommonError};
 
+/// Every action an audit record can have (what `trainyard audit --action` accepts).
+pub const ACTIONS: &[&str] = &["submit", "cancel", "retry", "replay", "promote", "rollback"];
+
 /// The AMQP `type` property of an audit record on the events exchange.
 pub const AUDIT_TYPE: &str = "trainyard.audit";
 

@@ -162,3 +162,39 @@ fn print_event(ev: &trainyard_common::JobEvent) {
     };
     eprintln!("  {} attempt {}{worker}{detail}", ev.status, ev.attempt);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::build_params;
+    use serde_json::json;
+
+    #[test]
+    fn params_come_from_the_file_then_each_param_as_json_else_a_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("params.json");
+        std::fs::write(&file, r#"{"epochs": 5, "dataset": "a.json"}"#).unwrap();
+        let pairs = ["epochs=20", "note=hello world", "lr=0.5", "tags=[\"x\"]", "empty="].map(String::from);
+        let p = build_params(Some(&file), &pairs).unwrap();
+        assert_eq!(p, json!({"epochs": 20, "dataset": "a.json", "note": "hello world", "lr": 0.5, "tags": ["x"], "empty": ""}));
+        assert_eq!(build_params(None, &[]).unwrap(), json!({}));
+    }
+
+    #[test]
+    fn bad_params_are_refused_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let (array, broken) = (dir.path().join("array.json"), dir.path().join("broken.json"));
+        std::fs::write(&array, "[1, 2]").unwrap();
+        std::fs::write(&broken, "{\"epochs\": ").unwrap();
+        let missing = dir.path().join("missing.json");
+        for (file, pairs, says) in [
+            (Some(&array), vec![], "must hold a JSON object"),
+            (Some(&broken), vec![], "is not JSON"),
+            (Some(&missing), vec![], "failed to read params file"),
+            (None, vec!["epochs".to_string()], "is not KEY=VALUE"),
+            (None, vec!["=5".to_string()], "has an empty key"),
+        ] {
+            let e = format!("{:#}", build_params(file, &pairs).unwrap_err());
+            assert!(e.contains(says), "{file:?} {pairs:?}: {e}");
+        }
+    }
+}

@@ -148,6 +148,10 @@ impl Ops {
         if filter.limit != 0 {
             crate::store::check_limit(filter.limit).map_err(OpsError::BadRequest)?;
         }
+        // A misspelt action would list nothing, which reads as "nobody did it".
+        if let Some(a) = filter.action.as_deref().filter(|a| !crate::audit::ACTIONS.contains(a)) {
+            return Err(OpsError::BadRequest(format!("unknown action {a:?}: one of {}", crate::audit::ACTIONS.join(", "))));
+        }
         Ok(self.store.audit(filter).await?)
     }
 
@@ -286,7 +290,8 @@ impl Ops {
         Ok(req)
     }
 
-    /// Submits a finished job again as a new job (same type, bot and params).
+    /// Submits a finished job again as a new job: the same type, bot, params, attempts,
+    /// timeout, priority tier and coalescing key.
     pub async fn retry(&self, job_id: &str, by: &str, kind: trainyard_common::TriggerKind) -> Result<JobSpec, OpsError> {
         let job = self.job(job_id).await?;
         if !job.status.is_terminal() {
@@ -298,6 +303,8 @@ impl Ops {
         let mut spec = JobSpec::new(old.job_type, old.bot, old.params, Trigger { kind, source: format!("{by} (retry of {job_id})") });
         spec.max_attempts = old.max_attempts;
         spec.timeout_s = old.timeout_s;
+        spec.priority = old.priority;
+        spec.coalesce_key = old.coalesce_key;
         let spec = self.submit(spec).await?;
         self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": spec.job_id}))).await?;
         Ok(spec)

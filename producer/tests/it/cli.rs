@@ -46,7 +46,9 @@ async fn every_cli_command_works_directly_and_through_the_api() {
     let artifacts = ArtifactStore::open(server.artifacts_dir.path().to_str().unwrap()).unwrap();
 
     // A finished training job with outputs and a log, as a worker leaves it.
-    let trained = spec("intent-train", "banking");
+    let mut trained = spec("intent-train", "banking");
+    trained.priority = trainyard_common::job::Priority::High;
+    trained.coalesce_key = Some(trained.bot_coalesce_key());
     let id = trained.job_id.clone();
     publish_event(&ch, &server.topo, &JobEvent::queued(&trained)).await;
     publish_event(&ch, &server.topo, &JobEvent::new(&trained, JobStatus::Started, 1, event_seq(1, 0, 0))).await;
@@ -138,11 +140,18 @@ async fn every_cli_command_works_directly_and_through_the_api() {
     assert!(shown["artifacts_error"].as_str().is_some_and(|e| e.contains("metrics.json")), "{shown}");
     assert!(cli(&server, &["jobs", "show", &id]).await.get("artifacts_error").is_none());
 
-    // Retry a finished job: a new job with the same type, bot and params.
+    // Retry a finished job: a new job with the same type, bot, params, tier and coalescing key
+    // (the tier and key used to be dropped: an urgent job retried ran as a normal one).
     let retry = cli(&server, &["jobs", "retry", &id, "--server", &url, "--token", "admin-tok"]).await;
     assert_ne!(retry["job_id"], id.as_str());
-    let new_job = eventually(20, "retry recorded", || async { store.job(retry["job_id"].as_str().unwrap()).await.unwrap() }).await;
-    assert!(new_job.trigger.unwrap().source.contains(&id));
+    let new_job = eventually(20, "retry recorded", || async {
+        store.job(retry["job_id"].as_str().unwrap()).await.unwrap().filter(|j| j.spec.is_some())
+    })
+    .await;
+    assert!(new_job.trigger.clone().unwrap().source.contains(&id));
+    let new_spec = new_job.spec.unwrap();
+    assert_eq!(new_spec.priority, trainyard_common::job::Priority::High);
+    assert_eq!(new_spec.coalesce_key, trained.coalesce_key);
 
     // Models: promote the trained job, list, roll back.
     let promoted = cli(&server, &["models", "promote", &id]).await;

@@ -79,6 +79,8 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("GET", "/v1/audit", "/v1/audit?limit=x", 400).token("r-tok"),
         case("GET", "/v1/audit", "/v1/audit?limit=-5", 400).token("r-tok"),
         case("GET", "/v1/audit", "/v1/audit?actr=bob", 400).token("r-tok"),
+        case("GET", "/v1/audit", "/v1/audit?action=submitt", 400).token("r-tok"),
+        case("GET", "/v1/audit", "/v1/audit?action=rollback", 200).token("r-tok"),
         case("GET", "/v1/audit", "/v1/audit", 401),
         case("GET", "/v1/dlq", "/v1/dlq?type=noop", 200).token("r-tok"),
         case("GET", "/v1/dlq", "/v1/dlq?job_type=noop", 400).token("r-tok"),

@@ -398,3 +398,23 @@ fn train_cli_writes_reports_to_the_out_dir() {
         assert!(e.contains(says), "{e}");
     }
 }
+
+/// Every example job the README names reads as a job and its params as the handler's:
+/// a renamed parameter would otherwise surface only when someone runs the example.
+#[test]
+fn every_example_job_reads_and_its_params_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let spec = trainyard_worker::intent::cli::read_job_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        match spec.job_type.as_str() {
+            "intent-train" => drop(trainyard_worker::intent::params::TrainParams::parse(&spec.params).unwrap()),
+            "intent-eval" => drop(trainyard_worker::intent::params::EvalParams::parse(&spec.params).unwrap()),
+            other => panic!("{}: job type {other}", path.display()),
+        }
+        seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    seen.sort();
+    assert_eq!(seen, ["clinc150-best.json", "clinc150-full.json", "clinc150-small.json"]);
+}

@@ -107,7 +107,7 @@ pub enum DatasetError {
     #[error("cannot tell the format of {0:?}; set `format` to clinc, csv or jsonl")]
     UnknownFormat(String),
     /// A required split is missing.
-    #[error("dataset {file:?} has none of the splits {wanted:?} (it has {found:?})")]
+    #[error("dataset {file:?} lacks the splits {wanted:?} the job names (it has {found:?})")]
     MissingSplit {
         /// The file.
         file: String,
@@ -194,12 +194,13 @@ impl DatasetSpec {
         match self.read(root, &self.dataset)? {
             Raw::Named(mut named) => {
                 let wanted = self.train_splits.clone().unwrap_or_else(|| vec!["train".into(), "oos_train".into()]);
-                s.train = take_splits(&self.dataset, &mut named, &wanted, true)?;
+                let need = if self.train_splits.is_some() { Need::Each } else { Need::Any };
+                s.train = take_splits(&self.dataset, &mut named, &wanted, need)?;
                 let val = self.val_splits.clone().unwrap_or_else(|| vec!["val".into(), "oos_val".into()]);
                 // Splits the job names must exist; the default ones may be absent (held out instead).
-                s.val = take_splits(&self.dataset, &mut named, &val, self.val_splits.is_some())?;
+                s.val = take_splits(&self.dataset, &mut named, &val, Need::each_if(self.val_splits.is_some()))?;
                 let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
-                s.test = take_splits(&self.dataset, &mut named, &test, self.test_splits.is_some())?;
+                s.test = take_splits(&self.dataset, &mut named, &test, Need::each_if(self.test_splits.is_some()))?;
             }
             Raw::Rows(rows) => s.train = rows,
         }
@@ -231,7 +232,7 @@ impl DatasetSpec {
     }
 
     /// Loads the examples to evaluate on: `test_dataset` when given, else the test
-    /// splits of `dataset`, else all of its rows.
+    /// splits of `dataset` (each split `test_splits` names must be there), else all of its rows.
     pub fn load_for_eval(&self, root: &Path) -> Result<Vec<Example>, DatasetError> {
         let rel = self.test_dataset.as_deref().unwrap_or(&self.dataset);
         let v = self.load_eval_set(root, rel)?;
@@ -246,7 +247,9 @@ impl DatasetSpec {
             Raw::Rows(rows) => Ok(rows),
             Raw::Named(mut named) => {
                 let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
-                let v = take_splits(rel, &mut named, &test, false)?;
+                // Splits the job names must be there: a typo would evaluate on every row, the
+                // training rows included. Without names, the test splits, else every row.
+                let v = take_splits(rel, &mut named, &test, Need::each_if(self.test_splits.is_some()))?;
                 if v.is_empty() {
                     Ok(named.into_values().flatten().collect())
                 } else {
@@ -286,24 +289,43 @@ pub fn guess_format(path: &Path, bytes: &[u8]) -> Option<Format> {
     header.contains(',').then_some(Format::Csv)
 }
 
+/// Which of the wanted splits a file must have.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// Each one: the job named them.
+    Each,
+    /// At least one (the default training splits).
+    Any,
+    /// None (default splits that may be held out instead).
+    Nothing,
+}
+
+impl Need {
+    fn each_if(named_by_the_job: bool) -> Self {
+        if named_by_the_job {
+            Need::Each
+        } else {
+            Need::Nothing
+        }
+    }
+}
+
 fn take_splits(
     file: &str,
     named: &mut BTreeMap<String, Vec<Example>>,
     wanted: &[String],
-    required: bool,
+    need: Need,
 ) -> Result<Vec<Example>, DatasetError> {
-    let mut out = Vec::new();
-    let mut any = false;
-    for w in wanted {
-        if let Some(v) = named.remove(w) {
-            any = true;
-            out.extend(v);
-        }
+    let missing: Vec<String> = wanted.iter().filter(|w| !named.contains_key(*w)).cloned().collect();
+    let short = match need {
+        Need::Each => !missing.is_empty(),
+        Need::Any => missing.len() == wanted.len(),
+        Need::Nothing => false,
+    };
+    if short {
+        return Err(DatasetError::MissingSplit { file: file.into(), wanted: missing, found: named.keys().cloned().collect() });
     }
-    if required && !any {
-        return Err(DatasetError::MissingSplit { file: file.into(), wanted: wanted.to_vec(), found: named.keys().cloned().collect() });
-    }
-    Ok(out)
+    Ok(wanted.iter().filter_map(|w| named.remove(w)).flatten().collect())
 }
 
 /// Splits off about `fraction` of each class (shuffled with `seed`); a class keeps at least one training example.
@@ -380,6 +402,14 @@ mod tests {
             let e = bad.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err();
             assert!(matches!(e, DatasetError::MissingSplit { .. }), "{e}");
         }
+        // Evaluation too (it used to take every row, the training rows included), and a
+        // list of which only some splits exist (the others were dropped in silence).
+        let e = spec(Some("tset"), None).load_for_eval(dir.path()).unwrap_err();
+        assert!(matches!(&e, DatasetError::MissingSplit { wanted, .. } if wanted == &["tset"]), "{e}");
+        let partly = DatasetSpec { test_splits: Some(vec!["test".into(), "oos_tset".into()]), ..spec(None, None) };
+        let e = partly.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err();
+        assert!(matches!(&e, DatasetError::MissingSplit { wanted, .. } if wanted == &["oos_tset"]), "{e}");
+        assert_eq!(spec(None, None).load_for_eval(dir.path()).unwrap().len(), 4, "the default test split");
     }
 
     #[test]
