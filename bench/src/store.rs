@@ -168,6 +168,7 @@ async fn start_serve(amqp_url: &str, prefix: &str, url: &str) -> anyhow::Result<
         config: ControlConfig::default(),
         body_limit: 1 << 20,
         demand_interval: Duration::from_secs(5),
+        consumer_timeout: Duration::from_secs(trainyard_common::job::DEFAULT_CONSUMER_TIMEOUT_S),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

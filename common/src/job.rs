@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// (`--consumer-timeout-s` 1800). Longer jobs say so (`--timeout`, up to [`MAX_TIMEOUT_S`])
 /// and need a broker that allows it (docs/operations.md).
 pub const DEFAULT_TIMEOUT_S: u64 = 1500;
+/// RabbitMQ's default `consumer_timeout` (30 min): what a worker and a control plane assume
+/// unless told (`--consumer-timeout-s` / `TRAINYARD_CONSUMER_TIMEOUT_S`).
+pub const DEFAULT_CONSUMER_TIMEOUT_S: u64 = 1800;
 /// Longest allowed job timeout: the broker's `consumer_timeout` must be above it.
 pub const MAX_TIMEOUT_S: u64 = 6 * 3600;
 /// Upper bound on `max_attempts`, below the quorum queue's delivery limit.

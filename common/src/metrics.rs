@@ -61,7 +61,7 @@ pub const JOBS_FINISHED_TOTAL: &str = "trainyard_jobs_finished_total";
 pub const DEAD_LETTERS_TOTAL: &str = "trainyard_dead_letters_total";
 /// Schedule fires claimed and published by this replica, by schedule (control plane).
 pub const SCHEDULE_FIRES_TOTAL: &str = "trainyard_schedule_fires_total";
-/// Trigger events received, by rule and outcome (`fired`, `debounced`, `ignored`) (control plane).
+/// Trigger events received, by rule and outcome (`fired`, `debounced`, `parked`; rule `none` for an event no rule could read or matches) (control plane).
 pub const TRIGGER_EVENTS_TOTAL: &str = "trainyard_trigger_events_total";
 /// HTTP requests of the control-plane API, by route and status code.
 pub const HTTP_REQUESTS_TOTAL: &str = "trainyard_http_requests_total";

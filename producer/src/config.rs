@@ -167,8 +167,15 @@ fn default_debounce() -> u64 {
 
 pub use crate::cron_expr::parse_cron;
 
-/// The longest debounce window of a trigger rule: a week.
+/// The longest debounce window of a trigger rule: a week (a control plane refuses windows
+/// its broker's consumer timeout would cut: [`longest_debounce_s`]).
 pub const MAX_DEBOUNCE_S: u64 = 7 * 24 * 3600;
+
+/// The longest debounce window under a broker `consumer_timeout` of `consumer_timeout_s`:
+/// the timeout less a tenth (1,620 s at RabbitMQ's default 1,800 s).
+pub fn longest_debounce_s(consumer_timeout_s: u64) -> u64 {
+    consumer_timeout_s - consumer_timeout_s / 10
+}
 
 impl ScheduleConfig {
     /// The job a fire of this schedule submits (its id is set by the fire).
@@ -230,6 +237,45 @@ impl ControlConfig {
         self.check_known(&t.job_type)
     }
 
+    /// Checks the configuration against the settings `serve` runs with: every schedule, rule
+    /// and policy names one of `job_types` (the effective list: `--types`, else the file's,
+    /// else the built-in ones), and every debounce window closes well before the broker's
+    /// `consumer_timeout` (the events of a burst stay unacked until their job is out: a window
+    /// past the timeout would have the broker close the channel and the burst start over, for ever).
+    pub fn check_settings(&self, job_types: &[String], consumer_timeout: std::time::Duration) -> Result<(), String> {
+        let known = |what: &str, name: &str, job_type: &str| {
+            if job_types.iter().any(|t| t == job_type) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} {name:?}: job type {job_type:?} is not one this control plane serves ({job_types:?}; \
+                     set them with job_types in the file or --types / TRAINYARD_JOB_TYPES)"
+                ))
+            }
+        };
+        for s in &self.schedules {
+            known("schedule", &s.name, &s.job_type)?;
+        }
+        for t in &self.triggers {
+            known("trigger", &t.name, &t.job_type)?;
+        }
+        for name in self.policies.keys() {
+            known("policy", name, name)?;
+        }
+        let ct = consumer_timeout.as_secs();
+        let longest = longest_debounce_s(ct);
+        if let Some(t) = self.triggers.iter().find(|t| t.debounce_s > longest) {
+            return Err(format!(
+                "trigger {:?}: debounce_s {} is longer than the broker's consumer_timeout ({ct} s, \
+                 --consumer-timeout-s / TRAINYARD_CONSUMER_TIMEOUT_S) allows: at most {longest} s \
+                 (a tenth of the timeout is kept for submitting the job); raise the broker's \
+                 consumer_timeout and the setting together, or shorten the window",
+                t.name, t.debounce_s
+            ));
+        }
+        Ok(())
+    }
+
     /// With `job_types` given, a schedule or rule must name one of them.
     fn check_known(&self, job_type: &str) -> Result<(), String> {
         if self.job_types.is_empty() || self.job_types.iter().any(|t| t == job_type) {
@@ -281,6 +327,34 @@ mod tests {
         assert!(ControlConfig::parse("[policy.noop]\nsupersede_runing = true").is_err(), "a misspelt policy is refused");
         assert!(ControlConfig::parse("[[schedule]]\nname='x'\ncron='nope'\njob_type='noop'\nbot='b'").is_err());
         assert!(ControlConfig::parse("colour = 1").is_err());
+    }
+
+    /// A schedule, rule or policy for a type this control plane does not serve is refused at
+    /// start (a schedule of a misspelt type used to retry as unroutable every 5 s for ever, a
+    /// policy for it to leave the real type unlimited), and so is a debounce window the
+    /// broker's consumer timeout would cut (the burst would start over for ever).
+    #[test]
+    fn a_configuration_is_refused_for_types_not_served_and_windows_past_the_consumer_timeout() {
+        use std::time::Duration;
+        let types = vec!["noop".to_string(), "intent-train".to_string()];
+        let ct = Duration::from_secs(1800);
+        let parse = |text: &str| ControlConfig::parse(text).unwrap();
+        let schedule = |ty: &str| format!("[[schedule]]\nname='s'\ncron='0 2 * * *'\njob_type='{ty}'\nbot='b'\n");
+        let trigger =
+            |ty: &str, debounce: u64| format!("[[trigger]]\nname='t'\nrouting_key='k'\njob_type='{ty}'\nbot='b'\ndebounce_s={debounce}\n");
+        for ok in [schedule("noop"), trigger("intent-train", 1620), "[policy.noop]\nfair_share = true".into()] {
+            parse(&ok).check_settings(&types, ct).unwrap();
+        }
+        for (text, says) in [
+            (schedule("intent-trian"), "schedule \"s\": job type \"intent-trian\" is not one this control plane serves"),
+            (trigger("nope", 0), "trigger \"t\": job type \"nope\""),
+            ("[policy.intent-trian]\nfair_share = true".into(), "policy \"intent-trian\""),
+            (trigger("noop", 1621), "at most 1620 s"),
+        ] {
+            let e = parse(&text).check_settings(&types, ct).unwrap_err();
+            assert!(e.contains(says), "{text}\n=> {e}");
+        }
+        assert_eq!(longest_debounce_s(25_200), 22_680);
     }
 
     #[test]

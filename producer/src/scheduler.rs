@@ -6,7 +6,11 @@
 //! A fire whose publication failed (broker down at fire time) stays claimed but
 //! unpublished; every tick retries such fires whose claim is older than
 //! [`RETRY_AFTER`], taking the retry over with a conditional update so that one
-//! replica at a time publishes it, until it is published.
+//! replica at a time publishes it, until it is published. The claim is a lease:
+//! it is stamped when its publish starts (not when the tick started), a publish
+//! is given up after [`PUBLISH_TIMEOUT`], well inside the lease, and noting a
+//! published fire is tried a few times before the lease can run out, so no other
+//! replica publishes a fire while its first publish may still land.
 //!
 //! The clock is injected: [`Scheduler::tick`] takes `now`, so the logic is
 //! tested without sleeping.
@@ -28,7 +32,11 @@ use crate::{
 pub const GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
 /// A claimed fire still unpublished this long after its claim is retried (by any replica).
-pub const RETRY_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+pub const RETRY_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+/// How long one publish of a fire may take before it is given up (and retried after
+/// [`RETRY_AFTER`]): a broker failing over can hold a confirm for seconds.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors of a scheduler tick.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +53,14 @@ pub enum ScheduleError {
         at: DateTime<Utc>,
         /// Cause.
         source: trainyard_common::CommonError,
+    },
+    /// The broker did not confirm within [`PUBLISH_TIMEOUT`].
+    #[error("the fire of schedule {schedule} at {at} was not confirmed within {} s; retried after the claim's lease", PUBLISH_TIMEOUT.as_secs())]
+    PublishTimedOut {
+        /// Schedule.
+        schedule: String,
+        /// Fire time.
+        at: DateTime<Utc>,
     },
 }
 
@@ -118,6 +134,9 @@ impl Scheduler {
     /// The first tick of a schedule starts from its last recorded fire (so
     /// missed fires apply), or from `now` when it never fired.
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<Vec<JobSpec>, ScheduleError> {
+        // A claim is stamped when its publish starts: the earlier fires of a tick take time.
+        let started = std::time::Instant::now();
+        let claim_time = || now + chrono::TimeDelta::from_std(started.elapsed()).unwrap_or_default();
         let mut published = Vec::new();
         let mut failed = None;
         let mut last = self.last.lock().await;
@@ -125,7 +144,7 @@ impl Scheduler {
             // Fires claimed earlier whose publication failed: until published.
             let stale = now - RETRY_AFTER;
             for (at, job_id) in self.store.unpublished_fires(&s.cfg.name, stale).await? {
-                if !self.store.reclaim_fire(&s.cfg.name, at, stale, now).await? {
+                if !self.store.reclaim_fire(&s.cfg.name, at, stale, claim_time()).await? {
                     continue; // Another replica is retrying it.
                 }
                 match self.publish(s, at, job_id).await {
@@ -141,7 +160,7 @@ impl Scheduler {
                 s.cron.after(&from.with_timezone(&s.tz)).map(|t| t.with_timezone(&Utc)).take_while(|t| *t <= now).take(10_000).collect();
             for at in select_fires(&times, now, s.cfg.missed) {
                 let job_id = fire_job_id(&s.cfg.name, at);
-                if !self.store.claim_schedule_fire_at(&s.cfg.name, at, &job_id, now).await? {
+                if !self.store.claim_schedule_fire_at(&s.cfg.name, at, &job_id, claim_time()).await? {
                     continue; // Another replica has it.
                 }
                 match self.publish(s, at, job_id).await {
@@ -162,14 +181,35 @@ impl Scheduler {
     async fn publish(&self, s: &Parsed, at: DateTime<Utc>, job_id: String) -> Result<JobSpec, ScheduleError> {
         let mut spec = s.cfg.job_spec();
         spec.job_id = job_id;
-        self.submitter.submit(&spec).await.map_err(|source| ScheduleError::Publish { schedule: s.cfg.name.clone(), at, source })?;
-        self.store.mark_fire_published(&s.cfg.name, at).await?;
+        let failed = |source| ScheduleError::Publish { schedule: s.cfg.name.clone(), at, source };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.submitter.submit(&spec)).await {
+            Ok(sent) => sent.map_err(failed)?,
+            Err(_) => return Err(ScheduleError::PublishTimedOut { schedule: s.cfg.name.clone(), at }),
+        }
+        self.note_published(s, at).await?;
         if let Some(m) = &self.metrics {
             m.schedule_fires.with_label_values(&[s.cfg.name.as_str()]).inc();
             m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "schedule"]).inc();
         }
         tracing::info!(schedule = %s.cfg.name, fire_at = %at, job_id = %spec.job_id, "schedule fired");
         Ok(spec)
+    }
+
+    /// Notes a published fire, trying a few times within ~3 s: a store busy for a moment must
+    /// not leave the fire unpublished for another replica to publish again.
+    async fn note_published(&self, s: &Parsed, at: DateTime<Utc>) -> Result<(), ScheduleError> {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match self.store.mark_fire_published(&s.cfg.name, at).await {
+                Ok(()) => return Ok(()),
+                Err(e) if wait <= Duration::from_millis(1600) => {
+                    tracing::warn!(schedule = %s.cfg.name, fire_at = %at, error = %e, "noting a published fire failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Ticks every second until `shutdown`.

@@ -47,6 +47,8 @@ pub struct ServeSettings {
     pub body_limit: usize,
     /// How often the demand gauges are refreshed.
     pub demand_interval: Duration,
+    /// The broker's `consumer_timeout`: debounce windows must close well before it.
+    pub consumer_timeout: Duration,
 }
 
 /// Errors of the control plane.
@@ -64,6 +66,9 @@ pub enum ServeError {
     /// Metrics registration failed.
     #[error("failed to register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The configuration does not fit the settings (types served, consumer timeout).
+    #[error("the configuration does not fit this control plane: {0}")]
+    Settings(String),
     /// The HTTP server failed.
     #[error("failed to serve HTTP: {0}")]
     Http(std::io::Error),
@@ -79,6 +84,7 @@ pub enum ServeError {
 
 /// Runs the control plane on `listener` until `shutdown`.
 pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    settings.config.check_settings(&settings.job_types, settings.consumer_timeout).map_err(ServeError::Settings)?;
     let store = Store::open(&settings.database_url).await?;
     let artifacts = ArtifactStore::open(&settings.artifacts)?;
     let mut ops = Ops::new(store.clone(), artifacts.clone(), &settings.amqp_url, settings.topology.clone())?;

@@ -8,10 +8,20 @@
 //!   window of `debounce_s`; when it closes, **one** job is submitted with the
 //!   fields of the latest event. The events of a burst are acked only after
 //!   that job is confirmed, so a crash mid-window loses nothing.
-//! - `{{field}}` in the rule's bot and parameter strings is replaced by the
-//!   event's field; a string that is only `{{field}}` takes the field's JSON value.
+//! - Every rule whose pattern matches an event's routing key takes it (one event can
+//!   start a training and an evaluation); the event is acked once all of them kept it.
+//! - `{{field}}` in the rule's bot, parameter and coalescing-key strings is replaced by
+//!   the event's field; a string that is only `{{field}}` takes the field's JSON value.
+//!   An event without a field a template names is parked with the reason.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures::StreamExt;
 use lapin::{
@@ -62,14 +72,17 @@ pub fn source(rule: &TriggerRule) -> String {
     format!("{} ({})", rule.routing_key, rule.name)
 }
 
-/// Fills `{{field}}` placeholders of `template` from `event`.
-pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> serde_json::Value {
+/// Fills `{{field}}` placeholders of `template` from `event`. A field the event lacks is an
+/// error naming it: filled with nothing, a bot `bot-{{id}}` became `bot-` and a coalescing key
+/// `intent-train/{{bot}}` one key for every bot, whose jobs then superseded each other.
+pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> Result<serde_json::Value, String> {
     use serde_json::Value;
-    match template {
+    let field = |name: &str| event.get(name).ok_or_else(|| format!("the event has no field {name:?}"));
+    Ok(match template {
         Value::String(s) => {
             let t = s.trim();
             if let Some(name) = t.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")).filter(|n| !n.contains("{{")) {
-                return event.get(name.trim()).cloned().unwrap_or(Value::Null);
+                return field(name.trim()).cloned();
             }
             let mut out = String::new();
             let mut rest = s.as_str();
@@ -77,21 +90,19 @@ pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> serde_
                 // An opening without its closing is text.
                 let Some(end) = rest[start..].find("}}") else { break };
                 out.push_str(&rest[..start]);
-                let name = rest[start + 2..start + end].trim();
-                match event.get(name) {
-                    Some(Value::String(v)) => out.push_str(v),
-                    Some(v) => out.push_str(&v.to_string()),
-                    None => {}
+                match field(rest[start + 2..start + end].trim())? {
+                    Value::String(v) => out.push_str(v),
+                    v => out.push_str(&v.to_string()),
                 }
                 rest = &rest[start + end + 2..];
             }
             out.push_str(rest);
             Value::String(out)
         }
-        Value::Array(a) => Value::Array(a.iter().map(|v| render(v, event)).collect()),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), render(v, event))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(|v| render(v, event)).collect::<Result<_, _>>()?),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| Ok((k.clone(), render(v, event)?))).collect::<Result<_, String>>()?),
         other => other.clone(),
-    }
+    })
 }
 
 /// A burst of events for one (rule, bot), waiting for its window to close.
@@ -145,6 +156,28 @@ impl<T> Debouncer<T> {
     /// The next deadline.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.pending.values().map(|p| p.deadline).min()
+    }
+}
+
+/// A trigger event's delivery, acked once every rule that matched it has kept it: fired its
+/// job, parked the event, or fired the burst it joined.
+#[derive(Debug)]
+pub struct Held {
+    acker: Acker,
+    rules_left: AtomicUsize,
+}
+
+impl Held {
+    fn new(acker: Acker, rules: usize) -> Arc<Self> {
+        Arc::new(Self { acker, rules_left: AtomicUsize::new(rules) })
+    }
+
+    /// One rule has kept the event; the last one acks it.
+    async fn settle(self: Arc<Self>) -> Result<(), TriggerError> {
+        if self.rules_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack trigger events"))?;
+        }
+        Ok(())
     }
 }
 
@@ -210,7 +243,7 @@ impl Triggers {
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), TriggerError> {
         let (conn, mut consumer) = self.subscribe().await?;
-        let mut debouncer: Debouncer<Acker> = Debouncer::default();
+        let mut debouncer: Debouncer<Arc<Held>> = Debouncer::default();
         loop {
             let sleep_until = debouncer.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -255,58 +288,86 @@ impl Triggers {
         Ok((conn, consumer))
     }
 
-    /// Fires every debounced rule whose quiet time is over, then acks the events it held.
-    async fn fire_due(&self, debouncer: &mut Debouncer<Acker>) -> Result<(), TriggerError> {
+    /// Fires every debounced rule whose quiet time is over, then settles the events it held.
+    async fn fire_due(&self, debouncer: &mut Debouncer<Arc<Held>>) -> Result<(), TriggerError> {
         for ((rule_name, bot), p) in debouncer.due(Instant::now()) {
             let Some(rule) = self.rules.iter().find(|r| r.name == rule_name) else { continue };
             if let Err(reason) = self.fire(rule, &bot, &p.event, p.count).await? {
                 self.park(&rule.name, &rule.routing_key, p.event.to_string().as_bytes(), &reason).await?;
             }
-            for a in p.held {
-                a.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack trigger events"))?;
+            for held in p.held {
+                held.settle().await?;
             }
         }
         Ok(())
     }
 
-    /// One trigger event: parked when it is not a JSON object or its rule makes no bot name of
-    /// it, fired at once or held by the debouncer, acked once it is kept (an event no rule
-    /// matches is acked and dropped: nothing asked for it).
-    async fn take(&self, d: Delivery, debouncer: &mut Debouncer<Acker>) -> Result<(), TriggerError> {
-        let ack = |d: Delivery| async move { d.acker.ack(BasicAckOptions::default()).await.map(drop).map_err(CommonError::amqp("ack")) };
-        let key = d.routing_key.as_str().to_string();
-        let event: serde_json::Value = match serde_json::from_slice(&d.data) {
+    /// One trigger event: parked when it is not a JSON object, else taken by every rule whose
+    /// pattern matches its key, and acked once all of them kept it. One no rule matches came
+    /// through a binding this control plane does not hold (a removed rule's, or a newer
+    /// replica's while this older one is the active consumer): it is parked, not dropped.
+    async fn take(&self, d: Delivery, debouncer: &mut Debouncer<Arc<Held>>) -> Result<(), TriggerError> {
+        let Delivery { data, acker, routing_key, .. } = d;
+        let key = routing_key.as_str().to_string();
+        let event: serde_json::Value = match serde_json::from_slice(&data) {
             Ok(v @ serde_json::Value::Object(_)) => v,
             read => {
                 let reason = match read {
                     Err(e) => format!("not JSON: {e}"),
                     Ok(v) => format!("a JSON {}, not an object", json_kind(&v)),
                 };
-                self.park("none", &key, &d.data, &format!("a trigger event must be a JSON object: {reason}")).await?;
-                return Ok(ack(d).await?);
+                self.park("none", &key, &data, &format!("a trigger event must be a JSON object: {reason}")).await?;
+                return Held::new(acker, 1).settle().await;
             }
         };
-        // The first matching rule takes the event.
-        let Some(rule) = self.rules.iter().find(|r| topic_matches(&r.routing_key, &key)) else {
-            return Ok(ack(d).await?);
-        };
-        let bot = match render(&serde_json::Value::String(rule.bot.clone()), &event) {
-            serde_json::Value::String(s) if trainyard_common::job::valid_bot_name(&s) => s,
+        let rules: Vec<&TriggerRule> = self.rules.iter().filter(|r| topic_matches(&r.routing_key, &key)).collect();
+        let held = Held::new(acker, rules.len().max(1));
+        if rules.is_empty() {
+            let reason = format!(
+                "no rule of this control plane matches {key:?} (a binding left by a removed rule, or a rule \
+                 another replica's configuration has): republish it once a rule takes it"
+            );
+            self.park("none", &key, &data, &reason).await?;
+            return held.settle().await;
+        }
+        for rule in rules {
+            self.take_for(rule, &key, &data, &event, held.clone(), debouncer).await?;
+        }
+        Ok(())
+    }
+
+    /// `rule`'s share of an event: parked when the rule makes no bot name of it, fired at once,
+    /// or held by the debouncer until its burst fires.
+    async fn take_for(
+        &self,
+        rule: &TriggerRule,
+        key: &str,
+        data: &[u8],
+        event: &serde_json::Value,
+        held: Arc<Held>,
+        debouncer: &mut Debouncer<Arc<Held>>,
+    ) -> Result<(), TriggerError> {
+        let bot = match render(&serde_json::Value::String(rule.bot.clone()), event) {
+            Ok(serde_json::Value::String(s)) if trainyard_common::job::valid_bot_name(&s) => s,
             other => {
-                let reason = format!("rule {:?}: its bot template {:?} gives {other}, not a bot name", rule.name, rule.bot);
-                self.park(&rule.name, &key, &d.data, &reason).await?;
-                return Ok(ack(d).await?);
+                let gives = other.map_or_else(|missing| missing, |v| format!("gives {v}, not a bot name"));
+                let reason = format!("rule {:?}: its bot template {:?}: {gives}", rule.name, rule.bot);
+                self.park(&rule.name, key, data, &reason).await?;
+                return held.settle().await;
             }
         };
         if rule.debounce_s == 0 {
-            if let Err(reason) = self.fire(rule, &bot, &event, 1).await? {
-                self.park(&rule.name, &key, &d.data, &reason).await?;
+            if let Err(reason) = self.fire(rule, &bot, event, 1).await? {
+                self.park(&rule.name, key, data, &reason).await?;
             }
-            ack(d).await?;
-        } else if !debouncer.offer((rule.name.clone(), bot), event, d.acker, Instant::now(), Duration::from_secs(rule.debounce_s)) {
-            self.count(&rule.name, "debounced");
+            held.settle().await
+        } else {
+            let window = Duration::from_secs(rule.debounce_s);
+            if !debouncer.offer((rule.name.clone(), bot), event.clone(), held, Instant::now(), window) {
+                self.count(&rule.name, "debounced");
+            }
+            Ok(())
         }
-        Ok(())
     }
 
     /// Submits the job `rule` makes of `event` for `bot`; `Ok(Err(reason))` when it makes a job
@@ -318,13 +379,10 @@ impl Triggers {
         event: &serde_json::Value,
         burst: usize,
     ) -> Result<Result<(), String>, CommonError> {
-        let params = render(&rule.params, event);
-        let mut spec = JobSpec::new(&rule.job_type, bot, params, Trigger { kind: TriggerKind::Event, source: source(rule) });
-        spec.priority = rule.priority;
-        spec.coalesce_key = rule.coalesce_key.as_ref().map(|t| match render(&serde_json::Value::String(t.clone()), event) {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
-        });
+        let spec = match job_of(rule, bot, event) {
+            Ok(spec) => spec,
+            Err(reason) => return Ok(Err(format!("rule {:?}: {reason}", rule.name))),
+        };
         match self.submitter.submit(&spec).await {
             Ok(()) => {
                 tracing::info!(rule = %rule.name, bot, burst, job_id = %spec.job_id, "trigger fired");
@@ -341,6 +399,23 @@ impl Triggers {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The job `rule` makes of `event` for `bot`, or why it makes none (a field its templates
+/// name is missing, or its coalescing key is null).
+fn job_of(rule: &TriggerRule, bot: &str, event: &serde_json::Value) -> Result<JobSpec, String> {
+    use serde_json::Value;
+    let params = render(&rule.params, event).map_err(|e| format!("params: {e}"))?;
+    let mut spec = JobSpec::new(&rule.job_type, bot, params, Trigger { kind: TriggerKind::Event, source: source(rule) });
+    spec.priority = rule.priority;
+    if let Some(t) = &rule.coalesce_key {
+        spec.coalesce_key = Some(match render(&Value::String(t.clone()), event).map_err(|e| format!("coalesce_key: {e}"))? {
+            Value::String(s) => s,
+            Value::Null => return Err(format!("coalesce_key {t:?} gives null")),
+            other => other.to_string(),
+        });
+    }
+    Ok(spec)
 }
 
 /// The routing-key prefix of a parked trigger event (`trigger:<key>`), which `events
@@ -377,10 +452,14 @@ mod tests {
     fn templates_fill_fields() {
         let ev = json!({"bot": "banking", "dataset": "clinc150/x.json", "epochs": 5});
         let t = json!({"dataset": "{{dataset}}", "epochs": "{{ epochs }}", "note": "bot {{bot}} v{{epochs}}", "fixed": 1});
-        assert_eq!(render(&t, &ev), json!({"dataset": "clinc150/x.json", "epochs": 5, "note": "bot banking v5", "fixed": 1}));
+        assert_eq!(render(&t, &ev).unwrap(), json!({"dataset": "clinc150/x.json", "epochs": 5, "note": "bot banking v5", "fixed": 1}));
         // An opening without its closing is text, once (it was repeated).
-        assert_eq!(render(&json!("ab{{x"), &ev), json!("ab{{x"));
-        assert_eq!(render(&json!("{{bot}}-{{x"), &ev), json!("banking-{{x"));
+        assert_eq!(render(&json!("ab{{x"), &ev).unwrap(), json!("ab{{x"));
+        assert_eq!(render(&json!("{{bot}}-{{x"), &ev).unwrap(), json!("banking-{{x"));
+        // A field the event lacks is named, wherever the template uses it.
+        for t in [json!("{{bot_id}}"), json!("intent-train/{{bot_id}}"), json!({"a": ["{{bot_id}}"]})] {
+            assert_eq!(render(&t, &ev).unwrap_err(), "the event has no field \"bot_id\"", "{t}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

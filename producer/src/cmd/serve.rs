@@ -32,9 +32,14 @@ pub struct ServeArgs {
     /// Request body limit of the API, bytes (at least 1 KiB: a smaller one refuses every job).
     #[arg(long, default_value_t = DEFAULT_BODY_LIMIT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..))]
     body_limit: usize,
-    /// Seconds between refreshes of the demand gauges.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds between refreshes of the demand gauges (at least 1).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     demand_interval: u64,
+    /// The broker's `consumer_timeout` in seconds (the workers' setting): trigger debounce
+    /// windows must close well before it.
+    #[arg(long, env = "TRAINYARD_CONSUMER_TIMEOUT_S", default_value_t = trainyard_common::job::DEFAULT_CONSUMER_TIMEOUT_S,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    consumer_timeout_s: u64,
 }
 
 pub async fn serve(t: Target, url: &str, topology: Topology, a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -62,7 +67,8 @@ pub async fn serve(t: Target, url: &str, topology: Topology, a: ServeArgs) -> an
         tokens,
         config,
         body_limit: a.body_limit,
-        demand_interval: Duration::from_secs(a.demand_interval.max(1)),
+        demand_interval: Duration::from_secs(a.demand_interval),
+        consumer_timeout: Duration::from_secs(a.consumer_timeout_s),
     };
     let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("failed to listen on {}", a.listen))?;
     eprintln!("trainyard control plane on http://{}", listener.local_addr()?);

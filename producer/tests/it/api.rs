@@ -40,6 +40,7 @@ pub async fn start(types: &[&str], tokens: &str, body_limit: usize, config: Cont
         config,
         body_limit,
         demand_interval: Duration::from_millis(200),
+        consumer_timeout: Duration::from_secs(trainyard_common::job::DEFAULT_CONSUMER_TIMEOUT_S),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -6,7 +6,7 @@ use lapin::{options::BasicGetOptions, BasicProperties};
 use tokio_util::sync::CancellationToken;
 use trainyard::{
     config::{MissedFire, ScheduleConfig, TriggerRule},
-    scheduler::{fire_job_id, Scheduler},
+    scheduler::{fire_job_id, Scheduler, RETRY_AFTER},
     store::Store,
     submit::Submitter,
     triggers::Triggers,
@@ -124,9 +124,11 @@ async fn a_burst_of_trigger_events_yields_one_job() {
 }
 
 /// Never drop what cannot be read: a trigger event that can never become a job (not JSON, not
-/// an object, no bot in it, a rule whose job type no queue takes) is parked in the job store
-/// with the reason and acked; the good event beside them still fires, and `events reprocess`
-/// leaves the parked ones as they are (they are not job events).
+/// an object, no bot in it, a rule whose job type no queue takes, a coalescing key naming a
+/// field the event lacks, a key no rule of this control plane matches: a binding a removed
+/// rule left) is parked in the job store with the reason and acked; the good event beside them
+/// still fires, an event two rules match fires both, and `events reprocess` leaves the parked
+/// ones as they are (they are not job events).
 #[tokio::test]
 async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     let topo = topology();
@@ -143,7 +145,14 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
         priority: Default::default(),
         coalesce_key: None,
     };
-    let rules = vec![rule("updated", "bot.updated", "noop"), rule("ghost", "bot.ghost", "ghost-type")];
+    let keyed = TriggerRule { coalesce_key: Some("noop/{{team}}".into()), ..rule("keyed", "bot.keyed", "noop") };
+    let rules = vec![
+        rule("updated", "bot.updated", "noop"),
+        rule("ghost", "bot.ghost", "ghost-type"),
+        keyed,
+        rule("fan-a", "bot.fan", "noop"),
+        rule("fan-b", "bot.*", "noop"),
+    ];
     let triggers = Triggers::new(rules, Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None).with_store(store.clone());
     let stop = CancellationToken::new();
     let task = tokio::spawn({
@@ -152,30 +161,54 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let x = topo.triggers_exchange();
+    // What a removed rule leaves: a binding no rule of this control plane matches.
+    let q = triggers.queue_name();
+    ch.queue_bind(q.as_str().into(), x.as_str().into(), "removed.rule".into(), Default::default(), Default::default()).await.unwrap();
     for (key, body) in [
         ("bot.updated", &b"not json"[..]),
         ("bot.updated", b"[1, 2]"),
         ("bot.updated", br#"{"dataset": "d"}"#),
         ("bot.ghost", br#"{"bot": "banking"}"#),
+        ("bot.keyed", br#"{"bot": "keyed"}"#),
+        ("removed.rule", br#"{"bot": "removed"}"#),
         ("bot.updated", br#"{"bot": "banking"}"#),
+        ("bot.fan", br#"{"bot": "fanned"}"#),
     ] {
         publish_raw(&ch, &x, key, body, BasicProperties::default()).await;
     }
-    let parked = eventually(20, "four events parked", || async {
+    // `bot.*` (fan-b) matches every `bot.` key: it parks the object without a bot too (one
+    // entry: a parked entry's id is its key and body), and fires a plain noop job for
+    // `bot.ghost`, `bot.keyed`, `bot.updated` and `bot.fan`.
+    let parked = eventually(20, "the events parked", || async {
         let p = store.parked_events().await.unwrap();
-        (p.len() == 4).then_some(p)
+        (p.len() == 6).then_some(p)
     })
     .await;
     let reasons: Vec<&str> = parked.iter().map(|p| p.reason.as_str()).collect();
-    for says in ["not JSON", "a JSON array, not an object", "gives null, not a bot name", "cannot be published"] {
-        assert_eq!(reasons.iter().filter(|r| r.contains(says)).count(), 1, "{says}: {reasons:#?}");
+    for (says, times) in [
+        ("not JSON", 1),
+        ("a JSON array, not an object", 1),
+        ("the event has no field \"bot\"", 1),
+        ("cannot be published", 1),
+        ("coalesce_key: the event has no field \"team\"", 1),
+        ("no rule of this control plane matches \"removed.rule\"", 1),
+    ] {
+        assert_eq!(reasons.iter().filter(|r| r.contains(says)).count(), times, "{says}: {reasons:#?}");
     }
-    assert!(parked.iter().all(|p| p.routing_key.starts_with("trigger:bot.")), "{parked:?}");
+    assert!(parked.iter().all(|p| p.routing_key.starts_with("trigger:bot.") || p.routing_key == "trigger:removed.rule"), "{parked:?}");
     assert_eq!(parked.iter().find(|p| p.reason.contains("not JSON")).unwrap().body_bytes().unwrap(), b"not json", "kept as received");
-    let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
-    assert_eq!(jobs.iter().map(|j| j.bot.as_str()).collect::<Vec<_>>(), ["banking"], "the good event fired");
+    let jobs_queue = topo.jobs_queue("noop");
+    eventually(20, "six jobs", || async {
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let n = ch.queue_declare(jobs_queue.as_str().into(), passive, Default::default()).await.unwrap().message_count();
+        (n >= 6).then_some(())
+    })
+    .await;
+    let mut jobs: Vec<String> = drain(&ch, &jobs_queue).await.into_iter().map(|j| j.bot).collect();
+    jobs.sort();
+    assert_eq!(jobs, ["banking", "banking", "banking", "fanned", "fanned", "keyed"], "the good events fired, by every rule they match");
     let (recorded, still) = store.reprocess_parked(|_, _| Err("not an event".into())).await.unwrap();
-    assert_eq!((recorded, still), (0, 4));
+    assert_eq!((recorded, still), (0, 6));
     let after: Vec<String> = store.parked_events().await.unwrap().into_iter().map(|p| p.reason).collect();
     assert_eq!(after.iter().map(String::as_str).collect::<Vec<_>>(), reasons, "reasons kept");
     stop.cancel();
@@ -324,15 +357,16 @@ async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
     assert!(s.tick(t0).await.unwrap().is_empty());
     // Connections cut at fire time: the claim is taken, the publish fails.
     proxy.down();
-    let fire_at = t0 + chrono::TimeDelta::seconds(60);
+    let fire_at = t0 + chrono::TimeDelta::seconds(30);
     assert!(s.tick(fire_at).await.is_err(), "the publish must fail while the broker is unreachable");
     assert_eq!(store.schedule_fires("every-minute").await.unwrap().len(), 1, "claimed");
     assert!(drain(&ch, &topo.jobs_queue("noop")).await.is_empty());
     // Back: a later tick publishes it (retrying while the client reconnects), once.
     let _proxy = Proxy::start(proxy.port).await;
     let mut published = Vec::new();
-    for step in 1..=10 {
-        let now = fire_at + chrono::TimeDelta::seconds(6 * step);
+    // Retried once the claim's lease is over (30 s), before the next minute's fire.
+    for step in 0..=9 {
+        let now = fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(1 + 3 * step);
         if let Ok(p) = s.tick(now).await {
             published.extend(p);
             if !published.is_empty() {
@@ -350,5 +384,50 @@ async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
     }
     let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
     assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [fire_job_id("every-minute", first).as_str()]);
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// A fire published while the store cannot note it for a moment is noted once the store is
+/// back, within the same tick, and never published again: a failed note used to leave the
+/// fire unpublished in the store, so a later tick (of any replica) published it a second time.
+#[tokio::test]
+async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let cfg = ScheduleConfig {
+        name: "noted".into(),
+        cron: "* * * * *".into(),
+        timezone: "UTC".into(),
+        job_type: "noop".into(),
+        bot: "bot-n".into(),
+        params: serde_json::json!({}),
+        missed: MissedFire::Skip,
+        priority: Default::default(),
+        coalesce_key: None,
+    };
+    let s = Scheduler::new(vec![cfg], store.clone(), Submitter::new(AMQP_URL, topo.clone()).unwrap(), None);
+    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    assert!(s.tick(t0).await.unwrap().is_empty());
+    // Every update of `schedule_fires` fails for 0.5 s (claims are inserts and still work).
+    store
+        .execute_raw("CREATE TRIGGER refuse_notes BEFORE UPDATE ON schedule_fires BEGIN SELECT RAISE(ABORT, 'busy for a moment'); END")
+        .await
+        .unwrap();
+    let lift = tokio::spawn({
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            store.execute_raw("DROP TRIGGER refuse_notes").await.unwrap();
+        }
+    });
+    let fire_at = t0 + chrono::TimeDelta::seconds(30);
+    let published = s.tick(fire_at).await.expect("noted once the store is back");
+    assert_eq!(published.len(), 1);
+    lift.await.unwrap();
+    // Past the claim's lease: nothing is left to publish again.
+    assert!(s.tick(fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(5)).await.unwrap().is_empty());
+    assert_eq!(drain(&ch, &topo.jobs_queue("noop")).await.len(), 1, "published once");
     cleanup(&topo, &["noop"]).await;
 }

@@ -42,6 +42,7 @@ impl ControlPlane {
             config,
             body_limit: 64 * 1024,
             demand_interval: Duration::from_millis(500),
+            consumer_timeout: Duration::from_secs(trainyard_common::job::DEFAULT_CONSUMER_TIMEOUT_S),
         };
         let listener = tokio::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())).await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,8 +1,9 @@
 //! The series a control plane and a worker really export, as the dashboard, the alert
 //! rules and the autoscalers see them.
 //!
-//! Runs `trainyard serve` and `trainyard-worker run` as processes, submits a noop and an
-//! intent-train job through the HTTP API and publishes one poison message, then scrapes
+//! Runs `trainyard serve` (with a schedule and a trigger rule) and `trainyard-worker run` as
+//! processes, submits a noop and an intent-train job through the HTTP API, publishes one poison
+//! message and one trigger event, lets the schedule fire, then scrapes
 //! both `/metrics` and lists every series (name and label names) in
 //! `k8s/components/monitoring/series.txt`. `scripts/validate-k8s.sh` checks every query of
 //! `k8s/` against that file offline. This test fails when the file is out of date; to
@@ -116,8 +117,13 @@ async fn exported_series_match_the_committed_list() {
     std::fs::write(dirs.0.path().join("tiny.csv"), crate::intent::tiny_csv()).unwrap();
     let (api, metrics) = (free_port(), free_port());
     let common = |c: &mut Command| env.quiet_process(c, dirs.0.path());
+    // A schedule and a trigger rule: their counters have a series once each has fired.
+    let config = dirs.0.path().join("control.toml");
+    let toml = "[[schedule]]\nname = 'series-every-second'\ncron = '* * * * * *'\njob_type = 'noop'\nbot = 'series-sched'\n\n\
+                [[trigger]]\nname = 'series-rule'\nrouting_key = 'series.fired'\njob_type = 'noop'\nbot = '{{bot}}'\ndebounce_s = 0\n";
+    std::fs::write(&config, toml).unwrap();
     let mut serve = Command::new(bin("trainyard"));
-    serve.args(["serve", "--listen", &format!("127.0.0.1:{api}"), "--types", "noop,intent-train"]);
+    serve.args(["serve", "--listen", &format!("127.0.0.1:{api}"), "--types", "noop,intent-train"]).arg("--config").arg(&config);
     serve.env("TRAINYARD_DATABASE_URL", format!("sqlite://{}/store.db", dirs.1.path().display()));
     serve.env("TRAINYARD_API_TOKENS", format!("tests:admin:{TOKEN}"));
     common(&mut serve);
@@ -157,6 +163,24 @@ async fn exported_series_match_the_committed_list() {
         m.contains("trainyard_dead_letters_total{")
             && m.contains("trainyard_jobs_by_status{")
             && m.contains("trainyard_jobs_finished_total{")
+            && m.contains("trainyard_schedule_fires_total{")
+    })
+    .await;
+    // The trigger queue is bound once the listener is up: publish until the rule has fired.
+    let triggers = env.topo.triggers_exchange();
+    until("a trigger event in the control plane's metrics", || {
+        let (ch, triggers) = (env.ch.clone(), triggers.clone());
+        async move {
+            let props = BasicProperties::default().with_content_type("application/json".into());
+            let body = br#"{"bot": "series-trigger"}"#;
+            ch.basic_publish(triggers.as_str().into(), "series.fired".into(), Default::default(), body, props)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            scrape(api).await.contains("trainyard_trigger_events_total{")
+        }
     })
     .await;
 
@@ -167,7 +191,8 @@ async fn exported_series_match_the_committed_list() {
     all.extend(series("worker", &scrape(metrics).await));
     let mut text = String::from(
         "# Every series `trainyard serve` (control-plane) and `trainyard-worker run` (worker) export after a noop\n\
-         # job, an intent-train job and a poison message: component, name, label names (- for none).\n\
+         # job, an intent-train job, a poison message, a schedule fire and a trigger event: component, name, label\n\
+         # names (- for none).\n\
          # Written by tests/tests/e2e/series.rs (TRAINYARD_UPDATE_SERIES=1 rewrites it; the test fails when it\n\
          # differs); read by scripts/validate_k8s_promql.py, which checks every query in k8s/ against it.\n",
     );

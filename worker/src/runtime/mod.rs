@@ -83,7 +83,7 @@ pub struct WorkerConfig {
 }
 
 /// RabbitMQ's default `consumer_timeout` (30 min), the default of [`WorkerConfig::consumer_timeout`].
-pub const DEFAULT_CONSUMER_TIMEOUT_S: u64 = 1800;
+pub use trainyard_common::job::DEFAULT_CONSUMER_TIMEOUT_S;
 
 impl WorkerConfig {
     /// Settings for `amqp_url` and `topology` with laptop defaults for the rest.
@@ -263,12 +263,12 @@ impl Worker {
             return Err(RuntimeError::Config("no job types to consume".into()));
         }
         if config.concurrency == 0 {
-            return Err(RuntimeError::Config("concurrency must be at least 1".into()));
+            return Err(RuntimeError::Config("concurrency (--concurrency) must be at least 1".into()));
         }
         let beat = config.heartbeat_interval;
         if beat.is_zero() || beat > Duration::from_secs(trainyard_common::heartbeat::MAX_INTERVAL_S) {
             let max = trainyard_common::heartbeat::MAX_INTERVAL_S;
-            return Err(RuntimeError::Config(format!("the heartbeat interval must be 1 to {max} s, not {beat:?}")));
+            return Err(RuntimeError::Config(format!("the heartbeat interval (--heartbeat-s) must be 1 to {max} s, not {beat:?}")));
         }
         let metrics =
             WorkerMetrics::new(metrics_registry, &registry.job_types()).map_err(|e| RuntimeError::Config(format!("metrics: {e}")))?;
