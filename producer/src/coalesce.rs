@@ -137,8 +137,9 @@ impl Coalescer {
 
     /// Records `spec` under its key and supersedes every older record's job, except the newest
     /// job's own older records (one job queued twice: a `submit --idempotency-key` run again, a
-    /// fire published twice; superseded by itself it would never run). A record that cannot be
-    /// read names no job: it is left where it is, logged, and passed over (never a jam).
+    /// fire published twice; superseded by itself it would never run), and nothing at all when
+    /// the newest job will not run itself (marked or finished, then queued again). A record that
+    /// cannot be read names no job: it is left where it is, logged, and passed over (never a jam).
     pub async fn coalesce(&self, ch: &Channel, spec: &JobSpec) -> Result<(), CommonError> {
         let Some(key) = spec.coalesce_key.as_deref() else { return Ok(()) };
         let record = Record { job_id: spec.job_id.clone(), job_type: spec.job_type.clone() };
@@ -155,6 +156,13 @@ impl Coalescer {
             }
         }
         let Some((_, newest)) = records.pop() else { return Ok(()) };
+        // A newest job that will not run (already superseded or cancelled, or finished: queued
+        // again after that) supersedes nothing, or no job of the key would run.
+        let finished = self.store.job(&newest.job_id).await.ok().flatten().is_some_and(|j| j.status.is_terminal());
+        if finished || self.artifacts.exists(&keys::cancel_marker(&newest.job_id)).await? {
+            tracing::info!(job_id = %newest.job_id, key, "the newest job of the key will not run; superseding nothing");
+            return Ok(());
+        }
         for (older_key, older) in records {
             if older.job_id != newest.job_id {
                 self.supersede(ch, &older, &newest.job_id).await?;

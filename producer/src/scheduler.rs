@@ -38,6 +38,10 @@ pub const RETRY_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 /// [`RETRY_AFTER`]): a broker failing over can hold a confirm for seconds.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long one attempt to note a published fire may take: with its retries (~3 s of waits)
+/// all of them stay inside what the lease leaves after the publish.
+pub const NOTE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Errors of a scheduler tick.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
@@ -195,12 +199,15 @@ impl Scheduler {
         Ok(spec)
     }
 
-    /// Notes a published fire, trying a few times within ~3 s: a store busy for a moment must
-    /// not leave the fire unpublished for another replica to publish again.
+    /// Notes a published fire, trying a few times within [`NOTE_TIMEOUT`] (what the lease
+    /// leaves after a publish): a store busy for a moment must not leave the fire unpublished
+    /// for another replica to publish again.
     async fn note_published(&self, s: &Parsed, at: DateTime<Utc>) -> Result<(), ScheduleError> {
         let mut wait = Duration::from_millis(200);
         loop {
-            match self.store.mark_fire_published(&s.cfg.name, at).await {
+            let noted = tokio::time::timeout(NOTE_TIMEOUT, self.store.mark_fire_published(&s.cfg.name, at)).await;
+            let timed_out = || crate::store::StoreError::Query { what: "note a published fire".into(), source: sqlx::Error::PoolTimedOut };
+            match noted.unwrap_or_else(|_| Err(timed_out())) {
                 Ok(()) => return Ok(()),
                 Err(e) if wait <= Duration::from_millis(1600) => {
                     tracing::warn!(schedule = %s.cfg.name, fire_at = %at, error = %e, "noting a published fire failed; trying again");

@@ -10,6 +10,9 @@
 //!   that job is confirmed, so a crash mid-window loses nothing.
 //! - Every rule whose pattern matches an event's routing key takes it (one event can
 //!   start a training and an evaluation); the event is acked once all of them kept it.
+//!   An event delivered again (its session lost while a debounced rule held it) fires the
+//!   other rules again: give events a `message_id` and each rule's job id is derived from
+//!   it (UUID v5), so the second fire is the same job and runs once.
 //! - `{{field}}` in the rule's bot, parameter and coalescing-key strings is replaced by
 //!   the event's field; a string that is only `{{field}}` takes the field's JSON value.
 //!   An event without a field a template names is parked with the reason.
@@ -165,11 +168,13 @@ impl<T> Debouncer<T> {
 pub struct Held {
     acker: Acker,
     rules_left: AtomicUsize,
+    /// The event's AMQP `message_id`, when its publisher set one.
+    message_id: Option<String>,
 }
 
 impl Held {
-    fn new(acker: Acker, rules: usize) -> Arc<Self> {
-        Arc::new(Self { acker, rules_left: AtomicUsize::new(rules) })
+    fn new(acker: Acker, rules: usize, message_id: Option<String>) -> Arc<Self> {
+        Arc::new(Self { acker, rules_left: AtomicUsize::new(rules), message_id })
     }
 
     /// One rule has kept the event; the last one acks it.
@@ -210,15 +215,16 @@ impl Triggers {
     }
 
     /// Keeps an event that cannot become a job, with `reason`, where a person sees it
-    /// (`trainyard events parked`; its routing key is `trigger:<key>`), then counts it.
-    async fn park(&self, rule: &str, routing_key: &str, body: &[u8], reason: &str) -> Result<(), TriggerError> {
+    /// (`trainyard events parked`; its routing key is `trigger:<key>`), then counts it (in the
+    /// parked events the alert watches too when `alerting`).
+    async fn park(&self, rule: &str, routing_key: &str, body: &[u8], reason: &str, alerting: bool) -> Result<(), TriggerError> {
         tracing::warn!(rule, routing_key, reason, "parking a trigger event that cannot become a job");
         if let Some(store) = &self.store {
             let parked = ParkedEvent::new(&format!("{PARKED_PREFIX}{routing_key}"), Some(codec::JSON), body, reason);
             store.park(&[parked]).await?;
         }
-        self.count(rule, "parked");
-        if let Some(m) = &self.metrics {
+        self.count(rule, if alerting { "parked" } else { "unmatched" });
+        if let Some(m) = self.metrics.as_ref().filter(|_| alerting) {
             // The alert on parked events covers these too.
             m.events_parked.inc();
         }
@@ -292,8 +298,9 @@ impl Triggers {
     async fn fire_due(&self, debouncer: &mut Debouncer<Arc<Held>>) -> Result<(), TriggerError> {
         for ((rule_name, bot), p) in debouncer.due(Instant::now()) {
             let Some(rule) = self.rules.iter().find(|r| r.name == rule_name) else { continue };
-            if let Err(reason) = self.fire(rule, &bot, &p.event, p.count).await? {
-                self.park(&rule.name, &rule.routing_key, p.event.to_string().as_bytes(), &reason).await?;
+            let message_id = p.held.last().and_then(|h| h.message_id.clone());
+            if let Err(reason) = self.fire(rule, &bot, &p.event, p.count, message_id.as_deref()).await? {
+                self.park(&rule.name, &rule.routing_key, p.event.to_string().as_bytes(), &reason, true).await?;
             }
             for held in p.held {
                 held.settle().await?;
@@ -307,8 +314,9 @@ impl Triggers {
     /// through a binding this control plane does not hold (a removed rule's, or a newer
     /// replica's while this older one is the active consumer): it is parked, not dropped.
     async fn take(&self, d: Delivery, debouncer: &mut Debouncer<Arc<Held>>) -> Result<(), TriggerError> {
-        let Delivery { data, acker, routing_key, .. } = d;
+        let Delivery { data, acker, routing_key, properties, .. } = d;
         let key = routing_key.as_str().to_string();
+        let message_id = properties.message_id().as_ref().map(|m| m.to_string());
         let event: serde_json::Value = match serde_json::from_slice(&data) {
             Ok(v @ serde_json::Value::Object(_)) => v,
             read => {
@@ -316,18 +324,19 @@ impl Triggers {
                     Err(e) => format!("not JSON: {e}"),
                     Ok(v) => format!("a JSON {}, not an object", json_kind(&v)),
                 };
-                self.park("none", &key, &data, &format!("a trigger event must be a JSON object: {reason}")).await?;
-                return Held::new(acker, 1).settle().await;
+                self.park("none", &key, &data, &format!("a trigger event must be a JSON object: {reason}"), true).await?;
+                return Held::new(acker, 1, None).settle().await;
             }
         };
         let rules: Vec<&TriggerRule> = self.rules.iter().filter(|r| topic_matches(&r.routing_key, &key)).collect();
-        let held = Held::new(acker, rules.len().max(1));
+        let held = Held::new(acker, rules.len().max(1), message_id);
         if rules.is_empty() {
             let reason = format!(
                 "no rule of this control plane matches {key:?} (a binding left by a removed rule, or a rule \
                  another replica's configuration has): republish it once a rule takes it"
             );
-            self.park("none", &key, &data, &reason).await?;
+            // Not alerted on: a removed rule's binding would keep the alert firing (docs/operations.md).
+            self.park("none", &key, &data, &reason, false).await?;
             return held.settle().await;
         }
         for rule in rules {
@@ -352,13 +361,13 @@ impl Triggers {
             other => {
                 let gives = other.map_or_else(|missing| missing, |v| format!("gives {v}, not a bot name"));
                 let reason = format!("rule {:?}: its bot template {:?}: {gives}", rule.name, rule.bot);
-                self.park(&rule.name, key, data, &reason).await?;
+                self.park(&rule.name, key, data, &reason, true).await?;
                 return held.settle().await;
             }
         };
         if rule.debounce_s == 0 {
-            if let Err(reason) = self.fire(rule, &bot, event, 1).await? {
-                self.park(&rule.name, key, data, &reason).await?;
+            if let Err(reason) = self.fire(rule, &bot, event, 1, held.message_id.as_deref()).await? {
+                self.park(&rule.name, key, data, &reason, true).await?;
             }
             held.settle().await
         } else {
@@ -378,8 +387,9 @@ impl Triggers {
         bot: &str,
         event: &serde_json::Value,
         burst: usize,
+        message_id: Option<&str>,
     ) -> Result<Result<(), String>, CommonError> {
-        let spec = match job_of(rule, bot, event) {
+        let spec = match job_of(rule, bot, event, message_id) {
             Ok(spec) => spec,
             Err(reason) => return Ok(Err(format!("rule {:?}: {reason}", rule.name))),
         };
@@ -402,11 +412,18 @@ impl Triggers {
 }
 
 /// The job `rule` makes of `event` for `bot`, or why it makes none (a field its templates
-/// name is missing, or its coalescing key is null).
-fn job_of(rule: &TriggerRule, bot: &str, event: &serde_json::Value) -> Result<JobSpec, String> {
+/// name is missing, or its coalescing key is null). An event its publisher gave a
+/// `message_id` makes the same job id every time (UUID v5 of rule, bot and message id), so
+/// that an event delivered again (a session lost while another rule still held it) is the
+/// same job, which runs once; without one, each fire is a new job.
+fn job_of(rule: &TriggerRule, bot: &str, event: &serde_json::Value, message_id: Option<&str>) -> Result<JobSpec, String> {
     use serde_json::Value;
     let params = render(&rule.params, event).map_err(|e| format!("params: {e}"))?;
     let mut spec = JobSpec::new(&rule.job_type, bot, params, Trigger { kind: TriggerKind::Event, source: source(rule) });
+    if let Some(m) = message_id {
+        let name = format!("trigger\u{0}{}\u{0}{bot}\u{0}{m}", rule.name);
+        spec.job_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string();
+    }
     spec.priority = rule.priority;
     if let Some(t) = &rule.coalesce_key {
         spec.coalesce_key = Some(match render(&Value::String(t.clone()), event).map_err(|e| format!("coalesce_key: {e}"))? {

@@ -278,7 +278,7 @@ pub async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(req)).into_response())
 }
 
-/// `POST /v1/jobs/{id}/retry`: submits a finished job again as a new job.
+/// `POST /v1/jobs/{id}/retry`: submits a finished job again as a new job (same type, bot, params, tier and coalescing key).
 #[utoipa::path(post, path = "/jobs/{id}/retry", tag = "jobs", security(("bearer" = [])), params(("id" = String, Path, description = "job id")),
     responses((status = 201, description = "the new job, queued", body = Submitted),
         (status = 404, description = "no such job", body = ErrorBody),

@@ -84,7 +84,7 @@ pub enum JobsCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// Submit a finished job again, as a new job.
+    /// Submit a finished job again, as a new job (same type, bot, params, tier and coalescing key).
     Retry { id: String },
 }
 

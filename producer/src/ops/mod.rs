@@ -133,12 +133,18 @@ impl Ops {
         )))
     }
 
-    /// Keeps an operator action in the audit trail: in the store at once, and on the events
-    /// stream (so that `store rebuild` restores it; the recorder's copy is a duplicate).
+    /// Keeps an operator action in the audit trail: on the events stream first (confirmed:
+    /// the recorder records it from there, and `store rebuild` restores it), then in the store
+    /// at once so that the trail shows it without waiting for the recorder. The action is done
+    /// by then: a store that fails this write fails nothing (the stream's copy is recorded),
+    /// where it used to answer an error for a job already queued, whose client then submitted
+    /// it again.
     async fn audit(&self, by: &str, action: &str, target: &str, detail: Option<serde_json::Value>) -> Result<(), OpsError> {
         let record = AuditRecord::new(by, action, target, detail);
-        self.store.record_audit(std::slice::from_ref(&record)).await?;
         self.submitter.publish_audit(&record).await?;
+        if let Err(e) = self.store.record_audit(std::slice::from_ref(&record)).await {
+            tracing::warn!(error = %e, action, target, "the audit record is on the events stream; the store will have it from the recorder");
+        }
         Ok(())
     }
 

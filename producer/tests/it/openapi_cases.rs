@@ -123,12 +123,16 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
     c
 }
 
-/// With the job store's tables dropped and the artifact store's directory a file: every 503.
+/// With the job store's tables dropped and the artifact store's directory a file: every 503,
+/// but a plain submit, which needs only the broker (its audit record goes by the events stream).
 pub fn unavailable(a: &str, b: &str) -> Vec<Case> {
     vec![
         case("GET", "/readyz", "/readyz", 503),
         case("GET", "/v1/stream", "/v1/stream?max_s=1", 503).token("r-tok"),
-        case("POST", "/v1/jobs", "/v1/jobs", 503).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-d"})),
+        case("POST", "/v1/jobs", "/v1/jobs", 201).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-d"})),
+        case("POST", "/v1/jobs", "/v1/jobs", 503)
+            .token("s-tok")
+            .json(json!({"job_type": "noop", "bot": "bot-d", "idempotency_key": "k-down"})),
         case("GET", "/v1/jobs", "/v1/jobs", 503).token("r-tok"),
         case("GET", "/v1/jobs/{id}", format!("/v1/jobs/{a}"), 503).token("r-tok"),
         case("GET", "/v1/jobs/{id}/events", format!("/v1/jobs/{a}/events"), 503).token("r-tok"),

@@ -123,6 +123,70 @@ async fn a_burst_of_trigger_events_yields_one_job() {
     cleanup(&topo, &["noop"]).await;
 }
 
+/// An event an immediate rule and a debounced rule both take stays unacked until the debounced
+/// rule's job is out: a listener stopped inside the window leaves it in the queue (an ack at the
+/// first rule's fire would lose the second's job). Delivered again to the next listener, it fires
+/// both rules, the immediate one with the same job id as before (the event has a message id).
+#[tokio::test]
+async fn an_event_two_rules_take_is_acked_only_when_the_last_of_them_kept_it() {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let rule = |name: &str, debounce_s: u64| TriggerRule {
+        name: name.into(),
+        routing_key: "bot.mixed".into(),
+        job_type: "noop".into(),
+        bot: "{{bot}}".into(),
+        params: serde_json::json!({}),
+        debounce_s,
+        priority: Default::default(),
+        coalesce_key: None,
+    };
+    let triggers = Triggers::new(vec![rule("now", 0), rule("later", 3)], Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None);
+    let listen = || {
+        let (t, stop) = (triggers.clone(), CancellationToken::new());
+        let s = stop.clone();
+        (stop, tokio::spawn(async move { t.run(s).await }))
+    };
+    let (stop, task) = listen();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let props = BasicProperties::default().with_message_id("mixed-1".into());
+    publish_raw(&ch, &topo.triggers_exchange(), "bot.mixed", br#"{"bot": "mixed"}"#, props).await;
+    let first =
+        eventually(20, "the immediate rule's job", || async { Some(drain(&ch, &topo.jobs_queue("noop")).await).filter(|j| !j.is_empty()) })
+            .await;
+    assert_eq!(first.iter().map(|j| j.trigger.source.as_str()).collect::<Vec<_>>(), ["bot.mixed (now)"]);
+    // Inside the later rule's window: stop the listener.
+    stop.cancel();
+    task.await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let queue = triggers.queue_name();
+    let waiting = eventually(20, "the event back in its queue", || async {
+        let n = ch.queue_declare(queue.as_str().into(), passive, Default::default()).await.unwrap().message_count();
+        (n == 1).then_some(n)
+    })
+    .await;
+    assert_eq!(waiting, 1, "not acked before the debounced rule's job was out");
+    let (stop, task) = listen();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let again = eventually(20, "both rules' jobs", || async {
+        let drained = drain(&ch, &topo.jobs_queue("noop")).await;
+        let mut jobs = seen.lock().unwrap();
+        jobs.extend(drained);
+        jobs.sort_by(|a, b| a.trigger.source.cmp(&b.trigger.source));
+        (jobs.len() == 2).then(|| jobs.clone())
+    })
+    .await;
+    assert_eq!(again[0].trigger.source, "bot.mixed (later)");
+    assert_eq!(again[1].job_id, first[0].job_id, "the immediate rule's job again, with the same id");
+    let n = ch.queue_declare(queue.as_str().into(), passive, Default::default()).await.unwrap().message_count();
+    assert_eq!(n, 0, "acked once both kept it");
+    stop.cancel();
+    task.await.unwrap();
+    let _ = ch.queue_delete(queue.as_str().into(), Default::default()).await;
+    cleanup(&topo, &["noop"]).await;
+}
+
 /// Never drop what cannot be read: a trigger event that can never become a job (not JSON, not
 /// an object, no bot in it, a rule whose job type no queue takes, a coalescing key naming a
 /// field the event lacks, a key no rule of this control plane matches: a binding a removed
@@ -172,9 +236,12 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
         ("bot.keyed", br#"{"bot": "keyed"}"#),
         ("removed.rule", br#"{"bot": "removed"}"#),
         ("bot.updated", br#"{"bot": "banking"}"#),
-        ("bot.fan", br#"{"bot": "fanned"}"#),
     ] {
         publish_raw(&ch, &x, key, body, BasicProperties::default()).await;
+    }
+    // One event delivered twice with its message id: each rule makes the same job both times.
+    for _ in 0..2 {
+        publish_raw(&ch, &x, "bot.fan", br#"{"bot": "fanned"}"#, BasicProperties::default().with_message_id("evt-1".into())).await;
     }
     // `bot.*` (fan-b) matches every `bot.` key: it parks the object without a bot too (one
     // entry: a parked entry's id is its key and body), and fires a plain noop job for
@@ -198,15 +265,19 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     assert!(parked.iter().all(|p| p.routing_key.starts_with("trigger:bot.") || p.routing_key == "trigger:removed.rule"), "{parked:?}");
     assert_eq!(parked.iter().find(|p| p.reason.contains("not JSON")).unwrap().body_bytes().unwrap(), b"not json", "kept as received");
     let jobs_queue = topo.jobs_queue("noop");
-    eventually(20, "six jobs", || async {
+    eventually(20, "eight jobs", || async {
         let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
         let n = ch.queue_declare(jobs_queue.as_str().into(), passive, Default::default()).await.unwrap().message_count();
-        (n >= 6).then_some(())
+        (n >= 8).then_some(())
     })
     .await;
-    let mut jobs: Vec<String> = drain(&ch, &jobs_queue).await.into_iter().map(|j| j.bot).collect();
+    let drained = drain(&ch, &jobs_queue).await;
+    let mut jobs: Vec<&str> = drained.iter().map(|j| j.bot.as_str()).collect();
     jobs.sort();
-    assert_eq!(jobs, ["banking", "banking", "banking", "fanned", "fanned", "keyed"], "the good events fired, by every rule they match");
+    assert_eq!(jobs, ["banking", "banking", "banking", "fanned", "fanned", "fanned", "fanned", "keyed"], "every rule an event matches");
+    let fanned: std::collections::BTreeSet<(&str, &str)> =
+        drained.iter().filter(|j| j.bot == "fanned").map(|j| (j.trigger.source.as_str(), j.job_id.as_str())).collect();
+    assert_eq!(fanned.len(), 2, "one job id per rule for the event delivered twice: {fanned:?}");
     let (recorded, still) = store.reprocess_parked(|_, _| Err("not an event".into())).await.unwrap();
     assert_eq!((recorded, still), (0, 6));
     let after: Vec<String> = store.parked_events().await.unwrap().into_iter().map(|p| p.reason).collect();
@@ -407,10 +478,13 @@ async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
         priority: Default::default(),
         coalesce_key: None,
     };
-    let s = Scheduler::new(vec![cfg], store.clone(), Submitter::new(AMQP_URL, topo.clone()).unwrap(), None);
+    // The broker connection is made first, so that the publish takes none of the time below.
+    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
+    submitter.declare_shared().await.unwrap();
+    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
     let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
     assert!(s.tick(t0).await.unwrap().is_empty());
-    // Every update of `schedule_fires` fails for 0.5 s (claims are inserts and still work).
+    // Every update of `schedule_fires` fails for 1.5 s (claims are inserts and still work).
     store
         .execute_raw("CREATE TRIGGER refuse_notes BEFORE UPDATE ON schedule_fires BEGIN SELECT RAISE(ABORT, 'busy for a moment'); END")
         .await
@@ -418,7 +492,7 @@ async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
     let lift = tokio::spawn({
         let store = store.clone();
         async move {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             store.execute_raw("DROP TRIGGER refuse_notes").await.unwrap();
         }
     });

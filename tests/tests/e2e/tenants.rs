@@ -171,7 +171,8 @@ async fn latest_wins_across_two_racing_submitters() {
 
 /// One job queued twice (`submit --coalesce --idempotency-key K` run again: the same id, a
 /// later `submitted_at`) is not superseded by itself: it used to get a cancel marker naming
-/// itself and never run. A record under the key that cannot be read is passed over: coalescing
+/// itself and never run. Nor does a superseded job queued again supersede the job that
+/// superseded it. A record under the key that cannot be read is passed over: coalescing
 /// goes on for the key (it used to end the session on every redelivery, for ever).
 #[tokio::test]
 async fn a_job_queued_twice_is_not_superseded_by_itself_and_an_unreadable_record_jams_nothing() {
@@ -206,6 +207,12 @@ async fn a_job_queued_twice_is_not_superseded_by_itself_and_an_unreadable_record
     let m = marker(&first.job_id).await.unwrap().expect("the older job is superseded by the newer one");
     assert!(String::from_utf8_lossy(&m).contains(&newer.job_id), "{}", String::from_utf8_lossy(&m));
     assert!(marker(&newer.job_id).await.unwrap().is_none());
+    // The superseded job queued once more, latest of all: it will not run, so it supersedes
+    // nothing (it used to mark the newer job too, and neither ran).
+    let mut third = first.clone();
+    third.submitted_at = newer.submitted_at + chrono::Duration::seconds(1);
+    coalescer.coalesce(&ch, &third).await.unwrap();
+    assert!(marker(&newer.job_id).await.unwrap().is_none(), "the newer job still runs");
     conn.close(200, "done".into()).await.unwrap();
     store.close().await;
     env.cleanup().await;

@@ -317,8 +317,8 @@ pub fn run<B: AutodiffBackend>(
     Ok(result)
 }
 
-/// Evaluates `predictor` on the test split, writes the model, the reports and the training
-/// log, runs the promotion gate, and returns the job's result.
+/// Evaluates `predictor` on the test split, writes the model, the reports and
+/// `training_log.json`, runs the promotion gate, and returns the job's result.
 fn publish<B: AutodiffBackend>(
     env: &RunEnv,
     params: &TrainParams,

@@ -106,6 +106,14 @@ pub enum DatasetError {
     /// The format could not be guessed.
     #[error("cannot tell the format of {0:?}; set `format` to clinc, csv or jsonl")]
     UnknownFormat(String),
+    /// Splits named for a file of plain rows (csv, jsonl), which has none.
+    #[error("dataset {file:?} is plain rows (csv or jsonl): it has no splits, so it cannot take the {which} the job names")]
+    NoSplits {
+        /// The file.
+        file: String,
+        /// The parameters that name splits.
+        which: String,
+    },
     /// A required split is missing.
     #[error("dataset {file:?} lacks the splits {wanted:?} the job names (it has {found:?})")]
     MissingSplit {
@@ -200,9 +208,16 @@ impl DatasetSpec {
                 // Splits the job names must exist; the default ones may be absent (held out instead).
                 s.val = take_splits(&self.dataset, &mut named, &val, Need::each_if(self.val_splits.is_some()))?;
                 let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
-                s.test = take_splits(&self.dataset, &mut named, &test, Need::each_if(self.test_splits.is_some()))?;
+                // With a `test_dataset`, `test_splits` names its splits (those of `dataset` are only kept out of training).
+                let named_here = self.test_splits.is_some() && self.test_dataset.is_none();
+                s.test = take_splits(&self.dataset, &mut named, &test, Need::each_if(named_here))?;
             }
-            Raw::Rows(rows) => s.train = rows,
+            Raw::Rows(rows) => {
+                let mut which = vec![("train_splits", self.train_splits.is_some()), ("val_splits", self.val_splits.is_some())];
+                which.push(("test_splits", self.test_splits.is_some() && self.test_dataset.is_none()));
+                self.refuse_splits_of_rows(&self.dataset, &which)?;
+                s.train = rows;
+            }
         }
         if s.train.is_empty() {
             return Err(DatasetError::Empty("training"));
@@ -242,9 +257,22 @@ impl DatasetSpec {
         Ok(v)
     }
 
+    /// Refuses split names given for a file of plain rows (they were ignored: every row was
+    /// trained on, or tested on).
+    fn refuse_splits_of_rows(&self, file: &str, which: &[(&str, bool)]) -> Result<(), DatasetError> {
+        let named: Vec<&str> = which.iter().filter(|(_, given)| *given).map(|(name, _)| *name).collect();
+        if named.is_empty() {
+            return Ok(());
+        }
+        Err(DatasetError::NoSplits { file: file.into(), which: named.join(", ") })
+    }
+
     fn load_eval_set(&self, root: &Path, rel: &str) -> Result<Vec<Example>, DatasetError> {
         match self.read(root, rel)? {
-            Raw::Rows(rows) => Ok(rows),
+            Raw::Rows(rows) => {
+                self.refuse_splits_of_rows(rel, &[("test_splits", self.test_splits.is_some())])?;
+                Ok(rows)
+            }
             Raw::Named(mut named) => {
                 let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
                 // Splits the job names must be there: a typo would evaluate on every row, the
@@ -410,6 +438,12 @@ mod tests {
         let e = partly.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err();
         assert!(matches!(&e, DatasetError::MissingSplit { wanted, .. } if wanted == &["oos_tset"]), "{e}");
         assert_eq!(spec(None, None).load_for_eval(dir.path()).unwrap().len(), 4, "the default test split");
+        // Plain rows have no splits to name: naming one is an error, not ignored.
+        std::fs::write(dir.path().join("rows.csv"), "text,label\nhello,a\nbye,b\n").unwrap();
+        let rows = DatasetSpec { test_splits: Some(vec!["test".into()]), format: Some(Format::Csv), ..DatasetSpec::new("rows.csv") };
+        for e in [rows.load_for_eval(dir.path()).unwrap_err(), rows.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err()] {
+            assert!(matches!(&e, DatasetError::NoSplits { which, .. } if which == "test_splits"), "{e}");
+        }
     }
 
     #[test]
