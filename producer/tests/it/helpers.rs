@@ -122,6 +122,21 @@ pub async fn publish_raw(ch: &Channel, exchange: &str, key: &str, body: &[u8], p
     amqp::publish_confirmed(ch, exchange, key, body, props, false).await.unwrap();
 }
 
+/// The ready messages of `queue` (a passive declare).
+pub async fn message_count(ch: &Channel, queue: &str) -> u32 {
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    ch.queue_declare(queue.into(), passive, Default::default()).await.unwrap().message_count()
+}
+
+/// The properties of a worker's dead letter of `job`: a permanent error, `unknown param`.
+pub fn worker_dead_letter(job: &JobSpec) -> BasicProperties {
+    let mut h = lapin::types::FieldTable::default();
+    trainyard_common::headers::set_str(&mut h, trainyard_common::headers::DEAD_REASON, "unknown param `colour`");
+    trainyard_common::headers::set_str(&mut h, trainyard_common::headers::DEAD_KIND, "permanent");
+    trainyard_common::headers::set_str(&mut h, trainyard_common::headers::JOB_ID, job.job_id.clone());
+    BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h)
+}
+
 pub fn msgpack(spec: &JobSpec) -> Vec<u8> {
     codec::to_msgpack(spec).unwrap()
 }

@@ -342,12 +342,7 @@ async fn a_dead_letter_the_store_cannot_take_yet_is_returned_and_recorded_later(
     store.execute_raw("ALTER TABLE dead_letters RENAME TO dead_letters_away").await.unwrap();
     let recorder = spawn_recorder(&store, &topo);
     let job = spec("noop", "bot-dead");
-    let mut h = FieldTable::default();
-    headers::set_str(&mut h, headers::DEAD_REASON, "unknown param `colour`");
-    headers::set_str(&mut h, headers::DEAD_KIND, "permanent");
-    headers::set_str(&mut h, headers::JOB_ID, job.job_id.clone());
-    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h);
-    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), props).await;
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
     // The recorder tries (and fails) a few times meanwhile.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     store.execute_raw("ALTER TABLE dead_letters_away RENAME TO dead_letters").await.unwrap();
@@ -476,12 +471,7 @@ async fn a_dead_letters_final_event_the_store_refuses_is_parked_not_dropped() {
         .await
         .unwrap();
     let recorder = spawn_recorder(&store, &topo);
-    let mut h = FieldTable::default();
-    headers::set_str(&mut h, headers::DEAD_REASON, "unknown param `colour`");
-    headers::set_str(&mut h, headers::DEAD_KIND, "permanent");
-    headers::set_str(&mut h, headers::JOB_ID, job.job_id.clone());
-    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(h);
-    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), props).await;
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
     let parked = eventually(20, "the final event parked", || async {
         let p = store.parked_events().await.unwrap();
         p.iter().any(|p| p.reason.contains("final event of a dead letter")).then_some(p)
@@ -497,15 +487,6 @@ async fn a_dead_letters_final_event_the_store_refuses_is_parked_not_dropped() {
     let letters = store.dead_letters(Some("noop")).await.unwrap();
     assert_eq!(letters.iter().filter_map(|l| l.job_id.as_deref()).collect::<Vec<_>>(), [job.job_id.as_str()], "the letter is listed");
     recorder.stop().await;
-    let left = ch
-        .queue_declare(
-            topo.dead_recorder_queue().as_str().into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            Default::default(),
-        )
-        .await
-        .unwrap()
-        .message_count();
-    assert_eq!(left, 0, "the letter is acked");
+    assert_eq!(message_count(&ch, &topo.dead_recorder_queue()).await, 0, "the letter is acked");
     cleanup(&topo, &["noop"]).await;
 }

@@ -159,14 +159,9 @@ async fn an_event_two_rules_take_is_acked_only_when_the_last_of_them_kept_it() {
     // Inside the later rule's window: stop the listener.
     stop.cancel();
     task.await.unwrap();
-    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
     let queue = triggers.queue_name();
-    let waiting = eventually(20, "the event back in its queue", || async {
-        let n = ch.queue_declare(queue.as_str().into(), passive, Default::default()).await.unwrap().message_count();
-        (n == 1).then_some(n)
-    })
-    .await;
-    assert_eq!(waiting, 1, "not acked before the debounced rule's job was out");
+    // Not acked before the debounced rule's job was out.
+    eventually(20, "the event back in its queue", || async { (message_count(&ch, &queue).await == 1).then_some(()) }).await;
     let (stop, task) = listen();
     let seen = std::sync::Mutex::new(Vec::new());
     let again = eventually(20, "both rules' jobs", || async {
@@ -179,8 +174,7 @@ async fn an_event_two_rules_take_is_acked_only_when_the_last_of_them_kept_it() {
     .await;
     assert_eq!(again[0].trigger.source, "bot.mixed (later)");
     assert_eq!(again[1].job_id, first[0].job_id, "the immediate rule's job again, with the same id");
-    let n = ch.queue_declare(queue.as_str().into(), passive, Default::default()).await.unwrap().message_count();
-    assert_eq!(n, 0, "acked once both kept it");
+    assert_eq!(message_count(&ch, &queue).await, 0, "acked once both kept it");
     stop.cancel();
     task.await.unwrap();
     let _ = ch.queue_delete(queue.as_str().into(), Default::default()).await;
@@ -265,12 +259,7 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     assert!(parked.iter().all(|p| p.routing_key.starts_with("trigger:bot.") || p.routing_key == "trigger:removed.rule"), "{parked:?}");
     assert_eq!(parked.iter().find(|p| p.reason.contains("not JSON")).unwrap().body_bytes().unwrap(), b"not json", "kept as received");
     let jobs_queue = topo.jobs_queue("noop");
-    eventually(20, "eight jobs", || async {
-        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        let n = ch.queue_declare(jobs_queue.as_str().into(), passive, Default::default()).await.unwrap().message_count();
-        (n >= 8).then_some(())
-    })
-    .await;
+    eventually(20, "eight jobs", || async { (message_count(&ch, &jobs_queue).await >= 8).then_some(()) }).await;
     let drained = drain(&ch, &jobs_queue).await;
     let mut jobs: Vec<&str> = drained.iter().map(|j| j.bot.as_str()).collect();
     jobs.sort();
@@ -284,16 +273,7 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     assert_eq!(after.iter().map(String::as_str).collect::<Vec<_>>(), reasons, "reasons kept");
     stop.cancel();
     task.await.unwrap();
-    let left = ch
-        .queue_declare(
-            triggers.queue_name().as_str().into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            Default::default(),
-        )
-        .await
-        .unwrap()
-        .message_count();
-    assert_eq!(left, 0, "every event acked");
+    assert_eq!(message_count(&ch, &triggers.queue_name()).await, 0, "every event acked");
     let _ = ch.queue_delete(triggers.queue_name().as_str().into(), Default::default()).await;
     cleanup(&topo, &["noop"]).await;
 }
