@@ -23,6 +23,21 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<JobSpec> {
     out
 }
 
+/// A noop job for `bot` every minute, UTC, skipping missed fires.
+fn every_minute(name: &str, bot: &str) -> ScheduleConfig {
+    ScheduleConfig {
+        name: name.into(),
+        cron: "* * * * *".into(),
+        timezone: "UTC".into(),
+        job_type: "noop".into(),
+        bot: bot.into(),
+        params: serde_json::json!({}),
+        missed: MissedFire::Skip,
+        priority: Default::default(),
+        coalesce_key: None,
+    }
+}
+
 #[tokio::test]
 async fn a_schedule_fires_once_across_two_schedulers_sharing_postgres() {
     let schema = PgSchema::new().await;
@@ -30,15 +45,9 @@ async fn a_schedule_fires_once_across_two_schedulers_sharing_postgres() {
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
     let cfg = ScheduleConfig {
-        name: "every-minute".into(),
-        cron: "* * * * *".into(),
         timezone: "Europe/Berlin".into(),
-        job_type: "noop".into(),
-        bot: "bot-s".into(),
         params: serde_json::json!({"sleep_ms": 1}),
-        missed: MissedFire::Skip,
-        priority: Default::default(),
-        coalesce_key: None,
+        ..every_minute("every-minute", "bot-s")
     };
     // Two replicas: their own store pools and publishers, one database.
     let a =
@@ -392,17 +401,7 @@ async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
     topo.declare_job_type(&ch, "noop").await.unwrap();
     let proxy = Proxy::start(0).await;
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let cfg = ScheduleConfig {
-        name: "every-minute".into(),
-        cron: "* * * * *".into(),
-        timezone: "UTC".into(),
-        job_type: "noop".into(),
-        bot: "bot-r".into(),
-        params: serde_json::json!({"sleep_ms": 1}),
-        missed: MissedFire::Skip,
-        priority: Default::default(),
-        coalesce_key: None,
-    };
+    let cfg = ScheduleConfig { params: serde_json::json!({"sleep_ms": 1}), ..every_minute("every-minute", "bot-r") };
     let s = Scheduler::new(vec![cfg], store.clone(), Submitter::new(&url, topo.clone()).unwrap(), None);
     let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
     assert!(s.tick(t0).await.unwrap().is_empty());
@@ -447,17 +446,7 @@ async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
     let topo = topology();
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
-    let cfg = ScheduleConfig {
-        name: "noted".into(),
-        cron: "* * * * *".into(),
-        timezone: "UTC".into(),
-        job_type: "noop".into(),
-        bot: "bot-n".into(),
-        params: serde_json::json!({}),
-        missed: MissedFire::Skip,
-        priority: Default::default(),
-        coalesce_key: None,
-    };
+    let cfg = every_minute("noted", "bot-n");
     // The broker connection is made first, so that the publish takes none of the time below.
     let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
     submitter.declare_shared().await.unwrap();
