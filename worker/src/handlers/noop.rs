@@ -47,8 +47,8 @@ fn parse(params: &serde_json::Value) -> Result<Params, JobError> {
     if p.sleep_ms > MAX_SLEEP_MS {
         return Err(JobError::permanent(format!("invalid noop params: sleep_ms {} is over {MAX_SLEEP_MS}", p.sleep_ms)));
     }
-    if p.log_every_ms == Some(0) {
-        return Err(JobError::permanent("invalid noop params: log_every_ms must be at least 1"));
+    if p.log_every_ms.is_some_and(|ms| ms < 100) {
+        return Err(JobError::permanent("invalid noop params: log_every_ms must be at least 100 (a line a millisecond flooded the log)"));
     }
     Ok(p)
 }
@@ -88,6 +88,25 @@ impl JobHandler for Noop {
                 Err(JobError::transient(format!("noop failed on purpose (transient, attempt {})", ctx.attempt)))
             }
             _ => Ok(serde_json::json!({"slept_ms": p.sleep_ms, "attempt": ctx.attempt})),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+    use serde_json::json;
+
+    #[test]
+    fn noop_params_are_bounded() {
+        assert!(parse(&json!({"sleep_ms": 10, "log_every_ms": 100})).is_ok());
+        for (bad, says) in [
+            (json!({"sleep_ms": 3_600_001}), "is over 3600000"),
+            (json!({"sleep_ms": 1000, "log_every_ms": 1}), "at least 100"),
+            (json!({"colour": 1}), "unknown field"),
+        ] {
+            let e = parse(&bad).unwrap_err();
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
         }
     }
 }

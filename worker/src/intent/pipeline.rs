@@ -206,6 +206,7 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
             h.min_df,
             train.len()
         ));
+        check_bag_size(f.dim(), h)?;
         let labels = &self.prep.labels;
         let data = TrainData {
             x_train: f.transform(&train_texts),
@@ -309,6 +310,7 @@ pub fn run<B: AutodiffBackend>(
     }
     let ctx = Ctx::<B> { env, params, prep: &prep, spec, device, force_device_bag };
     let Fitted { mut predictor, val_probs, stages } = ctx.fit_all()?;
+    stop_if_cancelled(env, "evaluating the model")?;
     env.log(format!("training done: {}", stages_line(&stages)));
     predictor.config.oos_threshold = oos_threshold(env, &prep, h.oos_threshold, &val_probs);
     let result = publish::<B>(env, params, spec, &prep, &predictor, &stages)?;
@@ -332,6 +334,7 @@ fn publish<B: AutodiffBackend>(
     let truth: Vec<String> = prep.splits.test.iter().map(|e| e.label.clone()).collect();
     let predicted = predictor.predict(&test_texts);
     let about = [("device", spec.to_string()), ("model", h.model.to_string())];
+    stop_if_cancelled(env, "writing the model")?;
     let (metrics, outputs) = write_evaluation(env, &truth, &predicted, prep.oos_label.as_deref(), &about)?;
     for (name, bytes) in predictor.to_files().map_err(JobError::transient)? {
         env.put(&format!("model/{name}"), bytes)?;
@@ -367,6 +370,46 @@ fn publish<B: AutodiffBackend>(
         "model": model_key,
         "artifacts": artifacts,
     }))
+}
+
+/// The most memory the bag's table and its training state may take: the weights, two Adam
+/// moments, the best epoch's copy and a checkpoint, about 32 bytes per feature and hidden
+/// unit. Half of the intent-train pod's 12 GiB limit: a bigger table was an out-of-memory
+/// kill, redelivered until the broker dead-lettered it as a crash loop.
+pub const MAX_BAG_BYTES: u64 = 6 << 30;
+
+/// Refuses a bag with no features (it would "train" a constant) or one too big for the worker.
+fn check_bag_size(features: usize, h: &Hyper) -> Result<(), JobError> {
+    if features == 0 {
+        return Err(JobError::permanent(format!(
+            "the training texts give no features (min_df {}): lower min_df, or check that the texts have letters or digits",
+            h.min_df
+        )));
+    }
+    let bytes = features as u64 * h.hidden as u64 * 32;
+    if bytes > MAX_BAG_BYTES {
+        return Err(JobError::permanent(format!(
+            "the bag would need about {:.1} GiB ({features} features × hidden {} × 32 bytes), over the {} GiB a \
+             worker allows: lower hidden, raise min_df or narrow the n-gram ranges (word_ngrams {}, char {}..={})",
+            bytes as f64 / (1u64 << 30) as f64,
+            h.hidden,
+            MAX_BAG_BYTES >> 30,
+            h.word_ngrams,
+            h.char_ngram_min,
+            h.char_ngram_max
+        )));
+    }
+    Ok(())
+}
+
+/// Ends a run whose stop was asked for (a cancel, or its timeout: the runtime has recorded
+/// that already) before `what`: a training thread the runtime gave up on must not go on to
+/// write the model or promote it.
+fn stop_if_cancelled(env: &RunEnv, what: &str) -> Result<(), JobError> {
+    if env.cancel.is_cancelled() {
+        return Err(JobError::cancelled(format!("stopped before {what}")));
+    }
+    Ok(())
 }
 
 /// How each network's training went, on one line.
@@ -428,6 +471,7 @@ fn gate_and_promote(
         PromoteMode::Manual => "manual".into(),
     };
     if decision.passed && params.promote == PromoteMode::Auto && env.apply_promotion {
+        stop_if_cancelled(env, "promoting the model")?;
         if let Some(models) = &env.models {
             let entry = ProductionEntry {
                 bot: env.bot.clone(),
@@ -455,6 +499,20 @@ fn gate_and_promote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bag too big for the worker, or with no features, is a permanent error naming what to
+    /// change (it was an out-of-memory kill, or a model that predicts one label).
+    #[test]
+    fn a_bag_too_big_or_without_features_is_refused() {
+        let h = |hidden| Hyper { hidden, ..Hyper::default() };
+        check_bag_size(32_036, &h(256)).expect("CLINC150's bag at the default hidden size");
+        check_bag_size(49_000, &h(4096)).expect("within 6 GiB");
+        let big = check_bag_size(190_462, &h(4096)).unwrap_err();
+        assert!(big.message.contains("lower hidden") && big.message.contains("23.2 GiB"), "{}", big.message);
+        let none = check_bag_size(0, &h(256)).unwrap_err();
+        assert!(none.message.contains("no features") && none.message.contains("min_df"), "{}", none.message);
+        assert!([big.kind, none.kind].iter().all(|k| *k == trainyard_common::ErrorKind::Permanent));
+    }
 
     #[test]
     fn cuda_panics_are_transient_and_name_out_of_memory() {
