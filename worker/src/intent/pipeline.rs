@@ -142,6 +142,14 @@ fn prepare(env: &RunEnv, params: &TrainParams) -> Result<Prepared, JobError> {
     labels.dedup();
     let oos_label = labels.contains(&h.oos_label).then(|| h.oos_label.clone());
     let oos = oos_label.as_ref().and_then(|o| labels.iter().position(|l| l == o));
+    if h.oos_threshold.is_some() && oos.is_none() {
+        // The threshold would be dropped in silence (a label spelt `OOS` turned the OOS handling off).
+        return Err(JobError::permanent(format!(
+            "oos_threshold is set, but no training label is oos_label {:?} (labels are case-sensitive): set oos_label to the \
+             data's out-of-scope label, or leave oos_threshold out",
+            h.oos_label
+        )));
+    }
     env.log(format!(
         "data: {} train, {} validation, {} test examples, {} labels{}",
         splits.train.len(),

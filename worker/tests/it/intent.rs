@@ -317,6 +317,8 @@ async fn malformed_datasets_are_permanent_errors_with_line_numbers() {
         (json!({"dataset": "wrong_columns.csv", "text_column": "utterance", "label_column": "intent"}), &["single class"]),
         (json!({"dataset": "nope.csv"}), &["not found"]),
         (json!({"dataset": "bank.csv", "format": "jsonl"}), &["line 1", "not a JSON object"]),
+        // A threshold for an out-of-scope label the data does not have was dropped in silence.
+        (json!({"dataset": "bank.csv", "oos_threshold": 0.5, "oos_label": "OOS"}), &["oos_threshold", "\"OOS\""]),
     ];
     for (p, needles) in cases {
         let msg = permanent_message(&f, p.clone()).await;

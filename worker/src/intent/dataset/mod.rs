@@ -106,6 +106,22 @@ pub enum DatasetError {
     /// The format could not be guessed.
     #[error("cannot tell the format of {0:?}; set `format` to clinc, csv or jsonl")]
     UnknownFormat(String),
+    /// A dataset file over [`MAX_DATASET_BYTES`].
+    #[error("dataset {file:?} is {bytes} bytes, over the {} MiB a worker reads", MAX_DATASET_BYTES >> 20)]
+    TooLarge {
+        /// The file.
+        file: String,
+        /// Its size.
+        bytes: u64,
+    },
+    /// One split named in two lists.
+    #[error("split {split:?} is named in both {lists}: name each split once")]
+    SplitTwice {
+        /// The split.
+        split: String,
+        /// The two lists.
+        lists: String,
+    },
     /// Splits named for a file of plain rows (csv, jsonl), which has none.
     #[error("dataset {file:?} is plain rows (csv or jsonl): it has no splits, so it cannot take the {which} the job names")]
     NoSplits {
@@ -179,20 +195,38 @@ impl DatasetSpec {
         if let Some(t) = &self.test_dataset {
             resolve_under(dummy, t)?;
         }
+        // A split named in two lists goes to the first: the second then reported it missing.
+        let test = self.test_splits.as_ref().filter(|_| self.test_dataset.is_none());
+        let lists = [("train_splits", self.train_splits.as_ref()), ("val_splits", self.val_splits.as_ref()), ("test_splits", test)];
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for (list, names) in lists.iter().filter_map(|(l, n)| n.map(|n| (*l, n))) {
+            for name in names {
+                if let Some(first) = seen.insert(name.as_str(), list) {
+                    return Err(DatasetError::SplitTwice { split: name.clone(), lists: format!("{first} and {list}") });
+                }
+            }
+        }
         Ok(())
     }
 
     fn read(&self, root: &Path, rel: &str) -> Result<Raw, DatasetError> {
         let path = resolve(root, rel)?;
-        let bytes = std::fs::read(&path).map_err(|e| DatasetError::Io { file: rel.into(), reason: e.to_string() })?;
+        let io = |e: std::io::Error| DatasetError::Io { file: rel.into(), reason: e.to_string() };
+        let size = std::fs::metadata(&path).map_err(io)?.len();
+        if size > MAX_DATASET_BYTES {
+            return Err(DatasetError::TooLarge { file: rel.into(), bytes: size });
+        }
+        let read = std::fs::read(&path).map_err(io)?;
+        // A UTF-8 byte-order mark (some editors write one) is not part of the data.
+        let bytes = read.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&read);
         let format = match self.format {
             Some(f) => f,
-            None => guess_format(&path, &bytes).ok_or_else(|| DatasetError::UnknownFormat(rel.into()))?,
+            None => guess_format(&path, bytes).ok_or_else(|| DatasetError::UnknownFormat(rel.into()))?,
         };
         match format {
-            Format::Clinc => parse::clinc(rel, &bytes).map(Raw::Named),
-            Format::Csv => parse::csv(rel, &bytes, self.text_column.as_deref(), self.label_column.as_deref()).map(Raw::Rows),
-            Format::Jsonl => parse::jsonl(rel, &bytes, self.text_column.as_deref(), self.label_column.as_deref()).map(Raw::Rows),
+            Format::Clinc => parse::clinc(rel, bytes).map(Raw::Named),
+            Format::Csv => parse::csv(rel, bytes, self.text_column.as_deref(), self.label_column.as_deref()).map(Raw::Rows),
+            Format::Jsonl => parse::jsonl(rel, bytes, self.text_column.as_deref(), self.label_column.as_deref()).map(Raw::Rows),
         }
     }
 
@@ -295,6 +329,10 @@ fn resolve(root: &Path, rel: &str) -> Result<PathBuf, DatasetError> {
     }
     Ok(path)
 }
+
+/// The largest dataset file a worker reads (whole, into memory): 512 MiB, some 250 times
+/// CLINC150's `data_full.json`.
+pub const MAX_DATASET_BYTES: u64 = 512 << 20;
 
 /// Guesses a format from the extension, then from the first bytes.
 pub fn guess_format(path: &Path, bytes: &[u8]) -> Option<Format> {
@@ -438,6 +476,21 @@ mod tests {
         let e = partly.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err();
         assert!(matches!(&e, DatasetError::MissingSplit { wanted, .. } if wanted == &["oos_tset"]), "{e}");
         assert_eq!(spec(None, None).load_for_eval(dir.path()).unwrap().len(), 4, "the default test split");
+        // A split in two lists is refused at once (the second list reported it missing).
+        let twice = DatasetSpec { train_splits: Some(vec!["train".into()]), ..spec(None, Some("train")) };
+        let e = twice.check().unwrap_err();
+        assert!(matches!(&e, DatasetError::SplitTwice { split, .. } if split == "train"), "{e}");
+        assert!(e.to_string().contains("train_splits and val_splits"), "{e}");
+        // A byte-order mark before the JSON is not an error.
+        let mut bom = b"\xEF\xBB\xBF".to_vec();
+        bom.extend(std::fs::read(dir.path().join("d.json")).unwrap());
+        std::fs::write(dir.path().join("bom.json"), bom).unwrap();
+        let with_bom = DatasetSpec { format: Some(Format::Clinc), ..DatasetSpec::new("bom.json") };
+        assert_eq!(with_bom.load_for_eval(dir.path()).unwrap().len(), 4);
+        // A file over the limit is refused before it is read (a sparse file: no disk used).
+        std::fs::File::create(dir.path().join("huge.csv")).unwrap().set_len(MAX_DATASET_BYTES + 1).unwrap();
+        let e = DatasetSpec::new("huge.csv").load_for_eval(dir.path()).unwrap_err();
+        assert!(matches!(e, DatasetError::TooLarge { .. }), "{e}");
         // Plain rows have no splits to name: naming one is an error, not ignored.
         std::fs::write(dir.path().join("rows.csv"), "text,label\nhello,a\nbye,b\n").unwrap();
         let rows = DatasetSpec { test_splits: Some(vec!["test".into()]), format: Some(Format::Csv), ..DatasetSpec::new("rows.csv") };
