@@ -12,7 +12,7 @@ DEMO_DIR=${DEMO_DIR:-.trainyard/demo}
 ensure_cargo
 ensure_python3
 ensure_rabbitmq
-echo "== building (first time: ~10 min, burn is large)"
+echo "== building (first time: 30–40 min on 2 cores, burn is large; README.md)"
 cargo build --quiet --bins
 BIN=target/debug
 
