@@ -47,12 +47,12 @@ async fn follow_prints_the_running_attempts_lines_before_the_job_ends(through_ap
     let db_url = format!("sqlite://{}/cp.db", db.path().display());
     let cp = ControlPlane::start(&env, &db_url, "viewer:read:read-tok", None).await;
     let server = through_api.then(|| cp.url(""));
-    let mut worker = env.worker_process("noop", &[]);
     let spec = env.spec("noop", json!({"sleep_ms": SLEEP_MS, "log_every_ms": EVERY_MS}));
     let id = spec.job_id.clone();
     let mut watch = env.watch(&spec).await;
+    // Queued with no worker yet: the follow is listening before the first line is logged (lines
+    // logged before it listens are "not received live"; on a loaded machine that happened).
     env.submitter().submit(&spec).await.unwrap();
-    wait_for(&mut watch, JobStatus::Started, T).await;
     let store = Store::open(&db_url).await.unwrap();
     let t0 = Instant::now();
     while store.job(&id).await.unwrap().is_none() {
@@ -68,6 +68,9 @@ async fn follow_prints_the_running_attempts_lines_before_the_job_ends(through_ap
             .spawn()
             .unwrap(),
     );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut worker = env.worker_process("noop", &[]);
+    wait_for(&mut watch, JobStatus::Started, T).await;
     let (tx, rx) = mpsc::channel();
     let stdout = follow.stdout.take().unwrap();
     std::thread::spawn(move || {
