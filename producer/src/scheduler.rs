@@ -199,9 +199,9 @@ impl Scheduler {
         Ok(spec)
     }
 
-    /// Notes a published fire, trying a few times within [`NOTE_TIMEOUT`] (what the lease
-    /// leaves after a publish): a store busy for a moment must not leave the fire unpublished
-    /// for another replica to publish again.
+    /// Notes a published fire, trying up to five times, each attempt bounded by [`NOTE_TIMEOUT`]
+    /// and ~3 s of waits in all, so that publish and note stay inside the lease: a store busy
+    /// for a moment must not leave the fire unpublished for another replica to publish again.
     async fn note_published(&self, s: &Parsed, at: DateTime<Utc>) -> Result<(), ScheduleError> {
         let mut wait = Duration::from_millis(200);
         loop {

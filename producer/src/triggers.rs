@@ -80,32 +80,37 @@ pub fn source(rule: &TriggerRule) -> String {
 /// `intent-train/{{bot}}` one key for every bot, whose jobs then superseded each other.
 pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> Result<serde_json::Value, String> {
     use serde_json::Value;
-    let field = |name: &str| event.get(name).ok_or_else(|| format!("the event has no field {name:?}"));
     Ok(match template {
-        Value::String(s) => {
-            let t = s.trim();
-            if let Some(name) = t.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")).filter(|n| !n.contains("{{")) {
-                return field(name.trim()).cloned();
-            }
-            let mut out = String::new();
-            let mut rest = s.as_str();
-            while let Some(start) = rest.find("{{") {
-                // An opening without its closing is text.
-                let Some(end) = rest[start..].find("}}") else { break };
-                out.push_str(&rest[..start]);
-                match field(rest[start + 2..start + end].trim())? {
-                    Value::String(v) => out.push_str(v),
-                    v => out.push_str(&v.to_string()),
-                }
-                rest = &rest[start + end + 2..];
-            }
-            out.push_str(rest);
-            Value::String(out)
-        }
+        Value::String(s) => render_str(s, event)?,
         Value::Array(a) => Value::Array(a.iter().map(|v| render(v, event)).collect::<Result<_, _>>()?),
         Value::Object(o) => Value::Object(o.iter().map(|(k, v)| Ok((k.clone(), render(v, event)?))).collect::<Result<_, String>>()?),
         other => other.clone(),
     })
+}
+
+/// [`render`] of one string: only `{{field}}` takes the field's JSON value, anything else is
+/// text with each placeholder replaced.
+fn render_str(s: &str, event: &serde_json::Value) -> Result<serde_json::Value, String> {
+    use serde_json::Value;
+    let field = |name: &str| event.get(name).ok_or_else(|| format!("the event has no field {name:?}"));
+    let t = s.trim();
+    if let Some(name) = t.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")).filter(|n| !n.contains("{{")) {
+        return field(name.trim()).cloned();
+    }
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("{{") {
+        // An opening without its closing is text.
+        let Some(end) = rest[start..].find("}}") else { break };
+        out.push_str(&rest[..start]);
+        match field(rest[start + 2..start + end].trim())? {
+            Value::String(v) => out.push_str(v),
+            v => out.push_str(&v.to_string()),
+        }
+        rest = &rest[start + end + 2..];
+    }
+    out.push_str(rest);
+    Ok(Value::String(out))
 }
 
 /// A burst of events for one (rule, bot), waiting for its window to close.
@@ -356,7 +361,7 @@ impl Triggers {
         held: Arc<Held>,
         debouncer: &mut Debouncer<Arc<Held>>,
     ) -> Result<(), TriggerError> {
-        let bot = match render(&serde_json::Value::String(rule.bot.clone()), event) {
+        let bot = match render_str(&rule.bot, event) {
             Ok(serde_json::Value::String(s)) if trainyard_common::job::valid_bot_name(&s) => s,
             other => {
                 let gives = other.map_or_else(|missing| missing, |v| format!("gives {v}, not a bot name"));
@@ -426,7 +431,7 @@ fn job_of(rule: &TriggerRule, bot: &str, event: &serde_json::Value, message_id: 
     }
     spec.priority = rule.priority;
     if let Some(t) = &rule.coalesce_key {
-        spec.coalesce_key = Some(match render(&Value::String(t.clone()), event).map_err(|e| format!("coalesce_key: {e}"))? {
+        spec.coalesce_key = Some(match render_str(t, event).map_err(|e| format!("coalesce_key: {e}"))? {
             Value::String(s) => s,
             Value::Null => return Err(format!("coalesce_key {t:?} gives null")),
             other => other.to_string(),

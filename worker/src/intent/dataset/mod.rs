@@ -196,10 +196,8 @@ impl DatasetSpec {
             resolve_under(dummy, t)?;
         }
         // A split named in two lists goes to the first: the second then reported it missing.
-        let test = self.test_splits.as_ref().filter(|_| self.test_dataset.is_none());
-        let lists = [("train_splits", self.train_splits.as_ref()), ("val_splits", self.val_splits.as_ref()), ("test_splits", test)];
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-        for (list, names) in lists.iter().filter_map(|(l, n)| n.map(|n| (*l, n))) {
+        for (list, names) in self.split_lists().into_iter().filter_map(|(l, n)| n.map(|n| (l, n))) {
             for name in names {
                 if let Some(first) = seen.insert(name.as_str(), list) {
                     return Err(DatasetError::SplitTwice { split: name.clone(), lists: format!("{first} and {list}") });
@@ -243,13 +241,11 @@ impl DatasetSpec {
                 s.val = take_splits(&self.dataset, &mut named, &val, Need::each_if(self.val_splits.is_some()))?;
                 let test = self.test_splits.clone().unwrap_or_else(|| vec!["test".into(), "oos_test".into()]);
                 // With a `test_dataset`, `test_splits` names its splits (those of `dataset` are only kept out of training).
-                let named_here = self.test_splits.is_some() && self.test_dataset.is_none();
-                s.test = take_splits(&self.dataset, &mut named, &test, Need::each_if(named_here))?;
+                let [_, _, (_, test_here)] = self.split_lists();
+                s.test = take_splits(&self.dataset, &mut named, &test, Need::each_if(test_here.is_some()))?;
             }
             Raw::Rows(rows) => {
-                let mut which = vec![("train_splits", self.train_splits.is_some()), ("val_splits", self.val_splits.is_some())];
-                which.push(("test_splits", self.test_splits.is_some() && self.test_dataset.is_none()));
-                self.refuse_splits_of_rows(&self.dataset, &which)?;
+                refuse_splits_of_rows(&self.dataset, &self.split_lists())?;
                 s.train = rows;
             }
         }
@@ -291,20 +287,17 @@ impl DatasetSpec {
         Ok(v)
     }
 
-    /// Refuses split names given for a file of plain rows (they were ignored: every row was
-    /// trained on, or tested on).
-    fn refuse_splits_of_rows(&self, file: &str, which: &[(&str, bool)]) -> Result<(), DatasetError> {
-        let named: Vec<&str> = which.iter().filter(|(_, given)| *given).map(|(name, _)| *name).collect();
-        if named.is_empty() {
-            return Ok(());
-        }
-        Err(DatasetError::NoSplits { file: file.into(), which: named.join(", ") })
+    /// The split lists the job names for `dataset`, by parameter (`test_splits` names the
+    /// splits of `test_dataset` when there is one).
+    fn split_lists(&self) -> [(&'static str, Option<&Vec<String>>); 3] {
+        let test = self.test_splits.as_ref().filter(|_| self.test_dataset.is_none());
+        [("train_splits", self.train_splits.as_ref()), ("val_splits", self.val_splits.as_ref()), ("test_splits", test)]
     }
 
     fn load_eval_set(&self, root: &Path, rel: &str) -> Result<Vec<Example>, DatasetError> {
         match self.read(root, rel)? {
             Raw::Rows(rows) => {
-                self.refuse_splits_of_rows(rel, &[("test_splits", self.test_splits.is_some())])?;
+                refuse_splits_of_rows(rel, &[("test_splits", self.test_splits.as_ref())])?;
                 Ok(rows)
             }
             Raw::Named(mut named) => {
@@ -353,6 +346,16 @@ pub fn guess_format(path: &Path, bytes: &[u8]) -> Option<Format> {
     }
     let header = trimmed.lines().next()?;
     header.contains(',').then_some(Format::Csv)
+}
+
+/// Refuses split names given for a file of plain rows (they were ignored: every row was
+/// trained on, or tested on).
+fn refuse_splits_of_rows(file: &str, lists: &[(&str, Option<&Vec<String>>)]) -> Result<(), DatasetError> {
+    let named: Vec<&str> = lists.iter().filter(|(_, names)| names.is_some()).map(|(list, _)| *list).collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    Err(DatasetError::NoSplits { file: file.into(), which: named.join(", ") })
 }
 
 /// Which of the wanted splits a file must have.
