@@ -33,13 +33,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Parks `parked` on its own (what is not a job event: an unusable trigger event).
-    pub async fn park(&self, parked: &[ParkedEvent]) -> Result<(), StoreError> {
+    /// Parks `parked` on its own (what is not a job event: an unusable trigger event); returns
+    /// how many were new (an entry's id is its routing key and body: one parked again is not).
+    pub async fn park(&self, parked: &[ParkedEvent]) -> Result<u64, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(q("park events"))?;
         self.park_in(&mut conn, parked).await
     }
 
-    pub(super) async fn park_in(&self, conn: &mut sqlx::AnyConnection, parked: &[ParkedEvent]) -> Result<(), StoreError> {
+    /// Parks `parked` on `conn`; returns how many were new.
+    pub(super) async fn park_in(&self, conn: &mut sqlx::AnyConnection, parked: &[ParkedEvent]) -> Result<u64, StoreError> {
+        let mut new = 0;
         for chunk in parked.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO parked_events (id, routing_key, content_type, reason, body, at) VALUES {} ON CONFLICT (id) DO NOTHING",
@@ -50,9 +53,9 @@ impl Store {
                 query =
                     query.bind(&p.id).bind(&p.routing_key).bind(p.content_type.clone()).bind(&p.reason).bind(&p.body).bind(micros(p.at));
             }
-            query.execute(&mut *conn).await.map_err(q("park events"))?;
+            new += query.execute(&mut *conn).await.map_err(q("park events"))?.rows_affected();
         }
-        Ok(())
+        Ok(new)
     }
 
     /// Parked events, oldest first.

@@ -11,7 +11,7 @@ use trainyard::{
     submit::Submitter,
     triggers::Triggers,
 };
-use trainyard_common::{codec, event::event_seq, JobEvent, JobSpec, JobStatus};
+use trainyard_common::{codec, event::event_seq, metrics::ControlMetrics, JobEvent, JobSpec, JobStatus};
 
 use crate::helpers::*;
 
@@ -220,7 +220,9 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
         rule("fan-a", "bot.fan", "noop"),
         rule("fan-b", "bot.*", "noop"),
     ];
-    let triggers = Triggers::new(rules, Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None).with_store(store.clone());
+    let metrics = ControlMetrics::new(&prometheus::Registry::new(), &[]).unwrap();
+    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
+    let triggers = Triggers::new(rules, submitter, AMQP_URL, Some(metrics.clone())).with_store(store.clone());
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let (t, s) = (triggers.clone(), stop.clone());
@@ -276,6 +278,16 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     let fanned: std::collections::BTreeSet<(&str, &str)> =
         drained.iter().filter(|j| j.bot == "fanned").map(|j| (j.trigger.source.as_str(), j.job_id.as_str())).collect();
     assert_eq!(fanned.len(), 2, "one job id per rule for the event delivered twice: {fanned:?}");
+    // Counted per rule; the alert's count is one per entry, without the unmatched one (a
+    // removed rule's binding would keep the alert firing) and without the second rule's
+    // refusal of the event without a bot (one entry).
+    let counted = |rule: &str, status: &str| metrics.trigger_events.with_label_values(&[rule, status]).get();
+    assert_eq!(
+        [counted("none", "parked"), counted("none", "unmatched"), counted("updated", "parked"), counted("fan-b", "parked")],
+        [2, 1, 1, 1]
+    );
+    assert_eq!([counted("ghost", "parked"), counted("keyed", "parked"), counted("fan-b", "fired")], [1, 1, 5]);
+    assert_eq!(metrics.events_parked.get(), 5, "the parked entries the alert watches");
     let (recorded, still) = store.reprocess_parked(|_, _| Err("not an event".into())).await.unwrap();
     assert_eq!((recorded, still), (0, 6));
     let after: Vec<String> = store.parked_events().await.unwrap().into_iter().map(|p| p.reason).collect();

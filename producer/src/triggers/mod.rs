@@ -17,8 +17,10 @@
 //!   the event's field; a string that is only `{{field}}` takes the field's JSON value.
 //!   An event without a field a template names is parked with the reason.
 
+mod debounce;
+mod template;
+
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -39,6 +41,11 @@ use trainyard_common::{amqp::connect, metrics::ControlMetrics, topology::Topolog
 
 use trainyard_common::codec;
 
+use self::template::{json_kind, render_str};
+pub use self::{
+    debounce::{Debouncer, Pending},
+    template::{render, topic_matches},
+};
 use crate::{
     config::TriggerRule,
     store::{ParkedEvent, Store, StoreError},
@@ -56,115 +63,9 @@ pub enum TriggerError {
     Store(#[from] StoreError),
 }
 
-/// Does an AMQP topic `pattern` (`*` = one word, `#` = zero or more) match `key`?
-pub fn topic_matches(pattern: &str, key: &str) -> bool {
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match (p.first(), k.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &k[1..]),
-            _ => false,
-        }
-    }
-    go(&pattern.split('.').collect::<Vec<_>>(), &key.split('.').collect::<Vec<_>>())
-}
-
 /// The trigger source recorded on the jobs of `rule`: `<routing key> (<name>)`.
 pub fn source(rule: &TriggerRule) -> String {
     format!("{} ({})", rule.routing_key, rule.name)
-}
-
-/// Fills `{{field}}` placeholders of `template` from `event`. A field the event lacks is an
-/// error naming it: filled with nothing, a bot `bot-{{id}}` became `bot-` and a coalescing key
-/// `intent-train/{{bot}}` one key for every bot, whose jobs then superseded each other.
-pub fn render(template: &serde_json::Value, event: &serde_json::Value) -> Result<serde_json::Value, String> {
-    use serde_json::Value;
-    Ok(match template {
-        Value::String(s) => render_str(s, event)?,
-        Value::Array(a) => Value::Array(a.iter().map(|v| render(v, event)).collect::<Result<_, _>>()?),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| Ok((k.clone(), render(v, event)?))).collect::<Result<_, String>>()?),
-        other => other.clone(),
-    })
-}
-
-/// [`render`] of one string: only `{{field}}` takes the field's JSON value, anything else is
-/// text with each placeholder replaced.
-fn render_str(s: &str, event: &serde_json::Value) -> Result<serde_json::Value, String> {
-    use serde_json::Value;
-    let field = |name: &str| event.get(name).ok_or_else(|| format!("the event has no field {name:?}"));
-    let t = s.trim();
-    if let Some(name) = t.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")).filter(|n| !n.contains("{{")) {
-        return field(name.trim()).cloned();
-    }
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(start) = rest.find("{{") {
-        // An opening without its closing is text.
-        let Some(end) = rest[start..].find("}}") else { break };
-        out.push_str(&rest[..start]);
-        match field(rest[start + 2..start + end].trim())? {
-            Value::String(v) => out.push_str(v),
-            v => out.push_str(&v.to_string()),
-        }
-        rest = &rest[start + end + 2..];
-    }
-    out.push_str(rest);
-    Ok(Value::String(out))
-}
-
-/// A burst of events for one (rule, bot), waiting for its window to close.
-#[derive(Debug)]
-pub struct Pending<T> {
-    /// When the window closes.
-    pub deadline: Instant,
-    /// The latest event.
-    pub event: serde_json::Value,
-    /// What to settle when the job is out (delivery ackers).
-    pub held: Vec<T>,
-    /// Events in the burst.
-    pub count: usize,
-}
-
-/// Trailing per-key debounce, with the clock passed in.
-#[derive(Debug)]
-pub struct Debouncer<T> {
-    pending: HashMap<(String, String), Pending<T>>,
-}
-
-impl<T> Default for Debouncer<T> {
-    fn default() -> Self {
-        Self { pending: HashMap::new() }
-    }
-}
-
-impl<T> Debouncer<T> {
-    /// Adds an event; returns `true` when it opened a new window.
-    pub fn offer(&mut self, key: (String, String), event: serde_json::Value, held: T, now: Instant, window: Duration) -> bool {
-        match self.pending.get_mut(&key) {
-            Some(p) => {
-                p.event = event;
-                p.held.push(held);
-                p.count += 1;
-                false
-            }
-            None => {
-                self.pending.insert(key, Pending { deadline: now + window, event, held: vec![held], count: 1 });
-                true
-            }
-        }
-    }
-
-    /// Takes the bursts whose window has closed at `now`.
-    pub fn due(&mut self, now: Instant) -> Vec<((String, String), Pending<T>)> {
-        let keys: Vec<_> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k.clone()).collect();
-        keys.into_iter().filter_map(|k| self.pending.remove(&k).map(|p| (k, p))).collect()
-    }
-
-    /// The next deadline.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.deadline).min()
-    }
 }
 
 /// A trigger event's delivery, acked once every rule that matched it has kept it: fired its
@@ -220,17 +121,21 @@ impl Triggers {
     }
 
     /// Keeps an event that cannot become a job, with `reason`, where a person sees it
-    /// (`trainyard events parked`; its routing key is `trigger:<key>`), then counts it (in the
-    /// parked events the alert watches too when `alerting`).
+    /// (`trainyard events parked`; its routing key is `trigger:<key>`), then counts it for its
+    /// rule, and, when `alerting` and the entry is new, in the parked events the alert watches.
+    /// An event two rules cannot use is one entry (the first rule's reason; the log has both)
+    /// and counts once there.
     async fn park(&self, rule: &str, routing_key: &str, body: &[u8], reason: &str, alerting: bool) -> Result<(), TriggerError> {
         tracing::warn!(rule, routing_key, reason, "parking a trigger event that cannot become a job");
-        if let Some(store) = &self.store {
-            let parked = ParkedEvent::new(&format!("{PARKED_PREFIX}{routing_key}"), Some(codec::JSON), body, reason);
-            store.park(&[parked]).await?;
-        }
+        let new = match &self.store {
+            Some(store) => {
+                let parked = ParkedEvent::new(&format!("{PARKED_PREFIX}{routing_key}"), Some(codec::JSON), body, reason);
+                store.park(&[parked]).await? > 0
+            }
+            None => true,
+        };
         self.count(rule, if alerting { "parked" } else { "unmatched" });
-        if let Some(m) = self.metrics.as_ref().filter(|_| alerting) {
-            // The alert on parked events covers these too.
+        if let Some(m) = self.metrics.as_ref().filter(|_| alerting && new) {
             m.events_parked.inc();
         }
         Ok(())
@@ -443,64 +348,3 @@ fn job_of(rule: &TriggerRule, bot: &str, event: &serde_json::Value, message_id: 
 /// The routing-key prefix of a parked trigger event (`trigger:<key>`), which `events
 /// reprocess` leaves parked: it is not a job event.
 pub const PARKED_PREFIX: &str = "trigger:";
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "boolean",
-        serde_json::Value::Number(_) => "number",
-        serde_json::Value::String(_) => "string",
-        serde_json::Value::Array(_) => "array",
-        serde_json::Value::Object(_) => "object",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn topics_match_like_rabbitmq() {
-        assert!(topic_matches("bot.dataset_updated", "bot.dataset_updated"));
-        assert!(topic_matches("bot.*", "bot.dataset_updated"));
-        assert!(!topic_matches("bot.*", "bot.a.b"));
-        assert!(topic_matches("bot.#", "bot.a.b"));
-        assert!(topic_matches("#", "x"));
-        assert!(!topic_matches("bot.x", "bot.y"));
-    }
-
-    #[test]
-    fn templates_fill_fields() {
-        let ev = json!({"bot": "banking", "dataset": "clinc150/x.json", "epochs": 5});
-        let t = json!({"dataset": "{{dataset}}", "epochs": "{{ epochs }}", "note": "bot {{bot}} v{{epochs}}", "fixed": 1});
-        assert_eq!(render(&t, &ev).unwrap(), json!({"dataset": "clinc150/x.json", "epochs": 5, "note": "bot banking v5", "fixed": 1}));
-        // An opening without its closing is text, once (it was repeated).
-        assert_eq!(render(&json!("ab{{x"), &ev).unwrap(), json!("ab{{x"));
-        assert_eq!(render(&json!("{{bot}}-{{x"), &ev).unwrap(), json!("banking-{{x"));
-        // A field the event lacks is named, wherever the template uses it.
-        for t in [json!("{{bot_id}}"), json!("intent-train/{{bot_id}}"), json!({"a": ["{{bot_id}}"]})] {
-            assert_eq!(render(&t, &ev).unwrap_err(), "the event has no field \"bot_id\"", "{t}");
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_burst_yields_one_fire_with_the_latest_event() {
-        let mut d: Debouncer<u32> = Debouncer::default();
-        let w = Duration::from_secs(300);
-        let key = ("r".to_string(), "banking".to_string());
-        assert!(d.offer(key.clone(), json!({"v": 1}), 1, Instant::now(), w));
-        tokio::time::advance(Duration::from_secs(100)).await;
-        assert!(!d.offer(key.clone(), json!({"v": 2}), 2, Instant::now(), w));
-        assert!(d.offer(("r".into(), "other".into()), json!({"v": 9}), 9, Instant::now(), w));
-        assert!(d.due(Instant::now()).is_empty());
-        tokio::time::advance(Duration::from_secs(200)).await;
-        let due = d.due(Instant::now());
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].1.event, json!({"v": 2}));
-        assert_eq!(due[0].1.held, vec![1, 2]);
-        tokio::time::advance(Duration::from_secs(100)).await;
-        assert_eq!(d.due(Instant::now()).len(), 1);
-        assert!(d.next_deadline().is_none());
-    }
-}
