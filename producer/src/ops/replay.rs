@@ -93,7 +93,8 @@ impl Ops {
     }
 
     /// Republishes one letter as the job's next run (confirmed), acks it off its dead queue,
-    /// then records and publishes the run's `queued` event and audits the replay.
+    /// then publishes the run's `queued` event, records it when the store can, and audits the
+    /// replay.
     async fn replay_letter(&self, ch: &Channel, d: &Delivery, id: &str, spec: &JobSpec, by: &str) -> Result<(), OpsError> {
         let hdrs = d.properties.headers().as_ref();
         // The next run: one past the letter's and the store's (a rebuild files each run's
@@ -109,16 +110,26 @@ impl Ops {
         let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
         publish_confirmed(ch, &self.topology().jobs_exchange(), &key, &d.data, props, true).await?;
         d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
-        // The new run starts with its `queued` event, on the stream (so a rebuild sees the
-        // replay) and in the store at once (the recorder's copy is a duplicate).
+        // The new run starts with its `queued` event: on the stream first, which the recorder
+        // (and a rebuild) files from, so a store that fails below loses nothing of a letter
+        // already acked; then in the store at once, for whoever looks next.
         let mut queued = JobEvent::queued(spec);
         (queued.at, queued.run) = (now, Some(run));
-        self.store.record_event(&queued).await?;
-        self.store.mark_replayed(id, now).await?;
         self.submitter.publish_event(ch, &queued).await?;
+        if let Err(e) = self.note_replay(id, &queued).await {
+            tracing::warn!(job_id = %id, error = %e, "replayed, but the store did not take it yet: the recorder files the new                 run from the events stream; the letter may list until it is replayed again or deleted");
+        }
         self.audit(by, "replay", id, Some(serde_json::json!({"run": run}))).await?;
         tracing::info!(job_id = %id, by, "dead letter replayed");
         Ok(())
+    }
+
+    /// Files a replay's `queued` event in the store (the recorder's copy from the stream is a
+    /// duplicate) and marks the letter replayed.
+    async fn note_replay(&self, id: &str, queued: &JobEvent) -> Result<(), OpsError> {
+        let marked = self.store.mark_replayed(id, queued.at).await;
+        self.store.record_event(queued).await?;
+        Ok(marked?)
     }
 }
 

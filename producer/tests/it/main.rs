@@ -10,6 +10,7 @@ mod listing;
 mod openapi;
 mod openapi_cases;
 mod recorder;
+mod replay;
 mod schedules;
 mod stream_position;
 mod versions;

@@ -394,64 +394,6 @@ async fn an_entry_meeting_events_of_a_job_without_a_row_is_parked_not_counted() 
     cleanup(&topo, &[]).await;
 }
 
-/// A worker whose clock runs minutes behind still files a replayed run's events under that
-/// run: the replay sets the run in the job message (`x-trainyard-run`), every event carries
-/// it, and the store files by it. (Filed by time, as before runs were carried, these events
-/// from "before the replay" went to run 0 and the job stayed `queued`.)
-#[tokio::test]
-async fn a_replayed_runs_events_from_a_slow_clock_are_filed_under_their_run() {
-    let topo = topology();
-    let (_conn, ch) = channel().await;
-    topo.declare_shared(&ch).await.unwrap();
-    topo.declare_job_type(&ch, "noop").await.unwrap();
-    let (store, _dir, _) = sqlite_store().await;
-    let artifacts_dir = tempfile::tempdir().unwrap();
-    let artifacts = trainyard_common::artifacts::ArtifactStore::open(artifacts_dir.path().to_str().unwrap()).unwrap();
-    let ops = trainyard::ops::Ops::new(store.clone(), artifacts, AMQP_URL, topo.clone()).unwrap();
-    let recorder = spawn_recorder(&store, &topo);
-    // Run 0: submitted, then dead-lettered by a worker.
-    let spec = spec("noop", "clock-bot");
-    publish_event(&ch, &topo, &JobEvent::queued(&spec)).await;
-    let mut hdrs = FieldTable::default();
-    headers::set_str(&mut hdrs, headers::DEAD_REASON, "failed on purpose");
-    headers::set_str(&mut hdrs, headers::DEAD_KIND, "permanent");
-    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(hdrs);
-    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&spec), props).await;
-    let mut dead = JobEvent::new(&spec, JobStatus::Dead, 1, event_seq(1, 0, 1));
-    dead.error = Some(trainyard_common::ErrorInfo { kind: trainyard_common::ErrorKind::Permanent, message: "failed on purpose".into() });
-    publish_event(&ch, &topo, &dead).await;
-    eventually(20, "run 0 dead, its letter listed", || async {
-        let dead = store.job(&spec.job_id).await.unwrap().is_some_and(|j| j.status == JobStatus::Dead);
-        (dead && !store.dead_letters(Some("noop")).await.unwrap().is_empty()).then_some(())
-    })
-    .await;
-
-    let req = trainyard::ops::ReplayRequest { job_id: Some(spec.job_id.clone()), job_type: None, all: false };
-    assert_eq!(ops.replay(&req, "it").await.unwrap(), vec![spec.job_id.clone()]);
-    let msg = ch.basic_get(topo.jobs_queue("noop").into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("the replayed job");
-    assert_eq!(headers::run(msg.delivery.properties.headers().as_ref()), 1, "the replay sets run 1 in the job message");
-
-    // The worker of run 1 runs 10 minutes behind the control plane.
-    let behind = chrono::Utc::now() - chrono::Duration::minutes(10);
-    for (n, status) in [(0, JobStatus::Started), (1, JobStatus::Succeeded)] {
-        let mut ev = JobEvent::new(&spec, status, 1, event_seq(1, 0, n));
-        (ev.run, ev.at) = (Some(1), behind);
-        publish_event(&ch, &topo, &ev).await;
-    }
-    eventually(20, "run 1 to succeed", || async {
-        store.job(&spec.job_id).await.unwrap().filter(|j| j.status == JobStatus::Succeeded).map(|_| ())
-    })
-    .await;
-    let job = store.job(&spec.job_id).await.unwrap().unwrap();
-    assert_eq!((job.run, job.attempts), (1, 1));
-    let filed: Vec<(Option<u32>, JobStatus)> = store.events(&spec.job_id).await.unwrap().iter().map(|e| (e.run, e.status)).collect();
-    for want in [(Some(0), JobStatus::Dead), (Some(1), JobStatus::Queued), (Some(1), JobStatus::Started), (Some(1), JobStatus::Succeeded)] {
-        assert!(filed.contains(&want), "{want:?} not in {filed:?}");
-    }
-    recorder.stop().await;
-    cleanup(&topo, &["noop"]).await;
-}
-
 /// A dead letter whose final event the store refuses for what it is (here a trigger refuses
 /// every `dead` event) is recorded and acked, and its final event, often the job's only one (a
 /// crash loop the broker dead-lettered), is parked where `events parked` shows it: it used to

@@ -1,0 +1,120 @@
+//! Dead-letter replays: a new run of the job, filed under its run, that nothing can lose once
+//! its letter is acked.
+
+use lapin::{options::BasicGetOptions, types::FieldTable, BasicProperties};
+use trainyard::ops::{Ops, ReplayRequest};
+use trainyard_common::{artifacts::ArtifactStore, codec, event::event_seq, headers, JobEvent, JobStatus};
+
+use crate::helpers::*;
+
+/// A topology with `noop` declared, a SQLite store and the operations on both.
+struct Setup {
+    topo: trainyard_common::topology::Topology,
+    _conn: lapin::Connection,
+    ch: lapin::Channel,
+    store: trainyard::store::Store,
+    ops: Ops,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn setup() -> Setup {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let (store, store_dir, _) = sqlite_store().await;
+    let artifacts_dir = tempfile::tempdir().unwrap();
+    let artifacts = ArtifactStore::open(artifacts_dir.path().to_str().unwrap()).unwrap();
+    let ops = Ops::new(store.clone(), artifacts, AMQP_URL, topo.clone()).unwrap();
+    Setup { topo, _conn, ch, store, ops, _dirs: (store_dir, artifacts_dir) }
+}
+
+/// A worker whose clock runs minutes behind still files a replayed run's events under that
+/// run: the replay sets the run in the job message (`x-trainyard-run`), every event carries
+/// it, and the store files by it. (Filed by time, as before runs were carried, these events
+/// from "before the replay" went to run 0 and the job stayed `queued`.)
+#[tokio::test]
+async fn a_replayed_runs_events_from_a_slow_clock_are_filed_under_their_run() {
+    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    let recorder = spawn_recorder(&store, &topo);
+    // Run 0: submitted, then dead-lettered by a worker.
+    let spec = spec("noop", "clock-bot");
+    publish_event(&ch, &topo, &JobEvent::queued(&spec)).await;
+    let mut hdrs = FieldTable::default();
+    headers::set_str(&mut hdrs, headers::DEAD_REASON, "failed on purpose");
+    headers::set_str(&mut hdrs, headers::DEAD_KIND, "permanent");
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(hdrs);
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&spec), props).await;
+    let mut dead = JobEvent::new(&spec, JobStatus::Dead, 1, event_seq(1, 0, 1));
+    dead.error = Some(trainyard_common::ErrorInfo { kind: trainyard_common::ErrorKind::Permanent, message: "failed on purpose".into() });
+    publish_event(&ch, &topo, &dead).await;
+    eventually(20, "run 0 dead, its letter listed", || async {
+        let dead = store.job(&spec.job_id).await.unwrap().is_some_and(|j| j.status == JobStatus::Dead);
+        (dead && !store.dead_letters(Some("noop")).await.unwrap().is_empty()).then_some(())
+    })
+    .await;
+
+    let req = ReplayRequest { job_id: Some(spec.job_id.clone()), job_type: None, all: false };
+    assert_eq!(ops.replay(&req, "it").await.unwrap(), vec![spec.job_id.clone()]);
+    let msg = ch.basic_get(topo.jobs_queue("noop").into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("the replayed job");
+    assert_eq!(headers::run(msg.delivery.properties.headers().as_ref()), 1, "the replay sets run 1 in the job message");
+
+    // The worker of run 1 runs 10 minutes behind the control plane.
+    let behind = chrono::Utc::now() - chrono::Duration::minutes(10);
+    for (n, status) in [(0, JobStatus::Started), (1, JobStatus::Succeeded)] {
+        let mut ev = JobEvent::new(&spec, status, 1, event_seq(1, 0, n));
+        (ev.run, ev.at) = (Some(1), behind);
+        publish_event(&ch, &topo, &ev).await;
+    }
+    eventually(20, "run 1 to succeed", || async {
+        store.job(&spec.job_id).await.unwrap().filter(|j| j.status == JobStatus::Succeeded).map(|_| ())
+    })
+    .await;
+    let job = store.job(&spec.job_id).await.unwrap().unwrap();
+    assert_eq!((job.run, job.attempts), (1, 1));
+    let filed: Vec<(Option<u32>, JobStatus)> = store.events(&spec.job_id).await.unwrap().iter().map(|e| (e.run, e.status)).collect();
+    for want in [(Some(0), JobStatus::Dead), (Some(1), JobStatus::Queued), (Some(1), JobStatus::Started), (Some(1), JobStatus::Succeeded)] {
+        assert!(filed.contains(&want), "{want:?} not in {filed:?}");
+    }
+    recorder.stop().await;
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// A replay whose store write fails once its letter is acked still starts the new run: the
+/// run's `queued` event goes to the events stream first, and the recorder files it from there.
+/// (The store was written first: its failure answered an error for a letter already gone from
+/// its queue, and the run's `queued` event was never published, so no rebuild could see it.)
+#[tokio::test]
+async fn a_replay_the_store_fails_to_note_is_filed_from_the_stream() {
+    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    let job = spec("noop", "bot-replay-store");
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
+    let dead_queue = topo.dead_queue("noop");
+    eventually(10, "the letter in its dead queue", || async { (message_count(&ch, &dead_queue).await == 1).then_some(()) }).await;
+    store
+        .execute_raw(
+            "CREATE TRIGGER refuse_queued BEFORE INSERT ON job_events WHEN NEW.status = 'queued' \
+             BEGIN SELECT RAISE(ABORT, 'the store refuses for a moment'); END",
+        )
+        .await
+        .unwrap();
+
+    let req = ReplayRequest { job_id: None, job_type: Some("noop".into()), all: true };
+    assert_eq!(ops.replay(&req, "it").await.expect("replayed, the store's failure only logged"), vec![job.job_id.clone()]);
+    assert_eq!(message_count(&ch, &dead_queue).await, 0, "the letter is acked");
+    assert_eq!(message_count(&ch, &topo.jobs_queue("noop")).await, 1, "the new run is queued");
+    assert!(store.events(&job.job_id).await.unwrap().is_empty(), "the store took nothing");
+
+    store.execute_raw("DROP TRIGGER refuse_queued").await.unwrap();
+    let recorder = spawn_recorder(&store, &topo);
+    let filed = eventually(20, "run 1's queued event, from the stream", || async {
+        let events = store.events(&job.job_id).await.unwrap();
+        events.iter().any(|e| (e.run, e.status) == (Some(1), JobStatus::Queued)).then_some(events)
+    })
+    .await;
+    assert!(filed.iter().all(|e| e.run <= Some(1)), "{filed:?}");
+    let row = store.job(&job.job_id).await.unwrap().expect("the job's row");
+    assert_eq!((row.run, row.status), (1, JobStatus::Queued));
+    recorder.stop().await;
+    cleanup(&topo, &["noop"]).await;
+}
