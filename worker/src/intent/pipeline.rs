@@ -7,22 +7,18 @@
 //!
 //! Synchronous and CPU-heavy (or GPU-bound): callers run it on a dedicated thread.
 
-use std::collections::BTreeMap;
-
 use burn::tensor::backend::AutodiffBackend;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{
     dataset::{Example, Splits},
     device::{self, CpuBackend, DeviceSpec, Host},
     env::RunEnv,
-    eval::{gate_against_production, write_evaluation},
     features::{FeatureConfig, Featurizer},
     fit::{Stage, StageSummary},
-    metrics::Metrics,
-    params::{Hyper, ModelKind, PromoteMode, TrainParams},
+    limits::{check_bag, check_conv},
+    params::{Hyper, ModelKind, TrainParams},
     predict::{average, decide, probabilities, tune_weights, BagNet, Combine, ModelConfig, Predictor},
-    promotion::{set_production, GateDecision, ProductionEntry},
     seq::{SeqConfig, SeqFeaturizer},
     train::TrainData,
 };
@@ -39,7 +35,7 @@ fn label_ids(examples: &[Example], labels: &[String]) -> Vec<usize> {
     examples.iter().map(|e| labels.binary_search(&e.label).expect("labels validated against training")).collect()
 }
 
-fn texts(examples: &[Example]) -> Vec<&str> {
+pub(super) fn texts(examples: &[Example]) -> Vec<&str> {
     examples.iter().map(|e| e.text.as_str()).collect()
 }
 
@@ -121,10 +117,10 @@ pub fn cuda_failure(device: DeviceSpec, panic: &(dyn std::any::Any + Send)) -> J
 }
 
 /// The data of a run, split and labelled.
-struct Prepared {
-    splits: Splits,
-    labels: Vec<String>,
-    oos_label: Option<String>,
+pub(super) struct Prepared {
+    pub(super) splits: Splits,
+    pub(super) labels: Vec<String>,
+    pub(super) oos_label: Option<String>,
     oos: Option<usize>,
     y_train: Vec<usize>,
     y_val: Vec<usize>,
@@ -214,8 +210,8 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
             h.min_df,
             train.len()
         ));
-        check_bag_size(f.dim(), h)?;
         let labels = &self.prep.labels;
+        check_bag(f.dim(), labels.len(), h)?;
         let data = TrainData {
             x_train: f.transform(&train_texts),
             y_train: label_ids(train, labels),
@@ -252,6 +248,7 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
             let (train_texts, val_texts) = (texts(&prep.splits.train), texts(&prep.splits.val));
             let s = SeqFeaturizer::fit(SeqConfig { max_tokens: h.max_tokens, subwords: 8, min_df: h.min_df }, &train_texts);
             self.env.log(format!("word-order model: {} words and subwords, {} tokens × {} slots", s.vocab() - 1, h.max_tokens, 8));
+            check_conv(s.vocab(), prep.labels.len(), train_texts.len() + val_texts.len(), 8, h)?;
             let (x_train, x_val) = (s.transform(&train_texts), s.transform(&val_texts));
             let fp = fingerprint(self.params, &prep.labels, s.vocab(), &prep.splits.train);
             let key = if h.model == ModelKind::Conv { CHECKPOINT_KEY } else { CONV_CHECKPOINT_KEY };
@@ -321,99 +318,16 @@ pub fn run<B: AutodiffBackend>(
     stop_if_cancelled(env, "evaluating the model")?;
     env.log(format!("training done: {}", stages_line(&stages)));
     predictor.config.oos_threshold = oos_threshold(env, &prep, h.oos_threshold, &val_probs);
-    let result = publish::<B>(env, params, spec, &prep, &predictor, &stages)?;
+    let result = super::publish::finish::<B>(env, params, spec, &prep, &predictor, &stages)?;
     env.log(format!("done in {:.1}s", env.elapsed()));
     env.put("training.log", env.log_text())?;
     Ok(result)
 }
 
-/// Evaluates `predictor` on the test split, writes the model, the reports and
-/// `training_log.json`, runs the promotion gate, and returns the job's result.
-fn publish<B: AutodiffBackend>(
-    env: &RunEnv,
-    params: &TrainParams,
-    spec: DeviceSpec,
-    prep: &Prepared,
-    predictor: &Predictor<B::InnerBackend>,
-    stages: &[StageSummary],
-) -> Result<Value, JobError> {
-    let h = &params.hyper;
-    let test_texts = texts(&prep.splits.test);
-    let truth: Vec<String> = prep.splits.test.iter().map(|e| e.label.clone()).collect();
-    let predicted = predictor.predict(&test_texts);
-    let about = [("device", spec.to_string()), ("model", h.model.to_string())];
-    stop_if_cancelled(env, "writing the model")?;
-    let (metrics, outputs) = write_evaluation(env, &truth, &predicted, prep.oos_label.as_deref(), &about)?;
-    for (name, bytes) in predictor.to_files().map_err(JobError::transient)? {
-        env.put(&format!("model/{name}"), bytes)?;
-    }
-    let log: Vec<_> = stages.iter().flat_map(|s| s.log.clone()).collect();
-    env.put_json("training_log.json", &log)?;
-    let model_key = env.key("model");
-    let decision = gate_and_promote(env, params, &metrics, &test_texts, &truth, &model_key)?;
-    let promotion_key = env.put_json("promotion.json", &decision)?;
-    let artifacts = artifact_keys(env, h, outputs, &model_key, promotion_key);
-    let last = stages.last().expect("at least one network");
-    Ok(json!({
-        "accuracy": metrics.accuracy,
-        "macro_f1": metrics.macro_f1,
-        "in_scope_accuracy": metrics.in_scope_accuracy,
-        "oos_recall": metrics.oos_recall,
-        "oos_threshold": predictor.config.oos_threshold,
-        "labels": prep.labels.len(),
-        "features": predictor.config.features.as_ref().map(Featurizer::dim),
-        "train_examples": prep.splits.train.len(),
-        "validation_examples": prep.splits.val.len(),
-        "test_examples": prep.splits.test.len(),
-        "epochs_run": log.len(),
-        "best_epoch": last.best_epoch,
-        "stopped_early": last.stopped_early,
-        "resumed_from_epoch": stages.iter().find_map(|s| s.resumed_from_epoch),
-        "stages": stages,
-        "device": spec.to_string(),
-        "model_kind": h.model.to_string(),
-        "seconds": env.elapsed(),
-        "top_confusions": metrics.top_confusions.iter().take(5).collect::<Vec<_>>(),
-        "promotion": decision,
-        "model": model_key,
-        "artifacts": artifacts,
-    }))
-}
-
-/// The most memory the bag's table and its training state may take: the weights, two Adam
-/// moments, the best epoch's copy and a checkpoint, about 32 bytes per feature and hidden
-/// unit. Half of the intent-train pod's 12 GiB limit: a bigger table was an out-of-memory
-/// kill, redelivered until the broker dead-lettered it as a crash loop.
-pub const MAX_BAG_BYTES: u64 = 6 << 30;
-
-/// Refuses a bag with no features (it would "train" a constant) or one too big for the worker.
-fn check_bag_size(features: usize, h: &Hyper) -> Result<(), JobError> {
-    if features == 0 {
-        return Err(JobError::permanent(format!(
-            "the training texts give no features (min_df {}): lower min_df, or check that the texts have letters or digits",
-            h.min_df
-        )));
-    }
-    let bytes = features as u64 * h.hidden as u64 * 32;
-    if bytes > MAX_BAG_BYTES {
-        return Err(JobError::permanent(format!(
-            "the bag would need about {:.1} GiB ({features} features × hidden {} × 32 bytes), over the {} GiB a \
-             worker allows: lower hidden, raise min_df or narrow the n-gram ranges (word_ngrams {}, char {}..={})",
-            bytes as f64 / (1u64 << 30) as f64,
-            h.hidden,
-            MAX_BAG_BYTES >> 30,
-            h.word_ngrams,
-            h.char_ngram_min,
-            h.char_ngram_max
-        )));
-    }
-    Ok(())
-}
-
 /// Ends a run whose stop was asked for (a cancel, or its timeout: the runtime has recorded
 /// that already) before `what`: a training thread the runtime gave up on must not go on to
 /// write the model or promote it.
-fn stop_if_cancelled(env: &RunEnv, what: &str) -> Result<(), JobError> {
+pub(super) fn stop_if_cancelled(env: &RunEnv, what: &str) -> Result<(), JobError> {
     if env.cancel.is_cancelled() {
         return Err(JobError::cancelled(format!("stopped before {what}")));
     }
@@ -441,86 +355,9 @@ fn oos_threshold(env: &RunEnv, prep: &Prepared, set: Option<f32>, val_probs: &[f
     Some(t)
 }
 
-/// The keys of everything the run wrote, by name (`outputs`: the evaluation's).
-fn artifact_keys(
-    env: &RunEnv,
-    h: &Hyper,
-    outputs: BTreeMap<&'static str, String>,
-    model_key: &str,
-    promotion_key: String,
-) -> BTreeMap<&'static str, String> {
-    let mut artifacts = outputs;
-    artifacts.insert("model", model_key.to_string());
-    artifacts.insert("promotion", promotion_key);
-    artifacts.insert("training_log", env.key("training_log.json"));
-    artifacts.insert("log", env.key("training.log"));
-    artifacts.insert("checkpoint", env.key(CHECKPOINT_KEY));
-    if h.model == ModelKind::BagConv {
-        artifacts.insert("conv_checkpoint", env.key(CONV_CHECKPOINT_KEY));
-    }
-    if h.refit {
-        artifacts.insert("refit_checkpoint", env.key(REFIT_CHECKPOINT_KEY));
-    }
-    artifacts
-}
-
-/// Runs the promotion gate against the bot's production model and promotes when it passes and may.
-fn gate_and_promote(
-    env: &RunEnv,
-    params: &TrainParams,
-    metrics: &Metrics,
-    test_texts: &[&str],
-    truth: &[String],
-    model_key: &str,
-) -> Result<GateDecision, JobError> {
-    let mut decision = gate_against_production(env, &params.gate, metrics, test_texts, truth)?;
-    decision.mode = match params.promote {
-        PromoteMode::Auto => "auto".into(),
-        PromoteMode::Manual => "manual".into(),
-    };
-    if decision.passed && params.promote == PromoteMode::Auto && env.apply_promotion {
-        stop_if_cancelled(env, "promoting the model")?;
-        if let Some(models) = &env.models {
-            let entry = ProductionEntry {
-                bot: env.bot.clone(),
-                job_id: env.job_id.clone(),
-                model: model_key.to_string(),
-                metrics: trainyard_common::models::headline(&serde_json::to_value(metrics).unwrap_or_default()),
-                promoted_at: chrono::Utc::now(),
-                reason: decision.reasons.join("; "),
-            };
-            env.rt.block_on(set_production(models, &env.bot, entry)).map_err(|e| JobError::transient(e.to_string()))?;
-            decision.promoted = true;
-        }
-    }
-    let verdict = match (decision.passed, decision.promoted) {
-        (true, true) => "promoted to production".to_string(),
-        (true, false) => {
-            format!("passed the gate, not promoted (promote={}{})", decision.mode, if env.apply_promotion { "" } else { ", local run" })
-        }
-        (false, _) => "rejected by the gate".to_string(),
-    };
-    env.log(format!("promotion: {verdict}: {}", decision.reasons.join("; ")));
-    Ok(decision)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A bag too big for the worker, or with no features, is a permanent error naming what to
-    /// change (it was an out-of-memory kill, or a model that predicts one label).
-    #[test]
-    fn a_bag_too_big_or_without_features_is_refused() {
-        let h = |hidden| Hyper { hidden, ..Hyper::default() };
-        check_bag_size(32_036, &h(256)).expect("CLINC150's bag at the default hidden size");
-        check_bag_size(49_000, &h(4096)).expect("within 6 GiB");
-        let big = check_bag_size(190_462, &h(4096)).unwrap_err();
-        assert!(big.message.contains("lower hidden") && big.message.contains("23.2 GiB"), "{}", big.message);
-        let none = check_bag_size(0, &h(256)).unwrap_err();
-        assert!(none.message.contains("no features") && none.message.contains("min_df"), "{}", none.message);
-        assert!([big.kind, none.kind].iter().all(|k| *k == trainyard_common::ErrorKind::Permanent));
-    }
 
     #[test]
     fn cuda_panics_are_transient_and_name_out_of_memory() {

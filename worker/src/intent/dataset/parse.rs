@@ -15,14 +15,38 @@ fn utf8<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, DatasetError> {
     })
 }
 
+/// The most bytes an utterance may have: an intent is said in a sentence or two, and one huge
+/// "utterance" (a whole document in a cell) made rows of as many features as it has n-grams.
+pub const MAX_TEXT_BYTES: usize = 2_000;
+/// The most bytes a label may have.
+pub const MAX_LABEL_BYTES: usize = 200;
+
+/// Why a row's text or label cannot be used, if it cannot (both are trimmed first).
+fn row_problem(text: &str, label: &str) -> Option<String> {
+    let (text, label) = (text.trim(), label.trim());
+    if text.is_empty() {
+        return Some("empty text".into());
+    }
+    if label.is_empty() {
+        return Some("empty label".into());
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        return Some(format!(
+            "a text of {} bytes, over the {MAX_TEXT_BYTES} an utterance may have: shorten it or leave it out",
+            text.len()
+        ));
+    }
+    if label.len() > MAX_LABEL_BYTES {
+        return Some(format!("a label of {} bytes, over the {MAX_LABEL_BYTES} a label may have", label.len()));
+    }
+    None
+}
+
 fn check_example(file: &str, line: usize, text: &str, label: &str) -> Result<Example, DatasetError> {
-    if text.trim().is_empty() {
-        return Err(parse_err(file, line, "empty text"));
+    match row_problem(text, label) {
+        Some(reason) => Err(parse_err(file, line, reason)),
+        None => Ok(Example::new(text.trim(), label.trim())),
     }
-    if label.trim().is_empty() {
-        return Err(parse_err(file, line, "empty label"));
-    }
-    Ok(Example::new(text.trim(), label.trim()))
 }
 
 /// CLINC150 JSON: an object of splits, each a list of `[text, label]` pairs.
@@ -35,12 +59,8 @@ pub(super) fn clinc(file: &str, bytes: &[u8]) -> Result<BTreeMap<String, Vec<Exa
         let mut v = Vec::with_capacity(pairs.len());
         for (i, (t, l)) in pairs.into_iter().enumerate() {
             // JSON has no row lines: report the entry's position in its split instead.
-            if t.trim().is_empty() || l.trim().is_empty() {
-                return Err(DatasetError::Parse {
-                    file: file.into(),
-                    line: line_of_entry(text, &split, i),
-                    reason: format!("split {split:?} entry {i}: empty text or label"),
-                });
+            if let Some(problem) = row_problem(&t, &l) {
+                return Err(parse_err(file, line_of_entry(text, &split, i), format!("split {split:?} entry {i}: {problem}")));
             }
             v.push(Example::new(t.trim(), l.trim()));
         }
@@ -174,5 +194,24 @@ mod tests {
         assert_eq!(line_of(clinc("c.json", bad).unwrap_err()), 4);
         let empty = b"{\n \"train\": [\n  [\"hi\", \"greet\"],\n  [\"\", \"bye\"]\n ]\n}";
         assert_eq!(line_of(clinc("c.json", empty).unwrap_err()), 4);
+    }
+
+    /// A whole document in a cell, or a label as long as one, is refused naming its line: the
+    /// device path pads every row to the longest one's features.
+    #[test]
+    fn a_text_or_label_over_its_limit_is_refused_naming_the_line() {
+        let long = "word ".repeat(MAX_TEXT_BYTES / 5 + 1);
+        let doc = format!("text,label\nhi,greet\n{long},greet\n");
+        let e = csv("d.csv", doc.as_bytes(), None, None).unwrap_err();
+        assert!(e.to_string().contains("line 3") && e.to_string().contains("over the 2000"), "{e}");
+        let at_limit = format!("text,label\nhi,greet\n{},greet\n", "x".repeat(MAX_TEXT_BYTES));
+        assert_eq!(csv("d.csv", at_limit.as_bytes(), None, None).unwrap().len(), 2);
+        let label = "l".repeat(MAX_LABEL_BYTES + 1);
+        let doc = format!("{{\"text\":\"hi\",\"intent\":\"{label}\"}}\n");
+        assert!(jsonl("d.jsonl", doc.as_bytes(), None, None).unwrap_err().to_string().contains("a label of 201 bytes"));
+        let doc = format!("{{\n \"train\": [\n  [\"hi\", \"greet\"],\n  [\"{long}\", \"bye\"]\n ]\n}}");
+        let e = clinc("c.json", doc.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("entry 1: a text of"), "{e}");
+        assert_eq!(line_of(e), 4);
     }
 }

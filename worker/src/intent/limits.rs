@@ -1,0 +1,114 @@
+//! How big a network a job may ask for. A job whose networks, their training state and
+//! their data would not fit the worker is a permanent error naming the parameters to change:
+//! it used to be an out-of-memory kill, redelivered until the broker dead-lettered it as a
+//! crash loop. The estimates are upper bounds of the same order as what training holds.
+
+use super::params::Hyper;
+use crate::handler::JobError;
+
+/// The most memory one network's weights, training state and data may take: half of the
+/// intent-train pod's 12 GiB limit.
+pub const MAX_NET_BYTES: u64 = 6 << 30;
+
+/// Bytes per trained weight: the weights, two Adam moments, the best epoch's copy and a
+/// checkpoint, 4 bytes each, with room for the gradient and the encoding.
+const BYTES_PER_WEIGHT: u64 = 32;
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Refuses a bag with no features (it would "train" a constant) or one too big for the worker:
+/// its table (`features × hidden`) and head (`hidden × labels`).
+pub fn check_bag(features: usize, labels: usize, h: &Hyper) -> Result<(), JobError> {
+    if features == 0 {
+        return Err(JobError::permanent(format!(
+            "the training texts give no features (min_df {}): lower min_df, or check that the texts have letters or digits",
+            h.min_df
+        )));
+    }
+    let bytes = (features + labels) as u64 * h.hidden as u64 * BYTES_PER_WEIGHT;
+    if bytes > MAX_NET_BYTES {
+        return Err(JobError::permanent(format!(
+            "the bag would need about {:.1} GiB (({features} features + {labels} labels) × hidden {} × {BYTES_PER_WEIGHT} \
+             bytes), over the {} GiB a worker allows: lower hidden, raise min_df or narrow the n-gram ranges (word_ngrams \
+             {}, char {}..={})",
+            gib(bytes),
+            h.hidden,
+            MAX_NET_BYTES >> 30,
+            h.word_ngrams,
+            h.char_ngram_min,
+            h.char_ngram_max
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a word-order model too big for the worker: its weights (`vocab × conv_dim` table,
+/// convolutions, output), one batch's activations with their gradients, and the token rows of
+/// `examples` utterances (an id and a weight per slot).
+pub fn check_conv(vocab: usize, labels: usize, examples: usize, subwords: usize, h: &Hyper) -> Result<(), JobError> {
+    let (dim, filters, tokens) = (h.conv_dim as u64, h.conv_filters as u64, h.max_tokens as u64);
+    let weights = vocab as u64 * dim + 6 * dim * filters + 3 * filters * labels as u64;
+    // Per position: the looked-up slots, the summed embedding, the three widths' windows
+    // (1 + 2 + 3 embeddings) and their filters; ×3 for the backward pass.
+    let per_position = subwords as u64 * dim + 7 * dim + 3 * filters;
+    let activations = h.batch_size as u64 * tokens * per_position * 4 * 3;
+    let rows = examples as u64 * tokens * subwords as u64 * 8;
+    let bytes = weights * BYTES_PER_WEIGHT + activations + rows;
+    if bytes > MAX_NET_BYTES {
+        return Err(JobError::permanent(format!(
+            "the word-order model would need about {:.1} GiB (weights {:.1}, a batch's activations {:.1}, token rows {:.1}), \
+             over the {} GiB a worker allows: lower conv_dim ({}), conv_filters ({}), batch_size ({}) or max_tokens ({}), or \
+             raise min_df ({}; {vocab} words and subwords)",
+            gib(bytes),
+            gib(weights * BYTES_PER_WEIGHT),
+            gib(activations),
+            gib(rows),
+            MAX_NET_BYTES >> 30,
+            h.conv_dim,
+            h.conv_filters,
+            h.batch_size,
+            h.max_tokens,
+            h.min_df
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bag too big for the worker, or with no features, is a permanent error naming what to
+    /// change (it was an out-of-memory kill, or a model that predicts one label).
+    #[test]
+    fn a_bag_too_big_or_without_features_is_refused() {
+        let h = |hidden| Hyper { hidden, ..Hyper::default() };
+        check_bag(32_036, 151, &h(256)).expect("CLINC150's bag at the default hidden size");
+        check_bag(49_000, 151, &h(4096)).expect("within 6 GiB");
+        let big = check_bag(190_462, 151, &h(4096)).unwrap_err();
+        assert!(big.message.contains("lower hidden") && big.message.contains("23.3 GiB"), "{}", big.message);
+        // Labels count too: a million distinct labels is a head of a million rows.
+        let labels = check_bag(1_000, 1_000_000, &h(256)).unwrap_err();
+        assert!(labels.message.contains("1000000 labels"), "{}", labels.message);
+        let none = check_bag(0, 151, &h(256)).unwrap_err();
+        assert!(none.message.contains("no features") && none.message.contains("min_df"), "{}", none.message);
+        assert!([big.kind, labels.kind, none.kind].iter().all(|k| *k == trainyard_common::ErrorKind::Permanent));
+    }
+
+    /// The widest word-order model the parameters allow does not fit; CLINC150's does.
+    #[test]
+    fn a_word_order_model_too_big_is_refused_naming_its_parameters() {
+        check_conv(20_000, 151, 22_500, 8, &Hyper::default()).expect("CLINC150's conv at the defaults");
+        let widest = Hyper { conv_dim: 1024, conv_filters: 2048, batch_size: 4096, max_tokens: 256, ..Hyper::default() };
+        let e = check_conv(20_000, 151, 22_500, 8, &widest).unwrap_err();
+        assert_eq!(e.kind, trainyard_common::ErrorKind::Permanent);
+        for p in ["conv_dim (1024)", "batch_size (4096)", "max_tokens (256)", "activations"] {
+            assert!(e.message.contains(p), "{p}: {}", e.message);
+        }
+        // Ten million utterances of 256 tokens are 160 GiB of token rows alone.
+        let rows = check_conv(1_000, 2, 10_000_000, 8, &Hyper { max_tokens: 256, ..Hyper::default() }).unwrap_err();
+        assert!(rows.message.contains("token rows 152.6"), "{}", rows.message);
+    }
+}
