@@ -176,6 +176,56 @@ pub struct EvalParams {
     pub model: Option<String>,
 }
 
+/// Settings of the word-order model only.
+const CONV_KEYS: &[&str] = &["conv_dim", "conv_filters", "max_tokens"];
+/// Settings of the bag only.
+const BAG_KEYS: &[&str] = &["hidden", "word_ngrams", "char_ngram_min", "char_ngram_max", "char_weight", "feature_dropout"];
+
+/// Refuses settings of a network `model` does not train: they were ignored in silence (a
+/// `conv_dim` with the default model `bag` tuned nothing).
+fn refuse_unused(params: &serde_json::Value, model: ModelKind) -> Result<(), JobError> {
+    for (has, keys, network) in [(model.has_conv(), CONV_KEYS, "word-order model"), (model.has_bag(), BAG_KEYS, "bag")] {
+        let given: Vec<&str> = keys.iter().copied().filter(|k| params.get(k).is_some()).collect();
+        if !has && !given.is_empty() {
+            return Err(bad(
+                "intent-train",
+                format!("{} set(s) the {network}, and model {model} has none: leave it out, or set model", given.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The parameters of a train job beside its dataset and model settings.
+#[derive(Deserialize)]
+struct TrainOther {
+    #[serde(default)]
+    device: DeviceSpec,
+    #[serde(default)]
+    promote: PromoteMode,
+    #[serde(default)]
+    gate: GateRules,
+}
+
+/// The parameters of an eval job beside its dataset.
+#[derive(Deserialize)]
+struct EvalOther {
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// Reads the part of `params` made of `keys` (a flattened struct: serde's `flatten` loses which
+/// field failed, so each part is read on its own), naming the parameter a value does not fit.
+fn part<T: serde::de::DeserializeOwned>(what: &str, params: &serde_json::Value, keys: &[&str]) -> Result<T, JobError> {
+    let obj = params.as_object().ok_or_else(|| bad(what, "params must be a JSON object"))?;
+    let sub: serde_json::Map<String, serde_json::Value> =
+        obj.iter().filter(|(k, _)| keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    serde_path_to_error::deserialize(serde_json::Value::Object(sub)).map_err(|e| match e.path().to_string() {
+        path if path == "." => bad(what, e.inner()),
+        path => bad(what, format!("`{path}`: {}", e.inner())),
+    })
+}
+
 fn bad(what: &str, reason: impl std::fmt::Display) -> JobError {
     JobError::permanent(format!("invalid {what} params: {reason}"))
 }
@@ -222,8 +272,16 @@ fn check_keys(what: &str, params: &serde_json::Value, allowed: &[&[&str]]) -> Re
 impl TrainParams {
     /// Parses and checks `params` of an `intent-train` job.
     pub fn parse(params: &serde_json::Value) -> Result<Self, JobError> {
-        check_keys("intent-train", params, &[DatasetSpec::KEYS, HYPER_KEYS, &["device", "promote", "gate"]])?;
-        let p: Self = serde_json::from_value(params.clone()).map_err(|e| bad("intent-train", e))?;
+        const OTHER_KEYS: &[&str] = &["device", "promote", "gate"];
+        check_keys("intent-train", params, &[DatasetSpec::KEYS, HYPER_KEYS, OTHER_KEYS])?;
+        let other: TrainOther = part("intent-train", params, OTHER_KEYS)?;
+        let p = Self {
+            data: part("intent-train", params, DatasetSpec::KEYS)?,
+            device: other.device,
+            promote: other.promote,
+            gate: other.gate,
+            hyper: part("intent-train", params, HYPER_KEYS)?,
+        };
         p.data.check().map_err(|e| bad("intent-train", e))?;
         p.gate.check().map_err(|e| bad("intent-train", e))?;
         let h = &p.hyper;
@@ -256,6 +314,7 @@ impl TrainParams {
                 return Err(bad("intent-train", msg));
             }
         }
+        refuse_unused(params, h.model)?;
         Ok(p)
     }
 }
@@ -264,7 +323,10 @@ impl EvalParams {
     /// Parses and checks `params` of an `intent-eval` job.
     pub fn parse(params: &serde_json::Value) -> Result<Self, JobError> {
         check_keys("intent-eval", params, &[DatasetSpec::KEYS, &["model"]])?;
-        let p: Self = serde_json::from_value(params.clone()).map_err(|e| bad("intent-eval", e))?;
+        let p = Self {
+            data: part("intent-eval", params, DatasetSpec::KEYS)?,
+            model: part::<EvalOther>("intent-eval", params, &["model"])?.model,
+        };
         p.data.check().map_err(|e| bad("intent-eval", e))?;
         if let Some(m) = &p.model {
             if m.is_empty() || !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
@@ -314,5 +376,34 @@ mod tests {
         assert!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "../x"})).is_err());
         assert!(EvalParams::parse(&json!({"dataset": "x.csv", "epochs": 3})).is_err());
         assert_eq!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "j-1"})).unwrap().model.as_deref(), Some("j-1"));
+    }
+
+    /// A setting of a network the model does not train is refused, naming it.
+    #[test]
+    fn settings_of_a_network_the_model_lacks_are_refused() {
+        let e = TrainParams::parse(&json!({"dataset": "x.csv", "conv_dim": 64, "max_tokens": 12})).unwrap_err();
+        assert!(e.message.contains("conv_dim, max_tokens set(s) the word-order model, and model bag has none"), "{}", e.message);
+        let e = TrainParams::parse(&json!({"dataset": "x.csv", "model": "conv", "hidden": 64})).unwrap_err();
+        assert!(e.message.contains("hidden set(s) the bag, and model conv has none"), "{}", e.message);
+        let both = json!({"dataset": "x.csv", "model": "bag+conv", "hidden": 64, "conv_dim": 64, "char_weight": null});
+        assert_eq!(TrainParams::parse(&both).unwrap().hyper.conv_dim, 64);
+    }
+
+    /// A value of the wrong type names its parameter (serde's `flatten` said only "invalid
+    /// type: string, expected usize"), wherever it is.
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_parameter() {
+        for (params, names) in [
+            (json!({"dataset": "x.csv", "epochs": "ten"}), "`epochs`: invalid type: string \"ten\""),
+            (json!({"dataset": "x.csv", "train_splits": "train"}), "`train_splits`: invalid type"),
+            (json!({"dataset": "x.csv", "gate": {"min_accuracy": "high"}}), "`gate.min_accuracy`: invalid type"),
+            (json!({"dataset": "x.csv", "device": 3}), "`device`:"),
+            (json!({"epochs": 3}), "missing field `dataset`"),
+        ] {
+            let e = TrainParams::parse(&params).unwrap_err();
+            assert!(e.message.starts_with("invalid intent-train params: ") && e.message.contains(names), "{params}: {}", e.message);
+        }
+        let e = EvalParams::parse(&json!({"dataset": "x.csv", "model": 7})).unwrap_err();
+        assert!(e.message.contains("`model`: invalid type: integer `7`"), "{}", e.message);
     }
 }
