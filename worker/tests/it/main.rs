@@ -3,3 +3,4 @@
 mod device;
 mod intent;
 mod refit;
+mod stops;
