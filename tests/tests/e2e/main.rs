@@ -11,6 +11,7 @@ mod console;
 mod console_live;
 mod disrupt;
 mod failover;
+mod failures;
 mod fairness;
 mod follow;
 mod hostile;
