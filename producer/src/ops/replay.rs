@@ -111,13 +111,18 @@ impl Ops {
         publish_confirmed(ch, &self.topology().jobs_exchange(), &key, &d.data, props, true).await?;
         d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
         // The new run starts with its `queued` event: on the stream first, which the recorder
-        // (and a rebuild) files from, so a store that fails below loses nothing of a letter
-        // already acked; then in the store at once, for whoever looks next.
+        // (and a rebuild) files from, then in the store at once, for whoever looks next. The
+        // letter is acked and its job queued by now: a failure of either is logged, not
+        // answered (the caller would replay again, and find nothing in the queue); the run's
+        // own events file it under its run whichever is missing.
         let mut queued = JobEvent::queued(spec);
         (queued.at, queued.run) = (now, Some(run));
-        self.submitter.publish_event(ch, &queued).await?;
+        if let Err(e) = self.submitter.publish_event(ch, &queued).await {
+            tracing::warn!(job_id = %id, error = %e, "replayed, but its queued event did not reach the events stream");
+        }
         if let Err(e) = self.note_replay(id, &queued).await {
-            tracing::warn!(job_id = %id, error = %e, "replayed, but the store did not take it yet: the recorder files the new                 run from the events stream; the letter may list until it is replayed again or deleted");
+            tracing::warn!(job_id = %id, error = %e, "replayed, but the store did not note it: the recorder files the new run from \
+                the events stream; the letter may still list, and replaying it answers that it is not in its queue");
         }
         self.audit(by, "replay", id, Some(serde_json::json!({"run": run}))).await?;
         tracing::info!(job_id = %id, by, "dead letter replayed");

@@ -157,8 +157,9 @@ fn close_connection_named(name: &str) {
 async fn a_retry_queue_deleted_under_a_worker_is_declared_again_in_its_next_session() {
     let env = Env::new(&["noop"]).await;
     let metrics = prometheus::Registry::new();
-    let mut worker_id = String::new();
-    let w = env.spawn_worker_with_metrics(&["noop"], &metrics, |cfg| worker_id = cfg.worker.id.clone());
+    // Named apart: every in-process worker of this binary is `<host>-<pid>`.
+    let worker_id = format!("retry-redeclare-{}", uuid::Uuid::new_v4().simple());
+    let w = env.spawn_worker_with_metrics(&["noop"], &metrics, |cfg| cfg.worker.id = worker_id.clone());
     let fails_once = || {
         let mut spec = env.spec("noop", json!({"fail": "transient", "fail_until": 2}));
         spec.max_attempts = 2;
@@ -169,9 +170,14 @@ async fn a_retry_queue_deleted_under_a_worker_is_declared_again_in_its_next_sess
     let retry = first.iter().find(|e| e.status == JobStatus::Retrying).expect("a retry");
     let delay = retry.result.as_ref().unwrap()["retry_in_ms"].as_u64().unwrap();
     let retry_queue = env.topo.retry_queue(&jobs_routing_key("noop", Priority::Normal), delay);
-    env.ch.queue_delete(retry_queue.as_str().into(), Default::default()).await.expect("the retry queue was declared");
+    // Deleting a queue that is not there succeeds: look first, so a wrong name cannot pass.
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let look = env.conn.create_channel().await.unwrap();
+    look.queue_declare(retry_queue.as_str().into(), passive, FieldTable::default()).await.expect("the retry queue was declared");
+    env.ch.queue_delete(retry_queue.as_str().into(), Default::default()).await.unwrap();
 
-    close_connection_named(&format!("trainyard-worker {worker_id}"));
+    let name = format!("trainyard-worker {worker_id}");
+    tokio::task::spawn_blocking(move || close_connection_named(&name)).await.unwrap();
     let reconnected = std::time::Instant::now();
     while counter(&metrics, trainyard_common::metrics::RECONNECTS_TOTAL).unwrap_or(0.0) < 1.0 {
         assert!(reconnected.elapsed() < T, "the worker never reconnected");

@@ -1,5 +1,5 @@
 //! How big a network a job may ask for. A job whose networks, their training state and
-//! their data would not fit the worker is a permanent error naming the parameters to change:
+//! their data (the bag's padded device rows, the word-order model's token rows) would not fit the worker is a permanent error naming the parameters to change:
 //! it used to be an out-of-memory kill, redelivered until the broker dead-lettered it as a
 //! crash loop. The estimates are upper bounds of the same order as what training holds.
 
@@ -36,6 +36,26 @@ pub fn check_bag(features: usize, labels: usize, h: &Hyper) -> Result<(), JobErr
             gib(bytes),
             h.hidden,
             MAX_NET_BYTES >> 30,
+            h.word_ngrams,
+            h.char_ngram_min,
+            h.char_ngram_max
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses the bag's device-path rows when they would not fit: that path pads every row to the
+/// longest one's `width` features (an id and a weight each), so one long utterance sizes them all.
+pub fn check_padded_rows(rows: usize, width: usize, h: &Hyper) -> Result<(), JobError> {
+    let bytes = rows as u64 * width as u64 * 8;
+    if bytes > MAX_NET_BYTES {
+        return Err(JobError::permanent(format!(
+            "the bag's rows would need about {:.1} GiB on the device ({rows} rows padded to the longest one's {width} \
+             features × 8 bytes), over the {} GiB a worker allows: shorten the longest utterances, raise min_df ({}) or \
+             narrow the n-gram ranges (word_ngrams {}, char {}..={})",
+            gib(bytes),
+            MAX_NET_BYTES >> 30,
+            h.min_df,
             h.word_ngrams,
             h.char_ngram_min,
             h.char_ngram_max
@@ -95,6 +115,18 @@ mod tests {
         let none = check_bag(0, 151, &h(256)).unwrap_err();
         assert!(none.message.contains("no features") && none.message.contains("min_df"), "{}", none.message);
         assert!([big.kind, labels.kind, none.kind].iter().all(|k| *k == trainyard_common::ErrorKind::Permanent));
+    }
+
+    /// A million rows padded to a long utterance's features do not fit the device path.
+    #[test]
+    fn device_rows_padded_too_wide_are_refused() {
+        check_padded_rows(18_000, 600, &Hyper::default()).expect("CLINC150's rows");
+        let e = check_padded_rows(1_000_000, 9_000, &Hyper::default()).unwrap_err();
+        assert!(
+            e.message.contains("1000000 rows padded to the longest one's 9000 features") && e.message.contains("67.1 GiB"),
+            "{}",
+            e.message
+        );
     }
 
     /// The widest word-order model the parameters allow does not fit; CLINC150's does.
