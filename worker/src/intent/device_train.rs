@@ -11,6 +11,8 @@
 
 use std::time::Instant;
 
+use rand::{rngs::StdRng, Rng};
+
 use burn::{
     module::AutodiffModule,
     optim::{AdamConfig, GradientsParams, Optimizer},
@@ -106,12 +108,15 @@ where
     let total_steps = steps_per_epoch * cfg.epochs;
     B::seed(device, cfg.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
     let mut loss_sum = Tensor::<B::InnerBackend, 1>::zeros([1], device);
-    for (i, batch) in epoch_order(cfg.seed, epoch, n).0.chunks(cfg.batch_size).enumerate() {
+    let (order, mut rng) = epoch_order(cfg.seed, epoch, n);
+    for (i, batch) in order.chunks(cfg.batch_size).enumerate() {
         if cancelled() {
             return Err(TrainError::Cancelled(epoch));
         }
         let lr = learning_rate(cfg.lr, (epoch - 1) * steps_per_epoch + i, total_steps);
-        let (ids, w) = data.x_train.gather(batch);
+        let (ids, mut w) = data.x_train.gather(batch);
+        // Only the bag takes `feature_dropout` (the word-order model refuses it).
+        drop_features(&mut w, batch.len(), cfg.feature_dropout, &mut rng);
         let (ids, w) = batch_tensors::<B>(ids, w, batch.len(), device);
         let targets: Vec<i64> = batch.iter().map(|&i| data.y_train[i] as i64).collect();
         let loss = Head::<B>::loss(model.logits(ids, w, cfg.dropout), &targets, cfg.label_smoothing, device);
@@ -120,6 +125,33 @@ where
         model = optim.step(lr, model, grads);
     }
     Ok((model, f64::from(super::model::to_vec(loss_sum)[0])))
+}
+
+/// Feature dropout on padded rows, as the sparse path's: each feature of a row is dropped with
+/// probability `drop` and the kept ones scaled by `1 / (1 - drop)`; a row that would lose all of
+/// its features keeps its largest. Padding (weight 0) stays as it is.
+fn drop_features(w: &mut [f32], rows: usize, drop: f32, rng: &mut StdRng) {
+    if drop <= 0.0 || rows == 0 {
+        return;
+    }
+    let scale = 1.0 / (1.0 - drop);
+    for row in w.chunks_mut(w.len() / rows) {
+        let largest = (0..row.len()).filter(|&k| row[k] != 0.0).max_by(|&a, &b| row[a].total_cmp(&row[b]));
+        let Some(largest) = largest else { continue };
+        let kept_largest = row[largest] * scale;
+        let mut kept = 0;
+        for v in row.iter_mut().filter(|v| **v != 0.0) {
+            if rng.random::<f32>() >= drop {
+                *v *= scale;
+                kept += 1;
+            } else {
+                *v = 0.0;
+            }
+        }
+        if kept == 0 {
+            row[largest] = kept_largest;
+        }
+    }
 }
 
 /// Which run a checkpoint belongs to: the training path and the fingerprint of data and settings.
@@ -186,4 +218,36 @@ where
         model = load_bytes(model, b, device).map_err(rec_err)?;
     }
     Ok(DeviceTrained { model: model.valid(), run: RunLog::ended(meta, resumed_from_epoch, cfg) })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    /// The device path drops features as the sparse path does (it ignored `feature_dropout`).
+    #[test]
+    fn feature_dropout_drops_and_rescales_and_keeps_one_feature_a_row() {
+        let row = [0.5, 0.25, 0.125, 0.0];
+        let mut w: Vec<f32> = row.repeat(500);
+        let mut rng = StdRng::seed_from_u64(1);
+        drop_features(&mut w, 500, 0.0, &mut rng);
+        assert_eq!(w, row.repeat(500), "no dropout, no change");
+        drop_features(&mut w, 500, 0.5, &mut rng);
+        let (mut kept, mut dropped) = (0, 0);
+        for r in w.chunks(4) {
+            assert_eq!(r[3], 0.0, "padding stays padding");
+            assert!(r.iter().any(|v| *v != 0.0), "a row keeps a feature: {r:?}");
+            for (v, was) in r.iter().zip(row).take(3) {
+                assert!(*v == 0.0 || *v == was * 2.0, "dropped or scaled by 1 / (1 - 0.5): {v} from {was}");
+                if *v == 0.0 {
+                    dropped += 1
+                } else {
+                    kept += 1
+                }
+            }
+        }
+        assert!((600..900).contains(&dropped) && kept + dropped == 1500, "about half dropped: {dropped} of 1500");
+    }
 }
