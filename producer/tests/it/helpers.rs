@@ -128,6 +128,20 @@ pub async fn message_count(ch: &Channel, queue: &str) -> u32 {
     ch.queue_declare(queue.into(), passive, Default::default()).await.unwrap().message_count()
 }
 
+/// The messages of `queue` delivered and not yet acked, from `rabbitmqctl list_queues` (a
+/// passive declare counts only the ready ones).
+pub async fn unacked(queue: &str) -> u32 {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "messages_unacknowledged", "--quiet", "--no-table-headers"])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let row = listed.lines().find_map(|l| l.split_once('\t').filter(|(name, _)| *name == queue));
+    row.unwrap_or_else(|| panic!("no queue {queue} in {listed}")).1.trim().parse().expect("a count")
+}
+
 /// The properties of a worker's dead letter of `job`: a permanent error, `unknown param`.
 pub fn worker_dead_letter(job: &JobSpec) -> BasicProperties {
     let mut h = lapin::types::FieldTable::default();

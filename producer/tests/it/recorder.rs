@@ -428,7 +428,11 @@ async fn a_dead_letters_final_event_the_store_refuses_is_parked_not_dropped() {
     }
     let letters = store.dead_letters(Some("noop")).await.unwrap();
     assert_eq!(letters.iter().filter_map(|l| l.job_id.as_deref()).collect::<Vec<_>>(), [job.job_id.as_str()], "the letter is listed");
+    // The ack follows the park by one confirmed publish (the final event's copy on the stream):
+    // wait for it, or stopping the recorder in between would return the letter unacked.
+    let letters_queue = topo.dead_recorder_queue();
+    eventually(20, "the letter acked", || async { (unacked(&letters_queue).await == 0).then_some(()) }).await;
     recorder.stop().await;
-    assert_eq!(message_count(&ch, &topo.dead_recorder_queue()).await, 0, "the letter is acked");
+    assert_eq!(message_count(&ch, &letters_queue).await, 0, "the letter is acked");
     cleanup(&topo, &["noop"]).await;
 }
