@@ -355,8 +355,9 @@ impl Recorder {
                         &codec::to_json(&event).map_err(CommonError::from)?,
                         &reason,
                     );
-                    self.store.park(&[parked]).await?;
-                    self.count(&[], 1, &[]);
+                    // A letter delivered again parks the same entry: it counts once.
+                    let new = self.store.park(&[parked]).await?;
+                    self.count(&[], new as usize, &[]);
                 }
                 Err(e) => return Err(e.into()),
             }
