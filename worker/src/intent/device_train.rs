@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use rand::{rngs::StdRng, Rng};
+use rand::rngs::StdRng;
 
 use burn::{
     module::AutodiffModule,
@@ -29,7 +29,7 @@ use super::{
     nets::{batch_tensors, load_bytes, record_bytes, DeviceNet},
     params::Hyper,
     seq::Padded,
-    train::{epoch_log, epoch_order, learning_rate, rec_err, Hooks, RunLog, TrainError},
+    train::{drop_row, epoch_log, epoch_order, learning_rate, rec_err, Hooks, RunLog, TrainError},
 };
 
 /// Training and validation rows as fixed-width ids, with their labels.
@@ -127,30 +127,13 @@ where
     Ok((model, f64::from(super::model::to_vec(loss_sum)[0])))
 }
 
-/// Feature dropout on padded rows, as the sparse path's: each feature of a row is dropped with
-/// probability `drop` and the kept ones scaled by `1 / (1 - drop)`; a row that would lose all of
-/// its features keeps its largest. Padding (weight 0) stays as it is.
+/// Feature dropout on padded rows ([`drop_row`], as the sparse path's), `rows` rows of `w`.
 fn drop_features(w: &mut [f32], rows: usize, drop: f32, rng: &mut StdRng) {
     if drop <= 0.0 || rows == 0 {
         return;
     }
-    let scale = 1.0 / (1.0 - drop);
     for row in w.chunks_mut(w.len() / rows) {
-        let largest = (0..row.len()).filter(|&k| row[k] != 0.0).max_by(|&a, &b| row[a].total_cmp(&row[b]));
-        let Some(largest) = largest else { continue };
-        let kept_largest = row[largest] * scale;
-        let mut kept = 0;
-        for v in row.iter_mut().filter(|v| **v != 0.0) {
-            if rng.random::<f32>() >= drop {
-                *v *= scale;
-                kept += 1;
-            } else {
-                *v = 0.0;
-            }
-        }
-        if kept == 0 {
-            row[largest] = kept_largest;
-        }
+        drop_row(row, drop, rng);
     }
 }
 

@@ -62,6 +62,11 @@ impl Csr {
         let (a, b) = (self.indptr[i], self.indptr[i + 1]);
         (&self.indices[a..b], &self.values[a..b])
     }
+
+    /// Features in the longest row (at least 1: the width of a padded row).
+    pub fn longest_row(&self) -> usize {
+        (0..self.rows()).map(|r| self.row(r).0.len()).max().unwrap_or(0).max(1)
+    }
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

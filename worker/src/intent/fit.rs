@@ -19,7 +19,7 @@ use super::{
     device::{gpu_memory_in_use, DeviceSpec},
     device_train::{train_device, DeviceData, RunId},
     env::RunEnv,
-    features::{Csr, Featurizer},
+    features::Featurizer,
     nets::{ConvNet, ConvShape, DenseBag},
     params::Hyper,
     predict::BagNet,
@@ -200,8 +200,7 @@ impl Stage<'_> {
             Some(Resumable::Device(ck)) => Some(ck),
             _ => None,
         };
-        let longest = |x: &Csr| (0..x.rows()).map(|r| x.row(r).0.len()).max().unwrap_or(0).max(1);
-        let width = longest(&data.x_train).max(longest(&data.x_val));
+        let width = data.x_train.longest_row().max(data.x_val.longest_row());
         super::limits::check_padded_rows(data.x_train.rows() + data.x_val.rows(), width, h)?;
         let dd = DeviceData {
             x_train: Padded::from_csr(&data.x_train),

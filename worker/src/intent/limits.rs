@@ -1,7 +1,7 @@
-//! How big a network a job may ask for. A job whose networks, their training state and
-//! their data (the bag's padded device rows, the word-order model's token rows) would not fit the worker is a permanent error naming the parameters to change:
-//! it used to be an out-of-memory kill, redelivered until the broker dead-lettered it as a
-//! crash loop. The estimates are upper bounds of the same order as what training holds.
+//! How big a network a job may ask for. A job whose networks, their training state and their
+//! data (the bag's padded device rows, the word-order model's token rows) would not fit the
+//! worker is a permanent error naming the parameters to change: it used to be an out-of-memory
+//! kill, redelivered until the broker dead-lettered it as a crash loop. The estimates are upper bounds of the same order as what training holds.
 
 use super::params::Hyper;
 use crate::handler::JobError;

@@ -247,8 +247,13 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
         if h.model.has_conv() {
             let (train_texts, val_texts) = (texts(&prep.splits.train), texts(&prep.splits.val));
             let s = SeqFeaturizer::fit(SeqConfig { max_tokens: h.max_tokens, subwords: 8, min_df: h.min_df }, &train_texts);
-            self.env.log(format!("word-order model: {} words and subwords, {} tokens × {} slots", s.vocab() - 1, h.max_tokens, 8));
-            check_conv(s.vocab(), prep.labels.len(), train_texts.len() + val_texts.len(), 8, h)?;
+            self.env.log(format!(
+                "word-order model: {} words and subwords, {} tokens × {} slots",
+                s.vocab() - 1,
+                h.max_tokens,
+                s.config.subwords
+            ));
+            check_conv(s.vocab(), prep.labels.len(), train_texts.len() + val_texts.len(), s.config.subwords, h)?;
             let (x_train, x_val) = (s.transform(&train_texts), s.transform(&val_texts));
             let fp = fingerprint(self.params, &prep.labels, s.vocab(), &prep.splits.train);
             let key = if h.model == ModelKind::Conv { CHECKPOINT_KEY } else { CONV_CHECKPOINT_KEY };

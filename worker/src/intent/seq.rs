@@ -66,8 +66,7 @@ impl Padded {
     /// TF-IDF rows as padded rows: feature `j` becomes id `j + 1`; `width` is the
     /// longest row (at least 1). No row is truncated.
     pub fn from_csr(x: &Csr) -> Self {
-        let width = (0..x.rows()).map(|r| x.row(r).0.len()).max().unwrap_or(0).max(1);
-        Self::from_csr_width(x, width)
+        Self::from_csr_width(x, x.longest_row())
     }
 
     /// As [`from_csr`](Self::from_csr) with a given width; longer rows keep their `width` largest weights.

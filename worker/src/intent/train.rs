@@ -309,29 +309,52 @@ pub fn learning_rate(base: f64, step: usize, total: usize) -> f64 {
     base * (1.0 - 0.9 * step as f64 / total.max(1) as f64).max(0.1)
 }
 
-/// The rows of `batch` as their own matrix, each feature kept with probability
-/// `1 - drop` (kept values scaled by `1 / (1 - drop)`; a row keeps at least its strongest feature).
+/// The rows of `batch` as their own matrix, with feature dropout ([`drop_row`]).
 fn batch_rows(x: &Csr, batch: &[usize], drop: f32, rng: &mut StdRng) -> Csr {
     let mut out = Csr { indptr: Vec::with_capacity(batch.len() + 1), ..Csr::default() };
     out.indptr.push(0);
-    let scale = 1.0 / (1.0 - drop);
+    let mut kept = Vec::new();
     for &r in batch {
         let (idx, val) = x.row(r);
-        let start = out.indices.len();
-        for (&j, &v) in idx.iter().zip(val) {
-            if drop <= 0.0 || rng.random::<f32>() >= drop {
+        kept.clear();
+        kept.extend_from_slice(val);
+        drop_row(&mut kept, drop, rng);
+        for (&j, &v) in idx.iter().zip(&kept) {
+            if drop <= 0.0 || v != 0.0 {
                 out.indices.push(j);
-                out.values.push(v * scale);
+                out.values.push(v);
             }
-        }
-        if out.indices.len() == start && !idx.is_empty() {
-            let k = (0..idx.len()).max_by(|&a, &b| val[a].total_cmp(&val[b])).unwrap_or(0);
-            out.indices.push(idx[k]);
-            out.values.push(val[k] * scale);
         }
         out.indptr.push(out.indices.len());
     }
     out
+}
+
+/// Feature dropout of one row's weights, in place, for both training paths: each non-zero
+/// weight is dropped (set to 0) with probability `drop` and the kept ones are scaled by
+/// `1 / (1 - drop)`; a row that would lose all of them keeps its largest, scaled. Zeros (a
+/// padded row's empty slots) draw nothing and stay 0.
+pub(super) fn drop_row(vals: &mut [f32], drop: f32, rng: &mut StdRng) {
+    if drop <= 0.0 {
+        return;
+    }
+    let scale = 1.0 / (1.0 - drop);
+    let Some(largest) = (0..vals.len()).filter(|&k| vals[k] != 0.0).max_by(|&a, &b| vals[a].total_cmp(&vals[b])) else {
+        return;
+    };
+    let kept_largest = vals[largest] * scale;
+    let mut kept = false;
+    for v in vals.iter_mut().filter(|v| **v != 0.0) {
+        if rng.random::<f32>() >= drop {
+            *v *= scale;
+            kept = true;
+        } else {
+            *v = 0.0;
+        }
+    }
+    if !kept {
+        vals[largest] = kept_largest;
+    }
 }
 
 #[cfg(test)]
