@@ -8,7 +8,7 @@
 //! on after the backup's position would skip the new stream up to it, so that case (the
 //! stream ends before the position, as the recorder checks) reads it from its first entry.
 //! It reads and records as the recorder does ([`crate::recorder::stream`]: batches, each in
-//! one transaction with the stream position), so `trainyard serve` afterwards resumes
+//! one transaction with the stream position; an entry the store refuses parked), so `trainyard serve` afterwards resumes
 //! where the rebuild stopped instead of reading the stream again.
 
 use std::time::Duration;
@@ -111,15 +111,24 @@ async fn replay(
     let batches = tokio_stream::StreamExt::chunks_timeout(consumer, BATCH, LINGER);
     tokio::pin!(batches);
     let stream = topology.events_log();
+    let after = match start {
+        Start::After(offset) => Some(offset),
+        _ => None,
+    };
     while let Ok(Some(batch)) = tokio::time::timeout(idle, batches.next()).await {
         let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("read the events stream"))?;
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { continue };
-        let batch = stream::sort(&deliveries);
-        let recorded = store.record_stream_batch(Some(&stream), &batch).await?;
-        report.read += batch.entries;
-        report.recorded += recorded.iter().filter(|r| r.new).count() as u64;
-        report.audit += batch.audit.len() as u64;
-        report.skipped += batch.parked.len() as u64;
+        // Entries before the start offset (the broker starts at its chunk) are the backup's.
+        let fresh = stream::past(&deliveries, after).unwrap_or_else(|| deliveries.iter().collect());
+        if fresh.is_empty() {
+            last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack stream entries"))?;
+            continue;
+        }
+        let filed = stream::record_or_park(store, Some(&stream), &fresh).await?;
+        report.read += filed.entries;
+        report.recorded += filed.recorded.iter().filter(|r| r.new).count() as u64;
+        report.audit += filed.audit;
+        report.skipped += filed.parked;
         // A stream's acks give credit only; the position is in the store.
         last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack stream entries"))?;
     }

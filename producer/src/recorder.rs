@@ -202,78 +202,33 @@ impl Recorder {
     }
 
     /// Records a batch of stream entries (those after `after`) and the offset of its last
-    /// entry in one transaction, then acks them all at once (a stream's acks only give
-    /// credit). When the store fails the session ends, and the next one reads the stream
-    /// again from the stored offset.
+    /// entry in one transaction ([`stream::record_or_park`]), then acks them all at once (a
+    /// stream's acks only give credit). When the store fails the session ends, and the next
+    /// one reads the stream again from the stored offset.
     async fn settle_entries(&self, batch: Vec<lapin::Result<Delivery>>, after: &mut Option<i64>) -> Result<(), RecorderError> {
         let deliveries = batch.into_iter().collect::<Result<Vec<_>, _>>().map_err(CommonError::amqp("read the events stream"))?;
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { return Ok(()) };
         let stream = self.topology.events_log();
-        let mut fresh = Vec::with_capacity(deliveries.len());
-        for d in &deliveries {
-            let offset = stream::offset(d).ok_or_else(|| RecorderError::NoOffset { stream: stream.clone() })?;
-            // The broker may start a little before the offset asked for (at its chunk).
-            if after.is_none_or(|a| offset > a) {
-                fresh.push(d);
-            }
-        }
+        let fresh = stream::past(&deliveries, *after).ok_or_else(|| RecorderError::NoOffset { stream: stream.clone() })?;
         if !fresh.is_empty() {
-            let batch = stream::sort(fresh.iter().copied());
-            tracing::debug!(entries = batch.entries, last_offset = batch.last_offset, "recording a batch");
-            match self.store.record_stream_batch(Some(&stream), &batch).await {
-                Ok(recorded) => self.count(&batch.events, batch.parked.len(), &recorded),
-                Err(e) if !e.retryable() => {
-                    tracing::error!(error = %e, entries = batch.entries, "the store refuses a batch of stream entries; recording them one by one");
-                    self.record_one_by_one(&stream, &fresh).await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-            *after = Some(batch.last_offset);
+            let filed = stream::record_or_park(&self.store, Some(&stream), &fresh).await?;
+            self.count(&filed.events, filed.parked as usize, &filed.recorded);
+            *after = Some(filed.last_offset);
         }
         last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack stream entries"))?;
         Ok(())
     }
 
-    /// Records `entries` one at a time, each with its offset. An entry the store refuses for
-    /// what it holds (a retry cannot change that) is parked with the store's reason instead,
-    /// where `trainyard events parked` shows it: read again and again, it would stop the
-    /// recorder for good.
-    async fn record_one_by_one(&self, stream: &str, entries: &[&Delivery]) -> Result<(), RecorderError> {
-        for d in entries {
-            let one = stream::sort([*d]);
-            match self.store.record_stream_batch(Some(stream), &one).await {
-                Ok(recorded) => self.count(&one.events, one.parked.len(), &recorded),
-                Err(e) if !e.retryable() => {
-                    tracing::error!(error = %e, routing_key = %d.routing_key, offset = one.last_offset, "the store refuses a stream entry; parking it");
-                    self.store.record_stream_batch(Some(stream), &stream::parked(d, &format!("the job store refused it: {e}"))).await?;
-                    self.count(&[], 1, &[]);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
-    /// Records one dead letter and acks it, or nacks it back to the queue when the store
-    /// failed for a reason a retry can fix. A letter the store refuses for what it
-    /// contains is recorded in a plain form (every text value ASCII-escaped) instead:
-    /// requeueing it would block every letter behind it for ever.
+    /// Records one dead letter and its job's final event, then acks it, or nacks it back to the
+    /// queue when the store failed for a reason a retry can fix.
     async fn settle_dead_letter(&self, delivery: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
-        let mut outcome = self.handle_dead_letter(delivery, publish).await;
-        if let Err(RecorderError::Store(e)) = &outcome {
-            if !e.retryable() {
-                tracing::error!(error = %e, "the store refuses a dead letter as received; recording it ASCII-escaped");
-                let (letter, _) = self.read_dead_letter(delivery);
-                outcome = self.store.record_dead_letter(&letter.ascii_escaped(&e.to_string())).await.map_err(RecorderError::from);
-            }
-        }
-        match outcome {
+        match self.handle_dead_letter(delivery, publish).await {
             Ok(()) => {
                 delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
             }
             Err(RecorderError::Store(e)) if !e.retryable() => {
-                // Not even the plain form: nothing a retry can change. Say so loudly, keep the queue moving.
-                tracing::error!(error = %e, routing_key = %delivery.routing_key, "cannot record a dead letter; it stays in its dead-letter queue");
+                // Not even a park: nothing a retry can change. Say so loudly, keep the queue moving.
+                tracing::error!(error = %e, routing_key = %delivery.routing_key, "cannot keep a dead letter's final event; the letter stays in its job type's dead-letter queue");
                 delivery.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a delivery"))?;
             }
             Err(e) => {
@@ -292,6 +247,27 @@ impl Recorder {
             }
         }
         Ok(())
+    }
+
+    /// Lists a dead letter. A letter the store refuses for what it contains is listed in a
+    /// plain form (every text value ASCII-escaped) instead: requeueing it would block every
+    /// letter behind it for ever. One refused even so stays in its job type's dead-letter
+    /// queue (`<prefix>.dead.<type>`), where the broker's tools show it; its job's final event
+    /// is kept all the same.
+    async fn list_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let Err(e) = self.store.record_dead_letter(letter).await else { return Ok(()) };
+        if e.retryable() {
+            return Err(e);
+        }
+        tracing::error!(error = %e, "the store refuses a dead letter as received; recording it ASCII-escaped");
+        match self.store.record_dead_letter(&letter.ascii_escaped(&e.to_string())).await {
+            Err(e) if e.retryable() => Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, job_id = ?letter.job_id, "cannot list a dead letter; it stays in its job type's dead-letter queue");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Records one event, updating the metrics.
@@ -337,7 +313,7 @@ impl Recorder {
     async fn handle_dead_letter(&self, d: &Delivery, publish: &lapin::Channel) -> Result<(), RecorderError> {
         let (letter, event) = self.read_dead_letter(d);
         tracing::warn!(job_id = ?letter.job_id, job_type = %letter.job_type, reason = %letter.reason, "dead letter recorded");
-        self.store.record_dead_letter(&letter).await?;
+        self.list_dead_letter(&letter).await?;
         if let Some(m) = &self.metrics {
             m.dead_letters.with_label_values(&[letter.job_type.as_str(), letter.kind.as_str()]).inc();
         }

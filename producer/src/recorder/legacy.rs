@@ -1,7 +1,7 @@
 //! Upgrading from releases that fed the recorder through a quorum queue of its own,
 //! `<prefix>.recorder`, bound to the events exchange (a copy of every event the stream
 //! also got). Every session first unbinds that queue, records what is left in it (in
-//! batches, each in one transaction, acked after the commit: nothing is lost, and
+//! batches, each in one transaction, an entry the store refuses parked, acked after the commit: nothing is lost, and
 //! recording twice what the stream also holds changes nothing), then deletes it once it
 //! is empty and unused. Absent (every installation since), it costs one passive declare.
 
@@ -67,9 +67,9 @@ impl Recorder {
                 }
             }
             let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { return Ok(drained) };
-            let batch = stream::sort(&deliveries);
-            let recorded = self.store.record_stream_batch(None, &batch).await?;
-            self.count(&batch.events, batch.parked.len(), &recorded);
+            let entries: Vec<&Delivery> = deliveries.iter().collect();
+            let filed = stream::record_or_park(&self.store, None, &entries).await?;
+            self.count(&filed.events, filed.parked as usize, &filed.recorded);
             last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp(format!("ack {queue}")))?;
             drained += deliveries.len();
         }

@@ -13,9 +13,9 @@ use lapin::{
     types::{AMQPValue, FieldTable},
     Channel, Connection, Consumer,
 };
-use trainyard_common::{headers, topology::Topology, CommonError};
+use trainyard_common::{headers, topology::Topology, CommonError, JobEvent};
 
-use crate::store::{ParkedEvent, Store, StoreError, StreamBatch};
+use crate::store::{BatchRecorded, ParkedEvent, Recorded, Store, StoreError, StreamBatch};
 
 /// The argument that says where a stream consumer starts, and the header that gives
 /// each delivery's offset.
@@ -119,6 +119,86 @@ pub async fn read_on_from<E: From<CommonError> + From<StoreError>>(
          (what the old stream held past that offset went with it); recording the new one from its first entry"
     );
     Ok(None)
+}
+
+/// The entries of `deliveries` past `after` (all when `None`): a consumer that asked to
+/// start after an offset may get a little before it (the broker starts at its chunk).
+/// `None` when an entry carries no offset (not a stream's delivery).
+pub fn past(deliveries: &[Delivery], after: Option<i64>) -> Option<Vec<&Delivery>> {
+    let mut fresh = Vec::with_capacity(deliveries.len());
+    for d in deliveries {
+        let at = offset(d)?;
+        if after.is_none_or(|a| at > a) {
+            fresh.push(d);
+        }
+    }
+    Some(fresh)
+}
+
+/// What recording a run of stream entries came to.
+#[derive(Debug)]
+pub struct Filed {
+    /// How many entries were read.
+    pub entries: u64,
+    /// The entries that are job events, and what the store did with each.
+    pub events: Vec<JobEvent>,
+    /// Beside `events`, one each.
+    pub recorded: Vec<Recorded>,
+    /// How many entries are audit records.
+    pub audit: u64,
+    /// How many entries were parked (unreadable, or refused by the store) that were not
+    /// parked before.
+    pub parked: u64,
+    /// The offset of the last entry (-1 when none carries one).
+    pub last_offset: i64,
+}
+
+impl Filed {
+    fn add(&mut self, batch: StreamBatch, recorded: BatchRecorded) {
+        self.entries += batch.entries;
+        self.audit += batch.audit.len() as u64;
+        self.parked += recorded.parked;
+        self.last_offset = self.last_offset.max(batch.last_offset);
+        self.events.extend(batch.events);
+        self.recorded.extend(recorded.events);
+    }
+}
+
+/// Records `entries` as one batch, with the offset of the last as `stream`'s position when a
+/// stream is named (in the same transaction). When the store refuses the batch for what it
+/// holds (an error no retry changes), records them again one by one, each with its offset,
+/// and parks each entry it refuses with the store's reason, where `trainyard events parked`
+/// shows it: read again and again, such an entry would stop its reader for good. The
+/// recorder, its upgrade path and `store rebuild` all record so. A failure a retry can fix
+/// is returned; what was committed before it stays.
+pub async fn record_or_park(store: &Store, stream: Option<&str>, entries: &[&Delivery]) -> Result<Filed, StoreError> {
+    let mut filed = Filed { entries: 0, events: Vec::new(), recorded: Vec::new(), audit: 0, parked: 0, last_offset: -1 };
+    let batch = sort(entries.iter().copied());
+    tracing::debug!(entries = batch.entries, last_offset = batch.last_offset, "recording a batch");
+    match store.record_stream_batch(stream, &batch).await {
+        Ok(recorded) => {
+            filed.add(batch, recorded);
+            return Ok(filed);
+        }
+        Err(e) if e.retryable() => return Err(e),
+        Err(e) => {
+            tracing::error!(error = %e, entries = batch.entries, "the store refuses a batch of stream entries; recording them one by one")
+        }
+    }
+    for d in entries {
+        let one = sort([*d]);
+        match store.record_stream_batch(stream, &one).await {
+            Ok(recorded) => filed.add(one, recorded),
+            Err(e) if e.retryable() => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, routing_key = %d.routing_key, offset = one.last_offset, "the store refuses a stream entry; parking it");
+                let refused = parked(d, &format!("the job store refused it: {e}"));
+                let recorded = store.record_stream_batch(stream, &refused).await?;
+                filed.add(refused, recorded);
+            }
+        }
+    }
+    Ok(filed)
 }
 
 /// The stream offset of a delivery from a stream.

@@ -40,7 +40,7 @@ use sqlx::{any::AnyPoolOptions, AnyPool, AssertSqlSafe, Row};
 
 pub use audit::AuditFilter;
 pub use feed::Change;
-pub use offsets::{StreamBatch, StreamPosition};
+pub use offsets::{BatchRecorded, StreamBatch, StreamPosition};
 pub use parked::Unparked;
 pub use types::{check_limit, from_micros, micros, text as escape_text, DeadLetter, JobCursor, JobFilter, JobRow, ParkedEvent, MAX_PAGE};
 

@@ -37,6 +37,15 @@ pub struct StreamBatch {
     pub entries: u64,
 }
 
+/// What [`Store::record_stream_batch`] did.
+#[derive(Debug, Clone, Default)]
+pub struct BatchRecorded {
+    /// What it did with each of the batch's events, in their order.
+    pub events: Vec<Recorded>,
+    /// How many parked entries were new (an entry parked before is kept once).
+    pub parked: u64,
+}
+
 /// A consumer's stored position in a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamPosition {
@@ -50,16 +59,16 @@ impl Store {
     /// Records a batch read from `stream` and moves the stream's position to its last
     /// offset, all in one transaction. Without a stream (messages of the recorder queue of
     /// earlier releases), records the batch alone.
-    pub async fn record_stream_batch(&self, stream: Option<&str>, batch: &StreamBatch) -> Result<Vec<Recorded>, StoreError> {
+    pub async fn record_stream_batch(&self, stream: Option<&str>, batch: &StreamBatch) -> Result<BatchRecorded, StoreError> {
         let mut tx = self.pool.begin().await.map_err(q("begin recording a stream batch"))?;
         self.record_audit_in(&mut tx, &batch.audit).await?;
-        self.park_in(&mut tx, &batch.parked).await?;
-        let out = self.record_events_in(&mut tx, &batch.events).await?;
+        let parked = self.park_in(&mut tx, &batch.parked).await?;
+        let events = self.record_events_in(&mut tx, &batch.events).await?;
         if let Some(stream) = stream {
             self.move_position_in(&mut tx, stream, batch).await?;
         }
         tx.commit().await.map_err(q("commit a stream batch"))?;
-        Ok(out)
+        Ok(BatchRecorded { events, parked })
     }
 
     /// Moves `stream`'s position to the batch's last offset (never back) and counts its entries.

@@ -5,12 +5,15 @@
 mod api;
 mod cli;
 mod console;
+mod dead_letters;
 mod helpers;
 mod listing;
 mod openapi;
 mod openapi_cases;
 mod recorder;
+mod refused;
 mod replay;
+mod schedule_faults;
 mod schedules;
 mod stream_position;
 mod versions;

@@ -6,7 +6,7 @@ use lapin::{options::BasicGetOptions, BasicProperties};
 use tokio_util::sync::CancellationToken;
 use trainyard::{
     config::{MissedFire, ScheduleConfig, TriggerRule},
-    scheduler::{fire_job_id, Scheduler, RETRY_AFTER},
+    scheduler::{fire_job_id, Scheduler},
     store::Store,
     submit::Submitter,
     triggers::Triggers,
@@ -15,7 +15,7 @@ use trainyard_common::{codec, event::event_seq, metrics::ControlMetrics, JobEven
 
 use crate::helpers::*;
 
-async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<JobSpec> {
+pub(crate) async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<JobSpec> {
     let mut out = Vec::new();
     while let Some(m) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
         out.push(codec::decode(Some(codec::MSGPACK), &m.delivery.data).unwrap());
@@ -24,7 +24,7 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<JobSpec> {
 }
 
 /// A noop job for `bot` every minute, UTC, skipping missed fires.
-fn every_minute(name: &str, bot: &str) -> ScheduleConfig {
+pub(crate) fn every_minute(name: &str, bot: &str) -> ScheduleConfig {
     ScheduleConfig {
         name: name.into(),
         cron: "* * * * *".into(),
@@ -372,121 +372,4 @@ async fn a_restored_backup_catches_up_from_the_stream_since_it() {
     }
     assert_eq!(restored.job(&early.job_id).await.unwrap().unwrap().status, JobStatus::Succeeded);
     cleanup(&topo, &[]).await;
-}
-
-/// A TCP proxy to the local broker that can be taken down (every connection cut) and brought back on its port.
-struct Proxy {
-    port: u16,
-    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
-        let t = tasks.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                t.lock().unwrap().push(conn);
-            }
-        });
-        tasks.lock().unwrap().push(accept);
-        Self { port, tasks }
-    }
-    /// Cuts every connection and stops listening.
-    fn down(&self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
-    }
-}
-
-/// The broker is unreachable at fire time: the fire stays claimed, is retried once the
-/// broker is back, and is published exactly once.
-#[tokio::test]
-async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
-    let (store, _dir, _) = sqlite_store().await;
-    let topo = topology();
-    let (_conn, ch) = channel().await;
-    topo.declare_job_type(&ch, "noop").await.unwrap();
-    let proxy = Proxy::start(0).await;
-    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let cfg = ScheduleConfig { params: serde_json::json!({"sleep_ms": 1}), ..every_minute("every-minute", "bot-r") };
-    let s = Scheduler::new(vec![cfg], store.clone(), Submitter::new(&url, topo.clone()).unwrap(), None);
-    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
-    assert!(s.tick(t0).await.unwrap().is_empty());
-    // Connections cut at fire time: the claim is taken, the publish fails.
-    proxy.down();
-    let fire_at = t0 + chrono::TimeDelta::seconds(30);
-    assert!(s.tick(fire_at).await.is_err(), "the publish must fail while the broker is unreachable");
-    assert_eq!(store.schedule_fires("every-minute").await.unwrap().len(), 1, "claimed");
-    assert!(drain(&ch, &topo.jobs_queue("noop")).await.is_empty());
-    // Back: a later tick publishes it (retrying while the client reconnects), once.
-    let _proxy = Proxy::start(proxy.port).await;
-    let mut published = Vec::new();
-    // Retried once the claim's lease is over (30 s), before the next minute's fire.
-    for step in 0..=9 {
-        let now = fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(1 + 3 * step);
-        if let Ok(p) = s.tick(now).await {
-            published.extend(p);
-            if !published.is_empty() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_eq!(published.len(), 1, "{published:?}");
-    let first: chrono::DateTime<chrono::Utc> = "2026-06-01T10:01:00Z".parse().unwrap();
-    assert_eq!(published[0].job_id, fire_job_id("every-minute", first));
-    // Later ticks (before the next minute) publish nothing more.
-    for step in 11..=12 {
-        assert!(s.tick(fire_at + chrono::TimeDelta::seconds(2 * step)).await.unwrap().is_empty());
-    }
-    let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
-    assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [fire_job_id("every-minute", first).as_str()]);
-    cleanup(&topo, &["noop"]).await;
-}
-
-/// A fire published while the store cannot note it for a moment is noted once the store is
-/// back, within the same tick, and never published again: a failed note used to leave the
-/// fire unpublished in the store, so a later tick (of any replica) published it a second time.
-#[tokio::test]
-async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
-    let (store, _dir, _) = sqlite_store().await;
-    let topo = topology();
-    let (_conn, ch) = channel().await;
-    topo.declare_job_type(&ch, "noop").await.unwrap();
-    let cfg = every_minute("noted", "bot-n");
-    // The broker connection is made first, so that the publish takes none of the time below.
-    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
-    submitter.declare_shared().await.unwrap();
-    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
-    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
-    assert!(s.tick(t0).await.unwrap().is_empty());
-    // Every update of `schedule_fires` fails for 1.5 s (claims are inserts and still work).
-    store
-        .execute_raw("CREATE TRIGGER refuse_notes BEFORE UPDATE ON schedule_fires BEGIN SELECT RAISE(ABORT, 'busy for a moment'); END")
-        .await
-        .unwrap();
-    let lift = tokio::spawn({
-        let store = store.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            store.execute_raw("DROP TRIGGER refuse_notes").await.unwrap();
-        }
-    });
-    let fire_at = t0 + chrono::TimeDelta::seconds(30);
-    let published = s.tick(fire_at).await.expect("noted once the store is back");
-    assert_eq!(published.len(), 1);
-    lift.await.unwrap();
-    // Past the claim's lease: nothing is left to publish again.
-    assert!(s.tick(fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(5)).await.unwrap().is_empty());
-    assert_eq!(drain(&ch, &topo.jobs_queue("noop")).await.len(), 1, "published once");
-    cleanup(&topo, &["noop"]).await;
 }

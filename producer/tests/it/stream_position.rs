@@ -12,17 +12,17 @@ use trainyard_common::{codec, event::event_seq, metrics::ControlMetrics, JobEven
 
 use crate::helpers::*;
 
-async fn position(store: &Store, topo: &trainyard_common::topology::Topology) -> Option<StreamPosition> {
+pub(crate) async fn position(store: &Store, topo: &trainyard_common::topology::Topology) -> Option<StreamPosition> {
     store.stream_position(&topo.events_log()).await.unwrap()
 }
 
 /// Waits until the stored position is `want`.
-async fn until_position(store: &Store, topo: &trainyard_common::topology::Topology, want: StreamPosition, what: &str) {
+pub(crate) async fn until_position(store: &Store, topo: &trainyard_common::topology::Topology, want: StreamPosition, what: &str) {
     eventually(20, what, || async { (position(store, topo).await == Some(want)).then_some(()) }).await;
 }
 
 /// Publishes a queued and a started event for each of `n` new jobs.
-async fn publish_jobs(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology, n: usize) -> Vec<String> {
+pub(crate) async fn publish_jobs(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let s = spec("noop", &format!("bot-{i}"));
@@ -216,6 +216,27 @@ async fn a_rebuild_after_the_stream_was_recreated_reads_it_from_its_first_entry(
     cleanup(&topo, &[]).await;
 }
 
+/// Declares the recorder queue of an earlier release, bound to the events exchange as it was.
+pub(crate) async fn legacy_queue(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology) -> String {
+    let legacy = topo.legacy_recorder_queue();
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(legacy.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
+    let (exchange, bind) = (topo.events_exchange(), QueueBindOptions::default());
+    ch.queue_bind(legacy.as_str().into(), exchange.as_str().into(), "#".into(), bind, FieldTable::default()).await.unwrap();
+    legacy
+}
+
+/// Waits until `queue` is deleted: a passive declare fails (and closes its channel).
+pub(crate) async fn until_deleted(conn: &lapin::Connection, queue: &str) {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    eventually(20, "the queue deleted", || async {
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(queue.into(), passive, FieldTable::default()).await.is_err().then_some(())
+    })
+    .await;
+}
+
 /// An installation of an earlier release: `<prefix>.recorder` bound to the events exchange,
 /// holding events the stream does not have (published to the queue alone). The recorder
 /// records them, unbinds and deletes the queue.
@@ -225,19 +246,7 @@ async fn the_recorder_queue_of_an_earlier_release_is_recorded_then_deleted() {
     let topo = topology();
     let (conn, ch) = channel().await;
     topo.declare_shared(&ch).await.unwrap();
-    let legacy = topo.legacy_recorder_queue();
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    ch.queue_declare(legacy.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await.unwrap();
-    ch.queue_bind(
-        legacy.as_str().into(),
-        topo.events_exchange().as_str().into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let legacy = legacy_queue(&ch, &topo).await;
     let left = spec("noop", "legacy-bot");
     let props = BasicProperties::default().with_content_type(codec::JSON.into()).with_delivery_mode(2);
     let body = codec::to_json(&JobEvent::queued(&left)).unwrap();
@@ -247,13 +256,7 @@ async fn the_recorder_queue_of_an_earlier_release_is_recorded_then_deleted() {
     let job = eventually(20, "the left-over event recorded", || async { store.job(&left.job_id).await.unwrap() }).await;
     assert_eq!(job.status, JobStatus::Queued);
     eventually(20, "the unreadable one parked", || async { (store.parked_count().await.unwrap() == 1).then_some(()) }).await;
-    // Deleted: a passive declare fails (and closes its channel).
-    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    eventually(20, "the queue deleted", || async {
-        let ch = conn.create_channel().await.unwrap();
-        ch.queue_declare(legacy.as_str().into(), passive, FieldTable::default()).await.is_err().then_some(())
-    })
-    .await;
+    until_deleted(&conn, &legacy).await;
     recorder.stop().await;
     cleanup(&topo, &[]).await;
 }
@@ -299,65 +302,4 @@ async fn a_failure_between_the_events_and_their_offset_records_them_once_on_post
     store.close().await;
     schema.drop().await;
     cleanup(&topo, &[]).await;
-}
-
-/// An entry the store refuses for what it holds (here a trigger refuses one job's events with
-/// a data error, which no retry changes) is parked with the store's reason, and the entries
-/// around it, in its batch and after it, are recorded: read again and again, it would stop
-/// the recorder for good (without the entry-by-entry fallback this test times out at the
-/// first `eventually`).
-async fn an_entry_the_store_refuses_is_parked(store: Store, refuse: impl FnOnce(&str) -> Vec<String>) {
-    let topo = topology();
-    let (_conn, ch) = channel().await;
-    topo.declare_shared(&ch).await.unwrap();
-    let refused = spec("noop", "refused-bot");
-    for sql in refuse(&refused.job_id) {
-        store.execute_raw(&sql).await.unwrap();
-    }
-    let before = publish_jobs(&ch, &topo, 3).await;
-    publish_event(&ch, &topo, &JobEvent::queued(&refused)).await;
-    let after = publish_jobs(&ch, &topo, 3).await;
-    // Published before the recorder starts, so the refused entry most likely shares a batch.
-    let recorder = spawn_recorder(&store, &topo);
-    let want = StreamPosition { last_offset: 12, entries: 13 };
-    until_position(&store, &topo, want, "13 entries past").await;
-    recorder.stop().await;
-    for id in before.iter().chain(&after) {
-        assert_eq!(store.job(id).await.unwrap().map(|j| j.status), Some(JobStatus::Started), "job {id}");
-    }
-    assert_eq!(store.job(&refused.job_id).await.unwrap().map(|j| j.status), None, "the refused job is not recorded");
-    let parked = store.parked_events().await.unwrap();
-    assert_eq!(parked.len(), 1, "{parked:?}");
-    assert!(parked[0].reason.starts_with("the job store refused it") && parked[0].reason.contains("injected"), "{}", parked[0].reason);
-    assert_eq!(parked[0].routing_key, "noop.queued");
-    cleanup(&topo, &[]).await;
-}
-
-#[tokio::test]
-async fn an_entry_the_store_refuses_is_parked_and_the_rest_recorded_on_sqlite() {
-    let (store, _dir, _) = sqlite_store().await;
-    an_entry_the_store_refuses_is_parked(store, |id| {
-        vec![format!(
-            "CREATE TRIGGER refuse BEFORE INSERT ON job_events WHEN NEW.job_id = '{id}' BEGIN SELECT RAISE(ABORT, 'injected: refused'); END"
-        )]
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn an_entry_the_store_refuses_is_parked_and_the_rest_recorded_on_postgres() {
-    let schema = PgSchema::new().await;
-    let store = Store::open(&schema.url).await.unwrap();
-    an_entry_the_store_refuses_is_parked(store.clone(), |id| {
-        vec![
-            format!(
-                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.job_id = '{id}' THEN \
-                 RAISE EXCEPTION 'injected: refused' USING ERRCODE = '22023'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
-            ),
-            "CREATE TRIGGER refuse BEFORE INSERT ON job_events FOR EACH ROW EXECUTE FUNCTION refuse()".into(),
-        ]
-    })
-    .await;
-    store.close().await;
-    schema.drop().await;
 }

@@ -1,0 +1,208 @@
+//! Schedules when the broker or the store fails at fire time: each fire published once, and
+//! every wait bounded inside the claim's lease.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc, Mutex,
+};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use trainyard::{
+    config::ScheduleConfig,
+    scheduler::{fire_job_id, ScheduleError, Scheduler, PUBLISH_TIMEOUT, RETRY_AFTER},
+    submit::Submitter,
+};
+
+use crate::helpers::*;
+use crate::schedules::{drain, every_minute};
+
+/// A TCP proxy to the local broker that can be taken down (every connection cut), brought back
+/// on its port, or stalled (connections kept open, nothing passed on: a broker that hangs).
+struct Proxy {
+    port: u16,
+    stalled: Arc<AtomicBool>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, tasks) = (Arc::new(AtomicBool::new(false)), Arc::<Mutex<Vec<_>>>::default());
+        let (st, t) = (stalled.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let st = st.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                        let ((in_r, in_w), (out_r, out_w)) = (inbound.into_split(), outbound.into_split());
+                        tokio::join!(pipe(in_r, out_w, st.clone()), pipe(out_r, in_w, st));
+                    }
+                });
+                t.lock().unwrap().push(conn);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Self { port, stalled, tasks }
+    }
+    /// Cuts every connection and stops listening (its port free again on return).
+    async fn down(&self) {
+        let tasks: Vec<_> = self.tasks.lock().unwrap().drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+    /// Holds every byte from now on, in both directions, with the connections left open.
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while `stalled`.
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, stalled: Arc<AtomicBool>) {
+    let mut buf = vec![0; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        while stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The broker is unreachable at fire time: the fire stays claimed, is retried once the
+/// broker is back, and is published exactly once.
+#[tokio::test]
+async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let proxy = Proxy::start(0).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let cfg = ScheduleConfig { params: serde_json::json!({"sleep_ms": 1}), ..every_minute("every-minute", "bot-r") };
+    let s = Scheduler::new(vec![cfg], store.clone(), Submitter::new(&url, topo.clone()).unwrap(), None);
+    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    assert!(s.tick(t0).await.unwrap().is_empty());
+    // Connections cut at fire time: the claim is taken, the publish fails.
+    proxy.down().await;
+    let fire_at = t0 + chrono::TimeDelta::seconds(30);
+    assert!(s.tick(fire_at).await.is_err(), "the publish must fail while the broker is unreachable");
+    assert_eq!(store.schedule_fires("every-minute").await.unwrap().len(), 1, "claimed");
+    assert!(drain(&ch, &topo.jobs_queue("noop")).await.is_empty());
+    // Back: a later tick publishes it (retrying while the client reconnects), once.
+    let _proxy = Proxy::start(proxy.port).await;
+    let mut published = Vec::new();
+    // Retried once the claim's lease is over (30 s), before the next minute's fire.
+    for step in 0..=9 {
+        let now = fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(1 + 3 * step);
+        if let Ok(p) = s.tick(now).await {
+            published.extend(p);
+            if !published.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(published.len(), 1, "{published:?}");
+    let first: chrono::DateTime<chrono::Utc> = "2026-06-01T10:01:00Z".parse().unwrap();
+    assert_eq!(published[0].job_id, fire_job_id("every-minute", first));
+    // Later ticks (before the next minute) publish nothing more.
+    for step in 11..=12 {
+        assert!(s.tick(fire_at + chrono::TimeDelta::seconds(2 * step)).await.unwrap().is_empty());
+    }
+    let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
+    assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [fire_job_id("every-minute", first).as_str()]);
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// A fire published while the store cannot note it for a moment is noted once the store is
+/// back, within the same tick, and never published again: a failed note used to leave the
+/// fire unpublished in the store, so a later tick (of any replica) published it a second time.
+#[tokio::test]
+async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let cfg = every_minute("noted", "bot-n");
+    // The broker connection is made first, so that the publish takes none of the time below.
+    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
+    submitter.declare_shared().await.unwrap();
+    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
+    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    assert!(s.tick(t0).await.unwrap().is_empty());
+    // Every update of `schedule_fires` fails for 1.5 s (claims are inserts and still work).
+    store
+        .execute_raw("CREATE TRIGGER refuse_notes BEFORE UPDATE ON schedule_fires BEGIN SELECT RAISE(ABORT, 'busy for a moment'); END")
+        .await
+        .unwrap();
+    let lift = tokio::spawn({
+        let store = store.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            store.execute_raw("DROP TRIGGER refuse_notes").await.unwrap();
+        }
+    });
+    let fire_at = t0 + chrono::TimeDelta::seconds(30);
+    let published = s.tick(fire_at).await.expect("noted once the store is back");
+    assert_eq!(published.len(), 1);
+    lift.await.unwrap();
+    // Past the claim's lease: nothing is left to publish again.
+    assert!(s.tick(fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(5)).await.unwrap().is_empty());
+    assert_eq!(drain(&ch, &topo.jobs_queue("noop")).await.len(), 1, "published once");
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// A broker that hangs at fire time (the connection open, no confirm coming): the publish is
+/// given up after `PUBLISH_TIMEOUT` (15 s), inside the claim's lease, and the fire is published
+/// once by a tick after the lease. Without the timeout the tick waits for the confirm until
+/// the connection's heartbeat gives up, past the lease, while another replica could publish
+/// the fire again.
+#[tokio::test]
+async fn a_fire_whose_broker_hangs_is_given_up_inside_its_lease_and_published_once() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let proxy = Proxy::start(0).await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let submitter = Submitter::new(&url, topo.clone()).unwrap();
+    submitter.declare_shared().await.unwrap();
+    // Hourly: retries a lease apart (a failed one takes the claim again) all come before the next fire.
+    let cfg = ScheduleConfig { cron: "0 * * * *".into(), ..every_minute("hung", "bot-h") };
+    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
+    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:59:30Z".parse().unwrap();
+    assert!(s.tick(t0).await.unwrap().is_empty());
+    proxy.stall();
+    let fire_at = t0 + chrono::TimeDelta::seconds(30);
+    let started = std::time::Instant::now();
+    let err = s.tick(fire_at).await.expect_err("no confirm comes");
+    let took = started.elapsed();
+    assert!(matches!(err, ScheduleError::PublishTimedOut { .. }), "{err}");
+    assert!(took >= PUBLISH_TIMEOUT && took < PUBLISH_TIMEOUT + Duration::from_secs(5), "given up after {took:?}");
+    assert!(took.as_secs() < RETRY_AFTER.num_seconds() as u64, "inside the lease");
+    // The hung connection is cut; a tick after the lease publishes the fire, once.
+    proxy.down().await;
+    let _proxy = Proxy::start(proxy.port).await;
+    let mut published = Vec::new();
+    for step in 1..=10 {
+        let now = fire_at + (RETRY_AFTER + chrono::TimeDelta::seconds(1)) * step;
+        if let Ok(p) = s.tick(now).await {
+            published.extend(p);
+            if !published.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let fire: chrono::DateTime<chrono::Utc> = "2026-06-01T11:00:00Z".parse().unwrap();
+    assert_eq!(published.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>(), [fire_job_id("hung", fire)]);
+    let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
+    assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [fire_job_id("hung", fire).as_str()], "published once");
+    cleanup(&topo, &["noop"]).await;
+}
