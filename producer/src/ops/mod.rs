@@ -133,19 +133,31 @@ impl Ops {
         )))
     }
 
-    /// Keeps an operator action in the audit trail: on the events stream first (confirmed:
-    /// the recorder records it from there, and `store rebuild` restores it), then in the store
-    /// at once so that the trail shows it without waiting for the recorder. The action is done
-    /// by then: a store that fails this write fails nothing (the stream's copy is recorded),
-    /// where it used to answer an error for a job already queued, whose client then submitted
-    /// it again.
+    /// Keeps an operator action in the audit trail: on the events stream (confirmed: the
+    /// recorder records it from there, and `store rebuild` restores it), and in the store at
+    /// once so that the trail shows it without waiting for the recorder. The action is done by
+    /// then: either copy alone keeps the record, and its failure is only logged (an error here
+    /// used to answer a failure for a job already queued, whose client then submitted it
+    /// again). Only when neither takes it is an error answered.
     async fn audit(&self, by: &str, action: &str, target: &str, detail: Option<serde_json::Value>) -> Result<(), OpsError> {
         let record = AuditRecord::new(by, action, target, detail);
-        self.submitter.publish_audit(&record).await?;
-        if let Err(e) = self.store.record_audit(std::slice::from_ref(&record)).await {
-            tracing::warn!(error = %e, action, target, "the audit record is on the events stream; the store will have it from the recorder");
+        let published = self.submitter.publish_audit(&record).await;
+        let stored = self.store.record_audit(std::slice::from_ref(&record)).await;
+        match (published, stored) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Ok(()), Err(e)) => {
+                tracing::warn!(error = %e, action, target, "the audit record is on the events stream; the store will have it from the recorder");
+                Ok(())
+            }
+            (Err(e), Ok(())) => {
+                tracing::error!(error = %e, action, target, "the audit record is in the store but not on the events stream: a rebuild will lack it");
+                Ok(())
+            }
+            (Err(e), Err(stored)) => {
+                tracing::error!(error = %stored, action, target, "the store refuses the audit record too");
+                Err(e.into())
+            }
         }
-        Ok(())
     }
 
     /// The audit trail, newest first.

@@ -92,9 +92,16 @@ impl Ops {
         }
     }
 
-    /// Republishes one letter as the job's next run (confirmed), acks it off its dead queue,
-    /// then publishes the run's `queued` event, records it when the store can, and audits the
-    /// replay.
+    /// Starts one letter's job again as its next run: the run's `queued` event goes to the
+    /// events stream, then the job to its work queue (both confirmed), and only then is the
+    /// letter acked off its dead queue; the store notes the run and the replay is audited.
+    ///
+    /// Until the ack a failure answers an error and the letter goes back to its queue when the
+    /// channel closes. After it nothing is answered but logged: the caller would replay again
+    /// and find nothing in the queue. The event goes first so that whatever the store and a
+    /// rebuild file of the run comes from the stream; if the job's publish then fails, the
+    /// stream holds a `queued` run that never ran (seen in `jobs show`), and a replay again
+    /// starts the same run number or the next one.
     async fn replay_letter(&self, ch: &Channel, d: &Delivery, id: &str, spec: &JobSpec, by: &str) -> Result<(), OpsError> {
         let hdrs = d.properties.headers().as_ref();
         // The next run: one past the letter's and the store's (a rebuild files each run's
@@ -106,25 +113,19 @@ impl Ops {
         headers::set_int(&mut fresh, headers::RUN, i64::from(run));
         headers::set_str(&mut fresh, headers::REPLAYED, format!("{} by {by}", Utc::now().to_rfc3339()));
         let props = d.properties.clone().with_headers(fresh).with_delivery_mode(2);
-        let now = Utc::now();
+        let mut queued = JobEvent::queued(spec);
+        (queued.at, queued.run) = (Utc::now(), Some(run));
+        self.submitter.publish_event(ch, &queued).await?;
         let key = trainyard_common::topology::jobs_routing_key(&spec.job_type, spec.priority);
         publish_confirmed(ch, &self.topology().jobs_exchange(), &key, &d.data, props, true).await?;
         d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("ack a replayed dead letter"))?;
-        // The new run starts with its `queued` event: on the stream first, which the recorder
-        // (and a rebuild) files from, then in the store at once, for whoever looks next. The
-        // letter is acked and its job queued by now: a failure of either is logged, not
-        // answered (the caller would replay again, and find nothing in the queue); the run's
-        // own events file it under its run whichever is missing.
-        let mut queued = JobEvent::queued(spec);
-        (queued.at, queued.run) = (now, Some(run));
-        if let Err(e) = self.submitter.publish_event(ch, &queued).await {
-            tracing::warn!(job_id = %id, error = %e, "replayed, but its queued event did not reach the events stream");
-        }
         if let Err(e) = self.note_replay(id, &queued).await {
             tracing::warn!(job_id = %id, error = %e, "replayed, but the store did not note it: the recorder files the new run from \
                 the events stream; the letter may still list, and replaying it answers that it is not in its queue");
         }
-        self.audit(by, "replay", id, Some(serde_json::json!({"run": run}))).await?;
+        if let Err(e) = self.audit(by, "replay", id, Some(serde_json::json!({"run": run}))).await {
+            tracing::error!(job_id = %id, run, by, error = %e, "replayed, but its audit record was not kept");
+        }
         tracing::info!(job_id = %id, by, "dead letter replayed");
         Ok(())
     }

@@ -118,3 +118,50 @@ async fn a_replay_the_store_fails_to_note_is_filed_from_the_stream() {
     recorder.stop().await;
     cleanup(&topo, &["noop"]).await;
 }
+
+/// A replay whose `queued` event cannot reach the events stream (here the events exchange is
+/// gone) answers an error and leaves its letter in the dead queue, with nothing queued and
+/// nothing filed; once the exchange is back the replay starts run 1. (The job used to be
+/// republished and its letter acked first, the failure only logged: a run neither the stream
+/// nor a rebuild ever saw queued.)
+#[tokio::test]
+async fn a_replay_whose_queued_event_cannot_reach_the_stream_leaves_its_letter_queued() {
+    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    let job = spec("noop", "bot-replay-stream");
+    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
+    let dead_queue = topo.dead_queue("noop");
+    eventually(10, "the letter in its dead queue", || async { (message_count(&ch, &dead_queue).await == 1).then_some(()) }).await;
+    ch.exchange_delete(topo.events_exchange().as_str().into(), Default::default()).await.unwrap();
+
+    let req = ReplayRequest { job_id: None, job_type: Some("noop".into()), all: true };
+    let err = ops.replay(&req, "it").await.expect_err("the queued event had nowhere to go");
+    assert!(err.to_string().contains(&topo.events_exchange()), "{err}");
+    eventually(10, "the letter back in its dead queue", || async { (message_count(&ch, &dead_queue).await == 1).then_some(()) }).await;
+    assert_eq!(message_count(&ch, &topo.jobs_queue("noop")).await, 0, "no run started");
+    assert!(store.events(&job.job_id).await.unwrap().is_empty(), "nothing filed");
+
+    topo.declare_shared(&ch).await.unwrap();
+    assert_eq!(ops.replay(&req, "it").await.unwrap(), vec![job.job_id.clone()]);
+    assert_eq!(message_count(&ch, &dead_queue).await, 0, "the letter is acked");
+    assert_eq!(message_count(&ch, &topo.jobs_queue("noop")).await, 1, "run 1 is queued");
+    let filed: Vec<_> = store.events(&job.job_id).await.unwrap().iter().map(|e| (e.run, e.status)).collect();
+    assert_eq!(filed, [(Some(1), JobStatus::Queued)]);
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// An operator action whose audit record the events stream cannot take (here the events
+/// exchange is gone) is done and answered done, its record kept in the store; it used to
+/// answer an error for an action already taken (a job already queued, submitted again).
+#[tokio::test]
+async fn an_audit_record_the_stream_cannot_take_is_kept_in_the_store() {
+    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    // The first action declares the shared topology once for the submitter's life.
+    ops.cancel(&uuid::Uuid::now_v7().to_string(), "it", "").await.unwrap();
+    ch.exchange_delete(topo.events_exchange().as_str().into(), Default::default()).await.unwrap();
+    let job_id = uuid::Uuid::now_v7().to_string();
+    ops.cancel(&job_id, "it", "no longer wanted").await.expect("cancelled, its audit record kept in the store");
+    let filter = trainyard::store::AuditFilter { target: Some(job_id.clone()), ..Default::default() };
+    let trail = store.audit(&filter).await.unwrap();
+    assert_eq!(trail.iter().map(|r| (r.action.as_str(), r.actor.as_str())).collect::<Vec<_>>(), [("cancel", "it")]);
+    cleanup(&topo, &["noop"]).await;
+}
