@@ -35,6 +35,17 @@ async fn event_statuses(port: u16, id: &str) -> Vec<String> {
     events.iter().map(|e| e["status"].as_str().unwrap_or_default().to_string()).collect()
 }
 
+/// How many fires of [`SCHEDULE`] the replica on `port` published, from its `/metrics`.
+async fn fires_published(port: u16) -> u64 {
+    let (code, body) = http(port, "GET", "/metrics", None).await.expect("metrics");
+    assert_eq!(code, 200, "{body}");
+    let name = trainyard_common::metrics::SCHEDULE_FIRES_TOTAL;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&format!("\"{SCHEDULE}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn wait_succeeded(port: u16, id: &str) {
     until(&format!("job {id} to succeed (read on :{port})"), || async move { status(port, id).await.as_deref() == Some("succeeded") })
         .await;
@@ -80,6 +91,7 @@ async fn two_control_planes_share_one_store_and_a_sigkill_of_one_loses_nothing()
         n
     };
     assert!(left > 0, "every job finished before the SIGKILL: the test proves nothing");
+    let published_by_a = fires_published(ports[0]).await;
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     for id in &ids {
@@ -91,6 +103,8 @@ async fn two_control_planes_share_one_store_and_a_sigkill_of_one_loses_nothing()
     }
 
     // The schedule fired once per second across both replicas: one job per fire, each run once.
+    // Read before the fires: B goes on firing, and each fire is claimed before it is published.
+    let published_by_b = fires_published(ports[1]).await;
     let store = Store::open(&pg.url).await.unwrap();
     let fires = store.schedule_fires(SCHEDULE).await.unwrap();
     store.close().await;
@@ -99,6 +113,11 @@ async fn two_control_planes_share_one_store_and_a_sigkill_of_one_loses_nothing()
     fired_ids.sort_unstable();
     fired_ids.dedup();
     assert_eq!(fired_ids.len(), fires.len(), "two fires share a job id");
+    // Each fire published by one replica: a copy the other published too would run once all
+    // the same (its job id is the fire's), so the count is what tells. A's count was read just
+    // before its kill and may miss a fire or two it published after.
+    let published = published_by_a + published_by_b;
+    assert!(published <= fires.len() as u64, "{published} publishes for {} fires", fires.len());
     for (at, id) in &fires {
         wait_succeeded(ports[1], id).await;
         let st = event_statuses(ports[1], id).await;
