@@ -11,7 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use trainyard::{
     config::ScheduleConfig,
-    scheduler::{fire_job_id, ScheduleError, Scheduler, PUBLISH_TIMEOUT, RETRY_AFTER},
+    scheduler::{fire_job_id, ScheduleError, Scheduler, NOTE_TIMEOUT, PUBLISH_TIMEOUT, RETRY_AFTER},
+    store::Store,
     submit::Submitter,
 };
 
@@ -204,5 +205,54 @@ async fn a_fire_whose_broker_hangs_is_given_up_inside_its_lease_and_published_on
     assert_eq!(published.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>(), [fire_job_id("hung", fire)]);
     let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
     assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [fire_job_id("hung", fire).as_str()], "published once");
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// A store that hangs when the fire is noted (a trigger sleeps 30 s in every update of
+/// `schedule_fires` while `hang_on` has a row): each of the five attempts is given up after
+/// `NOTE_TIMEOUT` (2 s), so the tick ends inside the claim's lease with the fire published once
+/// and left unnoted, for a tick after the lease to publish again under the same job id. Without
+/// the bound the first attempt waits the store out (30 s), past the lease, while another replica
+/// could take the fire over.
+#[tokio::test]
+async fn a_fire_whose_note_hangs_is_given_up_inside_its_lease() {
+    let schema = PgSchema::new().await;
+    let store = Store::open(&schema.url).await.unwrap();
+    for sql in [
+        "CREATE TABLE hang_on (x INT)",
+        "INSERT INTO hang_on VALUES (1)",
+        "CREATE FUNCTION hang() RETURNS trigger AS $$ BEGIN IF EXISTS (SELECT 1 FROM hang_on) THEN PERFORM pg_sleep(30); END IF; \
+         RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER hang BEFORE UPDATE ON schedule_fires FOR EACH ROW EXECUTE FUNCTION hang()",
+    ] {
+        store.execute_raw(sql).await.unwrap();
+    }
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
+    submitter.declare_shared().await.unwrap();
+    let s = Scheduler::new(vec![every_minute("hung-note", "bot-n")], store.clone(), submitter, None);
+    let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    assert!(s.tick(t0).await.unwrap().is_empty());
+    let started = std::time::Instant::now();
+    let err = s.tick(t0 + chrono::TimeDelta::seconds(30)).await.expect_err("the note cannot be made");
+    let took = started.elapsed();
+    assert!(matches!(err, ScheduleError::Store(_)), "{err}");
+    assert!(took >= NOTE_TIMEOUT * 5 && took.as_secs() < RETRY_AFTER.num_seconds() as u64 - 10, "given up after {took:?}");
+    assert_eq!(drain(&ch, &topo.jobs_queue("noop")).await.len(), 1, "published once");
+    // Let the sleepers go: no new one sleeps, the current ones are ended.
+    let admin = Store::open(&schema.url).await.unwrap();
+    admin.execute_raw("DELETE FROM hang_on").await.unwrap();
+    admin
+        .execute_raw(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE wait_event = 'PgSleep' AND query LIKE 'UPDATE schedule_fires%' AND pid <> pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+    admin.close().await;
+    drop((s, store));
+    schema.drop().await;
     cleanup(&topo, &["noop"]).await;
 }
