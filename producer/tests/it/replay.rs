@@ -29,6 +29,15 @@ async fn setup() -> Setup {
     Setup { topo, _conn, ch, store, ops, _dirs: (store_dir, artifacts_dir) }
 }
 
+/// A worker's dead letter of a new `noop` job of `bot`, once in its dead queue; the job and the queue.
+async fn a_dead_letter(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology, bot: &str) -> (trainyard_common::JobSpec, String) {
+    let job = spec("noop", bot);
+    publish_raw(ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
+    let dead_queue = topo.dead_queue("noop");
+    eventually(10, "the letter in its dead queue", || async { (message_count(ch, &dead_queue).await == 1).then_some(()) }).await;
+    (job, dead_queue)
+}
+
 /// A worker whose clock runs minutes behind still files a replayed run's events under that
 /// run: the replay sets the run in the job message (`x-trainyard-run`), every event carries
 /// it, and the store files by it. (Filed by time, as before runs were carried, these events
@@ -87,10 +96,7 @@ async fn a_replayed_runs_events_from_a_slow_clock_are_filed_under_their_run() {
 #[tokio::test]
 async fn a_replay_the_store_fails_to_note_is_filed_from_the_stream() {
     let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
-    let job = spec("noop", "bot-replay-store");
-    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
-    let dead_queue = topo.dead_queue("noop");
-    eventually(10, "the letter in its dead queue", || async { (message_count(&ch, &dead_queue).await == 1).then_some(()) }).await;
+    let (job, dead_queue) = a_dead_letter(&ch, &topo, "bot-replay-store").await;
     store
         .execute_raw(
             "CREATE TRIGGER refuse_queued BEFORE INSERT ON job_events WHEN NEW.status = 'queued' \
@@ -127,10 +133,7 @@ async fn a_replay_the_store_fails_to_note_is_filed_from_the_stream() {
 #[tokio::test]
 async fn a_replay_whose_queued_event_cannot_reach_the_stream_leaves_its_letter_queued() {
     let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
-    let job = spec("noop", "bot-replay-stream");
-    publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
-    let dead_queue = topo.dead_queue("noop");
-    eventually(10, "the letter in its dead queue", || async { (message_count(&ch, &dead_queue).await == 1).then_some(()) }).await;
+    let (job, dead_queue) = a_dead_letter(&ch, &topo, "bot-replay-stream").await;
     ch.exchange_delete(topo.events_exchange().as_str().into(), Default::default()).await.unwrap();
 
     let req = ReplayRequest { job_id: None, job_type: Some("noop".into()), all: true };

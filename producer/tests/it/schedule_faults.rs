@@ -16,6 +16,9 @@ use trainyard::{
     submit::Submitter,
 };
 
+use chrono::{DateTime, Utc};
+use trainyard_common::{topology::Topology, JobSpec};
+
 use crate::helpers::*;
 use crate::schedules::{drain, every_minute};
 
@@ -75,6 +78,30 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, stalled: Arc<Atom
     }
 }
 
+/// A scheduler of `cfg` through the broker at `url`, connected (so that no later publish waits
+/// for a connection) and ticked once at `t0`, before its first fire.
+async fn started(url: &str, topo: &Topology, store: &Store, cfg: ScheduleConfig, t0: DateTime<Utc>) -> Scheduler {
+    let submitter = Submitter::new(url, topo.clone()).unwrap();
+    submitter.declare_shared().await.unwrap();
+    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
+    assert!(s.tick(t0).await.unwrap().is_empty());
+    s
+}
+
+/// Ticks at each of `times` (300 ms apart in real time, while the client reconnects) until a
+/// tick publishes something; what it published.
+async fn tick_until_published(s: &Scheduler, times: impl Iterator<Item = chrono::DateTime<chrono::Utc>>) -> Vec<JobSpec> {
+    for now in times {
+        if let Ok(published) = s.tick(now).await {
+            if !published.is_empty() {
+                return published;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Vec::new()
+}
+
 /// The broker is unreachable at fire time: the fire stays claimed, is retried once the
 /// broker is back, and is published exactly once.
 #[tokio::test]
@@ -97,18 +124,9 @@ async fn a_fire_the_broker_missed_is_published_once_when_it_is_back() {
     assert!(drain(&ch, &topo.jobs_queue("noop")).await.is_empty());
     // Back: a later tick publishes it (retrying while the client reconnects), once.
     let _proxy = Proxy::start(proxy.port).await;
-    let mut published = Vec::new();
     // Retried once the claim's lease is over (30 s), before the next minute's fire.
-    for step in 0..=9 {
-        let now = fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(1 + 3 * step);
-        if let Ok(p) = s.tick(now).await {
-            published.extend(p);
-            if !published.is_empty() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let times = (0..=9).map(|step| fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(1 + 3 * step));
+    let published = tick_until_published(&s, times).await;
     assert_eq!(published.len(), 1, "{published:?}");
     let first: chrono::DateTime<chrono::Utc> = "2026-06-01T10:01:00Z".parse().unwrap();
     assert_eq!(published[0].job_id, fire_job_id("every-minute", first));
@@ -130,13 +148,8 @@ async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
     let topo = topology();
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
-    let cfg = every_minute("noted", "bot-n");
-    // The broker connection is made first, so that the publish takes none of the time below.
-    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
-    submitter.declare_shared().await.unwrap();
-    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
     let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
-    assert!(s.tick(t0).await.unwrap().is_empty());
+    let s = started(AMQP_URL, &topo, &store, every_minute("noted", "bot-n"), t0).await;
     // Every update of `schedule_fires` fails for 1.5 s (claims are inserts and still work).
     store
         .execute_raw("CREATE TRIGGER refuse_notes BEFORE UPDATE ON schedule_fires BEGIN SELECT RAISE(ABORT, 'busy for a moment'); END")
@@ -172,13 +185,10 @@ async fn a_fire_whose_broker_hangs_is_given_up_inside_its_lease_and_published_on
     topo.declare_job_type(&ch, "noop").await.unwrap();
     let proxy = Proxy::start(0).await;
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let submitter = Submitter::new(&url, topo.clone()).unwrap();
-    submitter.declare_shared().await.unwrap();
     // Hourly: retries a lease apart (a failed one takes the claim again) all come before the next fire.
     let cfg = ScheduleConfig { cron: "0 * * * *".into(), ..every_minute("hung", "bot-h") };
-    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
     let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:59:30Z".parse().unwrap();
-    assert!(s.tick(t0).await.unwrap().is_empty());
+    let s = started(&url, &topo, &store, cfg, t0).await;
     proxy.stall();
     let fire_at = t0 + chrono::TimeDelta::seconds(30);
     let started = std::time::Instant::now();
@@ -190,17 +200,8 @@ async fn a_fire_whose_broker_hangs_is_given_up_inside_its_lease_and_published_on
     // The hung connection is cut; a tick after the lease publishes the fire, once.
     proxy.down().await;
     let _proxy = Proxy::start(proxy.port).await;
-    let mut published = Vec::new();
-    for step in 1..=10 {
-        let now = fire_at + (RETRY_AFTER + chrono::TimeDelta::seconds(1)) * step;
-        if let Ok(p) = s.tick(now).await {
-            published.extend(p);
-            if !published.is_empty() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let times = (1..=10).map(|step| fire_at + (RETRY_AFTER + chrono::TimeDelta::seconds(1)) * step);
+    let published = tick_until_published(&s, times).await;
     let fire: chrono::DateTime<chrono::Utc> = "2026-06-01T11:00:00Z".parse().unwrap();
     assert_eq!(published.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>(), [fire_job_id("hung", fire)]);
     let jobs = drain(&ch, &topo.jobs_queue("noop")).await;
@@ -230,11 +231,8 @@ async fn a_fire_whose_note_hangs_is_given_up_inside_its_lease() {
     let topo = topology();
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
-    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
-    submitter.declare_shared().await.unwrap();
-    let s = Scheduler::new(vec![every_minute("hung-note", "bot-n")], store.clone(), submitter, None);
     let t0: chrono::DateTime<chrono::Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
-    assert!(s.tick(t0).await.unwrap().is_empty());
+    let s = started(AMQP_URL, &topo, &store, every_minute("hung-note", "bot-n"), t0).await;
     let started = std::time::Instant::now();
     let err = s.tick(t0 + chrono::TimeDelta::seconds(30)).await.expect_err("the note cannot be made");
     let took = started.elapsed();
