@@ -47,7 +47,7 @@ fn job_events(i: usize, n: usize, now: DateTime<Utc>) -> Vec<JobEvent> {
     let at = |s: i64| spec.submitted_at + TimeDelta::seconds(s);
     let mut events = vec![JobEvent::queued(&spec)];
     let in_flight = i < n / 500;
-    if in_flight && i % 2 == 0 {
+    if in_flight && i.is_multiple_of(2) {
         return events;
     }
     let mut ev = |status, n: u32, secs, f: &dyn Fn(&mut JobEvent)| {

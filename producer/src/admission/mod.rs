@@ -221,7 +221,7 @@ impl Admitter {
                 }
                 _ = tick.tick() => {
                     ticks += 1;
-                    if ticks % CHECK_EVERY == 0 {
+                    if ticks.is_multiple_of(CHECK_EVERY) {
                         self.forget_finished(&mut state).await;
                     }
                     self.sweep(&s.ch, &mut state).await?;
