@@ -120,15 +120,13 @@ async fn replay(
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else { continue };
         // Entries before the start offset (the broker starts at its chunk) are the backup's.
         let fresh = stream::past(&deliveries, after).unwrap_or_else(|| deliveries.iter().collect());
-        if fresh.is_empty() {
-            last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack stream entries"))?;
-            continue;
+        if !fresh.is_empty() {
+            let filed = stream::record_or_park(store, Some(&stream), &fresh).await?;
+            report.read += filed.entries;
+            report.recorded += filed.recorded.iter().filter(|r| r.new).count() as u64;
+            report.audit += filed.audit;
+            report.skipped += filed.parked;
         }
-        let filed = stream::record_or_park(store, Some(&stream), &fresh).await?;
-        report.read += filed.entries;
-        report.recorded += filed.recorded.iter().filter(|r| r.new).count() as u64;
-        report.audit += filed.audit;
-        report.skipped += filed.parked;
         // A stream's acks give credit only; the position is in the store.
         last.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp("ack stream entries"))?;
     }

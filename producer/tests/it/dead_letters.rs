@@ -124,13 +124,7 @@ async fn a_dead_letters_final_event_the_store_refuses_is_parked_not_dropped() {
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
     let job = spec("noop", "bot-refused");
-    store
-        .execute_raw(
-            "CREATE TRIGGER refuse_dead BEFORE INSERT ON job_events WHEN NEW.status = 'dead' \
-             BEGIN SELECT RAISE(ABORT, 'no dead events here'); END",
-        )
-        .await
-        .unwrap();
+    store.execute_raw(&refusing_inserts("refuse_dead", "job_events", "NEW.status = 'dead'", "no dead events here")).await.unwrap();
     let recorder = spawn_recorder(&store, &topo);
     publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(&job), worker_dead_letter(&job)).await;
     let parked = eventually(20, "the final event parked", || async {
@@ -165,13 +159,8 @@ async fn a_dead_letter_listed_escaped_still_records_its_jobs_final_event() {
     let topo = topology();
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
-    store
-        .execute_raw(
-            "CREATE TRIGGER refuse_accents BEFORE INSERT ON dead_letters WHEN NEW.reason GLOB '*è*' \
-             BEGIN SELECT RAISE(ABORT, 'no accents here'); END",
-        )
-        .await
-        .unwrap();
+    let refuse = refusing_inserts("refuse_accents", "dead_letters", "NEW.reason GLOB '*è*'", "no accents here");
+    store.execute_raw(&refuse).await.unwrap();
     let recorder = spawn_recorder(&store, &topo);
     let job = spec("noop", "bot-accent");
     let props = worker_dead_letter(&job);

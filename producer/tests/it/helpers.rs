@@ -143,6 +143,12 @@ pub async fn unacked(queue: &str) -> u32 {
 }
 
 /// The properties of a worker's dead letter of `job`: a permanent error, `unknown param`.
+/// A SQLite trigger `name` that refuses every insert into `table` whose new row matches `when`
+/// (SQL on `NEW`) with `message`, as a constraint would: an error no retry changes.
+pub fn refusing_inserts(name: &str, table: &str, when: &str, message: &str) -> String {
+    format!("CREATE TRIGGER {name} BEFORE INSERT ON {table} WHEN {when} BEGIN SELECT RAISE(ABORT, '{message}'); END")
+}
+
 pub fn worker_dead_letter(job: &JobSpec) -> BasicProperties {
     let mut h = lapin::types::FieldTable::default();
     trainyard_common::headers::set_str(&mut h, trainyard_common::headers::DEAD_REASON, "unknown param `colour`");

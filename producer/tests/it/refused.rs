@@ -11,9 +11,7 @@ use crate::stream_position::{legacy_queue, position, publish_jobs, until_deleted
 
 /// A SQLite trigger that refuses the events of job `id` as a constraint would.
 fn refuse_on_sqlite(id: &str) -> String {
-    format!(
-        "CREATE TRIGGER refuse BEFORE INSERT ON job_events WHEN NEW.job_id = '{id}' BEGIN SELECT RAISE(ABORT, 'injected: refused'); END"
-    )
+    refusing_inserts("refuse", "job_events", &format!("NEW.job_id = '{id}'"), "injected: refused")
 }
 
 /// Checks that the only parked entry is `routing_key`'s, refused by the store's trigger.

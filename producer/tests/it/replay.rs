@@ -97,13 +97,8 @@ async fn a_replayed_runs_events_from_a_slow_clock_are_filed_under_their_run() {
 async fn a_replay_the_store_fails_to_note_is_filed_from_the_stream() {
     let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
     let (job, dead_queue) = a_dead_letter(&ch, &topo, "bot-replay-store").await;
-    store
-        .execute_raw(
-            "CREATE TRIGGER refuse_queued BEFORE INSERT ON job_events WHEN NEW.status = 'queued' \
-             BEGIN SELECT RAISE(ABORT, 'the store refuses for a moment'); END",
-        )
-        .await
-        .unwrap();
+    let refuse = refusing_inserts("refuse_queued", "job_events", "NEW.status = 'queued'", "the store refuses for a moment");
+    store.execute_raw(&refuse).await.unwrap();
 
     let req = ReplayRequest { job_id: None, job_type: Some("noop".into()), all: true };
     assert_eq!(ops.replay(&req, "it").await.expect("replayed, the store's failure only logged"), vec![job.job_id.clone()]);
