@@ -132,21 +132,22 @@ async fn read_history(store: &ArtifactStore, bot: &str) -> Result<(PromotionHist
     Ok((h, keys.len() as u64))
 }
 
-/// Appends the record `change` makes of the history as it stands: created once at the
-/// next number; when another writer took that number first, reads again and retries.
-/// Then points production at the last record's model (see [`sync_production`]).
+/// Appends the record `change` makes of the history as it stands (`None`: no change, nothing
+/// written): created once at the next number; when another writer took that number first,
+/// reads again and retries. Then points production at the last record's model (see
+/// [`sync_production`]).
 async fn append(
     store: &ArtifactStore,
     bot: &str,
-    change: impl Fn(&PromotionHistory) -> PromotionRecord,
-) -> Result<PromotionRecord, CommonError> {
+    change: impl Fn(&PromotionHistory) -> Option<PromotionRecord>,
+) -> Result<Option<PromotionRecord>, CommonError> {
     loop {
         let (h, next) = read_history(store, bot).await?;
-        let record = change(&h);
+        let Some(record) = change(&h) else { return Ok(None) };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| crate::error::CodecError::Encode(e.to_string()))?;
         if store.put_if_absent(&keys::promotion_record(bot, next), bytes).await? {
             sync_production(store, bot).await?;
-            return Ok(record);
+            return Ok(Some(record));
         }
     }
 }
@@ -168,17 +169,23 @@ async fn sync_production(store: &ArtifactStore, bot: &str) -> Result<(), CommonE
 }
 
 /// Makes `entry` the production model of `bot`: appends a `promote` record to the
-/// history first, then replaces the pointer.
-pub async fn set_production(store: &ArtifactStore, bot: &str, entry: ProductionEntry) -> Result<(), CommonError> {
-    append(store, bot, |h| PromotionRecord {
-        action: PromotionAction::Promote,
-        from: h.records.last().and_then(|r| r.to.as_ref()).map(|p| p.job_id.clone()),
-        to: Some(entry.clone()),
-        at: entry.promoted_at,
-        reason: entry.reason.clone(),
+/// history first, then replaces the pointer. Promoting the model already in production
+/// changes nothing and answers `false`: a promote sent twice (a retried request, a training
+/// job's gate run again by its retry) must not leave two records, or a rollback would
+/// restore the same model.
+pub async fn set_production(store: &ArtifactStore, bot: &str, entry: ProductionEntry) -> Result<bool, CommonError> {
+    let record = append(store, bot, |h| {
+        let current = h.records.last().and_then(|r| r.to.as_ref()).map(|p| p.job_id.clone());
+        (current.as_deref() != Some(entry.job_id.as_str())).then(|| PromotionRecord {
+            action: PromotionAction::Promote,
+            from: current,
+            to: Some(entry.clone()),
+            at: entry.promoted_at,
+            reason: entry.reason.clone(),
+        })
     })
-    .await
-    .map(|_| ())
+    .await?;
+    Ok(record.is_some())
 }
 
 /// Makes the model that job `job_id` trained the production model of `bot`, by hand.
@@ -199,8 +206,11 @@ pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason:
         promoted_at: Utc::now(),
         reason: reason.into(),
     };
-    set_production(store, bot, entry.clone()).await?;
-    Ok(entry)
+    if set_production(store, bot, entry.clone()).await? {
+        return Ok(entry);
+    }
+    // Already in production: the entry as it was promoted.
+    Ok(production(store, bot).await?.unwrap_or(entry))
 }
 
 /// Restores the production model that preceded the current one. Returns the new
@@ -219,10 +229,10 @@ pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str) -> Result<
             e.reason = format!("rollback: {reason}");
             e
         });
-        PromotionRecord { action: PromotionAction::Rollback, from: current.map(|c| c.job_id), to, at: now, reason: reason.into() }
+        Some(PromotionRecord { action: PromotionAction::Rollback, from: current.map(|c| c.job_id), to, at: now, reason: reason.into() })
     })
     .await?;
-    Ok(record.to)
+    Ok(record.and_then(|r| r.to))
 }
 
 /// The [`PROMOTIONS_TOTAL`](crate::metrics::PROMOTIONS_TOTAL) status of a training job's
@@ -303,6 +313,21 @@ mod tests {
         assert_eq!(h.records[3].from.as_deref(), Some("j3"));
     }
 
+    /// A promote of the model already in production writes nothing, so one rollback after a
+    /// promote sent twice restores the model before it (it restored the same one: j2, j2).
+    #[tokio::test]
+    async fn promoting_the_production_model_again_changes_nothing() {
+        let store = ArtifactStore::open("memory://").unwrap();
+        assert!(set_production(&store, "b", entry("j1")).await.unwrap());
+        assert!(set_production(&store, "b", entry("j2")).await.unwrap());
+        assert!(!set_production(&store, "b", entry("j2")).await.unwrap(), "already in production");
+        assert_eq!(history(&store, "b").await.unwrap().records.len(), 2);
+        assert_eq!(rollback(&store, "b", "bad").await.unwrap().unwrap().job_id, "j1");
+        // Once rolled back, the same model can be promoted again.
+        assert!(set_production(&store, "b", entry("j2")).await.unwrap());
+        assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j2");
+    }
+
     #[tokio::test]
     async fn promote_job_needs_a_model() {
         let store = ArtifactStore::open("memory://").unwrap();
@@ -312,6 +337,8 @@ mod tests {
         let e = promote_job(&store, "b", "j9", "by hand").await.unwrap();
         assert_eq!(e.metrics, serde_json::json!({"accuracy": 0.5}));
         assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j9");
+        let again = promote_job(&store, "b", "j9", "by hand, twice").await.unwrap();
+        assert_eq!((again.promoted_at, again.reason.as_str()), (e.promoted_at, "by hand"), "the entry as first promoted");
     }
 
     /// `n` promoters of one bot at once, each promoting its own job: every promotion is in

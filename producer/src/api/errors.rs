@@ -37,16 +37,22 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
-        let code = match &e {
-            OpsError::NotFound(_) => StatusCode::NOT_FOUND,
-            OpsError::Conflict(_) => StatusCode::CONFLICT,
-            OpsError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            OpsError::Store(_) | OpsError::Common(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
+        let code = status(&e);
         if code == StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(error = %e, "API request failed");
         }
         ApiError(code, e.to_string())
+    }
+}
+
+/// The status an error answers: a request that failed partway answers as its failure.
+fn status(e: &OpsError) -> StatusCode {
+    match e {
+        OpsError::NotFound(_) => StatusCode::NOT_FOUND,
+        OpsError::Conflict(_) => StatusCode::CONFLICT,
+        OpsError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        OpsError::Store(_) | OpsError::Common(_) => StatusCode::SERVICE_UNAVAILABLE,
+        OpsError::Partial { source, .. } => status(source),
     }
 }
 
@@ -61,6 +67,21 @@ pub fn unauthorized(msg: &str) -> Response {
     let mut resp = ApiError(StatusCode::UNAUTHORIZED, msg.to_string()).into_response();
     resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
+}
+
+/// Middleware: a request whose path or query holds a NUL character (`%00`; a raw one cannot be
+/// in a URI) is refused with a 400 before any handler. No id, bot, type or filter holds one, and
+/// PostgreSQL refuses NUL in text: it answered 503, a store failure, for a caller's mistake.
+pub async fn refuse_nul(req: Request, next: Next) -> Response {
+    let nul = req.uri().path_and_query().is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"%00")));
+    if nul {
+        return ApiError(
+            StatusCode::BAD_REQUEST,
+            "the request's path or query holds a NUL character (%00), which no id, name or filter has".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// The longest error body [`json_errors`] reads to wrap.

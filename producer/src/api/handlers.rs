@@ -131,7 +131,8 @@ pub struct SubmitBody {
     max_attempts: Option<u32>,
     /// Wall-clock limit of one attempt, seconds.
     timeout_s: Option<u64>,
-    /// Submitting the same key again is the same job.
+    /// Submitting the same key again is the same job: once the store has it, it is answered
+    /// (200, with its status) and not published again.
     idempotency_key: Option<String>,
 }
 
@@ -147,19 +148,20 @@ pub struct Submitted {
     job_type: String,
     /// Its bot.
     bot: String,
-    /// `queued`.
+    /// `queued`; for an idempotency key naming a job the store already has, that job's status.
     status: JobStatus,
 }
 
 impl Submitted {
-    fn queued(spec: &JobSpec, retry_of: Option<String>) -> Self {
-        Self { job_id: spec.job_id.clone(), retry_of, job_type: spec.job_type.clone(), bot: spec.bot.clone(), status: JobStatus::Queued }
+    fn new(spec: &JobSpec, retry_of: Option<String>, status: JobStatus) -> Self {
+        Self { job_id: spec.job_id.clone(), retry_of, job_type: spec.job_type.clone(), bot: spec.bot.clone(), status }
     }
 }
 
 /// `POST /v1/jobs`: submits a job (confirmed by the broker before the answer).
 #[utoipa::path(post, path = "/jobs", tag = "jobs", security(("bearer" = [])), request_body = SubmitBody,
     responses((status = 201, description = "queued", body = Submitted),
+        (status = 200, description = "the idempotency key names a job the store already has (the same work): that job, not published again", body = Submitted),
         (status = 409, description = "the idempotency key was used for a job of another type, bot or params", body = ErrorBody),
         BodyResponses, ScopeResponses, UnavailableResponses))]
 pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Json(b): Json<SubmitBody>) -> ApiResult<Response> {
@@ -174,11 +176,14 @@ pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Call
     if let Some(key) = b.idempotency_key {
         spec.set_idempotency_key(&key).map_err(crate::ops::OpsError::BadRequest)?;
     }
-    let spec = s.ops.submit(spec).await?;
-    if let Some(m) = &s.metrics {
-        m.jobs_submitted.with_label_values(&[spec.job_type.as_str(), "api"]).inc();
+    let done = s.ops.submit(spec).await?;
+    if let Some(status) = done.known {
+        return Ok((StatusCode::OK, Json(Submitted::new(&done.spec, None, status))).into_response());
     }
-    Ok((StatusCode::CREATED, Json(Submitted::queued(&spec, None))).into_response())
+    if let Some(m) = &s.metrics {
+        m.jobs_submitted.with_label_values(&[done.spec.job_type.as_str(), "api"]).inc();
+    }
+    Ok((StatusCode::CREATED, Json(Submitted::new(&done.spec, None, JobStatus::Queued))).into_response())
 }
 
 /// `GET /v1/jobs/{id}`: everything about one job.
@@ -286,7 +291,7 @@ pub async fn cancel(
         ScopeResponses, UnavailableResponses))]
 pub async fn retry(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> ApiResult<Response> {
     let spec = s.ops.retry(&id, &caller.name, TriggerKind::Api).await?;
-    Ok((StatusCode::CREATED, Json(Submitted::queued(&spec, Some(id)))).into_response())
+    Ok((StatusCode::CREATED, Json(Submitted::new(&spec, Some(id), JobStatus::Queued))).into_response())
 }
 
 /// Query of `GET /v1/dlq`.

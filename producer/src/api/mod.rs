@@ -84,6 +84,7 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .layer(Extension(doc::Document(document)))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
+        .layer(middleware::from_fn(errors::refuse_nul))
         .layer(middleware::from_fn(errors::json_errors))
         .with_state(state)
 }

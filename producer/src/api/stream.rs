@@ -150,6 +150,19 @@ impl Tail {
         }
     }
 
+    /// The jobs changed after the cursor: a page, or, when a whole page shares one cursor (a
+    /// recorder batch is stamped with one time), every job of that cursor, so that moving the
+    /// cursor past it skips none (it skipped all but the page's 200).
+    async fn changes(&self) -> Result<Vec<crate::store::Change>, crate::store::StoreError> {
+        let page = self.store.changed_since(self.cursor, BATCH).await?;
+        match (page.first(), page.last()) {
+            (Some(first), Some(last)) if page.len() as i64 == BATCH && first.cursor == last.cursor => {
+                self.store.changed_at(first.cursor).await
+            }
+            _ => Ok(page),
+        }
+    }
+
     /// Queues the changes after the cursor, and every [`QUEUES_EVERY`] the queues' figures; on a
     /// store error, an `error` event and the end.
     async fn poll(&mut self) {
@@ -166,7 +179,7 @@ impl Tail {
             let data = serde_json::to_string(&live).unwrap_or_else(|_| "{}".into());
             self.pending.push_back(Event::default().event("log").data(data));
         }
-        match self.store.changed_since(self.cursor, BATCH).await {
+        match self.changes().await {
             Ok(changes) => {
                 // A full batch may stop among events recorded in the same microsecond: read that one again.
                 let full = changes.len() as i64 == BATCH && changes.first().map(|c| c.cursor) < changes.last().map(|c| c.cursor);

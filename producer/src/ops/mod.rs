@@ -12,7 +12,7 @@ use trainyard_common::{
     control::CancelRequest,
     models::{self, ProductionEntry, PromotionHistory},
     topology::Topology,
-    CommonError, JobEvent, JobSpec, Trigger,
+    CommonError, JobEvent, JobSpec, JobStatus, Trigger,
 };
 
 use crate::{
@@ -39,6 +39,25 @@ pub enum OpsError {
     /// Broker or artifact trouble.
     #[error(transparent)]
     Common(#[from] CommonError),
+    /// A request over many items that failed partway: the ones done before the failure
+    /// stay done (a replay of `all` that lost its broker after some letters).
+    #[error("{source} (done before it: {})", done.join(", "))]
+    Partial {
+        /// The items done before the failure.
+        done: Vec<String>,
+        /// The failure.
+        source: Box<OpsError>,
+    },
+}
+
+/// What [`Ops::submit`] did.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// The job.
+    pub spec: JobSpec,
+    /// Its status in the store when its idempotency key named a job the store already had:
+    /// nothing was published. `None`: published now, `queued`.
+    pub known: Option<JobStatus>,
 }
 
 /// A job as shown by `jobs show` and `GET /v1/jobs/{id}`.
@@ -103,11 +122,17 @@ impl Ops {
         self.submitter.topology()
     }
 
-    /// Submits `spec` (validated), returning it.
-    pub async fn submit(&self, spec: JobSpec) -> Result<JobSpec, OpsError> {
+    /// Submits `spec` (validated). A job whose idempotency key names a job the store already
+    /// has (the same work) is not published again: that job is answered, whatever its state.
+    /// Its job message was confirmed before its first event, so the store knowing it means it
+    /// was queued; a second copy would run the same job twice at once while the first is
+    /// queued or running, and again as run 0 once it failed.
+    pub async fn submit(&self, spec: JobSpec) -> Result<Submission, OpsError> {
         spec.validate().map_err(|e| OpsError::BadRequest(e.to_string()))?;
         if let Some(key) = &spec.idempotency_key {
-            self.check_key_reuse(key, &spec).await?;
+            if let Some(known) = self.known_job(key, &spec).await? {
+                return Ok(Submission { spec, known: Some(known.status) });
+            }
         }
         self.submitter.submit(&spec).await.map_err(|e| match e {
             CommonError::Unroutable { .. } => OpsError::BadRequest(e.to_string()),
@@ -115,22 +140,23 @@ impl Ops {
         })?;
         let detail = serde_json::json!({"job_type": spec.job_type, "bot": spec.bot, "trigger": spec.trigger.kind});
         self.audit(&spec.trigger.source, "submit", &spec.job_id, Some(detail)).await?;
-        Ok(spec)
+        Ok(Submission { spec, known: None })
     }
 
-    /// Refuses an idempotency key already used for different work (a 409): the job stands for
-    /// its first request, and the new values would be dropped without a word. The job store
-    /// knows a job once its `queued` event is recorded (within a fraction of a second).
-    async fn check_key_reuse(&self, key: &str, spec: &JobSpec) -> Result<(), OpsError> {
-        let Some(first) = self.store.job(&spec.job_id).await?.and_then(|j| j.spec) else { return Ok(()) };
-        if first.same_work(spec) {
-            return Ok(());
+    /// The job an idempotency key names, when the store has it; refuses the key when that job
+    /// is other work (a 409): the job stands for its first request, and the new values would
+    /// be dropped without a word. The job store knows a job once its `queued` event is
+    /// recorded (within a fraction of a second): a second submit within that lag is published.
+    async fn known_job(&self, key: &str, spec: &JobSpec) -> Result<Option<JobRow>, OpsError> {
+        let Some(job) = self.store.job(&spec.job_id).await? else { return Ok(None) };
+        match &job.spec {
+            Some(first) if !first.same_work(spec) => Err(OpsError::Conflict(format!(
+                "idempotency key {key:?} was used for job {} with a different job type, bot or params ({} for bot {}): \
+                 use a new key for new work",
+                spec.job_id, first.job_type, first.bot
+            ))),
+            _ => Ok(Some(job)),
         }
-        Err(OpsError::Conflict(format!(
-            "idempotency key {key:?} was used for job {} with a different job type, bot or params ({} for bot {}): \
-             use a new key for new work",
-            spec.job_id, first.job_type, first.bot
-        )))
     }
 
     /// Keeps an operator action in the audit trail: on the events stream (confirmed: the
@@ -323,7 +349,8 @@ impl Ops {
         spec.timeout_s = old.timeout_s;
         spec.priority = old.priority;
         spec.coalesce_key = old.coalesce_key;
-        let spec = self.submit(spec).await?;
+        // A new job id: never known to the store.
+        let spec = self.submit(spec).await?.spec;
         self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": spec.job_id}))).await?;
         Ok(spec)
     }

@@ -46,15 +46,24 @@ impl Ops {
             dead_queue_exists(&conn, &queue).await?;
             let ch = confirm_channel(&conn).await?;
             let mut replayed = Vec::new();
-            while let Some(msg) = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(CommonError::amqp(format!("get from {queue}")))?
-            {
+            // A failure after some letters of `all` names them: they stay replayed.
+            let partly = |replayed: &Vec<String>, e: OpsError| match replayed.is_empty() {
+                true => e,
+                false => OpsError::Partial { done: replayed.clone(), source: Box::new(e) },
+            };
+            loop {
+                let got = ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await;
+                let msg = match got.map_err(CommonError::amqp(format!("get from {queue}"))) {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(e) => return Err(partly(&replayed, e.into())),
+                };
                 // A letter not taken stays unacked here, and goes back to its queue when the
                 // channel closes.
                 let Some((id, spec)) = wanted(req, &msg.delivery) else { continue };
-                self.replay_letter(&ch, &msg.delivery, &id, &spec, by).await?;
+                if let Err(e) = self.replay_letter(&ch, &msg.delivery, &id, &spec, by).await {
+                    return Err(partly(&replayed, e));
+                }
                 replayed.push(id);
                 if req.job_id.is_some() {
                     break;

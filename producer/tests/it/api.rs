@@ -26,10 +26,15 @@ pub struct Server {
 }
 
 pub async fn start(types: &[&str], tokens: &str, body_limit: usize, config: ControlConfig) -> Server {
+    start_on(None, types, tokens, body_limit, config).await
+}
+
+/// [`start`] on the store at `db_url` (a SQLite file of its own when `None`).
+pub async fn start_on(db_url: Option<&str>, types: &[&str], tokens: &str, body_limit: usize, config: ControlConfig) -> Server {
     let topo = topology();
     let db_dir = tempfile::tempdir().unwrap();
     let artifacts_dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}/ty.db", db_dir.path().display());
+    let db_url = db_url.map_or_else(|| format!("sqlite://{}/ty.db", db_dir.path().display()), str::to_string);
     let settings = ServeSettings {
         amqp_url: AMQP_URL.into(),
         topology: topo.clone(),
@@ -177,4 +182,30 @@ async fn demand_is_ready_plus_running() {
     ch.queue_purge(server.topo.jobs_queue("noop").into(), QueuePurgeOptions::default()).await.unwrap();
     eventually(20, "demand 0", || async { (gauge(&metrics().await, "trainyard_jobs_demand", "noop") == Some(0)).then_some(()) }).await;
     server.stop(&["noop", "intent-train"]).await;
+}
+
+/// A NUL character in a path or a query is a caller's mistake, refused with a 400 before any
+/// handler. PostgreSQL refuses NUL in text, so `GET /v1/jobs/%00` or `?bot=%00` answered 503,
+/// a store failure, logged as an error and counted against the 5xx alerts.
+#[tokio::test]
+async fn a_nul_in_a_path_or_query_is_a_bad_request_on_postgres() {
+    let pg = PgSchema::new().await;
+    let server = start_on(Some(&pg.url), &["noop"], "reader:read:r-tok,ci:submit:s-tok", 4096, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(server.url(path)).bearer_auth("r-tok").send();
+    for path in
+        ["/v1/jobs/%00", "/v1/jobs/a%00b/events", "/v1/jobs?bot=%00", "/v1/jobs?type=noop%00", "/v1/audit?actor=x%00", "/v1/dlq?type=%00"]
+    {
+        let r = get(path).await.unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("NUL")), "{path}: {body}");
+    }
+    let r = http.post(server.url("/v1/jobs/%00/retry")).bearer_auth("s-tok").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    // The same requests without the NUL are answered as ever.
+    assert_eq!(get("/v1/jobs?bot=x").await.unwrap().status(), 200);
+    assert_eq!(get("/v1/jobs/ab/events").await.unwrap().status(), 404);
+    server.stop(&["noop"]).await;
+    pg.drop().await;
 }

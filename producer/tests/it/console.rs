@@ -229,3 +229,25 @@ async fn the_change_feed_lists_jobs_changed_after_a_cursor_on_sqlite_and_postgre
     change_feed_on(&pg.url).await;
     pg.drop().await;
 }
+
+/// A recorder batch is stamped with one recording time: 250 jobs recorded in one batch all
+/// reach a stream that was open before them. (A page of the feed holds 200: a page full of one
+/// cursor moved the cursor past it, and the other 50 were never pushed.)
+#[tokio::test]
+async fn the_stream_pushes_every_job_of_a_batch_larger_than_its_page() {
+    let server = start(&["noop"], "viewer:read:v-tok", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let store = trainyard::store::Store::open(&server.db_url).await.unwrap();
+    let jobs: Vec<_> = (0..250).map(|i| spec("noop", &format!("bot-batch-{i}"))).collect();
+    let resp = http.get(server.url("/v1/stream?max_s=4")).bearer_auth("v-tok").send().await.unwrap();
+    let record = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.record_events(&jobs.iter().map(JobEvent::queued).collect::<Vec<_>>()).await.unwrap();
+    };
+    let all_in = |t: &str| jobs.iter().all(|j| t.contains(&j.job_id));
+    let (text, ()) = tokio::join!(read_stream(resp, 10, all_in), record);
+    let missing = jobs.iter().filter(|j| !text.contains(&j.job_id)).count();
+    assert_eq!(missing, 0, "jobs of the batch never pushed");
+    store.close().await;
+    server.stop(&["noop"]).await;
+}

@@ -7,8 +7,8 @@ use lapin::{
     BasicProperties, Channel, Connection,
 };
 use tokio_util::sync::CancellationToken;
-use trainyard::{recorder::Recorder, store::Store};
-use trainyard_common::{amqp, codec, metrics::ControlMetrics, topology::Topology, JobEvent, JobSpec, Trigger};
+use trainyard::{ops::Ops, recorder::Recorder, store::Store};
+use trainyard_common::{amqp, artifacts::ArtifactStore, codec, metrics::ControlMetrics, topology::Topology, JobEvent, JobSpec, Trigger};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -175,4 +175,28 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A topology with `noop` declared, a SQLite store and the operations on both (the
+/// connection and folders kept for the test's life).
+pub struct OpsSetup {
+    pub topo: trainyard_common::topology::Topology,
+    pub _conn: lapin::Connection,
+    pub ch: lapin::Channel,
+    pub store: trainyard::store::Store,
+    pub ops: Ops,
+    pub _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// A fresh [`OpsSetup`].
+pub async fn ops_setup() -> OpsSetup {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_shared(&ch).await.unwrap();
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let (store, store_dir, _) = sqlite_store().await;
+    let artifacts_dir = tempfile::tempdir().unwrap();
+    let artifacts = ArtifactStore::open(artifacts_dir.path().to_str().unwrap()).unwrap();
+    let ops = Ops::new(store.clone(), artifacts, AMQP_URL, topo.clone()).unwrap();
+    OpsSetup { topo, _conn, ch, store, ops, _dirs: (store_dir, artifacts_dir) }
 }

@@ -16,4 +16,5 @@ mod replay;
 mod schedule_faults;
 mod schedules;
 mod stream_position;
+mod submits;
 mod versions;

@@ -39,7 +39,7 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("GET", "/v1/stream", "/v1/stream?max_s=1", 401),
         case("GET", "/v1/stream", "/v1/stream?max_s=99", 400).token("r-tok"),
         case("POST", "/v1/jobs", "/v1/jobs", 201).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-c", "params": {}})),
-        case("POST", "/v1/jobs", "/v1/jobs", 201).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-k", "idempotency_key": KEY})),
+        case("POST", "/v1/jobs", "/v1/jobs", 200).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-k", "idempotency_key": KEY})),
         case("POST", "/v1/jobs", "/v1/jobs", 409).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-x", "idempotency_key": KEY})),
         case("POST", "/v1/jobs", "/v1/jobs", 400).token("s-tok").json(json!({"job_type": "noop", "bot": "bot-k", "idempotency_key": ""})),
         case("POST", "/v1/jobs", "/v1/jobs", 401).json(json!({"job_type": "noop", "bot": "bot-c"})),

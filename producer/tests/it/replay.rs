@@ -2,32 +2,10 @@
 //! its letter is acked.
 
 use lapin::{options::BasicGetOptions, types::FieldTable, BasicProperties};
-use trainyard::ops::{Ops, ReplayRequest};
-use trainyard_common::{artifacts::ArtifactStore, codec, event::event_seq, headers, JobEvent, JobStatus};
+use trainyard::ops::ReplayRequest;
+use trainyard_common::{codec, event::event_seq, headers, JobEvent, JobStatus};
 
 use crate::helpers::*;
-
-/// A topology with `noop` declared, a SQLite store and the operations on both.
-struct Setup {
-    topo: trainyard_common::topology::Topology,
-    _conn: lapin::Connection,
-    ch: lapin::Channel,
-    store: trainyard::store::Store,
-    ops: Ops,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-}
-
-async fn setup() -> Setup {
-    let topo = topology();
-    let (_conn, ch) = channel().await;
-    topo.declare_shared(&ch).await.unwrap();
-    topo.declare_job_type(&ch, "noop").await.unwrap();
-    let (store, store_dir, _) = sqlite_store().await;
-    let artifacts_dir = tempfile::tempdir().unwrap();
-    let artifacts = ArtifactStore::open(artifacts_dir.path().to_str().unwrap()).unwrap();
-    let ops = Ops::new(store.clone(), artifacts, AMQP_URL, topo.clone()).unwrap();
-    Setup { topo, _conn, ch, store, ops, _dirs: (store_dir, artifacts_dir) }
-}
 
 /// A worker's dead letter of a new `noop` job of `bot`, once in its dead queue; the job and the queue.
 async fn a_dead_letter(ch: &lapin::Channel, topo: &trainyard_common::topology::Topology, bot: &str) -> (trainyard_common::JobSpec, String) {
@@ -44,7 +22,7 @@ async fn a_dead_letter(ch: &lapin::Channel, topo: &trainyard_common::topology::T
 /// from "before the replay" went to run 0 and the job stayed `queued`.)
 #[tokio::test]
 async fn a_replayed_runs_events_from_a_slow_clock_are_filed_under_their_run() {
-    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    let OpsSetup { topo, ch, store, ops, _conn, _dirs } = ops_setup().await;
     let recorder = spawn_recorder(&store, &topo);
     // Run 0: submitted, then dead-lettered by a worker.
     let spec = spec("noop", "clock-bot");
@@ -95,7 +73,7 @@ async fn a_replayed_runs_events_from_a_slow_clock_are_filed_under_their_run() {
 /// its queue, and the run's `queued` event was never published, so no rebuild could see it.)
 #[tokio::test]
 async fn a_replay_the_store_fails_to_note_is_filed_from_the_stream() {
-    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    let OpsSetup { topo, ch, store, ops, _conn, _dirs } = ops_setup().await;
     let (job, dead_queue) = a_dead_letter(&ch, &topo, "bot-replay-store").await;
     let refuse = refusing_inserts("refuse_queued", "job_events", "NEW.status = 'queued'", "the store refuses for a moment");
     store.execute_raw(&refuse).await.unwrap();
@@ -127,7 +105,7 @@ async fn a_replay_the_store_fails_to_note_is_filed_from_the_stream() {
 /// nor a rebuild ever saw queued.)
 #[tokio::test]
 async fn a_replay_whose_queued_event_cannot_reach_the_stream_leaves_its_letter_queued() {
-    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    let OpsSetup { topo, ch, store, ops, _conn, _dirs } = ops_setup().await;
     let (job, dead_queue) = a_dead_letter(&ch, &topo, "bot-replay-stream").await;
     ch.exchange_delete(topo.events_exchange().as_str().into(), Default::default()).await.unwrap();
 
@@ -152,7 +130,7 @@ async fn a_replay_whose_queued_event_cannot_reach_the_stream_leaves_its_letter_q
 /// answer an error for an action already taken (a job already queued, submitted again).
 #[tokio::test]
 async fn an_audit_record_the_stream_cannot_take_is_kept_in_the_store() {
-    let Setup { topo, ch, store, ops, _conn, _dirs } = setup().await;
+    let OpsSetup { topo, ch, store, ops, _conn, _dirs } = ops_setup().await;
     // The first action declares the shared topology once for the submitter's life.
     ops.cancel(&uuid::Uuid::now_v7().to_string(), "it", "").await.unwrap();
     ch.exchange_delete(topo.events_exchange().as_str().into(), Default::default()).await.unwrap();
@@ -161,5 +139,36 @@ async fn an_audit_record_the_stream_cannot_take_is_kept_in_the_store() {
     let filter = trainyard::store::AuditFilter { target: Some(job_id.clone()), ..Default::default() };
     let trail = store.audit(&filter).await.unwrap();
     assert_eq!(trail.iter().map(|r| (r.action.as_str(), r.actor.as_str())).collect::<Vec<_>>(), [("cancel", "it")]);
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// A replay of `all` that fails partway answers the failure and names the letters it replayed
+/// before it: those stay replayed (their runs queued, their letters acked), and the letter it
+/// failed on goes back to its queue. (It answered the bare failure, so a caller could not tell
+/// that anything had been replayed.) The second letter here is of a job type no queue takes,
+/// left in `noop`'s dead queue: its job has nowhere to go.
+#[tokio::test]
+async fn a_replay_of_all_that_fails_partway_names_the_letters_it_replayed() {
+    let OpsSetup { topo, ch, store, ops, _conn, _dirs } = ops_setup().await;
+    let first = spec("noop", "bot-replay-partly");
+    let mut stray = spec("noop", "bot-replay-partly");
+    stray.job_type = format!("ghost-{}", uuid::Uuid::new_v4().simple());
+    for job in [&first, &stray] {
+        publish_raw(&ch, &topo.dead_exchange(), "noop", &msgpack(job), worker_dead_letter(job)).await;
+    }
+    let dead_queue = topo.dead_queue("noop");
+    eventually(10, "both letters in the dead queue", || async { (message_count(&ch, &dead_queue).await == 2).then_some(()) }).await;
+
+    let req = ReplayRequest { job_id: None, job_type: Some("noop".into()), all: true };
+    let err = ops.replay(&req, "it").await.expect_err("the stray letter's job has no queue");
+    let trainyard::ops::OpsError::Partial { done, source } = &err else { panic!("not a partial failure: {err:?}") };
+    assert_eq!(done, std::slice::from_ref(&first.job_id));
+    assert!(source.to_string().contains(&stray.job_type), "{source}");
+    assert!(err.to_string().contains(&first.job_id), "the answer names the replayed letter: {err}");
+    assert_eq!(trainyard::api::ApiError::from(err).0, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    eventually(10, "the stray letter back in its queue", || async { (message_count(&ch, &dead_queue).await == 1).then_some(()) }).await;
+    assert_eq!(message_count(&ch, &topo.jobs_queue("noop")).await, 1, "the first letter's run is queued");
+    let row = store.job(&first.job_id).await.unwrap().expect("the replayed job noted");
+    assert_eq!((row.run, row.status), (1, JobStatus::Queued));
     cleanup(&topo, &["noop"]).await;
 }

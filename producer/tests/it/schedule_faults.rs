@@ -172,6 +172,35 @@ async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
     cleanup(&topo, &["noop"]).await;
 }
 
+/// A store that refuses claims at fire time and for longer than the 60-s grace after it (a
+/// database failing over) while the control plane runs: the fire is published late, once the
+/// store is back, under `missed = skip` too (that policy is for fires missed while no control
+/// plane ran). It was skipped for good: the next tick that worked took it as missed.
+#[tokio::test]
+async fn a_fire_due_while_the_store_refuses_claims_is_published_once_it_is_back() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let t0: DateTime<Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    let cfg = ScheduleConfig { cron: "*/5 * * * *".into(), ..every_minute("store-down", "bot-d") };
+    let s = started(AMQP_URL, &topo, &store, cfg, t0).await;
+    let refuse = refusing_inserts("refuse_claims", "schedule_fires", "1", "the database is failing over");
+    store.execute_raw(&refuse).await.unwrap();
+    let fire_at: DateTime<Utc> = "2026-06-01T10:05:00Z".parse().unwrap();
+    for late in [1, 40, 80] {
+        let now = fire_at + chrono::TimeDelta::seconds(late);
+        assert!(s.tick(now).await.is_err(), "no claim while the store refuses them ({now})");
+    }
+    store.execute_raw("DROP TRIGGER refuse_claims").await.unwrap();
+    // 100 s after the fire, past the grace; the next fire (10:10) is not due yet.
+    let published = s.tick(fire_at + chrono::TimeDelta::seconds(100)).await.unwrap();
+    assert_eq!(published.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>(), [fire_job_id("store-down", fire_at)]);
+    assert!(s.tick(fire_at + chrono::TimeDelta::seconds(105)).await.unwrap().is_empty(), "once");
+    assert_eq!(drain(&ch, &topo.jobs_queue("noop")).await.len(), 1);
+    cleanup(&topo, &["noop"]).await;
+}
+
 /// A broker that hangs at fire time (the connection open, no confirm coming): the publish is
 /// given up after `PUBLISH_TIMEOUT` (15 s), inside the claim's lease, and the fire is published
 /// once by a tick after the lease. Without the timeout the tick waits for the confirm until

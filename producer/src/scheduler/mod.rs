@@ -15,6 +15,8 @@
 //! The clock is injected: [`Scheduler::tick`] takes `now`, so the logic is
 //! tested without sleeping.
 
+mod times;
+
 use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
@@ -22,14 +24,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use trainyard_common::{metrics::ControlMetrics, JobSpec};
 
+pub use times::{due, Due, GRACE};
+
 use crate::{
     config::{parse_cron, MissedFire, ScheduleConfig},
     store::Store,
     submit::Submitter,
 };
-
-/// A fire older than this at tick time counts as missed.
-pub const GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
 /// A claimed fire still unpublished this long after its claim is retried (by any replica).
 pub const RETRY_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
@@ -99,17 +100,19 @@ pub fn fire_job_id(schedule: &str, at: DateTime<Utc>) -> String {
 pub fn next_fire(cfg: &ScheduleConfig, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let cron = parse_cron(&cfg.cron).ok()?;
     let tz = cfg.timezone.parse::<chrono_tz::Tz>().ok()?;
-    cron.after(&after.with_timezone(&tz)).next().map(|t| t.with_timezone(&Utc))
+    let next = times::after(&cron, tz, after).next();
+    next
 }
 
-/// Which of the fire times in `(last, now]` to fire under `policy`: those
-/// within [`GRACE`] of `now`; with `fire_once`, also the latest missed one
-/// when none is on time.
-pub fn select_fires(times: &[DateTime<Utc>], now: DateTime<Utc>, policy: MissedFire) -> Vec<DateTime<Utc>> {
-    let (on_time, missed): (Vec<_>, Vec<_>) = times.iter().partition(|t| now - **t <= GRACE);
-    let mut out = on_time;
-    if policy == MissedFire::FireOnce && out.is_empty() {
-        out.extend(missed.last().copied());
+/// Which of the `due` fires to fire under `policy`: those on time; with `fire_once`, also
+/// the latest missed one when none is on time. A scheduler `running` since before the missed
+/// fire (its ticks failed or came late: a store failing over, a paused VM) fires it so too,
+/// whatever the policy: the policy is for fires missed while no control plane ran, and a fire
+/// claimed but not published (a broker outage) is published late the same way.
+pub fn select_fires(due: &Due, policy: MissedFire, running: bool) -> Vec<DateTime<Utc>> {
+    let mut out = due.on_time.clone();
+    if (policy == MissedFire::FireOnce || running) && out.is_empty() {
+        out.extend(due.latest_missed);
     }
     out
 }
@@ -151,18 +154,22 @@ impl Scheduler {
                 if !self.store.reclaim_fire(&s.cfg.name, at, stale, claim_time()).await? {
                     continue; // Another replica is retrying it.
                 }
+                if self.store.job(&job_id).await?.is_some() {
+                    // Its publish landed (confirmed late, or its note failed): the store has its
+                    // `queued` event. Publishing it again would run the job twice at once.
+                    self.note_published(s, at).await?;
+                    continue;
+                }
                 match self.publish(s, at, job_id).await {
                     Ok(spec) => published.push(spec),
                     Err(e) => failed = Some(e),
                 }
             }
-            let from = match last.get(&s.cfg.name) {
-                Some(t) => *t,
-                None => self.store.last_schedule_fire(&s.cfg.name).await?.unwrap_or(now),
+            let (from, running) = match last.get(&s.cfg.name) {
+                Some(t) => (*t, true),
+                None => (self.store.last_schedule_fire(&s.cfg.name).await?.unwrap_or(now), false),
             };
-            let times: Vec<DateTime<Utc>> =
-                s.cron.after(&from.with_timezone(&s.tz)).map(|t| t.with_timezone(&Utc)).take_while(|t| *t <= now).take(10_000).collect();
-            for at in select_fires(&times, now, s.cfg.missed) {
+            for at in select_fires(&due(&s.cron, s.tz, from, now), s.cfg.missed, running) {
                 let job_id = fire_job_id(&s.cfg.name, at);
                 if !self.store.claim_schedule_fire_at(&s.cfg.name, at, &job_id, claim_time()).await? {
                     continue; // Another replica has it.
@@ -243,13 +250,18 @@ mod tests {
 
     #[test]
     fn missed_fires_follow_the_policy() {
-        let times = [t("2026-01-01T00:00:00Z"), t("2026-01-01T01:00:00Z"), t("2026-01-01T02:00:00Z")];
-        let now = t("2026-01-01T02:00:30Z");
-        assert_eq!(select_fires(&times, now, MissedFire::Skip), vec![times[2]]);
-        assert_eq!(select_fires(&times, now, MissedFire::FireOnce), vec![times[2]]);
-        let later = t("2026-01-01T03:30:00Z");
-        assert!(select_fires(&times, later, MissedFire::Skip).is_empty());
-        assert_eq!(select_fires(&times, later, MissedFire::FireOnce), vec![times[2]]);
+        let cron = parse_cron("0 * * * *").unwrap();
+        let due_at = |now| due(&cron, chrono_tz::UTC, t("2025-12-31T23:30:00Z"), t(now));
+        let on_time = due_at("2026-01-01T02:00:30Z");
+        assert_eq!(on_time.latest_missed, Some(t("2026-01-01T01:00:00Z")));
+        for (policy, running) in [(MissedFire::Skip, false), (MissedFire::FireOnce, false), (MissedFire::Skip, true)] {
+            assert_eq!(select_fires(&on_time, policy, running), vec![t("2026-01-01T02:00:00Z")], "{policy:?} {running}");
+        }
+        let later = due_at("2026-01-01T03:30:00Z");
+        assert!(select_fires(&later, MissedFire::Skip, false).is_empty());
+        assert_eq!(select_fires(&later, MissedFire::FireOnce, false), vec![t("2026-01-01T03:00:00Z")]);
+        // Running since before it (the store failed at fire time): fired late, not skipped.
+        assert_eq!(select_fires(&later, MissedFire::Skip, true), vec![t("2026-01-01T03:00:00Z")]);
     }
 
     #[test]
