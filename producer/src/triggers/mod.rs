@@ -12,7 +12,8 @@
 //!   start a training and an evaluation); the event is acked once all of them kept it.
 //!   An event delivered again (its session lost while a debounced rule held it) fires the
 //!   other rules again: give events a `message_id` and each rule's job id is derived from
-//!   it (UUID v5), so the second fire is the same job and runs once.
+//!   it (UUID v5), so the second fire is the same job: not published again once the store
+//!   has it (else the worker's outcome record keeps its result once).
 //! - `{{field}}` in the rule's bot, parameter and coalescing-key strings is replaced by
 //!   the event's field; a string that is only `{{field}}` takes the field's JSON value.
 //!   An event without a field a template names is parked with the reason.
@@ -303,6 +304,10 @@ impl Triggers {
             Ok(spec) => spec,
             Err(reason) => return Ok(Err(format!("rule {:?}: {reason}", rule.name))),
         };
+        if message_id.is_some() && self.known(&spec.job_id).await {
+            tracing::info!(rule = %rule.name, bot, job_id = %spec.job_id, "trigger event seen before: its job is in the store, not published again");
+            return Ok(Ok(()));
+        }
         match self.submitter.submit(&spec).await {
             Ok(()) => {
                 tracing::info!(rule = %rule.name, bot, burst, job_id = %spec.job_id, "trigger fired");
@@ -317,6 +322,23 @@ impl Triggers {
                 Ok(Err(format!("rule {:?} made a job that cannot be published: {e}", rule.name)))
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+impl Triggers {
+    /// Whether the store has the job `job_id` (a job a `message_id` names, made by an earlier
+    /// delivery of its event): its message was confirmed before its first event, so publishing
+    /// it again would only run it twice, at once while the first copy is queued or running. A
+    /// store that cannot answer is taken as not having it (the job is published, as before).
+    async fn known(&self, job_id: &str) -> bool {
+        let Some(store) = &self.store else { return false };
+        match store.job(job_id).await {
+            Ok(job) => job.is_some(),
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "could not ask the store whether a trigger's job is known; publishing it");
+                false
+            }
         }
     }
 }

@@ -1,7 +1,11 @@
-//! Submits through the operations (the API's and the console's path): an idempotency key
-//! names one job, run once.
+//! Jobs named before they are published (an idempotency key through the operations, the API's
+//! and the console's path; a trigger event's message id) are published once the store has them.
 
-use trainyard::ops::OpsError;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use tokio_util::sync::CancellationToken;
+use trainyard::{config::TriggerRule, ops::OpsError, submit::Submitter, triggers::Triggers};
 use trainyard_common::JobStatus;
 
 use crate::helpers::*;
@@ -30,5 +34,52 @@ async fn a_known_idempotency_key_answers_its_job_and_publishes_nothing() {
     assert!(matches!(ops.submit(other).await, Err(OpsError::Conflict(_))), "the key names other work");
     assert_eq!(message_count(&ch, &topo.jobs_queue("noop")).await, 1);
     recorder.stop().await;
+    cleanup(&topo, &["noop"]).await;
+}
+
+/// A trigger event delivered again with its message id (its publisher sent it twice, or a
+/// session was lost while a debounced rule held it) makes the same job id, and once the store
+/// has that job it is not published again: the second copy ran beside the first while it was
+/// queued or running.
+#[tokio::test]
+async fn a_trigger_event_seen_again_does_not_publish_its_known_job_again() {
+    let OpsSetup { topo, ch, store, ops: _, _conn, _dirs } = ops_setup().await;
+    let recorder = spawn_recorder(&store, &topo);
+    let rule = TriggerRule {
+        name: "again".into(),
+        routing_key: "bot.again".into(),
+        job_type: "noop".into(),
+        bot: "{{bot}}".into(),
+        params: serde_json::json!({}),
+        debounce_s: 0,
+        priority: Default::default(),
+        coalesce_key: None,
+    };
+    let triggers = Triggers::new(vec![rule], Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None).with_store(store.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (t, s) = (triggers.clone(), stop.clone());
+        async move { t.run(s).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let send = || async {
+        let props = BasicProperties::default().with_message_id("evt-again-1".into());
+        publish_raw(&ch, &topo.triggers_exchange(), "bot.again", br#"{"bot": "again"}"#, props).await;
+    };
+    send().await;
+    let jobs_queue = topo.jobs_queue("noop");
+    eventually(20, "the job queued", || async { (message_count(&ch, &jobs_queue).await == 1).then_some(()) }).await;
+    let job = eventually(20, "the job recorded", || async { store.list_jobs(&Default::default()).await.unwrap().into_iter().next() }).await;
+    send().await;
+    let queue = triggers.queue_name();
+    eventually(20, "the second delivery acked", || async {
+        (message_count(&ch, &queue).await == 0 && unacked(&queue).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(message_count(&ch, &jobs_queue).await, 1, "job {} published once", job.job_id);
+    stop.cancel();
+    task.await.unwrap();
+    recorder.stop().await;
+    let _ = ch.queue_delete(triggers.queue_name().as_str().into(), Default::default()).await;
     cleanup(&topo, &["noop"]).await;
 }
