@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use lapin::BasicProperties;
 use serde_json::json;
-use trainyard_common::JobStatus;
+use trainyard_common::{amqp, codec, control::CancelRequest, JobStatus};
 
 use crate::support::{collect_until_terminal, wait_for, Env};
 
@@ -39,5 +40,29 @@ async fn a_running_job_finishes_within_the_grace_period_and_no_new_job_is_taken(
     tokio::time::timeout(T, w.join).await.expect("the worker stops after its job").expect("worker task panicked");
     let queue = env.topo.jobs_queue("noop");
     assert_eq!(env.ready(&queue).await, 1, "the later job waits for the next worker, and the finished one was acked");
+    env.cleanup().await;
+}
+
+/// A job cancelled while the worker drains on a stop is cancelled, not run on to success (and
+/// its model promoted): the worker still hears cancel requests during the grace period. (The
+/// control consumer was stopped with the job consumers, so the request found no queue bound.)
+#[tokio::test]
+async fn a_job_cancelled_during_the_grace_period_is_cancelled() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |cfg| cfg.grace_period = Duration::from_secs(20));
+    let sub = env.submitter();
+    let job = env.spec("noop", json!({"sleep_ms": 8000}));
+    let mut watch = sub.watch(&job).await.unwrap();
+    sub.submit(&job).await.unwrap();
+    let mut events = wait_for(&mut watch, JobStatus::Started, T).await;
+    w.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let req = CancelRequest { job_id: job.job_id.clone(), by: "tests".into(), reason: "cancelled while the worker stops".into() };
+    let props = BasicProperties::default().with_content_type(codec::JSON.into());
+    amqp::publish_confirmed(&env.ch, &env.topo.control_exchange(), "", &codec::to_json(&req).unwrap(), props, false).await.unwrap();
+    events.extend(collect_until_terminal(&mut watch, T).await);
+    let last = events.last().unwrap();
+    assert_eq!(last.status, JobStatus::Cancelled, "{:?}", events.iter().map(|e| e.status).collect::<Vec<_>>());
+    tokio::time::timeout(T, w.join).await.expect("the worker stops after its job").expect("worker task panicked");
     env.cleanup().await;
 }

@@ -92,14 +92,17 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
         _ = lost.cancelled() => Some("a consumer, publish or ack failed".to_string()),
     };
     consuming.stop.cancel();
-    control.abort();
     shared.connected.store(false, Ordering::SeqCst);
 
     if let Some(why) = end {
+        control.abort();
         abandon(&conn, &jobs, &stop_jobs, "trainyard: session lost").await;
         return Ok(End::Lost(why));
     }
+    // Cancel requests are still heard while the running jobs have their grace period: a job
+    // cancelled then must not go on to succeed (and promote its model).
     shut_down(&shared, consuming, &jobs, &stop_jobs).await;
+    control.abort();
     let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, "trainyard: worker shutdown".into())).await;
     tracing::info!("worker stopped");
     Ok(End::Shutdown)
