@@ -10,7 +10,10 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use tracing::{
@@ -19,8 +22,11 @@ use tracing::{
 };
 use tracing_subscriber::{layer::Context, registry::LookupSpan, Layer};
 
-/// Most bytes kept per attempt; older lines beyond it are dropped with a note.
+/// Most bytes kept per attempt; the lines after it are dropped, with one note saying so.
 const MAX_LOG_BYTES: usize = 4 * 1024 * 1024;
+
+/// The line that ends a log that reached [`MAX_LOG_BYTES`].
+const CAPPED: &str = "[trainyard: this attempt's log reached 4 MiB; its later lines are not kept]\n";
 
 /// What was captured for one attempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,11 +38,18 @@ pub struct Captured {
     pub notable: bool,
 }
 
-/// Shared buffers of running attempts, keyed by `job_id/attempt`.
+/// Shared buffers of running attempts, keyed by `job_id/attempt`, each with the number of its
+/// making: a buffer taken and made again under the same key (the same attempt delivered again
+/// to this worker) is a new text, which [`JobLogs::unsent`] sends from its start.
 #[derive(Debug, Clone, Default)]
 pub struct JobLogs {
-    buffers: Arc<Mutex<HashMap<String, Captured>>>,
+    buffers: Arc<Mutex<HashMap<String, (u64, Captured)>>>,
+    made: Arc<AtomicU64>,
 }
+
+/// What [`JobLogs::unsent`] has sent of each buffer: its making and the bytes sent.
+#[derive(Debug, Default)]
+pub struct Sent(HashMap<String, (u64, usize)>);
 
 impl JobLogs {
     /// The key of an attempt.
@@ -46,18 +59,19 @@ impl JobLogs {
 
     /// Removes and returns what was captured for an attempt.
     pub fn take(&self, key: &str) -> Captured {
-        self.buffers.lock().map(|mut b| b.remove(key)).ok().flatten().unwrap_or_default()
+        self.buffers.lock().map(|mut b| b.remove(key)).ok().flatten().map(|(_, c)| c).unwrap_or_default()
     }
 
     /// The text of running attempts not yet in `sent` (bytes sent so far, by key), at most
     /// `max` bytes per attempt (cut at a character boundary): (job id, attempt, offset, text).
     /// Advances `sent`, and forgets the attempts whose buffer was taken.
-    pub fn unsent(&self, sent: &mut HashMap<String, usize>, max: usize) -> Vec<(String, u32, usize, String)> {
+    pub fn unsent(&self, sent: &mut Sent, max: usize) -> Vec<(String, u32, usize, String)> {
         let Ok(buffers) = self.buffers.lock() else { return Vec::new() };
-        sent.retain(|k, _| buffers.contains_key(k));
+        // A buffer taken, or taken and made again since: its offset means nothing now.
+        sent.0.retain(|k, (made, _)| buffers.get(k).is_some_and(|(m, _)| m == made));
         let mut out = Vec::new();
-        for (key, captured) in buffers.iter() {
-            let from = sent.get(key).copied().unwrap_or(0);
+        for (key, (made, captured)) in buffers.iter() {
+            let from = sent.0.get(key).map_or(0, |(_, n)| *n);
             let text = &captured.text;
             let mut end = text.len().min(from + max);
             while !text.is_char_boundary(end) {
@@ -66,7 +80,7 @@ impl JobLogs {
             let Some((job_id, attempt)) = key.rsplit_once('/').and_then(|(j, a)| Some((j, a.parse::<u32>().ok()?))) else { continue };
             if end > from {
                 out.push((job_id.to_string(), attempt, from, text[from..end].to_string()));
-                sent.insert(key.clone(), end);
+                sent.0.insert(key.clone(), (*made, end));
             }
         }
         out
@@ -74,10 +88,12 @@ impl JobLogs {
 
     fn append(&self, key: &str, line: &str, notable: bool) {
         if let Ok(mut b) = self.buffers.lock() {
-            let buf = b.entry(key.to_string()).or_default();
+            let (_, buf) = b.entry(key.to_string()).or_insert_with(|| (self.made.fetch_add(1, Ordering::Relaxed), Captured::default()));
             if buf.text.len() + line.len() <= MAX_LOG_BYTES {
                 buf.text.push_str(line);
                 buf.notable |= notable;
+            } else if !buf.text.ends_with(CAPPED) {
+                buf.text.push_str(CAPPED);
             }
         }
     }
@@ -205,7 +221,7 @@ mod tests {
     #[test]
     fn unsent_text_comes_once_in_order_and_finished_attempts_are_forgotten() {
         let logs = JobLogs::default();
-        let mut sent = HashMap::new();
+        let mut sent = Sent::default();
         logs.append("j1/1", "a line\n", true);
         assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 0, "a line\n".to_string())]);
         assert!(logs.unsent(&mut sent, 1024).is_empty(), "nothing new");
@@ -216,7 +232,37 @@ mod tests {
         assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 9, " and more\n".to_string())]);
         logs.take("j1/1");
         assert!(logs.unsent(&mut sent, 1024).is_empty());
-        assert!(sent.is_empty(), "a taken attempt is forgotten");
+        assert!(sent.0.is_empty(), "a taken attempt is forgotten");
+    }
+
+    /// A buffer taken and made again under the same key between two rounds (the same attempt
+    /// delivered again to this worker) is sent from its start: its lines were skipped while it
+    /// was shorter than the old offset, and an offset inside one of its characters panicked
+    /// while the lock was held, which poisoned it and ended every job log of the worker.
+    #[test]
+    fn a_buffer_made_again_under_its_key_is_sent_from_its_start() {
+        let logs = JobLogs::default();
+        let mut sent = Sent::default();
+        logs.append("j1/1", "ab\n", true);
+        assert_eq!(logs.unsent(&mut sent, 1024).len(), 1);
+        logs.take("j1/1");
+        logs.append("j1/1", "éééé\n", true);
+        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 0, "éééé\n".to_string())]);
+        logs.append("j1/1", "more\n", true);
+        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 9, "more\n".to_string())]);
+        assert!(logs.buffers.lock().is_ok(), "the lock is not poisoned");
+    }
+
+    #[test]
+    fn a_log_past_its_cap_ends_with_one_note() {
+        let logs = JobLogs::default();
+        let line = "x".repeat(1024 * 1024);
+        for _ in 0..6 {
+            logs.append("j1/1", &line, true);
+        }
+        let text = logs.take("j1/1").text;
+        assert_eq!(text.len(), 4 * line.len() + CAPPED.len());
+        assert!(text.ends_with(CAPPED));
     }
 
     #[test]

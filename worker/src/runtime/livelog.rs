@@ -4,7 +4,7 @@
 //! cannot be published is skipped (the attempt's saved log keeps every line), the next round
 //! reconnects.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use lapin::{options::BasicPublishOptions, BasicProperties, Channel, Connection};
 use trainyard_common::{
@@ -18,7 +18,7 @@ use super::Shared;
 /// Publishes new lines until [`Shared::stopped`] fires.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut link: Option<(Connection, Channel, String)> = None;
-    let mut sent = HashMap::new();
+    let mut sent = super::joblog::Sent::default();
     while !shared.stopped.is_cancelled() {
         let chunks = shared.logs.unsent(&mut sent, livelog::MAX_CHUNK);
         if !chunks.is_empty() {
