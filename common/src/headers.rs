@@ -31,6 +31,62 @@ pub const EARLIER_DELIVERIES: &str = "x-trainyard-earlier-deliveries";
 /// Broker-maintained dead-lettering history.
 pub const X_DEATH: &str = "x-death";
 
+/// Set on a worker's copy of a delivery whose headers were too big to carry over: how many
+/// bytes of them were dropped.
+pub const HEADERS_DROPPED: &str = "x-trainyard-headers-dropped";
+
+/// The most bytes of headers a worker's copy of a delivery (a retry, a dead letter, a hand-back)
+/// carries over from it. The copy adds its own (a dead letter's reason: up to 4,000 bytes) and
+/// its header frame must fit the connections' frame size (128 KiB by default): the broker
+/// routes a bigger one, and each consumer it reaches (the dead-letter recorder, a watch) loses
+/// its connection on "frame too large", on every delivery of it.
+pub const COPY_BUDGET: usize = 32 * 1024;
+
+/// The headers trainyard reads, kept on a copy whose headers are over [`COPY_BUDGET`].
+const KEPT: [&str; 7] = [ATTEMPT, TRACEPARENT, JOB_ID, REPLAYED, RUN, DELIVERY_COUNT, EARLIER_DELIVERIES];
+
+/// `headers` for a worker's copy: as they are when they encode within [`COPY_BUDGET`]; else only
+/// the ones trainyard reads (a string among them cut to 256 bytes), and [`HEADERS_DROPPED`]
+/// saying how many bytes went.
+pub fn within_copy_budget(headers: FieldTable) -> FieldTable {
+    let size = table_len(&headers);
+    if size <= COPY_BUDGET {
+        return headers;
+    }
+    let mut kept = FieldTable::default();
+    for (k, v) in headers.inner() {
+        if KEPT.contains(&k.as_str()) {
+            let v = match v {
+                AMQPValue::LongString(s) if s.as_bytes().len() > 256 => {
+                    AMQPValue::LongString(String::from_utf8_lossy(&s.as_bytes()[..256]).into_owned().into())
+                }
+                other => other.clone(),
+            };
+            kept.insert(k.clone(), v);
+        }
+    }
+    let dropped = size - table_len(&kept);
+    set_str(&mut kept, HEADERS_DROPPED, format!("{dropped} bytes of headers over the {COPY_BUDGET}-byte budget of a copy"));
+    kept
+}
+
+/// About how many bytes `table` takes encoded (each entry: its key's length byte and key, a
+/// type byte and the value).
+fn table_len(table: &FieldTable) -> usize {
+    table.inner().iter().map(|(k, v)| 1 + k.as_str().len() + 1 + value_len(v)).sum()
+}
+
+fn value_len(v: &AMQPValue) -> usize {
+    match v {
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldTable(t) => 4 + table_len(t),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(|v| 1 + value_len(v)).sum::<usize>(),
+        _ => 8,
+    }
+}
+
 /// Reads an integer header of any AMQP integer width.
 pub fn int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
     match headers?.inner().get(name)? {
@@ -112,6 +168,23 @@ mod tests {
     use lapin::types::FieldTable;
 
     use super::*;
+
+    #[test]
+    fn a_copys_headers_over_the_budget_keep_only_trainyards() {
+        let mut small = FieldTable::default();
+        set_int(&mut small, ATTEMPT, 2);
+        set_str(&mut small, "x-custom", "kept");
+        assert_eq!(within_copy_budget(small.clone()), small, "within the budget: as they are");
+        let mut big = small.clone();
+        set_str(&mut big, "x-huge", "h".repeat(100_000));
+        set_str(&mut big, JOB_ID, "j".repeat(1_000));
+        let copy = within_copy_budget(big);
+        assert_eq!(int(Some(&copy), ATTEMPT), Some(2));
+        assert_eq!(string(Some(&copy), JOB_ID).map(|s| s.len()), Some(256));
+        assert!(string(Some(&copy), "x-huge").is_none() && string(Some(&copy), "x-custom").is_none());
+        assert!(string(Some(&copy), HEADERS_DROPPED).is_some_and(|n| n.starts_with("100")), "{copy:?}");
+        assert!(table_len(&copy) < 1_024);
+    }
 
     #[test]
     fn a_fresh_copy_counts_on_from_the_deliveries_so_far() {

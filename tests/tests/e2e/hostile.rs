@@ -292,3 +292,39 @@ fn params_validation_never_panics() {
     }
     assert!(accepted > 0 && accepted < inputs.len() * types.len(), "{accepted} of {} accepted", inputs.len() * types.len());
 }
+
+/// A message whose headers fill the frame but for a hundred bytes: the worker's dead letter of
+/// it carries only trainyard's headers and a note of what it dropped, so its header frame fits.
+/// (The copy carried all of them plus the reason: 131,394 bytes, over the 131,072 a client
+/// takes. The broker routed it, and every consumer it reached lost its connection on "frame
+/// too large": here the test's own `submit --wait`-style watch; in a control plane, the
+/// dead-letter recorder, on each delivery of it.)
+#[tokio::test]
+async fn a_message_with_headers_that_fill_the_frame_is_dead_lettered_by_the_worker() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let mut filler = lapin::types::FieldTable::default();
+    headers::set_str(&mut filler, "x-filler", "f".repeat(130_950));
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_headers(filler);
+    env.publish_raw("noop", b"\xc1 not msgpack", props).await;
+    let after = env.spec("noop", json!({"sleep_ms": 1}));
+    let events = env.run_job(&after, Duration::from_secs(60)).await;
+    assert_eq!(events.last().unwrap().status, JobStatus::Succeeded);
+    let dead = env.topo.dead_queue("noop");
+    let ch = env.conn.create_channel().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letter = loop {
+        let got = ch.basic_get(dead.as_str().into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap();
+        match got {
+            Some(letter) => break letter,
+            None if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            None => panic!("no dead letter in {dead}"),
+        }
+    };
+    let hdrs = letter.delivery.properties.headers().as_ref();
+    assert_eq!(headers::string(hdrs, headers::DEAD_KIND).as_deref(), Some("poison"), "dead-lettered by the worker, not the broker");
+    assert!(headers::string(hdrs, headers::HEADERS_DROPPED).is_some() && headers::string(hdrs, "x-filler").is_none());
+    assert_eq!(headers::delivery_count(hdrs), 0, "never redelivered: the session was not lost");
+    w.stop().await;
+    env.cleanup().await;
+}

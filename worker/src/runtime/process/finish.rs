@@ -189,7 +189,7 @@ pub(super) async fn publish_retry(
     // The next attempt's deliveries count from none.
     let mut hdrs = headers::without_delivery_counts(d.properties.headers().as_ref());
     headers::set_int(&mut hdrs, headers::ATTEMPT, i64::from(next_attempt));
-    let props = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
+    let props = d.properties.clone().with_headers(headers::within_copy_budget(hdrs)).with_delivery_mode(2);
     publish_confirmed(&sctx.publish, &topo.retry_exchange(), &key, &d.data, props, true).await
 }
 
@@ -228,7 +228,7 @@ pub(super) async fn dead_letter(
     sctx: &SessionCtx,
     letter: Letter<'_>,
 ) -> Result<(), CommonError> {
-    let mut hdrs: FieldTable = d.properties.headers().clone().unwrap_or_default();
+    let mut hdrs: FieldTable = headers::within_copy_budget(d.properties.headers().clone().unwrap_or_default());
     headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(letter.reason, 4000));
     headers::set_str(&mut hdrs, headers::DEAD_KIND, letter.kind);
     headers::set_str(&mut hdrs, headers::DEAD_WORKER, shared.config.worker.id.clone());
@@ -263,7 +263,7 @@ pub(super) async fn hand_back(
     sctx: &SessionCtx,
 ) -> Result<(), CommonError> {
     let (exchange, key) = (shared.config.topology.jobs_exchange(), jobs_routing_key(job_type, priority));
-    let props = d.properties.clone().with_headers(headers::fresh_copy(d.properties.headers().as_ref()));
+    let props = d.properties.clone().with_headers(headers::within_copy_budget(headers::fresh_copy(d.properties.headers().as_ref())));
     publish_confirmed(&sctx.publish, &exchange, &key, &d.data, props, true).await?;
     ack(d, sctx).await?;
     shared.metrics.released_total.with_label_values(&[job_type]).inc();
