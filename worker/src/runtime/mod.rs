@@ -221,6 +221,10 @@ pub(crate) struct Shared {
     pub(crate) running_count: AtomicUsize,
     pub(crate) connected: AtomicBool,
     pub(crate) retry_queues: Mutex<HashSet<(String, u64)>>,
+    /// The job slots of each job type, for the worker's life: a job a lost session could not
+    /// stop keeps its slot into the next session, which starts only what is left (each session
+    /// had slots of its own, and ran the same job again beside the one still running).
+    pub(crate) slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
     /// Fired when the worker stopped (after its jobs were settled): the heartbeat says goodbye.
     pub(crate) stopped: CancellationToken,
 }
@@ -242,6 +246,11 @@ impl Shared {
         let slots = usize::from(self.config.concurrency) * self.registry.job_types().len();
         self.metrics.free_slots.set(slots.saturating_sub(running) as i64);
     }
+}
+
+/// `concurrency` slots for each job type of `registry`.
+fn registry_slots(registry: &Registry, concurrency: u16) -> HashMap<String, Arc<tokio::sync::Semaphore>> {
+    registry.job_types().into_iter().map(|t| (t, Arc::new(tokio::sync::Semaphore::new(usize::from(concurrency))))).collect()
 }
 
 /// A worker: consumes the queues of its registry's job types until shut down.
@@ -273,6 +282,7 @@ impl Worker {
         let metrics =
             WorkerMetrics::new(metrics_registry, &registry.job_types()).map_err(|e| RuntimeError::Config(format!("metrics: {e}")))?;
         let (running, _) = watch::channel(0);
+        let slots = registry_slots(&registry, config.concurrency);
         let shared = Shared {
             config,
             registry,
@@ -283,6 +293,7 @@ impl Worker {
             running_count: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             retry_queues: Mutex::new(HashSet::new()),
+            slots,
             stopped: CancellationToken::new(),
         };
         shared.update_free_slots(0);

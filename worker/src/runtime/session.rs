@@ -148,7 +148,9 @@ async fn start_consumers(conn: &Connection, shared: &Arc<Shared>, sctx: &Session
         }
         let ctx = tiers::Dispatch { job_type: job_type.clone(), shared: shared.clone(), sctx: sctx.clone(), jobs: jobs.clone() };
         let limit = usize::from(cfg.concurrency);
-        consuming.dispatchers.push(tokio::spawn(tiers::run(tier_consumers, ctx, limit, consuming.stop.clone())));
+        // Made for every job type of the registry when the worker was.
+        let slots = shared.slots.get(&job_type).cloned().unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(limit)));
+        consuming.dispatchers.push(tokio::spawn(tiers::run(tier_consumers, ctx, slots, consuming.stop.clone())));
     }
     Ok(consuming)
 }

@@ -51,10 +51,11 @@ pub(crate) struct Dispatch {
 }
 
 /// Runs the tier consumers (`consumers`, highest tier first) of one job type until
-/// `stop` fires or the session is lost, starting at most `slots` jobs at a time. On `stop`
+/// `stop` fires or the session is lost, starting a job for each of the type's `slots` free
+/// (the worker's, not the session's: a job an earlier session could not stop holds one). On `stop`
 /// (a shutdown) the deliveries still waiting go back to their queue at once, for other
 /// workers, instead of when the connection closes after the grace period.
-pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: usize, stop: CancellationToken) {
+pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: Arc<Semaphore>, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut held = Held::new(consumers.len());
     for (priority, consumer) in Priority::ALL.into_iter().zip(consumers) {
@@ -79,10 +80,9 @@ async fn dispatch(
     rx: &mut mpsc::UnboundedReceiver<Waiting>,
     held: &mut Held<Waiting>,
     ctx: &Dispatch,
-    slots: usize,
+    permits: Arc<Semaphore>,
     stop: &CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(slots));
     let mut sweep = tokio::time::interval(sweep_every(ctx.shared.config.consumer_timeout));
     // Ticks missed while no slot was free or nothing was held are not made up in a burst.
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
