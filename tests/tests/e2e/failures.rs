@@ -7,9 +7,11 @@ use lapin::types::FieldTable;
 use serde_json::json;
 use trainyard_common::{codec, job::Priority, topology::jobs_routing_key, ErrorKind, JobStatus};
 
+use trainyard_worker::handler::Registry;
+
 use crate::{
     pipeline::statuses,
-    support::{collect_until_terminal, counter, Env},
+    support::{collect_until_terminal, counter, Env, Stubborn},
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -196,32 +198,9 @@ async fn a_retry_queue_deleted_under_a_worker_is_declared_again_in_its_next_sess
 /// abandoned run still ran, two runs of one job at once: two trainings on one GPU.)
 #[tokio::test]
 async fn a_job_still_running_from_a_lost_session_keeps_its_slot() {
-    use std::sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    };
-    use trainyard_worker::handler::{JobContext, JobError, JobHandler, Registry};
-    /// Sleeps its `ms` without heeding a stop, counting the runs at once.
-    struct Stubborn {
-        now: Arc<AtomicUsize>,
-        most: Arc<AtomicUsize>,
-    }
-    #[async_trait::async_trait]
-    impl JobHandler for Stubborn {
-        fn validate(&self, _: &serde_json::Value) -> Result<(), JobError> {
-            Ok(())
-        }
-        async fn run(&self, ctx: JobContext) -> Result<serde_json::Value, JobError> {
-            let at_once = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-            self.most.fetch_max(at_once, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(ctx.spec.params["ms"].as_u64().unwrap_or(0))).await;
-            self.now.fetch_sub(1, Ordering::SeqCst);
-            Ok(json!({}))
-        }
-    }
     let env = Env::new(&["noop"]).await;
-    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let registry = Registry::new().register("noop", Stubborn { now: now.clone(), most: most.clone() });
+    let stubborn = Stubborn::default();
+    let registry = Registry::new().register("noop", stubborn.clone());
     let worker_id = format!("stubborn-{}", uuid::Uuid::new_v4().simple());
     let w = env.spawn_worker_serving(registry, &prometheus::Registry::new(), |cfg| {
         cfg.concurrency = 1;
@@ -238,7 +217,7 @@ async fn a_job_still_running_from_a_lost_session_keeps_its_slot() {
     tokio::task::spawn_blocking(move || close_connection_named(&name)).await.unwrap();
     let events = collect_until_terminal(&mut watch, Duration::from_secs(90)).await;
     assert_eq!(events.last().unwrap().status, JobStatus::Succeeded, "{:?}", statuses(&events));
-    assert_eq!(most.load(Ordering::SeqCst), 1, "two runs of the job at once on a one-slot worker");
+    assert_eq!(stubborn.most_at_once(), 1, "two runs of the job at once on a one-slot worker");
     w.stop().await;
     env.cleanup().await;
 }

@@ -261,6 +261,27 @@ async fn a_job_longer_than_the_consumer_timeout_ends_at_once_naming_the_setting(
     env.cleanup().await;
 }
 
+/// A timed-out job that does not stop is given up after half the margin the worker keeps for
+/// ending a job (a tenth of the consumer timeout), not a fixed 30 s: under a 60-s consumer
+/// timeout (6 s kept) it ends `failed` 3 s after its timeout. (The 30-s wait went past the
+/// margin, and a broker with that consumer timeout would have closed the channel under it.)
+#[tokio::test]
+async fn a_timed_out_job_that_does_not_stop_ends_inside_the_consumer_timeouts_margin() {
+    let env = Env::new(&["noop"]).await;
+    let registry = trainyard_worker::handler::Registry::new().register("noop", crate::support::Stubborn::default());
+    let w = env.spawn_worker_serving(registry, &prometheus::Registry::new(), |cfg| cfg.consumer_timeout = Duration::from_secs(60));
+    let mut job = env.spec("noop", json!({"ms": 20_000}));
+    (job.timeout_s, job.max_attempts) = (2, 1);
+    let t0 = std::time::Instant::now();
+    let events = env.run_job(&job, T).await;
+    let took = t0.elapsed();
+    let last = events.last().unwrap();
+    assert_eq!((last.status, last.error.as_ref().map(|e| e.kind)), (JobStatus::Failed, Some(ErrorKind::Timeout)), "{events:?}");
+    assert!(took < Duration::from_secs(2 + 6), "ended {took:?} after it was submitted: past its timeout and the 6-s margin");
+    w.stop().await;
+    env.cleanup().await;
+}
+
 /// The broker's consumer timeout runs from a delivery's arrival: a delivery held while the
 /// worker's slot is busy, which could no longer run to its timeout before that, is handed
 /// back as a fresh copy (and runs once, later), so the broker never closes the channel under

@@ -400,3 +400,33 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// A job handler that sleeps its `ms` param without heeding a stop or a timeout, counting the
+/// runs at once (a training step that cannot be interrupted).
+#[derive(Debug, Clone, Default)]
+pub struct Stubborn {
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Stubborn {
+    /// The most runs at once so far.
+    pub fn most_at_once(&self) -> usize {
+        self.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl trainyard_worker::handler::JobHandler for Stubborn {
+    fn validate(&self, _: &serde_json::Value) -> Result<(), trainyard_worker::handler::JobError> {
+        Ok(())
+    }
+    async fn run(&self, ctx: trainyard_worker::handler::JobContext) -> Result<serde_json::Value, trainyard_worker::handler::JobError> {
+        use std::sync::atomic::Ordering;
+        let at_once = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(at_once, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ctx.spec.params["ms"].as_u64().unwrap_or(0))).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(serde_json::json!({}))
+    }
+}

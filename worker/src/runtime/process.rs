@@ -257,8 +257,9 @@ async fn execute(
     let forward = running::forward_progress(shared.clone(), sctx.clone(), at.event(shared, JobStatus::Progress), progress_rx);
     // Later events of this attempt sort after every progress event.
     at.n.store(1 << 20, Ordering::SeqCst);
-    let (mut result, timed_out) = running::run_with_timeout(handler, ctx, &token, spec.timeout_s).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
+    let consumer_timeout = shared.config.consumer_timeout;
+    let (mut result, timed_out) = running::run_with_timeout(handler, ctx, &token, spec.timeout_s, running::unwind(consumer_timeout)).await;
+    let _ = tokio::time::timeout(running::progress_wait(consumer_timeout), forward).await;
     let cancelled_by_user = cancel.requested();
     drop(cancel);
     shared.job_finished(&spec.job_type);
