@@ -132,8 +132,8 @@ async fn read_history(store: &ArtifactStore, bot: &str) -> Result<(PromotionHist
     Ok((h, keys.len() as u64))
 }
 
-/// Appends the record `change` makes of the history as it stands (`None`: no change, nothing
-/// written): created once at the next number; when another writer took that number first,
+/// Appends the record `change` makes of the history as it stands (`None`: no change, no record
+/// written, the pointer set from the history all the same): created once at the next number; when another writer took that number first,
 /// reads again and retries. Then points production at the last record's model (see
 /// [`sync_production`]).
 async fn append(
@@ -143,7 +143,12 @@ async fn append(
 ) -> Result<Option<PromotionRecord>, CommonError> {
     loop {
         let (h, next) = read_history(store, bot).await?;
-        let Some(record) = change(&h) else { return Ok(None) };
+        let Some(record) = change(&h) else {
+            // Nothing to add; the pointer may still lag the history (a writer that failed
+            // between its record and the pointer): set it from the history now.
+            sync_production(store, bot).await?;
+            return Ok(None);
+        };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| crate::error::CodecError::Encode(e.to_string()))?;
         if store.put_if_absent(&keys::promotion_record(bot, next), bytes).await? {
             sync_production(store, bot).await?;
@@ -322,6 +327,11 @@ mod tests {
         assert!(set_production(&store, "b", entry("j2")).await.unwrap());
         assert!(!set_production(&store, "b", entry("j2")).await.unwrap(), "already in production");
         assert_eq!(history(&store, "b").await.unwrap().records.len(), 2);
+        // A pointer left behind its history (a writer that failed after its record) is set
+        // right by the promote that finds the record already there.
+        store.put_json(&keys::production("b"), &entry("j1")).await.unwrap();
+        assert!(!set_production(&store, "b", entry("j2")).await.unwrap());
+        assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j2");
         assert_eq!(rollback(&store, "b", "bad").await.unwrap().unwrap().job_id, "j1");
         // Once rolled back, the same model can be promoted again.
         assert!(set_production(&store, "b", entry("j2")).await.unwrap());

@@ -17,7 +17,7 @@ pub struct Document(pub Arc<String>);
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "trainyard control plane", description = "The HTTP API of `trainyard serve`. Every error answers `{\"error\": \"...\"}` (ErrorBody)."),
+    info(title = "trainyard control plane", description = "The HTTP API of `trainyard serve`. Every error answers `{\"error\": \"...\"}` (ErrorBody). Any `/v1/` route answers 400 to a path or query holding a NUL character (`%00`)."),
     components(schemas(ErrorBody)),
     modifiers(&SecuritySchemes),
     tags(

@@ -84,7 +84,6 @@ pub fn router(state: ApiState, body_limit: usize) -> Router {
         .layer(Extension(doc::Document(document)))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyLimitLayer::new(body_limit))
-        .layer(middleware::from_fn(errors::refuse_nul))
         .layer(middleware::from_fn(errors::json_errors))
         .with_state(state)
 }
@@ -109,6 +108,8 @@ fn documented_router(state: ApiState) -> OpenApiRouter<ApiState> {
         .routes(routes!(handlers::models))
         .routes(routes!(handlers::rollback))
         .routes(routes!(handlers::promote))
+        // After the token check: a caller without one is told so first.
+        .route_layer(middleware::from_fn(errors::refuse_nul))
         .route_layer(middleware::from_fn_with_state(state, require_token));
     OpenApiRouter::with_openapi(doc::base())
         .routes(routes!(handlers::healthz))

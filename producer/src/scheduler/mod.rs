@@ -82,6 +82,8 @@ pub struct Scheduler {
     submitter: Submitter,
     metrics: Option<ControlMetrics>,
     last: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// When it first ticked: fires missed after it were missed while it ran.
+    running_since: std::sync::OnceLock<DateTime<Utc>>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -104,14 +106,18 @@ pub fn next_fire(cfg: &ScheduleConfig, after: DateTime<Utc>) -> Option<DateTime<
     next
 }
 
-/// Which of the `due` fires to fire under `policy`: those on time; with `fire_once`, also
-/// the latest missed one when none is on time. A scheduler `running` since before the missed
-/// fire (its ticks failed or came late: a store failing over, a paused VM) fires it so too,
-/// whatever the policy: the policy is for fires missed while no control plane ran, and a fire
-/// claimed but not published (a broker outage) is published late the same way.
-pub fn select_fires(due: &Due, policy: MissedFire, running: bool) -> Vec<DateTime<Utc>> {
+/// Which of the `due` fires to fire under `policy`: those on time; with `fire_once`, also the
+/// latest missed one when none is on time. A missed fire that came due after `running_since`
+/// (when this scheduler first ticked) is fired late whatever the policy, beside those on time:
+/// its ticks failed or came late (a store failing over, a paused VM), and the policy is for
+/// fires missed while no control plane ran; a fire claimed but not published (a broker outage)
+/// is published late the same way.
+pub fn select_fires(due: &Due, policy: MissedFire, running_since: DateTime<Utc>) -> Vec<DateTime<Utc>> {
     let mut out = due.on_time.clone();
-    if (policy == MissedFire::FireOnce || running) && out.is_empty() {
+    let missed_while_running = due.latest_missed.filter(|t| *t > running_since);
+    if missed_while_running.is_some() {
+        out.splice(0..0, missed_while_running);
+    } else if policy == MissedFire::FireOnce && out.is_empty() {
         out.extend(due.latest_missed);
     }
     out
@@ -134,7 +140,7 @@ impl Scheduler {
                 }
             })
             .collect();
-        Self { schedules, store, submitter, metrics, last: Mutex::new(HashMap::new()) }
+        Self { schedules, store, submitter, metrics, last: Mutex::new(HashMap::new()), running_since: Default::default() }
     }
 
     /// Fires what is due at `now`; returns the jobs this instance published.
@@ -147,6 +153,7 @@ impl Scheduler {
         let mut published = Vec::new();
         let mut failed = None;
         let mut last = self.last.lock().await;
+        let running_since = *self.running_since.get_or_init(|| now);
         for s in &self.schedules {
             // Fires claimed earlier whose publication failed: until published.
             let stale = now - RETRY_AFTER;
@@ -165,11 +172,11 @@ impl Scheduler {
                     Err(e) => failed = Some(e),
                 }
             }
-            let (from, running) = match last.get(&s.cfg.name) {
-                Some(t) => (*t, true),
-                None => (self.store.last_schedule_fire(&s.cfg.name).await?.unwrap_or(now), false),
+            let from = match last.get(&s.cfg.name) {
+                Some(t) => *t,
+                None => self.store.last_schedule_fire(&s.cfg.name).await?.unwrap_or(now),
             };
-            for at in select_fires(&due(&s.cron, s.tz, from, now), s.cfg.missed, running) {
+            for at in select_fires(&due(&s.cron, s.tz, from, now), s.cfg.missed, running_since) {
                 let job_id = fire_job_id(&s.cfg.name, at);
                 if !self.store.claim_schedule_fire_at(&s.cfg.name, at, &job_id, claim_time()).await? {
                     continue; // Another replica has it.
@@ -252,16 +259,20 @@ mod tests {
     fn missed_fires_follow_the_policy() {
         let cron = parse_cron("0 * * * *").unwrap();
         let due_at = |now| due(&cron, chrono_tz::UTC, t("2025-12-31T23:30:00Z"), t(now));
+        // Started before the last fire, at 23:30, or after it, at 03:10.
+        let (before, after) = (t("2025-12-31T23:30:00Z"), t("2026-01-01T03:10:00Z"));
         let on_time = due_at("2026-01-01T02:00:30Z");
         assert_eq!(on_time.latest_missed, Some(t("2026-01-01T01:00:00Z")));
-        for (policy, running) in [(MissedFire::Skip, false), (MissedFire::FireOnce, false), (MissedFire::Skip, true)] {
-            assert_eq!(select_fires(&on_time, policy, running), vec![t("2026-01-01T02:00:00Z")], "{policy:?} {running}");
+        for policy in [MissedFire::Skip, MissedFire::FireOnce] {
+            assert_eq!(select_fires(&on_time, policy, after), vec![t("2026-01-01T02:00:00Z")], "{policy:?}");
         }
         let later = due_at("2026-01-01T03:30:00Z");
-        assert!(select_fires(&later, MissedFire::Skip, false).is_empty());
-        assert_eq!(select_fires(&later, MissedFire::FireOnce, false), vec![t("2026-01-01T03:00:00Z")]);
-        // Running since before it (the store failed at fire time): fired late, not skipped.
-        assert_eq!(select_fires(&later, MissedFire::Skip, true), vec![t("2026-01-01T03:00:00Z")]);
+        assert!(select_fires(&later, MissedFire::Skip, after).is_empty());
+        assert_eq!(select_fires(&later, MissedFire::FireOnce, after), vec![t("2026-01-01T03:00:00Z")]);
+        // Running since before it (the store failed at fire time): fired late, not skipped,
+        // and beside a fire on time.
+        assert_eq!(select_fires(&later, MissedFire::Skip, before), vec![t("2026-01-01T03:00:00Z")]);
+        assert_eq!(select_fires(&on_time, MissedFire::Skip, before), vec![t("2026-01-01T01:00:00Z"), t("2026-01-01T02:00:00Z")]);
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct Triggers {
     store: Option<Store>,
 }
 
+/// How long a trigger waits for the store to say whether its job is known.
+const KNOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The queue the control plane of `t` consumes trigger events from.
 pub fn queue_name(t: &Topology) -> String {
     format!("{}.triggers.control-plane", t.prefix())
@@ -333,10 +336,15 @@ impl Triggers {
     /// store that cannot answer is taken as not having it (the job is published, as before).
     async fn known(&self, job_id: &str) -> bool {
         let Some(store) = &self.store else { return false };
-        match store.job(job_id).await {
-            Ok(job) => job.is_some(),
-            Err(e) => {
+        // Bounded: a store that hangs must not stall every trigger event behind it.
+        match tokio::time::timeout(KNOWN_TIMEOUT, store.job(job_id)).await {
+            Ok(Ok(job)) => job.is_some(),
+            Ok(Err(e)) => {
                 tracing::warn!(job_id, error = %e, "could not ask the store whether a trigger's job is known; publishing it");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(job_id, "the store did not say within 2 s whether a trigger's job is known; publishing it");
                 false
             }
         }

@@ -203,6 +203,8 @@ async fn a_nul_in_a_path_or_query_is_a_bad_request_on_postgres() {
     }
     let r = http.post(server.url("/v1/jobs/%00/retry")).bearer_auth("s-tok").send().await.unwrap();
     assert_eq!(r.status(), 400);
+    // The token is checked first.
+    assert_eq!(http.get(server.url("/v1/jobs/%00")).send().await.unwrap().status(), 401);
     // The same requests without the NUL are answered as ever.
     assert_eq!(get("/v1/jobs?bot=x").await.unwrap().status(), 200);
     assert_eq!(get("/v1/jobs/ab/events").await.unwrap().status(), 404);

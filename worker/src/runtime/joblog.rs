@@ -89,10 +89,12 @@ impl JobLogs {
     fn append(&self, key: &str, line: &str, notable: bool) {
         if let Ok(mut b) = self.buffers.lock() {
             let (_, buf) = b.entry(key.to_string()).or_insert_with(|| (self.made.fetch_add(1, Ordering::Relaxed), Captured::default()));
-            if buf.text.len() + line.len() <= MAX_LOG_BYTES {
+            if buf.text.ends_with(CAPPED) {
+                // Capped: nothing after the note.
+            } else if buf.text.len() + line.len() <= MAX_LOG_BYTES {
                 buf.text.push_str(line);
                 buf.notable |= notable;
-            } else if !buf.text.ends_with(CAPPED) {
+            } else {
                 buf.text.push_str(CAPPED);
             }
         }
@@ -260,6 +262,8 @@ mod tests {
         for _ in 0..6 {
             logs.append("j1/1", &line, true);
         }
+        // A short line after the cap is not kept either: the note ends the log.
+        logs.append("j1/1", "short\n", true);
         let text = logs.take("j1/1").text;
         assert_eq!(text.len(), 4 * line.len() + CAPPED.len());
         assert!(text.ends_with(CAPPED));
