@@ -64,7 +64,8 @@ impl Store {
         let mut binds = Vec::new();
         for (column, value) in [("actor", &filter.actor), ("action", &filter.action), ("target", &filter.target)] {
             if let Some(v) = value {
-                binds.push(v.clone());
+                // Stored escaped (`types::text`): compared so.
+                binds.push(types::text(v));
                 sql.push_str(&format!(" AND {column} = ${}", binds.len()));
             }
         }
@@ -79,9 +80,9 @@ impl Store {
                     version: Default::default(),
                     id: r.get(0),
                     at: from_micros(r.get(1)),
-                    actor: r.get(2),
-                    action: r.get(3),
-                    target: r.get(4),
+                    actor: types::untext(&r.get::<String, _>(2)),
+                    action: types::untext(&r.get::<String, _>(3)),
+                    target: types::untext(&r.get::<String, _>(4)),
                     detail: detail.map(|d| types::from_json("audit detail", &d)).transpose()?,
                 })
             })

@@ -371,6 +371,29 @@ pub fn text(s: &str) -> String {
     s.replace('\\', "\\\\").replace('\0', "\\0")
 }
 
+/// The text [`text`] stored, as it was given: `\\` a backslash, `\0` a NUL.
+pub fn untext(s: &str) -> String {
+    if !s.contains('\\') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match (c, chars.clone().next()) {
+            ('\\', Some('\\')) => {
+                out.push('\\');
+                chars.next();
+            }
+            ('\\', Some('0')) => {
+                out.push('\0');
+                chars.next();
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 pub(crate) fn parked_event(row: &AnyRow) -> ParkedEvent {
     ParkedEvent {
         id: row.get(0),
