@@ -132,10 +132,10 @@ async fn read_history(store: &ArtifactStore, bot: &str) -> Result<(PromotionHist
     Ok((h, keys.len() as u64))
 }
 
-/// Appends the record `change` makes of the history as it stands (`None`: no change, no record
-/// written, the pointer set from the history all the same): created once at the next number; when another writer took that number first,
-/// reads again and retries. Then points production at the last record's model (see
-/// [`sync_production`]).
+/// Appends the record `change` makes of the history as it stands: created once at the next
+/// number; when another writer took that number first, reads again and retries. Then points
+/// production at the last record's model (see [`sync_production`]). When `change` makes no
+/// record (`None`), nothing is written, and the pointer is set from the history all the same.
 async fn append(
     store: &ArtifactStore,
     bot: &str,

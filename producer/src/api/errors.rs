@@ -70,8 +70,9 @@ pub fn unauthorized(msg: &str) -> Response {
 }
 
 /// Route middleware of `/v1/`, after the token check: a request whose path or query holds a NUL
-/// character (`%00`; a raw one cannot be in a URI) is refused with a 400 before its handler. No id, bot, type or filter holds one, and
-/// PostgreSQL refuses NUL in text: it answered 503, a store failure, for a caller's mistake.
+/// character (`%00`; a raw one cannot be in a URI) is refused with a 400 before its handler.
+/// No id, bot, type or filter holds one, and PostgreSQL refuses NUL in text: it answered 503,
+/// a store failure, for a caller's mistake.
 pub async fn refuse_nul(req: Request, next: Next) -> Response {
     let nul = req.uri().path_and_query().is_some_and(|pq| pq.as_str().as_bytes().windows(3).any(|w| w.eq_ignore_ascii_case(b"%00")));
     if nul {

@@ -102,6 +102,7 @@ pub fn fire_job_id(schedule: &str, at: DateTime<Utc>) -> String {
 pub fn next_fire(cfg: &ScheduleConfig, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let cron = parse_cron(&cfg.cron).ok()?;
     let tz = cfg.timezone.parse::<chrono_tz::Tz>().ok()?;
+    // Bound first: the iterator borrows `cron`, which a tail expression would outlive.
     let next = times::after(&cron, tz, after).next();
     next
 }
@@ -114,11 +115,10 @@ pub fn next_fire(cfg: &ScheduleConfig, after: DateTime<Utc>) -> Option<DateTime<
 /// is published late the same way.
 pub fn select_fires(due: &Due, policy: MissedFire, running_since: DateTime<Utc>) -> Vec<DateTime<Utc>> {
     let mut out = due.on_time.clone();
-    let missed_while_running = due.latest_missed.filter(|t| *t > running_since);
-    if missed_while_running.is_some() {
-        out.splice(0..0, missed_while_running);
-    } else if policy == MissedFire::FireOnce && out.is_empty() {
-        out.extend(due.latest_missed);
+    match due.latest_missed {
+        Some(t) if t > running_since => out.insert(0, t),
+        Some(t) if policy == MissedFire::FireOnce && out.is_empty() => out.push(t),
+        _ => {}
     }
     out
 }

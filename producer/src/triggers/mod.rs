@@ -327,9 +327,7 @@ impl Triggers {
             Err(e) => Err(e),
         }
     }
-}
 
-impl Triggers {
     /// Whether the store has the job `job_id` (a job a `message_id` names, made by an earlier
     /// delivery of its event): its message was confirmed before its first event, so publishing
     /// it again would only run it twice, at once while the first copy is queued or running. A

@@ -89,9 +89,11 @@ impl JobLogs {
     fn append(&self, key: &str, line: &str, notable: bool) {
         if let Ok(mut b) = self.buffers.lock() {
             let (_, buf) = b.entry(key.to_string()).or_insert_with(|| (self.made.fetch_add(1, Ordering::Relaxed), Captured::default()));
+            // Capped: nothing after the note.
             if buf.text.ends_with(CAPPED) {
-                // Capped: nothing after the note.
-            } else if buf.text.len() + line.len() <= MAX_LOG_BYTES {
+                return;
+            }
+            if buf.text.len() + line.len() <= MAX_LOG_BYTES {
                 buf.text.push_str(line);
                 buf.notable |= notable;
             } else {
