@@ -172,6 +172,33 @@ async fn a_fire_whose_note_fails_for_a_moment_is_published_once() {
     cleanup(&topo, &["noop"]).await;
 }
 
+/// A fire whose publish landed but whose note failed past the claim's lease, and whose job
+/// the store has since recorded (its `queued` event), is only noted published by the tick that
+/// takes over its retry: publishing it again ran the job twice, at once while the first copy
+/// was queued or running.
+#[tokio::test]
+async fn a_retried_fire_whose_job_the_store_has_is_noted_not_published_again() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let t0: DateTime<Utc> = "2026-06-01T10:00:30Z".parse().unwrap();
+    let s = started(AMQP_URL, &topo, &store, every_minute("landed", "bot-l"), t0).await;
+    let refuse = "CREATE TRIGGER refuse_notes BEFORE UPDATE ON schedule_fires BEGIN SELECT RAISE(ABORT, 'the note fails'); END";
+    store.execute_raw(refuse).await.unwrap();
+    let fire_at = t0 + chrono::TimeDelta::seconds(30);
+    assert!(s.tick(fire_at).await.is_err(), "published, not noted");
+    let published = drain(&ch, &topo.jobs_queue("noop")).await;
+    assert_eq!(published.len(), 1);
+    // The recorder files its `queued` event; the store is back.
+    store.record_event(&trainyard_common::JobEvent::queued(&published[0])).await.unwrap();
+    store.execute_raw("DROP TRIGGER refuse_notes").await.unwrap();
+    assert!(s.tick(fire_at + RETRY_AFTER + chrono::TimeDelta::seconds(1)).await.unwrap().is_empty(), "nothing published again");
+    assert!(drain(&ch, &topo.jobs_queue("noop")).await.is_empty(), "one copy of the job in all");
+    assert!(store.unpublished_fires("landed", fire_at + RETRY_AFTER * 2).await.unwrap().is_empty(), "noted published");
+    cleanup(&topo, &["noop"]).await;
+}
+
 /// A store that refuses claims at fire time and for longer than the 60-s grace after it (a
 /// database failing over) while the control plane runs: the fire is published late, once the
 /// store is back, under `missed = skip` too (that policy is for fires missed while no control
