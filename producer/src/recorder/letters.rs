@@ -63,6 +63,7 @@ pub fn dead_letter(
         reason,
         kind,
         attempt,
+        run: headers::run(hdrs),
         broker_dead_lettered: by_broker && worker_reason.is_none(),
         body_preview: preview,
         body: Some(base64::engine::general_purpose::STANDARD.encode(body)),

@@ -6,13 +6,20 @@ use sqlx::AssertSqlSafe;
 use super::{micros, q, types, DeadLetter, Store, StoreError};
 
 impl Store {
-    /// Records a dead letter (idempotent on its id; a later one for the same id replaces it).
+    /// Records a dead letter (idempotent on its id). A letter of a later run of its job
+    /// replaces the one there and lists again; one of an earlier run than the letter there
+    /// changes nothing, and one of a run its job has gone past (replayed while the recorder
+    /// had not taken this copy yet) is recorded as replayed: it used to list for good, and
+    /// replaying it answered that it is not in its queue.
     pub async fn record_dead_letter(&self, dl: &DeadLetter) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO dead_letters (id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at, body) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11) ON CONFLICT (id) DO UPDATE SET reason = excluded.reason, \
-             kind = excluded.kind, attempt = excluded.attempt, broker_dead_lettered = excluded.broker_dead_lettered, at = excluded.at, \
-             replayed_at = NULL, body = excluded.body",
+            "INSERT INTO dead_letters (id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, \
+             replayed_at, body, run) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+             CASE WHEN (SELECT run FROM jobs WHERE job_id = $2) > $12 THEN $10 ELSE NULL END, $11, $12) \
+             ON CONFLICT (id) DO UPDATE SET job_id = excluded.job_id, job_type = excluded.job_type, bot = excluded.bot, \
+             reason = excluded.reason, kind = excluded.kind, attempt = excluded.attempt, \
+             broker_dead_lettered = excluded.broker_dead_lettered, body_preview = excluded.body_preview, at = excluded.at, \
+             replayed_at = excluded.replayed_at, body = excluded.body, run = excluded.run WHERE excluded.run >= dead_letters.run",
         )
         // Text as received, with what the database refuses (NUL) escaped.
         .bind(types::text(&dl.id))
@@ -26,21 +33,23 @@ impl Store {
         .bind(types::text(&dl.body_preview))
         .bind(micros(dl.at))
         .bind(dl.body.clone())
+        .bind(i64::from(dl.run))
         .execute(&self.pool)
         .await
         .map_err(q(format!("record dead letter {}", dl.id)))?;
         Ok(())
     }
 
-    /// Dead letters not replayed yet, newest first, optionally of one job type.
+    /// Dead letters not replayed yet, newest first, optionally of one job type; their text as
+    /// it was recorded.
     pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
-        let cols = "id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at, body";
+        let cols = "id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at, body, run";
         let rows = match job_type {
             Some(t) => {
                 sqlx::query(AssertSqlSafe(format!(
                     "SELECT {cols} FROM dead_letters WHERE replayed_at IS NULL AND job_type = $1 ORDER BY at DESC"
                 )))
-                .bind(t.to_string())
+                .bind(types::text(t))
                 .fetch_all(&self.pool)
                 .await
             }
@@ -58,7 +67,7 @@ impl Store {
     pub async fn mark_replayed(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
         sqlx::query("UPDATE dead_letters SET replayed_at = $1 WHERE id = $2")
             .bind(micros(at))
-            .bind(id)
+            .bind(types::text(id))
             .execute(&self.pool)
             .await
             .map_err(q(format!("mark dead letter {id} replayed")))?;

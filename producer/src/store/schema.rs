@@ -140,6 +140,12 @@ CREATE TABLE IF NOT EXISTS stream_positions (
 )
 "#,
     ),
+    (
+        9,
+        r#"
+ALTER TABLE dead_letters ADD COLUMN run BIGINT NOT NULL DEFAULT 0
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.

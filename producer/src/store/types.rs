@@ -259,6 +259,9 @@ pub struct DeadLetter {
     pub kind: String,
     /// The attempt it died on.
     pub attempt: u32,
+    /// The run of its job it died in (0 before any replay).
+    #[serde(default)]
+    pub run: u32,
     /// Dead-lettered by the broker itself (`x-death`, delivery limit), not by a worker.
     pub broker_dead_lettered: bool,
     /// The first bytes of the body, for debugging poison messages.
@@ -290,6 +293,7 @@ impl DeadLetter {
             reason: format!("{} (recorded escaped: {})", esc(&self.reason), esc(why)),
             kind: esc(&self.kind),
             attempt: self.attempt,
+            run: self.run,
             broker_dead_lettered: self.broker_dead_lettered,
             body_preview: esc(&self.body_preview),
             body: self.body.clone(),
@@ -299,20 +303,24 @@ impl DeadLetter {
     }
 }
 
+/// A dead letter as [`Store::record_dead_letter`](super::Store::record_dead_letter) was given
+/// it: its text is stored escaped ([`text`]).
 pub(crate) fn dead_letter(row: &AnyRow) -> DeadLetter {
+    let text_at = |i: usize| untext(&row.get::<String, _>(i));
     DeadLetter {
-        id: row.get(0),
-        job_id: row.get(1),
-        job_type: row.get(2),
-        bot: row.get(3),
-        reason: row.get(4),
-        kind: row.get(5),
+        id: text_at(0),
+        job_id: row.get::<Option<String>, _>(1).as_deref().map(untext),
+        job_type: text_at(2),
+        bot: row.get::<Option<String>, _>(3).as_deref().map(untext),
+        reason: text_at(4),
+        kind: text_at(5),
         attempt: row.get::<i64, _>(6).max(0) as u32,
         broker_dead_lettered: row.get::<i64, _>(7) != 0,
-        body_preview: row.get(8),
+        body_preview: text_at(8),
         at: from_micros(row.get(9)),
         replayed_at: row.get::<Option<i64>, _>(10).map(from_micros),
         body: row.get(11),
+        run: row.get::<i64, _>(12).clamp(0, i64::from(u32::MAX)) as u32,
     }
 }
 

@@ -182,3 +182,80 @@ async fn a_dead_letter_listed_escaped_still_records_its_jobs_final_event() {
     assert_eq!(message_count(&ch, &letters_queue).await, 0, "the letter is acked");
     cleanup(&topo, &["noop"]).await;
 }
+
+/// A dead letter's text comes back as it was recorded, and it is found and marked replayed by
+/// it, on both backends: it is stored escaped (a NUL as `\0`, so the backslash as `\\`), and
+/// was listed in that form, so a reason naming `C:\data\x.json` read `C:\\data\\x.json`.
+async fn dead_letter_text_round_trips_on(url: &str) {
+    let store = trainyard::store::Store::open(url).await.unwrap();
+    let letter = trainyard::store::DeadLetter {
+        id: "poison-one".into(),
+        job_id: Some("not\\a\0uuid".into()),
+        job_type: "noop".into(),
+        bot: Some("bot\\x".into()),
+        reason: "no file C:\\data\\x.json\0".into(),
+        kind: "permanent".into(),
+        attempt: 2,
+        run: 0,
+        broker_dead_lettered: false,
+        body_preview: "{\"a\":\"\\\\\"}".into(),
+        body: None,
+        at: chrono::Utc::now(),
+        replayed_at: None,
+    };
+    store.record_dead_letter(&letter).await.unwrap();
+    let mut listed = store.dead_letters(Some("noop")).await.unwrap();
+    for l in &mut listed {
+        l.at = letter.at; // stored to the microsecond
+    }
+    assert_eq!(listed, std::slice::from_ref(&letter), "listed as recorded");
+    store.mark_replayed(&letter.id, chrono::Utc::now()).await.unwrap();
+    assert!(store.dead_letters(None).await.unwrap().is_empty(), "marked replayed");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_dead_letters_text_comes_back_as_recorded_on_sqlite_and_postgres() {
+    let (_store, _dir, url) = sqlite_store().await;
+    dead_letter_text_round_trips_on(&url).await;
+    let pg = PgSchema::new().await;
+    dead_letter_text_round_trips_on(&pg.url).await;
+    pg.drop().await;
+}
+
+/// A dead letter recorded after its job was replayed (the recorder had not taken its copy yet,
+/// so the replay marked nothing) is recorded as replayed; a later run's letter lists again, and
+/// an earlier run's copy arriving after it changes nothing. The first listed for good (and
+/// replaying it answered that it is not in its queue); the last overwrote the later letter.
+#[tokio::test]
+async fn a_dead_letter_of_a_run_its_job_has_gone_past_does_not_list() {
+    let (store, _dir, _) = sqlite_store().await;
+    let job = spec("noop", "bot-runs");
+    store.record_event(&JobEvent::queued(&job)).await.unwrap();
+    let letter = |run: u32, reason: &str| trainyard::store::DeadLetter {
+        id: job.job_id.clone(),
+        job_id: Some(job.job_id.clone()),
+        job_type: "noop".into(),
+        bot: Some(job.bot.clone()),
+        reason: reason.into(),
+        kind: "permanent".into(),
+        attempt: 1,
+        run,
+        broker_dead_lettered: false,
+        body_preview: String::new(),
+        body: None,
+        at: chrono::Utc::now(),
+        replayed_at: None,
+    };
+    // Replayed as run 1 before the recorder took run 0's letter.
+    let mut replayed = JobEvent::queued(&job);
+    replayed.run = Some(1);
+    store.record_event(&replayed).await.unwrap();
+    assert_eq!(store.job(&job.job_id).await.unwrap().unwrap().run, 1);
+    store.record_dead_letter(&letter(0, "run 0 died")).await.unwrap();
+    assert!(store.dead_letters(None).await.unwrap().is_empty(), "run 0's letter was replayed");
+    store.record_dead_letter(&letter(1, "run 1 died")).await.unwrap();
+    store.record_dead_letter(&letter(0, "run 0 died, a copy")).await.unwrap();
+    let listed = store.dead_letters(None).await.unwrap();
+    assert_eq!(listed.iter().map(|l| (l.run, l.reason.as_str())).collect::<Vec<_>>(), [(1, "run 1 died")]);
+}
