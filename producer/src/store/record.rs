@@ -109,6 +109,22 @@ impl Store {
         Ok(stored)
     }
 
+    /// The `recorded_at` of this transaction's events: the feed clock moved to now, or one past
+    /// its last value when that is later. Its row stays locked until the commit, so every
+    /// writer of events stamps in the order it commits: a reader of the change feed that sees a
+    /// stamp has seen every smaller one (stamped from the clock as it was, a transaction that
+    /// waited on a lock, or ran on a replica whose clock was behind, committed a smaller stamp
+    /// after a reader had moved past it, and the live stream never showed its job).
+    async fn feed_stamp(&self, tx: &mut sqlx::AnyConnection) -> Result<i64, StoreError> {
+        let greatest = if self.backend == Backend::Postgres { "GREATEST" } else { "MAX" };
+        let sql = format!(
+            "INSERT INTO feed_clock (id, last) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET last = {greatest}(feed_clock.last + 1, excluded.last) \
+             RETURNING last"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql)).bind(micros(Utc::now())).fetch_one(&mut *tx).await.map_err(q("stamp recorded events"))?;
+        Ok(row.get::<i64, _>(0))
+    }
+
     /// Inserts the events at `new` (indexes into `events`, none of them stored: the caller
     /// holds their jobs' locks). One statement per chunk; a chunk that inserts fewer rows
     /// than it carries met events the store should not hold (of a job without a row): the
@@ -120,7 +136,10 @@ impl Store {
         runs: &[i64],
         new: &[usize],
     ) -> Result<(), StoreError> {
-        let now = micros(Utc::now());
+        if new.is_empty() {
+            return Ok(());
+        }
+        let now = self.feed_stamp(tx).await?;
         for chunk in new.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO job_events (job_id, run, seq, status, attempt, at, body, recorded_at) VALUES {} \

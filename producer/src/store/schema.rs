@@ -146,6 +146,16 @@ CREATE TABLE IF NOT EXISTS stream_positions (
 ALTER TABLE dead_letters ADD COLUMN run BIGINT NOT NULL DEFAULT 0
 "#,
     ),
+    (
+        10,
+        r#"
+CREATE TABLE IF NOT EXISTS feed_clock (
+    id BIGINT PRIMARY KEY,
+    last BIGINT NOT NULL
+);
+INSERT INTO feed_clock (id, last) SELECT 1, COALESCE(MAX(recorded_at), 0) FROM job_events WHERE true ON CONFLICT (id) DO NOTHING
+"#,
+    ),
 ];
 
 /// The statements of a migration, split on `;`.

@@ -251,3 +251,52 @@ async fn the_stream_pushes_every_job_of_a_batch_larger_than_its_page() {
     store.close().await;
     server.stop(&["noop"]).await;
 }
+
+/// The change feed shows a job whose recording committed after a later-started one: a
+/// transaction that waits (here a trigger sleeps in its event insert) used to commit a smaller
+/// `recorded_at` than the one a reader had already moved its cursor past, and the live stream
+/// never showed that job. Events are stamped in commit order now, on PostgreSQL as on SQLite.
+#[tokio::test]
+async fn the_feed_shows_a_job_whose_recording_committed_late() {
+    let pg = PgSchema::new().await;
+    let store = trainyard::store::Store::open(&pg.url).await.unwrap();
+    let (slow, fast) = (spec("noop", "bot-slow"), spec("noop", "bot-fast"));
+    for sql in [
+        format!(
+            "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN IF NEW.job_id = '{}' THEN PERFORM pg_sleep(2); END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql",
+            slow.job_id
+        ),
+        "CREATE TRIGGER slow BEFORE INSERT ON job_events FOR EACH ROW EXECUTE FUNCTION slow()".into(),
+    ] {
+        store.execute_raw(&sql).await.unwrap();
+    }
+    let cursor = store.feed_head().await.unwrap();
+    let slow_write = tokio::spawn({
+        let (store, event) = (store.clone(), JobEvent::queued(&slow));
+        async move { store.record_event(&event).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    store.record_event(&JobEvent::queued(&fast)).await.unwrap();
+    // A reader tails the feed as the console's stream does, from the cursor it has seen.
+    let mut seen = Vec::new();
+    let mut at = cursor;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline && seen.len() < 2 {
+        for c in store.changed_since(at, 200).await.unwrap() {
+            at = at.max(c.cursor);
+            seen.push(c.job.job_id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(slow_write.await.unwrap(), "the slow job's event is recorded");
+    for c in store.changed_since(at, 200).await.unwrap() {
+        seen.push(c.job.job_id);
+    }
+    seen.sort();
+    let mut want = vec![slow.job_id.clone(), fast.job_id.clone()];
+    want.sort();
+    assert_eq!(seen, want, "each job once, the slow one too");
+    store.close().await;
+    pg.drop().await;
+}
