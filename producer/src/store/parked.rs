@@ -12,7 +12,7 @@ use crate::audit::AuditRecord;
 use super::{micros, q, types, values_list, ParkedEvent, Recorded, Store, StoreError, ROWS_PER_STATEMENT};
 
 /// What a parked message reads as now: a job event or an audit record.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Unparked {
     /// A job event.
     Event(Box<JobEvent>),
@@ -67,17 +67,19 @@ impl Store {
         Ok(rows.iter().map(types::parked_event).collect())
     }
 
-    /// Records every parked event or audit record that `decode` now reads and
-    /// removes it from the parked ones, in one transaction; the others stay parked
-    /// (with the new reason). Returns (recorded, still parked).
+    /// Records every parked event or audit record that `decode` now reads and removes it from
+    /// the parked ones, in one transaction; the others stay parked (with the new reason).
+    /// When the store refuses what it is given (an error no retry changes: a trigger, a value
+    /// it cannot hold), they are recorded one by one, and each one it refuses stays parked with
+    /// the store's reason: one such entry used to fail every reprocess, and nothing was
+    /// recorded. A failure a retry can fix is returned; what was committed before it stays.
+    /// Returns (recorded, still parked).
     pub async fn reprocess_parked(
         &self,
         decode: impl Fn(&ParkedEvent, &[u8]) -> Result<Unparked, String>,
     ) -> Result<(usize, usize), StoreError> {
         let parked = self.parked_events().await?;
-        let (mut events, mut audit) = (Vec::new(), Vec::new());
-        let mut done = Vec::new();
-        let mut still = Vec::new();
+        let (mut readable, mut still) = (Vec::new(), Vec::new());
         let mut kept = 0;
         for p in &parked {
             // A trigger event is not a job event: it stays parked as it is, with its reason.
@@ -85,27 +87,54 @@ impl Store {
                 kept += 1;
                 continue;
             }
-            match decode(p, &p.body_bytes()?) {
-                Ok(Unparked::Event(e)) => events.push(*e),
-                Ok(Unparked::Audit(r)) => audit.push(r),
-                Err(reason) => {
-                    still.push((p.id.as_str(), reason));
-                    continue;
+            match p.body_bytes().map_err(|e| e.to_string()).and_then(|body| decode(p, &body)) {
+                Ok(read) => readable.push((p.id.as_str(), read)),
+                Err(reason) => still.push((p.id.as_str(), reason)),
+            }
+        }
+        match self.unpark(&readable, &still).await {
+            Ok(()) => return Ok((readable.len(), still.len() + kept)),
+            Err(e) if e.retryable() => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, entries = readable.len(), "the store refuses reprocessed entries; recording them one by one")
+            }
+        }
+        let mut recorded = 0;
+        for (id, read) in &readable {
+            match self.unpark(std::slice::from_ref(&(*id, read.clone())), &[]).await {
+                Ok(()) => recorded += 1,
+                Err(e) if e.retryable() => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, id = %id, "the store refuses a reprocessed entry; it stays parked");
+                    still.push((*id, format!("the job store refused it: {e}")));
                 }
             }
-            done.push(p.id.as_str());
+        }
+        self.unpark(&[], &still).await?;
+        Ok((recorded, still.len() + kept))
+    }
+
+    /// Records `readable` and removes them from the parked ones, and sets the reason of each of
+    /// `still`, in one transaction.
+    async fn unpark(&self, readable: &[(&str, Unparked)], still: &[(&str, String)]) -> Result<(), StoreError> {
+        let (mut events, mut audit) = (Vec::new(), Vec::new());
+        for (_, read) in readable {
+            match read {
+                Unparked::Event(e) => events.push((**e).clone()),
+                Unparked::Audit(r) => audit.push(r.clone()),
+            }
         }
         let mut tx = self.pool.begin().await.map_err(q("begin reprocessing parked events"))?;
         self.record_audit_in(&mut tx, &audit).await?;
         self.record_events_in(&mut tx, &events).await?;
-        for id in &done {
+        for (id, _) in readable {
             sqlx::query("DELETE FROM parked_events WHERE id = $1")
                 .bind(*id)
                 .execute(&mut *tx)
                 .await
                 .map_err(q(format!("unpark event {id}")))?;
         }
-        for (id, reason) in &still {
+        for (id, reason) in still {
             sqlx::query("UPDATE parked_events SET reason = $1 WHERE id = $2")
                 .bind(types::text(reason))
                 .bind(*id)
@@ -114,7 +143,7 @@ impl Store {
                 .map_err(q(format!("update parked event {id}")))?;
         }
         tx.commit().await.map_err(q("commit reprocessed events"))?;
-        Ok((done.len(), still.len() + kept))
+        Ok(())
     }
 
     /// Number of parked events.

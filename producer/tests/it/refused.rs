@@ -129,3 +129,27 @@ async fn an_entry_of_an_earlier_releases_queue_the_store_refuses_is_parked() {
     parked_by_the_store(&store, &legacy).await;
     cleanup(&topo, &[]).await;
 }
+
+/// `events reprocess` records what now reads beside an entry the store still refuses, which
+/// stays parked with the store's reason: the one transaction of them all failed, every time,
+/// and nothing was recorded.
+#[tokio::test]
+async fn reprocess_records_the_entries_beside_one_the_store_still_refuses() {
+    let (store, _dir, _) = sqlite_store().await;
+    let (refused, readable) = (spec("noop", "refused-bot"), spec("noop", "readable-bot"));
+    store.execute_raw(&refuse_on_sqlite(&refused.job_id)).await.unwrap();
+    let parked: Vec<_> = [&refused, &readable]
+        .iter()
+        .map(|s| {
+            let body = serde_json::to_vec(&JobEvent::queued(s)).unwrap();
+            trainyard::store::ParkedEvent::new("noop.queued", Some(codec::JSON), &body, "parked by an earlier release")
+        })
+        .collect();
+    store.park(&parked).await.unwrap();
+    let decode =
+        |p: &trainyard::store::ParkedEvent, body: &[u8]| trainyard::audit::decode_parked(&p.routing_key, p.content_type.as_deref(), body);
+    assert_eq!(store.reprocess_parked(decode).await.unwrap(), (1, 1), "one recorded, one still parked");
+    assert_eq!(store.job(&readable.job_id).await.unwrap().map(|j| j.status), Some(JobStatus::Queued));
+    assert_eq!(store.job(&refused.job_id).await.unwrap(), None);
+    parked_by_the_store(&store, "noop.queued").await;
+}
