@@ -118,6 +118,16 @@ pub enum CommonError {
         /// The bot.
         bot: String,
     },
+    /// A bot's production model is no longer the one a change was meant for.
+    #[error("bot {bot:?}'s production model is {} now, not {expected}: nothing was changed", current.as_deref().unwrap_or("none"))]
+    ProductionMoved {
+        /// The bot.
+        bot: String,
+        /// The production model (a job id) the change was meant for.
+        expected: String,
+        /// Its production model now.
+        current: Option<String>,
+    },
     /// A setting is wrong.
     #[error("invalid setting {name}: {reason}")]
     Config {
@@ -149,6 +159,7 @@ mod tests {
             CommonError::PoolUnavailable { url: "amqp://h".into(), reason: "timeout".into() },
             CommonError::ModelMissing { job_id: "j".into(), prefix: "jobs/j/model".into() },
             CommonError::NoProductionModel { bot: "b".into() },
+            CommonError::ProductionMoved { bot: "b".into(), expected: "j1".into(), current: None },
         ];
         for e in &errors {
             assert!(!e.to_string().contains("invalid setting"), "{e}");

@@ -34,6 +34,10 @@ pub fn model_prefix(job_id: &str) -> String {
     format!("jobs/{job_id}/model")
 }
 
+/// The file of a model that says what its networks are. It is written last and taken away
+/// before a model is written again, so a model with one is complete.
+pub const MODEL_CONFIG: &str = "config.json";
+
 /// The key of the test metrics of a job's model.
 pub fn metrics_key(job_id: &str) -> String {
     format!("jobs/{job_id}/metrics.json")
@@ -173,15 +177,53 @@ async fn sync_production(store: &ArtifactStore, bot: &str) -> Result<(), CommonE
     }
 }
 
-/// Makes `entry` the production model of `bot`: appends a `promote` record to the
-/// history first, then replaces the pointer. Promoting the model already in production
-/// changes nothing and answers `false`: a promote sent twice (a retried request, a training
-/// job's gate run again by its retry) must not leave two records, or a rollback would
-/// restore the same model.
-pub async fn set_production(store: &ArtifactStore, bot: &str, entry: ProductionEntry) -> Result<bool, CommonError> {
+/// Which production model a promotion may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacing<'a> {
+    /// Whichever is in production (a promotion by hand).
+    Any,
+    /// Only this one (`None`: only no model at all): the one a promotion gate compared the
+    /// candidate with. A model made production meanwhile (another job's gate, an operator) was
+    /// never compared with the candidate and is not replaced by it.
+    Only(Option<&'a str>),
+}
+
+/// What [`set_production`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    /// The entry is the production model now.
+    Made,
+    /// It already was: nothing was written.
+    AlreadyProduction,
+    /// Production is no longer the model the promotion was to replace: nothing was written.
+    Moved {
+        /// The production model's job now.
+        production: Option<String>,
+    },
+}
+
+/// Makes `entry` the production model of `bot` in place of the model `replacing` allows:
+/// appends a `promote` record to the history first, then replaces the pointer. The check
+/// and the record are one step (a record is created only at the number after the history
+/// it was computed from). Promoting the model already in production changes nothing: a
+/// promote sent twice (a retried request, a training job's gate run again by its retry)
+/// must not leave two records, or a rollback would restore the same model.
+pub async fn set_production(
+    store: &ArtifactStore,
+    bot: &str,
+    entry: ProductionEntry,
+    replacing: Replacing<'_>,
+) -> Result<Promotion, CommonError> {
+    let outcome = std::sync::Mutex::new(Promotion::Made);
     let record = append(store, bot, |h| {
         let current = h.records.last().and_then(|r| r.to.as_ref()).map(|p| p.job_id.clone());
-        (current.as_deref() != Some(entry.job_id.as_str())).then(|| PromotionRecord {
+        let mut outcome = outcome.lock().unwrap_or_else(|e| e.into_inner());
+        *outcome = match replacing {
+            _ if current.as_deref() == Some(entry.job_id.as_str()) => Promotion::AlreadyProduction,
+            Replacing::Only(want) if want != current.as_deref() => Promotion::Moved { production: current.clone() },
+            _ => Promotion::Made,
+        };
+        (*outcome == Promotion::Made).then(|| PromotionRecord {
             action: PromotionAction::Promote,
             from: current,
             to: Some(entry.clone()),
@@ -190,15 +232,19 @@ pub async fn set_production(store: &ArtifactStore, bot: &str, entry: ProductionE
         })
     })
     .await?;
-    Ok(record.is_some())
+    let outcome = outcome.into_inner().unwrap_or_else(|e| e.into_inner());
+    debug_assert_eq!(record.is_some(), outcome == Promotion::Made);
+    Ok(outcome)
 }
 
-/// Makes the model that job `job_id` trained the production model of `bot`, by hand.
+/// Makes the model that job `job_id` trained the production model of `bot`, by hand. Returns
+/// the production entry and whether this call made it (`false`: it already was production).
 ///
-/// Fails with [`CommonError::ModelMissing`] when the job has no model in the store.
-pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason: &str) -> Result<ProductionEntry, CommonError> {
+/// Fails with [`CommonError::ModelMissing`] when the job has no complete model in the store
+/// (its `config.json` is written last: a job stopped while writing its model has none).
+pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason: &str) -> Result<(ProductionEntry, bool), CommonError> {
     let prefix = model_prefix(job_id);
-    if store.list(&prefix).await?.is_empty() {
+    if !store.exists(&format!("{prefix}/{MODEL_CONFIG}")).await? {
         return Err(CommonError::ModelMissing { job_id: job_id.into(), prefix });
     }
     let metrics: serde_json::Value = store.get_json(&metrics_key(job_id)).await?.unwrap_or(serde_json::Value::Null);
@@ -211,32 +257,45 @@ pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason:
         promoted_at: Utc::now(),
         reason: reason.into(),
     };
-    if set_production(store, bot, entry.clone()).await? {
-        return Ok(entry);
+    match set_production(store, bot, entry.clone(), Replacing::Any).await? {
+        // Already in production: the entry as it was promoted.
+        Promotion::AlreadyProduction => Ok((production(store, bot).await?.unwrap_or(entry), false)),
+        Promotion::Made | Promotion::Moved { .. } => Ok((entry, true)),
     }
-    // Already in production: the entry as it was promoted.
-    Ok(production(store, bot).await?.unwrap_or(entry))
 }
 
 /// Restores the production model that preceded the current one. Returns the new
 /// production entry (`None`: there was no earlier model; the pointer is removed).
-/// Fails with [`CommonError::NoProductionModel`] when the bot has no production model.
-pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str) -> Result<Option<ProductionEntry>, CommonError> {
+/// Fails with [`CommonError::NoProductionModel`] when the bot has no production model, and
+/// with [`CommonError::ProductionMoved`] when `from` is given and production is another
+/// model: a rollback sent twice, or by two operators at once, would otherwise go back two
+/// models (and from the second-to-last, to none at all).
+pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str, from: Option<&str>) -> Result<Option<ProductionEntry>, CommonError> {
     if production(store, bot).await?.is_none() {
         return Err(CommonError::NoProductionModel { bot: bot.into() });
     }
     let now = Utc::now();
+    let moved = std::sync::Mutex::new(None);
     let record = append(store, bot, |h| {
         let mut stack = h.stack();
         let current = stack.pop();
+        let current_id = current.as_ref().map(|c| c.job_id.clone());
+        let mut moved = moved.lock().unwrap_or_else(|e| e.into_inner());
+        *moved = from.filter(|f| current_id.as_deref() != Some(*f)).map(|_| current_id.clone());
+        if moved.is_some() {
+            return None;
+        }
         let to = stack.pop().map(|mut e| {
             e.promoted_at = now;
             e.reason = format!("rollback: {reason}");
             e
         });
-        Some(PromotionRecord { action: PromotionAction::Rollback, from: current.map(|c| c.job_id), to, at: now, reason: reason.into() })
+        Some(PromotionRecord { action: PromotionAction::Rollback, from: current_id, to, at: now, reason: reason.into() })
     })
     .await?;
+    if let Some(current) = moved.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(CommonError::ProductionMoved { bot: bot.into(), expected: from.unwrap_or_default().into(), current });
+    }
     Ok(record.and_then(|r| r.to))
 }
 
@@ -302,15 +361,15 @@ mod tests {
     async fn promote_then_rollback_restores_previous() {
         let store = ArtifactStore::open("memory://").unwrap();
         assert_eq!(production(&store, "b").await.unwrap(), None);
-        assert!(rollback(&store, "b", "x").await.is_err());
-        set_production(&store, "b", entry("j1")).await.unwrap();
-        set_production(&store, "b", entry("j2")).await.unwrap();
-        set_production(&store, "b", entry("j3")).await.unwrap();
+        assert!(rollback(&store, "b", "x", None).await.is_err());
+        set_production(&store, "b", entry("j1"), Replacing::Any).await.unwrap();
+        set_production(&store, "b", entry("j2"), Replacing::Any).await.unwrap();
+        set_production(&store, "b", entry("j3"), Replacing::Any).await.unwrap();
         assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j3");
-        assert_eq!(rollback(&store, "b", "bad").await.unwrap().unwrap().job_id, "j2");
-        assert_eq!(rollback(&store, "b", "bad too").await.unwrap().unwrap().job_id, "j1");
+        assert_eq!(rollback(&store, "b", "bad", None).await.unwrap().unwrap().job_id, "j2");
+        assert_eq!(rollback(&store, "b", "bad too", None).await.unwrap().unwrap().job_id, "j1");
         assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j1");
-        assert_eq!(rollback(&store, "b", "none left").await.unwrap(), None);
+        assert_eq!(rollback(&store, "b", "none left", None).await.unwrap(), None);
         assert_eq!(production(&store, "b").await.unwrap(), None);
         let h = history(&store, "b").await.unwrap();
         assert_eq!(h.records.len(), 6);
@@ -323,19 +382,61 @@ mod tests {
     #[tokio::test]
     async fn promoting_the_production_model_again_changes_nothing() {
         let store = ArtifactStore::open("memory://").unwrap();
-        assert!(set_production(&store, "b", entry("j1")).await.unwrap());
-        assert!(set_production(&store, "b", entry("j2")).await.unwrap());
-        assert!(!set_production(&store, "b", entry("j2")).await.unwrap(), "already in production");
+        assert_eq!(set_production(&store, "b", entry("j1"), Replacing::Any).await.unwrap(), Promotion::Made);
+        assert_eq!(set_production(&store, "b", entry("j2"), Replacing::Any).await.unwrap(), Promotion::Made);
+        assert_eq!(
+            set_production(&store, "b", entry("j2"), Replacing::Any).await.unwrap(),
+            Promotion::AlreadyProduction,
+            "already in production"
+        );
         assert_eq!(history(&store, "b").await.unwrap().records.len(), 2);
         // A pointer left behind its history (a writer that failed after its record) is set
         // right by the promote that finds the record already there.
         store.put_json(&keys::production("b"), &entry("j1")).await.unwrap();
-        assert!(!set_production(&store, "b", entry("j2")).await.unwrap());
+        assert_eq!(set_production(&store, "b", entry("j2"), Replacing::Any).await.unwrap(), Promotion::AlreadyProduction);
         assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j2");
-        assert_eq!(rollback(&store, "b", "bad").await.unwrap().unwrap().job_id, "j1");
+        assert_eq!(rollback(&store, "b", "bad", None).await.unwrap().unwrap().job_id, "j1");
         // Once rolled back, the same model can be promoted again.
-        assert!(set_production(&store, "b", entry("j2")).await.unwrap());
+        assert_eq!(set_production(&store, "b", entry("j2"), Replacing::Any).await.unwrap(), Promotion::Made);
         assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j2");
+    }
+
+    /// A promotion that may replace only the model its gate compared with writes nothing when
+    /// another was made production meanwhile (it replaced it unseen: a worse model could win).
+    #[tokio::test]
+    async fn a_gated_promotion_replaces_only_the_model_it_was_compared_with() {
+        let store = ArtifactStore::open("memory://").unwrap();
+        assert_eq!(
+            set_production(&store, "b", entry("j1"), Replacing::Only(Some("j0"))).await.unwrap(),
+            Promotion::Moved { production: None }
+        );
+        assert_eq!(set_production(&store, "b", entry("j1"), Replacing::Only(None)).await.unwrap(), Promotion::Made);
+        // j2's gate compared with j1; j3 was promoted before j2's promotion.
+        assert_eq!(set_production(&store, "b", entry("j3"), Replacing::Only(Some("j1"))).await.unwrap(), Promotion::Made);
+        let moved = set_production(&store, "b", entry("j2"), Replacing::Only(Some("j1"))).await.unwrap();
+        assert_eq!(moved, Promotion::Moved { production: Some("j3".into()) });
+        assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j3");
+        assert_eq!(history(&store, "b").await.unwrap().records.len(), 2, "nothing written for the moved one");
+        // Compared with j3 now: it replaces it; and a retry of it finds itself in production.
+        assert_eq!(set_production(&store, "b", entry("j2"), Replacing::Only(Some("j3"))).await.unwrap(), Promotion::Made);
+        let again = set_production(&store, "b", entry("j2"), Replacing::Only(Some("j3"))).await.unwrap();
+        assert_eq!(again, Promotion::AlreadyProduction);
+    }
+
+    /// A rollback from a named model goes back once: sent twice (a retried request, two
+    /// operators), the second is refused (it went back two models, and from the second model
+    /// to none at all).
+    #[tokio::test]
+    async fn a_rollback_from_a_named_model_goes_back_once() {
+        let store = ArtifactStore::open("memory://").unwrap();
+        for j in ["j1", "j2"] {
+            set_production(&store, "b", entry(j), Replacing::Any).await.unwrap();
+        }
+        assert_eq!(rollback(&store, "b", "bad", Some("j2")).await.unwrap().unwrap().job_id, "j1");
+        let twice = rollback(&store, "b", "bad", Some("j2")).await.unwrap_err();
+        assert!(matches!(&twice, CommonError::ProductionMoved { current: Some(c), .. } if c == "j1"), "{twice}");
+        assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j1");
+        assert_eq!(history(&store, "b").await.unwrap().records.len(), 3, "one rollback recorded");
     }
 
     #[tokio::test]
@@ -343,11 +444,16 @@ mod tests {
         let store = ArtifactStore::open("memory://").unwrap();
         assert!(promote_job(&store, "b", "nope", "by hand").await.is_err());
         store.put("jobs/j9/model/model.bin", "x").await.unwrap();
+        // A model without its config (its job stopped while writing it) is not complete.
+        assert!(matches!(promote_job(&store, "b", "j9", "by hand").await, Err(CommonError::ModelMissing { .. })));
+        store.put("jobs/j9/model/config.json", "{}").await.unwrap();
         store.put_json(&metrics_key("j9"), &serde_json::json!({"accuracy": 0.5, "per_class": {}})).await.unwrap();
-        let e = promote_job(&store, "b", "j9", "by hand").await.unwrap();
+        let (e, made) = promote_job(&store, "b", "j9", "by hand").await.unwrap();
+        assert!(made);
         assert_eq!(e.metrics, serde_json::json!({"accuracy": 0.5}));
         assert_eq!(production(&store, "b").await.unwrap().unwrap().job_id, "j9");
-        let again = promote_job(&store, "b", "j9", "by hand, twice").await.unwrap();
+        let (again, made) = promote_job(&store, "b", "j9", "by hand, twice").await.unwrap();
+        assert!(!made, "already production");
         assert_eq!((again.promoted_at, again.reason.as_str()), (e.promoted_at, "by hand"), "the entry as first promoted");
     }
 
@@ -361,7 +467,7 @@ mod tests {
                 let (store, start) = (store.clone(), start.clone());
                 tokio::spawn(async move {
                     start.wait().await;
-                    set_production(&store, "b", entry(&format!("j{i}"))).await
+                    set_production(&store, "b", entry(&format!("j{i}")), Replacing::Any).await
                 })
             })
             .collect();

@@ -247,6 +247,23 @@ async fn running_attempt_log(s: &ApiState, id: &str) -> Result<Option<String>, c
     Ok(Some(format!("==> attempt {} (running: its lines so far) <==\n{gap}{}", live.attempt, live.text)))
 }
 
+/// An optional JSON body: none is `T::default()`; one sent without its content type is a 415
+/// (it used to be ignored, and what it asked for with it).
+fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    headers: &header::HeaderMap,
+    body: &axum::body::Bytes,
+    what: &str,
+) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if ct.split(';').next().map(str::trim) != Some("application/json") {
+        return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("a {what} body must be application/json, not {ct:?}")));
+    }
+    Ok(Json::<T>::from_bytes(body).map_err(|e| ApiError(e.status(), e.body_text()))?.0)
+}
+
 /// Optional body of `POST /v1/jobs/{id}/cancel`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -269,16 +286,7 @@ pub async fn cancel(
     headers: header::HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    // No body is no reason; a body is JSON (one sent without its content type was ignored).
-    let reason = if body.is_empty() {
-        String::new()
-    } else {
-        let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if ct.split(';').next().map(str::trim) != Some("application/json") {
-            return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("a cancel body must be application/json, not {ct:?}")));
-        }
-        Json::<ReasonBody>::from_bytes(&body).map_err(|e| ApiError(e.status(), e.body_text()))?.0.reason
-    };
+    let reason = optional_json::<ReasonBody>(&headers, &body, "cancel")?.reason;
     let req = s.ops.cancel(&id, &caller.name, &reason).await?;
     Ok((StatusCode::ACCEPTED, Json(req)).into_response())
 }
@@ -362,11 +370,11 @@ pub async fn models(State(s): State<ApiState>, Path(bot): Path<String>) -> ApiRe
     params(("job_id" = String, Path, description = "the training job")),
     responses((status = 200, description = "the new production entry", body = ProductionEntry),
         (status = 404, description = "no such job", body = ErrorBody),
-        (status = 409, description = "the job has no model to promote", body = ErrorBody),
+        (status = 409, description = "the job has not succeeded, or has no complete model to promote", body = ErrorBody),
         ScopeResponses, UnavailableResponses))]
 pub async fn promote(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(job_id): Path<String>) -> ApiResult<Response> {
-    let entry = s.ops.promote(&job_id, &caller.name).await?;
-    if let Some(m) = &s.metrics {
+    let (entry, made) = s.ops.promote(&job_id, &caller.name).await?;
+    if let Some(m) = s.metrics.as_ref().filter(|_| made) {
         m.promotions.with_label_values(&["manual"]).inc();
     }
     Ok(Json(entry).into_response())
@@ -381,13 +389,31 @@ pub struct RolledBack {
     production: Option<ProductionEntry>,
 }
 
+/// Optional body of `POST /v1/models/{bot}/rollback`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// Roll back only from this production model (a job id): a request sent twice, or by two
+    /// operators at once, then goes back once, not two models.
+    #[serde(default)]
+    from: Option<String>,
+}
+
 /// `POST /v1/models/{bot}/rollback`: the previous production model serves again.
 #[utoipa::path(post, path = "/models/{bot}/rollback", tag = "models", security(("bearer" = [])), params(("bot" = String, Path, description = "bot")),
+    request_body(content = Option<RollbackBody>, description = "optional: the production model to roll back from"),
     responses((status = 200, description = "the production model now", body = RolledBack),
-        (status = 409, description = "the bot has no production model", body = ErrorBody),
-        ScopeResponses, UnavailableResponses))]
-pub async fn rollback(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(bot): Path<String>) -> ApiResult<Response> {
-    let now = s.ops.rollback(&bot, &caller.name).await?;
+        (status = 409, description = "the bot has no production model, or it is not the model named by `from`", body = ErrorBody),
+        BodyResponses, ScopeResponses, UnavailableResponses))]
+pub async fn rollback(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(bot): Path<String>,
+    headers: header::HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let from = optional_json::<RollbackBody>(&headers, &body, "rollback")?.from;
+    let now = s.ops.rollback(&bot, &caller.name, from.as_deref()).await?;
     if let Some(m) = &s.metrics {
         m.promotions.with_label_values(&["rollback"]).inc();
     }

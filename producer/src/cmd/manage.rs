@@ -120,6 +120,10 @@ pub enum ModelsCmd {
     Rollback {
         #[arg(long)]
         bot: String,
+        /// Only while this job's model is the production one (a rollback run twice, or by two
+        /// people at once, then goes back once).
+        #[arg(long, value_name = "JOB_ID")]
+        from: Option<String>,
     },
 }
 
@@ -430,11 +434,15 @@ pub async fn models(t: Target, url: &str, topology: Topology, cmd: ModelsCmd) ->
     let conn = open(&t, url, topology).await?;
     let v = match (&conn, cmd) {
         (Conn::Direct(ops), ModelsCmd::List { bot }) => serde_json::to_value(ops.models(&bot).await?)?,
-        (Conn::Direct(ops), ModelsCmd::Promote { job_id }) => serde_json::to_value(ops.promote(&job_id, &who()).await?)?,
-        (Conn::Direct(ops), ModelsCmd::Rollback { bot }) => json!({"bot": bot, "production": ops.rollback(&bot, &who()).await?}),
+        (Conn::Direct(ops), ModelsCmd::Promote { job_id }) => serde_json::to_value(ops.promote(&job_id, &who()).await?.0)?,
+        (Conn::Direct(ops), ModelsCmd::Rollback { bot, from }) => {
+            json!({"bot": bot, "production": ops.rollback(&bot, &who(), from.as_deref()).await?})
+        }
         (Conn::Remote { .. }, ModelsCmd::List { bot }) => conn.get(&format!("/models/{}", seg(&bot))).await?,
         (Conn::Remote { .. }, ModelsCmd::Promote { job_id }) => conn.post(&format!("/models/promote/{}", seg(&job_id)), json!({})).await?,
-        (Conn::Remote { .. }, ModelsCmd::Rollback { bot }) => conn.post(&format!("/models/{}/rollback", seg(&bot)), json!({})).await?,
+        (Conn::Remote { .. }, ModelsCmd::Rollback { bot, from }) => {
+            conn.post(&format!("/models/{}/rollback", seg(&bot)), json!({"from": from})).await?
+        }
     };
     print(t.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
     Ok(ExitCode::SUCCESS)

@@ -98,12 +98,13 @@ Console.views.models = {
     const parts = [el("h2", {}, `Production model of ${bot}`),
       prod ? el("div", { id: "production" }, el("a", { href: `/jobs/${prod.job_id}`, "data-internal": "" }, el("code", {}, prod.job_id)),
         ` since ${when(prod.promoted_at)} · ${prod.reason}`) : el("div", { id: "production" }, "none")];
-    if (Console.can("admin")) parts.push(this.adminForm(bot, !!prod));
+    if (Console.can("admin")) parts.push(this.adminForm(bot, prod));
     parts.push(el("h2", {}, "History"), historyTable(m.history.records || []));
     set("models", ...parts);
   },
 
-  adminForm(bot, hasProd) {
+  // `prod`: the production entry shown; a rollback names it, so one sent twice goes back once.
+  adminForm(bot, prod) {
     const f = el("form", { class: "inline", id: "promote-form" }, el("label", {}, "candidate job id ", el("input", { name: "job_id", size: 36 })),
       el("button", { type: "submit", id: "promote-candidate" }, "Promote"));
     f.onsubmit = async ev => {
@@ -112,11 +113,12 @@ Console.views.models = {
       if (!id || !(await Console.confirm(`Make job ${id} the production model of ${bot}?`))) return;
       if (await Console.act(`promoted ${id}`, () => Console.api("POST", `/v1/models/promote/${encodeURIComponent(id)}`))) this.load();
     };
-    if (hasProd) {
+    if (prod) {
       const rb = el("button", { type: "button", id: "rollback", class: "danger" }, "Roll back");
       rb.onclick = async () => {
-        if (!(await Console.confirm(`Roll ${bot} back to its previous production model?`))) return;
-        if (await Console.act(`rolled ${bot} back`, () => Console.api("POST", `/v1/models/${encodeURIComponent(bot)}/rollback`))) this.load();
+        if (!(await Console.confirm(`Roll ${bot} back from ${prod.job_id} to its previous production model?`))) return;
+        const from = { from: prod.job_id };
+        if (await Console.act(`rolled ${bot} back`, () => Console.api("POST", `/v1/models/${encodeURIComponent(bot)}/rollback`, from))) this.load();
       };
       f.append(" ", rb);
     }

@@ -364,22 +364,33 @@ impl Ops {
         })
     }
 
-    /// Makes the model job `job_id` trained the production model of its bot.
-    pub async fn promote(&self, job_id: &str, by: &str) -> Result<ProductionEntry, OpsError> {
+    /// Makes the model job `job_id` trained the production model of its bot: only a job that
+    /// succeeded (a running one's model may be half written; a failed one's is not the result
+    /// it reported). Returns the entry and whether this call made it production (`false`: it
+    /// already was; the audit record says so).
+    pub async fn promote(&self, job_id: &str, by: &str) -> Result<(ProductionEntry, bool), OpsError> {
         let job = self.job(job_id).await?;
-        let entry =
+        if job.status != JobStatus::Succeeded {
+            return Err(OpsError::Conflict(format!("job {job_id} is {}; only a job that succeeded can be promoted", job.status)));
+        }
+        let (entry, made) =
             models::promote_job(&self.artifacts, &job.bot, job_id, &format!("promoted by hand by {by}")).await.map_err(|e| match e {
                 e @ CommonError::ModelMissing { .. } => OpsError::Conflict(e.to_string()),
                 other => other.into(),
             })?;
-        self.audit(by, "promote", &job.bot, Some(serde_json::json!({"job_id": job_id}))).await?;
-        Ok(entry)
+        let detail = match made {
+            true => serde_json::json!({"job_id": job_id}),
+            false => serde_json::json!({"job_id": job_id, "already_production": true}),
+        };
+        self.audit(by, "promote", &job.bot, Some(detail)).await?;
+        Ok((entry, made))
     }
 
-    /// Restores the bot's previous production model.
-    pub async fn rollback(&self, bot: &str, by: &str) -> Result<Option<ProductionEntry>, OpsError> {
-        let entry = models::rollback(&self.artifacts, bot, &format!("rolled back by {by}")).await.map_err(|e| match e {
-            e @ CommonError::NoProductionModel { .. } => OpsError::Conflict(e.to_string()),
+    /// Restores the bot's previous production model; with `from`, only while that model (a job
+    /// id) is the production one (409 otherwise).
+    pub async fn rollback(&self, bot: &str, by: &str, from: Option<&str>) -> Result<Option<ProductionEntry>, OpsError> {
+        let entry = models::rollback(&self.artifacts, bot, &format!("rolled back by {by}"), from).await.map_err(|e| match e {
+            e @ (CommonError::NoProductionModel { .. } | CommonError::ProductionMoved { .. }) => OpsError::Conflict(e.to_string()),
             other => other.into(),
         })?;
         let detail = entry.as_ref().map(|e| serde_json::json!({"job_id": e.job_id}));

@@ -62,6 +62,7 @@ async fn every_cli_command_works_directly_and_through_the_api() {
         .await
         .unwrap();
     artifacts.put(&format!("jobs/{id}/model/model.bin"), "weights").await.unwrap();
+    artifacts.put(&format!("jobs/{id}/model/config.json"), "{}").await.unwrap();
     artifacts.put(&trainyard_common::artifacts::keys::attempt_log(&id, 1), "epoch 1/1 loss 0.4\ndone\n").await.unwrap();
     let store = trainyard::store::Store::open(&server.db_url).await.unwrap();
     eventually(20, "recorded", || async { store.job(&id).await.unwrap().filter(|j| j.status == JobStatus::Succeeded) }).await;

@@ -201,6 +201,7 @@ async fn every_route_answers_what_the_generated_document_says() {
     let root = server.artifacts_dir.path();
     std::fs::create_dir_all(root.join(format!("jobs/{b}/model"))).unwrap();
     std::fs::write(root.join(format!("jobs/{b}/model/model.bin")), b"weights").unwrap();
+    std::fs::write(root.join(format!("jobs/{b}/model/config.json")), b"{}").unwrap();
     std::fs::create_dir_all(root.join(format!("jobs/{b}/logs"))).unwrap();
     std::fs::write(root.join(format!("jobs/{b}/logs/attempt-1.log")), "epoch 1\n").unwrap();
 

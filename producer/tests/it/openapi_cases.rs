@@ -100,7 +100,8 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("POST", "/v1/models/promote/{job_id}", format!("/v1/models/promote/{b}"), 401),
         case("POST", "/v1/models/promote/{job_id}", format!("/v1/models/promote/{b}"), 403).token("s-tok"),
         case("GET", "/v1/models/{bot}", "/v1/models/bot-b", 200).token("r-tok"),
-        case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 200).token("a-tok"),
+        case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 409).token("a-tok").json(json!({"from": a})),
+        case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 200).token("a-tok").json(json!({"from": b})),
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-zzz/rollback", 409).token("a-tok"),
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 401),
         case("POST", "/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", 403).token("s-tok"),
@@ -118,6 +119,7 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
     c.push(case("POST", "/v1/jobs", "/v1/jobs", 400).token("s-tok").json(json!({"job_type": "no-such-type", "bot": "b"})));
     c.extend(body_refusals("/v1/jobs", "/v1/jobs", "s-tok", json!({"bot": "b"})));
     c.extend(body_refusals("/v1/jobs/{id}/cancel", &job("/cancel"), "s-tok", json!({"why": "unknown field"})));
+    c.extend(body_refusals("/v1/models/{bot}/rollback", "/v1/models/bot-b/rollback", "a-tok", json!({"to": "unknown field"})));
     c.push(case("POST", "/v1/dlq/replay", "/v1/dlq/replay", 400).token("a-tok").json(json!({})));
     c.extend(body_refusals("/v1/dlq/replay", "/v1/dlq/replay", "a-tok", json!({"all": "yes"})));
     c

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use burn::backend::NdArray;
 use serde_json::{json, Value};
-use trainyard_common::{artifacts::ArtifactStore, models};
+use trainyard_common::{artifacts::ArtifactStore, models, ErrorKind};
 
 use super::{
     env::RunEnv,
@@ -90,36 +90,46 @@ pub fn load_predictor_dir(dir: &std::path::Path) -> Result<Predictor<InferenceBa
     Predictor::from_files(&mut read, &Default::default())
 }
 
-/// Runs the gate: evaluates the bot's production model (if any, and not this job's)
-/// on the same test set and applies the rules.
+/// Runs the gate: evaluates the bot's production model (if any, and not this job's) on the
+/// same test set and applies the rules. Returns the decision and the production model's job
+/// as read (the one a promotion may replace).
+///
+/// A production model the store cannot read now is a transient error (the job is retried):
+/// judged on the minimum alone, a worse model would replace it for an outage. One that is
+/// not there or does not load (a permanent error) cannot be compared with; the gate then
+/// checks the minimum only, and says so.
 pub fn gate_against_production(
     env: &RunEnv,
     rules: &GateRules,
     candidate: &Metrics,
     texts: &[&str],
     truth: &[String],
-) -> Result<GateDecision, JobError> {
+) -> Result<(GateDecision, Option<String>), JobError> {
     let Some(store) = &env.models else {
         let mut d = decide(rules, candidate, None);
         d.reasons.push("no model store to compare against".into());
-        return Ok(d);
+        return Ok((d, None));
     };
     let prod = env.rt.block_on(models::production(store, &env.bot)).map_err(|e| JobError::transient(e.to_string()))?;
+    let read = prod.as_ref().map(|p| p.job_id.clone());
     let Some(prod) = prod.filter(|p| p.job_id != env.job_id) else {
-        return Ok(decide(rules, candidate, None));
+        return Ok((decide(rules, candidate, None), read));
     };
     match load_predictor(&env.rt, store, &prod.model) {
         Ok(p) => {
             let predicted = p.predict(texts);
             let (pm, _) = evaluate(truth, &predicted, p.config.oos_label.as_deref(), TOP_CONFUSIONS);
             env.log(format!("production model {} on the same test set: accuracy {:.4}", prod.job_id, pm.accuracy));
-            Ok(decide(rules, candidate, Some((&prod.job_id, &pm))))
+            Ok((decide(rules, candidate, Some((&prod.job_id, &pm))), read))
+        }
+        Err(e) if e.kind == ErrorKind::Transient => {
+            Err(JobError::transient(format!("the gate could not read production model {}: {}", prod.job_id, e.message)))
         }
         Err(e) => {
             env.log(format!("production model {} could not be loaded ({}); gate uses the minimum only", prod.job_id, e.message));
             let mut d = decide(rules, candidate, None);
             d.reasons.push(format!("production model {} could not be loaded: {}", prod.job_id, e.message));
-            Ok(d)
+            Ok((d, read))
         }
     }
 }

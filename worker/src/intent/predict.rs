@@ -7,6 +7,7 @@
 
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
+use trainyard_common::models::MODEL_CONFIG;
 
 use super::{
     device_train::device_probabilities,
@@ -235,7 +236,7 @@ impl<B: Backend> Predictor<B> {
 
     /// The model files by name: `config.json`, and `model.bin` and/or `conv.bin`.
     pub fn to_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, String> {
-        let mut out = vec![("config.json", serde_json::to_vec(&self.config).map_err(|e| e.to_string())?)];
+        let mut out = Vec::new();
         if let Some(bag) = &self.bag {
             let net = IntentNet::new(bag.emb.weight.clone(), bag.emb.rows, bag.emb.dim, bag.head.clone(), &self.device);
             out.push(("model.bin", net.to_bytes().map_err(|e| e.to_string())?));
@@ -243,12 +244,14 @@ impl<B: Backend> Predictor<B> {
         if let Some(conv) = &self.conv {
             out.push(("conv.bin", record_bytes(conv.clone()).map_err(|e| e.to_string())?));
         }
+        // Last: a model with its config is complete (`models::MODEL_CONFIG`).
+        out.push((MODEL_CONFIG, serde_json::to_vec(&self.config).map_err(|e| e.to_string())?));
         Ok(out)
     }
 
     /// Loads the model files written by [`to_files`](Self::to_files); `read` returns a file's bytes by name.
     pub fn from_files(read: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>, device: &B::Device) -> Result<Self, String> {
-        let mut config: ModelConfig = serde_json::from_slice(&read("config.json")?).map_err(|e| format!("bad model config.json: {e}"))?;
+        let mut config: ModelConfig = serde_json::from_slice(&read(MODEL_CONFIG)?).map_err(|e| format!("bad model config.json: {e}"))?;
         if config.format != MODEL_FORMAT && config.format != MODEL_FORMAT_CONV {
             return Err(format!(
                 "model format {} is not supported (this build reads {MODEL_FORMAT} and {MODEL_FORMAT_CONV})",

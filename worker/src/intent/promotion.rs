@@ -11,7 +11,7 @@
 //! plane can promote and roll back without linking burn.
 
 use serde::{Deserialize, Serialize};
-pub use trainyard_common::models::{history, production, promote_job, rollback, set_production, ProductionEntry};
+pub use trainyard_common::models::{history, production, promote_job, rollback, set_production, ProductionEntry, Promotion, Replacing};
 
 use super::metrics::Metrics;
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Value};
+use trainyard_common::models::MODEL_CONFIG;
 
 use super::{
     device::DeviceSpec,
@@ -16,7 +17,7 @@ use super::{
     params::{Hyper, ModelKind, PromoteMode, TrainParams},
     pipeline::{stop_if_cancelled, texts, Prepared},
     predict::Predictor,
-    promotion::{set_production, GateDecision, ProductionEntry},
+    promotion::{set_production, GateDecision, ProductionEntry, Promotion, Replacing},
 };
 use crate::handler::JobError;
 
@@ -37,9 +38,7 @@ pub(super) fn finish<B: AutodiffBackend>(
     let about = [("device", spec.to_string()), ("model", h.model.to_string())];
     stop_if_cancelled(env, "writing the model")?;
     let (metrics, outputs) = write_evaluation(env, &truth, &predicted, prep.oos_label.as_deref(), &about)?;
-    for (name, bytes) in predictor.to_files().map_err(JobError::transient)? {
-        env.put(&format!("model/{name}"), bytes)?;
-    }
+    write_model(env, predictor)?;
     let log: Vec<_> = stages.iter().flat_map(|s| s.log.clone()).collect();
     env.put_json("training_log.json", &log)?;
     let model_key = env.key("model");
@@ -73,6 +72,18 @@ pub(super) fn finish<B: AutodiffBackend>(
     }))
 }
 
+/// Writes the model's files under `model/`, its config last, having taken away the config an
+/// earlier run of the job left: until the new config is there, the model reads as missing,
+/// never as one run's config beside another's networks.
+fn write_model<B: burn::tensor::backend::Backend>(env: &RunEnv, predictor: &Predictor<B>) -> Result<(), JobError> {
+    let config = env.key(&format!("model/{MODEL_CONFIG}"));
+    env.rt.block_on(env.store.delete(&config)).map_err(|e| JobError::transient(e.to_string()))?;
+    for (name, bytes) in predictor.to_files().map_err(JobError::transient)? {
+        env.put(&format!("model/{name}"), bytes)?;
+    }
+    Ok(())
+}
+
 /// The keys of everything the run wrote, by name (`outputs`: the evaluation's).
 fn artifact_keys(
     env: &RunEnv,
@@ -96,7 +107,13 @@ fn artifact_keys(
     artifacts
 }
 
-/// Runs the promotion gate against the bot's production model and promotes when it passes and may.
+/// How many times the gate runs again when production changes between its comparison and its
+/// promotion (another job's gate or an operator promoted meanwhile) before the job is retried.
+const GATE_ROUNDS: usize = 3;
+
+/// Runs the promotion gate against the bot's production model and promotes when it passes and
+/// may, in place of the model it was compared with only: when another model was made production
+/// meanwhile, the gate runs again against that one.
 fn gate_and_promote(
     env: &RunEnv,
     params: &TrainParams,
@@ -105,26 +122,42 @@ fn gate_and_promote(
     truth: &[String],
     model_key: &str,
 ) -> Result<GateDecision, JobError> {
-    let mut decision = gate_against_production(env, &params.gate, metrics, test_texts, truth)?;
-    decision.mode = match params.promote {
-        PromoteMode::Auto => "auto".into(),
-        PromoteMode::Manual => "manual".into(),
-    };
-    if decision.passed && params.promote == PromoteMode::Auto && env.apply_promotion {
+    for _ in 0..GATE_ROUNDS {
+        let (mut decision, compared) = gate_against_production(env, &params.gate, metrics, test_texts, truth)?;
+        decision.mode = match params.promote {
+            PromoteMode::Auto => "auto".into(),
+            PromoteMode::Manual => "manual".into(),
+        };
+        let Some(models) = env.models.as_ref().filter(|_| decision.passed && params.promote == PromoteMode::Auto && env.apply_promotion)
+        else {
+            return Ok(log_verdict(env, decision));
+        };
         stop_if_cancelled(env, "promoting the model")?;
-        if let Some(models) = &env.models {
-            let entry = ProductionEntry {
-                bot: env.bot.clone(),
-                job_id: env.job_id.clone(),
-                model: model_key.to_string(),
-                metrics: trainyard_common::models::headline(&serde_json::to_value(metrics).unwrap_or_default()),
-                promoted_at: chrono::Utc::now(),
-                reason: decision.reasons.join("; "),
-            };
-            env.rt.block_on(set_production(models, &env.bot, entry)).map_err(|e| JobError::transient(e.to_string()))?;
-            decision.promoted = true;
+        let entry = ProductionEntry {
+            bot: env.bot.clone(),
+            job_id: env.job_id.clone(),
+            model: model_key.to_string(),
+            metrics: trainyard_common::models::headline(&serde_json::to_value(metrics).unwrap_or_default()),
+            promoted_at: chrono::Utc::now(),
+            reason: decision.reasons.join("; "),
+        };
+        let replacing = Replacing::Only(compared.as_deref());
+        match env.rt.block_on(set_production(models, &env.bot, entry, replacing)).map_err(|e| JobError::transient(e.to_string()))? {
+            Promotion::Made | Promotion::AlreadyProduction => {
+                decision.promoted = true;
+                return Ok(log_verdict(env, decision));
+            }
+            Promotion::Moved { production } => env.log(format!(
+                "promotion: production became {} during the gate: gating again against it",
+                production.as_deref().unwrap_or("no model")
+            )),
         }
     }
+    Err(JobError::transient(format!("the bot's production model changed during each of {GATE_ROUNDS} gates: nothing promoted")))
+}
+
+/// Logs the gate's verdict; returns the decision.
+fn log_verdict(env: &RunEnv, decision: GateDecision) -> GateDecision {
     let verdict = match (decision.passed, decision.promoted) {
         (true, true) => "promoted to production".to_string(),
         (true, false) => {
@@ -133,5 +166,5 @@ fn gate_and_promote(
         (false, _) => "rejected by the gate".to_string(),
     };
     env.log(format!("promotion: {verdict}: {}", decision.reasons.join("; ")));
-    Ok(decision)
+    decision
 }

@@ -240,7 +240,7 @@ async fn gate_rejects_a_worse_model_and_rollback_restores() {
     // A by-hand promotion then a rollback.
     models::promote_job(&f.store, "bank", "bad", "operator override").await.unwrap();
     assert_eq!(models::production(&f.store, "bank").await.unwrap().unwrap().job_id, "bad");
-    let back = models::rollback(&f.store, "bank", "bad model").await.unwrap().unwrap();
+    let back = models::rollback(&f.store, "bank", "bad model", Some("bad")).await.unwrap().unwrap();
     assert_eq!(back.job_id, "good");
     assert_eq!(models::history(&f.store, "bank").await.unwrap().records.len(), 3);
 }
