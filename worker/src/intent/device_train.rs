@@ -26,10 +26,10 @@ use burn::{
 use super::{
     checkpoint::{self, CheckpointMeta, DeviceCheckpoint},
     model::{BytesRecorder, Head},
-    nets::{batch_tensors, load_bytes, record_bytes, DeviceNet},
+    nets::{batch_tensors, load_bytes, load_record, record_bytes, DeviceNet},
     params::Hyper,
     seq::Padded,
-    train::{drop_row, epoch_log, epoch_order, learning_rate, rec_err, Hooks, RunLog, TrainError},
+    train::{drop_row, epoch_log, epoch_order, learning_rate, rec_err, resume_err, Hooks, RunLog, TrainError},
 };
 
 /// Training and validation rows as fixed-width ids, with their labels.
@@ -169,9 +169,13 @@ where
     let mut best: Option<Vec<u8>> = None;
     let mut resumed_from_epoch = None;
     if let Some(ck) = resume.filter(|ck| ck.meta.fingerprint == run.fingerprint && ck.meta.path == run.path) {
-        model = load_bytes(model, ck.model.clone(), device).map_err(rec_err)?;
-        optim = optim.load_record(Recorder::<B>::load(&recorder, ck.optim, device).map_err(rec_err)?);
+        model = load_bytes(model, ck.model.clone(), device).map_err(resume_err)?;
+        optim = optim.load_record(load_record(ck.optim, device).map_err(resume_err)?);
         best = ck.best.or_else(|| (ck.meta.best_epoch > 0).then(|| ck.model.clone()));
+        // The best weights load at the end: found unloadable there, every attempt would fail.
+        if let Some(b) = &best {
+            load_bytes(model.clone(), b.clone(), device).map_err(resume_err)?;
+        }
         resumed_from_epoch = Some(ck.meta.epoch);
         meta = ck.meta;
     }
@@ -187,7 +191,7 @@ where
         let train_secs = t0.elapsed().as_secs_f64();
         let val = accuracy(&model.valid(), &data.x_val, &data.y_val, device);
         let model_bytes = record_bytes(model.clone()).map_err(rec_err)?;
-        let log = epoch_log(cfg, epoch, n, loss_sum, val, train_secs, t0);
+        let log = epoch_log(cfg, epoch, n, loss_sum, val, train_secs, t0)?;
         if meta.end_epoch(log.clone(), !data.y_val.is_empty()) {
             best = Some(model_bytes.clone());
         }

@@ -79,10 +79,11 @@ pub struct Stage<'a> {
     pub checkpoint_key: &'static str,
 }
 
-fn transient(e: TrainError) -> JobError {
+fn job_error(e: TrainError) -> JobError {
     match e {
         TrainError::Cancelled(_) => JobError::cancelled(e.to_string()),
-        TrainError::Checkpoint { .. } | TrainError::Record(_) => JobError::transient(e.to_string()),
+        TrainError::Diverged(_) => JobError::permanent(e.to_string()),
+        TrainError::Checkpoint { .. } | TrainError::Record(_) | TrainError::Resume(_) => JobError::transient(e.to_string()),
     }
 }
 
@@ -123,10 +124,24 @@ impl Stage<'_> {
         }
     }
 
+    /// Runs `train` from `resume`, with hooks; when the checkpoint's weights do not load,
+    /// says so and runs it again from the start: a retry would read the same checkpoint and
+    /// fail again, every attempt, and the job could never succeed.
+    fn train_from<C, T>(&self, resume: Option<C>, train: impl Fn(Option<C>, Hooks<'_>) -> Result<T, TrainError>) -> Result<T, JobError> {
+        match self.with_hooks(|hooks| train(resume, hooks))? {
+            Err(TrainError::Resume(e)) => {
+                self.env.log(format!("the checkpoint's weights do not load ({e}): starting afresh"));
+                self.with_hooks(|hooks| train(None, hooks))?.map_err(job_error)
+            }
+            out => out.map_err(job_error),
+        }
+    }
+
     /// Runs `body` with hooks that save checkpoints, report progress (tagged with the
-    /// model and device) and honour cancellation and `stop_after_epoch`.
-    fn with_hooks<T>(&self, model: &str, body: impl FnOnce(Hooks<'_>) -> Result<T, TrainError>) -> Result<T, JobError> {
-        let env = self.env;
+    /// model and device) and honour cancellation and `stop_after_epoch`. The outer error is a
+    /// checkpoint that was not saved.
+    fn with_hooks<T>(&self, body: impl FnOnce(Hooks<'_>) -> Result<T, TrainError>) -> Result<Result<T, TrainError>, JobError> {
+        let (env, model) = (self.env, self.name);
         let cut = AtomicBool::new(false);
         let cancelled = || env.cancel.is_cancelled() || cut.load(Ordering::Relaxed);
         let pending: RefCell<Option<tokio::task::JoinHandle<Result<(), String>>>> = RefCell::default();
@@ -175,7 +190,7 @@ impl Stage<'_> {
         };
         let out = body(Hooks { cancelled: &cancelled, save: &mut save, progress: &mut progress });
         wait_pending().map_err(|e| JobError::transient(format!("failed to save a checkpoint: {e}")))?;
-        out.map_err(transient)
+        Ok(out)
     }
 
     /// Trains the bag: the sparse path on the CPU, the device path elsewhere (or when `force_device`).
@@ -192,7 +207,7 @@ impl Stage<'_> {
                 Some(Resumable::Sparse(ck)) => Some(ck),
                 _ => None,
             };
-            let t = self.with_hooks(self.name, |hooks| train::<B>(h, data, &self.fingerprint, resume, device, hooks))?;
+            let t = self.train_from(resume, |resume, hooks| train::<B>(h, data, &self.fingerprint, resume, device, hooks))?;
             let summary = summary(self.name, PATH_SPARSE, t.run);
             return Ok((BagNet { emb: t.emb, head: t.head }, summary));
         }
@@ -210,7 +225,8 @@ impl Stage<'_> {
         };
         let mut rng = rand::SeedableRng::seed_from_u64(h.seed);
         let init = DenseBag::<B>::init(feats.dim(), h.hidden, data.labels, &mut rng, device);
-        let t = self.with_hooks(self.name, |hooks| train_device(h, self.run_id(PATH_DEVICE_BAG), &dd, init, resume, device, hooks))?;
+        let t = self
+            .train_from(resume, |resume, hooks| train_device(h, self.run_id(PATH_DEVICE_BAG), &dd, init.clone(), resume, device, hooks))?;
         let emb = EmbeddingBag::from_weights(feats.dim(), h.hidden, t.model.table_rows());
         let summary = summary(self.name, PATH_DEVICE_BAG, t.run);
         Ok((BagNet { emb, head: t.model.head }, summary))
@@ -242,7 +258,8 @@ impl Stage<'_> {
         };
         let mut rng = rand::SeedableRng::seed_from_u64(h.seed ^ 0xC0_4E);
         let init = ConvNet::<B>::init(shape, &mut rng, device);
-        let t = self.with_hooks(self.name, |hooks| train_device(h, self.run_id(PATH_CONV), &dd, init, resume, device, hooks))?;
+        let t =
+            self.train_from(resume, |resume, hooks| train_device(h, self.run_id(PATH_CONV), &dd, init.clone(), resume, device, hooks))?;
         let summary = summary(self.name, PATH_CONV, t.run);
         Ok((t.model, summary))
     }

@@ -127,12 +127,7 @@ impl<B: Backend> IntentNet<B> {
                 out_bias: Param::from_tensor(Tensor::zeros([labels], device)),
             },
         };
-        let record = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Recorder::<B>::load::<IntentNetRecord<B>>(&BytesRecorder::default(), bytes, device)
-        }))
-        .map_err(|_| RecordError { what: "decode", reason: "corrupt or incompatible model file".into() })?
-        .map_err(|e| RecordError { what: "decode", reason: e.to_string() })?;
-        let net = skeleton.load_record(record);
+        let net = super::nets::load_bytes(skeleton, bytes, device)?;
         let [f, h] = net.embedding.val().dims();
         let [h2, l] = net.head.out_weight.val().dims();
         if (f, h, h2, l) != (features, hidden, hidden, labels) {

@@ -14,7 +14,7 @@
 
 use burn::{
     module::{Module, Param},
-    record::{Recorder, RecorderError},
+    record::{Record, Recorder, RecorderError},
     tensor::{backend::Backend, Distribution, Int, Tensor, TensorData},
 };
 use rand::{rngs::StdRng, Rng};
@@ -57,12 +57,15 @@ pub fn record_bytes<B: Backend, M: Module<B>>(m: M) -> Result<Vec<u8>, RecordErr
 
 /// Loads bytes written by [`record_bytes`] into `skeleton` (a module of the expected shape).
 pub fn load_bytes<B: Backend, M: Module<B>>(skeleton: M, bytes: Vec<u8>, device: &B::Device) -> Result<M, RecordError> {
-    let record = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Recorder::<B>::load::<M::Record>(&BytesRecorder::default(), bytes, device)
-    }))
-    .map_err(|_| RecordError { what: "decode", reason: "corrupt or incompatible model record".into() })?
-    .map_err(|e: RecorderError| RecordError { what: "decode", reason: e.to_string() })?;
-    Ok(skeleton.load_record(record))
+    Ok(skeleton.load_record(load_record::<B, M::Record>(bytes, device)?))
+}
+
+/// Reads a burn record (a module's or an optimizer's) from bytes written by burn's bytes
+/// recorder. That recorder panics on bytes it cannot decode: here they are an error.
+pub fn load_record<B: Backend, R: Record<B>>(bytes: Vec<u8>, device: &B::Device) -> Result<R, RecordError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Recorder::<B>::load::<R>(&BytesRecorder::default(), bytes, device)))
+        .map_err(|_| RecordError { what: "decode", reason: "corrupt or incompatible record".into() })?
+        .map_err(|e: RecorderError| RecordError { what: "decode", reason: e.to_string() })
 }
 
 /// The bag of n-grams with its table on the device (row 0: padding).

@@ -39,23 +39,32 @@ pub(super) fn texts(examples: &[Example]) -> Vec<&str> {
     examples.iter().map(|e| e.text.as_str()).collect()
 }
 
-/// A stable digest of what a run trains on, to refuse foreign checkpoints.
-fn fingerprint(params: &TrainParams, labels: &[String], dim: usize, train: &[Example]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+/// A stable digest of what a run trains on and is validated on, to refuse foreign
+/// checkpoints: the settings, the labels, the feature count and every training and validation
+/// row, each field length-prefixed (a resumed run keeps its best validation accuracy and
+/// patience, which mean nothing on other validation rows).
+fn fingerprint(params: &TrainParams, labels: &[String], dim: usize, train: &[Example], val: &[Example]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
     let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
     };
+    eat(b"trainyard checkpoint fingerprint 2");
     eat(serde_json::to_string(&params.hyper).unwrap_or_default().as_bytes());
-    eat(labels.join("\u{1}").as_bytes());
-    eat(&(dim as u64).to_le_bytes());
-    for e in train {
-        eat(e.text.as_bytes());
-        eat(e.label.as_bytes());
+    for l in labels {
+        eat(l.as_bytes());
     }
-    format!("{h:016x}")
+    eat(&(dim as u64).to_le_bytes());
+    for (split, rows) in [(&b"train"[..], train), (b"validation", val)] {
+        eat(split);
+        eat(&(rows.len() as u64).to_le_bytes());
+        for e in rows {
+            eat(e.text.as_bytes());
+            eat(e.label.as_bytes());
+        }
+    }
+    format!("{:x}", h.finalize())
 }
 
 /// Picks the OOS threshold on validation: the one maximising validation accuracy
@@ -220,7 +229,7 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
             labels: labels.len(),
             features: f.dim(),
         };
-        let fp = fingerprint(self.params, labels, f.dim(), train);
+        let fp = fingerprint(self.params, labels, f.dim(), train, val);
         let (net, summary) = self.stage(name, h, fp, key).fit_bag::<B>(&f, &data, self.device, self.force_device_bag)?;
         Ok((net, f, summary))
     }
@@ -255,7 +264,7 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
             ));
             check_conv(s.vocab(), prep.labels.len(), train_texts.len() + val_texts.len(), s.config.subwords, h)?;
             let (x_train, x_val) = (s.transform(&train_texts), s.transform(&val_texts));
-            let fp = fingerprint(self.params, &prep.labels, s.vocab(), &prep.splits.train);
+            let fp = fingerprint(self.params, &prep.labels, s.vocab(), &prep.splits.train, &prep.splits.val);
             let key = if h.model == ModelKind::Conv { CHECKPOINT_KEY } else { CONV_CHECKPOINT_KEY };
             let (net, summary) = self.stage("conv", h, fp, key).fit_conv::<B>(
                 &s,

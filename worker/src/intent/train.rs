@@ -25,6 +25,7 @@ use super::{
     checkpoint::{self, Checkpoint, CheckpointMeta, EpochLog},
     features::Csr,
     model::{tensor2, to_vec, BytesRecorder, Head},
+    nets::load_record,
     params::Hyper,
     predict::{decide, probabilities},
     sparse::{AdamParams, EmbeddingBag},
@@ -64,6 +65,13 @@ pub enum TrainError {
     /// A burn record could not be (de)serialised.
     #[error("{0}")]
     Record(String),
+    /// The checkpoint to resume from holds weights this build does not load (a record format
+    /// an upgrade changed): the stage starts afresh rather than fail every attempt on it.
+    #[error("the checkpoint's weights do not load: {0}")]
+    Resume(String),
+    /// The loss is no longer a number: the run diverged, and every attempt would.
+    #[error("the training loss is not a number after epoch {0}: training diverged; try a lower `lr`")]
+    Diverged(usize),
 }
 
 /// The callbacks of a run.
@@ -105,6 +113,11 @@ pub(crate) fn rec_err(e: impl std::fmt::Display) -> TrainError {
     TrainError::Record(e.to_string())
 }
 
+/// A checkpoint's record that does not load, as a training error.
+pub(crate) fn resume_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Resume(e.to_string())
+}
+
 /// Validation accuracy (arg-max) of the current weights; 0 with no validation data.
 fn val_accuracy<B: AutodiffBackend>(emb: &EmbeddingBag, head: &Head<B>, data: &TrainData, device: &B::Device) -> f64 {
     if data.y_val.is_empty() {
@@ -125,7 +138,8 @@ impl RunLog {
 }
 
 /// The log of `epoch`, which trained `n` examples to a summed loss of `loss_sum` in
-/// `train_secs` and began at `started`, with its validation accuracy.
+/// `train_secs` and began at `started`, with its validation accuracy; an error when the loss
+/// is not a finite number (it went into the checkpoint as `null`, which no resume reads).
 pub(crate) fn epoch_log(
     cfg: &Hyper,
     epoch: usize,
@@ -134,15 +148,18 @@ pub(crate) fn epoch_log(
     val_accuracy: f64,
     train_secs: f64,
     started: Instant,
-) -> EpochLog {
-    EpochLog {
+) -> Result<EpochLog, TrainError> {
+    if !loss_sum.is_finite() {
+        return Err(TrainError::Diverged(epoch));
+    }
+    Ok(EpochLog {
         epoch,
         epochs: cfg.epochs,
         loss: loss_sum / n.max(1) as f64,
         val_accuracy,
         examples_per_s: n as f64 / train_secs.max(1e-9),
         seconds: started.elapsed().as_secs_f64(),
-    }
+    })
 }
 
 /// Trains (or resumes from `resume`) and returns the best model.
@@ -155,7 +172,7 @@ pub fn train<B: AutodiffBackend>(
     mut hooks: Hooks<'_>,
 ) -> Result<Trained<B>, TrainError> {
     let recorder = BytesRecorder::default();
-    let mut run = SparseRun::<B>::start(cfg, data, fingerprint, resume, device, &recorder)?;
+    let mut run = SparseRun::<B>::start(cfg, data, fingerprint, resume, device)?;
     let n = data.y_train.len();
     let total_steps = n.div_ceil(cfg.batch_size).max(1) * cfg.epochs;
     for epoch in run.meta.epoch + 1..=cfg.epochs {
@@ -167,10 +184,10 @@ pub fn train<B: AutodiffBackend>(
         (run, loss_sum) = run.train_epoch(cfg, data, epoch, total_steps, device, hooks.cancelled)?;
         let train_secs = t0.elapsed().as_secs_f64();
         let val = val_accuracy(&run.emb, &run.head, data, device);
-        let log = epoch_log(cfg, epoch, n, loss_sum, val, train_secs, t0);
+        let log = epoch_log(cfg, epoch, n, loss_sum, val, train_secs, t0)?;
         run.end_epoch(log, data, &recorder, &mut hooks)?;
     }
-    run.finish(cfg, device, &recorder)
+    run.finish(cfg, device)
 }
 
 /// A run on the sparse path: the table, the head and its optimizer, early stopping and the
@@ -187,14 +204,7 @@ struct SparseRun<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> SparseRun<B> {
     /// A fresh run from the seed, or `resume` when the same run wrote it.
-    fn start(
-        cfg: &Hyper,
-        data: &TrainData,
-        fingerprint: &str,
-        resume: Option<Checkpoint>,
-        device: &B::Device,
-        recorder: &BytesRecorder,
-    ) -> Result<Self, TrainError> {
+    fn start(cfg: &Hyper, data: &TrainData, fingerprint: &str, resume: Option<Checkpoint>, device: &B::Device) -> Result<Self, TrainError> {
         let mut init_rng = StdRng::seed_from_u64(cfg.seed);
         let scale = (3.0 / cfg.hidden as f32).sqrt() * 0.1;
         let emb = EmbeddingBag::new(data.features, cfg.hidden, scale, &mut init_rng);
@@ -209,16 +219,20 @@ impl<B: AutodiffBackend> SparseRun<B> {
                 && ck.emb.dim == cfg.hidden
         };
         match resume.filter(fits) {
-            Some(ck) => fresh.resume(ck, device, recorder),
+            Some(ck) => fresh.resume(ck, device),
             None => Ok(fresh),
         }
     }
 
     /// Takes the weights, optimizer state and early stopping of `ck`.
-    fn resume(mut self, ck: Checkpoint, device: &B::Device, recorder: &BytesRecorder) -> Result<Self, TrainError> {
-        self.head = self.head.load_record(Recorder::<B>::load(recorder, ck.head.clone(), device).map_err(rec_err)?);
-        self.optim = self.optim.load_record(Recorder::<B>::load(recorder, ck.optim, device).map_err(rec_err)?);
+    fn resume(mut self, ck: Checkpoint, device: &B::Device) -> Result<Self, TrainError> {
+        self.head = self.head.load_record(load_record(ck.head.clone(), device).map_err(resume_err)?);
+        self.optim = self.optim.load_record(load_record(ck.optim, device).map_err(resume_err)?);
         self.best = ck.best.or_else(|| (ck.meta.best_epoch > 0).then(|| (ck.emb.weight.clone(), ck.head.clone())));
+        // The best head loads at the end: found unloadable there, every attempt would fail.
+        if let Some((_, best)) = &self.best {
+            load_record::<B, <Head<B> as Module<B>>::Record>(best.clone(), device).map_err(resume_err)?;
+        }
         self.emb = ck.emb;
         self.resumed_from_epoch = Some(ck.meta.epoch);
         self.meta = ck.meta;
@@ -281,12 +295,12 @@ impl<B: AutodiffBackend> SparseRun<B> {
     }
 
     /// The best epoch's model (weights only) and how the run went.
-    fn finish(self, cfg: &Hyper, device: &B::Device, recorder: &BytesRecorder) -> Result<Trained<B>, TrainError> {
+    fn finish(self, cfg: &Hyper, device: &B::Device) -> Result<Trained<B>, TrainError> {
         let Self { mut emb, head, meta, best, resumed_from_epoch, .. } = self;
         let head = match best.filter(|_| meta.best_is_earlier()) {
             Some((weight, h)) => {
                 emb.weight = weight;
-                head.load_record(Recorder::<B>::load(recorder, h, device).map_err(rec_err)?)
+                head.load_record(load_record(h, device).map_err(rec_err)?)
             }
             None => head,
         };
@@ -370,5 +384,22 @@ mod tests {
         assert!(!RunLog::ended(meta(5, 0), None, &cfg).stopped_early);
         let run = RunLog::ended(meta(3, 1), Some(2), &cfg);
         assert_eq!((run.stopped_early, run.best_epoch, run.resumed_from_epoch), (false, 1, Some(2)));
+    }
+
+    /// An epoch whose loss is not a finite number ends the run as diverged (a permanent error
+    /// naming `lr`): logged, the loss went into the checkpoint as `null`, which no resume read,
+    /// so every retry began again at epoch 0.
+    #[test]
+    fn an_epoch_whose_loss_is_not_a_number_is_a_diverged_run() {
+        let cfg = Hyper::default();
+        for bad in [f64::NAN, f64::INFINITY] {
+            let e = epoch_log(&cfg, 4, 10, bad, 0.5, 1.0, Instant::now()).unwrap_err();
+            assert!(matches!(e, TrainError::Diverged(4)), "{e}");
+            assert!(e.to_string().contains("`lr`"), "{e}");
+        }
+        let log = epoch_log(&cfg, 4, 10, 5.0, 0.5, 1.0, Instant::now()).unwrap();
+        assert_eq!((log.epoch, log.loss), (4, 0.5));
+        let meta = serde_json::to_vec(&log).unwrap();
+        assert!(serde_json::from_slice::<EpochLog>(&meta).is_ok(), "a finite loss reads back");
     }
 }

@@ -420,3 +420,49 @@ fn every_example_job_reads_and_its_params_parse() {
     seen.sort();
     assert_eq!(seen, ["clinc150-best.json", "clinc150-full.json", "clinc150-small.json"]);
 }
+
+/// A checkpoint of this run whose weights do not load (a record format an upgrade changed)
+/// is said in the log and training starts afresh: the load failed as a transient error, so
+/// every attempt read the same checkpoint and failed again, and the job never succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_weights_do_not_load_starts_the_run_afresh() {
+    use trainyard_worker::intent::checkpoint;
+    let f = fixture();
+    let p = params(json!({"epochs": 3, "promote": "manual"}));
+    train(&f, "garbled", "bank", p.clone()).await.unwrap();
+    let key = "jobs/garbled/checkpoints/latest.ckpt";
+    let ck = checkpoint::decode(&f.store.get(key).await.unwrap().unwrap()).unwrap();
+    let garbage = vec![0xA5; ck.head.len()];
+    f.store.put(key, checkpoint::encode(&ck.meta, &ck.emb, &garbage, &ck.optim, None)).await.unwrap();
+    // Retried (a redelivery): the same job id finds the checkpoint.
+    let again = train(&f, "garbled", "bank", p).await.expect("trains afresh");
+    assert_eq!(again["resumed_from_epoch"], Value::Null, "{again:#}");
+    assert_eq!(again["epochs_run"], 3);
+    let log = String::from_utf8(f.store.get("jobs/garbled/training.log").await.unwrap().unwrap().to_vec()).unwrap();
+    assert!(log.contains("the checkpoint's weights do not load"), "{log}");
+}
+
+/// A checkpoint is resumed only by the run it belongs to: the same job id on other validation
+/// rows starts afresh (the fingerprint left validation out, and a resumed run kept a best
+/// validation accuracy and patience measured on rows it no longer had).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_made_on_other_validation_rows_is_not_resumed() {
+    let f = fixture();
+    let rows = synthetic_rows(40, 7);
+    let write = |val: &[(String, String)]| {
+        let split = |r: &[(String, String)]| r.iter().map(|(t, l)| json!([t, l])).collect::<Vec<_>>();
+        let doc = json!({"train": split(&rows[..160]), "val": split(val), "test": split(&rows[200..])});
+        std::fs::write(f.data.path().join("splits.json"), doc.to_string()).unwrap();
+    };
+    let p = params(json!({"dataset": "splits.json", "epochs": 3, "promote": "manual"}));
+    write(&rows[160..200]);
+    train(&f, "fp", "bank", p.clone()).await.unwrap();
+    let same = train(&f, "fp", "bank", p.clone()).await.unwrap();
+    assert_eq!(same["resumed_from_epoch"], 3, "the same run resumes: {same:#}");
+    let other_val: Vec<_> = synthetic_rows(10, 8);
+    write(&other_val);
+    let other = train(&f, "fp", "bank", p).await.unwrap();
+    assert_eq!(other["resumed_from_epoch"], Value::Null, "{other:#}");
+    let log = String::from_utf8(f.store.get("jobs/fp/training.log").await.unwrap().unwrap().to_vec()).unwrap();
+    assert!(log.contains("made for other data or settings"), "{log}");
+}
