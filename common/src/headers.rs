@@ -15,6 +15,8 @@ pub const DEAD_KIND: &str = "x-trainyard-dead-kind";
 pub const DEAD_STATUS: &str = "x-trainyard-dead-status";
 /// The worker that dead-lettered a message.
 pub const DEAD_WORKER: &str = "x-trainyard-dead-worker";
+/// When a worker dead-lettered a message (RFC 3339).
+pub const DEAD_AT: &str = "x-trainyard-dead-at";
 /// The job id of a dead letter, when the body could be decoded.
 pub const JOB_ID: &str = "x-trainyard-job-id";
 /// Set on a job republished from a dead-letter queue.
@@ -109,6 +111,23 @@ pub fn string(headers: Option<&FieldTable>, name: &str) -> Option<String> {
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
     }
+}
+
+/// When a dead letter died: the worker's [`DEAD_AT`], else the time of the broker's latest
+/// `x-death` entry (whole seconds); `None` when it carries neither.
+pub fn death_time(headers: Option<&FieldTable>) -> Option<chrono::DateTime<chrono::Utc>> {
+    if let Some(at) = string(headers, DEAD_AT).and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok()) {
+        return Some(at.with_timezone(&chrono::Utc));
+    }
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get(X_DEATH)? else { return None };
+    let time = |death: &AMQPValue| match death {
+        AMQPValue::FieldTable(t) => match t.inner().get("time")? {
+            AMQPValue::Timestamp(secs) => chrono::DateTime::from_timestamp(i64::try_from(*secs).ok()?, 0),
+            _ => None,
+        },
+        _ => None,
+    };
+    deaths.as_slice().iter().filter_map(time).max()
 }
 
 /// The real attempt number carried by a job message (1 when absent or nonsense).

@@ -67,7 +67,9 @@ pub fn dead_letter(
         broker_dead_lettered: by_broker && worker_reason.is_none(),
         body_preview: preview,
         body: Some(base64::engine::general_purpose::STANDARD.encode(body)),
-        at: chrono::Utc::now(),
+        // When it died, not when the recorder got to it (hours later after an outage), and the
+        // same each time it is read again.
+        at: headers::death_time(hdrs).unwrap_or_else(chrono::Utc::now),
         replayed_at: None,
     };
     let event = real_id.map(|job_id| final_event(job_id, &letter, hdrs));
@@ -97,7 +99,7 @@ fn final_event(job_id: String, letter: &DeadLetter, hdrs: Option<&FieldTable>) -
         attempt: letter.attempt,
         run: Some(headers::run(hdrs)),
         worker: headers::string(hdrs, headers::DEAD_WORKER).map(|id| WorkerInfo { id, attributes: Default::default() }),
-        at: chrono::Utc::now(),
+        at: letter.at,
         progress: None,
         result: None,
         error: Some(ErrorInfo { kind: error_kind, message: letter.reason.clone() }),
@@ -132,5 +134,32 @@ mod tests {
         assert_eq!(letter("transient", None), JobStatus::Failed);
         assert_eq!(letter("timeout", None), JobStatus::Failed);
         assert_eq!(letter("permanent", Some("nonsense")), JobStatus::Dead);
+    }
+
+    /// A letter and its job's final event are timed when it died: the worker's time, else the
+    /// broker's latest death; they were timed when the recorder read the letter, so a control
+    /// plane down for hours showed jobs ending hours late, and each reading gave another time.
+    #[test]
+    fn a_letter_is_timed_when_it_died() {
+        use lapin::types::{AMQPValue, FieldArray};
+        let spec = JobSpec::new("noop", "bot", serde_json::json!({}), Trigger::manual("tests"));
+        let body = codec::to_json(&spec).unwrap();
+        let mut by_worker = FieldTable::default();
+        headers::set_str(&mut by_worker, headers::DEAD_AT, "2026-12-01T02:25:00.5+00:00");
+        let (letter, event) = dead_letter(Some(codec::JSON), Some(&by_worker), "noop", &body);
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-01T02:25:00.5Z").unwrap().to_utc();
+        assert_eq!((letter.at, event.unwrap().at), (at, at));
+        let death = |secs: u64| {
+            let mut d = FieldTable::default();
+            d.insert("time".into(), AMQPValue::Timestamp(secs));
+            AMQPValue::FieldTable(d)
+        };
+        let mut by_broker = FieldTable::default();
+        let deaths = FieldArray::from(vec![death(1_764_555_900), death(1_764_555_000)]);
+        by_broker.insert(headers::X_DEATH.into(), AMQPValue::FieldArray(deaths));
+        let (letter, _) = dead_letter(Some(codec::JSON), Some(&by_broker), "noop", &body);
+        assert_eq!(letter.at.timestamp(), 1_764_555_900, "the latest death");
+        let (first, _) = dead_letter(Some(codec::JSON), None, "noop", &body);
+        assert!(first.at <= chrono::Utc::now(), "neither: when read");
     }
 }

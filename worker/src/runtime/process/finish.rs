@@ -232,6 +232,7 @@ pub(super) async fn dead_letter(
     headers::set_str(&mut hdrs, headers::DEAD_REASON, truncate(letter.reason, 4000));
     headers::set_str(&mut hdrs, headers::DEAD_KIND, letter.kind);
     headers::set_str(&mut hdrs, headers::DEAD_WORKER, shared.config.worker.id.clone());
+    headers::set_str(&mut hdrs, headers::DEAD_AT, chrono::Utc::now().to_rfc3339());
     if let Some(id) = letter.job_id {
         headers::set_str(&mut hdrs, headers::JOB_ID, truncate(id, 200));
     }
