@@ -294,12 +294,14 @@ pub async fn cancel(
 /// `POST /v1/jobs/{id}/retry`: submits a finished job again as a new job (same type, bot, params, tier and coalescing key).
 #[utoipa::path(post, path = "/jobs/{id}/retry", tag = "jobs", security(("bearer" = [])), params(("id" = String, Path, description = "job id")),
     responses((status = 201, description = "the new job, queued", body = Submitted),
+        (status = 200, description = "the job's last retry, not finished yet: that job, nothing published", body = Submitted),
         (status = 404, description = "no such job", body = ErrorBody),
         (status = 409, description = "the job has not finished, or has no recorded spec", body = ErrorBody),
         ScopeResponses, UnavailableResponses))]
 pub async fn retry(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> ApiResult<Response> {
-    let spec = s.ops.retry(&id, &caller.name, TriggerKind::Api).await?;
-    Ok((StatusCode::CREATED, Json(Submitted::new(&spec, Some(id), JobStatus::Queued))).into_response())
+    let done = s.ops.retry(&id, &caller.name, TriggerKind::Api).await?;
+    let code = if done.known.is_some() { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((code, Json(Submitted::new(&done.spec, Some(id), done.known.unwrap_or(JobStatus::Queued)))).into_response())
 }
 
 /// Query of `GET /v1/dlq`.

@@ -328,8 +328,9 @@ pub async fn jobs(t: Target, url: &str, topology: Topology, cmd: JobsCmd) -> any
         JobsCmd::Retry { id } => {
             let v = match &conn {
                 Conn::Direct(ops) => {
-                    let spec = ops.retry(&id, &who(), TriggerKind::Manual).await?;
-                    json!({"job_id": spec.job_id, "retry_of": id, "job_type": spec.job_type, "bot": spec.bot, "status": "queued"})
+                    let done = ops.retry(&id, &who(), TriggerKind::Manual).await?;
+                    let (spec, status) = (done.spec, done.known.unwrap_or(trainyard_common::JobStatus::Queued));
+                    json!({"job_id": spec.job_id, "retry_of": id, "job_type": spec.job_type, "bot": spec.bot, "status": status})
                 }
                 Conn::Remote { .. } => conn.post(&format!("/jobs/{}/retry", seg(&id)), json!({})).await?,
             };

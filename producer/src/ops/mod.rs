@@ -335,8 +335,11 @@ impl Ops {
     }
 
     /// Submits a finished job again as a new job: the same type, bot, params, attempts,
-    /// timeout, priority tier and coalescing key.
-    pub async fn retry(&self, job_id: &str, by: &str, kind: trainyard_common::TriggerKind) -> Result<JobSpec, OpsError> {
+    /// timeout, priority tier and coalescing key. While the job's last retry has not finished,
+    /// a retry answers that one (`known`), publishing nothing: a request sent twice (a client
+    /// that retries, a double click) made two jobs. The new job's id stands for the job and the
+    /// number of retries before it, so two requests at once make one job.
+    pub async fn retry(&self, job_id: &str, by: &str, kind: trainyard_common::TriggerKind) -> Result<Submission, OpsError> {
         let job = self.job(job_id).await?;
         if !job.status.is_terminal() {
             return Err(OpsError::Conflict(format!("job {job_id} is {}; only a finished job can be retried", job.status)));
@@ -344,15 +347,35 @@ impl Ops {
         let Some(old) = job.spec else {
             return Err(OpsError::Conflict(format!("job {job_id} has no recorded spec (its queued event is missing)")));
         };
-        let mut spec = JobSpec::new(old.job_type, old.bot, old.params, Trigger { kind, source: format!("{by} (retry of {job_id})") });
-        spec.max_attempts = old.max_attempts;
-        spec.timeout_s = old.timeout_s;
-        spec.priority = old.priority;
-        spec.coalesce_key = old.coalesce_key;
-        // A new job id: never known to the store.
-        let spec = self.submit(spec).await?.spec;
-        self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": spec.job_id}))).await?;
-        Ok(spec)
+        let retry = |n: usize| {
+            let mut spec =
+                JobSpec::new(&old.job_type, &old.bot, old.params.clone(), Trigger { kind, source: format!("{by} (retry of {job_id})") });
+            spec.max_attempts = old.max_attempts;
+            spec.timeout_s = old.timeout_s;
+            spec.priority = old.priority;
+            spec.coalesce_key = old.coalesce_key.clone();
+            spec.set_idempotency_key(&format!("retry {n} of job {job_id}")).map(|()| spec).map_err(OpsError::BadRequest)
+        };
+        let filter = AuditFilter { action: Some("retry".into()), target: Some(job_id.into()), limit: 10_000, ..Default::default() };
+        let earlier = self.store.audit(&filter).await?;
+        let last = earlier.first().and_then(|r| Some((r.at, r.detail.as_ref()?.get("new_job_id")?.as_str()?)));
+        if let Some((at, last_id)) = last {
+            match self.store.job(last_id).await? {
+                Some(row) if !row.status.is_terminal() => {
+                    return Ok(Submission { spec: row.spec.map_or_else(|| retry(earlier.len() - 1), Ok)?, known: Some(row.status) });
+                }
+                // Published and audited, not recorded yet (the recorder's lag).
+                None if chrono::Utc::now() - at < chrono::TimeDelta::minutes(10) => {
+                    return Ok(Submission { spec: retry(earlier.len() - 1)?, known: Some(JobStatus::Queued) });
+                }
+                _ => {}
+            }
+        }
+        let submitted = self.submit(retry(earlier.len())?).await?;
+        if submitted.known.is_none() {
+            self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": submitted.spec.job_id}))).await?;
+        }
+        Ok(submitted)
     }
 
     /// A bot's production model and history.

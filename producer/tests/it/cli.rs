@@ -145,6 +145,15 @@ async fn every_cli_command_works_directly_and_through_the_api() {
     // (the tier and key used to be dropped: an urgent job retried ran as a normal one).
     let retry = cli(&server, &["jobs", "retry", &id, "--server", &url, "--token", "admin-tok"]).await;
     assert_ne!(retry["job_id"], id.as_str());
+    // Sent again while that retry is queued (a client's retry, a double click): the same job,
+    // nothing published (a second job was made); by the CLI's own connection too.
+    for remote in [true, false] {
+        let args = with(&["jobs", "retry"], remote);
+        let again = cli(&server, &args.iter().map(String::as_str).chain([id.as_str()]).collect::<Vec<_>>()).await;
+        assert_eq!((&again["job_id"], &again["status"]), (&retry["job_id"], &serde_json::json!("queued")), "{again}");
+    }
+    let retries = trainyard::store::AuditFilter { action: Some("retry".into()), target: Some(id.clone()), ..Default::default() };
+    assert_eq!(store.audit(&retries).await.unwrap().len(), 1, "one retry made");
     let new_job = eventually(20, "retry recorded", || async {
         store.job(retry["job_id"].as_str().unwrap()).await.unwrap().filter(|j| j.spec.is_some())
     })

@@ -71,6 +71,7 @@ pub fn cases(a: &str, b: &str) -> Vec<Case> {
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 401),
         case("POST", "/v1/jobs/{id}/cancel", job("/cancel"), 403).token("r-tok"),
         case("POST", "/v1/jobs/{id}/retry", format!("/v1/jobs/{b}/retry"), 201).token("s-tok"),
+        case("POST", "/v1/jobs/{id}/retry", format!("/v1/jobs/{b}/retry"), 200).token("s-tok"),
         case("POST", "/v1/jobs/{id}/retry", "/v1/jobs/nope/retry", 404).token("s-tok"),
         case("POST", "/v1/jobs/{id}/retry", job("/retry"), 409).token("s-tok"),
         case("POST", "/v1/jobs/{id}/retry", job("/retry"), 401),
