@@ -1,5 +1,5 @@
-//! `trainyard jobs|dlq|models|store`: job management, through the store and
-//! the broker directly, or through the API with `--server URL --token T`.
+//! `trainyard jobs`: job management, through the store and the broker directly, or through
+//! the API with `--server URL --token T`; the connection the other management commands share.
 
 use std::process::ExitCode;
 
@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use trainyard::{
-    ops::{Ops, ReplayRequest},
+    ops::Ops,
     store::{JobCursor, JobFilter, Store},
 };
 use trainyard_common::{artifacts::ArtifactStore, topology::Topology, JobStatus, TriggerKind};
@@ -88,53 +88,6 @@ pub enum JobsCmd {
     Retry { id: String },
 }
 
-#[derive(Debug, Subcommand)]
-pub enum DlqCmd {
-    /// Dead letters not replayed yet.
-    List {
-        #[arg(long = "type")]
-        job_type: Option<String>,
-    },
-    /// Republish dead letters with a fresh attempt count.
-    Replay {
-        /// The job to replay.
-        id: Option<String>,
-        /// Replay every dead letter of `--type`.
-        #[arg(long, requires = "job_type")]
-        all: bool,
-        #[arg(long = "type")]
-        job_type: Option<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ModelsCmd {
-    /// A bot's production model and promotion history.
-    List {
-        #[arg(long)]
-        bot: String,
-    },
-    /// Make the model a job trained its bot's production model.
-    Promote { job_id: String },
-    /// Restore the bot's previous production model.
-    Rollback {
-        #[arg(long)]
-        bot: String,
-        /// Only while this job's model is the production one (a rollback run twice, or by two
-        /// people at once, then goes back once).
-        #[arg(long, value_name = "JOB_ID")]
-        from: Option<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum EventsCmd {
-    /// Parked events, oldest first: reason, routing key, when, and the body as base64.
-    Parked,
-    /// Record every parked event this build can now read (after an upgrade); the rest stay parked.
-    Reprocess,
-}
-
 pub(super) enum Conn {
     Direct(Ops),
     Remote { base: String, token: String, http: reqwest::Client },
@@ -173,7 +126,7 @@ impl Conn {
     pub(super) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         Ok(self.call(reqwest::Method::GET, path, None).await?.json().await?)
     }
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    pub(super) async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         Ok(self.call(reqwest::Method::POST, path, Some(body)).await?.json().await?)
     }
 }
@@ -206,7 +159,7 @@ async fn list_page(conn: &Conn, f: &JobFilter) -> anyhow::Result<(Value, Option<
 
 /// `x` encoded as one URL path segment (or query value): `/`, `?`, `#`, `&`, `%` and the
 /// like cannot change which route or parameter the control plane sees.
-fn seg(x: &str) -> String {
+pub(super) fn seg(x: &str) -> String {
     let mut u = reqwest::Url::parse("http://x/").expect("a constant URL");
     u.path_segments_mut().expect("a base URL").push(x);
     u.path()[1..].replace('&', "%26").replace('=', "%3D")
@@ -385,93 +338,6 @@ async fn logs(conn: &Conn, url: &str, id: &str, attempt: Option<u32>, follow: bo
         (Conn::Direct(ops), true) => Direct { ops, url, job_id: id }.follow(attempt).await?,
         (Conn::Remote { base, token, http }, true) => Api { http, base, token, job_id: id }.follow(attempt).await?,
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn dlq(t: Target, url: &str, topology: Topology, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
-    let conn = open(&t, url, topology).await?;
-    match cmd {
-        DlqCmd::List { job_type } => {
-            let v = match &conn {
-                Conn::Direct(ops) => serde_json::to_value(ops.dead_letters(job_type.as_deref()).await?)?,
-                Conn::Remote { .. } => {
-                    conn.get(&job_type.map(|t| format!("/dlq?type={}", seg(&t))).unwrap_or_else(|| "/dlq".into())).await?
-                }
-            };
-            print(t.json, &v, |v| {
-                println!("{:<43}  {:<13}  {:<14}  {:>3}  REASON", "ID", "TYPE", "KIND", "ATT");
-                for d in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<43}  {:<13}  {:<14}  {:>3}  {}",
-                        s(&d["id"]),
-                        s(&d["job_type"]),
-                        s(&d["kind"]),
-                        s(&d["attempt"]),
-                        s(&d["reason"])
-                    );
-                }
-            });
-        }
-        DlqCmd::Replay { id, all, job_type } => {
-            if id.is_none() && !all {
-                bail!("give a job id, or --all --type T");
-            }
-            let req = ReplayRequest { job_id: id, job_type, all };
-            let v = match &conn {
-                Conn::Direct(ops) => json!({"replayed": ops.replay(&req, &who()).await?}),
-                Conn::Remote { .. } => conn.post("/dlq/replay", serde_json::to_value(&req)?).await?,
-            };
-            print(t.json, &v, |v| {
-                for id in v["replayed"].as_array().into_iter().flatten() {
-                    println!("replayed {}", s(id));
-                }
-            });
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn models(t: Target, url: &str, topology: Topology, cmd: ModelsCmd) -> anyhow::Result<ExitCode> {
-    let conn = open(&t, url, topology).await?;
-    let v = match (&conn, cmd) {
-        (Conn::Direct(ops), ModelsCmd::List { bot }) => serde_json::to_value(ops.models(&bot).await?)?,
-        (Conn::Direct(ops), ModelsCmd::Promote { job_id }) => serde_json::to_value(ops.promote(&job_id, &who()).await?.0)?,
-        (Conn::Direct(ops), ModelsCmd::Rollback { bot, from }) => {
-            json!({"bot": bot, "production": ops.rollback(&bot, &who(), from.as_deref()).await?})
-        }
-        (Conn::Remote { .. }, ModelsCmd::List { bot }) => conn.get(&format!("/models/{}", seg(&bot))).await?,
-        (Conn::Remote { .. }, ModelsCmd::Promote { job_id }) => conn.post(&format!("/models/promote/{}", seg(&job_id)), json!({})).await?,
-        (Conn::Remote { .. }, ModelsCmd::Rollback { bot, from }) => {
-            conn.post(&format!("/models/{}/rollback", seg(&bot)), json!({"from": from})).await?
-        }
-    };
-    print(t.json, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn events(t: Target, cmd: EventsCmd) -> anyhow::Result<ExitCode> {
-    if t.server.is_some() {
-        bail!("`trainyard events` reads the job store directly (TRAINYARD_DATABASE_URL); it is not served by the API");
-    }
-    let store = Store::open(&t.database_url).await?;
-    match cmd {
-        EventsCmd::Parked => {
-            let v = serde_json::to_value(store.parked_events().await?)?;
-            print(t.json, &v, |v| {
-                println!("{:<36}  {:<24}  {:<30}  REASON", "ID", "AT", "ROUTING_KEY");
-                for p in v.as_array().into_iter().flatten() {
-                    println!("{:<36}  {:<24}  {:<30}  {}", s(&p["id"]), s(&p["at"]), s(&p["routing_key"]), s(&p["reason"]));
-                }
-            });
-        }
-        EventsCmd::Reprocess => {
-            let (recorded, parked) =
-                store.reprocess_parked(|p, body| trainyard::audit::decode_parked(&p.routing_key, p.content_type.as_deref(), body)).await?;
-            let v = json!({"recorded": recorded, "still_parked": parked});
-            print(t.json, &v, |_| println!("recorded {recorded} parked event(s); {parked} still parked"));
-        }
-    }
-    store.close().await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,5 +1,6 @@
 //! Subcommands of the `trainyard` binary.
 
+mod admin;
 mod audit;
 mod follow;
 mod manage;
@@ -36,15 +37,15 @@ enum Command {
     Jobs(manage::JobsCmd),
     /// Dead-letter queues.
     #[command(subcommand)]
-    Dlq(manage::DlqCmd),
+    Dlq(admin::DlqCmd),
     /// Bots' production models.
     #[command(subcommand)]
-    Models(manage::ModelsCmd),
+    Models(admin::ModelsCmd),
     /// The audit trail: who submitted, cancelled, retried, replayed, promoted or rolled back what.
     Audit(audit::AuditArgs),
     /// Events the recorder parked because it could not record them.
     #[command(subcommand)]
-    Events(manage::EventsCmd),
+    Events(admin::EventsCmd),
     /// Run the control plane: recorder, scheduler, triggers, HTTP API, metrics.
     Serve(serve::ServeArgs),
     /// The job store.
@@ -64,9 +65,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Submit(args) => submit::run(&cli.amqp_url, topology, args).await,
         Command::Jobs(cmd) => manage::jobs(cli.target, &cli.amqp_url, topology, cmd).await,
-        Command::Dlq(cmd) => manage::dlq(cli.target, &cli.amqp_url, topology, cmd).await,
-        Command::Models(cmd) => manage::models(cli.target, &cli.amqp_url, topology, cmd).await,
-        Command::Events(cmd) => manage::events(cli.target, cmd).await,
+        Command::Dlq(cmd) => admin::dlq(cli.target, &cli.amqp_url, topology, cmd).await,
+        Command::Models(cmd) => admin::models(cli.target, &cli.amqp_url, topology, cmd).await,
+        Command::Events(cmd) => admin::events(cli.target, cmd).await,
         Command::Audit(args) => audit::run(cli.target, &cli.amqp_url, topology, args).await,
         Command::Serve(args) => serve::serve(cli.target, &cli.amqp_url, topology, args).await,
         Command::Store(cmd) => serve::store(cli.target, &cli.amqp_url, topology, cmd).await,
