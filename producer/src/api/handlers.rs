@@ -247,21 +247,24 @@ async fn running_attempt_log(s: &ApiState, id: &str) -> Result<Option<String>, c
     Ok(Some(format!("==> attempt {} (running: its lines so far) <==\n{gap}{}", live.attempt, live.text)))
 }
 
-/// An optional JSON body: none is `T::default()`; one sent without its content type is a 415
-/// (it used to be ignored, and what it asked for with it).
-fn optional_json<T: serde::de::DeserializeOwned + Default>(
-    headers: &header::HeaderMap,
-    body: &axum::body::Bytes,
-    what: &str,
-) -> Result<T, ApiError> {
-    if body.is_empty() {
-        return Ok(T::default());
+/// An optional JSON body: none is `T::default()`; one sent without its JSON content type is a
+/// 415 (it used to be ignored, and what it asked for with it).
+pub struct OptionalJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Default, S: Send + Sync> axum::extract::FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| ApiError(e.status(), e.body_text()))?;
+        if body.is_empty() {
+            return Ok(Self(T::default()));
+        }
+        if ct.split(';').next().map(str::trim) != Some("application/json") {
+            return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("the body must be application/json, not {ct:?}")));
+        }
+        Ok(Self(Json::<T>::from_bytes(&body).map_err(|e| ApiError(e.status(), e.body_text()))?.0))
     }
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if ct.split(';').next().map(str::trim) != Some("application/json") {
-        return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("a {what} body must be application/json, not {ct:?}")));
-    }
-    Ok(Json::<T>::from_bytes(body).map_err(|e| ApiError(e.status(), e.body_text()))?.0)
 }
 
 /// Optional body of `POST /v1/jobs/{id}/cancel`.
@@ -283,11 +286,9 @@ pub async fn cancel(
     State(s): State<ApiState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    headers: header::HeaderMap,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> ApiResult<Response> {
-    let reason = optional_json::<ReasonBody>(&headers, &body, "cancel")?.reason;
-    let req = s.ops.cancel(&id, &caller.name, &reason).await?;
+    let req = s.ops.cancel(&id, &caller.name, &body.reason).await?;
     Ok((StatusCode::ACCEPTED, Json(req)).into_response())
 }
 
@@ -411,11 +412,9 @@ pub async fn rollback(
     State(s): State<ApiState>,
     Extension(caller): Extension<Caller>,
     Path(bot): Path<String>,
-    headers: header::HeaderMap,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<RollbackBody>,
 ) -> ApiResult<Response> {
-    let from = optional_json::<RollbackBody>(&headers, &body, "rollback")?.from;
-    let now = s.ops.rollback(&bot, &caller.name, from.as_deref()).await?;
+    let now = s.ops.rollback(&bot, &caller.name, body.from.as_deref()).await?;
     if let Some(m) = &s.metrics {
         m.promotions.with_label_values(&["rollback"]).inc();
     }
