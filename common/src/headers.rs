@@ -157,6 +157,16 @@ pub fn without_delivery_counts(headers: Option<&FieldTable>) -> FieldTable {
     FieldTable::from(inner)
 }
 
+/// `headers` without the broker's count of this message's deliveries from the queue it came
+/// from ([`DELIVERY_COUNT`]): what a message moved on to another queue carries, whose broker
+/// leaves a stale count in place on its first delivery. The job's own earlier deliveries
+/// ([`EARLIER_DELIVERIES`]) stay.
+pub fn without_broker_count(headers: Option<&FieldTable>) -> FieldTable {
+    let mut inner = headers.cloned().unwrap_or_default().inner().clone();
+    inner.remove(DELIVERY_COUNT);
+    FieldTable::from(inner)
+}
+
 /// The headers of a fresh copy of a delivery with `headers`: the same, with the deliveries so
 /// far under [`EARLIER_DELIVERIES`] and no broker count (the copy's own starts at none).
 pub fn fresh_copy(headers: Option<&FieldTable>) -> FieldTable {

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use trainyard_common::{
     amqp::{confirm_channel, connect, publish_confirmed},
     artifacts::{keys, ArtifactStore},
-    codec,
+    codec, headers,
     job::Priority,
     topology::{jobs_routing_key, Topology},
     CommonError, JobEvent, JobSpec, JobStatus,
@@ -303,10 +303,15 @@ impl Admitter {
         d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("acknowledge an admitted job"))
     }
 
-    /// Publishes a delivery's exact bytes and properties to its tier's work queue, confirmed.
+    /// Publishes a delivery's exact bytes and properties to its tier's work queue, confirmed,
+    /// without the broker's delivery count of the admission queue: each admitter session that
+    /// ends returns the jobs it holds, and the worker read that count as its own (the broker
+    /// does not set it on a first delivery), ending a job that waited through 20 sessions
+    /// `dead` at the delivery limit before it ever ran.
     async fn publish(&self, ch: &Channel, priority: Priority, d: &Delivery) -> Result<(), CommonError> {
         let key = jobs_routing_key(&self.job_type, priority);
-        publish_confirmed(ch, &self.topology.jobs_exchange(), &key, &d.data, d.properties.clone(), true).await
+        let props = d.properties.clone().with_headers(headers::without_broker_count(d.properties.headers().as_ref()));
+        publish_confirmed(ch, &self.topology.jobs_exchange(), &key, &d.data, props, true).await
     }
 
     async fn publish_snapshot(&self, ch: &Channel, exchange: &str, state: &Admission<Delivery>) -> Result<(), CommonError> {

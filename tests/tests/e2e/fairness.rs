@@ -233,3 +233,30 @@ async fn nothing_is_lost_when_the_control_plane_is_sigkilled_during_admission() 
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// A job that waited for admission through many admitter sessions runs: each session that ends
+/// returns the jobs it holds and the admission queue counts the redelivery, and that count went
+/// on with the job to its work queue, where the broker leaves it in place on a first delivery;
+/// past 20 the worker ended the job `dead` at the delivery limit before it ever ran. (Here the
+/// count the admission queue would have reached is on the message as it arrives.)
+#[tokio::test]
+async fn a_job_that_waited_through_many_admitter_sessions_runs() {
+    let env = Env::new(&["noop"]).await;
+    let cp = InProcess::start(&env, JobTypePolicy { max_running_per_bot: Some(1), ..Default::default() }).await;
+    let mut events = NoopEvents::open(&env, "fairness-events").await;
+    let spec = noop("patient-bot", 0);
+    let mut hdrs = FieldTable::default();
+    trainyard_common::headers::set_int(&mut hdrs, trainyard_common::headers::ATTEMPT, 1);
+    trainyard_common::headers::set_int(&mut hdrs, trainyard_common::headers::DELIVERY_COUNT, 25);
+    let props = trainyard::submit::job_properties(&spec, hdrs);
+    let body = trainyard_common::codec::to_msgpack(&spec).unwrap();
+    let key = trainyard_common::topology::jobs_routing_key("noop", spec.priority);
+    amqp::publish_confirmed(&env.ch, &env.topo.submit_exchange(), &key, &body, props, true).await.unwrap();
+    let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 1);
+    let seen = events.until(T, |seen| finished(seen).contains(spec.job_id.as_str())).await.to_vec();
+    let end = seen.iter().rev().find(|e| e.job_id == spec.job_id && e.status.is_terminal()).unwrap();
+    assert_eq!(end.status, JobStatus::Succeeded, "{:?}", end.error);
+    worker.stop().await;
+    cp.stop().await;
+    env.cleanup().await;
+}
