@@ -338,7 +338,9 @@ impl Ops {
     /// timeout, priority tier and coalescing key. While the job's last retry has not finished,
     /// a retry answers that one (`known`), publishing nothing: a request sent twice (a client
     /// that retries, a double click) made two jobs. The new job's id stands for the job and the
-    /// number of retries before it, so two requests at once make one job.
+    /// number of retries before it, so two requests at once publish one job id (both copies
+    /// within the recorder's lag are published, as for any idempotency key). A retry that never
+    /// finishes (cancel it) keeps answering.
     pub async fn retry(&self, job_id: &str, by: &str, kind: trainyard_common::TriggerKind) -> Result<Submission, OpsError> {
         let job = self.job(job_id).await?;
         if !job.status.is_terminal() {
@@ -371,10 +373,17 @@ impl Ops {
                 _ => {}
             }
         }
-        let submitted = self.submit(retry(earlier.len())?).await?;
-        if submitted.known.is_none() {
-            self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": submitted.spec.job_id}))).await?;
-        }
+        // A number whose job has finished (its audit record was lost) is passed over.
+        let mut n = earlier.len();
+        let submitted = loop {
+            let submitted = self.submit(retry(n)?).await?;
+            match submitted.known {
+                Some(status) if status.is_terminal() && n < earlier.len() + 100 => n += 1,
+                _ => break submitted,
+            }
+        };
+        // Audited again when found known: the record that names it was lost.
+        self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": submitted.spec.job_id}))).await?;
         Ok(submitted)
     }
 

@@ -83,3 +83,25 @@ async fn a_trigger_event_seen_again_does_not_publish_its_known_job_again() {
     let _ = ch.queue_delete(triggers.queue_name().as_str().into(), Default::default()).await;
     cleanup(&topo, &["noop"]).await;
 }
+
+/// A retry whose audit record was lost (neither the events stream nor the store took it) is
+/// passed over once it has finished: the next retry computed the same job id, found it known
+/// and finished, and answered it, every time, never making another.
+#[tokio::test]
+async fn a_finished_retry_whose_audit_record_was_lost_is_passed_over() {
+    use trainyard_common::{event::event_seq, JobEvent, TriggerKind};
+    let OpsSetup { topo, ch, store, ops, _conn, _dirs } = ops_setup().await;
+    let failed = spec("noop", "bot-retry");
+    store.record_event(&JobEvent::queued(&failed)).await.unwrap();
+    store.record_event(&JobEvent::new(&failed, JobStatus::Failed, 1, event_seq(1, 0, 1))).await.unwrap();
+    let first = ops.retry(&failed.job_id, "it", TriggerKind::Manual).await.unwrap();
+    assert_eq!(first.known, None, "a new job");
+    store.execute_raw("DELETE FROM audit").await.unwrap();
+    store.record_event(&JobEvent::queued(&first.spec)).await.unwrap();
+    store.record_event(&JobEvent::new(&first.spec, JobStatus::Succeeded, 1, event_seq(1, 0, 1))).await.unwrap();
+    let next = ops.retry(&failed.job_id, "it", TriggerKind::Manual).await.unwrap();
+    assert_eq!(next.known, None, "a new job, not the finished one: {:?}", next.known);
+    assert_ne!(next.spec.job_id, first.spec.job_id);
+    cleanup(&topo, &["noop"]).await;
+    drop(ch);
+}
