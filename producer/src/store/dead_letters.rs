@@ -10,7 +10,8 @@ impl Store {
     /// replaces the one there and lists again; one of an earlier run than the letter there
     /// changes nothing, and one of a run its job has gone past (replayed while the recorder
     /// had not taken this copy yet) is recorded as replayed: it used to list for good, and
-    /// replaying it answered that it is not in its queue.
+    /// replaying it answered that it is not in its queue. A copy of a letter already marked
+    /// replayed, of the same run, leaves the mark.
     pub async fn record_dead_letter(&self, dl: &DeadLetter) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO dead_letters (id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, \
@@ -19,7 +20,8 @@ impl Store {
              ON CONFLICT (id) DO UPDATE SET job_id = excluded.job_id, job_type = excluded.job_type, bot = excluded.bot, \
              reason = excluded.reason, kind = excluded.kind, attempt = excluded.attempt, \
              broker_dead_lettered = excluded.broker_dead_lettered, body_preview = excluded.body_preview, at = excluded.at, \
-             replayed_at = excluded.replayed_at, body = excluded.body, run = excluded.run WHERE excluded.run >= dead_letters.run",
+             replayed_at = CASE WHEN excluded.run = dead_letters.run THEN COALESCE(dead_letters.replayed_at, excluded.replayed_at) \
+             ELSE excluded.replayed_at END, body = excluded.body, run = excluded.run WHERE excluded.run >= dead_letters.run",
         )
         // Text as received, with what the database refuses (NUL) escaped.
         .bind(types::text(&dl.id))

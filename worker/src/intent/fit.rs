@@ -276,3 +276,19 @@ fn summary(model: &'static str, path: &'static str, run: RunLog) -> StageSummary
         log: run.log,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainyard_common::ErrorKind;
+
+    /// A diverged run fails for good (every attempt would diverge again); a checkpoint that does
+    /// not load, or one not saved, is worth another attempt.
+    #[test]
+    fn a_diverged_run_is_permanent_and_an_unloadable_checkpoint_transient() {
+        assert_eq!(job_error(TrainError::Diverged(3)).kind, ErrorKind::Permanent);
+        assert_eq!(job_error(TrainError::Resume("bad bytes".into())).kind, ErrorKind::Transient);
+        assert_eq!(job_error(TrainError::Checkpoint { epoch: 2, reason: "503".into() }).kind, ErrorKind::Transient);
+        assert_eq!(job_error(TrainError::Cancelled(1)).kind, ErrorKind::Cancelled);
+    }
+}

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Value};
-use trainyard_common::models::MODEL_CONFIG;
 
 use super::{
     device::DeviceSpec,
@@ -72,12 +71,11 @@ pub(super) fn finish<B: AutodiffBackend>(
     }))
 }
 
-/// Writes the model's files under `model/`, its config last, having taken away the config an
-/// earlier run of the job left: until the new config is there, the model reads as missing,
-/// never as one run's config beside another's networks.
+/// Writes the model's files under `model/`, its config last: a job stopped while writing its
+/// first model leaves none with a config, which a promotion by hand refuses. The config an
+/// earlier run of the job left is not taken away first: that model may be the bot's production
+/// model, and it would read as missing (and stay so, were this run to fail).
 fn write_model<B: burn::tensor::backend::Backend>(env: &RunEnv, predictor: &Predictor<B>) -> Result<(), JobError> {
-    let config = env.key(&format!("model/{MODEL_CONFIG}"));
-    env.rt.block_on(env.store.delete(&config)).map_err(|e| JobError::transient(e.to_string()))?;
     for (name, bytes) in predictor.to_files().map_err(JobError::transient)? {
         env.put(&format!("model/{name}"), bytes)?;
     }

@@ -93,3 +93,25 @@ async fn a_model_made_production_during_the_gate_is_gated_against() {
     let log = String::from_utf8(f.store.get("jobs/next/training.log").await.unwrap().unwrap().to_vec()).unwrap();
     assert!(log.contains("production became better during the gate"), "{log}");
 }
+
+/// A model's files are written with its config last: a job stopped while writing its first
+/// model leaves none with a config, and a promotion by hand refuses it (a half-written model was
+/// promoted, and then no gate could load production).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_config_is_written_last() {
+    let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = written.clone();
+    let store = Hooked::new()
+        .on_put(move |key, _| {
+            if let Some(name) = key.strip_prefix("jobs/ordered/model/") {
+                log.lock().unwrap().push(name.to_string());
+            }
+        })
+        .store();
+    let f = Fixture { store, ..fixture() };
+    let p = json!({"model": "bag+conv", "conv_dim": 16, "conv_filters": 16, "max_tokens": 8, "epochs": 2, "promote": "manual"});
+    train(&f, "ordered", "bank", params(p)).await.unwrap();
+    let written = written.lock().unwrap().clone();
+    assert_eq!(written.last().map(String::as_str), Some(models::MODEL_CONFIG), "{written:?}");
+    assert!(written.len() >= 3, "the networks, then the config: {written:?}");
+}
