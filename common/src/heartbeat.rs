@@ -51,9 +51,46 @@ pub struct Heartbeat {
     pub goodbye: bool,
 }
 
+impl Heartbeat {
+    /// The jobs of `job_type` it may run at once: its slots are the same number per job type it
+    /// consumes (`--concurrency`), so a share of the total; 0 for a type it does not consume.
+    pub fn slots_for(&self, job_type: &str) -> usize {
+        match self.job_types.iter().any(|t| t == job_type) {
+            true => self.slots / self.job_types.len(),
+            false => 0,
+        }
+    }
+}
+
 /// Declares the heartbeats exchange (fanout, not durable, idempotent).
 pub async fn declare_exchange(ch: &Channel, topology: &Topology) -> Result<String, CommonError> {
     let name = topology.heartbeats_exchange();
     crate::amqp::declare_fleeting_fanout(ch, &name).await?;
     Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker of two types with concurrency 2 beats 4 slots: 2 for each (the fair-share window
+    /// of one type counted all 4).
+    #[test]
+    fn slots_are_per_job_type() {
+        let beat = Heartbeat {
+            worker: WorkerInfo::default(),
+            host: "h".into(),
+            pod: None,
+            job_types: vec!["noop".into(), "intent-eval".into()],
+            device: "cpu".into(),
+            slots: 4,
+            slots_in_use: 0,
+            current_jobs: vec![],
+            version: "0".into(),
+            interval_s: 5,
+            sent_at: Utc::now(),
+            goodbye: false,
+        };
+        assert_eq!((beat.slots_for("noop"), beat.slots_for("intent-eval"), beat.slots_for("intent-train")), (2, 2, 0));
+    }
 }

@@ -127,16 +127,12 @@ impl Admitter {
     }
 
     /// With fair share: how many jobs may be admitted and unfinished, from the live workers'
-    /// slots (heartbeats) plus `admit_ahead`.
+    /// slots for this type (heartbeats; a worker of several types counted them all, and admitted
+    /// more than its slots for this one could run, which then waited in the work queue's order)
+    /// plus `admit_ahead`.
     fn window(&self) -> u64 {
         let now = chrono::Utc::now();
-        let slots: usize = self
-            .workers
-            .rows(now)
-            .iter()
-            .filter(|w| w.state == "live" && w.beat.job_types.contains(&self.job_type))
-            .map(|w| w.beat.slots)
-            .sum();
+        let slots: usize = self.workers.rows(now).iter().filter(|w| w.state == "live").map(|w| w.beat.slots_for(&self.job_type)).sum();
         slots as u64 + u64::from(self.policy.admit_ahead.unwrap_or(2)).max(1)
     }
 
