@@ -265,16 +265,46 @@ pub fn node_label_attributes(labels: &BTreeMap<String, String>) -> BTreeMap<Stri
     attrs
 }
 
-/// `node` = `node_name`, plus [`node_label_attributes`] of that Node; on any
-/// API error (logged) just `node`.
+/// How many times [`worker_attributes`] asks for the Node when the API fails in a way another
+/// try may not (a server error, no answer), and the pause before each try again (doubling).
+const NODE_TRIES: u32 = 3;
+const NODE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// `node` = `node_name`, plus [`node_label_attributes`] of that Node; on an API error (logged)
+/// just `node`. The attributes are read once, at start, and go into every event of the
+/// worker's life: a server error or no answer is tried again ([`NODE_TRIES`] in all; a worker
+/// started while the API server restarted reported no `gpu` for its whole life); a refusal
+/// (403: the ClusterRole is missing) or an unknown node is not.
 pub async fn worker_attributes(client: Client, node_name: &str) -> BTreeMap<String, String> {
     let mut attrs = BTreeMap::from([("node".to_string(), node_name.to_string())]);
     let nodes: Api<Node> = Api::all(client);
-    match tokio::time::timeout(API_TIMEOUT, nodes.get(node_name)).await {
-        Ok(Ok(node)) => attrs.extend(node_label_attributes(node.labels())),
-        Ok(Err(error)) => tracing::warn!(node = %node_name, %error, "failed to read node labels; reporting the node name only"),
-        Err(_) => tracing::warn!(node = %node_name, "no answer reading node labels; reporting the node name only"),
+    let mut pause = NODE_RETRY_PAUSE;
+    for attempt in 1..=NODE_TRIES {
+        let again = match tokio::time::timeout(API_TIMEOUT, nodes.get(node_name)).await {
+            Ok(Ok(node)) => {
+                attrs.extend(node_label_attributes(node.labels()));
+                return attrs;
+            }
+            Ok(Err(kube::Error::Api(status))) if status.code < 500 => {
+                tracing::warn!(node = %node_name, error = %status, "failed to read node labels; reporting the node name only");
+                return attrs;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(node = %node_name, %error, attempt, "failed to read node labels");
+                attempt < NODE_TRIES
+            }
+            Err(_) => {
+                tracing::warn!(node = %node_name, attempt, "no answer reading node labels");
+                attempt < NODE_TRIES
+            }
+        };
+        if !again {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
     }
+    tracing::warn!(node = %node_name, tries = NODE_TRIES, "reporting the node name only");
     attrs
 }
 

@@ -183,6 +183,24 @@ async fn worker_attributes_fall_back_to_the_node_name_on_errors() {
     assert_eq!(attrs, BTreeMap::from([("node".to_string(), "cpu-node-3".to_string())]));
 }
 
+/// A server error reading the Node (the API server restarting as the pod starts) is tried
+/// again: the attributes are read once, and the worker reported no `gpu` for its whole life.
+#[tokio::test]
+async fn worker_attributes_try_again_after_a_server_error() {
+    let (client, mut h) = mock_client();
+    let server = tokio::spawn(async move {
+        let (_, send) = h.next_request().await.expect("no request");
+        reply(send, StatusCode::SERVICE_UNAVAILABLE, status_body(StatusCode::SERVICE_UNAVAILABLE));
+        let (request, send) = h.next_request().await.expect("no second request");
+        assert_eq!(request.uri().path(), "/api/v1/nodes/gpu-node-2");
+        let labels = json!({"nvidia.com/gpu.product": "NVIDIA-H200"});
+        reply(send, StatusCode::OK, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-node-2", "labels": labels}}));
+    });
+    let attrs = worker_attributes(client, "gpu-node-2").await;
+    server.await.unwrap();
+    assert_eq!(attrs.get("gpu").map(String::as_str), Some("NVIDIA-H200"), "{attrs:?}");
+}
+
 #[test]
 fn gpu_model_falls_back_to_cloud_labels() {
     let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
