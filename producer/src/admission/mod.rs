@@ -7,7 +7,8 @@
 //! workers. The admitter (one active consumer across replicas: single active consumer) holds
 //! the waiting jobs as unacknowledged deliveries, follows the type's events to know which
 //! admitted jobs finished, and admits the next job ([`state`]) by publishing its exact bytes
-//! and headers to the work queue of its tier with a publisher confirm, then acknowledging the
+//! and headers (less the admission queue's `x-delivery-count`) to the work queue of its tier
+//! with a publisher confirm, then acknowledging the
 //! waiting copy. A crash in between leaves both copies: the job is admitted again and the
 //! worker's outcome record makes the second run a no-op. A waiting job holds no worker slot
 //! and no delivery count of its work queue (its message there is new when admitted).
@@ -292,7 +293,7 @@ impl Admitter {
         Ok(())
     }
 
-    /// Publishes the delivery's exact bytes and properties to its tier's work queue
+    /// Publishes the delivery's exact bytes and properties (see [`Self::publish`]) to its tier's work queue
     /// (confirmed, mandatory), then acknowledges it in the admission queue.
     async fn pass_on(&self, ch: &Channel, priority: Priority, d: Delivery) -> Result<(), CommonError> {
         self.publish(ch, priority, &d).await?;

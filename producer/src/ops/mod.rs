@@ -362,13 +362,17 @@ impl Ops {
         let earlier = self.store.audit(&filter).await?;
         let last = earlier.first().and_then(|r| Some((r.at, r.detail.as_ref()?.get("new_job_id")?.as_str()?)));
         if let Some((at, last_id)) = last {
+            // The job the record names, as recorded, else as the retry made it.
+            let named = |spec: Option<JobSpec>| -> Result<JobSpec, OpsError> {
+                let mut spec = spec.map_or_else(|| retry(0), Ok)?;
+                spec.job_id = last_id.to_string();
+                Ok(spec)
+            };
             match self.store.job(last_id).await? {
-                Some(row) if !row.status.is_terminal() => {
-                    return Ok(Submission { spec: row.spec.map_or_else(|| retry(earlier.len() - 1), Ok)?, known: Some(row.status) });
-                }
+                Some(row) if !row.status.is_terminal() => return Ok(Submission { spec: named(row.spec)?, known: Some(row.status) }),
                 // Published and audited, not recorded yet (the recorder's lag).
                 None if chrono::Utc::now() - at < chrono::TimeDelta::minutes(10) => {
-                    return Ok(Submission { spec: retry(earlier.len() - 1)?, known: Some(JobStatus::Queued) });
+                    return Ok(Submission { spec: named(None)?, known: Some(JobStatus::Queued) });
                 }
                 _ => {}
             }
@@ -382,8 +386,10 @@ impl Ops {
                 _ => break submitted,
             }
         };
-        // Audited again when found known: the record that names it was lost.
-        self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": submitted.spec.job_id}))).await?;
+        // A job found known and running is another request's retry, which audits it.
+        if submitted.known.is_none() {
+            self.audit(by, "retry", job_id, Some(serde_json::json!({"new_job_id": submitted.spec.job_id}))).await?;
+        }
         Ok(submitted)
     }
 

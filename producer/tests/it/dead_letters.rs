@@ -258,4 +258,9 @@ async fn a_dead_letter_of_a_run_its_job_has_gone_past_does_not_list() {
     store.record_dead_letter(&letter(0, "run 0 died, a copy")).await.unwrap();
     let listed = store.dead_letters(None).await.unwrap();
     assert_eq!(listed.iter().map(|l| (l.run, l.reason.as_str())).collect::<Vec<_>>(), [(1, "run 1 died")]);
+    // Marked replayed (its replay's run not recorded yet), then a copy of the same run: it
+    // stays replayed (the copy listed it again).
+    store.mark_replayed(&job.job_id, chrono::Utc::now()).await.unwrap();
+    store.record_dead_letter(&letter(1, "run 1 died, a copy")).await.unwrap();
+    assert!(store.dead_letters(None).await.unwrap().is_empty(), "still replayed");
 }

@@ -102,6 +102,10 @@ async fn a_finished_retry_whose_audit_record_was_lost_is_passed_over() {
     let next = ops.retry(&failed.job_id, "it", TriggerKind::Manual).await.unwrap();
     assert_eq!(next.known, None, "a new job, not the finished one: {:?}", next.known);
     assert_ne!(next.spec.job_id, first.spec.job_id);
+    // Sent again before the store has it: the job the audit record names (the id was rebuilt
+    // from the number of records, and named the finished one).
+    let again = ops.retry(&failed.job_id, "it", TriggerKind::Manual).await.unwrap();
+    assert_eq!((again.spec.job_id.as_str(), again.known), (next.spec.job_id.as_str(), Some(JobStatus::Queued)));
     cleanup(&topo, &["noop"]).await;
     drop(ch);
 }

@@ -272,9 +272,9 @@ const NODE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// `node` = `node_name`, plus [`node_label_attributes`] of that Node; on an API error (logged)
 /// just `node`. The attributes are read once, at start, and go into every event of the
-/// worker's life: a server error or no answer is tried again ([`NODE_TRIES`] in all; a worker
-/// started while the API server restarted reported no `gpu` for its whole life); a refusal
-/// (403: the ClusterRole is missing) or an unknown node is not.
+/// worker's life: a server error, 408, 429 or no answer is tried again ([`NODE_TRIES`] in all;
+/// a worker started while the API server restarted reported no `gpu` for its whole life);
+/// another answer of the 4xx class (403: the ClusterRole is missing; 404: an unknown node) is not.
 pub async fn worker_attributes(client: Client, node_name: &str) -> BTreeMap<String, String> {
     let mut attrs = BTreeMap::from([("node".to_string(), node_name.to_string())]);
     let nodes: Api<Node> = Api::all(client);
@@ -285,7 +285,7 @@ pub async fn worker_attributes(client: Client, node_name: &str) -> BTreeMap<Stri
                 attrs.extend(node_label_attributes(node.labels()));
                 return attrs;
             }
-            Ok(Err(kube::Error::Api(status))) if status.code < 500 => {
+            Ok(Err(kube::Error::Api(status))) if status.code < 500 && !matches!(status.code, 408 | 429) => {
                 tracing::warn!(node = %node_name, error = %status, "failed to read node labels; reporting the node name only");
                 return attrs;
             }

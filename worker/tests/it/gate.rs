@@ -115,3 +115,21 @@ async fn a_models_config_is_written_last() {
     assert_eq!(written.last().map(String::as_str), Some(models::MODEL_CONFIG), "{written:?}");
     assert!(written.len() >= 3, "the networks, then the config: {written:?}");
 }
+
+/// A job run again after its model was written (its outcome record lost) writes the model
+/// again without taking any of it away first: that model may be the bot's production model, and
+/// a config deleted first read as missing, and stayed so if the run then failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_run_again_takes_none_of_its_model_away() {
+    let deleted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = deleted.clone();
+    let store = Hooked::new().on_delete(move |key| log.lock().unwrap().push(key.to_string())).store();
+    let f = Fixture { store, ..fixture() };
+    let first = train(&f, "twice", "bank", params(json!({}))).await.unwrap();
+    assert_eq!(first["promotion"]["promoted"], true, "{first:#}");
+    let again = train(&f, "twice", "bank", params(json!({}))).await.unwrap();
+    assert_eq!(again["promotion"]["promoted"], true, "still production: {again:#}");
+    let deleted = deleted.lock().unwrap().clone();
+    assert!(!deleted.iter().any(|k| k.starts_with("jobs/twice/model/")), "{deleted:?}");
+    assert!(f.store.exists(&format!("jobs/twice/model/{}", models::MODEL_CONFIG)).await.unwrap());
+}

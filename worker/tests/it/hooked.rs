@@ -1,11 +1,11 @@
-//! An in-memory artifact store with hooks on its puts and gets: a test's way to act at an
+//! An in-memory artifact store with hooks on its puts, gets and deletes: a test's way to act at an
 //! exact point of a run (ask for a stop as a checkpoint is saved, change production while a
 //! gate reads it) or to fail a read.
 
 use std::{fmt, sync::Arc};
 
 use async_trait::async_trait;
-use futures::{future::BoxFuture, stream::BoxStream, FutureExt};
+use futures::{future::BoxFuture, stream::BoxStream, FutureExt, StreamExt};
 use object_store::{
     memory::InMemory, path::Path, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult,
@@ -14,18 +14,25 @@ use trainyard_common::artifacts::ArtifactStore;
 
 type PutHook = Box<dyn Fn(&str, &[u8]) + Send + Sync>;
 type GetHook = Box<dyn Fn(&str) -> BoxFuture<'static, object_store::Result<()>> + Send + Sync>;
+type DeleteHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The store; [`Hooked::store`] gives the artifact store over it.
 pub struct Hooked {
     inner: Arc<InMemory>,
     on_put: PutHook,
     on_get: GetHook,
+    on_delete: DeleteHook,
 }
 
 impl Hooked {
     /// A store whose hooks do nothing.
     pub fn new() -> Self {
-        Self { inner: Arc::new(InMemory::new()), on_put: Box::new(|_, _| ()), on_get: Box::new(|_| async { Ok(()) }.boxed()) }
+        Self {
+            inner: Arc::new(InMemory::new()),
+            on_put: Box::new(|_, _| ()),
+            on_get: Box::new(|_| async { Ok(()) }.boxed()),
+            on_delete: Arc::new(|_| ()),
+        }
     }
 
     /// Calls `f` with each put's key and bytes, before the put.
@@ -36,6 +43,11 @@ impl Hooked {
     /// Runs what `f` returns for each get's key before the get; its error fails the get.
     pub fn on_get(self, f: impl Fn(&str) -> BoxFuture<'static, object_store::Result<()>> + Send + Sync + 'static) -> Self {
         Self { on_get: Box::new(f), ..self }
+    }
+
+    /// Calls `f` with each deleted key.
+    pub fn on_delete(self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self { on_delete: Arc::new(f), ..self }
     }
 
     /// The same memory without the hooks (what a hook writes through).
@@ -79,7 +91,8 @@ impl ObjectStore for Hooked {
     }
 
     fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
+        let hook = self.on_delete.clone();
+        self.inner.delete_stream(locations.map(move |p| p.inspect(|p| hook(p.as_ref()))).boxed())
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
