@@ -21,7 +21,7 @@ pub const MISSED_BEATS: u32 = 3;
 pub const MAX_INTERVAL_S: u64 = 10;
 
 /// One heartbeat of a worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Heartbeat {
     /// The worker's id and attributes (`node`, `gpu`, … as in events).
     pub worker: WorkerInfo,
@@ -77,20 +77,7 @@ mod tests {
     /// of one type counted all 4).
     #[test]
     fn slots_are_per_job_type() {
-        let beat = Heartbeat {
-            worker: WorkerInfo::default(),
-            host: "h".into(),
-            pod: None,
-            job_types: vec!["noop".into(), "intent-eval".into()],
-            device: "cpu".into(),
-            slots: 4,
-            slots_in_use: 0,
-            current_jobs: vec![],
-            version: "0".into(),
-            interval_s: 5,
-            sent_at: Utc::now(),
-            goodbye: false,
-        };
+        let beat = Heartbeat { job_types: vec!["noop".into(), "intent-eval".into()], slots: 4, ..Default::default() };
         assert_eq!((beat.slots_for("noop"), beat.slots_for("intent-eval"), beat.slots_for("intent-train")), (2, 2, 0));
     }
 }

@@ -328,3 +328,31 @@ impl Admitter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use trainyard_common::heartbeat::Heartbeat;
+
+    use super::*;
+
+    /// The fair-share window of a type counts the live workers' slots for that type, plus
+    /// `admit_ahead`: a worker of two types with concurrency 2 beats 4 slots, 2 of them this
+    /// type's (the window counted all 4); a worker of another type counts none.
+    #[tokio::test]
+    async fn the_fair_share_window_counts_the_slots_for_its_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
+        let workers = WorkerTable::default();
+        let now = chrono::Utc::now();
+        for (id, types, slots) in [("w1", vec!["noop", "intent-eval"], 4), ("w2", vec!["intent-train"], 1)] {
+            let worker = trainyard_common::WorkerInfo { id: id.into(), ..Default::default() };
+            let job_types = types.into_iter().map(String::from).collect();
+            workers.record(Heartbeat { worker, job_types, slots, interval_s: 5, sent_at: now, ..Default::default() }, now);
+        }
+        let policy = JobTypePolicy { fair_share: true, admit_ahead: Some(2), ..Default::default() };
+        let artifacts = ArtifactStore::open("memory://").unwrap();
+        let admitter = Admitter::new("noop", policy, store.clone(), artifacts, Topology::new("t"), "amqp://unused", workers);
+        assert_eq!(admitter.window(), 2 + 2);
+        store.close().await;
+    }
+}
