@@ -218,10 +218,16 @@ async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics,
                 }
             };
         }
-        if let Some((_, ch)) = &conn {
-            if let Err(e) = update_demand(ch, &s.topology, store, metrics, board, &s.job_types).await {
-                tracing::warn!(error = %e, "failed to refresh the demand gauges");
-            }
+        let refreshed = match &conn {
+            Some((_, ch)) => update_demand(ch, &s.topology, store, metrics, board, &s.job_types).await.map_err(|e| e.to_string()),
+            None => Err("no broker connection".to_string()),
+        };
+        if let Err(e) = refreshed {
+            // A demand not known now is no demand at all: the series goes, so that KEDA falls
+            // back (an empty answer is an error there) and `TrainyardAutoscalingSignalMissing` fires; kept,
+            // it went on saying what it said before the store or the broker failed.
+            metrics.jobs_demand.reset();
+            tracing::warn!(error = %e, "failed to refresh the demand gauges: trainyard_jobs_demand removed until the next refresh");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

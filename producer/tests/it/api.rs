@@ -211,3 +211,23 @@ async fn a_nul_in_a_path_or_query_is_a_bad_request_on_postgres() {
     server.stop(&["noop"]).await;
     pg.drop().await;
 }
+
+/// When the demand cannot be measured (here a type's dead-letter queue is gone, so its depth
+/// cannot be read), `trainyard_jobs_demand` is removed until it can, so that KEDA falls back
+/// and the missing-signal alert fires: it went on exporting what it said before the failure.
+#[tokio::test]
+async fn a_demand_that_cannot_be_measured_is_removed_not_kept() {
+    let server = start(&["noop"], "t", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let demand = || async {
+        let m = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        gauge(&m, "trainyard_jobs_demand", "noop")
+    };
+    assert_eq!(demand().await, Some(0));
+    let (_conn, ch) = channel().await;
+    ch.queue_delete(server.topo.dead_queue("noop").into(), Default::default()).await.unwrap();
+    eventually(20, "the demand removed", || async { demand().await.is_none().then_some(()) }).await;
+    server.topo.declare_job_type(&ch, "noop").await.unwrap();
+    eventually(20, "the demand back", || async { (demand().await == Some(0)).then_some(()) }).await;
+    server.stop(&["noop"]).await;
+}
