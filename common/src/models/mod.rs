@@ -139,24 +139,28 @@ async fn read_history(store: &ArtifactStore, bot: &str) -> Result<(PromotionHist
 /// Appends the record `change` makes of the history as it stands: created once at the next
 /// number; when another writer took that number first, reads again and retries. Then points
 /// production at the last record's model (see [`sync_production`]). When `change` makes no
-/// record (`None`), nothing is written, and the pointer is set from the history all the same.
-async fn append(
+/// record (`Err`, saying why), nothing is written, and the pointer is set from the history all
+/// the same; that answer is returned.
+async fn append<Unchanged>(
     store: &ArtifactStore,
     bot: &str,
-    change: impl Fn(&PromotionHistory) -> Option<PromotionRecord>,
-) -> Result<Option<PromotionRecord>, CommonError> {
+    change: impl Fn(&PromotionHistory) -> Result<PromotionRecord, Unchanged>,
+) -> Result<Result<PromotionRecord, Unchanged>, CommonError> {
     loop {
         let (h, next) = read_history(store, bot).await?;
-        let Some(record) = change(&h) else {
-            // Nothing to add; the pointer may still lag the history (a writer that failed
-            // between its record and the pointer): set it from the history now.
-            sync_production(store, bot).await?;
-            return Ok(None);
+        let record = match change(&h) {
+            Ok(record) => record,
+            Err(unchanged) => {
+                // Nothing to add; the pointer may still lag the history (a writer that failed
+                // between its record and the pointer): set it from the history now.
+                sync_production(store, bot).await?;
+                return Ok(Err(unchanged));
+            }
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| crate::error::CodecError::Encode(e.to_string()))?;
         if store.put_if_absent(&keys::promotion_record(bot, next), bytes).await? {
             sync_production(store, bot).await?;
-            return Ok(Some(record));
+            return Ok(Ok(record));
         }
     }
 }
@@ -214,27 +218,22 @@ pub async fn set_production(
     entry: ProductionEntry,
     replacing: Replacing<'_>,
 ) -> Result<Promotion, CommonError> {
-    let outcome = std::sync::Mutex::new(Promotion::Made);
-    let record = append(store, bot, |h| {
+    let appended = append(store, bot, |h| {
         let current = h.records.last().and_then(|r| r.to.as_ref()).map(|p| p.job_id.clone());
-        let mut outcome = outcome.lock().unwrap_or_else(|e| e.into_inner());
-        *outcome = match replacing {
-            _ if current.as_deref() == Some(entry.job_id.as_str()) => Promotion::AlreadyProduction,
-            Replacing::Only(want) if want != current.as_deref() => Promotion::Moved { production: current.clone() },
-            _ => Promotion::Made,
-        };
-        (*outcome == Promotion::Made).then(|| PromotionRecord {
-            action: PromotionAction::Promote,
-            from: current,
-            to: Some(entry.clone()),
-            at: entry.promoted_at,
-            reason: entry.reason.clone(),
-        })
+        match replacing {
+            _ if current.as_deref() == Some(entry.job_id.as_str()) => Err(Promotion::AlreadyProduction),
+            Replacing::Only(want) if want != current.as_deref() => Err(Promotion::Moved { production: current }),
+            _ => Ok(PromotionRecord {
+                action: PromotionAction::Promote,
+                from: current,
+                to: Some(entry.clone()),
+                at: entry.promoted_at,
+                reason: entry.reason.clone(),
+            }),
+        }
     })
     .await?;
-    let outcome = outcome.into_inner().unwrap_or_else(|e| e.into_inner());
-    debug_assert_eq!(record.is_some(), outcome == Promotion::Made);
-    Ok(outcome)
+    Ok(appended.map_or_else(|unchanged| unchanged, |_| Promotion::Made))
 }
 
 /// Makes the model that job `job_id` trained the production model of `bot`, by hand. Returns
@@ -275,28 +274,21 @@ pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str, from: Opti
         return Err(CommonError::NoProductionModel { bot: bot.into() });
     }
     let now = Utc::now();
-    let moved = std::sync::Mutex::new(None);
-    let record = append(store, bot, |h| {
+    let appended = append(store, bot, |h| {
         let mut stack = h.stack();
-        let current = stack.pop();
-        let current_id = current.as_ref().map(|c| c.job_id.clone());
-        let mut moved = moved.lock().unwrap_or_else(|e| e.into_inner());
-        *moved = from.filter(|f| current_id.as_deref() != Some(*f)).map(|_| current_id.clone());
-        if moved.is_some() {
-            return None;
+        let current = stack.pop().map(|c| c.job_id);
+        if let Some(expected) = from.filter(|f| current.as_deref() != Some(*f)) {
+            return Err(CommonError::ProductionMoved { bot: bot.into(), expected: expected.into(), current });
         }
         let to = stack.pop().map(|mut e| {
             e.promoted_at = now;
             e.reason = format!("rollback: {reason}");
             e
         });
-        Some(PromotionRecord { action: PromotionAction::Rollback, from: current_id, to, at: now, reason: reason.into() })
+        Ok(PromotionRecord { action: PromotionAction::Rollback, from: current, to, at: now, reason: reason.into() })
     })
     .await?;
-    if let Some(current) = moved.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        return Err(CommonError::ProductionMoved { bot: bot.into(), expected: from.unwrap_or_default().into(), current });
-    }
-    Ok(record.and_then(|r| r.to))
+    Ok(appended?.to)
 }
 
 /// The [`PROMOTIONS_TOTAL`](crate::metrics::PROMOTIONS_TOTAL) status of a training job's
