@@ -151,8 +151,7 @@ pub fn delivery_count(headers: Option<&FieldTable>) -> u32 {
 /// `headers` without the counts of the job's deliveries: what a retry (the next attempt) or a
 /// replay (the next run) starts from, whose deliveries count from none again.
 pub fn without_delivery_counts(headers: Option<&FieldTable>) -> FieldTable {
-    let mut inner = headers.cloned().unwrap_or_default().inner().clone();
-    inner.remove(DELIVERY_COUNT);
+    let mut inner = without_broker_count(headers).inner().clone();
     inner.remove(EARLIER_DELIVERIES);
     FieldTable::from(inner)
 }
