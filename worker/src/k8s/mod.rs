@@ -280,7 +280,7 @@ pub async fn worker_attributes(client: Client, node_name: &str) -> BTreeMap<Stri
     let nodes: Api<Node> = Api::all(client);
     let mut pause = NODE_RETRY_PAUSE;
     for attempt in 1..=NODE_TRIES {
-        let again = match tokio::time::timeout(API_TIMEOUT, nodes.get(node_name)).await {
+        match tokio::time::timeout(API_TIMEOUT, nodes.get(node_name)).await {
             Ok(Ok(node)) => {
                 attrs.extend(node_label_attributes(node.labels()));
                 return attrs;
@@ -289,20 +289,13 @@ pub async fn worker_attributes(client: Client, node_name: &str) -> BTreeMap<Stri
                 tracing::warn!(node = %node_name, error = %status, "failed to read node labels; reporting the node name only");
                 return attrs;
             }
-            Ok(Err(error)) => {
-                tracing::warn!(node = %node_name, %error, attempt, "failed to read node labels");
-                attempt < NODE_TRIES
-            }
-            Err(_) => {
-                tracing::warn!(node = %node_name, attempt, "no answer reading node labels");
-                attempt < NODE_TRIES
-            }
-        };
-        if !again {
-            break;
+            Ok(Err(error)) => tracing::warn!(node = %node_name, %error, attempt, "failed to read node labels"),
+            Err(_) => tracing::warn!(node = %node_name, attempt, "no answer reading node labels"),
         }
-        tokio::time::sleep(pause).await;
-        pause *= 2;
+        if attempt < NODE_TRIES {
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
     }
     tracing::warn!(node = %node_name, tries = NODE_TRIES, "reporting the node name only");
     attrs
