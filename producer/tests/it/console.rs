@@ -223,11 +223,7 @@ async fn change_feed_on(url: &str) {
 
 #[tokio::test]
 async fn the_change_feed_lists_jobs_changed_after_a_cursor_on_sqlite_and_postgres() {
-    let (_store, _dir, url) = sqlite_store().await;
-    change_feed_on(&url).await;
-    let pg = PgSchema::new().await;
-    change_feed_on(&pg.url).await;
-    pg.drop().await;
+    on_sqlite_and_postgres(|url| async move { change_feed_on(&url).await }).await;
 }
 
 /// A recorder batch is stamped with one recording time: 250 jobs recorded in one batch all

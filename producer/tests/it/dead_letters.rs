@@ -216,11 +216,7 @@ async fn dead_letter_text_round_trips_on(url: &str) {
 
 #[tokio::test]
 async fn a_dead_letters_text_comes_back_as_recorded_on_sqlite_and_postgres() {
-    let (_store, _dir, url) = sqlite_store().await;
-    dead_letter_text_round_trips_on(&url).await;
-    let pg = PgSchema::new().await;
-    dead_letter_text_round_trips_on(&pg.url).await;
-    pg.drop().await;
+    on_sqlite_and_postgres(|url| async move { dead_letter_text_round_trips_on(&url).await }).await;
 }
 
 /// A dead letter recorded after its job was replayed (the recorder had not taken its copy yet,

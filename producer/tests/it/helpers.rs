@@ -87,6 +87,20 @@ pub async fn sqlite_store() -> (Store, tempfile::TempDir, String) {
     (Store::open(&url).await.unwrap(), dir, url)
 }
 
+/// Runs `check` with the URL of a fresh SQLite store, then with that of a PostgreSQL schema of
+/// its own (dropped after).
+pub async fn on_sqlite_and_postgres<F, Fut>(check: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (_store, _dir, url) = sqlite_store().await;
+    check(url).await;
+    let pg = PgSchema::new().await;
+    check(pg.url.clone()).await;
+    pg.drop().await;
+}
+
 /// A PostgreSQL schema of its own; drop it with [`PgSchema::drop`].
 pub struct PgSchema {
     pub url: String,

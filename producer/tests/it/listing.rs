@@ -174,9 +174,5 @@ async fn audit_text_round_trips_on(url: &str) {
 
 #[tokio::test]
 async fn audit_records_come_back_as_given_and_are_found_by_them_on_sqlite_and_postgres() {
-    let (_store, _dir, url) = sqlite_store().await;
-    audit_text_round_trips_on(&url).await;
-    let pg = PgSchema::new().await;
-    audit_text_round_trips_on(&pg.url).await;
-    pg.drop().await;
+    on_sqlite_and_postgres(|url| async move { audit_text_round_trips_on(&url).await }).await;
 }
