@@ -181,10 +181,13 @@ impl Tail {
         }
         match self.changes().await {
             Ok(changes) => {
-                // A full batch may stop among events recorded in the same microsecond: read that one again.
+                // A full batch may stop among the jobs of one cursor (a recorder batch shares
+                // its stamp): leave that cursor's jobs for the next poll, which reads them all.
+                // Sent now, they would carry an id a reconnecting browser resumes after, and
+                // the rest of that cursor's jobs would never reach it.
                 let full = changes.len() as i64 == BATCH && changes.first().map(|c| c.cursor) < changes.last().map(|c| c.cursor);
-                let resume = changes.last().map(|c| c.cursor - 1);
-                for mut c in changes {
+                let cut = changes.last().map(|c| c.cursor).filter(|_| full);
+                for mut c in changes.into_iter().filter(|c| Some(c.cursor) != cut) {
                     self.cursor = self.cursor.max(c.cursor);
                     if self.job.as_ref().is_some_and(|j| *j != c.job.job_id) {
                         continue;
@@ -192,9 +195,6 @@ impl Tail {
                     c.job.spec = None;
                     let data = serde_json::to_string(&c.job).unwrap_or_else(|_| "{}".into());
                     self.pending.push_back(Event::default().event("job").id(c.cursor.to_string()).data(data));
-                }
-                if let (true, Some(r)) = (full, resume) {
-                    self.cursor = r;
                 }
             }
             Err(e) => {

@@ -248,6 +248,51 @@ async fn the_stream_pushes_every_job_of_a_batch_larger_than_its_page() {
     server.stop(&["noop"]).await;
 }
 
+/// A page of the change feed that ends among the jobs of one recorder batch (a batch shares
+/// its stamp) sends none of them until the next poll reads them all: sent with the batch's
+/// id, a browser that reconnected after them resumed past the batch's other jobs, and those
+/// never reached it.
+#[tokio::test]
+async fn a_stream_resumed_after_a_page_that_ended_inside_a_batch_misses_none_of_it() {
+    let server = start(&["noop"], "viewer:read:v-tok", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let store = trainyard::store::Store::open(&server.db_url).await.unwrap();
+    let head = store.feed_head().await.unwrap().to_string();
+    let lone = spec("noop", "bot-lone");
+    store.record_events(&[JobEvent::queued(&lone)]).await.unwrap();
+    let batch: Vec<_> = (0..250).map(|i| spec("noop", &format!("bot-page-{i}"))).collect();
+    store.record_events(&batch.iter().map(JobEvent::queued).collect::<Vec<_>>()).await.unwrap();
+    let open = |last: String| http.get(server.url("/v1/stream?max_s=5")).bearer_auth("v-tok").header("last-event-id", last).send();
+    // The first poll's events, then the connection drops before the next poll (one tick later).
+    let mut resp = open(head).await.unwrap();
+    let mut first = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            first.push_str(&String::from_utf8_lossy(&chunk));
+            if first.contains("event: job") {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_millis(150), async {
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            first.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    drop(resp);
+    assert!(first.contains(&lone.job_id), "the first poll sent the lone job: {first}");
+    let last = first.lines().filter_map(|l| l.strip_prefix("id: ")).next_back().unwrap().to_string();
+    let all = std::iter::once(&lone).chain(&batch);
+    let all_in = |t: &str| batch.iter().all(|j| t.contains(&j.job_id) || first.contains(&j.job_id));
+    let again = read_stream(open(last).await.unwrap(), 10, all_in).await;
+    let missing = all.filter(|j| !first.contains(&j.job_id) && !again.contains(&j.job_id)).count();
+    assert_eq!(missing, 0, "jobs of the batch never reached the resumed stream");
+    store.close().await;
+    server.stop(&["noop"]).await;
+}
+
 /// The change feed shows a job whose recording committed after a later-started one: a
 /// transaction that waits (here a trigger sleeps in its event insert) used to commit a smaller
 /// `recorded_at` than the one a reader had already moved its cursor past, and the live stream
