@@ -30,6 +30,8 @@ const Console = {
   // Called when the view is left (a view's own stream is closed).
   leaving: [],
   source: null,
+  // The kept token being signed in again (`resume`), until it answers or the user acts.
+  resuming: null,
 
   // Does the signed-in token's scope include `needed`?
   can(needed) {
@@ -81,11 +83,18 @@ const Console = {
     }
   },
 
+  // Signs in with a token; an Error with `transient` set when the control plane could not
+  // answer (unreachable, 5xx, 429): the token may still be good.
   async signIn(token) {
-    const r = await fetch("/v1/session", { method: "POST", headers: { Authorization: `Bearer ${token}` } });
+    let r;
+    try {
+      r = await fetch("/v1/session", { method: "POST", headers: { Authorization: `Bearer ${token}` } });
+    } catch (e) {
+      throw Object.assign(new Error(`the control plane cannot be reached: ${e.message || e}`), { transient: true });
+    }
     if (!r.ok) {
       const body = await r.json().catch(() => ({}));
-      throw new Error(body.error || `sign-in refused (${r.status})`);
+      throw Object.assign(new Error(body.error || `sign-in refused (${r.status})`), { transient: r.status >= 500 || r.status === 429 });
     }
     this.token = token;
     this.who = await r.json();
@@ -98,7 +107,24 @@ const Console = {
     this.openStream();
   },
 
+  // Signs in again with a token kept from before (a reload, an ended stream): a refused token
+  // signs out; a control plane that cannot answer now (a restart, a rollout) is asked again
+  // every 2 s, keeping the token and the view, until it answers or another token is signed in.
+  resume(token) {
+    this.resuming = token;
+    this.signIn(token).then(() => {
+      if ($("error").textContent.endsWith("; trying again")) $("error").textContent = "";
+    }, e => {
+      if (this.resuming !== token) return;
+      if (!e.transient) { this.signOut(String(e.message || e)); return; }
+      this.live(false);
+      $("error").textContent = `${e.message || e}; trying again`;
+      setTimeout(() => { if (this.resuming === token) this.resume(token); }, 2000);
+    });
+  },
+
   signOut(reason) {
+    this.resuming = null;
     sessionStorage.removeItem("trainyard-token");
     this.token = null; this.who = null;
     if (this.source) this.source.close();
@@ -144,7 +170,7 @@ const Console = {
       this.live(false);
       // A refused stream (expired session) is not retried by the browser: sign the session in again.
       if (s.readyState === EventSource.CLOSED && this.token) {
-        setTimeout(() => this.signIn(this.token).catch(e => this.signOut(String(e.message || e))), 1000);
+        setTimeout(() => this.resume(this.token), 1000);
       }
     };
   },
@@ -185,6 +211,7 @@ const Console = {
     const token = m ? decodeURIComponent(m[1]) : sessionStorage.getItem("trainyard-token");
     $("sign-in").addEventListener("submit", ev => {
       ev.preventDefault();
+      this.resuming = null;
       this.signIn($("token-input").value.trim()).then(() => { $("token-input").value = ""; })
         .catch(e => { $("sign-in-error").textContent = String(e.message || e); });
     });
@@ -196,7 +223,7 @@ const Console = {
       if (a && !ev.ctrlKey && !ev.metaKey) { ev.preventDefault(); this.go(a.getAttribute("href")); }
     });
     for (const v of Object.values(this.views)) if (v.init) v.init();
-    if (token) this.signIn(token).catch(e => this.signOut(String(e.message || e)));
+    if (token) this.resume(token);
     else this.signOut("");
   },
 };

@@ -32,7 +32,10 @@ Console.views.job = {
   // Adds a `log` event's text: a new attempt starts again; text already shown is skipped (offsets are bytes).
   addLive(d) {
     const bytes = new TextEncoder().encode(d.text);
-    if (!this.live || this.live.attempt !== d.attempt) this.live = { attempt: d.attempt, end: d.offset, text: d.offset ? "…\n" : "" };
+    // Another attempt, or the same attempt on another worker (a redelivery): the text starts again.
+    if (!this.live || this.live.attempt !== d.attempt || this.live.worker !== d.worker) {
+      this.live = { attempt: d.attempt, worker: d.worker, end: d.offset, text: d.offset ? "…\n" : "" };
+    }
     const live = this.live;
     if (d.offset > live.end) live.text += "… (lines missed)\n";
     const skip = Math.max(0, live.end - d.offset);
@@ -82,10 +85,11 @@ Console.views.job = {
     const trig = job.trigger || {};
     set("trigger", el("div", {}, `${trig.kind || "?"}: ${trig.source || ""}`), el("div", {}, `attempts: ${job.attempts}` + (job.run ? ` · runs (replays): ${job.run}` : "")),
       job.error ? el("div", { class: "muted" }, `${job.error.kind}: ${job.error.message}`) : "");
+    // Every part is set on each render, so that nothing of a job shown before stays on screen.
     if (job.worker) {
       const attrs = Object.entries(job.worker.attributes || {});
       set("worker", el("div", {}, el("code", {}, job.worker.id)), attrs.length ? table(["attribute", "value"], attrs) : "");
-    }
+    } else set("worker", "–");
     set("progress", this.progress(job));
     set("promotion", this.promotion(job));
     set("curves", curves(job.events || []));
@@ -94,7 +98,8 @@ Console.views.job = {
       const head = ["model", "device", "accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", "test_examples"].filter(k => m[k] != null);
       set("metrics", table(head, [head.map(k => m[k])]));
       set("per-class", perClass(m.per_class || {}));
-    }
+    } else { set("metrics", "–"); set("per-class", "–"); }
+    if (this.shownCm !== job.job_id) { $("cm-detail").textContent = ""; this.shownCm = job.job_id; }
     set("cm", renderMatrix(job.confusion_matrix));
     set("top-confusions", topConfusions(job.confusion_matrix));
     set("timeline", table(["time", "run", "status", "attempt", "worker", "detail"], (job.events || []).map(e => [

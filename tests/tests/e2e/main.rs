@@ -9,6 +9,7 @@ mod bindings;
 mod browser;
 mod console;
 mod console_live;
+mod console_state;
 mod disrupt;
 mod failover;
 mod failures;
