@@ -15,6 +15,8 @@ use trainyard_common::{
 
 /// Pool of confirm-mode channels.
 pub type ChannelPool = managed::Pool<ChannelManager>;
+/// A channel taken from a [`ChannelPool`], returned to it when dropped.
+pub type Pooled = managed::Object<ChannelManager>;
 
 /// Opens named connections to the broker (or to one of several).
 pub struct ConnectionManager {
@@ -92,7 +94,7 @@ pub fn channel_pool(url: &str, name: &str, max: usize) -> Result<ChannelPool, Co
 }
 
 /// Takes a channel from the pool, with the pool's error made readable.
-pub async fn get(pool: &ChannelPool) -> Result<managed::Object<ChannelManager>, CommonError> {
+pub async fn get(pool: &ChannelPool) -> Result<Pooled, CommonError> {
     pool.get().await.map_err(|e| match e {
         managed::PoolError::Backend(inner) => inner,
         other => CommonError::PoolUnavailable { url: "the channel pool".into(), reason: other.to_string() },

@@ -17,6 +17,9 @@ use trainyard_common::{
 
 use crate::pool::{self, ChannelPool};
 
+/// How many times a job's `queued` event is published before it is given up (logged).
+const EVENT_TRIES: u32 = 3;
+
 /// Publishes jobs: confirmed, `mandatory` (an unknown job type is an error,
 /// never a silent drop), persistent, then records a `queued` event.
 #[derive(Debug, Clone)]
@@ -71,7 +74,35 @@ impl Submitter {
         // Through the submit exchange: to the admission queue when the control plane admits
         // this type (fair share, per-bot limit), else on to the work queues (its alternate exchange).
         publish_confirmed(&ch, &self.topology.submit_exchange(), &key, &body, props, true).await?;
-        self.publish_event(&ch, &JobEvent::queued(spec)).await
+        self.announce(ch, spec).await;
+        Ok(())
+    }
+
+    /// Publishes the `queued` event of a job already confirmed in its queue, trying again on
+    /// fresh channels. The job runs and its worker's events record it whatever happens here, so
+    /// a failure is only logged: answered as an error, it told the caller that a queued job had
+    /// failed, and a caller that submitted it again made a second job.
+    async fn announce(&self, mut ch: pool::Pooled, spec: &JobSpec) {
+        let event = JobEvent::queued(spec);
+        for tries in 1..=EVENT_TRIES {
+            let e = match self.publish_event(&ch, &event).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if tries == EVENT_TRIES {
+                tracing::warn!(job_id = %spec.job_id, error = %e,
+                    "the job is queued, but its queued event could not be published: the store learns of it from its worker's events");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+            ch = match pool::get(&self.pool).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    tracing::warn!(job_id = %spec.job_id, error = %e, "the job is queued, but its queued event could not be published");
+                    return;
+                }
+            };
+        }
     }
 
     /// Publishes an event to the events exchange, confirmed.

@@ -43,7 +43,7 @@ pub struct SubmitArgs {
     /// Follow the job and exit 0 on `succeeded`, 1 on `failed`/`dead`/`cancelled`.
     #[arg(long)]
     wait: bool,
-    /// With `--wait`: give up after this many seconds (exit 3).
+    /// With `--wait`: give up after this many seconds (exit 3, as when the wait is cut off).
     #[arg(long, default_value_t = 24 * 3600)]
     wait_timeout: u64,
     /// Print one JSON object on stdout.
@@ -105,15 +105,16 @@ pub async fn run(url: &str, topology: Topology, args: SubmitArgs) -> anyhow::Res
         .await;
     match outcome {
         Ok(final_event) => print_final(&spec, &final_event, args.json),
-        Err(e @ trainyard::submit::WaitError::Timeout(_)) => {
+        // The job is queued whatever ended the wait: say which job it is, so that a script can
+        // follow it (`jobs show`, `jobs logs --follow`) instead of submitting it again.
+        Err(e) => {
             if args.json {
                 println!("{}", serde_json::json!({"job_id": spec.job_id, "status": "unknown", "error": e.to_string()}));
             } else {
-                eprintln!("error: job {}: {e}", spec.job_id);
+                eprintln!("error: job {} was submitted, but waiting for it stopped: {e}", spec.job_id);
             }
             Ok(ExitCode::from(3))
         }
-        Err(e) => Err(e.into()),
     }
 }
 

@@ -37,6 +37,22 @@ async fn a_known_idempotency_key_answers_its_job_and_publishes_nothing() {
     cleanup(&topo, &["noop"]).await;
 }
 
+/// A job confirmed in its queue whose `queued` event cannot be published (here the events
+/// exchange is gone) is answered as submitted: it runs, and its worker's events record it.
+/// Before, the submit answered an error (the CLI exit 2, the API 503) for a job already
+/// queued, and a caller that submitted it again made a second job.
+#[tokio::test]
+async fn a_queued_job_whose_queued_event_fails_is_answered_as_submitted() {
+    let OpsSetup { topo, ch, store: _, ops, _conn, _dirs } = ops_setup().await;
+    ops.submit(spec("noop", "bot-first")).await.unwrap();
+    ch.exchange_delete(topo.events_exchange().as_str().into(), Default::default()).await.unwrap();
+    let job = spec("noop", "bot-unannounced");
+    let done = ops.submit(job.clone()).await;
+    assert!(done.is_ok(), "a queued job is answered as submitted: {done:?}");
+    assert_eq!(message_count(&ch, &topo.jobs_queue("noop")).await, 2, "both jobs are in their queue");
+    cleanup(&topo, &["noop"]).await;
+}
+
 /// A trigger event delivered again with its message id (its publisher sent it twice, or a
 /// session was lost while a debounced rule held it) makes the same job id, and once the store
 /// has that job it is not published again: the second copy ran beside the first while it was
