@@ -7,7 +7,8 @@
 //! to Thursday. Unix cron fires when *either* restricted day field matches, the crate only when
 //! both do: an expression restricting both is refused rather than read the other way. Six or
 //! seven fields (seconds first, optional year) are the crate's own syntax (day of week 1–7 from
-//! Sunday, or names). An expression that never fires (`0 0 30 2 *`) is refused.
+//! Sunday, or names). Vixie cron's shortcuts (`@hourly`, `@daily`, …) stand for their five
+//! fields; `@reboot` is refused. An expression that never fires (`0 0 30 2 *`) is refused.
 
 use std::str::FromStr;
 
@@ -17,6 +18,19 @@ const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 /// Parses a schedule's cron expression (see the module docs).
 pub fn parse_cron(expr: &str) -> Result<cron::Schedule, String> {
     let bad = |why: String| format!("bad cron expression {expr:?}: {why}");
+    if let Some(name) = expr.trim().strip_prefix('@') {
+        // Vixie cron's shortcuts, as the five fields they stand for: `@hourly` is an interval
+        // like `0 * * * *` (the crate took it as its own and it was walked as a time of day).
+        let five = match name.to_ascii_lowercase().as_str() {
+            "yearly" | "annually" => "0 0 1 1 *",
+            "monthly" => "0 0 1 * *",
+            "weekly" => "0 0 * * 0",
+            "daily" | "midnight" => "0 0 * * *",
+            "hourly" => "0 * * * *",
+            _ => return Err(bad("the shortcuts are @yearly, @annually, @monthly, @weekly, @daily, @midnight and @hourly".into())),
+        };
+        return parse_cron(five).map_err(bad);
+    }
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let full = match fields.as_slice() {
         [minute, hour, dom, month, dow] => {

@@ -199,6 +199,13 @@ mod tests {
         let quarter = fires("*/15 * * * *", "2026-10-25T00:00:00Z", "2026-10-25T02:00:00Z");
         assert_eq!(quarter.len(), 8, "{quarter:?}");
         assert_eq!(fires("0 * * * *", "2026-03-28T23:00:00Z", "2026-03-29T23:00:00Z").len(), 24);
+        // `@hourly` is the same interval (it was walked as a time of day, and lost 01:00Z).
+        assert_eq!(fires("@hourly", "2026-10-24T22:00:00Z", "2026-10-25T04:00:00Z"), want);
+        assert_eq!(
+            fires("@daily", "2026-10-24T00:00:00Z", "2026-10-26T00:00:00Z"),
+            fires("0 0 * * *", "2026-10-24T00:00:00Z", "2026-10-26T00:00:00Z")
+        );
+        assert!(parse_cron("@reboot").unwrap_err().contains("the shortcuts are"));
         let cron = parse_cron("0 * * * *").unwrap();
         let d = due(&cron, berlin(), t("2026-10-24T12:00:00Z"), t("2026-10-25T01:30:00Z"));
         assert_eq!(d.latest_missed, Some(t("2026-10-25T01:00:00Z")));

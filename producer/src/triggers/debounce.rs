@@ -4,13 +4,13 @@ use std::{collections::HashMap, time::Duration};
 
 use tokio::time::Instant;
 
-/// A burst of events for one (rule, bot), waiting for its window to close.
+/// A burst of events (`E`) for one (rule, bot), waiting for its window to close.
 #[derive(Debug)]
-pub struct Pending<T> {
+pub struct Pending<T, E> {
     /// When the window closes.
     pub deadline: Instant,
     /// The latest event.
-    pub event: serde_json::Value,
+    pub event: E,
     /// What to settle when the job is out (delivery ackers).
     pub held: Vec<T>,
     /// Events in the burst.
@@ -19,19 +19,19 @@ pub struct Pending<T> {
 
 /// Trailing per-key debounce, with the clock passed in.
 #[derive(Debug)]
-pub struct Debouncer<T> {
-    pending: HashMap<(String, String), Pending<T>>,
+pub struct Debouncer<T, E> {
+    pending: HashMap<(String, String), Pending<T, E>>,
 }
 
-impl<T> Default for Debouncer<T> {
+impl<T, E> Default for Debouncer<T, E> {
     fn default() -> Self {
         Self { pending: HashMap::new() }
     }
 }
 
-impl<T> Debouncer<T> {
+impl<T, E> Debouncer<T, E> {
     /// Adds an event; returns `true` when it opened a new window.
-    pub fn offer(&mut self, key: (String, String), event: serde_json::Value, held: T, now: Instant, window: Duration) -> bool {
+    pub fn offer(&mut self, key: (String, String), event: E, held: T, now: Instant, window: Duration) -> bool {
         match self.pending.get_mut(&key) {
             Some(p) => {
                 p.event = event;
@@ -47,7 +47,7 @@ impl<T> Debouncer<T> {
     }
 
     /// Takes the bursts whose window has closed at `now`.
-    pub fn due(&mut self, now: Instant) -> Vec<((String, String), Pending<T>)> {
+    pub fn due(&mut self, now: Instant) -> Vec<((String, String), Pending<T, E>)> {
         let keys: Vec<_> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| k.clone()).collect();
         keys.into_iter().filter_map(|k| self.pending.remove(&k).map(|p| (k, p))).collect()
     }
@@ -65,7 +65,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_yields_one_fire_with_the_latest_event() {
-        let mut d: Debouncer<u32> = Debouncer::default();
+        let mut d: Debouncer<u32, serde_json::Value> = Debouncer::default();
         let w = Duration::from_secs(300);
         let key = ("r".to_string(), "banking".to_string());
         assert!(d.offer(key.clone(), json!({"v": 1}), 1, Instant::now(), w));

@@ -163,7 +163,7 @@ impl Triggers {
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), TriggerError> {
         let (conn, mut consumer) = self.subscribe().await?;
-        let mut debouncer: Debouncer<Arc<Held>> = Debouncer::default();
+        let mut debouncer: Debouncers = Debouncer::default();
         loop {
             let sleep_until = debouncer.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -209,12 +209,13 @@ impl Triggers {
     }
 
     /// Fires every debounced rule whose quiet time is over, then settles the events it held.
-    async fn fire_due(&self, debouncer: &mut Debouncer<Arc<Held>>) -> Result<(), TriggerError> {
+    async fn fire_due(&self, debouncer: &mut Debouncers) -> Result<(), TriggerError> {
         for ((rule_name, bot), p) in debouncer.due(Instant::now()) {
             let Some(rule) = self.rules.iter().find(|r| r.name == rule_name) else { continue };
             let message_id = p.held.last().and_then(|h| h.message_id.clone());
-            if let Err(reason) = self.fire(rule, &bot, &p.event, p.count, message_id.as_deref()).await? {
-                self.park(&rule.name, &rule.routing_key, p.event.to_string().as_bytes(), &reason, true).await?;
+            let latest = &p.event;
+            if let Err(reason) = self.fire(rule, &bot, &latest.event, p.count, message_id.as_deref()).await? {
+                self.park(&rule.name, &latest.key, &latest.data, &reason, true).await?;
             }
             for held in p.held {
                 held.settle().await?;
@@ -227,7 +228,7 @@ impl Triggers {
     /// pattern matches its key, and acked once all of them kept it. One no rule matches came
     /// through a binding this control plane does not hold (a removed rule's, or a newer
     /// replica's while this older one is the active consumer): it is parked, not dropped.
-    async fn take(&self, d: Delivery, debouncer: &mut Debouncer<Arc<Held>>) -> Result<(), TriggerError> {
+    async fn take(&self, d: Delivery, debouncer: &mut Debouncers) -> Result<(), TriggerError> {
         let Delivery { data, acker, routing_key, properties, .. } = d;
         let key = routing_key.as_str().to_string();
         let message_id = properties.message_id().as_ref().map(|m| m.to_string());
@@ -268,7 +269,7 @@ impl Triggers {
         data: &[u8],
         event: &serde_json::Value,
         held: Arc<Held>,
-        debouncer: &mut Debouncer<Arc<Held>>,
+        debouncer: &mut Debouncers,
     ) -> Result<(), TriggerError> {
         let bot = match render_str(&rule.bot, event) {
             Ok(serde_json::Value::String(s)) if trainyard_common::job::valid_bot_name(&s) => s,
@@ -284,9 +285,19 @@ impl Triggers {
                 self.park(&rule.name, key, data, &reason, true).await?;
             }
             held.settle().await
+        } else if let Err(reason) = job_of(rule, &bot, event, held.message_id.as_deref())
+            .map_err(|r| format!("rule {:?}: {r}", rule.name))
+            .and_then(|spec| spec.validate().map_err(|e| format!("rule {:?} made a job that cannot be published: {e}", rule.name)))
+        {
+            // An event that makes no job is parked now, as it came: a burst fires with its
+            // latest event, and a bad one held there took the good ones before it down with it
+            // (acked, with no job and nothing parked); a good one after it went unchecked.
+            self.park(&rule.name, key, data, &reason, true).await?;
+            held.settle().await
         } else {
             let window = Duration::from_secs(rule.debounce_s);
-            if !debouncer.offer((rule.name.clone(), bot), event.clone(), held, Instant::now(), window) {
+            let latest = Latest { event: event.clone(), key: key.to_string(), data: data.to_vec() };
+            if !debouncer.offer((rule.name.clone(), bot), latest, held, Instant::now(), window) {
                 self.count(&rule.name, "debounced");
             }
             Ok(())
@@ -347,6 +358,18 @@ impl Triggers {
             }
         }
     }
+}
+
+/// The debounced bursts of a session, each with its latest event.
+type Debouncers = Debouncer<Arc<Held>, Latest>;
+
+/// A burst's latest event, with the routing key and bytes it came with (parked as received
+/// when its job cannot be published).
+#[derive(Debug)]
+struct Latest {
+    event: serde_json::Value,
+    key: String,
+    data: Vec<u8>,
 }
 
 /// The job `rule` makes of `event` for `bot`, or why it makes none (a field its templates

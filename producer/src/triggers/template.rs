@@ -43,8 +43,12 @@ pub(super) fn render_str(s: &str, event: &serde_json::Value) -> Result<serde_jso
         // An opening without its closing is text.
         let Some(end) = rest[start..].find("}}") else { break };
         out.push_str(&rest[..start]);
-        match field(rest[start + 2..start + end].trim())? {
+        let name = rest[start + 2..start + end].trim();
+        match field(name)? {
             Value::String(v) => out.push_str(v),
+            // As text, null would read "null": a bot `bot-null`, one coalescing key for every
+            // event without the value.
+            Value::Null => return Err(format!("the event's field {name:?} is null, which a text cannot hold")),
             v => out.push_str(&v.to_string()),
         }
         rest = &rest[start + end + 2..];
@@ -91,5 +95,11 @@ mod tests {
         for t in [json!("{{bot_id}}"), json!("intent-train/{{bot_id}}"), json!({"a": ["{{bot_id}}"]})] {
             assert_eq!(render(&t, &ev).unwrap_err(), "the event has no field \"bot_id\"", "{t}");
         }
+        // A null inside a text is refused, naming the field; the whole value may be null.
+        let ev = json!({"id": null});
+        for t in [json!("bot-{{id}}"), json!("k/{{ id }}")] {
+            assert_eq!(render(&t, &ev).unwrap_err(), "the event's field \"id\" is null, which a text cannot hold", "{t}");
+        }
+        assert_eq!(render(&json!("{{id}}"), &ev).unwrap(), json!(null));
     }
 }

@@ -196,6 +196,66 @@ async fn an_event_two_rules_take_is_acked_only_when_the_last_of_them_kept_it() {
 /// rule left) is parked in the job store with the reason and acked; the good event beside them
 /// still fires, an event two rules match fires both, and `events reprocess` leaves the parked
 /// ones as they are (they are not job events).
+/// In a debounced burst each event is checked as it comes: one that makes no job is parked at
+/// once, with its routing key and bytes as received, and the burst fires with the latest good
+/// event. Before, only the latest event was checked, when the window closed: a bad last event
+/// took the good ones before it down (acked, no job, nothing parked), a bad first one went
+/// unparked, and what was parked named the rule's pattern and a re-serialised body.
+#[tokio::test]
+async fn a_bad_event_in_a_debounced_burst_is_parked_and_the_good_one_fires() {
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let (store, _dir, _) = sqlite_store().await;
+    let rule = TriggerRule {
+        name: "debounced".into(),
+        routing_key: "bot.*".into(),
+        job_type: "noop".into(),
+        bot: "{{bot}}".into(),
+        params: serde_json::json!({"dataset": "{{dataset}}"}),
+        debounce_s: 1,
+        priority: Default::default(),
+        coalesce_key: None,
+    };
+    let triggers = Triggers::new(vec![rule], Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None).with_store(store.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (t, s) = (triggers.clone(), stop.clone());
+        async move { t.run(s).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let x = topo.triggers_exchange();
+    // Good then bad for one bot, bad then good for another.
+    let bad_a: &[u8] = br#"{"bot": "bank-a"}"#;
+    let bad_b: &[u8] = br#"{"bot": "bank-b" }"#;
+    for (key, body) in [
+        ("bot.updated", &br#"{"bot": "bank-a", "dataset": "d1"}"#[..]),
+        ("bot.updated", bad_a),
+        ("bot.changed", bad_b),
+        ("bot.changed", br#"{"bot": "bank-b", "dataset": "d2"}"#),
+    ] {
+        publish_raw(&ch, &x, key, body, BasicProperties::default()).await;
+    }
+    let jobs_queue = topo.jobs_queue("noop");
+    eventually(20, "two jobs", || async { (message_count(&ch, &jobs_queue).await >= 2).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut jobs: Vec<(String, serde_json::Value)> =
+        drain(&ch, &jobs_queue).await.into_iter().map(|j| (j.bot, j.params["dataset"].clone())).collect();
+    jobs.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(jobs, [("bank-a".into(), "d1".into()), ("bank-b".into(), "d2".into())], "each bot's latest good event fired");
+    let mut parked = store.parked_events().await.unwrap();
+    parked.sort_by(|a, b| a.routing_key.cmp(&b.routing_key));
+    let got: Vec<(String, Vec<u8>)> = parked.iter().map(|p| (p.routing_key.clone(), p.body_bytes().unwrap())).collect();
+    assert_eq!(got, [("trigger:bot.changed".into(), bad_b.to_vec()), ("trigger:bot.updated".into(), bad_a.to_vec())]);
+    assert!(parked.iter().all(|p| p.reason.contains("no field \"dataset\"")), "{parked:?}");
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(message_count(&ch, &triggers.queue_name()).await, 0, "every event settled");
+    let _ = ch.queue_delete(triggers.queue_name().as_str().into(), Default::default()).await;
+    store.close().await;
+    cleanup(&topo, &["noop"]).await;
+}
+
 #[tokio::test]
 async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     let topo = topology();
