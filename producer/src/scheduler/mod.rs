@@ -161,14 +161,8 @@ impl Scheduler {
                 if !self.store.reclaim_fire(&s.cfg.name, at, stale, claim_time()).await? {
                     continue; // Another replica is retrying it.
                 }
-                if self.store.job(&job_id).await?.is_some() {
-                    // Its publish landed (confirmed late, or its note failed): the store has its
-                    // `queued` event. Publishing it again would run the job twice at once.
-                    self.note_published(s, at).await?;
-                    continue;
-                }
-                match self.publish(s, at, job_id).await {
-                    Ok(spec) => published.push(spec),
+                match self.publish_unless_known(s, at, job_id).await {
+                    Ok(spec) => published.extend(spec),
                     Err(e) => failed = Some(e),
                 }
             }
@@ -181,8 +175,8 @@ impl Scheduler {
                 if !self.store.claim_schedule_fire_at(&s.cfg.name, at, &job_id, claim_time()).await? {
                     continue; // Another replica has it.
                 }
-                match self.publish(s, at, job_id).await {
-                    Ok(spec) => published.push(spec),
+                match self.publish_unless_known(s, at, job_id).await {
+                    Ok(spec) => published.extend(spec),
                     // Claimed, not published: a later tick retries it.
                     Err(e) => failed = Some(e),
                 }
@@ -193,6 +187,19 @@ impl Scheduler {
             Some(e) => Err(e),
             None => Ok(published),
         }
+    }
+
+    /// Publishes a fire this replica claimed, unless the store already has its job: a retried
+    /// claim whose publish landed (confirmed late, or its note failed), or a fire after a
+    /// restore from a backup (claims are not rebuilt, jobs are, from the stream), which was
+    /// claimed again as missed. Publishing it again would run the job twice, at once while
+    /// the first copy is queued or running.
+    async fn publish_unless_known(&self, s: &Parsed, at: DateTime<Utc>, job_id: String) -> Result<Option<JobSpec>, ScheduleError> {
+        if self.store.job(&job_id).await?.is_some() {
+            self.note_published(s, at).await?;
+            return Ok(None);
+        }
+        self.publish(s, at, job_id).await.map(Some)
     }
 
     /// Publishes the fire of `s` at `at` (claimed by this replica) and notes it published.

@@ -199,6 +199,39 @@ async fn a_retried_fire_whose_job_the_store_has_is_noted_not_published_again() {
     cleanup(&topo, &["noop"]).await;
 }
 
+/// After a restore from a backup (claims are not rebuilt, jobs are, from the events stream),
+/// a fire after the backup's last claim that is still due when the control plane comes back
+/// has no claim but a job: it is noted published, not published again. It was claimed and
+/// published a second time (under `missed = fire_once` a missed one too), and ran beside its
+/// first copy.
+#[tokio::test]
+async fn a_missed_fire_whose_job_the_store_has_is_not_published_again() {
+    let (store, _dir, _) = sqlite_store().await;
+    let topo = topology();
+    let (_conn, ch) = channel().await;
+    topo.declare_job_type(&ch, "noop").await.unwrap();
+    let cfg = every_minute("restored", "bot-r");
+    // The backup's last claim, published.
+    let backed_up: DateTime<Utc> = "2026-06-01T10:00:00Z".parse().unwrap();
+    assert!(store.claim_schedule_fire("restored", backed_up, &fire_job_id("restored", backed_up)).await.unwrap());
+    store.mark_fire_published("restored", backed_up).await.unwrap();
+    // The fire at 10:05 ran after the backup: the stream gave the restored store its job.
+    let fired: DateTime<Utc> = "2026-06-01T10:05:00Z".parse().unwrap();
+    let mut job = cfg.job_spec();
+    job.job_id = fire_job_id("restored", fired);
+    store.record_event(&trainyard_common::JobEvent::queued(&job)).await.unwrap();
+    let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
+    submitter.declare_shared().await.unwrap();
+    let s = Scheduler::new(vec![cfg], store.clone(), submitter, None);
+    // The control plane comes back at 10:05:30, inside the fire's grace.
+    assert!(s.tick("2026-06-01T10:05:30Z".parse().unwrap()).await.unwrap().is_empty(), "nothing published");
+    assert!(drain(&ch, &topo.jobs_queue("noop")).await.is_empty(), "no second copy of the 10:05 job");
+    let claims = store.schedule_fires("restored").await.unwrap();
+    assert!(claims.iter().any(|(at, _)| *at == fired), "the fire is claimed: {claims:?}");
+    assert!(store.unpublished_fires("restored", fired + RETRY_AFTER * 10).await.unwrap().is_empty(), "and noted published");
+    cleanup(&topo, &["noop"]).await;
+}
+
 /// A store that refuses claims at fire time and for longer than the 60-s grace after it (a
 /// database failing over) while the control plane runs: the fire is published late, once the
 /// store is back, under `missed = skip` too (that policy is for fires missed while no control
