@@ -143,6 +143,25 @@ pub async fn publish_event(ch: &Channel, topology: &Topology, event: &JobEvent) 
     publish_confirmed(ch, &topology.events_exchange(), &event.routing_key(), &body, props, false).await
 }
 
+/// The properties of a message for a copy a worker publishes of it (a retry, a dead letter, a
+/// hand-back): all of them but a per-message `expiration`. A publisher may set one, and the
+/// copy would then vanish unseen from a queue that has no dead-letter exchange (a dead letter
+/// from its dead-letter queue before anyone replayed it); the broker drops it from the
+/// messages it dead-letters itself for the same reason.
+pub fn lasting_properties(p: &BasicProperties) -> BasicProperties {
+    macro_rules! copy {
+        ($out:ident, $($field:ident => $with:ident),+) => {
+            $(if let Some(v) = p.$field() { $out = $out.$with(v.clone()); })+
+        };
+    }
+    let mut out = BasicProperties::default();
+    copy!(out, content_type => with_content_type, content_encoding => with_content_encoding, headers => with_headers,
+        delivery_mode => with_delivery_mode, priority => with_priority, correlation_id => with_correlation_id,
+        reply_to => with_reply_to, message_id => with_message_id, timestamp => with_timestamp, kind => with_type,
+        user_id => with_user_id, app_id => with_app_id, cluster_id => with_cluster_id);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +249,33 @@ mod tests {
         assert!(!redact_url("not a url with s3cret").contains("s3cret"));
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
         assert_eq!(redact_url("amqp://u:p1@a/v amqp://u:p2@b/v"), "amqp://u:***@a/v amqp://u:***@b/v");
+    }
+
+    /// A worker's copy keeps every property of the message but its `expiration`.
+    #[test]
+    fn a_lasting_copy_keeps_every_property_but_the_expiration() {
+        let props = |expiration: Option<&str>| {
+            let mut hdrs = FieldTable::default();
+            hdrs.insert("x-trainyard-attempt".into(), AMQPValue::LongLongInt(2));
+            let p = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_content_encoding("identity".into())
+                .with_headers(hdrs)
+                .with_delivery_mode(2)
+                .with_priority(3)
+                .with_correlation_id("c".into())
+                .with_reply_to("r".into())
+                .with_message_id("job-1".into())
+                .with_timestamp(7)
+                .with_type("noop".into())
+                .with_user_id("guest".into())
+                .with_app_id("a".into())
+                .with_cluster_id("k".into());
+            match expiration {
+                Some(e) => p.with_expiration(e.into()),
+                None => p,
+            }
+        };
+        assert_eq!(lasting_properties(&props(Some("600000"))), props(None));
     }
 }

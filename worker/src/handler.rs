@@ -4,7 +4,7 @@
 //! error carries the disposition ([`ErrorKind`]): transient errors are retried
 //! with backoff, permanent ones go to the dead-letter queue at once.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -64,6 +64,45 @@ impl Progress {
     }
 }
 
+/// Keeps a job's slot busy while work of its attempt may still run. The runtime gives the slot
+/// to the next job only once every clone is dropped: work that outlives the handler's future
+/// (a thread of its own that ignored its stop when the attempt timed out) would otherwise run
+/// beside the next job, or beside the retry of its own (two trainings on one GPU).
+#[derive(Debug, Clone, Default)]
+pub struct SlotHold(Arc<()>);
+
+impl SlotHold {
+    /// Waits until this is the last clone, saying so once when it has to wait.
+    pub(crate) async fn released(self, job_id: &str) {
+        if Arc::strong_count(&self.0) == 1 {
+            return;
+        }
+        tracing::warn!(job_id, "the attempt has ended but its thread still runs: its slot stays busy until the thread stops");
+        while Arc::strong_count(&self.0) > 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Runs `f` on a new OS thread (CPU-heavy work never runs on the async runtime) and awaits
+/// its result; the thread keeps `slot` until it ends, even when the attempt has been given
+/// up. A panic there is a bug: the job ends `dead` with its message ([`JobError::panicked`]).
+pub async fn on_thread<F>(name: &str, slot: SlotHold, f: F) -> Result<serde_json::Value, JobError>
+where
+    F: FnOnce() -> Result<serde_json::Value, JobError> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(result.unwrap_or_else(|p| Err(JobError::panicked(&*p))));
+            drop(slot);
+        })
+        .map_err(|e| JobError::transient(format!("failed to start the {name} thread: {e}")))?;
+    rx.await.unwrap_or_else(|_| Err(JobError::transient(format!("the {name} thread panicked"))))
+}
+
 /// Everything an attempt of a job may use.
 #[derive(Debug, Clone)]
 pub struct JobContext {
@@ -87,6 +126,9 @@ pub struct JobContext {
     pub progress: Progress,
     /// The worker running the attempt and its attributes.
     pub worker: WorkerInfo,
+    /// Keeps the job's slot busy while a clone lives: move one into work that may outlive
+    /// the handler's future ([`on_thread`] does).
+    pub slot: SlotHold,
 }
 
 /// A job type.

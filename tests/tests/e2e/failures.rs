@@ -221,3 +221,80 @@ async fn a_job_still_running_from_a_lost_session_keeps_its_slot() {
     w.stop().await;
     env.cleanup().await;
 }
+
+/// A job that ends after its session was lost while its publish channel still worked (here
+/// the broker cancelled another type's consumer) publishes no copy: its ack would be refused
+/// and the broker delivers it again. Before, its dead letter went out, the ack was refused,
+/// and the redelivery ended in a second dead letter (or, for a retry, a second live attempt).
+#[tokio::test]
+async fn a_job_ending_in_a_lost_session_publishes_no_copy() {
+    let env = Env::new(&["noop", "other"]).await;
+    let stubborn = Stubborn::default();
+    let registry = Registry::new().register("noop", stubborn.clone()).register("other", stubborn.clone());
+    let w = env.spawn_worker_serving(registry, &prometheus::Registry::new(), |cfg| cfg.concurrency = 1);
+    // It ignores its stop and runs past its timeout: it ends as a timeout, its last attempt.
+    let mut job = env.spec("noop", json!({"ms": 8_000}));
+    (job.max_attempts, job.timeout_s) = (1, 2);
+    let sub = env.submitter();
+    let mut watch = sub.watch(&job).await.unwrap();
+    sub.submit(&job).await.unwrap();
+    crate::support::wait_for(&mut watch, JobStatus::Started, T).await;
+    env.ch.queue_delete(env.topo.jobs_queue("other").as_str().into(), Default::default()).await.unwrap();
+    let events = collect_until_terminal(&mut watch, Duration::from_secs(90)).await;
+    assert_eq!(events.last().unwrap().status, JobStatus::Failed, "{:?}", statuses(&events));
+    // Time for the redelivery of a first attempt that sent its letter to end in a second one.
+    let dead = env.topo.dead_queue("noop");
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until && env.ready(&dead).await < 2 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(env.ready(&dead).await, 1, "one dead letter");
+    w.stop().await;
+    env.cleanup().await;
+}
+
+/// A handler whose thread ignores its stop, on a 1-slot worker.
+#[derive(Clone, Default)]
+struct Deaf(Stubborn);
+
+#[async_trait::async_trait]
+impl trainyard_worker::handler::JobHandler for Deaf {
+    fn validate(&self, _: &serde_json::Value) -> Result<(), trainyard_worker::handler::JobError> {
+        Ok(())
+    }
+    async fn run(&self, ctx: trainyard_worker::handler::JobContext) -> Result<serde_json::Value, trainyard_worker::handler::JobError> {
+        let stubborn = self.0.clone();
+        let run = ctx.clone();
+        trainyard_worker::handler::on_thread("deaf", ctx.slot.clone(), move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(trainyard_worker::handler::JobHandler::run(&stubborn, run))
+        })
+        .await
+    }
+}
+
+/// An attempt that timed out while its thread ignored the stop keeps its slot until the thread
+/// ends: its retry, back on the same 1-slot worker, waits instead of running beside it. The
+/// slot was freed when the attempt was given up, and the retry ran beside the thread (two
+/// trainings on one GPU).
+#[tokio::test]
+async fn a_timed_out_attempts_thread_keeps_its_slot_until_it_ends() {
+    let env = Env::new(&["noop"]).await;
+    let deaf = Deaf::default();
+    let registry = Registry::new().register("noop", deaf.clone());
+    let w = env.spawn_worker_serving(registry, &prometheus::Registry::new(), |cfg| {
+        cfg.concurrency = 1;
+        cfg.backoff.base_ms = 100;
+        // A timed-out job gets 3 s to unwind (half the tenth of this kept for ending a job).
+        cfg.consumer_timeout = Duration::from_secs(60);
+    });
+    // 1 s of timeout and 3 s to unwind: the thread runs on 2 s after its attempt is given up.
+    let mut job = env.spec("noop", json!({"ms": 6_000}));
+    (job.max_attempts, job.timeout_s) = (2, 1);
+    let events = env.run_job(&job, Duration::from_secs(60)).await;
+    assert_eq!(events.last().unwrap().status, JobStatus::Failed, "{:?}", statuses(&events));
+    assert!(events.iter().any(|e| e.status == JobStatus::Retrying), "{:?}", statuses(&events));
+    assert_eq!(deaf.0.most_at_once(), 1, "the retry ran beside the first attempt's thread");
+    w.stop().await;
+    env.cleanup().await;
+}

@@ -328,3 +328,25 @@ async fn a_message_with_headers_that_fill_the_frame_is_dead_lettered_by_the_work
     w.stop().await;
     env.cleanup().await;
 }
+
+/// A message published with a per-message `expiration` keeps its dead letter: the worker's copy
+/// goes without the expiration (the broker drops it from its own dead letters too). The copy
+/// kept it, and expired from the dead-letter queue, which has no dead-letter exchange, before
+/// anyone could replay it or, with the control plane down that long, record it.
+#[tokio::test]
+async fn a_dead_letter_outlives_its_messages_expiration() {
+    let env = Env::new(&["noop"]).await;
+    let w = env.spawn_worker(&["noop"], |_| {});
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_expiration("3000".into());
+    env.publish_raw("noop", b"\xc1 not msgpack", props).await;
+    let dead = env.topo.dead_queue("noop");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.ready(&dead).await == 0 {
+        assert!(Instant::now() < deadline, "no dead letter in {dead}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.ready(&dead).await, 1, "the dead letter is still there after the message's expiration");
+    w.stop().await;
+    env.cleanup().await;
+}

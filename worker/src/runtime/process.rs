@@ -31,7 +31,7 @@ use trainyard_common::{
 use super::{
     disposition::Disposition, joblog::JobLogs, running, session::SessionCtx, store_retry::StoreRetry, tiers::Waiting, Registration, Shared,
 };
-use crate::handler::{JobContext, JobError, JobHandler, Progress};
+use crate::handler::{JobContext, JobError, JobHandler, Progress, SlotHold};
 
 mod finish;
 use finish::{ack, dead_unreadable, finish_as, finish_failed, finish_succeeded, hand_back, poison, read_outcome, requeue, Recorded};
@@ -243,7 +243,9 @@ async fn execute(
         cancel: token.clone(),
         progress,
         worker: shared.config.worker.clone(),
+        slot: SlotHold::default(),
     };
+    let slot = ctx.slot.clone();
     let mut started = at.event(shared, JobStatus::Started);
     if at.redelivery > 0 {
         started.progress = Some(serde_json::json!({"redelivery": at.redelivery}));
@@ -262,7 +264,6 @@ async fn execute(
     let _ = tokio::time::timeout(running::progress_wait(consumer_timeout), forward).await;
     let cancelled_by_user = cancel.requested();
     drop(cancel);
-    shared.job_finished(&spec.job_type);
     let elapsed = t0.elapsed().as_secs_f64();
 
     if cancelled_by_user && result.is_err() {
@@ -270,7 +271,9 @@ async fn execute(
     } else if result.is_err() && !timed_out && sctx.stop_jobs.is_cancelled() {
         // Stopped by shutdown or a lost session, not by its own failure: requeue.
         save_log(shared, at).await;
-        return requeue(d, at, sctx).await;
+        let requeued = requeue(d, at, sctx).await;
+        free_slot(shared, spec, slot).await;
+        return requeued;
     }
     let status = match &result {
         Ok(_) => "succeeded",
@@ -285,7 +288,16 @@ async fn execute(
     // After the outcome, so the log ends with how the attempt ended ("retry scheduled",
     // "job dead-lettered"); a log is best effort and never holds up the ack.
     save_log(shared, at).await;
+    free_slot(shared, spec, slot).await;
     finished
+}
+
+/// Counts the attempt's slot free once no work of it runs: a thread that outlived its attempt
+/// (timed out while it ignored its stop) keeps the slot, in the heartbeat's count and for the
+/// next job, until it stops.
+async fn free_slot(shared: &Shared, spec: &JobSpec, slot: SlotHold) {
+    slot.released(&spec.job_id).await;
+    shared.job_finished(&spec.job_type);
 }
 
 /// Ends a job cancelled before it started: `superseded` when coalescing wrote the marker

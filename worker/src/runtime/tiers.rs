@@ -7,13 +7,24 @@
 //! while every slot is busy, a high-tier job that arrives is held here and takes
 //! the next free slot, before any normal or low one. Quorum queues have neither
 //! message priorities nor a channel-wide prefetch, hence one consumer per tier.
+//! A slot that a higher tier's job freed while only lower-tier deliveries are held waits
+//! [`TIER_WAIT`] at most for that tier's next delivery: its consumer's prefetch was full,
+//! and the broker sends the next one only once it has the ack. Without the wait, under a
+//! backlog of both, each freed slot went to the lower tier, and the tiers took turns.
 //!
 //! The broker's consumer timeout runs from a delivery's arrival, not from its job's start:
 //! a delivery held while the slots are busy is handed back as a fresh copy (see
 //! [`process::release`]) once it could no longer run its whole `timeout_s` before that
 //! timeout; the dispatcher looks for such deliveries every [`sweep_every`].
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures::StreamExt;
 use lapin::{message::Delivery, options::BasicNackOptions};
@@ -25,6 +36,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use trainyard_common::{codec, job::Priority};
 
 use super::{process, session::SessionCtx, Shared};
+
+/// How long a slot freed by a job of a higher tier than any held waits for that tier's next delivery.
+const TIER_WAIT: Duration = Duration::from_millis(100);
 
 /// A delivery received and not started yet.
 pub(crate) struct Waiting {
@@ -86,35 +100,73 @@ async fn dispatch(
     let mut sweep = tokio::time::interval(sweep_every(ctx.shared.config.consumer_timeout));
     // Ticks missed while no slot was free or nothing was held are not made up in a burst.
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The highest tier of the jobs that ended since the last start (`usize::MAX`: none).
+    let ended = Arc::new(AtomicUsize::new(usize::MAX));
     loop {
+        // A stop first: a slot freed as it came would start one more job after it.
         let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = ctx.sctx.lost.cancelled() => return,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = sweep.tick() => {
                 take_arrived(rx, held);
                 release_stale(held, ctx);
                 continue;
             }
-            _ = stop.cancelled() => return,
-            _ = ctx.sctx.lost.cancelled() => return,
         };
         take_arrived(rx, held);
         if held.is_empty() {
             let next = tokio::select! {
-                d = rx.recv() => d,
+                biased;
                 _ = stop.cancelled() => return,
                 _ = ctx.sctx.lost.cancelled() => return,
+                d = rx.recv() => d,
             };
             let Some(waiting) = next else { return };
             held.push(waiting.tier(), waiting);
             // Whatever else arrived meanwhile competes by tier.
             take_arrived(rx, held);
         }
+        let freed_by = ended.swap(usize::MAX, Ordering::SeqCst);
+        if held.highest_tier().is_some_and(|t| t > freed_by) {
+            wait_for_tier(rx, held, freed_by, stop, &ctx.sctx.lost).await;
+            if stop.is_cancelled() || ctx.sctx.lost.is_cancelled() {
+                return;
+            }
+        }
         let Some(waiting) = held.pop_highest() else { continue };
-        let (job_type, shared, sctx) = (ctx.job_type.clone(), ctx.shared.clone(), ctx.sctx.clone());
+        let (job_type, shared, sctx, ended, tier) =
+            (ctx.job_type.clone(), ctx.shared.clone(), ctx.sctx.clone(), ended.clone(), waiting.tier());
         ctx.jobs.spawn(async move {
             process::handle(waiting, job_type, shared, sctx).await;
+            ended.fetch_min(tier, Ordering::SeqCst);
             drop(permit);
         });
+    }
+}
+
+/// Holds what arrives for up to [`TIER_WAIT`], until a delivery of `tier` or a higher one does.
+async fn wait_for_tier(
+    rx: &mut mpsc::UnboundedReceiver<Waiting>,
+    held: &mut Held<Waiting>,
+    tier: usize,
+    stop: &CancellationToken,
+    lost: &CancellationToken,
+) {
+    let until = Instant::now() + TIER_WAIT;
+    loop {
+        let next = tokio::select! {
+            d = tokio::time::timeout_at(until, rx.recv()) => d,
+            _ = stop.cancelled() => return,
+            _ = lost.cancelled() => return,
+        };
+        let Ok(Some(waiting)) = next else { return };
+        let arrived = waiting.tier();
+        held.push(arrived, waiting);
+        if arrived <= tier {
+            return;
+        }
     }
 }
 
@@ -165,6 +217,10 @@ impl<T> Held<T> {
     }
     fn is_empty(&self) -> bool {
         self.tiers.iter().all(VecDeque::is_empty)
+    }
+    /// The highest tier that holds an item.
+    fn highest_tier(&self) -> Option<usize> {
+        self.tiers.iter().position(|q| !q.is_empty())
     }
     /// The oldest item of the highest tier that holds one.
     fn pop_highest(&mut self) -> Option<T> {

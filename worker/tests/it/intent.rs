@@ -104,6 +104,7 @@ pub(super) fn ctx(f: &Fixture, spec: JobSpec, redelivery: u32) -> (JobContext, t
         cancel: CancellationToken::new(),
         progress,
         worker: WorkerInfo { id: "worker-under-test".into(), ..WorkerInfo::default() },
+        slot: Default::default(),
     };
     (ctx, rx)
 }

@@ -8,7 +8,7 @@ use lapin::{
     BasicProperties,
 };
 use trainyard_common::{
-    amqp::publish_confirmed,
+    amqp::{lasting_properties, publish_confirmed},
     artifacts::{keys, ArtifactStore},
     codec, headers,
     job::Priority,
@@ -127,6 +127,7 @@ pub(super) async fn finish_as(
     let spec = &at.spec;
     let job_type = spec.job_type.as_str();
     let info = ErrorInfo { kind: err.kind, message: err.message.clone() };
+    still_held(sctx, "the outcome of a failed attempt")?;
     match disposition {
         Disposition::Retry { delay_ms, next_attempt } => {
             publish_retry(d, at, shared, sctx, delay_ms, next_attempt).await?;
@@ -189,7 +190,7 @@ pub(super) async fn publish_retry(
     // The next attempt's deliveries count from none.
     let mut hdrs = headers::without_delivery_counts(d.properties.headers().as_ref());
     headers::set_int(&mut hdrs, headers::ATTEMPT, i64::from(next_attempt));
-    let props = d.properties.clone().with_headers(headers::within_copy_budget(hdrs)).with_delivery_mode(2);
+    let props = lasting_properties(&d.properties).with_headers(headers::within_copy_budget(hdrs)).with_delivery_mode(2);
     publish_confirmed(&sctx.publish, &topo.retry_exchange(), &key, &d.data, props, true).await
 }
 
@@ -204,6 +205,7 @@ pub(super) async fn poison(
     reason: &str,
     job_id: Option<&str>,
 ) -> Result<(), CommonError> {
+    still_held(sctx, "a poison message's dead letter")?;
     tracing::warn!(job_type = %job_type, class, reason, "poison message dead-lettered");
     shared.metrics.poison_total.with_label_values(&[job_type, class]).inc();
     let reason = format!("{class}: {reason}");
@@ -239,14 +241,23 @@ pub(super) async fn dead_letter(
     if let Some(status) = letter.status {
         headers::set_str(&mut hdrs, headers::DEAD_STATUS, status.as_str());
     }
-    let props: BasicProperties = d.properties.clone().with_headers(hdrs).with_delivery_mode(2);
+    let props: BasicProperties = lasting_properties(&d.properties).with_headers(hdrs).with_delivery_mode(2);
     publish_confirmed(&sctx.publish, &shared.config.topology.dead_exchange(), job_type, &d.data, props, true).await
 }
 
-pub(super) async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonError> {
+/// `SessionLost` once the delivery's session is known lost: its ack would be refused and the
+/// broker delivers it again, so a copy published now (a retry, a dead letter, a hand-back)
+/// would be a second live job beside the redelivery (two attempts, or a dead letter and a run).
+fn still_held(sctx: &SessionCtx, what: &'static str) -> Result<(), CommonError> {
     if sctx.lost.is_cancelled() {
-        return Err(CommonError::SessionLost { what: "the ack" });
+        Err(CommonError::SessionLost { what })
+    } else {
+        Ok(())
     }
+}
+
+pub(super) async fn ack(d: &Delivery, sctx: &SessionCtx) -> Result<(), CommonError> {
+    still_held(sctx, "the ack")?;
     d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("ack a delivery"))
 }
 
@@ -263,8 +274,10 @@ pub(super) async fn hand_back(
     shared: &Shared,
     sctx: &SessionCtx,
 ) -> Result<(), CommonError> {
+    still_held(sctx, "the hand-back")?;
     let (exchange, key) = (shared.config.topology.jobs_exchange(), jobs_routing_key(job_type, priority));
-    let props = d.properties.clone().with_headers(headers::within_copy_budget(headers::fresh_copy(d.properties.headers().as_ref())));
+    let props =
+        lasting_properties(&d.properties).with_headers(headers::within_copy_budget(headers::fresh_copy(d.properties.headers().as_ref())));
     publish_confirmed(&sctx.publish, &exchange, &key, &d.data, props, true).await?;
     ack(d, sctx).await?;
     shared.metrics.released_total.with_label_values(&[job_type]).inc();
