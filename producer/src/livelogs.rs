@@ -18,7 +18,6 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use trainyard_common::{
     livelog::{self, LogChunk},
-    metrics::ControlMetrics,
     topology::Topology,
 };
 
@@ -99,9 +98,11 @@ impl LiveLogs {
         Some(LiveText { offset: from, text: held.text[skip..].to_string(), ..held.clone() })
     }
 
-    /// Consumes the logs exchange into the table until `shutdown`, reconnecting when lost.
-    pub async fn run(&self, url: &str, topology: &Topology, metrics: Option<&ControlMetrics>, shutdown: CancellationToken) {
-        crate::fanout::run("live-logs", url, &livelog::exchange(topology), metrics, shutdown, |body| {
+    /// Consumes the logs exchange into the table until `shutdown`, reconnecting when lost
+    /// (not counted in `trainyard_amqp_reconnects_total`, which counts the recorder's and the
+    /// trigger listener's: one outage counted once per consumer set off its alert too soon).
+    pub async fn run(&self, url: &str, topology: &Topology, shutdown: CancellationToken) {
+        crate::fanout::run("live-logs", url, &livelog::exchange(topology), None, shutdown, |body| {
             match serde_json::from_slice::<LogChunk>(body) {
                 Ok(c) => self.record(c, Utc::now()),
                 Err(e) => tracing::warn!(error = %e, "ignored a message on the logs exchange that is not a log chunk"),

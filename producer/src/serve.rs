@@ -168,13 +168,13 @@ fn spawn_tasks(
     }
 
     tasks.spawn({
-        let (stop, workers, metrics, s) = (shutdown.clone(), workers.clone(), metrics.clone(), settings.clone());
-        async move { workers.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
+        let (stop, workers, s) = (shutdown.clone(), workers.clone(), settings.clone());
+        async move { workers.run(&s.amqp_url, &s.topology, stop).await }
     });
 
     tasks.spawn({
-        let (stop, logs, metrics, s) = (shutdown.clone(), live_logs.clone(), metrics.clone(), settings.clone());
-        async move { logs.run(&s.amqp_url, &s.topology, Some(&metrics), stop).await }
+        let (stop, logs, s) = (shutdown.clone(), live_logs.clone(), settings.clone());
+        async move { logs.run(&s.amqp_url, &s.topology, stop).await }
     });
     Background { tasks, workers, live_logs }
 }

@@ -17,7 +17,6 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use trainyard_common::{
     heartbeat::{Heartbeat, MISSED_BEATS},
-    metrics::ControlMetrics,
     topology::Topology,
 };
 
@@ -72,9 +71,11 @@ impl WorkerTable {
         rows
     }
 
-    /// Consumes the heartbeats exchange into the table until `shutdown`, reconnecting when lost.
-    pub async fn run(&self, url: &str, topology: &Topology, metrics: Option<&ControlMetrics>, shutdown: CancellationToken) {
-        crate::fanout::run("heartbeats", url, &topology.heartbeats_exchange(), metrics, shutdown, |body| {
+    /// Consumes the heartbeats exchange into the table until `shutdown`, reconnecting when lost
+    /// (not counted in `trainyard_amqp_reconnects_total`, which counts the recorder's and the
+    /// trigger listener's: one outage counted once per consumer set off its alert too soon).
+    pub async fn run(&self, url: &str, topology: &Topology, shutdown: CancellationToken) {
+        crate::fanout::run("heartbeats", url, &topology.heartbeats_exchange(), None, shutdown, |body| {
             match serde_json::from_slice::<Heartbeat>(body) {
                 Ok(beat) => self.record(beat, Utc::now()),
                 Err(e) => tracing::warn!(error = %e, "ignored a message on the heartbeats exchange that is not a heartbeat"),

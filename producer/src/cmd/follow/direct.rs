@@ -21,6 +21,10 @@ use super::{Follow, Piece, SavedLogs};
 
 /// How often the store is read while the broker cannot be reached.
 const FALLBACK_EVERY: Duration = Duration::from_secs(2);
+/// How often the store is read while the queue is bound: a final event published before the
+/// queue was bound, and recorded only after the store was read then (the recorder batches, and
+/// lags while it catches up), comes from no other source.
+const BOUND_LOOK_EVERY: Duration = Duration::from_secs(5);
 
 /// What the fleeting queue hears about the job.
 enum Heard {
@@ -78,22 +82,20 @@ impl Direct<'_> {
     /// Handles what the queue hears until the job is finished.
     async fn heed<W: Write>(&self, f: &mut Follow<&Self, W>, mut rx: mpsc::UnboundedReceiver<Heard>) -> anyhow::Result<()> {
         let (mut bound, mut said) = (false, false);
+        let mut look_at = tokio::time::Instant::now() + FALLBACK_EVERY;
         loop {
-            let heard = if bound {
-                rx.recv().await
-            } else {
-                match tokio::time::timeout(FALLBACK_EVERY, rx.recv()).await {
-                    Ok(heard) => heard,
-                    Err(_) => {
-                        if !said {
-                            eprintln!("cannot reach the broker: reading the job store every {FALLBACK_EVERY:?} instead (saved logs only) until it answers");
-                            said = true;
-                        }
-                        if self.look(f).await? {
-                            return Ok(());
-                        }
-                        continue;
+            let heard = match tokio::time::timeout_at(look_at, rx.recv()).await {
+                Ok(heard) => heard,
+                Err(_) => {
+                    if !bound && !said {
+                        eprintln!("cannot reach the broker: reading the job store every {FALLBACK_EVERY:?} instead (saved logs only) until it answers");
+                        said = true;
                     }
+                    look_at = tokio::time::Instant::now() + if bound { BOUND_LOOK_EVERY } else { FALLBACK_EVERY };
+                    if self.look(f).await? {
+                        return Ok(());
+                    }
+                    continue;
                 }
             };
             let finished = match heard.context("the broker listener stopped")? {
@@ -102,10 +104,12 @@ impl Direct<'_> {
                         eprintln!("the broker answers again: following the live log");
                     }
                     bound = true;
+                    look_at = tokio::time::Instant::now() + BOUND_LOOK_EVERY;
                     self.look(f).await?
                 }
                 Heard::Link(Link::Lost) => {
                     bound = false;
+                    look_at = tokio::time::Instant::now() + FALLBACK_EVERY;
                     false
                 }
                 Heard::State(status, attempt) => f.state(status, attempt).await?,
@@ -142,4 +146,37 @@ async fn listen(url: String, binds: Vec<Bind>, job_id: String, tx: mpsc::Unbound
         }
     };
     fanout::run_with("follow-logs", &url, &binds, None, stop, link, handle).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use trainyard::store::Store;
+    use trainyard_common::{artifacts::ArtifactStore, topology::Topology, JobSpec, Trigger, TriggerKind};
+
+    use super::*;
+
+    /// A job whose final event was published before the queue was bound, and recorded after
+    /// the store was read then, is seen finished at a later read of the store: the follow
+    /// waited for the broker alone, forever.
+    #[tokio::test]
+    async fn a_final_event_recorded_after_the_bind_ends_the_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.path().display())).await.unwrap();
+        let artifacts = ArtifactStore::open("memory://").unwrap();
+        let ops = Ops::new(store.clone(), artifacts, "amqp://127.0.0.1:1/%2f", Topology::new("t")).unwrap();
+        let spec = JobSpec::new("noop", "bot", serde_json::json!({}), Trigger { kind: TriggerKind::Manual, source: "t".into() });
+        store.record_event(&JobEvent::queued(&spec)).await.unwrap();
+        store.record_event(&JobEvent::new(&spec, JobStatus::Started, 1, 1)).await.unwrap();
+        let direct = Direct { ops: &ops, url: "amqp://127.0.0.1:1/%2f", job_id: &spec.job_id };
+        let mut f = Follow::new(&direct, Vec::new(), None);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(Heard::Link(Link::Bound)).unwrap();
+        let late = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            store.record_event(&JobEvent::new(&spec, JobStatus::Succeeded, 1, 2)).await.unwrap();
+        };
+        let (followed, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(10), direct.heed(&mut f, rx)), late);
+        followed.expect("the follow ends once the store has the final event").unwrap();
+        drop(tx);
+    }
 }
