@@ -109,11 +109,7 @@ pub async fn list_jobs(State(s): State<ApiState>, Query(q): Query<ListQuery>) ->
     };
     let jobs = s.ops.list(&filter).await?;
     let next = filter.next_cursor(&jobs);
-    let mut resp = Json(jobs).into_response();
-    if let Some(c) = next.and_then(|c| header::HeaderValue::from_str(&c.to_string()).ok()) {
-        resp.headers_mut().insert("x-next-cursor", c);
-    }
-    Ok(resp)
+    Ok(with_next_cursor(Json(jobs).into_response(), next))
 }
 
 /// Body of `POST /v1/jobs`; an unknown field is refused.
@@ -313,6 +309,10 @@ pub struct DlqQuery {
     /// Only this job type.
     #[serde(rename = "type")]
     job_type: Option<String>,
+    /// The `X-Next-Cursor` of the previous page.
+    before: Option<String>,
+    /// Page size, 1 to 10,000 (default 100).
+    limit: Option<i64>,
 }
 
 /// `GET /v1/audit`: the audit trail, newest first.
@@ -323,12 +323,25 @@ pub async fn audit(State(s): State<ApiState>, Query(f): Query<crate::store::Audi
     Ok(Json(s.ops.audit_trail(&f).await?).into_response())
 }
 
-/// `GET /v1/dlq`: dead letters not replayed yet.
+/// `GET /v1/dlq`: a page of the dead letters not replayed yet, newest first; when the page is
+/// full, the `X-Next-Cursor` header carries the `before` of the next one.
 #[utoipa::path(get, path = "/dlq", tag = "ops", security(("bearer" = [])), params(DlqQuery),
-    responses((status = 200, description = "dead letters not replayed yet", body = Vec<DeadLetter>),
-        (status = 400, description = "a bad query: an unknown parameter", body = ErrorBody), AuthResponses, UnavailableResponses))]
+    responses((status = 200, description = "a page of the dead letters not replayed yet, newest first", body = Vec<DeadLetter>,
+            headers(("X-Next-Cursor" = String, description = "when the page is full: the `before` of the next page"))),
+        (status = 400, description = "a bad query: an unknown parameter, a `limit` outside 1 to 10,000, a bad cursor", body = ErrorBody),
+        AuthResponses, UnavailableResponses))]
 pub async fn dlq_list(State(s): State<ApiState>, Query(q): Query<DlqQuery>) -> ApiResult<Response> {
-    Ok(Json(s.ops.dead_letters(q.job_type.as_deref()).await?).into_response())
+    let before = q.before.as_deref().map(str::parse::<JobCursor>).transpose().map_err(crate::ops::OpsError::BadRequest)?;
+    let (letters, next) = s.ops.dead_letters(q.job_type.as_deref(), before.as_ref(), q.limit.unwrap_or(100)).await?;
+    Ok(with_next_cursor(Json(letters).into_response(), next))
+}
+
+/// `resp` with the `X-Next-Cursor` header when there is a next page.
+fn with_next_cursor(mut resp: Response, next: Option<JobCursor>) -> Response {
+    if let Some(c) = next.and_then(|c| header::HeaderValue::from_str(&c.to_string()).ok()) {
+        resp.headers_mut().insert("x-next-cursor", c);
+    }
+    resp
 }
 
 /// What `POST /v1/dlq/replay` replayed.

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::Subcommand;
 use serde_json::json;
-use trainyard::{ops::ReplayRequest, store::Store};
+use trainyard::{
+    ops::ReplayRequest,
+    store::{JobCursor, Store},
+};
 use trainyard_common::topology::Topology;
 
 use super::manage::{open, print, s, seg, who, Conn, Target};
@@ -17,6 +20,12 @@ pub enum DlqCmd {
     List {
         #[arg(long = "type")]
         job_type: Option<String>,
+        /// The next page: the cursor printed after a full page (`next page: --before …`).
+        #[arg(long)]
+        before: Option<JobCursor>,
+        /// Letters per page, newest first (1 to 10,000).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
     },
     /// Republish dead letters with a fresh attempt count.
     Replay {
@@ -61,13 +70,25 @@ pub enum EventsCmd {
 pub async fn dlq(t: Target, url: &str, topology: Topology, cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     let conn = open(&t, url, topology).await?;
     match cmd {
-        DlqCmd::List { job_type } => {
-            let v = match &conn {
-                Conn::Direct(ops) => serde_json::to_value(ops.dead_letters(job_type.as_deref()).await?)?,
+        DlqCmd::List { job_type, before, limit } => {
+            let (v, next) = match &conn {
+                Conn::Direct(ops) => {
+                    let (letters, next) = ops.dead_letters(job_type.as_deref(), before.as_ref(), limit).await?;
+                    (serde_json::to_value(letters)?, next.map(|c| c.to_string()))
+                }
                 Conn::Remote { .. } => {
-                    conn.get(&job_type.map(|t| format!("/dlq?type={}", seg(&t))).unwrap_or_else(|| "/dlq".into())).await?
+                    let mut query = format!("/dlq?limit={limit}");
+                    for (k, v) in [("type", job_type), ("before", before.map(|c| c.to_string()))] {
+                        if let Some(v) = v {
+                            query.push_str(&format!("&{k}={}", seg(&v)));
+                        }
+                    }
+                    conn.get_paged(&query).await?
                 }
             };
+            if let Some(c) = &next {
+                eprintln!("next page: --before {c}");
+            }
             print(t.json, &v, |v| {
                 println!("{:<43}  {:<13}  {:<14}  {:>3}  REASON", "ID", "TYPE", "KIND", "ATT");
                 for d in v.as_array().into_iter().flatten() {

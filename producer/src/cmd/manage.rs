@@ -126,6 +126,12 @@ impl Conn {
     pub(super) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         Ok(self.call(reqwest::Method::GET, path, None).await?.json().await?)
     }
+    /// A page: its JSON and its `X-Next-Cursor`, when there is a next one.
+    pub(super) async fn get_paged(&self, path: &str) -> anyhow::Result<(Value, Option<String>)> {
+        let resp = self.call(reqwest::Method::GET, path, None).await?;
+        let next = resp.headers().get("x-next-cursor").and_then(|h| h.to_str().ok()).map(String::from);
+        Ok((resp.json().await?, next))
+    }
     pub(super) async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         Ok(self.call(reqwest::Method::POST, path, Some(body)).await?.json().await?)
     }
@@ -152,9 +158,7 @@ async fn list_page(conn: &Conn, f: &JobFilter) -> anyhow::Result<(Value, Option<
     ];
     let mut url = reqwest::Url::parse("http://query/").expect("a constant URL");
     url.query_pairs_mut().extend_pairs(pairs.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))));
-    let resp = conn.call(reqwest::Method::GET, &format!("/jobs?{}", url.query().unwrap_or("")), None).await?;
-    let next = resp.headers().get("x-next-cursor").and_then(|h| h.to_str().ok()).map(String::from);
-    Ok((resp.json().await?, next))
+    conn.get_paged(&format!("/jobs?{}", url.query().unwrap_or(""))).await
 }
 
 /// `x` encoded as one URL path segment (or query value): `/`, `?`, `#`, `&`, `%` and the
@@ -180,7 +184,9 @@ fn parse_since(flag: &str, s: &str) -> anyhow::Result<chrono::DateTime<chrono::U
     }
     let expected = || format!("{flag} {s:?}: expected RFC 3339 or a duration like 30m, 2h, 7d");
     let Some(unit) = s.chars().last() else { bail!(expected()) };
-    let n: i64 = s[..s.len() - unit.len_utf8()].parse().with_context(expected)?;
+    // Unsigned: `-2h` would be two hours ahead, and a `--since` in the future lists nothing.
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().with_context(expected)?;
+    let n = i64::try_from(n).with_context(|| format!("{flag} {s:?}: too far back"))?;
     let per = match unit {
         's' => 1,
         'm' => 60,
@@ -359,6 +365,8 @@ mod tests {
             ("10000000000000s", "too far back"),
             ("9999999999999999s", "too far back"),
             ("999999999999999d", "too far back"),
+            ("18446744073709551615s", "too far back"),
+            ("-2h", "expected RFC 3339"),
         ] {
             let e = parse_since("--since", bad).unwrap_err().to_string();
             assert!(e.contains("--since") && e.contains(says), "{bad:?}: {e}");

@@ -6,23 +6,31 @@ Console.views["dead-letters"] = {
   init() {
     $("dlq-filters").addEventListener("submit", ev => { ev.preventDefault(); this.load(); });
     $("dlq-replay-all").addEventListener("click", () => this.replayAll());
+    $("dlq-older").addEventListener("click", () => this.load(this.next));
   },
 
   show() { this.load(); },
 
   type() { return new FormData($("dlq-filters")).get("type").trim(); },
 
-  async load() {
+  // The first page of letters, newest first, or with `before` (the previous page's X-Next-Cursor) the next, older one below it.
+  async load(before) {
     const t = this.type();
-    let letters;
+    const params = new URLSearchParams();
+    if (t) params.set("type", t);
+    if (before) params.set("before", before);
+    let page;
     try {
-      letters = await Console.api("GET", `/v1/dlq${t ? `?type=${encodeURIComponent(t)}` : ""}`);
+      page = await Console.call("GET", `/v1/dlq?${params}`);
     } catch (e) {
       $("error").textContent = `listing dead letters failed: ${e.message || e}`;
       return;
     }
     const body = $("dlq-table").tBodies[0];
-    body.replaceChildren(...letters.map(d => this.row(d)));
+    const rows = page.data.map(d => this.row(d));
+    if (before) body.append(...rows); else body.replaceChildren(...rows);
+    this.next = page.headers.get("x-next-cursor");
+    $("dlq-older").hidden = !this.next;
   },
 
   row(d) {

@@ -14,7 +14,7 @@ use trainyard_common::{
 };
 
 use super::{Ops, OpsError};
-use crate::store::DeadLetter;
+use crate::store::{DeadLetter, JobCursor};
 
 /// What to replay from the dead-letter queues.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -30,9 +30,18 @@ pub struct ReplayRequest {
 }
 
 impl Ops {
-    /// Dead letters not replayed yet, with the depth of each dead-letter queue.
-    pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, OpsError> {
-        Ok(self.store.dead_letters(job_type).await?)
+    /// A page of the dead letters not replayed yet, newest first, and the cursor of the next
+    /// page when this one is full ([`Store::dead_letters_page`](crate::store::Store::dead_letters_page)).
+    pub async fn dead_letters(
+        &self,
+        job_type: Option<&str>,
+        before: Option<&JobCursor>,
+        limit: i64,
+    ) -> Result<(Vec<DeadLetter>, Option<JobCursor>), OpsError> {
+        crate::store::check_limit(limit).map_err(OpsError::BadRequest)?;
+        let page = self.store.dead_letters_page(job_type, before, limit).await?;
+        let next = page.last().filter(|_| page.len() as i64 >= limit).map(JobCursor::after_letter);
+        Ok((page, next))
     }
 
     /// Republishes dead letters to the work exchange with a fresh attempt

@@ -3,7 +3,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::AssertSqlSafe;
 
-use super::{micros, q, types, DeadLetter, Store, StoreError};
+use super::{micros, q, types, DeadLetter, JobCursor, Store, StoreError};
+
+/// The columns of a dead letter, in the order [`types::dead_letter`] reads them.
+const COLS: &str = "id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at, body, run";
 
 impl Store {
     /// Records a dead letter (idempotent on its id). A letter of a later run of its job
@@ -45,7 +48,7 @@ impl Store {
     /// Dead letters not replayed yet, newest first, optionally of one job type; their text as
     /// it was recorded.
     pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
-        let cols = "id, job_id, job_type, bot, reason, kind, attempt, broker_dead_lettered, body_preview, at, replayed_at, body, run";
+        let cols = COLS;
         let rows = match job_type {
             Some(t) => {
                 sqlx::query(AssertSqlSafe(format!(
@@ -62,6 +65,41 @@ impl Store {
             }
         }
         .map_err(q("list dead letters"))?;
+        Ok(rows.iter().map(types::dead_letter).collect())
+    }
+
+    /// A page of the dead letters not replayed yet, newest first (by `at`, then `id`),
+    /// optionally of one job type: at most `limit`, after `before` (the position of the last
+    /// letter of the page before, `<at µs>:<id>`). The whole list, bodies and all, made one
+    /// answer of any size.
+    pub async fn dead_letters_page(
+        &self,
+        job_type: Option<&str>,
+        before: Option<&JobCursor>,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut n = 0;
+        let mut param = || {
+            n += 1;
+            format!("${n}")
+        };
+        let mut conds = vec!["replayed_at IS NULL".to_string()];
+        if job_type.is_some() {
+            conds.push(format!("job_type = {}", param()));
+        }
+        if before.is_some() {
+            let (at, same_at, id) = (param(), param(), param());
+            conds.push(format!("(at < {at} OR (at = {same_at} AND id < {id}))"));
+        }
+        let sql = format!("SELECT {COLS} FROM dead_letters WHERE {} ORDER BY at DESC, id DESC LIMIT {}", conds.join(" AND "), param());
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        if let Some(t) = job_type {
+            query = query.bind(types::text(t));
+        }
+        if let Some(c) = before {
+            query = query.bind(c.created_at).bind(c.created_at).bind(types::text(&c.job_id));
+        }
+        let rows = query.bind(limit).fetch_all(&self.pool).await.map_err(q("list dead letters"))?;
         Ok(rows.iter().map(types::dead_letter).collect())
     }
 

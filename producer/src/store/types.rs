@@ -206,7 +206,8 @@ fn known<T: std::fmt::Display>(values: impl Iterator<Item = T>) -> String {
 }
 
 /// A position in the job list (`created_at DESC, job_id DESC`): the last job of a page.
-/// Written `<created_at µs since the epoch>:<job_id>`.
+/// Written `<created_at µs since the epoch>:<job_id>`. The dead-letter list pages the same
+/// way, by the letter's `at` and `id` ([`JobCursor::after_letter`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobCursor {
     /// Creation time of the last job listed, µs since the epoch.
@@ -219,6 +220,10 @@ impl JobCursor {
     /// The cursor that continues after `job`.
     pub fn after(job: &JobRow) -> Self {
         Self { created_at: micros(job.created_at), job_id: job.job_id.clone() }
+    }
+    /// The cursor that continues after the dead letter `letter`.
+    pub fn after_letter(letter: &DeadLetter) -> Self {
+        Self { created_at: micros(letter.at), job_id: letter.id.clone() }
     }
 }
 

@@ -260,3 +260,54 @@ async fn a_dead_letter_of_a_run_its_job_has_gone_past_does_not_list() {
     store.record_dead_letter(&letter(1, "run 1 died, a copy")).await.unwrap();
     assert!(store.dead_letters(None).await.unwrap().is_empty(), "still replayed");
 }
+
+/// The dead-letter list pages newest first, by time and then id, on both backends: letters of
+/// one instant are neither skipped nor repeated across pages, and a type filters every page.
+/// (`GET /v1/dlq` answered every letter not replayed, each with its whole body, in one answer.)
+#[tokio::test]
+async fn dead_letters_page_newest_first_on_sqlite_and_postgres() {
+    on_sqlite_and_postgres(|url| async move {
+        let store = trainyard::store::Store::open(&url).await.unwrap();
+        let t0 = chrono::Utc::now();
+        // Five noop letters, three of them at one instant, and one of another type.
+        let letters: Vec<_> = [(0, "noop"), (1, "noop"), (1, "noop"), (1, "noop"), (2, "noop"), (3, "other")]
+            .iter()
+            .enumerate()
+            .map(|(i, (s, t))| trainyard::store::DeadLetter {
+                id: format!("letter-{i}"),
+                job_id: None,
+                job_type: t.to_string(),
+                bot: None,
+                reason: "r".into(),
+                kind: "poison".into(),
+                attempt: 1,
+                run: 0,
+                broker_dead_lettered: false,
+                body_preview: String::new(),
+                body: None,
+                at: t0 + chrono::TimeDelta::seconds(*s),
+                replayed_at: None,
+            })
+            .collect();
+        for l in &letters {
+            store.record_dead_letter(l).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.dead_letters_page(Some("noop"), before.as_ref(), 2).await.unwrap();
+            assert!(page.len() <= 2);
+            seen.extend(page.iter().map(|l| l.id.clone()));
+            match page.last().filter(|_| page.len() == 2) {
+                Some(last) => before = Some(trainyard::store::JobCursor::after_letter(last)),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["letter-4", "letter-3", "letter-2", "letter-1", "letter-0"], "newest first, each once");
+        let all = store.dead_letters_page(None, None, 100).await.unwrap();
+        assert_eq!(all.first().map(|l| l.id.as_str()), Some("letter-5"));
+        assert_eq!(all.len(), 6);
+        store.close().await;
+    })
+    .await;
+}
