@@ -32,6 +32,11 @@ pub struct LogChunk {
     pub text: String,
     /// The worker running it.
     pub worker: String,
+    /// Which making of the attempt's log on that worker: the same attempt delivered to the
+    /// same worker again (after a lost connection) makes a new log, sent from offset 0 with a
+    /// higher number, which a reader starts again from (0 from a worker before this field).
+    #[serde(default)]
+    pub making: u64,
 }
 
 /// The logs exchange of `topology`: `<prefix>.logs`.

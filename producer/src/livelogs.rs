@@ -37,12 +37,39 @@ pub struct LiveText {
     pub text: String,
     /// The worker running it.
     pub worker: String,
+    /// The making of the attempt's log on that worker ([`LogChunk::making`]).
+    pub making: u64,
 }
 
 impl LiveText {
+    /// Whether `c` continues this text's log: the same attempt, worker and making.
+    fn same_log(&self, c: &LogChunk) -> bool {
+        self.attempt == c.attempt && self.worker == c.worker && self.making == c.making
+    }
     /// The offset after `text`.
     pub fn end(&self) -> u64 {
         self.offset + self.text.len() as u64
+    }
+}
+
+/// How far a reader has shown a job's live text: its log (attempt, worker, making) and the
+/// offset after the text shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    /// The attempt.
+    pub attempt: u32,
+    /// The worker of its log.
+    pub worker: String,
+    /// The making of its log there.
+    pub making: u64,
+    /// The offset after the text shown.
+    pub end: u64,
+}
+
+impl Shown {
+    /// What a reader has shown once it showed `text`.
+    pub fn of(text: &LiveText) -> Self {
+        Self { attempt: text.attempt, worker: text.worker.clone(), making: text.making, end: text.end() }
     }
 }
 
@@ -57,8 +84,9 @@ pub struct LiveLogs {
 
 impl LiveLogs {
     /// Adds a chunk received at `now`. A chunk of a newer attempt, of the same attempt from
-    /// another worker (redelivered: its log starts again there), or one after a gap (chunks lost)
-    /// starts the job's text again; overlapping text is added once; an older attempt's chunk is
+    /// another worker or another making on the same one (redelivered: its log starts again
+    /// there), or one after a gap (chunks lost) starts the job's text again; overlapping text is
+    /// added once; a chunk of an older attempt, or of an older making on the same worker, is
     /// ignored.
     pub fn record(&self, c: LogChunk, now: DateTime<Utc>) {
         let Ok(mut jobs) = self.jobs.write() else { return };
@@ -66,7 +94,8 @@ impl LiveLogs {
         jobs.retain(|_, (_, at)| now - *at < forget);
         match jobs.get_mut(&c.job_id) {
             Some((held, _)) if held.attempt > c.attempt => {}
-            Some((held, at)) if held.attempt == c.attempt && held.worker == c.worker && c.offset <= held.end() => {
+            Some((held, _)) if held.attempt == c.attempt && held.worker == c.worker && held.making > c.making => {}
+            Some((held, at)) if held.same_log(&c) && c.offset <= held.end() => {
                 let skip = (held.end() - c.offset) as usize;
                 if skip < c.text.len() && c.text.is_char_boundary(skip) {
                     held.text.push_str(&c.text[skip..]);
@@ -75,20 +104,21 @@ impl LiveLogs {
                 trim(held);
             }
             _ => {
-                let mut held = LiveText { attempt: c.attempt, offset: c.offset, text: c.text, worker: c.worker };
+                let mut held = LiveText { attempt: c.attempt, offset: c.offset, text: c.text, worker: c.worker, making: c.making };
                 trim(&mut held);
                 jobs.insert(c.job_id, (held, now));
             }
         }
     }
 
-    /// The live text of `job_id` after `after` (attempt, worker, offset already shown): all of
-    /// it for another attempt or worker, or an offset no longer held; `None` when nothing is new.
-    pub fn since(&self, job_id: &str, after: Option<(u32, &str, u64)>) -> Option<LiveText> {
+    /// The live text of `job_id` after `after` (the [`Shown::of`] the text a reader has): all
+    /// of it for another attempt, worker or making, or an offset no longer held; `None` when
+    /// nothing is new.
+    pub fn since(&self, job_id: &str, after: Option<&Shown>) -> Option<LiveText> {
         let jobs = self.jobs.read().ok()?;
         let (held, _) = jobs.get(job_id)?;
         let from = match after {
-            Some((attempt, worker, offset)) if attempt == held.attempt && worker == held.worker && offset >= held.offset => offset,
+            Some(s) if s.attempt == held.attempt && s.worker == held.worker && s.making == held.making && s.end >= held.offset => s.end,
             _ => held.offset,
         };
         let skip = usize::try_from(from - held.offset).ok()?;
@@ -130,7 +160,7 @@ mod tests {
     use super::*;
 
     fn chunk(attempt: u32, offset: u64, text: &str) -> LogChunk {
-        LogChunk { job_id: "j".into(), attempt, offset, text: text.into(), worker: "w".into() }
+        LogChunk { job_id: "j".into(), attempt, offset, text: text.into(), worker: "w".into(), making: 0 }
     }
 
     fn text(t: Option<LiveText>) -> Option<(u32, u64, String)> {
@@ -145,12 +175,12 @@ mod tests {
         logs.record(chunk(1, 4, "two\n"), now);
         logs.record(chunk(1, 4, "two\n"), now); // A duplicate adds nothing.
         assert_eq!(text(logs.since("j", None)), Some((1, 0, "one\ntwo\n".into())));
-        assert_eq!(text(logs.since("j", Some((1, "w", 4)))), Some((1, 4, "two\n".into())));
-        assert_eq!(logs.since("j", Some((1, "w", 8))), None, "nothing new");
+        assert_eq!(text(logs.since("j", Some(&shown(1, "w", 4)))), Some((1, 4, "two\n".into())));
+        assert_eq!(logs.since("j", Some(&shown(1, "w", 8))), None, "nothing new");
         // A newer attempt starts again; an older attempt's late chunk is ignored.
         logs.record(chunk(2, 0, "retry\n"), now);
         logs.record(chunk(1, 8, "late\n"), now);
-        assert_eq!(text(logs.since("j", Some((1, "w", 8)))), Some((2, 0, "retry\n".into())));
+        assert_eq!(text(logs.since("j", Some(&shown(1, "w", 8)))), Some((2, 0, "retry\n".into())));
         // A gap (lost chunks) starts the text at the chunk after it.
         logs.record(chunk(2, 100, "after a gap\n"), now);
         assert_eq!(text(logs.since("j", None)), Some((2, 100, "after a gap\n".into())));
@@ -158,8 +188,18 @@ mod tests {
         // Redelivered to another worker, the attempt's log starts again there: all of it is new.
         logs.record(LogChunk { worker: "w2".into(), ..chunk(2, 0, "again\n") }, now);
         logs.record(LogChunk { worker: "w2".into(), ..chunk(2, 6, "more\n") }, now);
-        let held = logs.since("j", Some((2, "w", 112))).unwrap();
+        let held = logs.since("j", Some(&shown(2, "w", 112))).unwrap();
         assert_eq!((held.offset, held.text.as_str(), held.worker.as_str()), (0, "again\nmore\n", "w2"));
+        // Delivered again to the same worker (a new making): it starts again there too, and a
+        // late chunk of the making before is ignored.
+        let seen = Shown::of(&held);
+        logs.record(LogChunk { worker: "w2".into(), making: 1, ..chunk(2, 0, "anew\n") }, now);
+        logs.record(LogChunk { worker: "w2".into(), ..chunk(2, 11, "old\n") }, now);
+        assert_eq!(text(logs.since("j", Some(&seen))), Some((2, 0, "anew\n".into())));
+    }
+
+    fn shown(attempt: u32, worker: &str, end: u64) -> Shown {
+        Shown { attempt, worker: worker.into(), making: 0, end }
     }
 
     #[test]

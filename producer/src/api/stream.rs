@@ -131,7 +131,7 @@ struct Tail {
     queues_at: Instant,
     live_logs: crate::livelogs::LiveLogs,
     /// The live log sent so far: (attempt, worker, offset after it).
-    log_shown: Option<(u32, String, u64)>,
+    log_shown: Option<crate::livelogs::Shown>,
 }
 
 impl Tail {
@@ -173,9 +173,8 @@ impl Tail {
             let data = serde_json::to_string(&self.workers.rows(chrono::Utc::now())).unwrap_or_else(|_| "[]".into());
             self.pending.push_back(Event::default().event("workers").data(data));
         }
-        let shown = self.log_shown.as_ref().map(|(a, w, o)| (*a, w.as_str(), *o));
-        if let Some(live) = self.job.as_deref().and_then(|j| self.live_logs.since(j, shown)) {
-            self.log_shown = Some((live.attempt, live.worker.clone(), live.end()));
+        if let Some(live) = self.job.as_deref().and_then(|j| self.live_logs.since(j, self.log_shown.as_ref())) {
+            self.log_shown = Some(crate::livelogs::Shown::of(&live));
             let data = serde_json::to_string(&live).unwrap_or_else(|_| "{}".into());
             self.pending.push_back(Event::default().event("log").data(data));
         }

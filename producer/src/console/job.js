@@ -32,9 +32,12 @@ Console.views.job = {
   // Adds a `log` event's text: a new attempt starts again; text already shown is skipped (offsets are bytes).
   addLive(d) {
     const bytes = new TextEncoder().encode(d.text);
-    // Another attempt, or the same attempt on another worker (a redelivery): the text starts again.
-    if (!this.live || this.live.attempt !== d.attempt || this.live.worker !== d.worker) {
-      this.live = { attempt: d.attempt, worker: d.worker, end: d.offset, text: d.offset ? "…\n" : "" };
+    // Another attempt, or the same attempt delivered again (to another worker, or to the same
+    // one: a new making of its log): the text starts again. A late chunk of an older making is dropped.
+    const making = d.making || 0;
+    if (this.live && this.live.attempt === d.attempt && this.live.worker === d.worker && this.live.making > making) return;
+    if (!this.live || this.live.attempt !== d.attempt || this.live.worker !== d.worker || this.live.making !== making) {
+      this.live = { attempt: d.attempt, worker: d.worker, making, end: d.offset, text: d.offset ? "…\n" : "" };
     }
     const live = this.live;
     if (d.offset > live.end) live.text += "… (lines missed)\n";

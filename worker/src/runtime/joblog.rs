@@ -47,6 +47,21 @@ pub struct JobLogs {
     made: Arc<AtomicU64>,
 }
 
+/// New text of a running attempt's buffer, as [`JobLogs::unsent`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsent {
+    /// The job.
+    pub job_id: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// The number of the buffer's making (a new one starts again at offset 0).
+    pub making: u64,
+    /// Byte offset of `text` in the buffer.
+    pub offset: usize,
+    /// The new text.
+    pub text: String,
+}
+
 /// What [`JobLogs::unsent`] has sent of each buffer: its making and the bytes sent.
 #[derive(Debug, Default)]
 pub struct Sent(HashMap<String, (u64, usize)>);
@@ -63,9 +78,9 @@ impl JobLogs {
     }
 
     /// The text of running attempts not yet in `sent` (bytes sent so far, by key), at most
-    /// `max` bytes per attempt (cut at a character boundary): (job id, attempt, offset, text).
-    /// Advances `sent`, and forgets the attempts whose buffer was taken.
-    pub fn unsent(&self, sent: &mut Sent, max: usize) -> Vec<(String, u32, usize, String)> {
+    /// `max` bytes per attempt (cut at a character boundary). Advances `sent`, and forgets the
+    /// attempts whose buffer was taken.
+    pub fn unsent(&self, sent: &mut Sent, max: usize) -> Vec<Unsent> {
         let Ok(buffers) = self.buffers.lock() else { return Vec::new() };
         // A buffer taken, or taken and made again since: its offset means nothing now.
         sent.0.retain(|k, (made, _)| buffers.get(k).is_some_and(|(m, _)| m == made));
@@ -79,7 +94,8 @@ impl JobLogs {
             }
             let Some((job_id, attempt)) = key.rsplit_once('/').and_then(|(j, a)| Some((j, a.parse::<u32>().ok()?))) else { continue };
             if end > from {
-                out.push((job_id.to_string(), attempt, from, text[from..end].to_string()));
+                let text = text[from..end].to_string();
+                out.push(Unsent { job_id: job_id.to_string(), attempt, making: *made, offset: from, text });
                 sent.0.insert(key.clone(), (*made, end));
             }
         }
@@ -222,18 +238,23 @@ mod tests {
         assert_eq!(logs.take(&JobLogs::key("j1", 2)), Captured::default());
     }
 
+    /// `unsent` as (job id, attempt, offset, text).
+    fn unsent(logs: &JobLogs, sent: &mut Sent, max: usize) -> Vec<(String, u32, usize, String)> {
+        logs.unsent(sent, max).into_iter().map(|u| (u.job_id, u.attempt, u.offset, u.text)).collect()
+    }
+
     #[test]
     fn unsent_text_comes_once_in_order_and_finished_attempts_are_forgotten() {
         let logs = JobLogs::default();
         let mut sent = Sent::default();
         logs.append("j1/1", "a line\n", true);
-        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 0, "a line\n".to_string())]);
+        assert_eq!(unsent(&logs, &mut sent, 1024), vec![("j1".to_string(), 1, 0, "a line\n".to_string())]);
         assert!(logs.unsent(&mut sent, 1024).is_empty(), "nothing new");
         logs.append("j1/1", "é and more\n", true);
         // Cut at a character boundary: 'é' is two bytes, so 1 byte gives nothing, 2 give it.
         assert!(logs.unsent(&mut sent, 1).is_empty());
-        assert_eq!(logs.unsent(&mut sent, 2), vec![("j1".to_string(), 1, 7, "é".to_string())]);
-        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 9, " and more\n".to_string())]);
+        assert_eq!(unsent(&logs, &mut sent, 2), vec![("j1".to_string(), 1, 7, "é".to_string())]);
+        assert_eq!(unsent(&logs, &mut sent, 1024), vec![("j1".to_string(), 1, 9, " and more\n".to_string())]);
         logs.take("j1/1");
         assert!(logs.unsent(&mut sent, 1024).is_empty());
         assert!(sent.0.is_empty(), "a taken attempt is forgotten");
@@ -248,12 +269,15 @@ mod tests {
         let logs = JobLogs::default();
         let mut sent = Sent::default();
         logs.append("j1/1", "ab\n", true);
-        assert_eq!(logs.unsent(&mut sent, 1024).len(), 1);
+        let first = logs.unsent(&mut sent, 1024);
+        assert_eq!(first.len(), 1);
         logs.take("j1/1");
         logs.append("j1/1", "éééé\n", true);
-        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 0, "éééé\n".to_string())]);
+        let again = logs.unsent(&mut sent, 1024);
+        assert_eq!(again.iter().map(|u| (u.offset, u.text.as_str())).collect::<Vec<_>>(), [(0, "éééé\n")]);
+        assert!(again[0].making > first[0].making, "a new making, which readers start again from");
         logs.append("j1/1", "more\n", true);
-        assert_eq!(logs.unsent(&mut sent, 1024), vec![("j1".to_string(), 1, 9, "more\n".to_string())]);
+        assert_eq!(unsent(&logs, &mut sent, 1024), vec![("j1".to_string(), 1, 9, "more\n".to_string())]);
         assert!(logs.buffers.lock().is_ok(), "the lock is not poisoned");
     }
 

@@ -40,7 +40,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 async fn publish(
     shared: &Shared,
     link: &mut Option<(Connection, Channel, String)>,
-    chunks: Vec<(String, u32, usize, String)>,
+    chunks: Vec<super::joblog::Unsent>,
 ) -> Result<(), CommonError> {
     if link.as_ref().is_none_or(|(c, ch, _)| !c.status().connected() || !ch.status().connected()) {
         let conn = amqp::connect(&shared.config.amqp_url, "trainyard-live-logs").await?;
@@ -49,8 +49,9 @@ async fn publish(
         *link = Some((conn, ch, exchange));
     }
     let Some((_, ch, exchange)) = link.as_ref() else { return Ok(()) };
-    for (job_id, attempt, offset, text) in chunks {
-        let chunk = LogChunk { job_id, attempt, offset: offset as u64, text, worker: shared.config.worker.id.clone() };
+    for u in chunks {
+        let worker = shared.config.worker.id.clone();
+        let chunk = LogChunk { job_id: u.job_id, attempt: u.attempt, offset: u.offset as u64, text: u.text, worker, making: u.making };
         // Strings and numbers: encoding cannot fail.
         let body = serde_json::to_vec(&chunk).unwrap_or_default();
         let props = BasicProperties::default().with_content_type("application/json".into()).with_expiration("60000".into());

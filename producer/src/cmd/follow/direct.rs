@@ -136,7 +136,7 @@ async fn listen(url: String, binds: Vec<Bind>, job_id: String, tx: mpsc::Unbound
             serde_json::from_slice::<livelog::LogChunk>(&d.data)
                 .ok()
                 .filter(|c| c.job_id == job_id)
-                .map(|c| Heard::Piece(Piece { attempt: c.attempt, offset: c.offset, text: c.text, worker: c.worker }))
+                .map(|c| Heard::Piece(Piece { attempt: c.attempt, offset: c.offset, text: c.text, worker: c.worker, making: c.making }))
         } else {
             let ct = d.properties.content_type().as_ref().map(|c| c.as_str());
             codec::decode::<JobEvent>(ct, &d.data).ok().filter(|e| e.job_id == job_id).map(|e| Heard::State(e.status, e.attempt))

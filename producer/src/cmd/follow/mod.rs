@@ -35,6 +35,9 @@ pub(super) struct Piece {
     /// The worker running the attempt.
     #[serde(default)]
     pub worker: String,
+    /// The making of the attempt's log on that worker: a new one starts again at offset 0.
+    #[serde(default)]
+    pub making: u64,
 }
 
 /// Where the saved logs of the job's attempts are read.
@@ -48,6 +51,7 @@ pub(super) trait SavedLogs {
 struct Live {
     attempt: u32,
     worker: String,
+    making: u64,
     from: u64,
     text: String,
 }
@@ -95,13 +99,17 @@ impl<S: SavedLogs, W: Write> Follow<S, W> {
         }
         // A newer attempt runs: the earlier ones ended.
         self.end_up_to(p.attempt.saturating_sub(1)).await?;
-        if !self.live.as_ref().is_some_and(|l| l.attempt == p.attempt && l.worker == p.worker) {
+        let same = |l: &Live| l.attempt == p.attempt && l.worker == p.worker;
+        if self.live.as_ref().is_some_and(|l| same(l) && l.making > p.making) {
+            return Ok(()); // A late chunk of the log before the attempt was delivered again.
+        }
+        if !self.live.as_ref().is_some_and(|l| same(l) && l.making == p.making) {
             self.head(p.attempt)?;
             if self.live.as_ref().is_some_and(|l| l.attempt == p.attempt) {
-                // The attempt was redelivered to another worker: its log starts again there.
+                // The attempt was redelivered (to another worker, or to this one again): its log starts again there.
                 writeln!(self.out, "--- attempt {} continues on worker {} ---", p.attempt, p.worker)?;
             }
-            self.live = Some(Live { attempt: p.attempt, worker: p.worker.clone(), from: 0, text: String::new() });
+            self.live = Some(Live { attempt: p.attempt, worker: p.worker.clone(), making: p.making, from: 0, text: String::new() });
         }
         let Some(live) = self.live.as_mut() else { return Ok(()) };
         if p.offset > live.end() {

@@ -16,7 +16,7 @@ fn saved(logs: &[(u32, &str)]) -> Saved {
 }
 
 fn piece(attempt: u32, offset: u64, text: &str) -> Piece {
-    Piece { attempt, offset, text: text.into(), worker: "w1".into() }
+    Piece { attempt, offset, text: text.into(), worker: "w1".into(), making: 0 }
 }
 
 fn printed(f: Follow<&Saved, Vec<u8>>) -> String {
@@ -72,6 +72,18 @@ async fn a_redelivered_attempt_goes_on_after_its_new_start_and_a_differing_log_i
     f.piece(Piece { worker: "w2".into(), ..piece(1, 0, "t2 new\n") }).await.unwrap();
     f.state(JobStatus::Succeeded, 1).await.unwrap();
     assert_eq!(printed(f), "==> attempt 1 <==\nt1 old\n--- attempt 1 continues on worker w2 ---\nt2 new\nt3 new\n");
+
+    // Delivered again to the same worker (a new making of its log): the same, and a late
+    // chunk of the log before adds nothing. It was taken for text already printed: skipped
+    // while shorter than the old log, then printed from the old log's length, mid-line.
+    let logs = saved(&[(1, "t1 old\n--- redelivery 1 ---\nt2\nt3 new\n")]);
+    let mut f = Follow::new(&logs, Vec::new(), None);
+    f.state(JobStatus::Started, 1).await.unwrap();
+    f.piece(piece(1, 0, "t1 old\n")).await.unwrap();
+    f.piece(Piece { making: 1, ..piece(1, 0, "t2\n") }).await.unwrap();
+    f.piece(piece(1, 7, "t1 late\n")).await.unwrap();
+    f.state(JobStatus::Succeeded, 1).await.unwrap();
+    assert_eq!(printed(f), "==> attempt 1 <==\nt1 old\n--- attempt 1 continues on worker w1 ---\nt2\nt3 new\n");
 
     let logs = saved(&[(1, "something else\n")]);
     let mut f = Follow::new(&logs, Vec::new(), None);
