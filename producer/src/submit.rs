@@ -19,6 +19,8 @@ use crate::pool::{self, ChannelPool};
 
 /// How many times a job's `queued` event is published before it is given up (logged).
 const EVENT_TRIES: u32 = 3;
+/// How long a try of a `queued` event waits for a channel of the pool.
+const EVENT_POOL_WAIT: Duration = Duration::from_secs(5);
 
 /// Publishes jobs: confirmed, `mandatory` (an unknown job type is an error,
 /// never a silent drop), persistent, then records a `queued` event.
@@ -82,11 +84,23 @@ impl Submitter {
     /// fresh channels. The job runs and its worker's events record it whatever happens here, so
     /// a failure is only logged: answered as an error, it told the caller that a queued job had
     /// failed, and a caller that submitted it again made a second job.
-    async fn announce(&self, mut ch: pool::Pooled, spec: &JobSpec) {
+    async fn announce(&self, first: pool::Pooled, spec: &JobSpec) {
         let event = JobEvent::queued(spec);
+        let mut ch = Some(first);
         for tries in 1..=EVENT_TRIES {
-            let e = match self.publish_event(&ch, &event).await {
-                Ok(()) => return,
+            // A failed channel goes back (and is discarded) before another is taken: held while
+            // waiting for the next, every channel of the pool could end up waiting on another.
+            let taken = match ch.take() {
+                Some(c) => Ok(c),
+                None => tokio::time::timeout(EVENT_POOL_WAIT, pool::get(&self.pool)).await.unwrap_or_else(|_| {
+                    Err(CommonError::PoolUnavailable { url: "the channel pool".into(), reason: "no channel within 5 s".into() })
+                }),
+            };
+            let e = match taken {
+                Ok(c) => match self.publish_event(&c, &event).await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                },
                 Err(e) => e,
             };
             if tries == EVENT_TRIES {
@@ -95,13 +109,6 @@ impl Submitter {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100 << tries)).await;
-            ch = match pool::get(&self.pool).await {
-                Ok(fresh) => fresh,
-                Err(e) => {
-                    tracing::warn!(job_id = %spec.job_id, error = %e, "the job is queued, but its queued event could not be published");
-                    return;
-                }
-            };
         }
     }
 

@@ -32,6 +32,8 @@ const Console = {
   source: null,
   // The kept token being signed in again (`resume`), until it answers or the user acts.
   resuming: null,
+  // Sign-ins started: a sign-in's answer is taken only while it is the latest.
+  signIns: 0,
 
   // Does the signed-in token's scope include `needed`?
   can(needed) {
@@ -86,6 +88,10 @@ const Console = {
   // Signs in with a token; an Error with `transient` set when the control plane could not
   // answer (unreachable, 5xx, 429): the token may still be good.
   async signIn(token) {
+    // Only the latest sign-in counts: one a sign-out or another sign-in came after is dropped
+    // (answered late, it signed a stale token back in).
+    const seq = ++this.signIns;
+    const stale = () => Object.assign(new Error("a later sign-in or sign-out came first"), { stale: true });
     let r;
     try {
       r = await fetch("/v1/session", { method: "POST", headers: { Authorization: `Bearer ${token}` } });
@@ -94,10 +100,13 @@ const Console = {
     }
     if (!r.ok) {
       const body = await r.json().catch(() => ({}));
+      if (seq !== this.signIns) throw stale();
       throw Object.assign(new Error(body.error || `sign-in refused (${r.status})`), { transient: r.status >= 500 || r.status === 429 });
     }
+    const who = await r.json();
+    if (seq !== this.signIns) throw stale();
     this.token = token;
-    this.who = await r.json();
+    this.who = who;
     sessionStorage.setItem("trainyard-token", token);
     $("who").textContent = `${this.who.name} (${this.who.scope})`;
     $("sign-in").hidden = true;
@@ -115,7 +124,7 @@ const Console = {
     this.signIn(token).then(() => {
       if ($("error").textContent.endsWith("; trying again")) $("error").textContent = "";
     }, e => {
-      if (this.resuming !== token) return;
+      if (this.resuming !== token || e.stale) return;
       if (!e.transient) { this.signOut(String(e.message || e)); return; }
       this.live(false);
       $("error").textContent = `${e.message || e}; trying again`;
@@ -125,6 +134,7 @@ const Console = {
 
   signOut(reason) {
     this.resuming = null;
+    this.signIns++;
     sessionStorage.removeItem("trainyard-token");
     this.token = null; this.who = null;
     if (this.source) this.source.close();
@@ -213,7 +223,7 @@ const Console = {
       ev.preventDefault();
       this.resuming = null;
       this.signIn($("token-input").value.trim()).then(() => { $("token-input").value = ""; })
-        .catch(e => { $("sign-in-error").textContent = String(e.message || e); });
+        .catch(e => { if (!e.stale) $("sign-in-error").textContent = String(e.message || e); });
     });
     $("sign-out").addEventListener("click", () => this.signOut("signed out"));
     window.addEventListener("popstate", () => this.route());

@@ -82,6 +82,12 @@ async fn console_shows_only_the_job_on_screen_and_keeps_its_token_through_an_out
         v.addLive({attempt: 2, offset: 0, text: 'again\\n', worker: 'w2'}); \
         return document.getElementById('live-log-text').textContent;";
     assert_eq!(js(&b, live).await, json!("again\n"), "the redelivered attempt's lines are shown alone");
+    // Delivered again to the same worker: a new making of its log, which starts again too.
+    let anew = "const v = Console.views.job; \
+        v.addLive({attempt: 2, offset: 0, text: 'anew\\n', worker: 'w2', making: 1}); \
+        v.addLive({attempt: 2, offset: 6, text: 'late\\n', worker: 'w2', making: 0}); \
+        return document.getElementById('live-log-text').textContent;";
+    assert_eq!(js(&b, anew).await, json!("anew\n"), "the same worker's new log is shown alone");
 
     // The job list: a change the stream brings while the page is on its way is not undone by it.
     js(&b, "Console.go('/'); return true;").await;
@@ -124,6 +130,21 @@ async fn console_shows_only_the_job_on_screen_and_keeps_its_token_through_an_out
     )
     .await;
     b.shot("console-state").await;
+
+    // A sign-in answered after a sign-out is dropped: answered late, it signed the old token
+    // back in. Here the stream ends, the sign-in again takes 1.5 s, and the user signs out meanwhile.
+    js(
+        &b,
+        "window.fetch = (u, o) => String(u) === '/v1/session' && o && o.method === 'POST' \
+           ? new Promise(ok => setTimeout(() => ok(window.realFetch(u, o)), 1500)) : window.realFetch(u, o); \
+         Console.source.close(); Console.source.onerror(); return true;",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    b.click("#sign-out").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = "return [sessionStorage.getItem('trainyard-token'), document.getElementById('sign-in').hidden];";
+    assert_eq!(js(&b, out).await, json!([null, false]), "signed out, and it stays so");
     b.quit().await;
     cp.stop().await;
     env.cleanup().await;

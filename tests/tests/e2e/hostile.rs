@@ -210,10 +210,10 @@ async fn drain_letters(env: &Env, queue: &str) -> Vec<(Option<String>, Option<la
     out
 }
 
-/// `trainyard dlq list --json` on `db_url`.
+/// `trainyard dlq list --json` on `db_url`, in one page of the most a page holds.
 async fn dlq_list(db_url: &str, env: &Env) -> Value {
     let out = tokio::process::Command::new(crate::support::bin("trainyard"))
-        .args(["dlq", "list", "--json"])
+        .args(["dlq", "list", "--json", "--limit", "10000"])
         .env("TRAINYARD_DATABASE_URL", db_url)
         .env("TRAINYARD_ARTIFACTS", env.artifacts_dir.path())
         .env("TRAINYARD_PREFIX", env.topo.prefix())
@@ -347,6 +347,12 @@ async fn a_dead_letter_outlives_its_messages_expiration() {
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(env.ready(&dead).await, 1, "the dead letter is still there after the message's expiration");
+    // The worker's letter, not one the broker made when the message expired before the worker took it.
+    let ch = env.conn.create_channel().await.unwrap();
+    let letter = ch.basic_get(dead.as_str().into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    let props = &letter.delivery.properties;
+    assert_eq!(headers::string(props.headers().as_ref(), headers::DEAD_KIND).as_deref(), Some("poison"), "the worker's letter");
+    assert_eq!(props.expiration(), &None);
     w.stop().await;
     env.cleanup().await;
 }

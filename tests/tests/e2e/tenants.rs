@@ -87,19 +87,21 @@ async fn a_backlog_of_high_jobs_runs_before_the_low_backlog() {
     let env = Env::new(&["noop"]).await;
     let mut events = NoopEvents::open(&env, "tenants-events").await;
     let sub = env.submitter();
-    let highs: Vec<JobSpec> = (0..6).map(|i| noop(&format!("high-{i}"), 100, Priority::High)).collect();
-    let lows: Vec<JobSpec> = (0..6).map(|i| noop(&format!("low-{i}"), 100, Priority::Low)).collect();
+    let highs: Vec<JobSpec> = (0..8).map(|i| noop(&format!("high-{i}"), 100, Priority::High)).collect();
+    let lows: Vec<JobSpec> = (0..8).map(|i| noop(&format!("low-{i}"), 100, Priority::Low)).collect();
     for spec in highs.iter().chain(&lows) {
         sub.submit(spec).await.unwrap();
     }
     let worker = env.spawn_worker(&["noop"], |c| c.concurrency = 1);
-    let seen = events.until(T, |seen| terminal(seen) == 12).await;
+    let seen = events.until(T, |seen| terminal(seen) == 16).await;
     let mut started: Vec<&JobEvent> = seen.iter().filter(|e| e.status == JobStatus::Started).collect();
     started.sort_by_key(|e| e.at);
     let last_high = started.iter().rposition(|e| highs.iter().any(|h| h.job_id == e.job_id)).expect("the high jobs started");
     let lows_before = started[..last_high].iter().filter(|e| lows.iter().any(|l| l.job_id == e.job_id)).count();
-    // One low job may start first: its delivery can come before any high one at start-up.
-    assert!(lows_before <= 1, "{lows_before} low jobs started before the last high one");
+    // One low job may start first (its delivery can come before any high one at start-up), and
+    // one more on a loaded machine where a high delivery took longer than the wait; taking turns,
+    // seven did.
+    assert!(lows_before <= 2, "{lows_before} low jobs started before the last high one");
     worker.stop().await;
     env.cleanup().await;
 }

@@ -92,8 +92,11 @@ impl Direct<'_> {
                         said = true;
                     }
                     look_at = tokio::time::Instant::now() + if bound { BOUND_LOOK_EVERY } else { FALLBACK_EVERY };
-                    if self.look(f).await? {
-                        return Ok(());
+                    // A store that cannot answer now (a failover) is asked again at the next look.
+                    match self.look(f).await {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(e) => eprintln!("could not read the job from the store ({e:#}); trying again"),
                     }
                     continue;
                 }
