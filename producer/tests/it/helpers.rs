@@ -7,10 +7,37 @@ use lapin::{
     BasicProperties, Channel, Connection,
 };
 use tokio_util::sync::CancellationToken;
-use trainyard::{ops::Ops, recorder::Recorder, store::Store};
+use trainyard::{config::TriggerRule, ops::Ops, recorder::Recorder, store::Store, triggers::Triggers};
 use trainyard_common::{amqp, artifacts::ArtifactStore, codec, metrics::ControlMetrics, topology::Topology, JobEvent, JobSpec, Trigger};
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A trigger rule `name` on `routing_key`: a `job_type` job for the event's `bot`, without
+/// params, debounce or coalescing key.
+pub fn trigger_rule(name: &str, routing_key: &str, job_type: &str) -> TriggerRule {
+    TriggerRule {
+        name: name.into(),
+        routing_key: routing_key.into(),
+        job_type: job_type.into(),
+        bot: "{{bot}}".into(),
+        params: serde_json::json!({}),
+        debounce_s: 0,
+        priority: Default::default(),
+        coalesce_key: None,
+    }
+}
+
+/// `triggers` listening in the background until the token is cancelled, once its queue is
+/// bound (after 500 ms).
+pub async fn listening(triggers: &Triggers) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (t, s) = (triggers.clone(), stop.clone());
+        async move { t.run(s).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (stop, task)
+}
 
 /// A recorder running in the background on `store` until [`RunningRecorder::stop`].
 pub struct RunningRecorder {

@@ -190,12 +190,6 @@ async fn an_event_two_rules_take_is_acked_only_when_the_last_of_them_kept_it() {
     cleanup(&topo, &["noop"]).await;
 }
 
-/// Never drop what cannot be read: a trigger event that can never become a job (not JSON, not
-/// an object, no bot in it, a rule whose job type no queue takes, a coalescing key naming a
-/// field the event lacks, a key no rule of this control plane matches: a binding a removed
-/// rule left) is parked in the job store with the reason and acked; the good event beside them
-/// still fires, an event two rules match fires both, and `events reprocess` leaves the parked
-/// ones as they are (they are not job events).
 /// In a debounced burst each event is checked as it comes: one that makes no job is parked at
 /// once, with its routing key and bytes as received, and the burst fires with the latest good
 /// event. Before, only the latest event was checked, when the window closed: a bad last event
@@ -207,23 +201,10 @@ async fn a_bad_event_in_a_debounced_burst_is_parked_and_the_good_one_fires() {
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
     let (store, _dir, _) = sqlite_store().await;
-    let rule = TriggerRule {
-        name: "debounced".into(),
-        routing_key: "bot.*".into(),
-        job_type: "noop".into(),
-        bot: "{{bot}}".into(),
-        params: serde_json::json!({"dataset": "{{dataset}}"}),
-        debounce_s: 1,
-        priority: Default::default(),
-        coalesce_key: None,
-    };
+    let rule =
+        TriggerRule { params: serde_json::json!({"dataset": "{{dataset}}"}), debounce_s: 1, ..trigger_rule("debounced", "bot.*", "noop") };
     let triggers = Triggers::new(vec![rule], Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None).with_store(store.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (t, s) = (triggers.clone(), stop.clone());
-        async move { t.run(s).await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop, task) = listening(&triggers).await;
     let x = topo.triggers_exchange();
     // Good then bad for one bot, bad then good for another.
     let bad_a: &[u8] = br#"{"bot": "bank-a"}"#;
@@ -256,22 +237,19 @@ async fn a_bad_event_in_a_debounced_burst_is_parked_and_the_good_one_fires() {
     cleanup(&topo, &["noop"]).await;
 }
 
+/// Never drop what cannot be read: a trigger event that can never become a job (not JSON, not
+/// an object, no bot in it, a rule whose job type no queue takes, a coalescing key naming a
+/// field the event lacks, a key no rule of this control plane matches: a binding a removed
+/// rule left) is parked in the job store with the reason and acked; the good event beside them
+/// still fires, an event two rules match fires both, and `events reprocess` leaves the parked
+/// ones as they are (they are not job events).
 #[tokio::test]
 async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     let topo = topology();
     let (_conn, ch) = channel().await;
     topo.declare_job_type(&ch, "noop").await.unwrap();
     let (store, _dir, _) = sqlite_store().await;
-    let rule = |name: &str, key: &str, job_type: &str| TriggerRule {
-        name: name.into(),
-        routing_key: key.into(),
-        job_type: job_type.into(),
-        bot: "{{bot}}".into(),
-        params: serde_json::json!({}),
-        debounce_s: 0,
-        priority: Default::default(),
-        coalesce_key: None,
-    };
+    let rule = trigger_rule;
     let keyed = TriggerRule { coalesce_key: Some("noop/{{team}}".into()), ..rule("keyed", "bot.keyed", "noop") };
     let rules = vec![
         rule("updated", "bot.updated", "noop"),
@@ -283,12 +261,7 @@ async fn trigger_events_that_cannot_become_jobs_are_parked_with_the_reason() {
     let metrics = ControlMetrics::new(&prometheus::Registry::new(), &[]).unwrap();
     let submitter = Submitter::new(AMQP_URL, topo.clone()).unwrap();
     let triggers = Triggers::new(rules, submitter, AMQP_URL, Some(metrics.clone())).with_store(store.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (t, s) = (triggers.clone(), stop.clone());
-        async move { t.run(s).await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop, task) = listening(&triggers).await;
     let x = topo.triggers_exchange();
     // What a removed rule leaves: a binding no rule of this control plane matches.
     let q = triggers.queue_name();

@@ -1,11 +1,8 @@
 //! Jobs named before they are published (an idempotency key through the operations, the API's
 //! and the console's path; a trigger event's message id) are published once the store has them.
 
-use std::time::Duration;
-
 use lapin::BasicProperties;
-use tokio_util::sync::CancellationToken;
-use trainyard::{config::TriggerRule, ops::OpsError, submit::Submitter, triggers::Triggers};
+use trainyard::{ops::OpsError, submit::Submitter, triggers::Triggers};
 use trainyard_common::JobStatus;
 
 use crate::helpers::*;
@@ -61,23 +58,9 @@ async fn a_queued_job_whose_queued_event_fails_is_answered_as_submitted() {
 async fn a_trigger_event_seen_again_does_not_publish_its_known_job_again() {
     let OpsSetup { topo, ch, store, ops: _, _conn, _dirs } = ops_setup().await;
     let recorder = spawn_recorder(&store, &topo);
-    let rule = TriggerRule {
-        name: "again".into(),
-        routing_key: "bot.again".into(),
-        job_type: "noop".into(),
-        bot: "{{bot}}".into(),
-        params: serde_json::json!({}),
-        debounce_s: 0,
-        priority: Default::default(),
-        coalesce_key: None,
-    };
+    let rule = trigger_rule("again", "bot.again", "noop");
     let triggers = Triggers::new(vec![rule], Submitter::new(AMQP_URL, topo.clone()).unwrap(), AMQP_URL, None).with_store(store.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let (t, s) = (triggers.clone(), stop.clone());
-        async move { t.run(s).await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop, task) = listening(&triggers).await;
     let send = || async {
         let props = BasicProperties::default().with_message_id("evt-again-1".into());
         publish_raw(&ch, &topo.triggers_exchange(), "bot.again", br#"{"bot": "again"}"#, props).await;
