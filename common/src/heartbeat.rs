@@ -40,6 +40,11 @@ pub struct Heartbeat {
     pub slots_in_use: usize,
     /// Ids of the jobs it runs now.
     pub current_jobs: Vec<String>,
+    /// Jobs delivered to it and not started yet, by job type: held for a free slot (its
+    /// prefetch on each priority tier). The broker counts them neither ready nor running, so
+    /// the control plane adds them to the demand (0 from a worker before this field).
+    #[serde(default)]
+    pub waiting: std::collections::BTreeMap<String, usize>,
     /// The worker's release.
     pub version: String,
     /// Seconds until its next heartbeat.

@@ -149,7 +149,8 @@ fn spawn_tasks(
     });
     tasks.spawn({
         let (stop, store, metrics, s, board) = (shutdown.clone(), store.clone(), metrics.clone(), settings.clone(), admission.clone());
-        async move { demand_loop(&s, &store, &metrics, &board, stop).await }
+        let workers = workers.clone();
+        async move { demand_loop(&s, &store, &metrics, (&board, &workers), stop).await }
     });
     if !settings.config.schedules.is_empty() {
         let scheduler = Scheduler::new(settings.config.schedules.clone(), store.clone(), ops.submitter.clone(), Some(metrics.clone()));
@@ -192,7 +193,13 @@ struct Background {
 /// twentieth of one connection's time, while the demand gauges stay as fresh as before.
 const STATUS_COUNT_SPACING: u32 = 20;
 
-async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics, board: &AdmissionBoard, shutdown: CancellationToken) {
+async fn demand_loop(
+    s: &ServeSettings,
+    store: &Store,
+    metrics: &ControlMetrics,
+    (board, workers): (&AdmissionBoard, &WorkerTable),
+    shutdown: CancellationToken,
+) {
     let mut conn: Option<(Connection, Channel)> = None;
     let mut next_count = tokio::time::Instant::now();
     loop {
@@ -219,7 +226,10 @@ async fn demand_loop(s: &ServeSettings, store: &Store, metrics: &ControlMetrics,
             };
         }
         let refreshed = match &conn {
-            Some((_, ch)) => update_demand(ch, &s.topology, store, metrics, board, &s.job_types).await.map_err(|e| e.to_string()),
+            Some((_, ch)) => {
+                let held = workers.waiting_by_type(chrono::Utc::now());
+                update_demand(ch, &s.topology, store, metrics, (board, &held), &s.job_types).await.map_err(|e| e.to_string())
+            }
             None => Err("no broker connection".to_string()),
         };
         if let Err(e) = refreshed {
@@ -247,7 +257,10 @@ async fn queue_counts(ch: &Channel, queue: &str) -> Result<(i64, i64), CommonErr
 
 /// Refreshes the per-type gauges: `trainyard_jobs_demand` = ready messages in
 /// the work queues (all priority tiers) + jobs recorded as running + jobs waiting for admission
-/// (not those latest wins will supersede); queue and dead-letter depths;
+/// (not those latest wins will supersede) + jobs live workers hold and have not started
+/// (`held`, from their heartbeats: a busy worker's prefetch on each tier, which the broker
+/// counts neither ready nor running; a GPU worker on a long training that held a high and a low
+/// job showed a demand of 1, and nothing scaled out); queue and dead-letter depths;
 /// consumers (of the busiest tier queue: every worker consumes each tier of its types);
 /// running jobs; the age of the oldest queued job. Jobs by status: [`update_status_counts`].
 pub async fn update_demand(
@@ -255,7 +268,7 @@ pub async fn update_demand(
     topo: &Topology,
     store: &Store,
     m: &ControlMetrics,
-    board: &AdmissionBoard,
+    (board, held): (&AdmissionBoard, &std::collections::BTreeMap<String, i64>),
     job_types: &[String],
 ) -> Result<(), ServeError> {
     let running = store.running_by_type().await?;
@@ -276,7 +289,8 @@ pub async fn update_demand(
         m.queue_consumers.with_label_values(&l).set(consumers);
         m.jobs_running.with_label_values(&l).set(run);
         let waiting = board.get(t).map_or(0, |snap| snap.waiting as i64);
-        m.jobs_demand.with_label_values(&l).set(ready + run + waiting);
+        let held = held.get(t).copied().unwrap_or(0);
+        m.jobs_demand.with_label_values(&l).set(ready + run + waiting + held);
         let age = oldest.get(t).map(|at| (now - *at).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
         m.oldest_waiting.with_label_values(&l).set(age);
     }

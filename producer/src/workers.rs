@@ -53,6 +53,17 @@ impl WorkerTable {
         }
     }
 
+    /// The jobs live workers hold and have not started, by job type (their heartbeats' `waiting`).
+    pub fn waiting_by_type(&self, now: DateTime<Utc>) -> std::collections::BTreeMap<String, i64> {
+        let mut out = std::collections::BTreeMap::new();
+        for row in self.rows(now).into_iter().filter(|r| r.state == "live") {
+            for (t, n) in row.beat.waiting {
+                *out.entry(t).or_default() += n as i64;
+            }
+        }
+        out
+    }
+
     /// Every known worker at `now`, live ones first, then by id.
     pub fn rows(&self, now: DateTime<Utc>) -> Vec<WorkerRow> {
         let seen = match self.seen.read() {
@@ -100,11 +111,24 @@ mod tests {
             slots: 1,
             slots_in_use: 0,
             current_jobs: vec![],
+            waiting: [("noop".to_string(), 2)].into(),
             version: "0".into(),
             interval_s,
             sent_at: now,
             goodbye,
         }
+    }
+
+    /// The jobs held and not started are summed over the live workers only.
+    #[test]
+    fn waiting_jobs_are_summed_over_live_workers() {
+        let t0 = Utc::now();
+        let table = WorkerTable::default();
+        table.record(beat("a", 5, false, t0), t0);
+        table.record(beat("b", 5, false, t0), t0);
+        table.record(beat("c", 5, true, t0), t0);
+        assert_eq!(table.waiting_by_type(t0 + chrono::Duration::seconds(1)), [("noop".to_string(), 4)].into());
+        assert!(table.waiting_by_type(t0 + chrono::Duration::seconds(16)).is_empty(), "all gone");
     }
 
     #[test]

@@ -184,6 +184,52 @@ async fn demand_is_ready_plus_running() {
     server.stop(&["noop", "intent-train"]).await;
 }
 
+/// Jobs a worker holds and has not started (a busy worker's prefetch on each priority tier)
+/// count in the demand: the broker counts them neither ready nor running, and the demand
+/// showed only the ready ones, so nothing scaled out for the held ones. Workers say how many
+/// in their heartbeats; a worker that says goodbye no longer counts.
+#[tokio::test]
+async fn demand_counts_the_jobs_live_workers_hold_but_have_not_started() {
+    let server = start(&["noop"], "t", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let metrics = || async { http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap() };
+    let submitter = Submitter::new(AMQP_URL, server.topo.clone()).unwrap();
+    submitter.submit(&spec("noop", "bot-ready")).await.unwrap();
+    let (_conn, ch) = channel().await;
+    let beat = |goodbye: bool| trainyard_common::heartbeat::Heartbeat {
+        worker: WorkerInfo { id: "w-holding".into(), attributes: Default::default() },
+        job_types: vec!["noop".into()],
+        slots: 1,
+        slots_in_use: 1,
+        waiting: [("noop".to_string(), 2)].into(),
+        interval_s: 5,
+        sent_at: chrono::Utc::now(),
+        goodbye,
+        ..Default::default()
+    };
+    let send = |goodbye: bool| {
+        let (ch, exchange, body) = (ch.clone(), server.topo.heartbeats_exchange(), serde_json::to_vec(&beat(goodbye)).unwrap());
+        async move {
+            ch.basic_publish(exchange.as_str().into(), "".into(), Default::default(), &body, Default::default()).await.unwrap();
+        }
+    };
+    let demand = |want: i64| {
+        let metrics = &metrics;
+        async move {
+            eventually(20, &format!("a demand of {want}"), || async {
+                (gauge(&metrics().await, "trainyard_jobs_demand", "noop") == Some(want)).then_some(())
+            })
+            .await
+        }
+    };
+    demand(1).await;
+    send(false).await;
+    demand(3).await; // 1 ready + 2 held by the worker
+    send(true).await;
+    demand(1).await;
+    server.stop(&["noop"]).await;
+}
+
 /// A NUL character in a path or a query is a caller's mistake, refused with a 400 before any
 /// handler. PostgreSQL refuses NUL in text, so `GET /v1/jobs/%00` or `?bot=%00` answered 503,
 /// a store failure, logged as an error and counted against the 5xx alerts.
@@ -225,8 +271,19 @@ async fn a_demand_that_cannot_be_measured_is_removed_not_kept() {
     };
     assert_eq!(demand().await, Some(0));
     let (_conn, ch) = channel().await;
-    ch.queue_delete(server.topo.dead_queue("noop").into(), Default::default()).await.unwrap();
-    eventually(20, "the demand removed", || async { demand().await.is_none().then_some(()) }).await;
+    // Deleted again until the removal is seen: the control plane's admission session declares
+    // its type's queues when it connects, which on a loaded machine can come after the delete.
+    eventually(20, "the demand removed", || async {
+        ch.queue_delete(server.topo.dead_queue("noop").into(), Default::default()).await.unwrap();
+        for _ in 0..10 {
+            if demand().await.is_none() {
+                return Some(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    })
+    .await;
     server.topo.declare_job_type(&ch, "noop").await.unwrap();
     eventually(20, "the demand back", || async { (demand().await == Some(0)).then_some(()) }).await;
     server.stop(&["noop"]).await;

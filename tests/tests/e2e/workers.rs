@@ -89,3 +89,41 @@ async fn workers_show_attributes_and_current_jobs_and_are_gone_after_goodbye_or_
     cp.stop().await;
     env.cleanup().await;
 }
+
+/// A busy worker says in its heartbeat which jobs it holds and has not started (its prefetch on
+/// each priority tier), and the control plane adds them to `trainyard_jobs_demand`: the broker
+/// counts such a job neither ready nor running, so a worker on a long job holding a high one
+/// showed a demand of 1, and nothing scaled out for it.
+#[tokio::test]
+async fn a_job_held_for_a_busy_slot_counts_in_the_heartbeat_and_the_demand() {
+    let env = Env::new(&["noop"]).await;
+    let db = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}/cp.db", db.path().display());
+    let cp = ControlPlane::start(&env, &db_url, &format!("reader:read:{TOKEN}"), None).await;
+    let id = format!("held-{}", uuid::Uuid::new_v4().simple());
+    let worker = env.spawn_worker(&["noop"], |c| {
+        c.worker.id = id.clone();
+        c.heartbeat_interval = Duration::from_secs(1);
+        c.concurrency = 1;
+    });
+    wait_worker(&cp, &id, "the worker live", 20, |w| w["state"] == "live").await;
+    let long = env.spec("noop", json!({"sleep_ms": 600000}));
+    env.submitter().submit(&long).await.unwrap();
+    wait_worker(&cp, &id, "the long job running", 30, |w| w["slots_in_use"] == 1).await;
+    let mut urgent = env.spec("noop", json!({"sleep_ms": 10}));
+    urgent.priority = trainyard_common::job::Priority::High;
+    env.submitter().submit(&urgent).await.unwrap();
+    wait_worker(&cp, &id, "the high job held", 20, |w| w["waiting"] == json!({"noop": 1})).await;
+    let demand = || async {
+        let (_, metrics) = http(cp.addr.port(), "GET", "/metrics", None).await.expect("the control plane answers");
+        metrics.lines().find_map(|l| l.strip_prefix("trainyard_jobs_demand{job_type=\"noop\"} ")).map(str::to_string)
+    };
+    let start = Instant::now();
+    while demand().await.as_deref() != Some("2") {
+        assert!(start.elapsed() < Duration::from_secs(20), "demand {:?}, not 1 running + 1 held", demand().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worker.stop().await;
+    cp.stop().await;
+    env.cleanup().await;
+}

@@ -67,6 +67,7 @@ fn snapshot(shared: &Shared, goodbye: bool) -> Heartbeat {
         device: c.device.clone(),
         slots_in_use: shared.running_count.load(Ordering::SeqCst),
         current_jobs: shared.cancels.running_ids(),
+        waiting: shared.waiting.iter().map(|(t, n)| (t.clone(), n.load(Ordering::SeqCst))).filter(|(_, n)| *n > 0).collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         interval_s: c.heartbeat_interval.as_secs().max(1),
         sent_at: chrono::Utc::now(),

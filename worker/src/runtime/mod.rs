@@ -24,7 +24,7 @@ pub mod tiers;
 pub(crate) const TARGET: &str = module_path!();
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -225,6 +225,8 @@ pub(crate) struct Shared {
     /// stop keeps its slot into the next session, which starts only what is left (each session
     /// had slots of its own, and ran the same job again beside the one still running).
     pub(crate) slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Deliveries received and not started yet, by job type (see [`tiers::Waiting`]).
+    pub(crate) waiting: BTreeMap<String, Arc<AtomicUsize>>,
     /// Fired when the worker stopped (after its jobs were settled): the heartbeat says goodbye.
     pub(crate) stopped: CancellationToken,
 }
@@ -283,6 +285,7 @@ impl Worker {
             WorkerMetrics::new(metrics_registry, &registry.job_types()).map_err(|e| RuntimeError::Config(format!("metrics: {e}")))?;
         let (running, _) = watch::channel(0);
         let slots = registry_slots(&registry, config.concurrency);
+        let waiting = registry.job_types().into_iter().map(|t| (t, Arc::default())).collect();
         let shared = Shared {
             config,
             registry,
@@ -294,6 +297,7 @@ impl Worker {
             connected: AtomicBool::new(false),
             retry_queues: Mutex::new(HashSet::new()),
             slots,
+            waiting,
             stopped: CancellationToken::new(),
         };
         shared.update_free_slots(0);

@@ -89,7 +89,7 @@ pub(crate) async fn handle(waiting: Waiting, job_type: String, shared: Arc<Share
 /// Hands a delivery that waited for a slot too long back to its queue as a fresh copy
 /// ([`fits`]); on failure the session ends and the broker redelivers it.
 pub(crate) async fn release(waiting: Waiting, job_type: &str, shared: &Shared, sctx: &SessionCtx) {
-    let Waiting { delivery, arrived, priority } = waiting;
+    let Waiting { delivery, arrived, priority, .. } = waiting;
     if let Err(e) = hand_back(&delivery, arrived, priority, job_type, shared, sctx).await {
         tracing::warn!(job_type = %job_type, error = %e, "could not hand a waiting delivery back; ending the session");
         sctx.lost.cancel();

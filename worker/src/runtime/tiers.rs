@@ -47,6 +47,25 @@ pub(crate) struct Waiting {
     pub(crate) arrived: Instant,
     /// Its tier.
     pub(crate) priority: Priority,
+    /// Counts it in its type's waiting deliveries (the heartbeat's `waiting`) until it starts
+    /// or is dropped (handed back, returned at a stop, or given up with its session).
+    pub(crate) counted: Option<Counted>,
+}
+
+/// One in a shared count, for as long as it lives.
+pub(crate) struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Waiting {
@@ -72,8 +91,10 @@ pub(crate) struct Dispatch {
 pub(crate) async fn run(consumers: Vec<lapin::Consumer>, ctx: Dispatch, slots: Arc<Semaphore>, stop: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut held = Held::new(consumers.len());
+    let count = ctx.shared.waiting.get(&ctx.job_type).cloned().unwrap_or_default();
     for (priority, consumer) in Priority::ALL.into_iter().zip(consumers) {
-        tokio::spawn(forward(consumer, priority, tx.clone(), ctx.job_type.clone(), ctx.sctx.clone(), stop.clone()));
+        let to = Forward { tx: tx.clone(), job_type: ctx.job_type.clone(), count: count.clone() };
+        tokio::spawn(forward(consumer, priority, to, ctx.sctx.clone(), stop.clone()));
     }
     drop(tx);
     dispatch(&mut rx, &mut held, &ctx, slots, &stop).await;
@@ -135,7 +156,8 @@ async fn dispatch(
                 return;
             }
         }
-        let Some(waiting) = held.pop_highest() else { continue };
+        let Some(mut waiting) = held.pop_highest() else { continue };
+        waiting.counted = None; // started: no longer waiting
         let (job_type, shared, sctx, ended, tier) =
             (ctx.job_type.clone(), ctx.shared.clone(), ctx.sctx.clone(), ended.clone(), waiting.tier());
         ctx.jobs.spawn(async move {
@@ -240,14 +262,15 @@ impl<T> Held<T> {
 
 /// Forwards one tier consumer's deliveries; a consumer that fails or is closed by
 /// the broker ends the session (the broker requeues what was not acked).
-async fn forward(
-    mut consumer: lapin::Consumer,
-    priority: Priority,
+/// Where a tier consumer's deliveries go: the dispatcher of their type, counted as waiting.
+struct Forward {
     tx: mpsc::UnboundedSender<Waiting>,
     job_type: String,
-    sctx: SessionCtx,
-    stop: CancellationToken,
-) {
+    count: Arc<AtomicUsize>,
+}
+
+async fn forward(mut consumer: lapin::Consumer, priority: Priority, to: Forward, sctx: SessionCtx, stop: CancellationToken) {
+    let Forward { tx, job_type, count } = to;
     loop {
         let next = tokio::select! {
             d = consumer.next() => d,
@@ -258,7 +281,8 @@ async fn forward(
             Some(Ok(delivery)) => {
                 // Named from now on if the broker closes the channel for an acknowledgement timeout.
                 sctx.held.hold(&job_type, &delivery);
-                if tx.send(Waiting { delivery, arrived: Instant::now(), priority }).is_err() {
+                let counted = Some(Counted::new(&count));
+                if tx.send(Waiting { delivery, arrived: Instant::now(), priority, counted }).is_err() {
                     return;
                 }
             }
