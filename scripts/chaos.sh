@@ -82,7 +82,9 @@ if [[ $CLUSTER == 1 ]]; then
   fi
   TRAINYARD_AMQP_URL=$(scripts/cluster.sh urls)
 else
-  rmqctl() { rabbitmqctl "$@"; }
+  # Debian's rabbitmqctl runs only as root or rabbitmq: another user goes through sudo (never
+  # prompting), or every planned connection close failed and the verdict with it.
+  rmqctl() { if [[ $(id -u) -eq 0 ]]; then rabbitmqctl "$@"; else sudo -n rabbitmqctl "$@"; fi; }
 fi
 
 PREFIX="chaos-$(date +%s)-$$"
@@ -186,6 +188,22 @@ start_serve() {
 
 queue_depth() {
   rmqctl list_queues -q --no-table-headers name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'
+}
+
+# The noop work queues of every priority tier: `submit --plain` gives one job in ten each to
+# the high and the low tier.
+noop_queues() { echo "$PREFIX.jobs.noop" "$PREFIX.jobs.noop.high" "$PREFIX.jobs.noop.low"; }
+
+# Messages in every noop tier queue; fails when a depth cannot be read (it counted as 0, and a
+# worker that took nothing passed the flood as having processed every job).
+noop_depth() {
+  local total=0 q d
+  for q in $(noop_queues); do
+    d=$(queue_depth "$q")
+    [[ $d =~ ^[0-9]+$ ]] || { echo "could not read the depth of $q" >&2; return 1; }
+    total=$((total + d))
+  done
+  echo "$total"
 }
 
 close_connections() {
@@ -306,12 +324,12 @@ flood_memory() {
   "$BIN/trainyard" topology --types "$TYPES" 2>/dev/null || return 1
   log "flood: queueing $n noop jobs"
   "$HELPER" submit --count "$n" --plain --out "$TMP/flood-ids.txt" --concurrency 128 || return 1
-  log "flood: queue depth $(queue_depth "$PREFIX.jobs.noop"); one worker (concurrency 4) for $secs s, RSS sampled every second"
+  log "flood: queue depth $(noop_depth); one worker (concurrency 4) for $secs s, RSS sampled every second"
   start_worker
   start_sampler
   sleep "$secs"
   local left
-  left=$(queue_depth "$PREFIX.jobs.noop")
+  left=$(noop_depth) || left=""
   kill -TERM "${WPIDS[@]}" 2>/dev/null
   wait "${WPIDS[@]}" 2>/dev/null
   kill "$SAMPLER_PID" 2>/dev/null
@@ -324,7 +342,9 @@ rows = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if len(l.split()) 
 mb = lambda kb: round(kb / 1024, 1)
 early = [r for t, _, r in rows if 5 <= t < 15] or [r for _, _, r in rows]
 late = [r for t, _, r in rows if t >= 15] or early
-n, left, secs = int(sys.argv[2]), int(sys.argv[3] or 0), int(sys.argv[4])
+if not sys.argv[3]:
+    sys.exit("flood: the jobs left in the queues could not be read")
+n, left, secs = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 print(json.dumps({"flood_queued": n, "processed": n - left, "seconds": secs, "rss_mb_min": mb(min(r for _, _, r in rows)),
                   "rss_mb_max": mb(max(r for _, _, r in rows)), "rss_mb_at_10s": mb(early[len(early) // 2]),
                   "rss_mb_last": mb(rows[-1][2]), "rss_growth_after_15s_mb": mb(max(late) - min(late))}, separators=(",", ":")))
@@ -335,7 +355,10 @@ if mb(max(late) - min(late)) > bound:
     sys.exit(f"flood: RSS grew by {mb(max(late) - min(late))} MB after the first 15 s (bound {bound} MB)")
 EOF
   # Drop the rest of the flood before the next part (its events stay in the stream; the recorder reads on).
-  rmqctl purge_queue "$PREFIX.jobs.noop" >/dev/null 2>&1
+  local q
+  for q in $(noop_queues); do
+    rmqctl purge_queue "$q" >/dev/null 2>&1
+  done
   WPIDS=()
   : >"$PIDS"
 }
