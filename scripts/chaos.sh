@@ -82,9 +82,13 @@ if [[ $CLUSTER == 1 ]]; then
   fi
   TRAINYARD_AMQP_URL=$(scripts/cluster.sh urls)
 else
-  # Debian's rabbitmqctl runs only as root or rabbitmq: another user goes through sudo (never
-  # prompting), or every planned connection close failed and the verdict with it.
-  rmqctl() { if [[ $(id -u) -eq 0 ]]; then rabbitmqctl "$@"; else sudo -n rabbitmqctl "$@"; fi; }
+  # Debian's rabbitmqctl runs only as root or rabbitmq: a user it refuses goes through sudo
+  # (never prompting), or every planned connection close failed and the verdict with it.
+  if [[ $(id -u) -eq 0 ]] || rabbitmqctl -q status >/dev/null 2>&1; then
+    rmqctl() { rabbitmqctl "$@"; }
+  else
+    rmqctl() { sudo -n rabbitmqctl "$@"; }
+  fi
 fi
 
 PREFIX="chaos-$(date +%s)-$$"

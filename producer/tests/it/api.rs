@@ -213,20 +213,24 @@ async fn demand_counts_the_jobs_live_workers_hold_but_have_not_started() {
             ch.basic_publish(exchange.as_str().into(), "".into(), Default::default(), &body, Default::default()).await.unwrap();
         }
     };
-    let demand = |want: i64| {
-        let metrics = &metrics;
+    // The heartbeat goes again at each look: the control plane's heartbeat consumer may bind its
+    // queue after the first one (a worker beats every few seconds anyway).
+    trainyard_common::heartbeat::declare_exchange(&ch, &server.topo).await.unwrap();
+    let demand = |want: i64, goodbye: Option<bool>| {
+        let (metrics, send) = (&metrics, &send);
         async move {
             eventually(20, &format!("a demand of {want}"), || async {
+                if let Some(goodbye) = goodbye {
+                    send(goodbye).await;
+                }
                 (gauge(&metrics().await, "trainyard_jobs_demand", "noop") == Some(want)).then_some(())
             })
             .await
         }
     };
-    demand(1).await;
-    send(false).await;
-    demand(3).await; // 1 ready + 2 held by the worker
-    send(true).await;
-    demand(1).await;
+    demand(1, None).await;
+    demand(3, Some(false)).await; // 1 ready + 2 held by the worker
+    demand(1, Some(true)).await;
     server.stop(&["noop"]).await;
 }
 
