@@ -30,9 +30,8 @@ const Console = {
   // Called when the view is left (a view's own stream is closed).
   leaving: [],
   source: null,
-  // The kept token being signed in again (`resume`), until it answers or the user acts.
-  resuming: null,
-  // Sign-ins started: a sign-in's answer is taken only while it is the latest.
+  // Sign-ins and sign-outs started: a sign-in's answer, or a retry of one, is taken only
+  // while none came after it.
   signIns: 0,
 
   // Does the signed-in token's scope include `needed`?
@@ -96,6 +95,7 @@ const Console = {
     try {
       r = await fetch("/v1/session", { method: "POST", headers: { Authorization: `Bearer ${token}` } });
     } catch (e) {
+      if (seq !== this.signIns) throw stale();
       throw Object.assign(new Error(`the control plane cannot be reached: ${e.message || e}`), { transient: true });
     }
     if (!r.ok) {
@@ -120,20 +120,19 @@ const Console = {
   // signs out; a control plane that cannot answer now (a restart, a rollout) is asked again
   // every 2 s, keeping the token and the view, until it answers or another token is signed in.
   resume(token) {
-    this.resuming = token;
     this.signIn(token).then(() => {
       if ($("error").textContent.endsWith("; trying again")) $("error").textContent = "";
     }, e => {
-      if (this.resuming !== token || e.stale) return;
+      if (e.stale) return;
       if (!e.transient) { this.signOut(String(e.message || e)); return; }
       this.live(false);
       $("error").textContent = `${e.message || e}; trying again`;
-      setTimeout(() => { if (this.resuming === token) this.resume(token); }, 2000);
+      const seq = this.signIns;
+      setTimeout(() => { if (this.signIns === seq) this.resume(token); }, 2000);
     });
   },
 
   signOut(reason) {
-    this.resuming = null;
     this.signIns++;
     sessionStorage.removeItem("trainyard-token");
     this.token = null; this.who = null;
@@ -221,7 +220,6 @@ const Console = {
     const token = m ? decodeURIComponent(m[1]) : sessionStorage.getItem("trainyard-token");
     $("sign-in").addEventListener("submit", ev => {
       ev.preventDefault();
-      this.resuming = null;
       this.signIn($("token-input").value.trim()).then(() => { $("token-input").value = ""; })
         .catch(e => { if (!e.stale) $("sign-in-error").textContent = String(e.message || e); });
     });

@@ -46,26 +46,9 @@ impl Store {
     }
 
     /// Dead letters not replayed yet, newest first, optionally of one job type; their text as
-    /// it was recorded.
+    /// it was recorded: every one, as one page ([`Self::dead_letters_page`]).
     pub async fn dead_letters(&self, job_type: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
-        let cols = COLS;
-        let rows = match job_type {
-            Some(t) => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {cols} FROM dead_letters WHERE replayed_at IS NULL AND job_type = $1 ORDER BY at DESC"
-                )))
-                .bind(types::text(t))
-                .fetch_all(&self.pool)
-                .await
-            }
-            None => {
-                sqlx::query(AssertSqlSafe(format!("SELECT {cols} FROM dead_letters WHERE replayed_at IS NULL ORDER BY at DESC")))
-                    .fetch_all(&self.pool)
-                    .await
-            }
-        }
-        .map_err(q("list dead letters"))?;
-        Ok(rows.iter().map(types::dead_letter).collect())
+        self.dead_letters_page(job_type, None, i64::MAX).await
     }
 
     /// A page of the dead letters not replayed yet, newest first (by `at`, then `id`),
