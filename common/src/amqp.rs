@@ -9,6 +9,10 @@ use lapin::{
 };
 use url::Url;
 
+mod mandatory;
+
+pub use self::mandatory::{publish_all_mandatory, Mandatory, Outgoing};
+
 use crate::{
     codec,
     error::CommonError,
@@ -101,7 +105,9 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, CommonError> 
 }
 
 /// Publishes and waits for the broker's confirm. A `mandatory` message that
-/// no queue takes is [`CommonError::Unroutable`]; a nack is [`CommonError::Nacked`].
+/// no queue takes is [`CommonError::Unroutable`]; a nack is [`CommonError::Nacked`]. A
+/// mandatory publish is told apart only when nothing else is in flight on `ch` (see
+/// [`Mandatory`]; lapin hands a returned message to whichever confirm one ack completes first).
 pub async fn publish_confirmed(
     ch: &Channel,
     exchange: &str,
@@ -143,11 +149,14 @@ pub async fn publish_event(ch: &Channel, topology: &Topology, event: &JobEvent) 
     publish_confirmed(ch, &topology.events_exchange(), &event.routing_key(), &body, props, false).await
 }
 
-/// The properties of a message for a copy a worker publishes of it (a retry, a dead letter, a
-/// hand-back): all of them but a per-message `expiration`. A publisher may set one, and the
-/// copy would then vanish unseen from a queue that has no dead-letter exchange (a dead letter
-/// from its dead-letter queue before anyone replayed it); the broker drops it from the
-/// messages it dead-letters itself for the same reason.
+/// The properties of a message for a copy trainyard publishes of it (a worker's retry, dead
+/// letter or hand-back, an admitted job, a replay): all of them but a per-message
+/// `expiration` and the `user_id`. A publisher may set an expiration, and the copy would then
+/// vanish unseen from a queue that has no dead-letter exchange (a dead letter from its
+/// dead-letter queue before anyone replayed it); the broker drops it from the messages it
+/// dead-letters itself for the same reason. A `user_id` must be the publishing connection's
+/// own user: the broker closes the channel of a copy that carries another's (406), which took
+/// the worker's session down at every delivery of such a job, and jammed its admission.
 pub fn lasting_properties(p: &BasicProperties) -> BasicProperties {
     macro_rules! copy {
         ($out:ident, $($field:ident => $with:ident),+) => {
@@ -158,7 +167,7 @@ pub fn lasting_properties(p: &BasicProperties) -> BasicProperties {
     copy!(out, content_type => with_content_type, content_encoding => with_content_encoding, headers => with_headers,
         delivery_mode => with_delivery_mode, priority => with_priority, correlation_id => with_correlation_id,
         reply_to => with_reply_to, message_id => with_message_id, timestamp => with_timestamp, kind => with_type,
-        user_id => with_user_id, app_id => with_app_id, cluster_id => with_cluster_id);
+        app_id => with_app_id, cluster_id => with_cluster_id);
     out
 }
 
@@ -251,10 +260,10 @@ mod tests {
         assert_eq!(redact_url("amqp://u:p1@a/v amqp://u:p2@b/v"), "amqp://u:***@a/v amqp://u:***@b/v");
     }
 
-    /// A worker's copy keeps every property of the message but its `expiration`.
+    /// A copy keeps every property of the message but its `expiration` and its `user_id`.
     #[test]
-    fn a_lasting_copy_keeps_every_property_but_the_expiration() {
-        let props = |expiration: Option<&str>| {
+    fn a_lasting_copy_keeps_every_property_but_the_expiration_and_the_user() {
+        let props = |expiration: Option<&str>, user: Option<&str>| {
             let mut hdrs = FieldTable::default();
             hdrs.insert("x-trainyard-attempt".into(), AMQPValue::LongLongInt(2));
             let p = BasicProperties::default()
@@ -268,14 +277,17 @@ mod tests {
                 .with_message_id("job-1".into())
                 .with_timestamp(7)
                 .with_type("noop".into())
-                .with_user_id("guest".into())
                 .with_app_id("a".into())
                 .with_cluster_id("k".into());
-            match expiration {
+            let p = match expiration {
                 Some(e) => p.with_expiration(e.into()),
+                None => p,
+            };
+            match user {
+                Some(u) => p.with_user_id(u.into()),
                 None => p,
             }
         };
-        assert_eq!(lasting_properties(&props(Some("600000"))), props(None));
+        assert_eq!(lasting_properties(&props(Some("600000"), Some("ext"))), props(None, None));
     }
 }

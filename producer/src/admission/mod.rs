@@ -27,7 +27,7 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 use trainyard_common::{
-    amqp::{confirm_channel, connect, publish_confirmed},
+    amqp::{confirm_channel, connect, lasting_properties, publish_all_mandatory, publish_confirmed, Outgoing},
     artifacts::{keys, ArtifactStore},
     codec, headers,
     job::Priority,
@@ -245,8 +245,10 @@ impl Admitter {
         }
     }
 
-    /// Admits what may go now: published back to back, their confirms awaited together, each
-    /// acknowledged in the admission queue after its own confirm.
+    /// Admits what may go now: published back to back, their confirms awaited together
+    /// ([`publish_all_mandatory`]: a job no queue took is told apart by its body, not by
+    /// which confirm lapin handed the broker's return to), each acknowledged in the admission
+    /// queue after its own confirm.
     async fn release(&self, ch: &Channel, state: &mut Admission<Delivery>) -> Result<(), CommonError> {
         let window = if self.policy.fair_share { self.window() } else { u64::MAX };
         let mut batch = Vec::new();
@@ -259,7 +261,14 @@ impl Admitter {
             tracing::debug!(job_id = %held.job_id, bot = %held.bot, superseded, "admitted");
             batch.push(held);
         }
-        let confirmed = futures::future::join_all(batch.iter().map(|h| self.publish(ch, h.priority, &h.payload))).await;
+        let exchange = self.topology.jobs_exchange();
+        let keys: Vec<String> = batch.iter().map(|h| jobs_routing_key(&self.job_type, h.priority)).collect();
+        let outgoing: Vec<Outgoing> = batch
+            .iter()
+            .zip(&keys)
+            .map(|(h, key)| Outgoing { exchange: &exchange, routing_key: key, body: &h.payload.data, props: Self::admitted(&h.payload) })
+            .collect();
+        let confirmed = publish_all_mandatory(ch, &outgoing).await;
         for (held, result) in batch.into_iter().zip(confirmed) {
             result?;
             held.payload.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp("acknowledge an admitted job"))?;
@@ -293,22 +302,27 @@ impl Admitter {
         Ok(())
     }
 
-    /// Publishes the delivery's exact bytes and properties (see [`Self::publish`]) to its tier's work queue
+    /// Publishes the delivery (see [`Self::publish`]) to its tier's work queue
     /// (confirmed, mandatory), then acknowledges it in the admission queue.
     async fn pass_on(&self, ch: &Channel, priority: Priority, d: Delivery) -> Result<(), CommonError> {
         self.publish(ch, priority, &d).await?;
         d.acker.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(CommonError::amqp("acknowledge an admitted job"))
     }
 
-    /// Publishes a delivery's exact bytes and properties to its tier's work queue, confirmed,
-    /// without the broker's delivery count of the admission queue: each admitter session that
+    /// Publishes a delivery's exact bytes and its properties ([`lasting_properties`]: not a
+    /// publisher's `expiration` or `user_id`) to its tier's work queue, confirmed, without the
+    /// broker's delivery count of the admission queue: each admitter session that
     /// ends returns the jobs it holds, and the worker read that count as its own (the broker
     /// does not set it on a first delivery), ending a job that waited through 20 sessions
     /// `dead` at the delivery limit before it ever ran.
     async fn publish(&self, ch: &Channel, priority: Priority, d: &Delivery) -> Result<(), CommonError> {
         let key = jobs_routing_key(&self.job_type, priority);
-        let props = d.properties.clone().with_headers(headers::without_broker_count(d.properties.headers().as_ref()));
-        publish_confirmed(ch, &self.topology.jobs_exchange(), &key, &d.data, props, true).await
+        publish_confirmed(ch, &self.topology.jobs_exchange(), &key, &d.data, Self::admitted(d), true).await
+    }
+
+    /// The properties of an admitted job's copy.
+    fn admitted(d: &Delivery) -> BasicProperties {
+        lasting_properties(&d.properties).with_headers(headers::without_broker_count(d.properties.headers().as_ref()))
     }
 
     async fn publish_snapshot(&self, ch: &Channel, exchange: &str, state: &Admission<Delivery>) -> Result<(), CommonError> {

@@ -9,7 +9,7 @@ use lapin::{
 };
 use serde::{Deserialize, Serialize};
 use trainyard_common::{
-    amqp::{confirm_channel, connect, publish_confirmed},
+    amqp::{confirm_channel, connect, lasting_properties, publish_confirmed},
     codec, headers, CommonError, JobEvent, JobSpec,
 };
 
@@ -130,7 +130,7 @@ impl Ops {
         headers::set_int(&mut fresh, headers::ATTEMPT, 1);
         headers::set_int(&mut fresh, headers::RUN, i64::from(run));
         headers::set_str(&mut fresh, headers::REPLAYED, format!("{} by {by}", Utc::now().to_rfc3339()));
-        let props = d.properties.clone().with_headers(fresh).with_delivery_mode(2);
+        let props = lasting_properties(&d.properties).with_headers(fresh).with_delivery_mode(2);
         let mut queued = JobEvent::queued(spec);
         (queued.at, queued.run) = (Utc::now(), Some(run));
         self.submitter.publish_event(ch, &queued).await?;

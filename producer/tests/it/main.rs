@@ -4,8 +4,10 @@
 
 mod api;
 mod cli;
+mod confirms;
 mod console;
 mod dead_letters;
+mod fanout;
 mod helpers;
 mod listing;
 mod openapi;

@@ -20,7 +20,12 @@ use lapin::{
     Channel, Connection,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use trainyard_common::{amqp, codec, control::CancelRequest, CommonError};
+use trainyard_common::{
+    amqp::{self, Mandatory},
+    codec,
+    control::CancelRequest,
+    CommonError,
+};
 
 use trainyard_common::job::Priority;
 
@@ -45,8 +50,11 @@ pub enum End {
 /// Tokens and handles a job needs from its session.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionCtx {
-    /// The confirm channel events, retries and dead letters are published on.
+    /// The confirm channel events are published on (and retry queues declared).
     pub(crate) publish: Channel,
+    /// Where the copies of deliveries go (retries, dead letters, hand-backs): mandatory, one at a
+    /// time on a channel of their own, so a copy no queue takes is told apart (see [`Mandatory`]).
+    pub(crate) copies: Mandatory,
     /// Fired when the session is lost: stop, do not ack.
     pub(crate) lost: CancellationToken,
     /// Fired when running jobs must stop (shutdown grace over, or session lost).
@@ -69,7 +77,8 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: &CancellationToken) -> Re
     }
     let lost = CancellationToken::new();
     let stop_jobs = lost.child_token();
-    let sctx = SessionCtx { publish, lost: lost.clone(), stop_jobs: stop_jobs.clone(), held: Held::default() };
+    let copies = Mandatory::open(&conn).await?;
+    let sctx = SessionCtx { publish, copies, lost: lost.clone(), stop_jobs: stop_jobs.clone(), held: Held::default() };
     // Cancel requests are heard before the first job starts: a request published for a job
     // that started in between would find no queue bound and be dropped by the exchange.
     let control = start_control(&conn, &shared, &lost).await?;
