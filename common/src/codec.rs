@@ -6,7 +6,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{error::CodecError, job::JobSpec};
+use crate::{error::CodecError, job::JobSpec, version::SchemaVersion};
 
 /// Content type of msgpack bodies.
 pub const MSGPACK: &str = "application/msgpack";
@@ -51,9 +51,25 @@ pub fn decode_job(content_type: Option<&str>, body: &[u8], max_bytes: usize) -> 
     if body.len() > max_bytes {
         return Err(CodecError::TooLarge { size: body.len(), limit: max_bytes });
     }
-    let spec: JobSpec = decode(content_type, body)?;
+    let spec: JobSpec = match decode(content_type, body) {
+        Ok(spec) => spec,
+        Err(e) => return Err(unreadable_version(content_type, body).map_or(e, |v| CodecError::Invalid { field: "version", reason: v })),
+    };
     spec.validate()?;
     Ok(spec)
+}
+
+/// Why a message this build could not decode cannot be read, when it says it is of a major
+/// version this build does not read: a newer major version may change any field, and its
+/// refusal must name the version (an upgrade skew), not the field it failed on (corruption).
+pub fn unreadable_version(content_type: Option<&str>, body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        version: Option<SchemaVersion>,
+    }
+    let version = decode::<Versioned>(content_type, body).ok()?.version?;
+    let major = SchemaVersion::CURRENT.major;
+    (!version.readable()).then(|| format!("unsupported schema version {version} (this build reads {major}.x)"))
 }
 
 #[cfg(test)]
@@ -93,6 +109,17 @@ mod tests {
         v["version"] = 2.into();
         let err = decode_job(Some(JSON), &serde_json::to_vec(&v).unwrap(), 1 << 20).unwrap_err();
         assert!(err.to_string().contains("unsupported schema version 2.0"), "{err}");
+        // A newer major version that changed a field's shape is refused for its version, not
+        // for the field (it read as corruption: "missing field `bot`").
+        let bot = v.as_object_mut().unwrap().remove("bot").unwrap();
+        v["owner"] = bot;
+        for (ct, body) in [(JSON, serde_json::to_vec(&v).unwrap()), (MSGPACK, rmp_serde::to_vec_named(&v).unwrap())] {
+            let err = decode_job(Some(ct), &body, 1 << 20).unwrap_err();
+            assert!(err.to_string().contains("unsupported schema version 2.0"), "{ct}: {err}");
+        }
+        v["version"] = "1.4".into();
+        let err = decode_job(Some(JSON), &serde_json::to_vec(&v).unwrap(), 1 << 20).unwrap_err();
+        assert!(matches!(err, CodecError::Json(_)), "a readable version's missing field is the field's error: {err}");
     }
 
     #[test]

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 /// `cancelled`. So that a job still waiting in a queue is cancelled too, the
 /// sender also writes [`cancel_marker`](crate::artifacts::keys::cancel_marker)
 /// in the artifact store; a worker checks it before starting a job.
+///
+/// Never `deny_unknown_fields`: a newer control plane may add a field, and a worker of the
+/// release before, refusing it, ignored every cancel (a running job went on to succeed) and
+/// read every coalescing marker as a plain cancel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CancelRequest {
     /// The job to cancel.
     pub job_id: String,
@@ -55,5 +58,12 @@ mod tests {
         let json = String::from_utf8(crate::codec::to_json(&req).unwrap()).unwrap();
         assert!(json.contains(r#""reason":"superseded by b""#), "{json}");
         assert_eq!(CancelRequest { by: "alice".into(), ..req }.superseded_by(), None);
+    }
+
+    /// A field a newer control plane adds is ignored, not a reason to drop the request.
+    #[test]
+    fn a_request_with_a_field_this_build_does_not_know_is_read() {
+        let req: CancelRequest = serde_json::from_str(r#"{"job_id":"j","by":"a","reason":"r","at":"2026-01-01T00:00:00Z"}"#).unwrap();
+        assert_eq!(req, CancelRequest { job_id: "j".into(), by: "a".into(), reason: "r".into() });
     }
 }

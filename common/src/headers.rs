@@ -130,6 +130,16 @@ pub fn death_time(headers: Option<&FieldTable>) -> Option<chrono::DateTime<chron
     deaths.as_slice().iter().filter_map(time).max()
 }
 
+/// The reason of the broker's latest `x-death` entry (`delivery_limit`, `expired`, `rejected`,
+/// `maxlen`); `None` without one.
+pub fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get(X_DEATH)? else { return None };
+    match deaths.as_slice().first()? {
+        AMQPValue::FieldTable(t) => string(Some(t), "reason"),
+        _ => None,
+    }
+}
+
 /// The real attempt number carried by a job message (1 when absent or nonsense).
 pub fn attempt(headers: Option<&FieldTable>) -> u32 {
     int(headers, ATTEMPT).and_then(|v| u32::try_from(v).ok()).filter(|v| *v >= 1).unwrap_or(1)

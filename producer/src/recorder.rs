@@ -347,7 +347,27 @@ impl Recorder {
 
 /// Decodes an event delivery and checks that it can be recorded; the reason when not.
 pub fn decode_event(content_type: Option<&str>, body: &[u8]) -> Result<JobEvent, String> {
-    let event: JobEvent = codec::decode(content_type, body).map_err(|e| format!("undecodable event: {e}"))?;
+    let event: JobEvent = codec::decode(content_type, body).map_err(|e| match codec::unreadable_version(content_type, body) {
+        Some(version) => format!("undecodable event: {version}"),
+        None => format!("undecodable event: {e}"),
+    })?;
     event.check()?;
     Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_event;
+
+    /// A newer major version may change any field: its event is parked for its version, so an
+    /// operator reads an upgrade skew, not corruption.
+    #[test]
+    fn an_event_of_a_newer_major_version_is_refused_for_its_version() {
+        let v2 = br#"{"version": 2, "job_id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "state": "queued"}"#;
+        let e = decode_event(Some("application/json"), v2).unwrap_err();
+        assert!(e.contains("unsupported schema version 2.0"), "{e}");
+        let v1 = br#"{"version": 1, "job_id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "state": "queued"}"#;
+        let e = decode_event(Some("application/json"), v1).unwrap_err();
+        assert!(e.contains("missing field"), "a readable version's missing field is named: {e}");
+    }
 }

@@ -10,10 +10,22 @@ use crate::store::DeadLetter;
 /// Reason recorded for a letter the broker dead-lettered by itself.
 pub use trainyard_common::topology::DELIVERY_LIMIT_REASON;
 
+/// The kind and reason of a letter the broker dead-lettered, from its `x-death` reason: a
+/// message whose TTL ran out is not a crash loop.
+fn broker_death(reason: Option<&str>) -> (&'static str, String) {
+    match reason {
+        Some("expired") => ("expired", "expired in its queue before a worker took it (the message's `expiration`)".into()),
+        Some("rejected") => ("rejected", "rejected by a consumer without requeue".into()),
+        Some("maxlen") => ("maxlen", "dropped from the head of a full queue".into()),
+        Some("delivery_limit") | None => ("delivery-limit", DELIVERY_LIMIT_REASON.into()),
+        Some(other) => ("broker", format!("dead-lettered by the broker ({other})")),
+    }
+}
+
 /// Reads a dead letter: what to list, and the final event of its job (when the job is known).
 ///
 /// A worker's dead letter carries `x-trainyard-dead-reason`/`-kind`; one the
-/// broker dead-lettered by itself at the delivery limit has only `x-death`.
+/// broker dead-lettered by itself (the delivery limit, an expiration) has only `x-death`.
 /// The status is the worker's `x-trainyard-dead-status` when it set one; otherwise kinds
 /// `transient` and `timeout` mean the attempts were used up: status `failed`; anything
 /// else is `dead`.
@@ -33,14 +45,15 @@ pub fn dead_letter(
         codec::decode(Some(codec::JSON), body).ok()
     });
     let by_broker = hdrs.is_some_and(|h| h.inner().contains_key(headers::X_DEATH));
+    let broker = by_broker.then(|| broker_death(headers::death_reason(hdrs).as_deref()));
     let worker_reason = headers::string(hdrs, headers::DEAD_REASON);
-    let reason = match (&worker_reason, by_broker) {
-        (Some(r), _) => r.clone(),
-        (None, true) => DELIVERY_LIMIT_REASON.to_string(),
-        (None, false) => "dead-lettered without a reason".to_string(),
+    let reason = match (worker_reason.clone(), &broker) {
+        (Some(r), _) => r,
+        (None, Some((_, r))) => r.clone(),
+        (None, None) => "dead-lettered without a reason".to_string(),
     };
-    let kind =
-        headers::string(hdrs, headers::DEAD_KIND).unwrap_or_else(|| if by_broker { "delivery-limit".into() } else { "unknown".into() });
+    let kind = headers::string(hdrs, headers::DEAD_KIND)
+        .unwrap_or_else(|| broker.as_ref().map_or_else(|| "unknown".into(), |(kind, _)| (*kind).to_string()));
     let attempt = headers::attempt(hdrs);
     let job_id = spec.as_ref().map(|s| s.job_id.clone()).or_else(|| headers::string(hdrs, headers::JOB_ID));
     // A real job's id: one a worker could have run (it refuses any other).

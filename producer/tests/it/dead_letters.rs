@@ -51,7 +51,13 @@ async fn dead_letters_become_dead_jobs_with_reason() {
         }
     }
 
-    // 4. Garbage: recorded as a poison dead letter, no job.
+    // 4. A job whose publisher's TTL ran out in its queue: the broker dead-letters it as
+    //    expired, which is not a crash loop.
+    let expiring = spec("noop", "bot-e");
+    let props = BasicProperties::default().with_content_type(codec::MSGPACK.into()).with_expiration("50".into());
+    publish_raw(&ch, &topo.jobs_exchange(), "noop", &msgpack(&expiring), props).await;
+
+    // 5. Garbage: recorded as a poison dead letter, no job.
     let mut h = FieldTable::default();
     headers::set_str(&mut h, headers::DEAD_REASON, "undecodable: not msgpack");
     headers::set_str(&mut h, headers::DEAD_KIND, "poison");
@@ -61,6 +67,7 @@ async fn dead_letters_become_dead_jobs_with_reason() {
         (&permanent, "unknown param `colour`"),
         (&crashed, trainyard::recorder::DELIVERY_LIMIT_REASON),
         (&looping, trainyard::recorder::DELIVERY_LIMIT_REASON),
+        (&expiring, "expired in its queue before a worker took it (the message's `expiration`)"),
     ] {
         let row =
             eventually(30, "a dead job", || async { store.job(&job.job_id).await.unwrap().filter(|j| j.status == JobStatus::Dead) }).await;
@@ -68,12 +75,14 @@ async fn dead_letters_become_dead_jobs_with_reason() {
         let events = store.events(&job.job_id).await.unwrap();
         assert_eq!(events.last().unwrap().seq, DEAD_LETTER_SEQ);
     }
-    let letters = eventually(10, "4 dead letters", || async {
+    let letters = eventually(10, "5 dead letters", || async {
         let l = store.dead_letters(Some("noop")).await.unwrap();
-        (l.len() == 4).then_some(l)
+        (l.len() == 5).then_some(l)
     })
     .await;
-    assert_eq!(letters.iter().filter(|l| l.broker_dead_lettered).count(), 2);
+    assert_eq!(letters.iter().filter(|l| l.broker_dead_lettered).count(), 3);
+    let kinds: Vec<_> = letters.iter().filter(|l| l.broker_dead_lettered).map(|l| l.kind.as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "expired").count(), 1, "{kinds:?}");
     let poison = letters.iter().find(|l| l.job_id.is_none()).unwrap();
     assert_eq!(poison.kind, "poison");
     assert!(poison.id.starts_with("poison-"));
