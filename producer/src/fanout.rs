@@ -1,14 +1,16 @@
 //! Consuming a fanout exchange of fleeting messages (workers' heartbeats, live log lines): each
-//! control-plane replica binds an exclusive, auto-delete queue of its own, consumes it without
-//! acks, and hands every body to a callback. Nothing is recorded: the messages are only worth
-//! their freshness. [`run_with`] binds the same kind of queue to more than one exchange
-//! (`jobs logs --follow` on the store: the logs fanout and one job type's events).
+//! control-plane replica binds an exclusive, auto-delete queue of its own and hands every body
+//! to a callback. Nothing is recorded: the messages are only worth their freshness. A replica
+//! that falls behind holds at most [`PREFETCH`] of them and its queue at most [`MAX_LENGTH`]
+//! more, the oldest dropped first (a live log shows the gap and goes on from the newest lines).
+//! [`run_with`] binds the same kind of queue to more than one exchange (`jobs logs --follow` on
+//! the store: the logs fanout and one job type's events).
 
 use futures::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
 };
 use tokio_util::sync::CancellationToken;
 use trainyard_common::{
@@ -16,6 +18,14 @@ use trainyard_common::{
     metrics::ControlMetrics,
     CommonError,
 };
+
+/// Most messages a consumer holds unacknowledged: a consumer without acks would be sent every
+/// message as it comes and buffer, without bound, whatever it has not handled yet.
+pub const PREFETCH: u16 = 512;
+/// Acknowledged together, once this many are handled (well under [`PREFETCH`]).
+const ACK_EVERY: u64 = 128;
+/// Most messages waiting in a consumer's queue; beyond it the oldest are dropped.
+pub const MAX_LENGTH: i64 = 10_000;
 
 /// One binding of the fleeting queue.
 #[derive(Debug, Clone)]
@@ -89,8 +99,9 @@ async fn session(
     let conn = connect(url, &format!("trainyard-{what}")).await?;
     let ch = conn.create_channel().await.map_err(CommonError::amqp("open a channel"))?;
     let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-    let queue =
-        ch.queue_declare("".into(), own, FieldTable::default()).await.map_err(CommonError::amqp(format!("declare a {what} queue")))?;
+    let mut bounded = FieldTable::default();
+    bounded.insert("x-max-length".into(), AMQPValue::LongLongInt(MAX_LENGTH));
+    let queue = ch.queue_declare("".into(), own, bounded).await.map_err(CommonError::amqp(format!("declare a {what} queue")))?;
     let name = queue.name().as_str().to_string();
     for b in binds {
         if b.declare_fanout {
@@ -101,12 +112,13 @@ async fn session(
             .await
             .map_err(CommonError::amqp(format!("bind {name} to {exchange}")))?;
     }
-    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    ch.basic_qos(PREFETCH, BasicQosOptions { global: false }).await.map_err(CommonError::amqp("set prefetch"))?;
     let mut consumer = ch
-        .basic_consume(name.as_str().into(), "".into(), no_ack, FieldTable::default())
+        .basic_consume(name.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .map_err(CommonError::amqp(format!("consume {name}")))?;
     link(Link::Bound);
+    let mut handled = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -117,6 +129,10 @@ async fn session(
                 let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: name }) };
                 let d = d.map_err(CommonError::amqp(format!("receive from {what}")))?;
                 handle(&d);
+                handled += 1;
+                if handled.is_multiple_of(ACK_EVERY) {
+                    d.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp(format!("acknowledge {what} messages")))?;
+                }
             }
         }
     }

@@ -79,8 +79,19 @@ type Held = (LiveText, DateTime<Utc>);
 /// The live text of running attempts, by job id.
 #[derive(Debug, Clone, Default)]
 pub struct LiveLogs {
-    jobs: Arc<RwLock<HashMap<String, Held>>>,
+    table: Arc<RwLock<Table>>,
 }
+
+/// The jobs held, and when those idle for [`FORGET_AFTER`] were last looked for.
+#[derive(Debug, Default)]
+struct Table {
+    jobs: HashMap<String, Held>,
+    swept: Option<DateTime<Utc>>,
+}
+
+/// How often the table is swept of idle jobs (a sweep reads every job held: once per chunk
+/// was a scan of all running jobs for each line any of them logged).
+const SWEEP_EVERY: chrono::Duration = chrono::Duration::seconds(10);
 
 impl LiveLogs {
     /// Adds a chunk received at `now`. A chunk of a newer attempt, of the same attempt from
@@ -89,9 +100,13 @@ impl LiveLogs {
     /// added once; a chunk of an older attempt, or of an older making on the same worker, is
     /// ignored.
     pub fn record(&self, c: LogChunk, now: DateTime<Utc>) {
-        let Ok(mut jobs) = self.jobs.write() else { return };
-        let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or_default();
-        jobs.retain(|_, (_, at)| now - *at < forget);
+        let Ok(mut table) = self.table.write() else { return };
+        if table.swept.is_none_or(|at| now - at >= SWEEP_EVERY) {
+            let forget = chrono::Duration::from_std(FORGET_AFTER).unwrap_or_default();
+            table.jobs.retain(|_, (_, at)| now - *at < forget);
+            table.swept = Some(now);
+        }
+        let jobs = &mut table.jobs;
         match jobs.get_mut(&c.job_id) {
             Some((held, _)) if held.attempt > c.attempt => {}
             Some((held, _)) if held.attempt == c.attempt && held.worker == c.worker && held.making > c.making => {}
@@ -115,8 +130,8 @@ impl LiveLogs {
     /// of it for another attempt, worker or making, or an offset no longer held; `None` when
     /// nothing is new.
     pub fn since(&self, job_id: &str, after: Option<&Shown>) -> Option<LiveText> {
-        let jobs = self.jobs.read().ok()?;
-        let (held, _) = jobs.get(job_id)?;
+        let table = self.table.read().ok()?;
+        let (held, _) = table.jobs.get(job_id)?;
         let from = match after {
             Some(s) if s.attempt == held.attempt && s.worker == held.worker && s.making == held.making && s.end >= held.offset => s.end,
             _ => held.offset,
