@@ -54,17 +54,23 @@ async fn sigkill_mid_job_is_redelivered_and_completed_by_another_worker() {
 }
 
 /// SIGTERM mid-job: the worker stops consuming, the job outlives the grace
-/// period, is requeued (not lost, not failed) and the worker exits 0.
+/// period, is requeued (not lost, not failed) and the worker exits 0. Its `/metrics` answers
+/// through the grace period (the drain is what a last scrape should see).
 #[tokio::test]
 async fn sigterm_mid_job_requeues_it_and_exits_zero() {
     let env = Env::new(&["noop"]).await;
-    let mut first = env.worker_process("noop", &["--grace-period", "1"]);
-    let spec = env.spec("noop", json!({"sleep_ms": 5000}));
+    let port = crate::series::free_port();
+    let mut first = env.worker_process("noop", &["--grace-period", "3", "--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let spec = env.spec("noop", json!({"sleep_ms": 8000}));
     let sub = env.submitter();
     let mut watch = sub.watch(&spec).await.unwrap();
     sub.submit(&spec).await.unwrap();
     wait_for(&mut watch, JobStatus::Started, T).await;
     signal(&first, "-TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let draining = crate::series::http(port, "GET", "/metrics", None).await;
+    let running = "trainyard_jobs_running{job_type=\"noop\"} 1";
+    assert!(draining.as_ref().is_some_and(|(s, b)| *s == 200 && b.contains(running)), "/metrics in the grace period: {draining:?}");
     let status = tokio::task::spawn_blocking(move || first.wait().unwrap()).await.unwrap();
     assert!(status.success(), "worker exit status {status:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -73,15 +73,20 @@ pub fn init_tracing(format: &str, logs: &JobLogs) {
     let fmt = if format == "text" {
         tracing_subscriber::fmt::layer().with_writer(std::io::stdout).boxed()
     } else {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .flatten_event(true)
-            .with_writer(std::io::stdout)
-            .boxed()
+        json_layer(std::io::stdout).boxed()
     };
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(logs.layer()).try_init();
+}
+
+/// The JSON log lines: the event's fields at the top level, the current span (the job's
+/// `job_id`, `job_type`, `bot`, `attempt`) under `span`. The Grafana dashboard's Loki queries
+/// read these paths (see the test in `process::finish`).
+pub fn json_layer<S, W>(writer: W) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).flatten_event(true).with_writer(writer)
 }
 
 /// Runs the worker until SIGTERM/SIGINT.
@@ -119,13 +124,18 @@ async fn run_async(args: RunArgs, logs: JobLogs) -> anyhow::Result<()> {
     // On Kubernetes: busy pods get a high pod-deletion-cost so scale-down removes idle ones first.
     let _pod_cost = crate::k8s::spawn_from_env(worker.running()).await;
     let shutdown = CancellationToken::new();
+    // Served until the worker has stopped, not until the signal: the drain (jobs finishing or
+    // requeued in the grace period) is what the last scrapes should see.
+    let served = CancellationToken::new();
     if let Some(addr) = args.metrics_addr {
         let ready = worker.connected_flag();
-        let bound = super::http::serve(addr, super::http::router(metrics.clone(), Arc::new(ready)), shutdown.clone()).await?;
+        let bound = super::http::serve(addr, super::http::router(metrics.clone(), Arc::new(ready)), served.clone()).await?;
         tracing::info!(addr = %bound, "serving /healthz, /readyz and /metrics");
     }
     tokio::spawn(signal_shutdown(shutdown.clone()));
-    worker.run(shutdown).await?;
+    let ran = worker.run(shutdown).await;
+    served.cancel();
+    ran?;
     Ok(())
 }
 

@@ -27,6 +27,16 @@ use crate::{
     },
 };
 
+/// Logs a success with the result's headline metrics as fields: the dashboard's accuracy
+/// panel reads `accuracy` (and the job span's `bot`) from this line in Loki.
+fn log_succeeded(elapsed: f64, result: Option<&serde_json::Value>) {
+    let metric = |k: &str| result.and_then(|r| r.get(k)).and_then(serde_json::Value::as_f64);
+    match (metric("accuracy"), metric("macro_f1")) {
+        (Some(accuracy), f1) => tracing::info!(duration_s = elapsed, accuracy, macro_f1 = f1, "job succeeded"),
+        (None, _) => tracing::info!(duration_s = elapsed, "job succeeded"),
+    }
+}
+
 pub(super) async fn finish_succeeded(
     d: &Delivery,
     at: &Attempt,
@@ -48,7 +58,7 @@ pub(super) async fn finish_succeeded(
     if retry.run("record the outcome", || store.put_if_absent(key, outcome.clone())).await? {
         publish_event(sctx, shared, &ev).await?;
         shared.metrics.jobs_total.with_label_values(&[at.spec.job_type.as_str(), "succeeded"]).inc();
-        tracing::info!(duration_s = elapsed, "job succeeded");
+        log_succeeded(elapsed, ev.result.as_ref());
     } else {
         // Another delivery recorded it first, or an earlier try of this one whose reply was lost
         // (a store error after the write): publish what is recorded, never a second result.
@@ -302,4 +312,87 @@ pub(super) async fn requeue(d: &Delivery, at: &Attempt, sctx: &SessionCtx) -> Re
 
 fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::log_succeeded;
+
+    /// A writer the JSON layer writes its lines into.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Lines {
+        fn writer(&self) -> impl Fn() -> Lines + Send + Sync + 'static {
+            let lines = self.clone();
+            move || lines.clone()
+        }
+    }
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The Loki query of the dashboard panel whose title starts with `title`.
+    fn loki_query(title: &str) -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../k8s/components/monitoring/dashboard.json");
+        let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let panel = dash["panels"].as_array().unwrap().iter().find(|p| p["title"].as_str().is_some_and(|t| t.starts_with(title)));
+        panel.expect("the dashboard has the panel")["targets"][0]["expr"].as_str().unwrap().to_string()
+    }
+
+    /// The text between `start` and the next `end` after it.
+    fn between<'a>(s: &'a str, start: &str, end: &str) -> &'a str {
+        let from = s.find(start).unwrap_or_else(|| panic!("{start:?} in {s}")) + start.len();
+        &s[from..from + s[from..].find(end).unwrap()]
+    }
+
+    #[test]
+    fn the_dashboards_accuracy_query_reads_the_success_line_of_a_training_job() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry().with(crate::runtime::cli::json_layer(lines.writer()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("job", job_id = "j1", job_type = "intent-train", bot = "bot-7", attempt = 1);
+            let _in = span.enter();
+            log_succeeded(12.5, Some(&serde_json::json!({"accuracy": 0.931, "macro_f1": 0.92, "labels": 151})));
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+
+        // `… |= "job succeeded" | json accuracy="accuracy", trained_bot="span.bot" | unwrap accuracy …`,
+        // grouped by bot: the line passes the filter and every field the query takes is there.
+        let query = loki_query("Accuracy of finished trainings");
+        assert!(text.contains(between(&query, "|= \"", "\"")), "the line filter of {query} passes {text}");
+        let fields = between(&query, "| json ", " |");
+        let mut taken = std::collections::HashMap::new();
+        for field in fields.split(", ") {
+            let (label, path) = field.split_once('=').unwrap();
+            let value = path.trim_matches('"').split('.').fold(&line, |v, part| &v[part]);
+            assert!(!value.is_null(), "{path} (for {label}) is in {line}");
+            taken.insert(label, value.clone());
+        }
+        assert_eq!(taken[between(&query, "| unwrap ", " ")], 0.931);
+        assert_eq!(taken[between(&query, "max by (", ")")], "bot-7");
+        assert_eq!(line["macro_f1"], 0.92);
+    }
+
+    #[test]
+    fn a_result_without_metrics_logs_its_success_without_them() {
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry().with(crate::runtime::cli::json_layer(lines.writer()));
+        tracing::subscriber::with_default(subscriber, || log_succeeded(0.1, Some(&serde_json::json!({"echo": 1}))));
+        let line: serde_json::Value = serde_json::from_str(String::from_utf8(lines.0.lock().unwrap().clone()).unwrap().trim()).unwrap();
+        assert_eq!(line["message"], "job succeeded");
+        assert!(line.get("accuracy").is_none(), "{line}");
+    }
 }
