@@ -18,6 +18,23 @@ fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// The most labels a job may have: its confusion matrix (`labels × labels` counts, kept,
+/// written as JSON and drawn) is the bound; 2,000 labels make 4 million cells. A conversational
+/// bot has tens to hundreds of intents (CLINC150: 151).
+pub const MAX_LABELS: usize = 2_000;
+
+/// Refuses more than [`MAX_LABELS`] labels in `what` (the training rows, or the labels an
+/// evaluation meets): the matrix of 20,000 took gigabytes and its drawing panicked.
+pub fn check_labels(labels: usize, what: &str) -> Result<(), JobError> {
+    if labels > MAX_LABELS {
+        return Err(JobError::permanent(format!(
+            "{what} {labels} labels, over the {MAX_LABELS} a job allows (its confusion matrix is labels × labels): check \
+             the label column, or split the bot's intents"
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses a bag with no features (it would "train" a constant) or one too big for the worker:
 /// its table (`features × hidden`) and head (`hidden × labels`).
 pub fn check_bag(features: usize, labels: usize, h: &Hyper) -> Result<(), JobError> {
@@ -68,6 +85,14 @@ pub fn check_padded_rows(rows: usize, width: usize, h: &Hyper) -> Result<(), Job
 /// convolutions, output), one batch's activations with their gradients, and the token rows of
 /// `examples` utterances (an id and a weight per slot).
 pub fn check_conv(vocab: usize, labels: usize, examples: usize, subwords: usize, h: &Hyper) -> Result<(), JobError> {
+    if vocab <= 1 {
+        // Only the padding slot: every utterance would be the same row of zeros.
+        return Err(JobError::permanent(format!(
+            "the training texts give the word-order model no words or subwords (min_df {}): lower min_df, or check that \
+             the texts have letters or digits",
+            h.min_df
+        )));
+    }
     let (dim, filters, tokens) = (h.conv_dim as u64, h.conv_filters as u64, h.max_tokens as u64);
     let weights = vocab as u64 * dim + 6 * dim * filters + 3 * filters * labels as u64;
     // Per position: the looked-up slots, the summed embedding, the three widths' windows
@@ -99,6 +124,20 @@ pub fn check_conv(vocab: usize, labels: usize, examples: usize, subwords: usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// More labels than a confusion matrix can hold, and a word-order model with no words, are
+    /// permanent errors naming what to change.
+    #[test]
+    fn too_many_labels_or_no_words_are_refused() {
+        check_labels(MAX_LABELS, "the training rows have").expect("the limit itself");
+        let e = check_labels(20_000, "the training rows have").unwrap_err();
+        assert_eq!(e.kind, trainyard_common::ErrorKind::Permanent);
+        assert!(e.message.contains("the training rows have 20000 labels, over the 2000"), "{}", e.message);
+        let h = Hyper::default();
+        let e = check_conv(1, 10, 100, 8, &h).unwrap_err();
+        assert!(e.message.contains("no words or subwords") && e.message.contains("min_df"), "{}", e.message);
+        check_conv(2, 10, 100, 8, &h).expect("one word is something to learn from");
+    }
 
     /// A bag too big for the worker, or with no features, is a permanent error naming what to
     /// change (it was an out-of-memory kill, or a model that predicts one label).

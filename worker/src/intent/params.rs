@@ -322,9 +322,10 @@ impl TrainParams {
 impl EvalParams {
     /// Parses and checks `params` of an `intent-eval` job.
     pub fn parse(params: &serde_json::Value) -> Result<Self, JobError> {
-        check_keys("intent-eval", params, &[DatasetSpec::KEYS, &["model"]])?;
+        // `train_splits` and `val_splits` are refused, not ignored: an evaluation reads test rows only.
+        check_keys("intent-eval", params, &[DatasetSpec::EVAL_KEYS, &["model"]])?;
         let p = Self {
-            data: part("intent-eval", params, DatasetSpec::KEYS)?,
+            data: part("intent-eval", params, DatasetSpec::EVAL_KEYS)?,
             model: part::<EvalOther>("intent-eval", params, &["model"])?.model,
         };
         p.data.check().map_err(|e| bad("intent-eval", e))?;
@@ -375,6 +376,10 @@ mod tests {
         assert_eq!(TrainParams::parse(&json!({"dataset": "x.csv", "char_weight": null})).unwrap().hyper.char_weight, None);
         assert!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "../x"})).is_err());
         assert!(EvalParams::parse(&json!({"dataset": "x.csv", "epochs": 3})).is_err());
+        for split in ["train_splits", "val_splits"] {
+            let e = EvalParams::parse(&json!({"dataset": "x.json", split: ["val"]})).unwrap_err();
+            assert!(e.message.contains(split), "an evaluation reads test rows only: {}", e.message);
+        }
         assert_eq!(EvalParams::parse(&json!({"dataset": "x.csv", "model": "j-1"})).unwrap().model.as_deref(), Some("j-1"));
     }
 

@@ -16,7 +16,7 @@ use super::{
     env::RunEnv,
     features::{FeatureConfig, Featurizer},
     fit::{Stage, StageSummary},
-    limits::{check_bag, check_conv},
+    limits::{check_bag, check_conv, check_labels},
     params::{Hyper, ModelKind, TrainParams},
     predict::{average, decide, probabilities, tune_weights, BagNet, Combine, ModelConfig, Predictor},
     seq::{SeqConfig, SeqFeaturizer},
@@ -43,7 +43,7 @@ pub(super) fn texts(examples: &[Example]) -> Vec<&str> {
 /// checkpoints: the settings, the labels, the feature count and every training and validation
 /// row, each field length-prefixed (a resumed run keeps its best validation accuracy and
 /// patience, which mean nothing on other validation rows).
-fn fingerprint(params: &TrainParams, labels: &[String], dim: usize, train: &[Example], val: &[Example]) -> String {
+fn fingerprint(hyper: &Hyper, labels: &[String], dim: usize, train: &[Example], val: &[Example]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let mut eat = |bytes: &[u8]| {
@@ -51,7 +51,7 @@ fn fingerprint(params: &TrainParams, labels: &[String], dim: usize, train: &[Exa
         h.update(bytes);
     };
     eat(b"trainyard checkpoint fingerprint 2");
-    eat(serde_json::to_string(&params.hyper).unwrap_or_default().as_bytes());
+    eat(serde_json::to_string(hyper).unwrap_or_default().as_bytes());
     for l in labels {
         eat(l.as_bytes());
     }
@@ -145,6 +145,7 @@ fn prepare(env: &RunEnv, params: &TrainParams) -> Result<Prepared, JobError> {
     let mut labels: Vec<String> = splits.train.iter().map(|e| e.label.clone()).collect();
     labels.sort();
     labels.dedup();
+    check_labels(labels.len(), "the training rows have")?;
     let oos_label = labels.contains(&h.oos_label).then(|| h.oos_label.clone());
     let oos = oos_label.as_ref().and_then(|o| labels.iter().position(|l| l == o));
     if h.oos_threshold.is_some() && oos.is_none() {
@@ -229,7 +230,9 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
             labels: labels.len(),
             features: f.dim(),
         };
-        let fp = fingerprint(self.params, labels, f.dim(), train, val);
+        // The stage's settings: the refit's epochs are the first fit's best epoch count, and a
+        // refit checkpoint of another count (an earlier attempt's first fit) must not be resumed.
+        let fp = fingerprint(hyper, labels, f.dim(), train, val);
         let (net, summary) = self.stage(name, h, fp, key).fit_bag::<B>(&f, &data, self.device, self.force_device_bag)?;
         Ok((net, f, summary))
     }
@@ -264,7 +267,7 @@ impl<B: AutodiffBackend> Ctx<'_, B> {
             ));
             check_conv(s.vocab(), prep.labels.len(), train_texts.len() + val_texts.len(), s.config.subwords, h)?;
             let (x_train, x_val) = (s.transform(&train_texts), s.transform(&val_texts));
-            let fp = fingerprint(self.params, &prep.labels, s.vocab(), &prep.splits.train, &prep.splits.val);
+            let fp = fingerprint(h, &prep.labels, s.vocab(), &prep.splits.train, &prep.splits.val);
             let key = if h.model == ModelKind::Conv { CHECKPOINT_KEY } else { CONV_CHECKPOINT_KEY };
             let (net, summary) = self.stage("conv", h, fp, key).fit_conv::<B>(
                 &s,
@@ -383,5 +386,17 @@ mod tests {
         let e = cuda_failure(DeviceSpec::Cuda(0), other.as_ref());
         assert_eq!(e.kind, trainyard_common::ErrorKind::Transient);
         assert!(e.message.contains("the CUDA backend failed on cuda:0: kernel launch failed"), "{}", e.message);
+    }
+
+    /// A refit's checkpoint names its own epoch count: one an earlier attempt wrote for another
+    /// best epoch (5) was resumed by a refit of 3, and its empty loop returned the 5-epoch bag.
+    #[test]
+    fn a_checkpoint_fingerprint_names_the_stages_epochs() {
+        let h = TrainParams::parse(&serde_json::json!({"dataset": "x.csv", "epochs": 20})).unwrap().hyper;
+        let rows = [Example::new("hello", "a"), Example::new("bye", "b")];
+        let labels = ["a".to_string(), "b".to_string()];
+        let print = |epochs| fingerprint(&Hyper { epochs, ..h.clone() }, &labels, 10, &rows, &[]);
+        assert_ne!(print(5), print(3));
+        assert_eq!(print(5), print(5));
     }
 }

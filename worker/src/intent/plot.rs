@@ -42,7 +42,7 @@ pub fn confusion_png(cm: &ConfusionMatrix) -> Result<Vec<u8>, String> {
     let cell = (900 / n).clamp(2, 40);
     let side = n * cell;
     let (w, h) = (side + 2 * MARGIN + LEGEND, side + 2 * MARGIN);
-    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    let mut rgb = vec![255u8; w as usize * h as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
         let e = |e: DrawingAreaErrorKind<_>| format!("failed to draw the confusion matrix: {e:?}");

@@ -144,7 +144,12 @@ async fn synthetic_data_trains_to_high_accuracy_with_all_artifacts() {
     for k in ["accuracy", "macro_f1", "per_class", "in_scope_accuracy", "oos_recall", "top_confusions"] {
         assert!(m.get(k).is_some(), "metrics.json lacks {k}");
     }
-    assert_eq!(m["per_class"]["balance"]["support"].as_u64().unwrap(), 8, "20% stratified holdout of 40");
+    // The test rows are the content holdout of the file's rows (about 20% of each label).
+    let rows: Vec<_> = synthetic_rows(40, 1).into_iter().map(|(t, l)| trainyard_worker::intent::dataset::Example::new(t, l)).collect();
+    let held = trainyard_worker::intent::dataset::content_holdout(rows, 0.2).1;
+    let support = m["per_class"]["balance"]["support"].as_u64().unwrap() as usize;
+    assert_eq!(support, held.iter().filter(|e| e.label == "balance").count());
+    assert_eq!(res["test_examples"].as_u64().unwrap() as usize, held.len());
     let cm: Value = f.store.get_json("jobs/job-a/confusion_matrix.json").await.unwrap().unwrap();
     assert_eq!(cm["labels"].as_array().unwrap().len(), 6);
     let png = f.store.get("jobs/job-a/confusion_matrix.png").await.unwrap().unwrap();
@@ -155,6 +160,12 @@ async fn synthetic_data_trains_to_high_accuracy_with_all_artifacts() {
     assert_eq!(res["artifacts"]["confusion_matrix_png"], "jobs/job-a/confusion_matrix.png");
     let prod = models::production(&f.store, "bank").await.unwrap().unwrap();
     assert_eq!((prod.job_id.as_str(), prod.model.as_str()), ("job-a", "jobs/job-a/model"));
+    // Delivered again after its promotion (its outcome not recorded): the gate says the only
+    // production model is the job's own, not that the bot has none.
+    let (c, _rx) = ctx(&f, spec("job-a", "intent-train", "bank", params(json!({}))), 1);
+    let again = IntentTrain::default().run(c).await.unwrap();
+    let reasons = again["promotion"]["reasons"].to_string();
+    assert!(reasons.contains("this job's own") && !reasons.contains("first model"), "{reasons}");
 
     // intent-eval of the production model on the same data gives the same test metrics.
     let (c, _rx) = ctx(&f, spec("eval-1", "intent-eval", "bank", json!({"dataset": "bank.csv"})), 0);

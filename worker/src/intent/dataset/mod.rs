@@ -5,11 +5,13 @@
 //! (`text,label`, columns mappable) and JSONL (`{"text": …, "intent": …}` per
 //! line). Paths are relative to the data root and may not leave it.
 //!
-//! Training data without a test split gets a stratified holdout (fixed seed);
-//! without a validation split, another one. Every malformed input is a
-//! [`DatasetError`], which the handlers turn into a permanent job error.
+//! Training data without a test split gets a holdout chosen by each row's content (the same
+//! rows for every job: [`content_holdout`]); without a validation split, a stratified holdout
+//! drawn with the job's seed. Every malformed input is a [`DatasetError`], which the handlers
+//! turn into a permanent job error.
 
 mod error;
+mod holdout;
 mod parse;
 
 use std::{
@@ -17,11 +19,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 use trainyard_common::paths::resolve_under;
 
-pub use self::error::DatasetError;
+pub use self::{
+    error::DatasetError,
+    holdout::{content_holdout, stratified_holdout},
+};
 
 /// One labelled utterance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +109,8 @@ impl DatasetSpec {
     /// The parameter names this struct reads.
     pub const KEYS: &'static [&'static str] =
         &["dataset", "test_dataset", "format", "text_column", "label_column", "train_splits", "val_splits", "test_splits"];
+    /// Those an evaluation reads: it has no training or validation rows to name.
+    pub const EVAL_KEYS: &'static [&'static str] = &["dataset", "test_dataset", "format", "text_column", "label_column", "test_splits"];
 
     /// A spec for a dataset path with every default.
     pub fn new(dataset: impl Into<String>) -> Self {
@@ -179,11 +185,16 @@ impl DatasetSpec {
             s.test = self.load_eval_set(root, t)?;
             s.notes.push(format!("test set: {t}"));
         }
+        // Test rows the job named (a file, or splits) and found empty are an error: the gate would
+        // decide on a holdout of the training data instead, which nobody asked for.
+        if s.test.is_empty() && (self.test_dataset.is_some() || self.split_lists()[2].1.is_some()) {
+            return Err(DatasetError::Empty("test"));
+        }
         if s.test.is_empty() {
-            let (keep, held) = stratified_holdout(std::mem::take(&mut s.train), test_fraction, seed);
+            let (keep, held) = content_holdout(std::mem::take(&mut s.train), test_fraction);
             s.train = keep;
             s.test = held;
-            s.notes.push(format!("test set: stratified {:.0}% holdout of the training data (seed {seed})", test_fraction * 100.0));
+            s.notes.push(format!("test set: {:.0}% holdout of the training data, chosen by each row's content", test_fraction * 100.0));
         }
         if s.val.is_empty() && val_fraction > 0.0 {
             let (keep, held) = stratified_holdout(std::mem::take(&mut s.train), val_fraction, seed.wrapping_add(1));
@@ -320,24 +331,6 @@ fn take_splits(
     Ok(wanted.iter().filter_map(|w| named.remove(w)).flatten().collect())
 }
 
-/// Splits off about `fraction` of each class (shuffled with `seed`); a class keeps at least one training example.
-pub fn stratified_holdout(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
-    let mut by_label: BTreeMap<String, Vec<Example>> = BTreeMap::new();
-    for e in examples {
-        by_label.entry(e.label.clone()).or_default().push(e);
-    }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let (mut keep, mut held) = (Vec::new(), Vec::new());
-    for (_, mut group) in by_label {
-        group.shuffle(&mut rng);
-        let n = group.len();
-        let k = ((n as f64 * fraction).round() as usize).min(n.saturating_sub(1));
-        held.extend(group.drain(..k));
-        keep.extend(group);
-    }
-    (keep, held)
-}
-
 fn validate(s: &Splits) -> Result<(), DatasetError> {
     if s.train.is_empty() {
         return Err(DatasetError::Empty("training"));
@@ -361,18 +354,6 @@ fn validate(s: &Splits) -> Result<(), DatasetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn holdout_is_stratified_and_deterministic() {
-        let ex: Vec<Example> = (0..100).map(|i| Example::new(format!("t{i}"), if i % 4 == 0 { "a" } else { "b" })).collect();
-        let (k1, h1) = stratified_holdout(ex.clone(), 0.2, 7);
-        let (k2, h2) = stratified_holdout(ex, 0.2, 7);
-        assert_eq!(h1, h2);
-        assert_eq!(k1, k2);
-        assert_eq!(h1.iter().filter(|e| e.label == "a").count(), 5);
-        assert_eq!(h1.iter().filter(|e| e.label == "b").count(), 15);
-        assert_eq!(k1.len(), 80);
-    }
 
     /// A split the job names must be there: a typo in `test_splits` tested on a holdout of the
     /// training data instead, and the promotion gate decided on it. The default ones may be absent.
@@ -402,6 +383,17 @@ mod tests {
         let e = partly.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err();
         assert!(matches!(&e, DatasetError::MissingSplit { wanted, .. } if wanted == &["oos_tset"]), "{e}");
         assert_eq!(spec(None, None).load_for_eval(dir.path()).unwrap().len(), 4, "the default test split");
+        // A test file or a named test split with no rows is an error, not a holdout of the training data.
+        std::fs::write(dir.path().join("t.csv"), "text,label\n").unwrap();
+        std::fs::write(dir.path().join("e.json"), serde_json::json!({"train": rows, "test": []}).to_string()).unwrap();
+        let empty_file = DatasetSpec { test_dataset: Some("t.csv".into()), ..DatasetSpec::new("d.json") };
+        let empty_split = DatasetSpec { test_splits: Some(vec!["test".into()]), ..DatasetSpec::new("e.json") };
+        for spec in [empty_file, empty_split] {
+            let e = spec.load_for_training(dir.path(), 7, 0.2, 0.2).unwrap_err();
+            assert!(matches!(e, DatasetError::Empty("test")), "{e}");
+        }
+        let holdout = DatasetSpec::new("e.json").load_for_training(dir.path(), 7, 0.2, 0.2).unwrap();
+        assert!(!holdout.test.is_empty() && holdout.notes.iter().any(|n| n.contains("content")), "{:?}", holdout.notes);
         // A split in two lists is refused at once (the second list reported it missing).
         let twice = DatasetSpec { train_splits: Some(vec!["train".into()]), ..spec(None, Some("train")) };
         let e = twice.check().unwrap_err();
