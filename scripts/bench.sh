@@ -14,7 +14,7 @@
 # Writes target/bench/results.json and prints a Markdown table.
 #
 # Usage: scripts/bench.sh [--quick] [--gpu] [--only store|fairness]
-#   --quick  fewer jobs (about 5 minutes after the release build; the store: 100,000 jobs)
+#   --quick  fewer jobs (about 7 minutes after the release build; the store: 100,000 jobs)
 #   --only store  the store scenario alone (the other scenarios' raw outputs of an earlier run are kept)
 #   --only fairness  the fairness scenario alone (fair share, tiers, coalescing; ~3 min)
 # Environment: TRAINYARD_AMQP_URL (default: local broker), BENCH_JOBS, BENCH_CELERY_JOBS,
@@ -65,6 +65,10 @@ export TRAINYARD_LOG_FORMAT=json
 
 ensure_cargo
 ensure_rabbitmq
+# The store scenario's PostgreSQL (TRAINYARD_BENCH_DATABASE_URL, default the tests' database);
+# Redis for Celery's results.
+[[ -n "${TRAINYARD_BENCH_DATABASE_URL:-}" ]] || ensure_postgres || exit 1
+[[ $ONLY == store || $ONLY == fairness ]] || ensure_redis || exit 1
 
 PREFIXES=()
 SHM=/dev/shm/trainyard-bench-$PREFIX
@@ -111,6 +115,8 @@ settle() {
   echo "the broker stayed busy for 30 s; measuring anyway"
 }
 step() { settle; phase "$@" || FAILED+=("$1"); }
+# A step whose wall time is part of its figure: T0 and T1 bracket the command alone, not the settle.
+timed_step() { settle; T0=$(date +%s.%N); phase "$@" || FAILED+=("$1"); T1=$(date +%s.%N); }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "load average before: $LOAD_BEFORE ($(nproc) CPUs)"
@@ -189,11 +195,9 @@ BENCH_CELERY_QUEUE="$PREFIX-fc" "$VENV/bin/python" bench/python/celery_bench.py 
 # 5. Training: the whole trainyard-worker process vs scikit-learn, one after the other.
 TRAIN_DIR=$RUN/$PREFIX-train
 rm -rf "$TRAIN_DIR"
-t0=$(date +%s.%N)
-step "training trainyard (clinc150 full)" bash -c "TRAINYARD_ARTIFACTS='$RUN/$PREFIX-train-artifacts' target/release/trainyard-worker train \
+timed_step "training trainyard (clinc150 full)" bash -c "TRAINYARD_ARTIFACTS='$RUN/$PREFIX-train-artifacts' target/release/trainyard-worker train \
   --job-file examples/jobs/clinc150-full.json --out '$TRAIN_DIR' > '$RUN/train.log' 2>&1"
-t1=$(date +%s.%N)
-python3 -c "import json,sys; m=json.load(open('$TRAIN_DIR/metrics.json')); m['wall_s']=$t1-$t0; print(json.dumps(m))" > "$RAW/training.json" || rm -f "$RAW/training.json"
+python3 -c "import json,sys; m=json.load(open('$TRAIN_DIR/metrics.json')); m['wall_s']=$T1-$T0; print(json.dumps(m))" > "$RAW/training.json" || rm -f "$RAW/training.json"
 step "training scikit-learn (clinc150 full)" bash -c "'$VENV/bin/python' bench/python/sklearn_bench.py --data data/clinc150/data_full.json > '$RAW/sklearn.json'"
 
 # 6. Scaling (each point deletes its own queues).
@@ -214,10 +218,8 @@ if [[ $GPU == 1 ]]; then
     for dev in cpu cuda; do
       job=examples/jobs/clinc150-full.json; bin=target/release/trainyard-worker
       [[ $dev == cuda ]] && { job=$RUN/clinc150-cuda.json; bin=target/cuda/release/trainyard-worker; }
-      t0=$(date +%s.%N)
-      step "training on $dev" "$bin" train --job-file "$job" --out "$RUN/$PREFIX-gpu-$dev" > "$RUN/train-$dev.log" 2>&1
-      t1=$(date +%s.%N)
-      python3 -c "import json; m=json.load(open('$RUN/$PREFIX-gpu-$dev/metrics.json')); print(json.dumps({'wall_s': $t1-$t0, 'in_scope_accuracy': m.get('in_scope_accuracy')}))" > "$RAW/gpu-$dev.json" || rm -f "$RAW/gpu-$dev.json"
+      timed_step "training on $dev" "$bin" train --job-file "$job" --out "$RUN/$PREFIX-gpu-$dev" > "$RUN/train-$dev.log" 2>&1
+      python3 -c "import json; m=json.load(open('$RUN/$PREFIX-gpu-$dev/metrics.json')); print(json.dumps({'wall_s': $T1-$T0, 'in_scope_accuracy': m.get('in_scope_accuracy')}))" > "$RAW/gpu-$dev.json" || rm -f "$RAW/gpu-$dev.json"
     done
   else
     echo "--gpu: no GPU found (nvidia-smi); skipping the CUDA comparison"

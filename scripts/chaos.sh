@@ -77,7 +77,8 @@ if [[ $CLUSTER == 1 ]]; then
   rmqctl() { scripts/cluster.sh ctl "$@"; }
   if ! scripts/cluster.sh status >/dev/null 2>&1; then
     log "starting the 3-node cluster (scripts/cluster.sh start)"
-    scripts/cluster.sh start >/dev/null || exit 1
+    # A start that failed half-way leaves nodes running: stopped here (the exit trap comes later).
+    scripts/cluster.sh start >/dev/null || { log "the cluster did not start; stopping what did"; scripts/cluster.sh stop >/dev/null 2>&1; exit 1; }
     CLUSTER_STARTED=1
   fi
   TRAINYARD_AMQP_URL=$(scripts/cluster.sh urls)

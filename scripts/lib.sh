@@ -61,9 +61,10 @@ ensure_rabbitmq() {
   return 1
 }
 
-# Makes sure PostgreSQL answers on localhost:5432 with a database `test` reachable as
-# postgres://postgres@127.0.0.1:5432/test (trust auth for local TCP).
+# The tests' PostgreSQL: TRAINYARD_TEST_DATABASE_URL when set (used as is), else localhost:5432
+# with user postgres and no password (database `test`), installed, started and let in here.
 ensure_postgres() {
+  [[ -n "${TRAINYARD_TEST_DATABASE_URL:-}" ]] && return 0
   if ! port_open 5432; then
     if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
       if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
@@ -74,11 +75,8 @@ ensure_postgres() {
         return 1
       fi
     fi
+    pg_trust_tests
     local v; v=$(ls /etc/postgresql | head -1)
-    local hba="/etc/postgresql/$v/main/pg_hba.conf"
-    if ! grep -q "trainyard-tests" "$hba" 2>/dev/null; then
-      as_root sh -c "printf 'host all all 127.0.0.1/32 trust # trainyard-tests\n' | cat - '$hba' > '$hba.new' && mv '$hba.new' '$hba' && chown postgres '$hba'" || true
-    fi
     as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start || as_root pg_ctlcluster "$v" main start || true
     # apt-get starts the cluster itself on a systemd machine: then the start above fails and
     # the trust line is not read until a reload.
@@ -86,9 +84,55 @@ ensure_postgres() {
     for _ in $(seq 1 30); do port_open 5432 && break; sleep 1; done
   fi
   port_open 5432 || { echo "error: PostgreSQL did not start" >&2; return 1; }
-  if command -v psql >/dev/null; then
-    psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" 2>/dev/null | grep -q 1 \
-      || psql -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE test" >/dev/null 2>&1 || true
+  command -v psql >/dev/null || return 0
+  # A server already running may ask for a password: let the tests in, where this machine's
+  # cluster can be configured, then check.
+  if ! pg_lets_tests_in && ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    pg_trust_tests
+    as_root pg_ctlcluster "$(ls /etc/postgresql | head -1)" main reload >/dev/null 2>&1 || true
+    sleep 1
+  fi
+  pg_lets_tests_in || {
+    echo "error: PostgreSQL on localhost:5432 refuses user postgres from 127.0.0.1 without a password;" \
+      "allow it (trust in pg_hba.conf) or set TRAINYARD_TEST_DATABASE_URL." >&2
+    return 1
+  }
+  psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" 2>/dev/null | grep -q 1 \
+    || psql -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE test" >/dev/null 2>&1 || true
+}
+
+# Makes sure Redis answers on localhost:6379 (the bench's Celery result backend), installing
+# and starting redis-server where it can; nothing is kept on disk.
+ensure_redis() {
+  port_open 6379 && return 0
+  if ! command -v redis-server >/dev/null; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+      echo "installing redis-server with apt-get"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+      echo "error: no Redis on localhost:6379 and redis-server is not installed (Debian/Ubuntu: sudo apt-get install redis-server)." >&2
+      return 1
+    fi
+  fi
+  echo "starting redis-server"
+  redis-server --daemonize yes --port 6379 --bind 127.0.0.1 --save '' --appendonly no >/dev/null
+  for _ in $(seq 1 20); do port_open 6379 && return 0; sleep 0.5; done
+  echo "error: redis-server did not start listening on 6379" >&2
+  return 1
+}
+
+# Whether user postgres gets in over 127.0.0.1 without a password.
+pg_lets_tests_in() {
+  psql -h 127.0.0.1 -U postgres -d postgres -w -tAc 'SELECT 1' >/dev/null 2>&1
+}
+
+# Puts a trust line for 127.0.0.1 first in this machine's pg_hba.conf (once; read at the next
+# start or reload).
+pg_trust_tests() {
+  local v; v=$(ls /etc/postgresql | head -1)
+  local hba="/etc/postgresql/$v/main/pg_hba.conf"
+  if ! grep -q "trainyard-tests" "$hba" 2>/dev/null; then
+    as_root sh -c "printf 'host all all 127.0.0.1/32 trust # trainyard-tests\n' | cat - '$hba' > '$hba.new' && mv '$hba.new' '$hba' && chown postgres '$hba'" || true
   fi
 }
 
