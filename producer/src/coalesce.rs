@@ -183,7 +183,9 @@ impl Coalescer {
         let running = matches!(status, Some(JobStatus::Started | JobStatus::Progress));
         let policy = self.policies.get(&older.job_type).cloned().unwrap_or_default();
         tracing::info!(job_id = %older.job_id, superseded_by = %newest, running, "job superseded");
-        if running && policy.supersede_running {
+        // Whatever the store says: it lags the workers (by hours after an outage), and a job it
+        // still shows `queued` may be running; a worker not running it ignores the request.
+        if policy.supersede_running {
             let props = lapin::BasicProperties::default().with_content_type(codec::JSON.into()).with_delivery_mode(2);
             publish_confirmed(ch, &self.topology.control_exchange(), "", &codec::to_json(&req)?, props, false).await?;
         }

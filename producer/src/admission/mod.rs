@@ -232,10 +232,13 @@ impl Admitter {
     }
 
     /// A job arrives: held, or passed on at once when this type has no admission or the job
-    /// cannot be read (the worker dead-letters it with the reason, as any bad input).
+    /// cannot be read or is not valid (the worker dead-letters it with the reason, as any bad
+    /// input). An invalid job was held and counted: one whose id is not a UUID never gets a
+    /// final event (no job is recorded for it), so its bot stayed at its limit for good, and one
+    /// whose id no cancel marker can be named for (too long) failed every session.
     async fn arrive(&self, ch: &Channel, state: &mut Admission<Delivery>, d: Delivery) -> Result<(), CommonError> {
         let ct = d.properties.content_type().as_ref().map(|c| c.as_str().to_string());
-        match codec::decode::<JobSpec>(ct.as_deref(), &d.data) {
+        match codec::decode::<JobSpec>(ct.as_deref(), &d.data).and_then(|spec| spec.validate().map(|()| spec)) {
             Ok(spec) if self.policy.admission() => {
                 state.hold(spec.job_id, spec.bot, spec.priority, spec.coalesce_key, d);
                 Ok(())
@@ -336,10 +339,9 @@ impl Admitter {
             bots: state.usage(),
         };
         let props = BasicProperties::default().with_content_type(codec::JSON.into());
-        ch.basic_publish(exchange.into(), "".into(), Default::default(), &codec::to_json(&snap)?, props)
-            .await
-            .map_err(CommonError::amqp("publish an admission snapshot"))?;
-        Ok(())
+        // Confirmed here, not left in flight: a job published next on this channel and returned
+        // by the broker could have its return handed to this confirm (see `publish_all_mandatory`).
+        publish_confirmed(ch, exchange, "", &codec::to_json(&snap)?, props, false).await
     }
 }
 

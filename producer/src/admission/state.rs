@@ -71,10 +71,12 @@ impl<T> Admission<T> {
         self.policy.weights.get(bot).copied().unwrap_or(1).max(1)
     }
 
-    /// Holds a job until [`Self::next`] admits it. A job counted as admitted that comes back
-    /// (its admission was not acknowledged before a crash) waits again.
+    /// Holds a job until [`Self::next`] admits it. A copy of a job counted as admitted (its
+    /// admission was not acknowledged before a crash, or it was published again with its id)
+    /// waits and leaves the job counted: the job may be running, and freeing its place let the
+    /// bot's next job, then the copy itself, run beside it. Admitted once the job has finished,
+    /// the copy ends at once on a worker (its outcome is recorded).
     pub fn hold(&mut self, job_id: String, bot: String, priority: Priority, coalesce_key: Option<String>, payload: T) {
-        self.finished(&job_id);
         self.arrivals += 1;
         let held = Held { job_id, bot: bot.clone(), priority, coalesce_key, payload, arrival: self.arrivals };
         self.waiting[tier(priority)].entry(bot).or_default().push_back(held);
@@ -280,12 +282,19 @@ mod tests {
         let mut a = Admission::new(policy(true, Some(1)));
         hold(&mut a, "j", "a", Priority::Normal);
         assert_eq!(order(&mut a, 9), ["j"]);
+        hold(&mut a, "k", "a", Priority::Normal);
         hold(&mut a, "j", "a", Priority::Normal);
-        assert_eq!((a.running("a"), a.waiting_total()), (0, 1), "redelivered after a crash: waiting, not admitted");
+        // A copy of a counted job (redelivered after a crash, or published again with its id):
+        // the job may be running, so it keeps its place, and neither the bot's next job nor the
+        // copy goes before it ends (the place was freed: k, then the copy, ran beside j).
+        assert_eq!((a.running("a"), a.waiting_total()), (1, 2));
+        assert_eq!(order(&mut a, 9), Vec::<String>::new(), "a at its limit of 1 while j runs");
+        a.finished("j");
+        assert_eq!(order(&mut a, 9), ["k"]);
         a.hold("k1".into(), "a".into(), Priority::Normal, Some("key".into()), ());
         a.hold("k2".into(), "a".into(), Priority::Normal, Some("key".into()), ());
         assert_eq!(a.outdated(), ["k1"]);
         assert_eq!(a.take("k1").map(|h| h.job_id), Some("k1".into()));
-        assert_eq!((a.running("a"), a.waiting_total()), (0, 2));
+        assert_eq!((a.running("a"), a.waiting_total()), (1, 2));
     }
 }

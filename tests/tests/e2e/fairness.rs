@@ -260,3 +260,51 @@ async fn a_job_that_waited_through_many_admitter_sessions_runs() {
     cp.stop().await;
     env.cleanup().await;
 }
+
+/// Jobs the worker will refuse (an id that is not a UUID: no job is ever recorded for it; an id
+/// too long to name a cancel marker, with a coalescing key) are passed on uncounted: the bot's
+/// valid jobs run, and admission of the type goes on (the first held its bot at its limit for
+/// good, the second failed every admitter session).
+#[tokio::test]
+async fn invalid_jobs_neither_hold_their_bots_place_nor_jam_admission() {
+    let env = Env::new(&["noop"]).await;
+    let policy = JobTypePolicy { max_running_per_bot: Some(1), ..Default::default() };
+    let cp = InProcess::start(&env, policy).await;
+    let mut events = NoopEvents::open(&env, "fairness-events").await;
+    let props = lapin::BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+    for (id, key) in [("x".to_string(), None), ("y".repeat(300), Some("k"))] {
+        let mut bad = serde_json::to_value(noop("stuck-bot", 10)).unwrap();
+        bad["job_id"] = id.into();
+        if let Some(k) = key {
+            bad["coalesce_key"] = k.into();
+        }
+        let body = serde_json::to_vec(&bad).unwrap();
+        let key = trainyard_common::topology::jobs_routing_key("noop", trainyard_common::job::Priority::Normal);
+        env.ch
+            .basic_publish(env.topo.submit_exchange().as_str().into(), key.as_str().into(), Default::default(), &body, props.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let sub = env.submitter();
+    let good: Vec<JobSpec> = (0..3).map(|_| noop("stuck-bot", 10)).collect();
+    for spec in &good {
+        sub.submit(spec).await.unwrap();
+    }
+    let worker = env.spawn_worker(&["noop"], |_| {});
+    let seen = events.until(T, |seen| good.iter().all(|s| finished(seen).contains(s.job_id.as_str()))).await;
+    assert!(good.iter().all(|s| seen.iter().any(|e| e.job_id == s.job_id && e.status == JobStatus::Succeeded)));
+    let mut dead = Vec::new();
+    for _ in 0..50 {
+        dead.extend(env.drain(&env.topo.dead_queue("noop")).await);
+        if dead.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(dead.len(), 2, "both invalid jobs dead-lettered by the worker");
+    worker.stop().await;
+    cp.stop().await;
+    env.cleanup().await;
+}
