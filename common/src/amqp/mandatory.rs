@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use lapin::{message::Delivery, options::BasicPublishOptions, BasicProperties, Channel, Confirmation, Connection};
+use tokio_util::sync::CancellationToken;
 
 use super::{confirm_channel, publish_confirmed};
 use crate::CommonError;
@@ -26,9 +27,22 @@ impl Mandatory {
     }
 
     /// Publishes `body` mandatory and waits for its confirm, with no other publish in flight on
-    /// the channel: [`CommonError::Unroutable`] when no queue took it.
-    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], props: BasicProperties) -> Result<(), CommonError> {
+    /// the channel: [`CommonError::Unroutable`] when no queue took it. Nothing is published once
+    /// `lost` has fired, when the channel is this caller's turn ([`CommonError::SessionLost`]):
+    /// a copy waits here behind others, and the delivery it copies may meanwhile have gone back
+    /// to its queue with a lost session (the copy would be a second live job).
+    pub async fn publish(
+        &self,
+        lost: &CancellationToken,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), CommonError> {
         let ch = self.0.lock().await;
+        if lost.is_cancelled() {
+            return Err(CommonError::SessionLost { what: "publish a copy" });
+        }
         publish_confirmed(&ch, exchange, routing_key, body, props, true).await
     }
 }

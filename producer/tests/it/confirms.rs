@@ -8,6 +8,7 @@ use lapin::{
     types::FieldTable,
     BasicProperties, ExchangeKind,
 };
+use tokio_util::sync::CancellationToken;
 use trainyard_common::{
     amqp::{self, publish_all_mandatory, Mandatory, Outgoing},
     CommonError,
@@ -20,6 +21,11 @@ const BATCH: usize = 40;
 
 /// A direct exchange with a queue bound under `kept` and nothing under `lost`.
 async fn exchange(ch: &lapin::Channel) -> String {
+    exchange_and_queue(ch).await.0
+}
+
+/// [`exchange`] and the name of its queue.
+async fn exchange_and_queue(ch: &lapin::Channel) -> (String, String) {
     let name = format!("t-confirms-{}", uuid::Uuid::new_v4());
     ch.exchange_declare(
         name.as_str().into(),
@@ -32,7 +38,7 @@ async fn exchange(ch: &lapin::Channel) -> String {
     let own = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
     let q = ch.queue_declare("".into(), own, FieldTable::default()).await.unwrap();
     ch.queue_bind(q.name().clone(), name.as_str().into(), "kept".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
-    name
+    (name, q.name().as_str().to_string())
 }
 
 /// Which of a round's publishes were refused as unroutable (any other error fails the test).
@@ -77,11 +83,32 @@ async fn mandatory_publishes_from_many_tasks_refuse_only_the_one_no_queue_took()
             let (copies, exchange) = (copies.clone(), exchange.clone());
             tokio::spawn(async move {
                 let key = if i == lost { "lost" } else { "kept" };
-                copies.publish(&exchange, key, format!("round {round} message {i}").as_bytes(), BasicProperties::default()).await
+                let body = format!("round {round} message {i}");
+                copies.publish(&CancellationToken::new(), &exchange, key, body.as_bytes(), BasicProperties::default()).await
             })
         });
         let results: Vec<_> = futures::future::join_all(sends).await.into_iter().map(Result::unwrap).collect();
         assert_eq!(refused(&results), [lost], "round {round}");
     }
+    let _ = ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+}
+
+/// A copy whose turn on the channel comes after its session was lost is not published: the
+/// delivery it copies goes back to its queue with the session, and the copy would be a second
+/// live job.
+#[tokio::test]
+async fn a_copy_is_not_published_once_its_session_is_lost() {
+    let conn = amqp::connect(AMQP_URL, "confirms-test").await.unwrap();
+    let ch = amqp::confirm_channel(&conn).await.unwrap();
+    let (exchange, queue) = exchange_and_queue(&ch).await;
+    let copies = Mandatory::open(&conn).await.unwrap();
+    let lost = CancellationToken::new();
+    copies.publish(&lost, &exchange, "kept", b"before", BasicProperties::default()).await.unwrap();
+    lost.cancel();
+    let e = copies.publish(&lost, &exchange, "kept", b"after", BasicProperties::default()).await.unwrap_err();
+    assert!(matches!(e, CommonError::SessionLost { .. }), "{e}");
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let depth = ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.unwrap().message_count();
+    assert_eq!(depth, 1, "only the copy published before the loss");
     let _ = ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
 }

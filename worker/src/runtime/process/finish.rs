@@ -201,7 +201,7 @@ pub(super) async fn publish_retry(
     let mut hdrs = headers::without_delivery_counts(d.properties.headers().as_ref());
     headers::set_int(&mut hdrs, headers::ATTEMPT, i64::from(next_attempt));
     let props = lasting_properties(&d.properties).with_headers(headers::within_copy_budget(hdrs)).with_delivery_mode(2);
-    sctx.copies.publish(&topo.retry_exchange(), &key, &d.data, props).await
+    sctx.copies.publish(&sctx.lost, &topo.retry_exchange(), &key, &d.data, props).await
 }
 
 /// Dead-letters a message the worker cannot run at all (poison). No event
@@ -252,7 +252,7 @@ pub(super) async fn dead_letter(
         headers::set_str(&mut hdrs, headers::DEAD_STATUS, status.as_str());
     }
     let props: BasicProperties = lasting_properties(&d.properties).with_headers(hdrs).with_delivery_mode(2);
-    sctx.copies.publish(&shared.config.topology.dead_exchange(), job_type, &d.data, props).await
+    sctx.copies.publish(&sctx.lost, &shared.config.topology.dead_exchange(), job_type, &d.data, props).await
 }
 
 /// `SessionLost` once the delivery's session is known lost: its ack would be refused and the
@@ -288,7 +288,7 @@ pub(super) async fn hand_back(
     let (exchange, key) = (shared.config.topology.jobs_exchange(), jobs_routing_key(job_type, priority));
     let props =
         lasting_properties(&d.properties).with_headers(headers::within_copy_budget(headers::fresh_copy(d.properties.headers().as_ref())));
-    sctx.copies.publish(&exchange, &key, &d.data, props).await?;
+    sctx.copies.publish(&sctx.lost, &exchange, &key, &d.data, props).await?;
     ack(d, sctx).await?;
     shared.metrics.released_total.with_label_values(&[job_type]).inc();
     let job_id = d.properties.message_id().as_ref().map(|s| s.as_str().to_string());
