@@ -22,8 +22,12 @@ use trainyard_common::{
 /// Most messages a consumer holds unacknowledged: a consumer without acks would be sent every
 /// message as it comes and buffer, without bound, whatever it has not handled yet.
 pub const PREFETCH: u16 = 512;
-/// Acknowledged together, once this many are handled (well under [`PREFETCH`]).
+/// Acknowledged together, once this many are handled (well under [`PREFETCH`]), or once no
+/// message came for [`ACK_IDLE`]: a delivery left unacknowledged past the broker's
+/// `consumer_timeout` closes the channel (a quiet live log, a follow of a quiet training).
 const ACK_EVERY: u64 = 128;
+/// See [`ACK_EVERY`].
+const ACK_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Most messages waiting in a consumer's queue; beyond it the oldest are dropped.
 pub const MAX_LENGTH: i64 = 10_000;
 
@@ -118,20 +122,30 @@ async fn session(
         .await
         .map_err(CommonError::amqp(format!("consume {name}")))?;
     link(Link::Bound);
-    let mut handled = 0u64;
+    // The last delivery handled and not acknowledged yet, and how many up to it.
+    let (mut unacked, mut count): (Option<lapin::Acker>, u64) = (None, 0);
+    let ack = |acker: lapin::Acker| async move {
+        acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp(format!("acknowledge {what} messages")))
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = conn.close(200, "shutdown".into()).await;
                 return Ok(());
             }
+            _ = tokio::time::sleep(ACK_IDLE), if unacked.is_some() => {
+                ack(unacked.take().expect("checked")).await?;
+                count = 0;
+            }
             next = consumer.next() => {
                 let Some(d) = next else { return Err(CommonError::ConsumerEnded { queue: name }) };
                 let d = d.map_err(CommonError::amqp(format!("receive from {what}")))?;
                 handle(&d);
-                handled += 1;
-                if handled.is_multiple_of(ACK_EVERY) {
-                    d.acker.ack(BasicAckOptions { multiple: true }).await.map_err(CommonError::amqp(format!("acknowledge {what} messages")))?;
+                count += 1;
+                unacked = Some(d.acker.clone());
+                if count >= ACK_EVERY {
+                    ack(unacked.take().expect("just set")).await?;
+                    count = 0;
                 }
             }
         }

@@ -260,7 +260,8 @@ pub struct DeadLetter {
     pub bot: Option<String>,
     /// Why it was dead-lettered.
     pub reason: String,
-    /// `permanent`, `transient`, `timeout`, `poison` or `delivery-limit`.
+    /// The worker's `permanent`, `transient`, `timeout`, `poison` (and the others it names), or
+    /// the broker's `delivery-limit`, `expired`, `rejected`, `maxlen` or `broker`.
     pub kind: String,
     /// The attempt it died on.
     pub attempt: u32,
