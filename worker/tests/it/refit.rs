@@ -36,7 +36,7 @@ async fn refit_retrains_the_bag_on_train_and_validation_and_resumes() {
     assert_eq!(refit["epochs_run"], bag["best_epoch"], "the refit runs the bag's best epoch count: {res:#}");
     assert_eq!(refit["best_epoch"], refit["epochs_run"], "no validation left: the last epoch is kept");
     assert!(res["accuracy"].as_f64().unwrap() >= 0.9, "{res:#}");
-    // 240 rows: 20% test, then 10% of the rest for validation; the refit sees train + validation.
+    // 240 rows: about 20% test, then 10% of the rest for validation; the refit sees train + validation.
     let (n_train, n_val) = (res["train_examples"].as_u64().unwrap(), res["validation_examples"].as_u64().unwrap());
     assert!(n_val > 0);
     let log = String::from_utf8(f.store.get("jobs/refit/training.log").await.unwrap().unwrap().to_vec()).unwrap();
@@ -54,7 +54,8 @@ async fn refit_retrains_the_bag_on_train_and_validation_and_resumes() {
     assert_eq!(again["stages"][2]["resumed_from_epoch"], refit["epochs_run"], "{again:#}");
     assert!(rx.try_recv().is_err(), "no epoch ran again");
     let (a, b) = (res["accuracy"].as_f64().unwrap(), again["accuracy"].as_f64().unwrap());
-    assert!((a - b).abs() <= 0.021, "resumed {b} vs first {a}: at most one of 48 answers apart");
+    let one = 1.0 / res["test_examples"].as_f64().unwrap() + 1e-9;
+    assert!((a - b).abs() <= one, "resumed {b} vs first {a}: at most one test answer apart");
 
     // intent-eval reads the refit model like any other (on all 240 rows: the CSV has no test split).
     let (c, _rx) = ctx(&f, spec("eval-refit", "intent-eval", "bank", json!({"dataset": "bank.csv", "model": "refit"})), 0);
