@@ -65,9 +65,15 @@ export TRAINYARD_LOG_FORMAT=json
 
 ensure_cargo
 ensure_rabbitmq
-# The store scenario's PostgreSQL (TRAINYARD_BENCH_DATABASE_URL, default the tests' database);
-# Redis for Celery's results.
-[[ -n "${TRAINYARD_BENCH_DATABASE_URL:-}" ]] || ensure_postgres || exit 1
+# The store scenario's PostgreSQL: TRAINYARD_BENCH_DATABASE_URL, else the tests' database
+# (TRAINYARD_TEST_DATABASE_URL, else the local one, started here). Redis for Celery's results.
+if [[ $ONLY != fairness && -z "${TRAINYARD_BENCH_DATABASE_URL:-}" ]]; then
+  if [[ -n "${TRAINYARD_TEST_DATABASE_URL:-}" ]]; then
+    export TRAINYARD_BENCH_DATABASE_URL=$TRAINYARD_TEST_DATABASE_URL
+  else
+    ensure_postgres || exit 1
+  fi
+fi
 [[ $ONLY == store || $ONLY == fairness ]] || ensure_redis || exit 1
 
 PREFIXES=()
