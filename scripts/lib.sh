@@ -36,21 +36,27 @@ configure_consumer_timeout() {
 
 # Makes sure a RabbitMQ broker answers on localhost:5672: starts the local
 # rabbitmq-server if installed, else installs it with apt-get when root.
+# Installs Debian packages ($2…) with apt-get when running as root; otherwise prints "error: $1"
+# (what is missing, and how to get it) and fails.
+apt_install() {
+  local why=$1
+  shift
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing $* with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "error: $why" >&2
+    return 1
+  fi
+}
+
 ensure_rabbitmq() {
   if [[ -n "${TRAINYARD_AMQP_URL:-}" && "${TRAINYARD_AMQP_URL}" != *"127.0.0.1"* && "${TRAINYARD_AMQP_URL}" != *"localhost"* ]]; then
     return 0 # a remote broker was given: the caller knows where it is
   fi
   port_open 5672 && { configure_consumer_timeout; return 0; }
-  if ! command -v rabbitmq-server >/dev/null; then
-    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-      echo "installing rabbitmq-server with apt-get"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
-    else
-      echo "error: no RabbitMQ on localhost:5672 and rabbitmq-server is not installed." >&2
-      echo "  install it (Debian/Ubuntu: sudo apt-get install rabbitmq-server) or set TRAINYARD_AMQP_URL." >&2
-      return 1
-    fi
-  fi
+  command -v rabbitmq-server >/dev/null || apt_install "no RabbitMQ on localhost:5672 and rabbitmq-server is not installed;
+  install it (Debian/Ubuntu: sudo apt-get install rabbitmq-server) or set TRAINYARD_AMQP_URL." rabbitmq-server || return 1
   echo "starting rabbitmq-server"
   as_root rabbitmq-server -detached >/dev/null 2>&1 || rabbitmq-server -detached >/dev/null 2>&1 || true
   for _ in $(seq 1 90); do
@@ -66,15 +72,8 @@ ensure_rabbitmq() {
 ensure_postgres() {
   [[ -n "${TRAINYARD_TEST_DATABASE_URL:-}" ]] && return 0
   if ! port_open 5432; then
-    if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
-      if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-        echo "installing postgresql with apt-get"
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-      else
-        echo "error: no PostgreSQL on localhost:5432; install postgresql or set TRAINYARD_TEST_DATABASE_URL." >&2
-        return 1
-      fi
-    fi
+    ls /etc/postgresql/*/main >/dev/null 2>&1 \
+      || apt_install "no PostgreSQL on localhost:5432; install postgresql or set TRAINYARD_TEST_DATABASE_URL." postgresql || return 1
     pg_trust_tests
     local v; v=$(ls /etc/postgresql | head -1)
     as_root pg_ctlcluster --skip-systemctl-redirect "$v" main start || as_root pg_ctlcluster "$v" main start || true
@@ -105,15 +104,9 @@ ensure_postgres() {
 # and starting redis-server where it can; nothing is kept on disk.
 ensure_redis() {
   port_open 6379 && return 0
-  if ! command -v redis-server >/dev/null; then
-    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-      echo "installing redis-server with apt-get"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    else
-      echo "error: no Redis on localhost:6379 and redis-server is not installed (Debian/Ubuntu: sudo apt-get install redis-server)." >&2
-      return 1
-    fi
-  fi
+  command -v redis-server >/dev/null \
+    || apt_install "no Redis on localhost:6379 and redis-server is not installed (Debian/Ubuntu: sudo apt-get install redis-server)." redis-server \
+    || return 1
   echo "starting redis-server"
   redis-server --daemonize yes --port 6379 --bind 127.0.0.1 --save '' --appendonly no >/dev/null
   for _ in $(seq 1 20); do port_open 6379 && return 0; sleep 0.5; done
