@@ -158,7 +158,12 @@ async fn append<Unchanged>(
             }
         };
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| crate::error::CodecError::Encode(e.to_string()))?;
-        if store.put_if_absent(&keys::promotion_record(bot, next), bytes).await? {
+        let key = keys::promotion_record(bot, next);
+        // "Already there" may be this very write: a create retried after its reply was lost
+        // (object_store retries a PUT answered 5xx, and the retry finds the object). Taken for
+        // another writer's, a rollback popped a second model and a gate promoted twice.
+        let ours = || async { Ok::<_, CommonError>(store.get(&key).await?.is_some_and(|b| b == bytes)) };
+        if store.put_if_absent(&key, bytes.clone()).await? || ours().await? {
             sync_production(store, bot).await?;
             return Ok(Ok(record));
         }
@@ -270,6 +275,10 @@ pub async fn promote_job(store: &ArtifactStore, bot: &str, job_id: &str, reason:
 /// model: a rollback sent twice, or by two operators at once, would otherwise go back two
 /// models (and from the second-to-last, to none at all).
 pub async fn rollback(store: &ArtifactStore, bot: &str, reason: &str, from: Option<&str>) -> Result<Option<ProductionEntry>, CommonError> {
+    // The pointer from the history first: a writer that failed between its record and the
+    // pointer left it behind (none at all after a first promotion), and a rollback refused a
+    // bot whose history has a model.
+    sync_production(store, bot).await?;
     if production(store, bot).await?.is_none() {
         return Err(CommonError::NoProductionModel { bot: bot.into() });
     }

@@ -43,7 +43,10 @@ impl<'a> StoreRetry<'a> {
 
     /// Runs `op` until it succeeds or fails with anything but an artifact-store error;
     /// an artifact-store error is retried after a wait, unless running jobs must stop
-    /// or the wait would pass the deadline (then that error is returned).
+    /// or the wait would pass the deadline (then that error is returned). An error no wait
+    /// can mend (the store does not implement or support the operation: a bucket without
+    /// conditional writes, `AWS_CONDITIONAL_PUT=disabled`) is returned at once: each delivery
+    /// held its slot retrying it for nine tenths of the consumer timeout.
     pub(crate) async fn run<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, CommonError>
     where
         F: FnMut() -> Fut,
@@ -53,7 +56,7 @@ impl<'a> StoreRetry<'a> {
         let mut timer = BackoffTimer::new(policy);
         for retry in 1u32.. {
             let err = match op().await {
-                Err(e @ CommonError::Artifacts { .. }) => e,
+                Err(e @ CommonError::Artifacts { .. }) if !lasting(&e) => e,
                 done => return done,
             };
             let wait = timer.delay(Duration::ZERO, rand::random::<f64>());
@@ -76,6 +79,14 @@ impl<'a> StoreRetry<'a> {
         }
         unreachable!("the retry counter does not overflow before the deadline")
     }
+}
+
+/// Whether a store error is one no wait can mend.
+fn lasting(e: &CommonError) -> bool {
+    matches!(
+        e,
+        CommonError::Artifacts { source: object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }, .. }
+    )
 }
 
 #[cfg(test)]
@@ -142,5 +153,30 @@ mod tests {
         let retry = StoreRetry::new("job-1", t0, Duration::from_secs(1800), &stop);
         let got: Result<(), _> = retry.run("read", || async { Err(store_error()) }).await;
         assert!(matches!(got, Err(CommonError::Artifacts { .. })) && t0.elapsed() == Duration::ZERO);
+    }
+
+    fn failing(source: object_store::Error) -> CommonError {
+        CommonError::Artifacts { what: "create", path: "outcomes/x".into(), source }
+    }
+
+    /// A store that cannot do the operation is not retried for most of the consumer timeout;
+    /// one that fails for now is.
+    #[tokio::test(start_paused = true)]
+    async fn an_operation_the_store_cannot_do_is_not_retried() {
+        let stop = CancellationToken::new();
+        let retry = StoreRetry::new("j", Instant::now(), Duration::from_secs(60), &stop);
+        let calls = AtomicU32::new(0);
+        let unsupported = || object_store::Error::NotImplemented { operation: "put_opts(Create)".into(), implementer: "S3".into() };
+        let e = retry
+            .run("create", || async { Err::<(), _>(failing(unsupported())).inspect_err(|_| _ = calls.fetch_add(1, Ordering::SeqCst)) })
+            .await;
+        assert!(e.is_err());
+        assert_eq!(calls.swap(0, Ordering::SeqCst), 1, "tried once");
+        let generic = || object_store::Error::Generic { store: "S3", source: "503 Slow Down".into() };
+        let e = retry
+            .run("create", || async { Err::<(), _>(failing(generic())).inspect_err(|_| _ = calls.fetch_add(1, Ordering::SeqCst)) })
+            .await;
+        assert!(e.is_err());
+        assert!(calls.load(Ordering::SeqCst) > 3, "an outage is retried until the deadline: {}", calls.load(Ordering::SeqCst));
     }
 }
