@@ -96,6 +96,18 @@ pub fn load_predictor_dir(dir: &std::path::Path) -> Result<Predictor<InferenceBa
 /// same test set and applies the rules. Returns the decision and the production model's job
 /// as read (the one a promotion may replace).
 ///
+/// A failure to read the bot's model registry: a record this build cannot decode stays so on
+/// every retry (each retried job trained again before failing the same way), so it is a
+/// permanent error naming the fault; the store failing is transient.
+pub(super) fn registry_error(e: trainyard_common::CommonError) -> JobError {
+    match e {
+        trainyard_common::CommonError::Codec(c) => {
+            JobError::permanent(format!("the bot's model registry holds a record that cannot be read ({c}): repair or remove it"))
+        }
+        e => JobError::transient(e.to_string()),
+    }
+}
+
 /// A production model the store cannot read now is a transient error (the job is retried):
 /// judged on the minimum alone, a worse model would replace it for an outage. One that is
 /// not there or does not load (a permanent error) cannot be compared with; the gate then
@@ -112,7 +124,7 @@ pub fn gate_against_production(
         d.reasons.push("no model store to compare against".into());
         return Ok((d, None));
     };
-    let prod = env.rt.block_on(models::production(store, &env.bot)).map_err(|e| JobError::transient(e.to_string()))?;
+    let prod = env.rt.block_on(models::production(store, &env.bot)).map_err(registry_error)?;
     let read = prod.as_ref().map(|p| p.job_id.clone());
     let Some(prod) = prod.filter(|p| p.job_id != env.job_id) else {
         let mut d = decide(rules, candidate, None);
@@ -154,7 +166,7 @@ pub fn eval_job(env: &RunEnv, params: &EvalParams) -> Result<Value, JobError> {
             let p = env
                 .rt
                 .block_on(models::production(store, &env.bot))
-                .map_err(|e| JobError::transient(e.to_string()))?
+                .map_err(registry_error)?
                 .ok_or_else(|| JobError::permanent(format!("bot {:?} has no production model; give `model` (a job id)", env.bot)))?;
             (p.job_id, p.model)
         }

@@ -140,7 +140,7 @@ fn gate_and_promote(
             reason: decision.reasons.join("; "),
         };
         let replacing = Replacing::Only(compared.as_deref());
-        match env.rt.block_on(set_production(models, &env.bot, entry, replacing)).map_err(|e| JobError::transient(e.to_string()))? {
+        match env.rt.block_on(set_production(models, &env.bot, entry, replacing)).map_err(super::eval::registry_error)? {
             Promotion::Made | Promotion::AlreadyProduction => {
                 decision.promoted = true;
                 return Ok(log_verdict(env, decision));

@@ -133,3 +133,14 @@ async fn a_job_run_again_takes_none_of_its_model_away() {
     assert!(!deleted.iter().any(|k| k.starts_with("jobs/twice/model/")), "{deleted:?}");
     assert!(f.store.exists(&format!("jobs/twice/model/{}", models::MODEL_CONFIG)).await.unwrap());
 }
+
+/// A production pointer this build cannot decode fails the job for good, naming it: as a
+/// transient error every retry trained the whole model again and failed the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_record_that_cannot_be_read_is_a_permanent_error() {
+    let f = fixture();
+    f.store.put(&trainyard_common::artifacts::keys::production("bank"), "{not json").await.unwrap();
+    let e = train(&f, "after-corruption", "bank", params(json!({}))).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent, "{}", e.message);
+    assert!(e.message.contains("model registry holds a record that cannot be read"), "{}", e.message);
+}
