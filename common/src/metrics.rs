@@ -24,8 +24,11 @@ pub const RETRIES_TOTAL: &str = "trainyard_retries_total";
 pub const DELIVERIES_RELEASED_TOTAL: &str = "trainyard_deliveries_released_total";
 /// Reconnects to the broker.
 pub const RECONNECTS_TOTAL: &str = "trainyard_amqp_reconnects_total";
-/// Ready + running jobs by type: the autoscaling signal (control plane).
+/// Jobs that could run now, by type: ready + running + held by busy workers + waiting for admission
+/// and allowed by their bots' limits. The autoscaling signal (control plane).
 pub const JOBS_DEMAND: &str = "trainyard_jobs_demand";
+/// Jobs waiting for admission, by type, whether or not their bots' limits let them run (control plane).
+pub const JOBS_ADMISSION_WAITING: &str = "trainyard_jobs_admission_waiting";
 /// Ready messages in the work queue, by type (control plane).
 pub const QUEUE_READY: &str = "trainyard_queue_ready";
 /// Messages in the dead-letter queue, by type (control plane).
@@ -77,6 +80,7 @@ pub const ALL_NAMES: &[&str] = &[
     DELIVERIES_RELEASED_TOTAL,
     RECONNECTS_TOTAL,
     JOBS_DEMAND,
+    JOBS_ADMISSION_WAITING,
     QUEUE_READY,
     QUEUE_DEAD,
     QUEUE_CONSUMERS,
@@ -185,8 +189,10 @@ pub const PROMOTION_STATUSES: [&str; 5] = ["promoted", "held", "rejected", "manu
 /// The metrics the control plane (`trainyard serve`) exports.
 #[derive(Debug, Clone)]
 pub struct ControlMetrics {
-    /// See [`JOBS_DEMAND`]: ready + running, the autoscaling signal.
+    /// See [`JOBS_DEMAND`]: jobs that could run now, the autoscaling signal.
     pub jobs_demand: IntGaugeVec,
+    /// See [`JOBS_ADMISSION_WAITING`].
+    pub admission_waiting: IntGaugeVec,
     /// See [`QUEUE_READY`].
     pub queue_ready: IntGaugeVec,
     /// See [`QUEUE_DEAD`].
@@ -229,7 +235,14 @@ impl ControlMetrics {
     /// Creates and registers the control-plane metrics; per-type gauges start at 0 for every known type.
     pub fn new(registry: &Registry, job_types: &[String]) -> prometheus::Result<Self> {
         let m = Self {
-            jobs_demand: IntGaugeVec::new(Opts::new(JOBS_DEMAND, "Ready plus running jobs, by type (autoscaling signal)."), &[L_JOB_TYPE])?,
+            jobs_demand: IntGaugeVec::new(
+                Opts::new(JOBS_DEMAND, "Jobs that could run now (ready, running, held, admissible), by type (autoscaling signal)."),
+                &[L_JOB_TYPE],
+            )?,
+            admission_waiting: IntGaugeVec::new(
+                Opts::new(JOBS_ADMISSION_WAITING, "Jobs waiting for admission, by type, their bots' limits allowing or not."),
+                &[L_JOB_TYPE],
+            )?,
             queue_ready: IntGaugeVec::new(Opts::new(QUEUE_READY, "Ready messages in the work queue, by type."), &[L_JOB_TYPE])?,
             queue_dead: IntGaugeVec::new(Opts::new(QUEUE_DEAD, "Messages in the dead-letter queue, by type."), &[L_JOB_TYPE])?,
             queue_consumers: IntGaugeVec::new(Opts::new(QUEUE_CONSUMERS, "Consumers of the work queue, by type."), &[L_JOB_TYPE])?,
@@ -272,6 +285,7 @@ impl ControlMetrics {
             promotions: IntCounterVec::new(Opts::new(PROMOTIONS_TOTAL, "Promotion decisions recorded, by status."), &[L_STATUS])?,
         };
         registry.register(Box::new(m.jobs_demand.clone()))?;
+        registry.register(Box::new(m.admission_waiting.clone()))?;
         registry.register(Box::new(m.queue_ready.clone()))?;
         registry.register(Box::new(m.queue_dead.clone()))?;
         registry.register(Box::new(m.queue_consumers.clone()))?;
@@ -300,6 +314,7 @@ impl ControlMetrics {
         for t in job_types {
             let t = t.as_str();
             m.jobs_demand.with_label_values(&[t]).set(0);
+            m.admission_waiting.with_label_values(&[t]).set(0);
             m.queue_ready.with_label_values(&[t]).set(0);
             m.queue_dead.with_label_values(&[t]).set(0);
             m.queue_consumers.with_label_values(&[t]).set(0);

@@ -257,7 +257,9 @@ async fn queue_counts(ch: &Channel, queue: &str) -> Result<(i64, i64), CommonErr
 
 /// Refreshes the per-type gauges: `trainyard_jobs_demand` = ready messages in
 /// the work queues (all priority tiers) + jobs recorded as running + jobs waiting for admission
-/// (not those latest wins will supersede) + jobs live workers hold and have not started
+/// that could be admitted now (not those latest wins will supersede, nor those of a bot at its
+/// `max_running_per_bot`: more workers would not run them; all of them are in
+/// `trainyard_jobs_admission_waiting`) + jobs live workers hold and have not started
 /// (`held`, from their heartbeats: a busy worker's prefetch on each tier, which the broker
 /// counts neither ready nor running; a GPU worker on a long training that held a high and a low
 /// job showed a demand of 1, and nothing scaled out); queue and dead-letter depths;
@@ -288,9 +290,11 @@ pub async fn update_demand(
         m.queue_dead.with_label_values(&l).set(dead);
         m.queue_consumers.with_label_values(&l).set(consumers);
         m.jobs_running.with_label_values(&l).set(run);
-        let waiting = board.get(t).map_or(0, |snap| snap.waiting as i64);
+        let snap = board.get(t);
+        m.admission_waiting.with_label_values(&l).set(snap.as_ref().map_or(0, |s| s.waiting as i64));
+        let runnable = snap.map_or(0, |s| s.demand() as i64);
         let held = held.get(t).copied().unwrap_or(0);
-        m.jobs_demand.with_label_values(&l).set(ready + run + waiting + held);
+        m.jobs_demand.with_label_values(&l).set(ready + run + runnable + held);
         let age = oldest.get(t).map(|at| (now - *at).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
         m.oldest_waiting.with_label_values(&l).set(age);
     }

@@ -29,12 +29,23 @@ pub struct Snapshot {
     pub at: DateTime<Utc>,
     /// Jobs waiting for admission that will run (not those latest wins will supersede).
     pub waiting: u64,
+    /// Of those, the ones bots' limits let run now ([`Admission::runnable`](super::state::Admission::runnable));
+    /// absent from a snapshot of a release before it (then `waiting` stands for it).
+    #[serde(default)]
+    pub runnable: Option<u64>,
     /// Jobs admitted and not finished.
     pub admitted: u64,
     /// With fair share: how many may be admitted and unfinished in all.
     pub window: Option<u64>,
     /// Bots with jobs admitted or waiting.
     pub bots: BTreeMap<String, BotUsage>,
+}
+
+impl Snapshot {
+    /// What it adds to the autoscaling demand: the waiting jobs that could run now.
+    pub fn demand(&self) -> u64 {
+        self.runnable.unwrap_or(self.waiting)
+    }
 }
 
 /// The exchange snapshots are published on.
@@ -97,7 +108,7 @@ mod tests {
 
     fn snap(at: DateTime<Utc>, waiting: u64) -> Snapshot {
         let bots = BTreeMap::from([("a".to_string(), BotUsage { running: 2, waiting, limit: Some(2), weight: 1, share: 1.0 })]);
-        Snapshot { job_type: "noop".into(), at, waiting, admitted: 2, window: Some(6), bots }
+        Snapshot { job_type: "noop".into(), at, waiting, runnable: Some(0), admitted: 2, window: Some(6), bots }
     }
 
     #[test]
@@ -112,5 +123,13 @@ mod tests {
         let stale = AdmissionBoard::default();
         stale.record(snap(now - chrono::Duration::seconds(11), 5));
         assert!(stale.get("noop").is_none() && stale.bot("a").is_empty(), "an admitter gone for 10 s shows nothing");
+    }
+
+    #[test]
+    fn a_snapshot_of_the_release_before_reads_its_waiting_jobs_as_runnable() {
+        let old = r#"{"job_type":"noop","at":"2026-12-01T00:00:00Z","waiting":7,"admitted":1,"window":null,"bots":{}}"#;
+        let snap: Snapshot = serde_json::from_str(old).unwrap();
+        assert_eq!((snap.waiting, snap.runnable, snap.demand()), (7, None, 7));
+        assert_eq!(Snapshot { runnable: Some(2), ..snap }.demand(), 2);
     }
 }

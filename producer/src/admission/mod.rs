@@ -334,6 +334,7 @@ impl Admitter {
             job_type: self.job_type.clone(),
             at: chrono::Utc::now(),
             waiting: state.waiting_total().saturating_sub(outdated),
+            runnable: Some(state.runnable()),
             admitted: state.running_total(),
             window: self.policy.fair_share.then(|| self.window()),
             bots: state.usage(),

@@ -173,6 +173,21 @@ impl<T> Admission<T> {
         all().filter(|h| h.coalesce_key.as_deref().is_some_and(|k| newest[k] > h.arrival)).map(|h| h.job_id.clone()).collect()
     }
 
+    /// Waiting jobs that could be admitted now, bots' limits allowed: for each bot, its waiting
+    /// jobs that latest wins will not supersede, at most as many as its limit leaves free. The
+    /// autoscaling demand counts these, not every waiting job: a backlog of a bot at its limit
+    /// would only bring workers that sit idle. (Fair share's window is left out: it follows the
+    /// slots there are, and more workers widen it.)
+    pub fn runnable(&self) -> u64 {
+        let outdated: std::collections::HashSet<String> = self.outdated().into_iter().collect();
+        let mut per_bot: HashMap<&str, u64> = HashMap::new();
+        for (bot, q) in self.waiting.iter().flat_map(|t| t.iter()) {
+            *per_bot.entry(bot).or_default() += q.iter().filter(|h| !outdated.contains(&h.job_id)).count() as u64;
+        }
+        let free = |bot: &str| self.policy.max_running_per_bot.map_or(u64::MAX, |l| u64::from(l).saturating_sub(self.running(bot)));
+        per_bot.into_iter().map(|(bot, n)| n.min(free(bot))).sum()
+    }
+
     /// Takes a waiting job out without counting it as admitted (it will never run).
     pub fn take(&mut self, job_id: &str) -> Option<Held<T>> {
         for bots in &mut self.waiting {
@@ -296,5 +311,29 @@ mod tests {
         assert_eq!(a.outdated(), ["k1"]);
         assert_eq!(a.take("k1").map(|h| h.job_id), Some("k1".into()));
         assert_eq!((a.running("a"), a.waiting_total()), (1, 2));
+    }
+
+    #[test]
+    fn only_jobs_their_bots_limits_let_run_are_runnable() {
+        let mut a = Admission::new(policy(true, Some(2)));
+        for i in 0..6 {
+            hold(&mut a, &format!("a{i}"), "a", Priority::Normal);
+        }
+        hold(&mut a, "b0", "b", Priority::High);
+        assert_eq!(a.runnable(), 3, "a: 2 of its 6 (limit 2), b: its one");
+        assert_eq!(order(&mut a, 1), ["b0"]);
+        assert_eq!(a.runnable(), 2, "b0 admitted: a's 2 are left");
+        assert_eq!(order(&mut a, 9), ["a0", "a1"]);
+        assert_eq!((a.runnable(), a.waiting_total()), (0, 4), "a at its limit: 4 wait, none can run");
+        a.finished("a0");
+        assert_eq!(a.runnable(), 1);
+        a.hold("k1".into(), "c".into(), Priority::Normal, Some("key".into()), ());
+        a.hold("k2".into(), "c".into(), Priority::Normal, Some("key".into()), ());
+        assert_eq!(a.runnable(), 2, "c's k1 will be superseded by k2");
+        let mut unlimited = Admission::new(policy(false, None));
+        for i in 0..5 {
+            hold(&mut unlimited, &format!("u{i}"), "u", Priority::Low);
+        }
+        assert_eq!(unlimited.runnable(), 5, "without a limit every waiting job can run");
     }
 }

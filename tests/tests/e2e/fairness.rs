@@ -198,11 +198,17 @@ async fn nothing_is_lost_when_the_control_plane_is_sigkilled_during_admission() 
         v["noop"]["limit"] == 1 && v["noop"]["waiting"].as_u64().unwrap_or(0) > 0 && v["noop"]["running"].as_u64() <= Some(1)
     })
     .await;
-    // The demand counts the jobs waiting for admission (at most 3 are admitted: 3 bots, limit 1).
-    until("trainyard_jobs_demand to count the waiting jobs", || async move {
+    // The jobs waiting for admission are counted, but the autoscaling demand leaves out those
+    // their bots' limits hold back: 3 bots with a limit of 1 run at most 3 jobs however many
+    // workers there are (it counted every waiting job, and scaled out workers that sat idle).
+    until("trainyard_jobs_demand to count only the jobs that can run", || async move {
         let Some((200, body)) = http(port, "GET", "/metrics", None).await else { return false };
-        let demand = body.lines().find_map(|l| l.strip_prefix("trainyard_jobs_demand{job_type=\"noop\"} ")?.trim().parse::<f64>().ok());
-        demand.is_some_and(|d| d >= 10.0)
+        let gauge = |name: &str| {
+            let prefix = format!("{name}{{job_type=\"noop\"}} ");
+            body.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse::<f64>().ok())
+        };
+        let (waiting, demand) = (gauge("trainyard_jobs_admission_waiting"), gauge("trainyard_jobs_demand"));
+        waiting.is_some_and(|w| w >= 10.0) && demand.is_some_and(|d| (1.0..=3.0).contains(&d))
     })
     .await;
     let done_at_kill = finished(&events.seen).len();
