@@ -1,4 +1,4 @@
-//! Latest wins: of the jobs that share a coalescing key, only the newest runs.
+//! Latest wins: of the jobs of one type that share a coalescing key, only the newest runs.
 //!
 //! The control plane reads the `queued` event of every job with a `coalesce_key` (its own
 //! queue on the events exchange, bound with [`COALESCE_ROUTING_KEY`], which only those
@@ -138,7 +138,7 @@ impl Coalescer {
     /// Records `spec` under its key and supersedes every older record's job, except the newest
     /// job's own older records (one job queued twice: a `submit --idempotency-key` run again, a
     /// fire published twice; superseded by itself it would never run), and nothing at all when
-    /// the newest job will not run itself (marked or finished, then queued again). A record that
+    /// the newest job will not run itself (marked, cancelled or superseded: [`Self::newest_runs`]). A record that
     /// cannot be read names no job: it is left where it is, logged, and passed over (never a jam).
     pub async fn coalesce(&self, ch: &Channel, spec: &JobSpec) -> Result<(), CommonError> {
         let Some(key) = spec.coalesce_key.as_deref() else { return Ok(()) };
@@ -149,6 +149,9 @@ impl Coalescer {
         let mut records = Vec::with_capacity(names.len());
         for name in names {
             match self.artifacts.get_json::<Record>(&name).await {
+                // A key is the job type's own: a job of another type with the same key supersedes
+                // nothing here, nor is it superseded (a newer evaluation ended an older training).
+                Ok(Some(r)) if r.job_type != spec.job_type => {}
                 Ok(Some(r)) => records.push((name, r)),
                 Ok(None) => {}
                 Err(CommonError::Codec(e)) => tracing::error!(record = %name, error = %e, key, "unreadable coalescing record: passed over"),
@@ -156,10 +159,7 @@ impl Coalescer {
             }
         }
         let Some((_, newest)) = records.pop() else { return Ok(()) };
-        // A newest job that will not run (already superseded or cancelled, or finished: queued
-        // again after that) supersedes nothing, or no job of the key would run.
-        let finished = self.store.job(&newest.job_id).await.ok().flatten().is_some_and(|j| j.status.is_terminal());
-        if finished || self.artifacts.exists(&keys::cancel_marker(&newest.job_id)).await? {
+        if !self.newest_runs(&newest.job_id).await? {
             tracing::info!(job_id = %newest.job_id, key, "the newest job of the key will not run; superseding nothing");
             return Ok(());
         }
@@ -170,6 +170,21 @@ impl Coalescer {
             self.artifacts.delete(&older_key).await?;
         }
         Ok(())
+    }
+
+    /// Does the newest job of a key run, or has it run? One that ended before it ran (superseded
+    /// or cancelled, or marked so) supersedes nothing, or no job of the key would run. One that
+    /// ran to its end (succeeded, failed, dead) does supersede: an older job whose `queued`
+    /// event comes after that (its submitter was slow to publish it, or it is queued again)
+    /// would otherwise run after the newest, and its result (a model trained on older data)
+    /// would replace the newest's.
+    async fn newest_runs(&self, job_id: &str) -> Result<bool, CommonError> {
+        let status = self.store.job(job_id).await.ok().flatten().map(|j| j.status);
+        Ok(match status {
+            Some(JobStatus::Succeeded | JobStatus::Failed | JobStatus::Dead) => true,
+            Some(s) if s.is_terminal() => false,
+            _ => !self.artifacts.exists(&keys::cancel_marker(job_id)).await?,
+        })
     }
 
     async fn supersede(&self, ch: &Channel, older: &Record, newest: &str) -> Result<(), CommonError> {

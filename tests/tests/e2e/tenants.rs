@@ -245,6 +245,91 @@ async fn a_job_queued_twice_is_not_superseded_by_itself_and_an_unreadable_record
     env.cleanup().await;
 }
 
+/// An older job whose `queued` event reaches the coalescer after the newest job of its key has
+/// run (its submitter was slow to publish the event, or it was queued again) is superseded: it
+/// ran after the newest, and its result (a model of older data) replaced the newest's. A newest
+/// job cancelled before it ran still supersedes nothing: then the older job runs.
+#[tokio::test]
+async fn an_older_job_queued_after_the_newest_ran_is_superseded() {
+    let env = Env::new(&["noop"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
+    let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, BTreeMap::new());
+    let conn = amqp::connect(URL, "coalesce-late").await.unwrap();
+    let ch = amqp::confirm_channel(&conn).await.unwrap();
+    let marker = |id: &str| {
+        let (artifacts, key) = (env.artifacts.clone(), keys::cancel_marker(id));
+        async move { artifacts.get(&key).await.unwrap().map(|m| String::from_utf8_lossy(&m).into_owned()) }
+    };
+    let pair = |bot: &str| {
+        let mut older = noop(bot, 10, Priority::Normal);
+        older.coalesce_key = Some(older.bot_coalesce_key());
+        let mut newest = noop(bot, 10, Priority::Normal);
+        newest.coalesce_key = older.coalesce_key.clone();
+        newest.submitted_at = older.submitted_at + chrono::Duration::seconds(1);
+        (older, newest)
+    };
+    async fn ended(store: &Store, spec: &JobSpec, status: JobStatus) {
+        let seq = trainyard_common::event::event_seq(1, 0, 9);
+        store.record_events(&[JobEvent::queued(spec), JobEvent::new(spec, status, 1, seq)]).await.unwrap();
+    }
+
+    let (older, newest) = pair("late-bot");
+    coalescer.coalesce(&ch, &newest).await.unwrap();
+    ended(&store, &newest, JobStatus::Succeeded).await;
+    coalescer.coalesce(&ch, &older).await.unwrap();
+    let m = marker(&older.job_id).await.expect("the older job queued after the newest ran is superseded");
+    assert!(m.contains(&newest.job_id), "{m}");
+
+    let (older, newest) = pair("cancelled-bot");
+    coalescer.coalesce(&ch, &newest).await.unwrap();
+    ended(&store, &newest, JobStatus::Cancelled).await;
+    coalescer.coalesce(&ch, &older).await.unwrap();
+    assert_eq!(marker(&older.job_id).await, None, "the newest never ran: the older one runs");
+    conn.close(200, "done".into()).await.unwrap();
+    store.close().await;
+    env.cleanup().await;
+}
+
+/// A coalescing key is its job type's own: a newer job of another type with the same key
+/// supersedes nothing (a newer evaluation ended the older training it was meant to follow), and
+/// the newer job of the first type supersedes only its own type's older one.
+#[tokio::test]
+async fn a_coalescing_key_is_its_job_types_own() {
+    let env = Env::new(&["noop"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}/jobs.db", dir.path().display())).await.unwrap();
+    let coalescer = Coalescer::new(store.clone(), env.artifacts.clone(), env.topo.clone(), URL, BTreeMap::new());
+    let conn = amqp::connect(URL, "coalesce-types").await.unwrap();
+    let ch = amqp::confirm_channel(&conn).await.unwrap();
+    let marked = |id: &str| {
+        let (artifacts, key) = (env.artifacts.clone(), keys::cancel_marker(id));
+        async move { artifacts.exists(&key).await.unwrap() }
+    };
+    let keyed = |job_type: &str, after: Option<&JobSpec>| {
+        let mut spec = noop("typed-bot", 10, Priority::Normal);
+        spec.job_type = job_type.to_string();
+        spec.coalesce_key = Some("nightly".into());
+        if let Some(earlier) = after {
+            spec.submitted_at = earlier.submitted_at + chrono::Duration::seconds(1);
+        }
+        spec
+    };
+    let train = keyed("noop", None);
+    let eval = keyed("intent-eval", Some(&train));
+    let train2 = keyed("noop", Some(&eval));
+    coalescer.coalesce(&ch, &train).await.unwrap();
+    coalescer.coalesce(&ch, &eval).await.unwrap();
+    assert!(!marked(&train.job_id).await, "a newer job of another type with the key supersedes nothing");
+    coalescer.coalesce(&ch, &train2).await.unwrap();
+    assert!(marked(&train.job_id).await, "the newer job of its own type supersedes it");
+    assert!(!marked(&eval.job_id).await, "nor is a job of another type superseded");
+    assert!(!marked(&train2.job_id).await);
+    conn.close(200, "done".into()).await.unwrap();
+    store.close().await;
+    env.cleanup().await;
+}
+
 /// With `[policy.noop] supersede_running = true`, a newer job with the same key
 /// cancels the older one while it runs; the newer one runs.
 #[tokio::test]
