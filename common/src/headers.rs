@@ -197,8 +197,39 @@ pub fn set_int(table: &mut FieldTable, name: &str, value: i64) {
 /// A W3C `traceparent` for a new trace (version 00, sampled).
 pub fn new_traceparent() -> String {
     let trace: u128 = rand::random::<u128>().max(1);
-    let span: u64 = rand::random::<u64>().max(1);
-    format!("00-{trace:032x}-{span:016x}-01")
+    format!("00-{trace:032x}-{}-01", new_span_id())
+}
+
+fn new_span_id() -> String {
+    format!("{:016x}", rand::random::<u64>().max(1))
+}
+
+/// The trace id and flags of a W3C `traceparent` (`VERSION-TRACEID-PARENTID-FLAGS`, lowercase
+/// hex, neither id all zeros, version `ff` invalid; a later version may add fields after the
+/// flags); `None` for anything else.
+pub fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let mut parts = value.trim().split('-');
+    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let rest_ok = if version == "00" { parts.next().is_none() } else { true };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    (hex(version, 2) && version != "ff" && hex(trace, 32) && !zero(trace) && hex(parent, 16) && !zero(parent) && hex(flags, 2) && rest_ok)
+        .then_some((trace, flags))
+}
+
+/// The `traceparent` of a job submitted on behalf of a caller who sent `parent` (an HTTP
+/// request's header): the caller's trace, with a span of its own (version 00, the caller's
+/// flags); a new trace when `parent` is absent or not a valid `traceparent`.
+pub fn child_traceparent(parent: Option<&str>) -> String {
+    match parent.and_then(parse_traceparent) {
+        Some((trace, flags)) => format!("00-{trace}-{}-{flags}", new_span_id()),
+        None => new_traceparent(),
+    }
+}
+
+/// The trace id of a message's `traceparent` header, if it has a valid one.
+pub fn trace_id(headers: Option<&FieldTable>) -> Option<String> {
+    string(headers, TRACEPARENT).and_then(|v| parse_traceparent(&v).map(|(trace, _)| trace.to_string()))
 }
 
 #[cfg(test)]
@@ -206,6 +237,38 @@ mod tests {
     use lapin::types::FieldTable;
 
     use super::*;
+
+    #[test]
+    fn a_traceparent_is_read_only_when_valid_and_a_child_keeps_the_callers_trace() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+        assert_eq!(parse_traceparent(&parent), Some((trace, "01")));
+        assert_eq!(
+            parse_traceparent(&format!("cc-{trace}-00f067aa0ba902b7-00-later")),
+            Some((trace, "00")),
+            "a later version's extra field"
+        );
+        for bad in [
+            format!("00-{trace}-00f067aa0ba902b7-01-extra"),
+            format!("ff-{trace}-00f067aa0ba902b7-01"),
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01".to_string(),
+            format!("00-{trace}-0000000000000000-01"),
+            format!("00-{}-00f067aa0ba902b7-01", trace.to_uppercase()),
+            format!("00-{trace}-00f067aa0ba902b7"),
+            "not a trace".to_string(),
+        ] {
+            assert_eq!(parse_traceparent(&bad), None, "{bad}");
+        }
+        let child = child_traceparent(Some(&parent));
+        assert_eq!(parse_traceparent(&child), Some((trace, "01")), "{child}");
+        assert_ne!(child, parent, "a span of its own");
+        let fresh = child_traceparent(Some("garbage"));
+        assert!(parse_traceparent(&fresh).is_some_and(|(t, _)| t != trace), "{fresh}");
+        let mut hdrs = FieldTable::default();
+        set_str(&mut hdrs, TRACEPARENT, parent.clone());
+        assert_eq!(trace_id(Some(&hdrs)).as_deref(), Some(trace));
+        assert_eq!(trace_id(None), None);
+    }
 
     #[test]
     fn a_copys_headers_over_the_budget_keep_only_trainyards() {

@@ -62,11 +62,18 @@ impl Submitter {
 
     /// Publishes `spec` and then its `queued` event, both confirmed by the broker.
     pub async fn submit(&self, spec: &JobSpec) -> Result<(), CommonError> {
+        self.submit_traced(spec, None).await
+    }
+
+    /// [`Self::submit`] on behalf of a caller who sent the W3C `traceparent` `parent`: the job
+    /// carries the caller's trace (a new one when `parent` is absent or invalid), and the
+    /// worker logs its trace id with every line of the job.
+    pub async fn submit_traced(&self, spec: &JobSpec, parent: Option<&str>) -> Result<(), CommonError> {
         spec.validate()?;
         let body = codec::to_msgpack(spec)?;
         let mut hdrs = FieldTable::default();
         headers::set_int(&mut hdrs, headers::ATTEMPT, 1);
-        headers::set_str(&mut hdrs, headers::TRACEPARENT, headers::new_traceparent());
+        headers::set_str(&mut hdrs, headers::TRACEPARENT, headers::child_traceparent(parent));
         let props = job_properties(spec, hdrs);
         let ch = pool::get(&self.pool).await?;
         // The exchanges must exist for an unknown job type to come back as unroutable

@@ -160,7 +160,12 @@ impl Submitted {
         (status = 200, description = "the idempotency key names a job the store already has (the same work): that job, not published again", body = Submitted),
         (status = 409, description = "the idempotency key was used for a job of another type, bot or params", body = ErrorBody),
         BodyResponses, ScopeResponses, UnavailableResponses))]
-pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Caller>, Json(b): Json<SubmitBody>) -> ApiResult<Response> {
+pub async fn submit(
+    State(s): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
+    Json(b): Json<SubmitBody>,
+) -> ApiResult<Response> {
     let params = b.params.unwrap_or_else(|| serde_json::json!({}));
     let mut spec = JobSpec::new(b.job_type, b.bot, params, Trigger { kind: TriggerKind::Api, source: caller.name.clone() });
     if let Some(n) = b.max_attempts {
@@ -172,7 +177,9 @@ pub async fn submit(State(s): State<ApiState>, Extension(caller): Extension<Call
     if let Some(key) = b.idempotency_key {
         spec.set_idempotency_key(&key).map_err(crate::ops::OpsError::BadRequest)?;
     }
-    let done = s.ops.submit(spec).await?;
+    // A caller's W3C trace context goes on with the job (the worker logs its trace id).
+    let traceparent = headers.get(trainyard_common::headers::TRACEPARENT).and_then(|v| v.to_str().ok());
+    let done = s.ops.submit_traced(spec, traceparent).await?;
     if let Some(status) = done.known {
         return Ok((StatusCode::OK, Json(Submitted::new(&done.spec, None, status))).into_response());
     }

@@ -128,13 +128,18 @@ impl Ops {
     /// was queued; a second copy would run the same job twice at once while the first is
     /// queued or running, and again as run 0 once it failed.
     pub async fn submit(&self, spec: JobSpec) -> Result<Submission, OpsError> {
+        self.submit_traced(spec, None).await
+    }
+
+    /// [`Self::submit`] continuing a caller's W3C trace ([`Submitter::submit_traced`]).
+    pub async fn submit_traced(&self, spec: JobSpec, traceparent: Option<&str>) -> Result<Submission, OpsError> {
         spec.validate().map_err(|e| OpsError::BadRequest(e.to_string()))?;
         if let Some(key) = &spec.idempotency_key {
             if let Some(known) = self.known_job(key, &spec).await? {
                 return Ok(Submission { spec, known: Some(known.status) });
             }
         }
-        self.submitter.submit(&spec).await.map_err(|e| match e {
+        self.submitter.submit_traced(&spec, traceparent).await.map_err(|e| match e {
             CommonError::Unroutable { .. } => OpsError::BadRequest(e.to_string()),
             other => other.into(),
         })?;

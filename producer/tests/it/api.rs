@@ -135,6 +135,36 @@ async fn api_needs_a_token_with_the_right_scope_and_limits_bodies() {
     server.stop(&["noop"]).await;
 }
 
+/// A caller's W3C `traceparent` goes on with the job it submits: the message carries the caller's
+/// trace id under a span of its own (the worker logs that trace id with every line of the job);
+/// without one, or with an invalid one, the job starts a trace of its own.
+#[tokio::test]
+async fn a_submit_continues_the_callers_trace() {
+    let server = start(&["noop"], "s-tok", 64 * 1024, ControlConfig::default()).await;
+    let http = reqwest::Client::new();
+    let (_conn, ch) = channel().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = format!("00-{trace}-00f067aa0ba902b7-01");
+    for (sent, same_trace) in [(Some(caller.as_str()), true), (None, false), (Some("00-nonsense-01"), false)] {
+        let mut r = http.post(server.url("/v1/jobs")).bearer_auth("s-tok").json(&serde_json::json!({"job_type": "noop", "bot": "traced"}));
+        if let Some(tp) = sent {
+            r = r.header("traceparent", tp);
+        }
+        assert_eq!(r.send().await.unwrap().status(), 201);
+        let got = eventually(10, "the job", || async {
+            ch.basic_get(server.topo.jobs_queue("noop").into(), BasicGetOptions::default()).await.unwrap()
+        })
+        .await;
+        got.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+        let hdrs = got.delivery.properties.headers().as_ref();
+        let tp = trainyard_common::headers::string(hdrs, "traceparent").expect("every job carries a traceparent");
+        let id = trainyard_common::headers::trace_id(hdrs).unwrap_or_else(|| panic!("a valid traceparent: {tp}"));
+        assert_eq!(id == trace, same_trace, "sent {sent:?}, the job carries {tp}");
+        assert_ne!(tp, caller, "a span of its own");
+    }
+    server.stop(&["noop"]).await;
+}
+
 fn gauge(metrics: &str, name: &str, job_type: &str) -> Option<i64> {
     let prefix = format!("{name}{{job_type=\"{job_type}\"}} ");
     metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).map(|v| v as i64)

@@ -155,13 +155,21 @@ async fn handle_inner(
         received,
         spec,
     };
-    let span =
-        tracing::info_span!("job", job_id = %attempt.spec.job_id, job_type = %job_type, bot = %attempt.spec.bot, attempt = attempt.attempt);
+    let span = job_span(&attempt, job_type, hdrs);
     let result = run_attempt(d, &attempt, shared, sctx).instrument(span).await;
     // Lines logged in the span on paths that save no attempt log (a duplicate delivery's
     // ack, a job cancelled before it started) would otherwise stay in the capture buffer for ever.
     shared.logs.take(&JobLogs::key(&attempt.spec.job_id, attempt.attempt));
     result
+}
+
+/// The span every line of an attempt is logged in: `job_id`, `job_type`, `bot`, `attempt`, and
+/// the `trace_id` of the job's W3C `traceparent` header when it has a valid one (the submitter's
+/// trace: an API caller's own when it sent one), so that one query finds a request's lines
+/// across the control plane and the workers.
+fn job_span(at: &Attempt, job_type: &str, hdrs: Option<&lapin::types::FieldTable>) -> tracing::Span {
+    let trace_id = headers::trace_id(hdrs);
+    tracing::info_span!("job", job_id = %at.spec.job_id, job_type = %job_type, bot = %at.spec.bot, attempt = at.attempt, trace_id)
 }
 
 /// One delivery of a job: answered from its outcome record or cancel marker when it has one,

@@ -387,6 +387,41 @@ mod tests {
     }
 
     #[test]
+    fn every_line_of_a_job_carries_the_trace_id_of_its_traceparent() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let line_in_span = |traceparent: Option<&str>| {
+            let mut hdrs = lapin::types::FieldTable::default();
+            if let Some(tp) = traceparent {
+                trainyard_common::headers::set_str(&mut hdrs, trainyard_common::headers::TRACEPARENT, tp);
+            }
+            let spec = trainyard_common::JobSpec::new("noop", "b", serde_json::json!({}), trainyard_common::Trigger::manual("t"));
+            let at = super::super::Attempt {
+                spec,
+                attempt: 1,
+                run: 0,
+                redelivery: 0,
+                n: Default::default(),
+                received: tokio::time::Instant::now(),
+            };
+            let lines = Lines::default();
+            let subscriber = tracing_subscriber::registry().with(crate::runtime::cli::json_layer(lines.writer()));
+            tracing::subscriber::with_default(subscriber, || {
+                let _in = super::super::job_span(&at, "noop", Some(&hdrs)).entered();
+                tracing::info!("a line of the job");
+            });
+            let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()
+        };
+        let line = line_in_span(Some(&format!("00-{trace}-00f067aa0ba902b7-01")));
+        assert_eq!(line["span"]["trace_id"], trace, "{line}");
+        assert_eq!(line["span"]["bot"], "b");
+        for missing in [None, Some("00-not-a-trace-01")] {
+            let line = line_in_span(missing);
+            assert!(line["span"].get("trace_id").is_none() && line["span"]["job_id"].is_string(), "{line}");
+        }
+    }
+
+    #[test]
     fn a_result_without_metrics_logs_its_success_without_them() {
         let lines = Lines::default();
         let subscriber = tracing_subscriber::registry().with(crate::runtime::cli::json_layer(lines.writer()));
