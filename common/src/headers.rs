@@ -219,10 +219,14 @@ pub fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
 
 /// The `traceparent` of a job submitted on behalf of a caller who sent `parent` (an HTTP
 /// request's header): the caller's trace, with a span of its own (version 00, the caller's
-/// flags); a new trace when `parent` is absent or not a valid `traceparent`.
+/// `sampled` flag; the flags version 00 does not define are zero); a new trace when `parent` is
+/// absent or not a valid `traceparent`.
 pub fn child_traceparent(parent: Option<&str>) -> String {
     match parent.and_then(parse_traceparent) {
-        Some((trace, flags)) => format!("00-{trace}-{}-{flags}", new_span_id()),
+        Some((trace, flags)) => {
+            let sampled = u8::from_str_radix(flags, 16).unwrap_or(0) & 0x01;
+            format!("00-{trace}-{}-{sampled:02x}", new_span_id())
+        }
         None => new_traceparent(),
     }
 }
@@ -261,6 +265,8 @@ mod tests {
         }
         let child = child_traceparent(Some(&parent));
         assert_eq!(parse_traceparent(&child), Some((trace, "01")), "{child}");
+        let unknown_flags = child_traceparent(Some(&format!("00-{trace}-00f067aa0ba902b7-fe")));
+        assert_eq!(parse_traceparent(&unknown_flags), Some((trace, "00")), "flags version 00 does not define are zero: {unknown_flags}");
         assert_ne!(child, parent, "a span of its own");
         let fresh = child_traceparent(Some("garbage"));
         assert!(parse_traceparent(&fresh).is_some_and(|(t, _)| t != trace), "{fresh}");

@@ -27,7 +27,8 @@ pub const RECONNECTS_TOTAL: &str = "trainyard_amqp_reconnects_total";
 /// Jobs that could run now, by type: ready + running + held by busy workers + waiting for admission
 /// and allowed by their bots' limits. The autoscaling signal (control plane).
 pub const JOBS_DEMAND: &str = "trainyard_jobs_demand";
-/// Jobs waiting for admission, by type, whether or not their bots' limits let them run (control plane).
+/// Jobs waiting for admission, by type, whether or not their bots' limits let them run (not those
+/// latest wins will supersede: they are passed on as soon as their cancel marker exists) (control plane).
 pub const JOBS_ADMISSION_WAITING: &str = "trainyard_jobs_admission_waiting";
 /// Ready messages in the work queue, by type (control plane).
 pub const QUEUE_READY: &str = "trainyard_queue_ready";
@@ -240,7 +241,7 @@ impl ControlMetrics {
                 &[L_JOB_TYPE],
             )?,
             admission_waiting: IntGaugeVec::new(
-                Opts::new(JOBS_ADMISSION_WAITING, "Jobs waiting for admission, by type, their bots' limits allowing or not."),
+                Opts::new(JOBS_ADMISSION_WAITING, "Jobs waiting for admission that will run, by type, their bots' limits allowing or not."),
                 &[L_JOB_TYPE],
             )?,
             queue_ready: IntGaugeVec::new(Opts::new(QUEUE_READY, "Ready messages in the work queue, by type."), &[L_JOB_TYPE])?,

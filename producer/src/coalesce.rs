@@ -12,7 +12,7 @@
 //! older ends it `cancelled`: it never runs either way). A job already running is
 //! also sent a cancel request when its type's policy says `supersede_running`; it
 //! then ends `cancelled`. The older record is deleted once its marker is written,
-//! so a key keeps about one record.
+//! so a key keeps about one record per job type.
 //!
 //! The event is acked only after that is durable; a failure leaves it for redelivery
 //! (writing a marker twice is harmless: markers are create-once).
@@ -49,6 +49,17 @@ pub fn key_dir(key: &str) -> String {
 /// A job's record under its key: the name sorts as (`submitted_at`, `job_id`).
 fn record_key(spec: &JobSpec, key: &str) -> String {
     format!("{}{:020}-{}.json", key_dir(key), spec.submitted_at.timestamp_micros().max(0), spec.job_id)
+}
+
+/// Where the newest job of a key stands ([`Coalescer::newest_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Newest {
+    /// Queued or running (as far as the store knows).
+    Pending,
+    /// It ran and succeeded.
+    Succeeded,
+    /// It ended without a result, or is marked to.
+    WillNotRun,
 }
 
 /// What a record holds.
@@ -125,10 +136,11 @@ impl Coalescer {
             };
             let ct = d.properties.content_type().as_ref().map(|s| s.as_str().to_string());
             // An event it cannot read is the recorder's business (it parks it); nothing to coalesce here.
-            if let Ok(JobEvent { status: JobStatus::Queued, spec: Some(spec), .. }) = crate::recorder::decode_event(ct.as_deref(), &d.data)
+            if let Ok(JobEvent { status: JobStatus::Queued, spec: Some(spec), run, .. }) =
+                crate::recorder::decode_event(ct.as_deref(), &d.data)
             {
                 if spec.coalesce_key.is_some() {
-                    self.coalesce(&ch, &spec).await?;
+                    self.coalesce_run(&ch, &spec, run.unwrap_or(0)).await?;
                 }
             }
             d.acker.ack(BasicAckOptions::default()).await.map_err(CommonError::amqp(format!("ack on {queue}")))?;
@@ -138,9 +150,14 @@ impl Coalescer {
     /// Records `spec` under its key and supersedes every older record's job, except the newest
     /// job's own older records (one job queued twice: a `submit --idempotency-key` run again, a
     /// fire published twice; superseded by itself it would never run), and nothing at all when
-    /// the newest job will not run itself (marked, cancelled or superseded: [`Self::newest_runs`]). A record that
+    /// the newest job ended without a result or will not run ([`Self::newest_state`]). A record that
     /// cannot be read names no job: it is left where it is, logged, and passed over (never a jam).
     pub async fn coalesce(&self, ch: &Channel, spec: &JobSpec) -> Result<(), CommonError> {
+        self.coalesce_run(ch, spec, 0).await
+    }
+
+    /// [`Self::coalesce`] for run `run` of the job (a dead-letter replay is run 1 and on).
+    pub async fn coalesce_run(&self, ch: &Channel, spec: &JobSpec, run: u32) -> Result<(), CommonError> {
         let Some(key) = spec.coalesce_key.as_deref() else { return Ok(()) };
         let record = Record { job_id: spec.job_id.clone(), job_type: spec.job_type.clone() };
         self.artifacts.put_if_absent(&record_key(spec, key), codec::to_json(&record)?).await?;
@@ -159,12 +176,15 @@ impl Coalescer {
             }
         }
         let Some((_, newest)) = records.pop() else { return Ok(()) };
-        if !self.newest_runs(&newest.job_id).await? {
+        let state = self.newest_state(&newest.job_id).await?;
+        if state == Newest::WillNotRun {
             tracing::info!(job_id = %newest.job_id, key, "the newest job of the key will not run; superseding nothing");
             return Ok(());
         }
         for (older_key, older) in records {
-            if older.job_id != newest.job_id {
+            // An operator's replay of an older job after the newest succeeded was asked for by name.
+            let replayed = state == Newest::Succeeded && run > 0 && older.job_id == spec.job_id;
+            if older.job_id != newest.job_id && !replayed {
                 self.supersede(ch, &older, &newest.job_id).await?;
             }
             self.artifacts.delete(&older_key).await?;
@@ -172,18 +192,18 @@ impl Coalescer {
         Ok(())
     }
 
-    /// Does the newest job of a key run, or has it run? One that ended before it ran (superseded
-    /// or cancelled, or marked so) supersedes nothing, or no job of the key would run. One that
-    /// ran to its end (succeeded, failed, dead) does supersede: an older job whose `queued`
-    /// event comes after that (its submitter was slow to publish it, or it is queued again)
-    /// would otherwise run after the newest, and its result (a model trained on older data)
-    /// would replace the newest's.
-    async fn newest_runs(&self, job_id: &str) -> Result<bool, CommonError> {
+    /// Where the newest job of a key stands. One that succeeded still supersedes: an older job
+    /// whose `queued` event comes after that (its submitter was slow to publish it) would
+    /// otherwise run after the newest, and its result (a model of older data) replace the
+    /// newest's. One that ended without a result (failed, dead: perhaps never started;
+    /// cancelled, superseded, or marked so) supersedes nothing, so that some job of the key runs.
+    async fn newest_state(&self, job_id: &str) -> Result<Newest, CommonError> {
         let status = self.store.job(job_id).await.ok().flatten().map(|j| j.status);
         Ok(match status {
-            Some(JobStatus::Succeeded | JobStatus::Failed | JobStatus::Dead) => true,
-            Some(s) if s.is_terminal() => false,
-            _ => !self.artifacts.exists(&keys::cancel_marker(job_id)).await?,
+            Some(JobStatus::Succeeded) => Newest::Succeeded,
+            Some(s) if s.is_terminal() => Newest::WillNotRun,
+            _ if self.artifacts.exists(&keys::cancel_marker(job_id)).await? => Newest::WillNotRun,
+            _ => Newest::Pending,
         })
     }
 

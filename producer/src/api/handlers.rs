@@ -178,7 +178,12 @@ pub async fn submit(
         spec.set_idempotency_key(&key).map_err(crate::ops::OpsError::BadRequest)?;
     }
     // A caller's W3C trace context goes on with the job (the worker logs its trace id).
-    let traceparent = headers.get(trainyard_common::headers::TRACEPARENT).and_then(|v| v.to_str().ok());
+    // More than one `traceparent` is no trace context (W3C): the job starts a trace of its own.
+    let mut sent = headers.get_all(trainyard_common::headers::TRACEPARENT).iter();
+    let traceparent = match (sent.next(), sent.next()) {
+        (Some(one), None) => one.to_str().ok(),
+        _ => None,
+    };
     let done = s.ops.submit_traced(spec, traceparent).await?;
     if let Some(status) = done.known {
         return Ok((StatusCode::OK, Json(Submitted::new(&done.spec, None, status))).into_response());

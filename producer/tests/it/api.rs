@@ -137,7 +137,7 @@ async fn api_needs_a_token_with_the_right_scope_and_limits_bodies() {
 
 /// A caller's W3C `traceparent` goes on with the job it submits: the message carries the caller's
 /// trace id under a span of its own (the worker logs that trace id with every line of the job);
-/// without one, or with an invalid one, the job starts a trace of its own.
+/// without one, with an invalid one or with two, the job starts a trace of its own.
 #[tokio::test]
 async fn a_submit_continues_the_callers_trace() {
     let server = start(&["noop"], "s-tok", 64 * 1024, ControlConfig::default()).await;
@@ -145,10 +145,13 @@ async fn a_submit_continues_the_callers_trace() {
     let (_conn, ch) = channel().await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller = format!("00-{trace}-00f067aa0ba902b7-01");
-    for (sent, same_trace) in [(Some(caller.as_str()), true), (None, false), (Some("00-nonsense-01"), false)] {
+    let twice = [caller.as_str(), caller.as_str()];
+    let cases: [(&[&str], bool); 4] = [(&[caller.as_str()], true), (&[], false), (&["00-nonsense-01"], false), (&twice, false)];
+    for (sent, same_trace) in cases {
         let mut r = http.post(server.url("/v1/jobs")).bearer_auth("s-tok").json(&serde_json::json!({"job_type": "noop", "bot": "traced"}));
-        if let Some(tp) = sent {
-            r = r.header("traceparent", tp);
+        // Sent twice, it is no trace context (W3C): a trace of the job's own.
+        for tp in sent {
+            r = r.header("traceparent", *tp);
         }
         assert_eq!(r.send().await.unwrap().status(), 201);
         let got = eventually(10, "the job", || async {

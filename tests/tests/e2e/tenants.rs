@@ -246,9 +246,10 @@ async fn a_job_queued_twice_is_not_superseded_by_itself_and_an_unreadable_record
 }
 
 /// An older job whose `queued` event reaches the coalescer after the newest job of its key has
-/// run (its submitter was slow to publish the event, or it was queued again) is superseded: it
-/// ran after the newest, and its result (a model of older data) replaced the newest's. A newest
-/// job cancelled before it ran still supersedes nothing: then the older job runs.
+/// succeeded (its submitter was slow to publish the event) is superseded: it ran after the
+/// newest, and its result (a model of older data) replaced the newest's. A newest job that ended
+/// without a result (cancelled before it ran, dead) supersedes nothing: then the older job runs;
+/// nor does one that succeeded supersede an operator's dead-letter replay of an older job.
 #[tokio::test]
 async fn an_older_job_queued_after_the_newest_ran_is_superseded() {
     let env = Env::new(&["noop"]).await;
@@ -281,11 +282,19 @@ async fn an_older_job_queued_after_the_newest_ran_is_superseded() {
     let m = marker(&older.job_id).await.expect("the older job queued after the newest ran is superseded");
     assert!(m.contains(&newest.job_id), "{m}");
 
-    let (older, newest) = pair("cancelled-bot");
+    for (bot, end) in [("cancelled-bot", JobStatus::Cancelled), ("dead-bot", JobStatus::Dead)] {
+        let (older, newest) = pair(bot);
+        coalescer.coalesce(&ch, &newest).await.unwrap();
+        ended(&store, &newest, end).await;
+        coalescer.coalesce(&ch, &older).await.unwrap();
+        assert_eq!(marker(&older.job_id).await, None, "the newest ended {end:?}: the older one runs");
+    }
+
+    let (older, newest) = pair("replay-bot");
     coalescer.coalesce(&ch, &newest).await.unwrap();
-    ended(&store, &newest, JobStatus::Cancelled).await;
-    coalescer.coalesce(&ch, &older).await.unwrap();
-    assert_eq!(marker(&older.job_id).await, None, "the newest never ran: the older one runs");
+    ended(&store, &newest, JobStatus::Succeeded).await;
+    coalescer.coalesce_run(&ch, &older, 1).await.unwrap();
+    assert_eq!(marker(&older.job_id).await, None, "a replay of the older job runs");
     conn.close(200, "done".into()).await.unwrap();
     store.close().await;
     env.cleanup().await;

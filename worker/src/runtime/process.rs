@@ -165,8 +165,8 @@ async fn handle_inner(
 
 /// The span every line of an attempt is logged in: `job_id`, `job_type`, `bot`, `attempt`, and
 /// the `trace_id` of the job's W3C `traceparent` header when it has a valid one (the submitter's
-/// trace: an API caller's own when it sent one), so that one query finds a request's lines
-/// across the control plane and the workers.
+/// trace: an API caller's own when it sent one), so that one log query finds the worker's lines
+/// of the jobs one request submitted.
 fn job_span(at: &Attempt, job_type: &str, hdrs: Option<&lapin::types::FieldTable>) -> tracing::Span {
     let trace_id = headers::trace_id(hdrs);
     tracing::info_span!("job", job_id = %at.spec.job_id, job_type = %job_type, bot = %at.spec.bot, attempt = at.attempt, trace_id)
