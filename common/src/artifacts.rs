@@ -69,6 +69,21 @@ pub mod keys {
     }
 }
 
+/// At start-up: refuses a store that does not keep create-once writes
+/// ([`ArtifactStore::check_create_once`]); a store that cannot be reached now is only logged
+/// (an outage must not keep workers or the control plane from starting: their store
+/// operations wait for it job by job).
+pub async fn refuse_unfit(store: &ArtifactStore) -> Result<(), CommonError> {
+    match store.check_create_once().await {
+        Err(e @ CommonError::Config { .. }) => Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check that the artifact store keeps create-once writes; going on");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
 /// What is recorded of a job before it runs ([`ArtifactStore::job_records`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecords {
@@ -220,6 +235,45 @@ impl ArtifactStore {
         created.unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
+    /// Checks, with a probe object written twice and deleted, that the store refuses a create-once
+    /// write to a key that exists (`PUT` with `If-None-Match: *` on S3). Outcome records (a job
+    /// run once), promotion records and coalescing records rest on it: a store that ignores it
+    /// (some S3 look-alikes) overwrites them without a word, and a job is recorded
+    /// twice or a promotion lost. Such a store, or one that answers conditional writes "not
+    /// implemented", is a `Config` error naming it; any other error is the store's (it may be
+    /// down: the caller decides). A local directory is not probed: its creates are this
+    /// crate's own (`link`, which fails on an existing name).
+    pub async fn check_create_once(&self) -> Result<(), CommonError> {
+        if self.local_root.is_some() {
+            return Ok(());
+        }
+        let key = format!("probes/create-once/{}.json", uuid::Uuid::now_v7());
+        let unfit = |why: String| CommonError::Config {
+            name: "TRAINYARD_ARTIFACTS".into(),
+            reason: format!(
+                "the artifact store {why}: trainyard records each job's outcome, each promotion and each coalescing \
+                 record with a create-once write (If-None-Match: *) and needs a store that refuses one to a key that \
+                 exists, as AWS S3 does"
+            ),
+        };
+        let unsupported = |e: CommonError| match e {
+            CommonError::Artifacts {
+                source: object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. },
+                ..
+            } => unfit(format!("does not do create-once writes ({e})")),
+            other => other,
+        };
+        let first = self.put_if_absent(&key, "{\"probe\": 1}").await.map_err(unsupported)?;
+        let second = self.put_if_absent(&key, "{\"probe\": 2}").await.map_err(unsupported);
+        if let Err(e) = self.delete(&key).await {
+            tracing::warn!(key, error = %e, "could not delete the artifact store's probe object");
+        }
+        match (first, second?) {
+            (true, false) => Ok(()),
+            _ => Err(unfit(format!("wrote over the object at {key} with a create-once write"))),
+        }
+    }
+
     /// What is recorded of a job before a worker runs it: the key of its outcome, if it has
     /// one (also where older stores kept it), and whether a cancel marker waits for it. Two
     /// `stat`s on a local directory for a job that has neither: no outcome record, no
@@ -324,6 +378,8 @@ impl ArtifactStore {
 
 #[cfg(target_os = "linux")]
 mod commit;
+#[cfg(test)]
+pub(crate) mod faulty;
 mod local;
 
 #[cfg(test)]
@@ -373,6 +429,29 @@ mod tests {
         // `object_store`, which must sync it too: without that a machine crash could take
         // back an outcome the broker was told of.
         assert!(format!("{:?}", local.inner).contains("fsync: true"), "{:?}", local.inner);
+    }
+
+    /// A store that overwrites on a create-once write, or refuses it as not implemented, is
+    /// refused by name; one that keeps create-once passes and is left without the probe object.
+    #[tokio::test]
+    async fn a_store_that_ignores_create_once_writes_is_found_out() {
+        use std::sync::{atomic::Ordering::SeqCst, Arc};
+        let faulty = Arc::new(faulty::Faulty::default());
+        let store = ArtifactStore::from_object_store(faulty.clone());
+        store.check_create_once().await.expect("a store that keeps create-once passes");
+        assert!(store.list("probes").await.unwrap().is_empty(), "the probe object is deleted");
+        faulty.ignore_create.store(true, SeqCst);
+        let err = store.check_create_once().await.expect_err("a store that overwrites is refused").to_string();
+        assert!(refuse_unfit(&store).await.is_err(), "refused at start-up");
+        assert!(err.contains("TRAINYARD_ARTIFACTS") && err.contains("wrote over the object") && err.contains("If-None-Match"), "{err}");
+        faulty.ignore_create.store(false, SeqCst);
+        faulty.refuse_create.store(true, SeqCst);
+        let err = store.check_create_once().await.expect_err("a store without conditional writes is refused").to_string();
+        assert!(err.contains("does not do create-once writes") && err.contains("not yet implemented"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        ArtifactStore::open(dir.path().to_str().unwrap()).unwrap().check_create_once().await.unwrap();
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "a local directory is not probed");
+        ArtifactStore::open("memory://").unwrap().check_create_once().await.unwrap();
     }
 
     #[tokio::test]

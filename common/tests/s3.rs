@@ -115,6 +115,10 @@ async fn artifacts_round_trip_on_an_s3_bucket_under_a_prefix() {
     store.delete(&keys::attempt_log(job, 1)).await.unwrap();
     store.delete(&keys::attempt_log(job, 1)).await.unwrap();
     assert!(!store.exists(&keys::attempt_log(job, 1)).await.unwrap());
+
+    // The start-up probe passes on a store that keeps create-once writes, and leaves nothing.
+    store.check_create_once().await.unwrap();
+    assert!(store.list("probes").await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -124,4 +128,10 @@ async fn an_unreachable_s3_store_is_a_clear_error_not_a_hang() {
     let store = ArtifactStore::open_with("s3://nowhere", settings(format!("http://127.0.0.1:{port}"))).unwrap();
     let err = tokio::time::timeout(Duration::from_secs(30), store.put("jobs/x/a.txt", "a")).await.expect("fails in time").unwrap_err();
     assert!(err.to_string().contains("jobs/x/a.txt"), "{err}");
+    // A store down at start-up does not keep a worker or the control plane from starting (their
+    // store operations wait for it job by job): the create-once probe only logs it.
+    tokio::time::timeout(Duration::from_secs(60), trainyard_common::artifacts::refuse_unfit(&store))
+        .await
+        .expect("gives up in time")
+        .expect("an unreachable store is not refused");
 }

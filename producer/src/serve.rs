@@ -87,6 +87,7 @@ pub async fn serve(settings: ServeSettings, listener: tokio::net::TcpListener, s
     settings.config.check_settings(&settings.job_types, settings.consumer_timeout).map_err(ServeError::Settings)?;
     let store = Store::open(&settings.database_url).await?;
     let artifacts = ArtifactStore::open(&settings.artifacts)?;
+    trainyard_common::artifacts::refuse_unfit(&artifacts).await?;
     let mut ops = Ops::new(store.clone(), artifacts.clone(), &settings.amqp_url, settings.topology.clone())?;
     let admission = AdmissionBoard::default();
     ops.admission = Some(admission.clone());
@@ -258,7 +259,7 @@ async fn queue_counts(ch: &Channel, queue: &str) -> Result<(i64, i64), CommonErr
 /// Refreshes the per-type gauges: `trainyard_jobs_demand` = ready messages in
 /// the work queues (all priority tiers) + jobs recorded as running + jobs waiting for admission
 /// that could be admitted now (not those latest wins will supersede, nor those of a bot at its
-/// `max_running_per_bot`: more workers would not run them; all of them are in
+/// `max_running_per_bot`: more workers would not run them; those too are in
 /// `trainyard_jobs_admission_waiting`) + jobs live workers hold and have not started
 /// (`held`, from their heartbeats: a busy worker's prefetch on each tier, which the broker
 /// counts neither ready nor running; a GPU worker on a long training that held a high and a low

@@ -175,83 +175,15 @@ async fn concurrent_promotions_lose_no_record_in_a_local_directory() {
     }
 }
 
-/// A store whose first create is kept but answered "already exists", as object_store answers
-/// a create retried after its reply was lost (the retry finds the object: 412).
-#[derive(Debug)]
-struct LostReply {
-    inner: object_store::memory::InMemory,
-    lost: std::sync::atomic::AtomicBool,
-}
-
-impl std::fmt::Display for LostReply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LostReply")
-    }
-}
-
-#[async_trait::async_trait]
-impl object_store::ObjectStore for LostReply {
-    async fn put_opts(
-        &self,
-        location: &object_store::path::Path,
-        payload: object_store::PutPayload,
-        opts: object_store::PutOptions,
-    ) -> object_store::Result<object_store::PutResult> {
-        let create = matches!(opts.mode, object_store::PutMode::Create);
-        let done = self.inner.put_opts(location, payload, opts).await?;
-        if create && self.lost.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            return Err(object_store::Error::AlreadyExists { path: location.to_string(), source: "the retry found it".into() });
-        }
-        Ok(done)
-    }
-    async fn put_multipart_opts(
-        &self,
-        location: &object_store::path::Path,
-        opts: object_store::PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-    async fn get_opts(
-        &self,
-        location: &object_store::path::Path,
-        options: object_store::GetOptions,
-    ) -> object_store::Result<object_store::GetResult> {
-        self.inner.get_opts(location, options).await
-    }
-    fn delete_stream(
-        &self,
-        locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
-        self.inner.delete_stream(locations)
-    }
-    fn list(
-        &self,
-        prefix: Option<&object_store::path::Path>,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    async fn list_with_delimiter(&self, prefix: Option<&object_store::path::Path>) -> object_store::Result<object_store::ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-    async fn copy_opts(
-        &self,
-        from: &object_store::path::Path,
-        to: &object_store::path::Path,
-        options: object_store::CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-}
-
 /// A rollback whose record was kept though its create's reply was lost rolls back once: taken
 /// for another writer's record, it popped a second model and the bot had none.
 #[tokio::test]
 async fn a_record_kept_though_its_reply_was_lost_is_not_written_again() {
-    let lossy = std::sync::Arc::new(LostReply { inner: object_store::memory::InMemory::new(), lost: false.into() });
+    let lossy = std::sync::Arc::new(crate::artifacts::faulty::Faulty::default());
     let store = ArtifactStore::from_object_store(lossy.clone());
     set_production(&store, "b", entry("j1"), Replacing::Any).await.unwrap();
     set_production(&store, "b", entry("j2"), Replacing::Any).await.unwrap();
-    lossy.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+    lossy.lose_create_reply.store(true, std::sync::atomic::Ordering::SeqCst);
     let back = rollback(&store, "b", "r", None).await.unwrap();
     assert_eq!(back.map(|e| e.job_id), Some("j1".to_string()));
     assert_eq!(history(&store, "b").await.unwrap().records.len(), 3, "one rollback record");

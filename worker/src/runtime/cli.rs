@@ -106,6 +106,7 @@ async fn run_async(args: RunArgs, logs: JobLogs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--device {} (TRAINYARD_DEVICE): {e}", args.device))?;
     tracing::info!(device = %args.device, resolves_to = %resolved, cuda_built = host.cuda_built, gpu_visible = host.gpu_visible, "training device");
     let artifacts = ArtifactStore::open(&args.artifacts)?;
+    trainyard_common::artifacts::refuse_unfit(&artifacts).await?;
     let mut cfg = WorkerConfig::new(args.amqp_url.clone(), Topology::new(args.prefix.clone()), artifacts);
     cfg.concurrency = args.concurrency;
     cfg.grace_period = Duration::from_secs(args.grace_period);
