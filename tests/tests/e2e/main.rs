@@ -7,6 +7,7 @@
 
 mod bindings;
 mod browser;
+mod coalescing;
 mod console;
 mod console_live;
 mod console_state;
