@@ -77,3 +77,69 @@ async fn a_stalled_fanout_consumer_holds_a_bounded_backlog_and_keeps_the_newest(
     assert!(handled >= MAX_LENGTH as u64, "it got the backlog its queue keeps: {handled}");
     assert_eq!(newest, SENT - 1, "the newest message is kept, the oldest dropped");
 }
+
+/// `rabbitmqctl list_* -q` rows as tab-separated fields (the header line dropped).
+fn rabbitmqctl(args: &[&str]) -> Vec<Vec<String>> {
+    let out = std::process::Command::new("rabbitmqctl").args(args).arg("-q").output().expect("rabbitmqctl");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).map(|l| l.split('\t').map(str::to_string).collect()).collect()
+}
+
+/// A quiet stream's few messages are acknowledged within a second or two, not left until
+/// [`PREFETCH`]'s acks-every-128 come round: a delivery unacknowledged past the broker's
+/// `consumer_timeout` closes the channel (a quiet live log, a follow of a quiet training).
+#[tokio::test]
+async fn a_quiet_fanout_consumer_acknowledges_what_it_handled() {
+    let exchange = format!("t-fanout-quiet-{}", uuid::Uuid::new_v4());
+    let (stop, bound, handled) = (CancellationToken::new(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let task = tokio::spawn({
+        let (exchange, stop, bound, handled) = (exchange.clone(), stop.clone(), bound.clone(), handled.clone());
+        async move {
+            let link = |l: Link| bound.store(l == Link::Bound, Ordering::SeqCst);
+            fanout::run_with("fanout-quiet", AMQP_URL, &[Bind::fanout(&exchange)], None, stop, link, |_| {
+                handled.fetch_add(1, Ordering::SeqCst);
+            })
+            .await
+        }
+    });
+    for _ in 0..100 {
+        if bound.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(bound.load(Ordering::SeqCst), "the consumer bound its queue");
+    let conn = amqp::connect(AMQP_URL, "fanout-quiet-publisher").await.unwrap();
+    let ch = amqp::confirm_channel(&conn).await.unwrap();
+    for seq in 0..5 {
+        let body = format!("{seq}");
+        ch.basic_publish(exchange.as_str().into(), "".into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default())
+            .await
+            .unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    let queue = rabbitmqctl(&["list_bindings", "source_name", "destination_name"])
+        .into_iter()
+        .find(|row| row.first() == Some(&exchange))
+        .and_then(|row| row.get(1).cloned())
+        .expect("the consumer's queue is bound to the exchange");
+    let unacked = || {
+        let rows = rabbitmqctl(&["list_queues", "name", "messages_unacknowledged"]);
+        let row = rows.into_iter().find(|row| row.first() == Some(&queue)).expect("the consumer's queue exists");
+        row[1].parse::<u64>().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while handled.load(Ordering::SeqCst) < 5 || unacked() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "5 s after publishing: {} handled, {} unacknowledged",
+            handled.load(Ordering::SeqCst),
+            unacked()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), 5);
+    stop.cancel();
+    task.await.unwrap();
+    let _ = ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+}
