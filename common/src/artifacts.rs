@@ -256,13 +256,7 @@ impl ArtifactStore {
                  exists, as AWS S3 does"
             ),
         };
-        let unsupported = |e: CommonError| match e {
-            CommonError::Artifacts {
-                source: object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. },
-                ..
-            } => unfit(format!("does not do create-once writes ({e})")),
-            other => other,
-        };
+        let unsupported = |e: CommonError| if e.store_cannot_do() { unfit(format!("does not do create-once writes ({e})")) } else { e };
         let first = self.put_if_absent(&key, "{\"probe\": 1}").await.map_err(unsupported)?;
         let second = self.put_if_absent(&key, "{\"probe\": 2}").await.map_err(unsupported);
         if let Err(e) = self.delete(&key).await {

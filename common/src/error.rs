@@ -144,6 +144,15 @@ impl CommonError {
         let what = what.into();
         move |source| CommonError::Amqp { what, source }
     }
+
+    /// An artifact-store error no wait can mend: the store does not implement or support the
+    /// operation (a bucket without conditional writes, `AWS_CONDITIONAL_PUT=disabled`).
+    pub fn store_cannot_do(&self) -> bool {
+        matches!(
+            self,
+            CommonError::Artifacts { source: object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }, .. }
+        )
+    }
 }
 
 #[cfg(test)]

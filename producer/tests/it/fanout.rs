@@ -18,27 +18,18 @@ use trainyard_common::amqp;
 
 use crate::helpers::AMQP_URL;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
-async fn a_stalled_fanout_consumer_holds_a_bounded_backlog_and_keeps_the_newest() {
-    const SENT: u64 = 30_000;
-    let exchange = format!("t-fanout-{}", uuid::Uuid::new_v4());
-    let (stop, bound, release) = (CancellationToken::new(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let (handled, newest) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+/// Consumes `exchange` into `handle` in a task of its own, once its queue is bound: the token
+/// that stops it and the task.
+async fn consume(
+    exchange: &str,
+    handle: impl Fn(&lapin::message::Delivery) + Send + Sync + 'static,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let (stop, bound) = (CancellationToken::new(), Arc::new(AtomicBool::new(false)));
     let task = tokio::spawn({
-        let (exchange, stop, bound, release, handled, newest) =
-            (exchange.clone(), stop.clone(), bound.clone(), release.clone(), handled.clone(), newest.clone());
+        let (exchange, stop, bound) = (exchange.to_string(), stop.clone(), bound.clone());
         async move {
             let link = |l: Link| bound.store(l == Link::Bound, Ordering::SeqCst);
-            fanout::run_with("fanout-test", AMQP_URL, &[Bind::fanout(&exchange)], None, stop, link, |d| {
-                // The first message stalls the consumer until the whole burst is at the broker.
-                while !release.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                handled.fetch_add(1, Ordering::SeqCst);
-                let seq: u64 = std::str::from_utf8(&d.data).unwrap().parse().unwrap();
-                newest.fetch_max(seq, Ordering::SeqCst);
-            })
-            .await
+            fanout::run_with("fanout-test", AMQP_URL, &[Bind::fanout(&exchange)], None, stop, link, handle).await
         }
     });
     for _ in 0..100 {
@@ -48,16 +39,43 @@ async fn a_stalled_fanout_consumer_holds_a_bounded_backlog_and_keeps_the_newest(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(bound.load(Ordering::SeqCst), "the consumer bound its queue");
+    (stop, task)
+}
 
+/// Publishes the numbers `0..n` to `exchange`, confirmed; the publisher's connection and channel.
+async fn publish(exchange: &str, n: u64) -> (lapin::Connection, lapin::Channel) {
     let conn = amqp::connect(AMQP_URL, "fanout-test-publisher").await.unwrap();
     let ch = amqp::confirm_channel(&conn).await.unwrap();
-    for seq in 0..SENT {
+    for seq in 0..n {
         let body = seq.to_string();
-        ch.basic_publish(exchange.as_str().into(), "".into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default())
+        ch.basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default())
             .await
             .unwrap();
     }
     ch.wait_for_confirms().await.unwrap();
+    (conn, ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_stalled_fanout_consumer_holds_a_bounded_backlog_and_keeps_the_newest() {
+    const SENT: u64 = 30_000;
+    let exchange = format!("t-fanout-{}", uuid::Uuid::new_v4());
+    let release = Arc::new(AtomicBool::new(false));
+    let (handled, newest) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (stop, task) = consume(&exchange, {
+        let (release, handled, newest) = (release.clone(), handled.clone(), newest.clone());
+        move |d| {
+            // The first message stalls the consumer until the whole burst is at the broker.
+            while !release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            handled.fetch_add(1, Ordering::SeqCst);
+            let seq: u64 = std::str::from_utf8(&d.data).unwrap().parse().unwrap();
+            newest.fetch_max(seq, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let (_conn, ch) = publish(&exchange, SENT).await;
     // Let the broker push whatever it would to a consumer that takes all.
     tokio::time::sleep(Duration::from_secs(1)).await;
     release.store(true, Ordering::SeqCst);
@@ -91,33 +109,15 @@ fn rabbitmqctl(args: &[&str]) -> Vec<Vec<String>> {
 #[tokio::test]
 async fn a_quiet_fanout_consumer_acknowledges_what_it_handled() {
     let exchange = format!("t-fanout-quiet-{}", uuid::Uuid::new_v4());
-    let (stop, bound, handled) = (CancellationToken::new(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let task = tokio::spawn({
-        let (exchange, stop, bound, handled) = (exchange.clone(), stop.clone(), bound.clone(), handled.clone());
-        async move {
-            let link = |l: Link| bound.store(l == Link::Bound, Ordering::SeqCst);
-            fanout::run_with("fanout-quiet", AMQP_URL, &[Bind::fanout(&exchange)], None, stop, link, |_| {
-                handled.fetch_add(1, Ordering::SeqCst);
-            })
-            .await
+    let handled = Arc::new(AtomicU64::new(0));
+    let (stop, task) = consume(&exchange, {
+        let handled = handled.clone();
+        move |_| {
+            handled.fetch_add(1, Ordering::SeqCst);
         }
-    });
-    for _ in 0..100 {
-        if bound.load(Ordering::SeqCst) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(bound.load(Ordering::SeqCst), "the consumer bound its queue");
-    let conn = amqp::connect(AMQP_URL, "fanout-quiet-publisher").await.unwrap();
-    let ch = amqp::confirm_channel(&conn).await.unwrap();
-    for seq in 0..5 {
-        let body = format!("{seq}");
-        ch.basic_publish(exchange.as_str().into(), "".into(), BasicPublishOptions::default(), body.as_bytes(), BasicProperties::default())
-            .await
-            .unwrap();
-    }
-    ch.wait_for_confirms().await.unwrap();
+    })
+    .await;
+    let (_conn, ch) = publish(&exchange, 5).await;
     let queue = rabbitmqctl(&["list_bindings", "source_name", "destination_name"])
         .into_iter()
         .find(|row| row.first() == Some(&exchange))

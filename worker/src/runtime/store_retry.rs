@@ -56,7 +56,7 @@ impl<'a> StoreRetry<'a> {
         let mut timer = BackoffTimer::new(policy);
         for retry in 1u32.. {
             let err = match op().await {
-                Err(e @ CommonError::Artifacts { .. }) if !lasting(&e) => e,
+                Err(e @ CommonError::Artifacts { .. }) if !e.store_cannot_do() => e,
                 done => return done,
             };
             let wait = timer.delay(Duration::ZERO, rand::random::<f64>());
@@ -79,14 +79,6 @@ impl<'a> StoreRetry<'a> {
         }
         unreachable!("the retry counter does not overflow before the deadline")
     }
-}
-
-/// Whether a store error is one no wait can mend.
-fn lasting(e: &CommonError) -> bool {
-    matches!(
-        e,
-        CommonError::Artifacts { source: object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }, .. }
-    )
 }
 
 #[cfg(test)]
